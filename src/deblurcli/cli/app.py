@@ -1,0 +1,149 @@
+"""The ``deblurcli`` command: root Typer app, error handling and sub-command registration.
+
+Conventions every sub-command follows:
+
+* CLI modules only parse arguments and print; the work is done by library modules, imported
+  *inside* the command function so that ``deblurcli --version`` and ``--help`` never import torch.
+* Results go to stdout, progress and warnings to stderr (see :mod:`deblurcli.cli.console`).
+* A bad flag value raises ``typer.BadParameter`` (exit 2); a runtime problem the user can fix raises
+  :class:`deblurcli.errors.DeblurcliError` (exit 1, one line). ``DEBLURCLI_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from deblurcli._version import __version__
+
+# Each module listed here defines ``register(app: typer.Typer) -> None``.
+COMMAND_MODULES: tuple[str, ...] = (
+)
+
+
+def _passthrough_exceptions() -> tuple[type[BaseException], ...]:
+    """Exceptions that Typer/click turn into exit codes themselves (usage errors -> 2, Exit).
+
+    Recent Typer versions vendor click (``typer._click``); older ones use click itself.
+    """
+    types: list[type[BaseException]] = [typer.Exit, typer.Abort, typer.BadParameter]
+    if hasattr(typer, "TyperException"):
+        types.append(typer.TyperException)
+    try:
+        import click
+
+        types += [click.ClickException, click.exceptions.Exit, click.exceptions.Abort]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def debug_enabled() -> bool:
+    """True when ``DEBLURCLI_DEBUG`` asks for full tracebacks."""
+    return os.environ.get("DEBLURCLI_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+class DeblurcliGroup(TyperGroup):
+    """Turns exceptions from sub-commands into one clear line on stderr and an exit status."""
+
+    def list_commands(self, ctx: Any) -> list[str]:  # keep registration order
+        return list(self.commands)
+
+    def invoke(self, ctx: Any) -> Any:
+        from deblurcli.errors import DeblurcliError
+
+        try:
+            return super().invoke(ctx)
+        except _passthrough_exceptions():
+            raise
+        except DeblurcliError as exc:
+            if debug_enabled():
+                raise
+            typer.echo(f"error: {_one_line(exc)}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except MemoryError:
+            if debug_enabled():
+                raise
+            typer.echo("error: out of memory; try a smaller --tile or --batch-size", err=True)
+            raise typer.Exit(1) from None
+        except Exception as exc:  # noqa: BLE001 - last resort: never dump a traceback on users
+            if debug_enabled():
+                raise
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+                typer.echo("error: the GPU ran out of memory; try a smaller --tile "
+                           "(e.g. --tile 512) or --dtype fp16", err=True)
+            else:
+                typer.echo(f"error: {type(exc).__name__}: {_one_line(exc)} "
+                           "(set DEBLURCLI_DEBUG=1 for a traceback)", err=True)
+            raise typer.Exit(1) from None
+
+
+HELP = """Remove motion blur from photographs with a one-step diffusion model (OSDD).
+
+\b
+Examples:
+  deblurcli deblur photo.jpg out/              # deblur one photo with the built-in model
+  deblurcli deblur photos/ out/ --gamma 1.0    # a folder, maximum fidelity
+  deblurcli synth --src photos/ --out pairs/   # make synthetic blurred/sharp training pairs
+\b
+Set DEBLURCLI_DEBUG=1 to see full tracebacks.
+"""
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"deblurcli {__version__}")
+        raise typer.Exit(0)
+
+
+def build_app() -> typer.Typer:
+    """Create the Typer app with every sub-command registered."""
+    app = typer.Typer(
+        cls=DeblurcliGroup,
+        name="deblurcli",
+        help=HELP,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=debug_enabled(),
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @app.callback()
+    def _root(
+        version: Optional[bool] = typer.Option(
+            None, "--version", "-V", callback=_version_callback, is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ) -> None:
+        """Remove motion blur from photographs with a one-step diffusion model (OSDD)."""
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+    return app
+
+
+app = build_app()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point."""
+    if debug_enabled():
+        os.environ.setdefault("TYPER_STANDARD_TRACEBACK", "1")
+    try:
+        app(args=argv, prog_name="deblurcli")
+    except KeyboardInterrupt:  # pragma: no cover - interrupt outside a command
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

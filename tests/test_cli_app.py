@@ -1,0 +1,97 @@
+"""The root command: version, help, error handling conventions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import typer
+from typer.testing import CliRunner
+
+from deblurcli import __version__
+from deblurcli.cli.app import DeblurcliGroup, app
+from deblurcli.errors import DeblurcliError
+
+runner = CliRunner()
+
+
+def test_version_flag_prints_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"deblurcli {__version__}"
+
+
+def test_version_and_help_do_not_import_torch():
+    # Building the app registers every sub-command; none may import torch at module level.
+    code = (
+        "import sys\n"
+        "from deblurcli.cli.app import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch imported by --help'\n"
+        "assert 'diffusers' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_module_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "deblurcli", "--version"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert __version__ in proc.stdout
+
+
+def test_unknown_command_is_usage_error():
+    result = runner.invoke(app, ["no-such-command"])
+    assert result.exit_code == 2
+
+
+def _error_app() -> typer.Typer:
+    sub = typer.Typer(cls=DeblurcliGroup)
+
+    @sub.command()
+    def user_error() -> None:
+        raise DeblurcliError("the file 'x.png' does not exist")
+
+    @sub.command()
+    def crash() -> None:
+        raise RuntimeError("boom\nsecond line")
+
+    @sub.command()
+    def bad_value(gamma: float = typer.Option(0.7)) -> None:
+        raise typer.BadParameter("must be in [0, 1]", param_hint="--gamma")
+
+    return sub
+
+
+def test_user_error_is_one_line_exit_1(monkeypatch):
+    monkeypatch.delenv("DEBLURCLI_DEBUG", raising=False)
+    result = runner.invoke(_error_app(), ["user-error"])
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: the file 'x.png' does not exist"]
+
+
+def test_unexpected_error_is_one_line_and_mentions_debug(monkeypatch):
+    monkeypatch.delenv("DEBLURCLI_DEBUG", raising=False)
+    result = runner.invoke(_error_app(), ["crash"])
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert "RuntimeError: boom second line" in lines[0]
+    assert "DEBLURCLI_DEBUG=1" in lines[0]
+
+
+def test_debug_env_reraises(monkeypatch):
+    monkeypatch.setenv("DEBLURCLI_DEBUG", "1")
+    result = runner.invoke(_error_app(), ["crash"])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, RuntimeError)
+
+
+def test_bad_parameter_is_exit_2():
+    result = runner.invoke(_error_app(), ["bad-value"])
+    assert result.exit_code == 2
