@@ -1,0 +1,202 @@
+"""``deblurcli synth``: make blurred/sharp training pairs from photos or video frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+HELP = """Make synthetic blurred/sharp training pairs.
+
+Images mode (--src) blurs crops of sharp photos with random
+camera-shake kernels (Boracchi & Foi); frames mode (--frames) averages
+consecutive video frames in linear light (GoPro-style). Output:
+OUT/blur/NAME.png, OUT/sharp/NAME.png, OUT/kernels/NAME.npy (images
+mode) and OUT/manifest.jsonl. The same arguments give byte-identical
+files whatever --workers; re-running resumes.
+
+\b
+Examples:
+  deblurcli synth --src photos/ --out pairs/ --workers 2
+  deblurcli synth --src DF2K --out df2k/ --per-crop 2 --limit 10000
+  deblurcli synth --frames videos/ --out gopro_like/ --crop 512
+"""
+
+
+def synth(
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Output folder (blur/, sharp/, kernels/, manifest.jsonl)."
+        ),
+    ],
+    src: Annotated[
+        str | None,
+        typer.Option(
+            "--src",
+            help="Folder of sharp photos (searched recursively); a bare name such as DF2K is looked up in the working directory, then in $DEBLURCLI_DATA.",
+        ),
+    ] = None,
+    frames: Annotated[
+        str | None,
+        typer.Option(
+            "--frames",
+            help="Folder of consecutive video frames, or a folder of sequence folders (frames mode).",
+        ),
+    ] = None,
+    crop: Annotated[
+        int | None,
+        typer.Option(
+            "--crop",
+            help="Crop side in pixels, a multiple of 8 (images mode default 512; frames mode default: whole frames).",
+        ),
+    ] = None,
+    stride: Annotated[
+        int, typer.Option("--stride", help="Step between crops (images mode).")
+    ] = 384,
+    per_crop: Annotated[
+        int, typer.Option("--per-crop", help="Differently blurred samples per crop (images mode).")
+    ] = 1,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Run seed; every sample's randomness derives from it.")
+    ] = 0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers", "-j", help="Worker processes (the output does not depend on it)."
+        ),
+    ] = 1,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", help="Make at most this many pairs (the first ones in manifest order)."
+        ),
+    ] = None,
+    n_min: Annotated[
+        int,
+        typer.Option(
+            "--n-min", help="Fewest frames averaged per pair (frames mode; odd counts are used)."
+        ),
+    ] = 7,
+    n_max: Annotated[
+        int, typer.Option("--n-max", help="Most frames averaged per pair (frames mode).")
+    ] = 13,
+    frame_step: Annotated[
+        int | None,
+        typer.Option(
+            "--frame-step",
+            help="Frames between the starts of consecutive windows (frames mode; default --n-max).",
+        ),
+    ] = None,
+    max_kernel: Annotated[
+        int,
+        typer.Option("--max-kernel", help="Largest blur-kernel side in pixels (odd; images mode)."),
+    ] = 65,
+    noise: Annotated[
+        bool,
+        typer.Option(
+            "--noise/--no-noise",
+            help="Add random Gaussian/Poisson noise after blurring (images mode).",
+        ),
+    ] = True,
+    jpeg_prob: Annotated[
+        float,
+        typer.Option(
+            "--jpeg-prob",
+            help="Probability of JPEG re-compression of a blurred image (images mode).",
+        ),
+    ] = 0.0,
+) -> None:
+    """Make synthetic blurred/sharp training pairs."""
+    if (src is None) == (frames is None):
+        raise typer.BadParameter("give exactly one of --src (photos) or --frames (video frames)")
+    if crop is not None and (crop < 8 or crop % 8):
+        raise typer.BadParameter(
+            f"--crop must be a multiple of 8 and >= 8, got {crop}", param_hint="--crop"
+        )
+    for name, value in (
+        ("--stride", stride),
+        ("--per-crop", per_crop),
+        ("--workers", workers),
+        ("--n-min", n_min),
+    ):
+        if value < 1:
+            raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=name)
+    if limit is not None and limit < 1:
+        raise typer.BadParameter(f"must be >= 1, got {limit}", param_hint="--limit")
+    if frame_step is not None and frame_step < 1:
+        raise typer.BadParameter(f"must be >= 1, got {frame_step}", param_hint="--frame-step")
+    if n_max < n_min or not any(n % 2 for n in range(n_min, n_max + 1)):
+        raise typer.BadParameter(
+            f"--n-min..--n-max ({n_min}..{n_max}) must contain an odd number", param_hint="--n-max"
+        )
+    if max_kernel < 3 or max_kernel % 2 == 0:
+        raise typer.BadParameter(
+            f"must be odd and >= 3, got {max_kernel}", param_hint="--max-kernel"
+        )
+    if not 0.0 <= jpeg_prob <= 1.0:
+        raise typer.BadParameter(f"must be in [0, 1], got {jpeg_prob}", param_hint="--jpeg-prob")
+
+    from dataclasses import replace
+
+    from deblurcli.cli.console import rich_progress, stderr_console, stdout_console, warn
+    from deblurcli.synth.blur import NO_NOISE, BlurParams, NoiseRanges
+    from deblurcli.synth.build import SynthConfig, resolve_source, run_synth
+
+    err = stderr_console()
+    noise_ranges = NoiseRanges() if noise else NO_NOISE
+    blur = BlurParams(max_kernel=max_kernel, noise=replace(noise_ranges, jpeg_prob=jpeg_prob))
+    if src is not None:
+        cfg = SynthConfig(
+            out=out,
+            src=resolve_source(src),
+            crop=crop or 512,
+            stride=stride,
+            per_crop=per_crop,
+            seed=seed,
+            workers=workers,
+            limit=limit,
+            blur=blur,
+        )
+    else:
+        cfg = SynthConfig(
+            out=out,
+            frames=resolve_source(frames),
+            crop=crop,
+            seed=seed,
+            workers=workers,
+            limit=limit,
+            frame_range=(n_min, n_max),
+            frame_step=frame_step,
+        )
+    with rich_progress(err, labels={"pairs": "pairs"}, unit="pairs") as progress:
+        result = run_synth(cfg, progress=progress, warn=lambda msg: warn(err, msg))
+
+    con = stdout_console()
+    con.print(
+        f"synth ({result.mode} mode): wrote {result.written} pairs to {result.out} "
+        f"({result.already_done} already done, {result.planned} planned) in {result.seconds:.1f} s, "
+        f"{result.pairs_per_second:.2f} pairs/s",
+        highlight=False,
+        markup=False,
+    )
+    if result.unreadable:
+        con.print(
+            f"skipped {len(result.unreadable)} unreadable input(s):", highlight=False, markup=False
+        )
+        for line in result.unreadable:
+            con.print(f"  {line}", highlight=False, markup=False)
+    if result.too_small:
+        con.print(
+            f"skipped {len(result.too_small)} image(s) under 8 pixels:",
+            highlight=False,
+            markup=False,
+        )
+        for line in result.too_small:
+            con.print(f"  {line}", highlight=False, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``synth`` command to the root app."""
+    app.command("synth", help=HELP, no_args_is_help=True)(synth)

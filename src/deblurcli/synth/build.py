@@ -1,0 +1,563 @@
+"""The ``synth`` job: plan crops or frame windows, make pairs (in worker processes), write a manifest.
+
+Output layout (read by training and evaluation, which pair ``blur/NAME.png`` with ``sharp/NAME.png``)::
+
+    OUT/blur/NAME.png        blurred input, 8-bit RGB PNG
+    OUT/sharp/NAME.png       sharp target, 8-bit RGB PNG, pixel-aligned with the blurred image
+    OUT/kernels/NAME.npy     kernel (images mode only): float32 (S, S), sums to 1, no pickles
+    OUT/manifest.jsonl       one JSON object per finished sample, sorted by (source, crop, k)
+    OUT/synth.json           the settings of the job (a later run into OUT must use the same)
+
+Reproducibility: every sample's random generator is seeded from ``(seed, source relative path,
+crop/window index, k)`` through :func:`sample_seed` (BLAKE2 hash + ``numpy.random.SeedSequence``),
+so the same arguments give byte-identical files whatever the number of workers. Re-running resumes:
+samples already in the manifest whose files exist are skipped; the manifest is appended line by line
+while running (an interrupted partial line is dropped on the next run) and rewritten atomically,
+sorted and without duplicates, at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from deblurcli.errors import DatasetError, ImageReadError
+from deblurcli.images import (
+    IMAGE_SUFFIXES,
+    atomic_write_bytes,
+    image_size,
+    list_images,
+    read_image,
+    write_image,
+)
+from deblurcli.progress import ProgressFn, report
+from deblurcli.synth.blur import BlurParams, blur_region, degrade, sample_kernel, srgb_to_linear
+from deblurcli.synth.frames import average_frames, frame_windows
+
+WarnFn = Callable[[str], None]
+PNG_LEVEL = 1  # zlib level of the output PNGs: ~3x faster to write than 6, files ~20% larger
+
+DF2K_HELP = (
+    "DF2K is DIV2K + Flickr2K (3,550 2K-resolution photos); it is not bundled: download both "
+    "sets, put their HR images in one folder and pass --src PATH (or set DEBLURCLI_DATA to the "
+    "folder that contains DF2K/)"
+)
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Settings of one ``synth`` job.
+
+    Attributes:
+        out: output folder.
+        src: folder of sharp photos (images mode), searched recursively.
+        frames: folder of consecutive frames, or of sequence folders (frames mode).
+        crop: crop side in pixels (images mode: required; frames mode: ``None`` = full frames).
+        stride: step between crops of the crop grid (images mode).
+        per_crop: number of differently blurred samples per crop (images mode).
+        seed: run seed; each sample's generator derives from it (see :func:`sample_seed`).
+        workers: worker processes (1 = in this process); does not change the output.
+        limit: cap on the number of pairs (the first ones in manifest order), ``None`` = all.
+        frame_range: inclusive range of the (odd) number of averaged frames.
+        frame_step: frames between the starts of consecutive windows (``None`` = upper end of
+            ``frame_range``, i.e. windows do not overlap).
+        blur: blur-kernel and noise ranges (images mode).
+    """
+
+    out: Path
+    src: Path | None = None
+    frames: Path | None = None
+    crop: int | None = 512
+    stride: int = 384
+    per_crop: int = 1
+    seed: int = 0
+    workers: int = 1
+    limit: int | None = None
+    frame_range: tuple[int, int] = (7, 13)
+    frame_step: int | None = None
+    blur: BlurParams = field(default_factory=BlurParams)
+
+    @property
+    def mode(self) -> str:
+        """``"images"`` or ``"frames"``."""
+        return "frames" if self.frames is not None else "images"
+
+    def fingerprint(self) -> dict:
+        """The settings that determine the output (not ``workers`` or ``limit``), JSON-ready."""
+        d = {"mode": self.mode, "seed": self.seed, "crop": self.crop}
+        if self.mode == "images":
+            d.update(
+                src=str(Path(self.src).resolve()),
+                stride=self.stride,
+                per_crop=self.per_crop,
+                blur=asdict(self.blur),
+            )
+        else:
+            d.update(
+                frames=str(Path(self.frames).resolve()),
+                frame_range=list(self.frame_range),
+                frame_step=self.effective_frame_step,
+            )
+        return json.loads(json.dumps(d))
+
+    @property
+    def effective_frame_step(self) -> int:
+        """Frame step actually used."""
+        return int(self.frame_step) if self.frame_step else int(self.frame_range[1])
+
+
+@dataclass
+class SynthResult:
+    """What a job did (for the CLI summary)."""
+
+    out: Path
+    mode: str
+    planned: int = 0
+    written: int = 0
+    already_done: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    too_small: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def pairs_per_second(self) -> float:
+        """Throughput of this run (written pairs per wall-clock second)."""
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# seeds, names, crop plans
+
+
+def sample_seed(seed: int, *keys: object) -> int:
+    """A 63-bit seed for one sample, derived from the run seed and stable keys.
+
+    Uses a BLAKE2b digest of the keys (never Python's ``hash()``, which changes between processes)
+    as the spawn key of a ``numpy.random.SeedSequence`` with entropy ``seed``.
+    """
+    digest = hashlib.blake2b(
+        "\x1f".join(str(k) for k in keys).encode("utf-8"), digest_size=16
+    ).digest()
+    words = tuple(int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4))
+    state = np.random.SeedSequence(entropy=int(seed), spawn_key=words).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def crop_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Crop grid ``(x, y, w, h)`` over an image, row by row.
+
+    Crops start every ``stride`` pixels and a last crop is aligned with the right/bottom edge so the
+    whole image is covered. Small-image rule: if the image is smaller than ``crop`` in a dimension,
+    that dimension gets one centred crop of the largest multiple of 8 that fits (so a 300×700 image
+    with crop 512 gives 296×512 crops). Images under 8 pixels in a dimension give no crop.
+    """
+
+    def axis(n: int) -> list[tuple[int, int]]:
+        if n >= crop:
+            starts = list(range(0, n - crop + 1, stride))
+            if starts[-1] != n - crop:
+                starts.append(n - crop)
+            return [(s, crop) for s in starts]
+        size = (n // 8) * 8
+        return [((n - size) // 2, size)] if size >= 8 else []
+
+    return [(x, y, w, h) for (y, h) in axis(height) for (x, w) in axis(width)]
+
+
+def _base_names(rels: list[str]) -> dict[str, str]:
+    """File-name stems for sources: relative path without suffix, '/' -> '__' (suffix kept on clashes)."""
+    stems = {
+        r: r.rsplit(".", 1)[0].replace("/", "__")
+        if "." in r.rsplit("/", 1)[-1]
+        else r.replace("/", "__")
+        for r in rels
+    }
+    counts: dict[str, int] = {}
+    for s in stems.values():
+        counts[s] = counts.get(s, 0) + 1
+    return {
+        r: (s if counts[s] == 1 else r.replace("/", "__").replace(".", "_"))
+        for r, s in stems.items()
+    }
+
+
+def _sort_key(record: dict) -> tuple:
+    return (
+        Path(record["source"]).parts,
+        int(record.get("crop_index", record.get("window", 0))),
+        int(record.get("k", 0)),
+        record["name"],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# source lookup
+
+
+def resolve_source(arg: str, *, env: dict | None = None) -> Path:
+    """Find the source folder for ``--src``/``--frames``.
+
+    An existing folder is used as is. A bare name (no path separator), e.g. ``DF2K``, is looked up
+    in the working directory and then in ``$DEBLURCLI_DATA``. Raises :class:`DatasetError` saying
+    where it looked (and what DF2K is, for that name).
+    """
+    env = os.environ if env is None else env
+    p = Path(arg).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise DatasetError(f"{arg} is a file, not a folder of images")
+    looked = [str(Path.cwd() / arg)]
+    bare = "/" not in arg and os.sep not in arg
+    if bare:
+        data = env.get("DEBLURCLI_DATA")
+        if data:
+            cand = Path(data).expanduser() / arg
+            if cand.is_dir():
+                return cand
+            looked.append(str(cand))
+        else:
+            looked.append("$DEBLURCLI_DATA/" + arg + " (DEBLURCLI_DATA is not set)")
+    msg = f"source folder {arg!r} not found (looked in: {'; '.join(looked)})"
+    if arg.strip("/").upper() == "DF2K":
+        msg += f"; {DF2K_HELP}"
+    raise DatasetError(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# manifest
+
+
+def _read_manifest(path: Path) -> list[dict]:
+    """Valid records of an existing manifest (a partial or broken line is dropped)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("name"), str) and "source" in rec:
+            records.append(rec)
+    return records
+
+
+def _files_exist(out: Path, rec: dict) -> bool:
+    paths = [out / "blur" / f"{rec['name']}.png", out / "sharp" / f"{rec['name']}.png"]
+    if rec.get("kernel_file"):
+        paths.append(out / rec["kernel_file"])
+    return all(p.is_file() for p in paths)
+
+
+def _dumps(rec: dict) -> str:
+    return json.dumps(rec, sort_keys=True, separators=(",", ":"))
+
+
+def _write_manifest(path: Path, records: Iterable[dict]) -> None:
+    text = "".join(_dumps(r) + "\n" for r in sorted(records, key=_sort_key))
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# work units (module-level so that spawn-started worker processes can import them)
+
+
+def _save_pair(
+    out: Path, name: str, blurred: np.ndarray, sharp: np.ndarray, kernel: np.ndarray | None
+) -> None:
+    if kernel is not None:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(kernel, dtype=np.float32), allow_pickle=False)
+        atomic_write_bytes(out / "kernels" / f"{name}.npy", buf.getvalue())
+    write_image(out / "sharp" / f"{name}.png", sharp, compress_level=PNG_LEVEL)
+    write_image(out / "blur" / f"{name}.png", blurred, compress_level=PNG_LEVEL)
+
+
+def run_image_task(out: str, path: str, specs: list[dict], blur: BlurParams) -> dict:
+    """Make every sample of one source image. Returns ``{"records": [...], "error": str | None}``."""
+    try:
+        pixels = read_image(path).pixels
+    except ImageReadError as exc:
+        return {"records": [], "error": str(exc)}
+    linear = srgb_to_linear(pixels)
+    out_p = Path(out)
+    records = []
+    for spec in specs:
+        x, y, w, h = spec["box"]
+        if y + h > pixels.shape[0] or x + w > pixels.shape[1]:
+            return {
+                "records": records,
+                "error": f"cannot read {path}: decoded size differs from its header",
+            }
+        rng = np.random.default_rng(spec["seed"])
+        kernel, kmeta = sample_kernel(rng, blur)
+        blurred = blur_region(pixels, (x, y, w, h), kernel, linear=linear)
+        blurred, nmeta = degrade(blurred, rng, blur.noise)
+        sharp = pixels[y : y + h, x : x + w]
+        _save_pair(out_p, spec["name"], blurred, sharp, kernel)
+        records.append(
+            {
+                "name": spec["name"],
+                "mode": "images",
+                "source": spec["source"],
+                "crop_box": [x, y, w, h],
+                "crop_index": spec["crop_index"],
+                "k": spec["k"],
+                "seed": spec["seed"],
+                "run_seed": spec["run_seed"],
+                "kernel_file": f"kernels/{spec['name']}.npy",
+                "kernel": kmeta,
+                "noise": nmeta,
+            }
+        )
+    return {"records": records, "error": None}
+
+
+def run_frames_task(out: str, spec: dict, crop: int | None) -> dict:
+    """Average one frame window (and optionally crop it). Returns like :func:`run_image_task`."""
+    try:
+        frames = [read_image(p).pixels for p in spec["frame_paths"]]
+        blurred, sharp = average_frames(frames)
+    except ImageReadError as exc:
+        return {"records": [], "error": str(exc)}
+    except ValueError as exc:  # frames of different sizes
+        return {"records": [], "error": f"sequence {spec['source']}: {exc}"}
+    H, W = sharp.shape[:2]
+    rng = np.random.default_rng(spec["seed"])
+    if crop:
+        ch = crop if H >= crop else (H // 8) * 8
+        cw = crop if W >= crop else (W // 8) * 8
+        if ch < 8 or cw < 8:
+            return {
+                "records": [],
+                "error": f"sequence {spec['source']}: frames are smaller than 8 pixels",
+            }
+        y = int(rng.integers(0, H - ch + 1))
+        x = int(rng.integers(0, W - cw + 1))
+        box = [x, y, cw, ch]
+        blurred, sharp = blurred[y : y + ch, x : x + cw], sharp[y : y + ch, x : x + cw]
+    else:
+        box = [0, 0, W, H]
+    _save_pair(Path(out), spec["name"], blurred, sharp, None)
+    rec = {
+        "name": spec["name"],
+        "mode": "frames",
+        "source": spec["source"],
+        "window": spec["window"],
+        "frames": spec["frames"],
+        "num_frames": len(spec["frames"]),
+        "sharp_frame": spec["frames"][len(spec["frames"]) // 2],
+        "crop_box": box,
+        "seed": spec["seed"],
+        "run_seed": spec["run_seed"],
+    }
+    return {"records": [rec], "error": None}
+
+
+# --------------------------------------------------------------------------------------------
+# planning
+
+
+def _plan_images(cfg: SynthConfig, src: Path, warn: WarnFn, result: SynthResult) -> list[dict]:
+    paths = list_images(src, recursive=True, on_skip=lambda p, why: warn(f"skipping {p}: {why}"))
+    out_abs = Path(cfg.out).resolve()
+    paths = [p for p in paths if not p.resolve().is_relative_to(out_abs)]  # --out inside --src
+    if not paths:
+        raise DatasetError(
+            f"no images found in {src} (looked recursively for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    paths.sort(key=lambda p: p.relative_to(src).parts)
+    rels = [p.relative_to(src).as_posix() for p in paths]
+    names = _base_names(rels)
+    specs = []
+    for p, rel in zip(paths, rels):
+        try:
+            h, w = image_size(p)
+        except ImageReadError as exc:
+            warn(str(exc))
+            result.unreadable.append(str(exc))
+            continue
+        boxes = crop_boxes(h, w, int(cfg.crop), cfg.stride)
+        if not boxes:
+            warn(f"skipping {p}: smaller than 8 pixels ({w}x{h})")
+            result.too_small.append(str(p))
+            continue
+        for i, box in enumerate(boxes):
+            for k in range(cfg.per_crop):
+                specs.append(
+                    {
+                        "name": f"{names[rel]}_c{i:03d}_k{k}",
+                        "source": rel,
+                        "path": str(p),
+                        "box": list(box),
+                        "crop_index": i,
+                        "k": k,
+                        "run_seed": cfg.seed,
+                        "seed": sample_seed(cfg.seed, rel, i, k),
+                    }
+                )
+    if not specs:
+        raise DatasetError(f"none of the {len(paths)} images in {src} could be used")
+    return specs
+
+
+def _sequences(root: Path, warn: WarnFn) -> list[tuple[str, list[Path]]]:
+    folders = [root] + sorted(
+        (
+            d
+            for d in root.rglob("*")
+            if d.is_dir() and not any(s.startswith(".") for s in d.relative_to(root).parts)
+        ),
+        key=lambda d: d.relative_to(root).parts,
+    )
+    seqs = []
+    for d in folders:
+        frames = list_images(d, on_skip=lambda p, why: warn(f"skipping {p}: {why}"))
+        if frames:
+            seqs.append((d.relative_to(root).as_posix(), frames))
+    return seqs
+
+
+def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
+    seqs = _sequences(root, warn)
+    if not seqs:
+        raise DatasetError(
+            f"no frames found in {root} (expected a folder of consecutive frames "
+            "or a folder of sequence folders)"
+        )
+    specs = []
+    lo = cfg.frame_range[0]
+    for rel, frames in seqs:
+        rng = np.random.default_rng(sample_seed(cfg.seed, "windows", rel))
+        windows = frame_windows(
+            len(frames), rng, n_range=cfg.frame_range, step=cfg.effective_frame_step
+        )
+        if not windows:
+            warn(f"skipping sequence {root / rel}: {len(frames)} frames, fewer than {lo}")
+        stem = rel.replace("/", "__") if rel != "." else (root.resolve().name or "frames")
+        for i, win in enumerate(windows):
+            chosen = frames[win.start : win.start + win.length]
+            specs.append(
+                {
+                    "name": f"{stem}_w{i:04d}",
+                    "source": rel,
+                    "window": i,
+                    "frames": [f.relative_to(root).as_posix() for f in chosen],
+                    "frame_paths": [str(f) for f in chosen],
+                    "run_seed": cfg.seed,
+                    "seed": sample_seed(cfg.seed, rel, i),
+                }
+            )
+    if not specs:
+        raise DatasetError(f"no sequence in {root} has at least {lo} frames")
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# the job
+
+
+def _check_settings(cfg: SynthConfig) -> None:
+    settings = cfg.out / "synth.json"
+    fp = cfg.fingerprint()
+    if settings.exists():
+        try:
+            old = json.loads(settings.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != fp:
+            raise DatasetError(
+                f"{cfg.out} was made with different synth settings (see "
+                f"{settings}); use a new --out folder or the same settings"
+            )
+    else:
+        atomic_write_bytes(settings, (json.dumps(fp, indent=2, sort_keys=True) + "\n").encode())
+
+
+def run_synth(
+    cfg: SynthConfig, *, progress: ProgressFn | None = None, warn: WarnFn | None = None
+) -> SynthResult:
+    """Run a ``synth`` job (see the module docstring for the layout and guarantees).
+
+    Raises :class:`DatasetError` for a missing/empty source or an output folder made with other
+    settings. Unreadable images are reported through ``warn`` and listed in the result.
+    """
+    warn = warn or (lambda _msg: None)
+    started = time.perf_counter()
+    result = SynthResult(out=cfg.out, mode=cfg.mode)
+    if cfg.mode == "images":
+        if cfg.src is None:
+            raise DatasetError(
+                "give --src (a folder of photos) or --frames (a folder of video frames)"
+            )
+        if not cfg.crop:
+            raise DatasetError("images mode needs a crop size")
+        specs = _plan_images(cfg, Path(cfg.src), warn, result)
+    else:
+        specs = _plan_frames(cfg, Path(cfg.frames), warn)
+    if cfg.limit is not None:
+        specs = specs[: max(0, int(cfg.limit))]
+    result.planned = len(specs)
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    _check_settings(cfg)
+    manifest = cfg.out / "manifest.jsonl"
+    done: dict[str, dict] = {}
+    for rec in _read_manifest(manifest):
+        if _files_exist(cfg.out, rec):
+            done[rec["name"]] = rec
+    todo = [s for s in specs if s["name"] not in done]
+    result.already_done = len(specs) - len(todo)
+    _write_manifest(manifest, done.values())  # drop broken lines / duplicates before appending
+
+    if cfg.mode == "images":
+        groups: dict[str, list[dict]] = {}
+        for s in todo:
+            groups.setdefault(s["path"], []).append(s)
+        tasks = [(run_image_task, (str(cfg.out), path, g, cfg.blur)) for path, g in groups.items()]
+    else:
+        tasks = [(run_frames_task, (str(cfg.out), s, cfg.crop)) for s in todo]
+
+    report(progress, "pairs", 0, len(todo))
+    with open(manifest, "a", encoding="utf-8") as mf:
+
+        def consume(res: dict) -> None:
+            for rec in res["records"]:
+                mf.write(_dumps(rec) + "\n")
+                mf.flush()
+                done[rec["name"]] = rec
+                result.written += 1
+            if res["error"]:
+                warn(res["error"])
+                result.unreadable.append(res["error"])
+            report(progress, "pairs", result.written, len(todo))
+
+        if cfg.workers <= 1 or len(tasks) <= 1:
+            for fn, args in tasks:
+                consume(fn(*args))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
+                futures = [pool.submit(fn, *args) for fn, args in tasks]
+                try:
+                    for fut in futures:  # submission order: deterministic manifest appends
+                        consume(fut.result())
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()
+                    raise
+    _write_manifest(manifest, done.values())
+    result.seconds = time.perf_counter() - started
+    return result

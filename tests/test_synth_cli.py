@@ -1,0 +1,200 @@
+"""``deblurcli synth`` end to end through Typer's CliRunner (tiny images, CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage import data
+from typer.testing import CliRunner
+
+from deblurcli.cli.app import app
+from deblurcli.images import read_image, write_image
+
+runner = CliRunner()
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture()
+def photos(tmp_path: Path) -> Path:
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    write_image(src / "astro.png", data.astronaut()[:72, :100] / 255.0)  # 2x3 crops of 48
+    write_image(src / "sub" / "coffee.jpg", data.coffee()[:48, :48] / 255.0)  # exactly one crop
+    write_image(
+        src / "tiny.png", data.camera()[:30, :40] / 255.0, grayscale=True
+    )  # small-image rule
+    (src / "readme.txt").write_text("not an image")
+    return src
+
+
+def _synth(*args: str):
+    return runner.invoke(app, ["synth", *args])
+
+
+def test_layout_manifest_and_small_image_rule(photos, tmp_path):
+    out = tmp_path / "out"
+    res = _synth(
+        "--src", str(photos), "--out", str(out), "--crop", "48", "--stride", "32", "--seed", "3"
+    )
+    assert res.exit_code == 0, res.output
+    assert "wrote 8 pairs" in res.stdout and "not an image" in res.stderr
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    recs = [json.loads(line) for line in lines]
+    names = [r["name"] for r in recs]
+    assert len(names) == len(set(names)) == 8
+    assert names[0] == "astro_c000_k0" and "sub__coffee_c000_k0" in names
+    for r in recs:
+        blur, sharp = (
+            read_image(out / "blur" / f"{r['name']}.png"),
+            read_image(out / "sharp" / f"{r['name']}.png"),
+        )
+        assert blur.pixels.shape == sharp.pixels.shape
+        x, y, w, h = r["crop_box"]
+        assert sharp.pixels.shape[:2] == (h, w)
+        k = np.load(out / r["kernel_file"], allow_pickle=False)
+        assert abs(float(k.sum()) - 1) < 1e-5 and k.shape[0] == r["kernel"]["size"]
+        assert {"source", "seed", "run_seed", "crop_index", "k", "kernel", "noise"} <= set(r)
+    tiny = [r for r in recs if r["source"] == "tiny.png"]
+    assert len(tiny) == 1 and tiny[0]["crop_box"] == [
+        0,
+        3,
+        40,
+        24,
+    ]  # 30 -> 24 rows, 40 -> 40 cols, centred
+    source = read_image(photos / "astro.png").pixels
+    first = recs[0]
+    x, y, w, h = first["crop_box"]
+    np.testing.assert_array_equal(
+        read_image(out / "sharp" / "astro_c000_k0.png").pixels, source[y : y + h, x : x + w]
+    )
+
+
+def test_workers_do_not_change_bytes_and_resume(photos, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = [
+        "--src",
+        str(photos),
+        "--crop",
+        "48",
+        "--stride",
+        "32",
+        "--per-crop",
+        "2",
+        "--seed",
+        "9",
+    ]
+    assert _synth(*args, "--out", str(a), "--workers", "1").exit_code == 0
+    res = _synth(*args, "--out", str(b), "--workers", "2")
+    assert res.exit_code == 0, res.output
+    tree_a = _tree(a)
+    assert tree_a == _tree(b)
+
+    # resume after an "interruption": lose a blurred image, a manifest line and leave a partial line
+    lines = (b / "manifest.jsonl").read_text().splitlines()
+    victim = json.loads(lines[3])["name"]
+    (b / "blur" / f"{victim}.png").unlink()
+    (b / "manifest.jsonl").write_text("\n".join(lines[:5] + lines[6:]) + "\n" + lines[6][:20])
+    res = _synth(*args, "--out", str(b), "--workers", "2")
+    assert res.exit_code == 0, res.output
+    assert "wrote 2 pairs" in res.stdout and "14 already done" in res.stdout
+    assert _tree(b) == tree_a
+
+    # a finished run is a no-op
+    res = _synth(*args, "--out", str(a))
+    assert "wrote 0 pairs" in res.stdout and _tree(a) == tree_a
+
+    # other settings into the same folder are refused
+    res = _synth(*args[:-1], "10", "--out", str(a))
+    assert res.exit_code == 1 and "different synth settings" in res.stderr
+
+
+def test_limit_caps_pairs_and_matches_full_run_prefix(photos, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["--src", str(photos), "--crop", "48", "--stride", "32"]
+    assert _synth(*args, "--out", str(full)).exit_code == 0
+    res = _synth(*args, "--out", str(part), "--limit", "3")
+    assert res.exit_code == 0 and "wrote 3 pairs" in res.stdout
+    part_lines = (part / "manifest.jsonl").read_text().splitlines()
+    assert part_lines == (full / "manifest.jsonl").read_text().splitlines()[:3]
+    for line in part_lines:
+        name = json.loads(line)["name"]
+        assert (part / "blur" / f"{name}.png").read_bytes() == (
+            full / "blur" / f"{name}.png"
+        ).read_bytes()
+
+
+def test_bad_inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DEBLURCLI_DATA", raising=False)
+    res = _synth("--src", "DF2K", "--out", "o")
+    assert res.exit_code == 1
+    assert "DF2K" in res.stderr and "3,550" in res.stderr and "DEBLURCLI_DATA" in res.stderr
+    (tmp_path / "empty").mkdir()
+    res = _synth("--src", "empty", "--out", "o")
+    assert res.exit_code == 1 and "no images found" in res.stderr
+    res = _synth("--src", "empty", "--out", "o", "--crop", "50")
+    assert res.exit_code == 2
+    res = _synth("--out", "o")
+    assert res.exit_code == 2
+
+    # bare names are found in $DEBLURCLI_DATA
+    data_dir = tmp_path / "data" / "MYSET"
+    write_image(data_dir / "x.png", data.astronaut()[:40, :40] / 255.0)
+    (data_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 40)
+    monkeypatch.setenv("DEBLURCLI_DATA", str(tmp_path / "data"))
+    res = _synth("--src", "MYSET", "--out", "o2", "--crop", "40")
+    assert res.exit_code == 0, res.output
+    assert (
+        "wrote 1 pairs" in res.stdout and "broken.png" in res.stdout and "broken.png" in res.stderr
+    )
+
+
+def test_frames_mode(tmp_path):
+    rng = np.random.default_rng(0)
+    base = data.astronaut()[:40, :56] / 255.0
+    for seq, count in (("seqA", 20), ("seqB", 9), ("short", 3)):
+        for i in range(count):
+            shifted = np.roll(base, shift=i, axis=1)
+            write_image(
+                tmp_path / "frames" / seq / f"{i:04d}.png",
+                np.clip(shifted + rng.normal(0, 0.01, base.shape), 0, 1),
+            )
+    out = tmp_path / "out"
+    args = [
+        "--frames",
+        str(tmp_path / "frames"),
+        "--n-min",
+        "5",
+        "--n-max",
+        "7",
+        "--frame-step",
+        "8",
+    ]
+    res = _synth(*args, "--out", str(out), "--crop", "32")
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in recs] == ["seqA", "seqA", "seqB"]
+    for r in recs:
+        assert r["num_frames"] in (5, 7) and r["sharp_frame"] == r["frames"][r["num_frames"] // 2]
+        assert read_image(out / "blur" / f"{r['name']}.png").pixels.shape == (32, 32, 3)
+        assert not (out / "kernels").exists()
+    res2 = _synth(*args, "--out", str(tmp_path / "out2"), "--crop", "32", "--workers", "2")
+    assert res2.exit_code == 0 and _tree(out) == _tree(tmp_path / "out2")
+
+
+def test_output_inside_source_is_not_used_as_input(photos):
+    out = photos / "pairs"
+    args = ["--src", str(photos), "--out", str(out), "--crop", "48", "--stride", "32"]
+    assert _synth(*args).exit_code == 0
+    res = _synth(*args)
+    assert res.exit_code == 0 and "wrote 0 pairs" in res.stdout and "8 planned" in res.stdout
