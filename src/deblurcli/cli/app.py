@@ -24,6 +24,7 @@ from deblurcli._version import __version__
 # Each module listed here defines ``register(app: typer.Typer) -> None``.
 COMMAND_MODULES: tuple[str, ...] = (
     "deblurcli.cli.synth",
+    "deblurcli.cli.blend",
 )
 
 

@@ -1,0 +1,103 @@
+"""``deblurcli blend``: bake a gamma-blend of the two adapters into one file or one model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+HELP = """Blend the 'real' and 'synthetic' LoRA adapters with weight GAMMA, exactly.
+
+The result equals running the model with --gamma G; every adapted layer computes
+W x + G * Delta_real x + (1 - G) * Delta_synthetic x.
+
+\b
+Without --fuse: write ONE adapter file (rank r_real + r_synthetic) with the blend.
+With --fuse: write a model folder whose UNet already contains the blend
+(no LoRA layers, fastest inference; its gamma is fixed).
+
+\b
+Examples:
+  deblurcli blend lora_real.safetensors lora_synthetic.safetensors --gamma 0.7 -o blend.safetensors
+  deblurcli blend --weights model/ --gamma 0.7 -o blend.safetensors
+  deblurcli blend --fuse --weights model/ --gamma 0.7 -o model-g0.7/
+"""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``blend`` command to ``app``."""
+
+    @app.command("blend", help=HELP, no_args_is_help=True)
+    def blend(
+        gamma: Annotated[float, typer.Option(
+            "--gamma", "-g", help="Weight of the real adapter, in [0, 1].")],
+        output: Annotated[Path, typer.Option(
+            "--output", "-o", help="Output adapter file, or output model folder with --fuse.")],
+        lora_real: Annotated[Path | None, typer.Argument(
+            metavar="LORA_REAL", help="The 'real' adapter file (lora_real.safetensors).",
+            show_default=False)] = None,
+        lora_synthetic: Annotated[Path | None, typer.Argument(
+            metavar="LORA_SYNTH", help="The 'synthetic' adapter file (lora_synthetic.safetensors).",
+            show_default=False)] = None,
+        fuse: Annotated[bool, typer.Option(
+            "--fuse", help="Write a model folder with the blend merged into the UNet.")] = False,
+        weights: Annotated[Path | None, typer.Option(
+            "--weights", "-w", help="Model folder to take the adapters (or model) from.")] = None,
+        base_model: Annotated[Path | None, typer.Option(
+            "--base-model",
+            help="Stable Diffusion folder, for model folders saved without their UNet.")] = None,
+        fp16: Annotated[bool, typer.Option("--fp16", help="Store the output in float16.")] = False,
+    ) -> None:
+        if not 0.0 <= gamma <= 1.0:
+            raise typer.BadParameter(f"must be between 0 and 1, got {gamma}", param_hint="--gamma")
+        if fuse:
+            _fuse(lora_real, lora_synthetic, gamma, output, weights, base_model, fp16)
+        else:
+            _blend_files(lora_real, lora_synthetic, gamma, output, weights, base_model, fp16)
+
+
+def _fuse(lora_real: Path | None, lora_synthetic: Path | None, gamma: float, output: Path,
+          weights: Path | None, base_model: Path | None, fp16: bool) -> None:
+    if lora_real is not None or lora_synthetic is not None:
+        raise typer.BadParameter("--fuse takes a model folder (--weights DIR), not adapter files")
+    if output.exists() and not output.is_dir():
+        raise typer.BadParameter(f"{output} exists and is not a folder", param_hint="--output")
+
+    import torch
+
+    from deblurcli.cli.console import stdout_console
+    from deblurcli.modelfolder import default_weights_dir, fuse_model_folder
+
+    src = weights if weights is not None else default_weights_dir()
+    if output.resolve() == src.resolve():
+        raise typer.BadParameter("the output folder must differ from --weights",
+                                 param_hint="--output")
+    fuse_model_folder(src, output, gamma, base_model=base_model,
+                      storage_dtype=torch.float16 if fp16 else None)
+    stdout_console().print(f"wrote fused model folder {output} (gamma={gamma:g})", highlight=False)
+
+
+def _blend_files(lora_real: Path | None, lora_synthetic: Path | None, gamma: float,
+                 output: Path, weights: Path | None, base_model: Path | None,
+                 fp16: bool) -> None:
+    if base_model is not None:
+        raise typer.BadParameter("--base-model only applies with --fuse")
+    if lora_real is None and weights is not None:
+        from deblurcli.modelfolder import lora_file
+
+        lora_real, lora_synthetic = weights / lora_file("real"), weights / lora_file("synthetic")
+    elif lora_real is None or lora_synthetic is None:
+        raise typer.BadParameter("give two adapter files (LORA_REAL LORA_SYNTH) or --weights DIR")
+    elif weights is not None:
+        raise typer.BadParameter("give either adapter files or --weights DIR, not both")
+    if output.is_dir():
+        raise typer.BadParameter(f"{output} is a folder; give a .safetensors file name "
+                                 "(or use --fuse to write a model folder)", param_hint="--output")
+
+    from deblurcli.cli.console import stdout_console
+    from deblurcli.models.adapters import blend_adapter_files
+
+    spec = blend_adapter_files(lora_real, lora_synthetic, gamma, output, fp16=fp16)
+    stdout_console().print(f"wrote {output} (gamma={gamma:g}, rank {spec.rank}, "
+                           f"{len(spec.target_modules)} layers)", highlight=False)

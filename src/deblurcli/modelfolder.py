@@ -1,0 +1,400 @@
+"""The model folder: a trained OSDD model as JSON + safetensors files with checksums.
+
+Layout (format version 1)::
+
+    config.json                 format, configs, timestep, prompt length, LoRA specs, versions
+    evae.safetensors            the eVAE (E2 optional)
+    unet.safetensors            the base UNet without LoRA (absent when it comes from --base-model)
+    prompt.safetensors          the learned prompt embedding, key "prompt_embeds" (1, N, D)
+    lora_real.safetensors       the 'real' adapter (LoRA spec in the safetensors metadata)
+    lora_synthetic.safetensors  the 'synthetic' adapter
+    checksums.sha256            "sha256  filename" lines (sha256sum format) for every file above
+
+A *fused* folder (``deblurcli blend --fuse``) has no LoRA files: its UNet already contains the
+gamma-blend, recorded as ``"fused": {"gamma": g}`` in config.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deblurcli.errors import WeightsError
+from deblurcli.models import adapters as ad
+from deblurcli.models.evae import EVAE
+from deblurcli.models.onestep import OneStepDenoiser
+from deblurcli.models.osdd import OSDDModel, load_base_unet
+
+FORMAT_NAME = "deblurcli-osdd"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+EVAE_FILE = "evae.safetensors"
+UNET_FILE = "unet.safetensors"
+PROMPT_FILE = "prompt.safetensors"
+CHECKSUM_FILE = "checksums.sha256"
+PROMPT_KEY = "prompt_embeds"
+NO_DEFAULT_MODEL = "no default model is installed yet; pass --weights DIR"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+PathLike = str | Path
+
+
+def lora_file(name: str) -> str:
+    """File name of adapter ``name`` inside a model folder."""
+    return f"lora_{name}.safetensors"
+
+
+def default_weights_dir() -> Path:
+    """The packaged weights folder (``deblurcli/weights``); it may not exist yet."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported storage dtype {dtype}")
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("deblurcli", "torch", "diffusers", "peft", "safetensors"):
+        try:
+            out[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def _json_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers config (FrozenDict) as plain JSON values, private ``_`` keys dropped."""
+    out = {}
+    for key, value in dict(config).items():
+        if key.startswith("_"):
+            continue
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _base_unet_state(unet: nn.Module) -> dict[str, Tensor]:
+    """The UNet's own weights without LoRA factors, under the plain diffusers names."""
+    out = {}
+    for key, value in unet.state_dict().items():
+        if ".lora_" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value
+    return out
+
+
+def _cast(state: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- saving
+def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None = None,
+                      storage_dtype: torch.dtype = torch.float32,
+                      include_sharp_encoder: bool = True, include_unet: bool = True) -> None:
+    """Write ``model`` as a model folder (files written atomically, checksums last).
+
+    Args:
+        folder: destination (created; known model files from an earlier save are replaced).
+        model: the :class:`OSDDModel` (adapters unfused, or fused via :meth:`OSDDModel.fuse`).
+        extra: free-form JSON-serialisable info stored under ``"extra"`` (training run, ...).
+        storage_dtype: ``torch.float32`` / ``float16`` / ``bfloat16`` on disk (loads in any dtype).
+        include_sharp_encoder: keep E2 (needed to resume training; not needed for inference).
+        include_unet: write ``unet.safetensors``; without it, loading needs ``base_model``.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype_name = _dtype_name(storage_dtype)
+    if not include_unet and model.fused_gamma is not None:
+        raise ValueError("a fused model must include its UNet (the blend lives in its weights)")
+
+    def write(name: str, state: Mapping[str, Tensor], meta: dict | None = None) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            cast = _cast(state, storage_dtype)
+            tensors = {k: v.detach().contiguous().cpu() for k, v in cast.items()}
+            save_file(tensors, tmp, metadata=meta or {"format": FORMAT_NAME})
+            os.replace(tmp, folder / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    evae_config = _json_config(model.evae.config)
+    evae_state = model.evae.state_dict()
+    has_e2 = model.evae.encoder_sharp is not None and include_sharp_encoder
+    if not has_e2:
+        evae_state = {k: v for k, v in evae_state.items()
+                      if not k.startswith(("encoder_sharp.", "quant_conv_sharp."))}
+    evae_config["sharp_encoder"] = has_e2
+    files = [EVAE_FILE, PROMPT_FILE]
+    write(EVAE_FILE, evae_state)
+    if include_unet:
+        write(UNET_FILE, _base_unet_state(model.unet))
+        files.append(UNET_FILE)
+    write(PROMPT_FILE, {PROMPT_KEY: model.denoiser.prompt_embeds.detach()})
+    for name, spec in model.lora_specs.items():
+        ad.save_adapter_file(folder / lora_file(name), ad.adapter_state_dict(model.unet, name),
+                             spec, dtype=storage_dtype)
+        files.append(lora_file(name))
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "evae": evae_config,
+        "unet": _json_config(model.unet.config),
+        "timestep": int(model.denoiser.timestep),
+        "prompt_tokens": int(model.denoiser.prompt_tokens),
+        "lora": {name: spec.to_dict() for name, spec in model.lora_specs.items()},
+        "fused": None if model.fused_gamma is None else {"gamma": float(model.fused_gamma)},
+        "storage_dtype": dtype_name,
+        "unet_weights": "included" if include_unet else "base_model",
+        "files": files,
+        "versions": _versions(),
+        "extra": extra or {},
+    }
+    _atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=False) + "\n")
+    files.append(CONFIG_FILE)
+    stale = {EVAE_FILE, UNET_FILE, PROMPT_FILE} | {lora_file(n) for n in ad.ADAPTER_NAMES}
+    for name in stale - set(files):
+        (folder / name).unlink(missing_ok=True)
+    lines = "".join(f"{sha256_file(folder / name)}  {name}\n" for name in sorted(files))
+    _atomic_write_text(folder / CHECKSUM_FILE, lines)
+
+
+# ----------------------------------------------------------------------------- checking
+def read_model_config(folder: PathLike) -> dict[str, Any]:
+    """``config.json`` of a model folder, checked for format and version (WeightsError)."""
+    folder = Path(folder)
+    if folder.resolve() == default_weights_dir() and not (folder / CONFIG_FILE).is_file():
+        raise WeightsError(NO_DEFAULT_MODEL)
+    if not folder.is_dir():
+        raise WeightsError(f"model folder not found: {folder}")
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise WeightsError(f"{folder} is not a deblurcli model folder (missing {CONFIG_FILE})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{CONFIG_FILE} in {folder} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise WeightsError(f"{path} is not a deblurcli model config (format != {FORMAT_NAME})")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise WeightsError(f"{folder} uses model format version {version}; this deblurcli reads "
+                           f"up to {FORMAT_VERSION} (upgrade deblurcli)")
+    for key in ("evae", "unet", "timestep", "prompt_tokens", "lora"):
+        if key not in config:
+            raise WeightsError(f"{path} lacks the '{key}' entry")
+    return config
+
+
+def verify_checksums(folder: PathLike) -> list[str]:
+    """Check every file listed in ``checksums.sha256``; return the listed names (WeightsError)."""
+    folder = Path(folder)
+    path = folder / CHECKSUM_FILE
+    if not path.is_file():
+        raise WeightsError(f"missing file {CHECKSUM_FILE} in {folder}")
+    names = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        digest, sep, name = line.partition("  ")
+        name = name.strip().lstrip("*")
+        if not sep or len(digest) != 64 or not name or "/" in name or name.startswith("."):
+            raise WeightsError(f"{CHECKSUM_FILE} in {folder} is malformed at line {number}")
+        if not (folder / name).is_file():
+            raise WeightsError(f"missing file {name} in {folder}")
+        if sha256_file(folder / name) != digest.lower():
+            raise WeightsError(f"{name} in {folder} is corrupt (sha256 checksum mismatch)")
+        names.append(name)
+    return names
+
+
+def _read_weights(folder: Path, name: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    path = folder / name
+    if not path.is_file():
+        raise WeightsError(f"missing file {name} in {folder}")
+    return ad.read_safetensors(path)
+
+
+@torch.no_grad()
+def _load_into(module: nn.Module, state: Mapping[str, Tensor], name: str, *,
+               partial: bool = False) -> None:
+    """Copy ``state`` into ``module`` (meta or real), checking keys and shapes."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected or (missing and not partial):
+        what = f"unexpected key {unexpected[0]}" if unexpected else f"missing key {missing[0]}"
+        raise WeightsError(f"{name} does not match config.json ({what}; {len(missing)} missing, "
+                           f"{len(unexpected)} unexpected)")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise WeightsError(f"{name}: {key} has shape {tuple(value.shape)}, config.json implies "
+                               f"{tuple(expected[key].shape)}")
+    loaded = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(loaded, strict=not partial, assign=True)
+
+
+def _build_empty(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Build a module without allocating/initialising its parameters (they come from a file)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return factory()
+
+
+# ----------------------------------------------------------------------------- loading
+def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32, gamma: float = 0.7, fuse: bool = True,
+                      vae_dtype: torch.dtype | None = None,
+                      base_model: PathLike | None = None,
+                      warn: Callable[[str], None] | None = None,
+                      verify: bool = True) -> OSDDModel:
+    """Load a model folder as an :class:`OSDDModel` in eval mode with ``gamma`` applied.
+
+    Args:
+        folder: the model folder (see the module docstring).
+        device, dtype: where and in which dtype the UNet (and by default the eVAE) runs.
+        gamma: dual-adapter blend weight in [0, 1] (ignored, with a ``warn`` note, for a folder
+            whose adapters are already fused).
+        fuse: merge the blend into the UNet weights (fast); ``False`` keeps LoRA layers live so
+            :meth:`OSDDModel.set_gamma` can change gamma later.
+        vae_dtype: dtype of the eVAE (e.g. ``torch.float32`` with an fp16 UNet); default ``dtype``.
+        base_model: a diffusers Stable Diffusion folder providing the base UNet and VAE
+            (``PATH/unet``, ``PATH/vae``); files in ``folder`` override it.
+        warn: callback for one-line notes (library code never prints).
+        verify: check ``checksums.sha256`` first.
+
+    Raises:
+        WeightsError: missing/corrupt files, shape mismatches, or no default model installed.
+    """
+    folder = Path(folder)
+    config = read_model_config(folder)
+    if verify:
+        verify_checksums(folder)
+    fused = config.get("fused")
+    fused_gamma = None if not fused else float(fused["gamma"])
+    if fused_gamma is None and config["lora"]:
+        ad.check_gamma(gamma)
+    has_unet_file = (folder / UNET_FILE).is_file()
+    if config.get("unet_weights") == "base_model" and base_model is None and not has_unet_file:
+        raise WeightsError(f"{folder} stores no base UNet; pass the Stable Diffusion folder it was "
+                           "trained on with --base-model PATH")
+
+    # eVAE
+    evae_config = dict(config["evae"])
+    evae_state, _ = _read_weights(folder, EVAE_FILE)
+    if base_model is not None:
+        evae = EVAE.from_vae(base_model, use_skips=bool(evae_config.get("use_skips", True)),
+                             sharp_encoder=bool(evae_config.get("sharp_encoder", False)))
+        _load_into(evae, evae_state, EVAE_FILE, partial=True)
+    else:
+        try:
+            evae = _build_empty(lambda: EVAE(**evae_config))
+        except (TypeError, ValueError) as exc:
+            raise WeightsError(f"config.json has an invalid evae config ({exc})") from None
+        _load_into(evae, evae_state, EVAE_FILE)
+
+    # UNet
+    if base_model is not None:
+        unet = load_base_unet(base_model)
+        if has_unet_file:
+            _load_into(unet, _read_weights(folder, UNET_FILE)[0], UNET_FILE)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        try:
+            unet = _build_empty(lambda: UNet2DConditionModel.from_config(dict(config["unet"])))
+        except (TypeError, ValueError) as exc:
+            raise WeightsError(f"config.json has an invalid unet config ({exc})") from None
+        _load_into(unet, _read_weights(folder, UNET_FILE)[0], UNET_FILE)
+
+    # prompt + denoiser
+    prompt_state, _ = _read_weights(folder, PROMPT_FILE)
+    prompt = prompt_state.get(PROMPT_KEY)
+    want = (1, int(config["prompt_tokens"]), int(unet.config.cross_attention_dim))
+    if prompt is None or tuple(prompt.shape) != want:
+        got = None if prompt is None else tuple(prompt.shape)
+        raise WeightsError(f"{PROMPT_FILE}: {PROMPT_KEY} has shape {got}, expected {want}")
+    denoiser = OneStepDenoiser(unet, timestep=int(config["timestep"]), prompt_init=prompt.float())
+
+    # adapters
+    specs: dict[str, ad.LoraSpec] = {}
+    for name in config["lora"]:
+        path = folder / lora_file(name)
+        if not path.is_file():
+            raise WeightsError(f"missing file {lora_file(name)} in {folder}")
+        spec, state = ad.load_adapter_file(path)
+        ad.add_adapter(unet, name, spec)
+        ad.load_adapter_state_dict(unet, name, state, source=lora_file(name))
+        specs[name] = spec
+
+    model = OSDDModel(evae, denoiser, specs, fused_gamma=fused_gamma)
+    if fused_gamma is not None:
+        model.gamma = fused_gamma
+        if warn is not None and abs(float(gamma) - fused_gamma) > 1e-9:
+            warn(f"this model's adapters are fused at gamma={fused_gamma:g}; "
+                 f"gamma={float(gamma):g} is ignored")
+    elif model.has_dual_adapters:
+        if fuse:
+            model.fuse(gamma)  # in float32, before any cast to half precision
+        else:
+            model.set_gamma(gamma)
+    nn.Module.to(model.denoiser, device=device, dtype=dtype)
+    nn.Module.to(model.evae, device=device, dtype=vae_dtype or dtype)
+    return model.eval()
+
+
+def fuse_model_folder(src: PathLike, out: PathLike, gamma: float, *,
+                      base_model: PathLike | None = None,
+                      storage_dtype: torch.dtype | None = None) -> None:
+    """Write a copy of model folder ``src`` whose UNet contains the gamma-blend (fused).
+
+    The output keeps the source's storage dtype (unless ``storage_dtype`` is given) and drops
+    the sharp encoder E2 (inference only).
+    """
+    ad.check_gamma(gamma)
+    config = read_model_config(src)
+    if config.get("fused"):
+        raise WeightsError(f"{src} is already fused (gamma={config['fused']['gamma']:g})")
+    if not all(name in config["lora"] for name in ad.ADAPTER_NAMES):
+        raise WeightsError(f"{src} has no real/synthetic adapters to fuse")
+    model = load_model_folder(src, gamma=gamma, fuse=True, base_model=base_model)
+    dtype = storage_dtype or _DTYPES.get(config.get("storage_dtype", "float32"), torch.float32)
+    extra = dict(config.get("extra") or {})
+    extra["fused_from"] = str(Path(src).name)
+    save_model_folder(out, model, extra=extra, storage_dtype=dtype, include_sharp_encoder=False)

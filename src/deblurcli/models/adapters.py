@@ -1,0 +1,389 @@
+"""The Dynamic Dual-Adapter: two named peft LoRA adapters on the UNet, blended by gamma.
+
+Every adapted layer computes exactly
+
+    y = W x + gamma * Delta_real x + (1 - gamma) * Delta_synthetic x,
+
+with ``Delta_a = (alpha_a / r_a) * B_a A_a``. Both adapters stay active and gamma multiplies each
+adapter's per-layer LoRA scaling (peft's ``set_scale``), so no cross terms appear (unlike peft's
+``add_weighted_adapter(..., "linear")``). :func:`fuse_adapters` merges the blended deltas into the
+base weights once and removes the LoRA layers, so inference runs plain modules.
+
+Adapter files (:func:`save_adapter_file`) are safetensors with keys *without* the adapter name
+(``<module>.lora_A.weight``, ``<module>.lora_B.weight``) and the :class:`LoraSpec` as JSON in the
+metadata. :func:`blend_adapter_states` writes the gamma-blend as one exact adapter of rank
+``r_real + r_synthetic`` (concatenated, pre-scaled factors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from deblurcli.errors import WeightsError
+
+REAL = "real"
+SYNTHETIC = "synthetic"
+ADAPTER_NAMES = (REAL, SYNTHETIC)
+#: Layers adapted by default: attention projections, ResNet convs, transformer in/out projections
+#: and feed-forward layers of the SD UNet.
+DEFAULT_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "proj_in", "proj_out",
+    "ff.net.0.proj", "ff.net.2",
+)
+ADAPTER_FILE_FORMAT = "deblurcli-lora"
+
+
+@dataclass
+class LoraSpec:
+    """Rank, alpha and target layers of one LoRA adapter (peft ``LoraConfig`` fields).
+
+    ``target_modules`` are layer-name suffixes (peft semantics); ``rank_pattern`` /
+    ``alpha_pattern`` override rank / alpha for layers whose name matches a regex key.
+    """
+
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if int(self.rank) < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        out = asdict(self)
+        out["target_modules"] = list(self.target_modules)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> LoraSpec:
+        """Inverse of :meth:`to_dict` (unknown keys are an error)."""
+        return cls(rank=int(data["rank"]), alpha=float(data["alpha"]),
+                   target_modules=tuple(data["target_modules"]),
+                   rank_pattern={k: int(v) for k, v in dict(data.get("rank_pattern", {})).items()},
+                   alpha_pattern={k: float(v)
+                                  for k, v in dict(data.get("alpha_pattern", {})).items()})
+
+    def lora_config(self):
+        """The equivalent ``peft.LoraConfig`` (B initialised to zero: a new adapter is a no-op)."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=int(self.rank), lora_alpha=float(self.alpha),
+                          target_modules=list(self.target_modules), lora_dropout=0.0,
+                          rank_pattern=dict(self.rank_pattern),
+                          alpha_pattern=dict(self.alpha_pattern), init_lora_weights=True)
+
+    def alpha_for(self, module_name: str) -> float:
+        """The alpha peft uses for ``module_name`` (pattern overrides included)."""
+        return float(_pattern_value(self.alpha_pattern, module_name, self.alpha))
+
+
+def _pattern_value(pattern: Mapping[str, float], key: str, default: float) -> float:
+    for pat, value in pattern.items():  # same rule as peft: regex on a dotted suffix of the name
+        if re.match(rf"(.*\.)?({pat})$", key):
+            return value
+    return default
+
+
+# ---------------------------------------------------------------------------- adapters on a UNet
+def lora_layers(unet: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every peft LoRA layer inside ``unet``."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def adapter_names(unet: nn.Module) -> list[str]:
+    """Names of the LoRA adapters present in ``unet`` (sorted)."""
+    names: set[str] = set()
+    for _, layer in lora_layers(unet):
+        names.update(layer.lora_A.keys())
+    return sorted(names)
+
+
+def add_adapter(unet: nn.Module, name: str, spec: LoraSpec) -> None:
+    """Add one LoRA adapter called ``name`` (B = 0, so it changes nothing until trained/loaded).
+
+    Adding freezes the UNet's base weights (peft); the new adapter's parameters are trainable.
+    """
+    import warnings
+
+    with warnings.catch_warnings():  # peft warns that a second adapter is being added: intended
+        warnings.filterwarnings("ignore", message=".*peft_config.*")
+        unet.add_adapter(spec.lora_config(), adapter_name=name)
+
+
+def add_dual_adapters(unet: nn.Module, real: LoraSpec, synthetic: LoraSpec,
+                      gamma: float = 0.5) -> None:
+    """Add the ``real`` and ``synthetic`` adapters and activate both with blend weight ``gamma``."""
+    add_adapter(unet, REAL, real)
+    add_adapter(unet, SYNTHETIC, synthetic)
+    set_gamma(unet, gamma)
+
+
+def _lora_params(layer: nn.Module, name: str) -> list[nn.Parameter]:
+    params: list[nn.Parameter] = []
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr)
+        if name in container:
+            item = container[name]
+            params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+    return params
+
+
+def set_adapter_weights(unet: nn.Module, weights: Mapping[str, float]) -> None:
+    """Activate exactly the adapters in ``weights``, each with its LoRA scaling times its weight.
+
+    Unlike diffusers' ``set_adapters`` / peft's ``set_adapter``, this keeps every parameter's
+    ``requires_grad`` as it was.
+    """
+    layers = list(lora_layers(unet))
+    if not layers:
+        raise WeightsError("the UNet has no LoRA adapters to blend")
+    known = set(adapter_names(unet))
+    for name in weights:
+        if name not in known:
+            raise WeightsError(f"the UNet has no adapter named {name!r} (it has {sorted(known)})")
+    flags = {id(p): p.requires_grad for _, layer in layers for p in layer.parameters()}
+    active = list(weights)
+    for _, layer in layers:
+        layer.set_adapter(active)
+        for name, weight in weights.items():
+            layer.set_scale(name, float(weight))
+    for _, layer in layers:
+        for p in layer.parameters():
+            p.requires_grad_(flags[id(p)])
+
+
+def check_gamma(gamma: float) -> float:
+    """``gamma`` as a float; ValueError unless it is finite and in [0, 1]."""
+    g = float(gamma)
+    if not 0.0 <= g <= 1.0:
+        raise ValueError(f"gamma must be between 0 and 1, got {gamma}")
+    return g
+
+
+def set_gamma(unet: nn.Module, gamma: float) -> None:
+    """Unfused dual-adapter blend: ``gamma`` on ``real``, ``1 - gamma`` on ``synthetic``."""
+    g = check_gamma(gamma)
+    set_adapter_weights(unet, {REAL: g, SYNTHETIC: 1.0 - g})
+
+
+def set_trainable_adapter(unet: nn.Module, name: str | None) -> None:
+    """Make only adapter ``name``'s LoRA parameters trainable (``None``: freeze all LoRA params).
+
+    Base weights are not touched. Call it after :func:`set_gamma` / adapter activation changes
+    when training; :func:`set_adapter_weights` preserves the flags it sets.
+    """
+    layers = list(lora_layers(unet))
+    if name is not None and name not in adapter_names(unet):
+        raise WeightsError(f"the UNet has no adapter named {name!r}")
+    for _, layer in layers:
+        for adapter in list(layer.lora_A.keys()):
+            for p in _lora_params(layer, adapter):
+                p.requires_grad_(adapter == name)
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def merge_and_unload(unet: nn.Module, weights: Mapping[str, float]) -> None:
+    """Merge ``sum_a weights[a] * Delta_a`` into the base weights and replace the LoRA layers by
+    their (now merged) base layers. The merge is computed in float32."""
+    set_adapter_weights(unet, weights)
+    for name, layer in list(lora_layers(unet)):
+        base = layer.get_base_layer()
+        delta = None
+        for adapter in weights:
+            if adapter in layer.lora_A:
+                d = layer.get_delta_weight(adapter).float()
+                delta = d if delta is None else delta + d
+        if delta is not None:
+            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+        _replace_module(unet, name, base)
+    if hasattr(unet, "peft_config"):
+        del unet.peft_config
+    if hasattr(unet, "_hf_peft_config_loaded"):
+        unet._hf_peft_config_loaded = False
+
+
+def fuse_adapters(unet: nn.Module, gamma: float) -> None:
+    """Merge the gamma-blend of ``real`` and ``synthetic`` into the UNet; unload LoRA."""
+    g = check_gamma(gamma)
+    merge_and_unload(unet, {REAL: g, SYNTHETIC: 1.0 - g})
+
+
+# ---------------------------------------------------------------------------- adapter state dicts
+def adapter_state_dict(unet: nn.Module, name: str) -> dict[str, Tensor]:
+    """Adapter ``name``'s weights, keyed ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``."""
+    state: dict[str, Tensor] = {}
+    for module_name, layer in lora_layers(unet):
+        if name not in layer.lora_A:
+            continue
+        state[f"{module_name}.lora_A.weight"] = layer.lora_A[name].weight.detach()
+        state[f"{module_name}.lora_B.weight"] = layer.lora_B[name].weight.detach()
+    if not state:
+        raise WeightsError(f"the UNet has no adapter named {name!r}")
+    return state
+
+
+@torch.no_grad()
+def load_adapter_state_dict(unet: nn.Module, name: str, state: Mapping[str, Tensor], *,
+                            source: str = "adapter") -> None:
+    """Copy ``state`` (keys as in :func:`adapter_state_dict`) into adapter ``name``.
+
+    Raises :class:`WeightsError` naming ``source`` on missing/unexpected keys or shape mismatches.
+    """
+    expected = {}
+    for module_name, layer in lora_layers(unet):
+        if name in layer.lora_A:
+            expected[f"{module_name}.lora_A.weight"] = layer.lora_A[name].weight
+            expected[f"{module_name}.lora_B.weight"] = layer.lora_B[name].weight
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise WeightsError(f"{source} does not fit the UNet ({what}; "
+                           f"{len(missing)} missing, {len(unexpected)} unexpected keys)")
+    for key, param in expected.items():
+        value = state[key]
+        if tuple(value.shape) != tuple(param.shape):
+            raise WeightsError(f"{source}: {key} has shape {tuple(value.shape)}, "
+                               f"the model expects {tuple(param.shape)}")
+        param.copy_(value.to(param.dtype))
+
+
+# ---------------------------------------------------------------------------- adapter files
+def _atomic_save_safetensors(path: Path, state: Mapping[str, Tensor],
+                             metadata: Mapping[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp,
+                  metadata=dict(metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter_file(path: str | Path, state: Mapping[str, Tensor], spec: LoraSpec, *,
+                      dtype: torch.dtype | None = None, extra: dict | None = None) -> None:
+    """Write one adapter as safetensors (atomic), its :class:`LoraSpec` in the metadata."""
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    metadata = {"format": ADAPTER_FILE_FORMAT, "lora_spec": json.dumps(spec.to_dict())}
+    if extra:
+        metadata["extra"] = json.dumps(extra)
+    _atomic_save_safetensors(Path(path), state, metadata)
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file; WeightsError if missing or unreadable."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"missing weights file: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # safe_open is not iterable
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds
+        raise WeightsError(f"{path.name} is not a readable safetensors file "
+                           f"({' '.join(str(exc).split())[:120]})") from None
+    return tensors, metadata
+
+
+def load_adapter_file(path: str | Path) -> tuple[LoraSpec, dict[str, Tensor]]:
+    """Read an adapter file written by :func:`save_adapter_file`: ``(spec, state)``."""
+    state, metadata = read_safetensors(path)
+    if "lora_spec" not in metadata:
+        raise WeightsError(f"{Path(path).name} is not a deblurcli LoRA file "
+                           "(no lora_spec metadata)")
+    try:
+        spec = LoraSpec.from_dict(json.loads(metadata["lora_spec"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(f"{Path(path).name} has an invalid lora_spec: {exc}") from None
+    return spec, state
+
+
+# ---------------------------------------------------------------------------- exact blend
+def _modules_of(state: Mapping[str, Tensor]) -> set[str]:
+    return {k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")}
+
+
+def blend_adapter_states(real: Mapping[str, Tensor], real_spec: LoraSpec,
+                         synthetic: Mapping[str, Tensor], synthetic_spec: LoraSpec,
+                         gamma: float) -> tuple[LoraSpec, dict[str, Tensor]]:
+    """One adapter equal to ``gamma * Delta_real + (1 - gamma) * Delta_synthetic`` (exact).
+
+    Per layer: ``A = cat[A_real; A_synth]`` (rank ``r_real + r_synth``) and
+    ``B = cat[gamma * s_real * B_real, (1 - gamma) * s_synth * B_synth]`` with ``s = alpha / r``;
+    the blend's own scaling is 1 (alpha = rank). Layers adapted by only one adapter keep only its
+    factors (their rank goes into ``rank_pattern``). Computed in float32.
+    """
+    g = check_gamma(gamma)
+    parts = ((real, real_spec, g), (synthetic, synthetic_spec, 1.0 - g))
+    out: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    for module in sorted(_modules_of(real) | _modules_of(synthetic)):
+        a_list, b_list = [], []
+        for state, spec, weight in parts:
+            if f"{module}.lora_A.weight" not in state:
+                continue
+            a = state[f"{module}.lora_A.weight"].float()
+            b = state[f"{module}.lora_B.weight"].float()
+            scale = spec.alpha_for(module) / a.shape[0]
+            a_list.append(a)
+            b_list.append(b * (weight * scale))
+        out[f"{module}.lora_A.weight"] = torch.cat(a_list, dim=0)
+        out[f"{module}.lora_B.weight"] = torch.cat(b_list, dim=1)
+        ranks[module] = int(out[f"{module}.lora_A.weight"].shape[0])
+    if not ranks:
+        raise WeightsError("the adapters to blend are empty")
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    odd = {re.escape(m): r for m, r in ranks.items() if r != rank}
+    spec = LoraSpec(rank=rank, alpha=float(rank), target_modules=tuple(sorted(ranks)),
+                    rank_pattern=odd, alpha_pattern={k: float(v) for k, v in odd.items()})
+    return spec, out
+
+
+def blend_adapter_files(real_path: str | Path, synthetic_path: str | Path,
+                        gamma: float, out_path: str | Path, *,
+                        fp16: bool = False) -> LoraSpec:
+    """Read two adapter files, write their exact gamma-blend to ``out_path``; return its spec.
+
+    The output is stored in the real adapter's dtype (``fp16=True``: float16).
+    """
+    real_spec, real = load_adapter_file(real_path)
+    synth_spec, synth = load_adapter_file(synthetic_path)
+    spec, state = blend_adapter_states(real, real_spec, synth, synth_spec, gamma)
+    dtype = torch.float16 if fp16 else next(iter(real.values())).dtype
+    save_adapter_file(out_path, state, spec, dtype=dtype,
+                      extra={"blend": {"gamma": float(gamma), "real": Path(real_path).name,
+                                       "synthetic": Path(synthetic_path).name}})
+    return spec

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random OSDD models and model folders (CPU, no downloads).
+
+* ``tiny_osdd`` -- a factory ``tiny_osdd(seed=0, **config_kwargs) -> OSDDModel``: a tiny random
+  model (4-level eVAE with skips, cross-attention UNet, random 'real'/'synthetic' adapters so that
+  gamma changes the output), eval mode, gamma 0.5, unfused.
+* ``tiny_model_folder`` -- a fresh copy (in ``tmp_path``) of a model folder holding that model
+  (seed 0, float32, E2 included), written by ``save_model_folder``. Images of 32-64 px.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def _make_tiny(seed: int = 0, **config_kwargs):
+    from deblurcli.models.osdd import build_osdd, tiny_osdd_config
+
+    return build_osdd(tiny_osdd_config(**config_kwargs), seed=seed, randomize_adapters=True)
+
+
+@pytest.fixture
+def tiny_osdd():
+    """Factory for tiny random :class:`OSDDModel` objects (see the module docstring)."""
+    return _make_tiny
+
+
+@pytest.fixture(scope="session")
+def _tiny_model_folder_template(tmp_path_factory) -> Path:
+    from deblurcli.modelfolder import save_model_folder
+
+    folder = tmp_path_factory.mktemp("tiny-osdd") / "model"
+    save_model_folder(folder, _make_tiny(seed=0), extra={"note": "tiny random test model"})
+    return folder
+
+
+@pytest.fixture
+def tiny_model_folder(_tiny_model_folder_template: Path, tmp_path: Path) -> Path:
+    """A model folder with a tiny random OSDD model (a private copy: tests may modify it)."""
+    dest = tmp_path / "tiny-model"
+    shutil.copytree(_tiny_model_folder_template, dest)
+    return dest

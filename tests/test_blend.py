@@ -1,0 +1,79 @@
+"""`deblurcli blend`: exact adapter blend files and fused model folders, end to end."""
+
+from __future__ import annotations
+
+import torch
+from typer.testing import CliRunner
+
+from deblurcli.cli.app import app
+from deblurcli.modelfolder import load_model_folder, read_model_config
+from deblurcli.models import adapters as ad
+
+runner = CliRunner()
+
+
+def image(size: int = 32) -> torch.Tensor:
+    return torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(5)) * 2 - 1
+
+
+@torch.no_grad()
+def test_blend_files_equal_runtime_blend(tiny_model_folder, tmp_path):
+    out = tmp_path / "blend.safetensors"
+    result = runner.invoke(app, ["blend", str(tiny_model_folder / "lora_real.safetensors"),
+                                 str(tiny_model_folder / "lora_synthetic.safetensors"),
+                                 "--gamma", "0.3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "rank 4" in result.stdout
+    runtime = load_model_folder(tiny_model_folder, gamma=0.3, fuse=False)
+    x = image()
+    expected = runtime(x)
+    # the blend file as the only adapter of the same model
+    model = load_model_folder(tiny_model_folder, gamma=0.3, fuse=False)
+    spec, state = ad.load_adapter_file(out)
+    ad.add_adapter(model.unet, "blend", spec)
+    ad.load_adapter_state_dict(model.unet, "blend", state)
+    ad.set_adapter_weights(model.unet, {"blend": 1.0})
+    assert (model(x) - expected).abs().max() < 1e-4
+    # the same from --weights DIR
+    out2 = tmp_path / "blend2.safetensors"
+    result = runner.invoke(app, ["blend", "--weights", str(tiny_model_folder), "--gamma", "0.3",
+                                 "-o", str(out2)])
+    assert result.exit_code == 0, result.output
+    assert out2.read_bytes() != b"" and ad.load_adapter_file(out2)[0] == spec
+
+
+@torch.no_grad()
+def test_blend_fuse_writes_a_fused_model_folder(tiny_model_folder, tmp_path):
+    out = tmp_path / "fused"
+    result = runner.invoke(app, ["blend", "--fuse", "--weights", str(tiny_model_folder),
+                                 "--gamma", "0.6", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert read_model_config(out)["fused"] == {"gamma": 0.6}
+    x = image()
+    runtime = load_model_folder(tiny_model_folder, gamma=0.6, fuse=False)(x)
+    assert (load_model_folder(out, gamma=0.1)(x) - runtime).abs().max() < 1e-4
+
+
+def test_bad_gamma_and_usage_exit_2(tiny_model_folder, tmp_path):
+    real = str(tiny_model_folder / "lora_real.safetensors")
+    synth = str(tiny_model_folder / "lora_synthetic.safetensors")
+    for gamma in ("1.5", "-0.1", "nan"):
+        result = runner.invoke(app, ["blend", real, synth, "--gamma", gamma,
+                                     "-o", str(tmp_path / "o.safetensors")])
+        assert result.exit_code == 2, (gamma, result.output)
+    result = runner.invoke(app, ["blend", real, "--gamma", "0.5", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    result = runner.invoke(app, ["blend", "--fuse", real, "--gamma", "0.5",
+                                 "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+
+
+def test_missing_inputs_exit_1_with_one_line(tmp_path):
+    result = runner.invoke(app, ["blend", str(tmp_path / "a.safetensors"),
+                                 str(tmp_path / "b.safetensors"), "--gamma", "0.5",
+                                 "-o", str(tmp_path / "o.safetensors")])
+    assert result.exit_code == 1
+    assert "missing weights file" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["blend", "--fuse", "--weights", str(tmp_path / "nope"),
+                                 "--gamma", "0.5", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "model folder not found" in result.output
