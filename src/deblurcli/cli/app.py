@@ -25,6 +25,7 @@ from deblurcli._version import __version__
 COMMAND_MODULES: tuple[str, ...] = (
     "deblurcli.cli.synth",
     "deblurcli.cli.blend",
+    "deblurcli.cli.deblur",
 )
 
 

@@ -1,0 +1,180 @@
+"""``deblurcli deblur``: deblur one photo or a folder of photos into an output folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+HELP = """Remove motion blur from a photo or a folder of photos.
+
+INPUT is an image file or a folder; OUTPUT is always a folder (created
+if missing). Outputs keep the input's relative path, name, alpha,
+grey-ness and 16-bit depth (PNG/TIFF). Existing outputs are skipped
+unless --overwrite; inputs are never overwritten. Large photos are
+processed in overlapping, smoothly blended tiles (--tile).
+
+\b
+Examples:
+  deblurcli deblur photo.jpg out/
+  deblurcli deblur photos/ out/ --gamma 1.0 --recursive
+  deblurcli deblur photos/ out/ --weights my-model/ --tile 768 --dtype fp16
+  deblurcli deblur photos/ out/ --device cuda:1 --shard 1/2   # every 2nd file on GPU 1
+"""
+
+_EXTS = ("auto", "png", "jpg", "webp", "tif")
+
+
+def deblur(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT",
+                                               help="An image file or a folder of images.")],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT",
+                                           help="Output folder (created if missing).")],
+    gamma: Annotated[float, typer.Option(
+        "--gamma", "-g", help="Dual-adapter blend in [0, 1]: 1 = the 'real' adapter only, "
+        "0 = the 'synthetic' adapter only.")] = 0.7,
+    weights: Annotated[Optional[Path], typer.Option(
+        "--weights", "-w", help="Model folder (default: the model installed with deblurcli).")]
+    = None,
+    base_model: Annotated[Optional[Path], typer.Option(
+        "--base-model", help="Stable Diffusion folder providing the base UNet/VAE, for model "
+        "folders saved without them.")] = None,
+    no_fuse: Annotated[bool, typer.Option(
+        "--no-fuse", help="Keep the LoRA adapters unfused (slower; for debugging).")] = False,
+    tile: Annotated[int, typer.Option(
+        "--tile", help="Tile side in pixels (multiple of 8; 0 = whole image at once).")] = 512,
+    tile_overlap: Annotated[int, typer.Option(
+        "--tile-overlap", help="Pixels shared by neighbouring tiles (blending band).")] = 64,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", "-b", help="Tiles per network call.")] = 4,
+    device: Annotated[str, typer.Option(
+        "--device", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU).")]
+    = "auto",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="auto | fp32 | fp16 | bf16 (auto: bf16/fp16 on GPU, fp32 on CPU).")]
+    = "auto",
+    fp32: Annotated[bool, typer.Option("--fp32", help="Same as --dtype fp32.")] = False,
+    vae_fp32: Annotated[bool, typer.Option(
+        "--vae-fp32", help="Run the VAE in fp32 while the UNet uses half precision.")] = False,
+    threads: Annotated[int, typer.Option(
+        "--threads", help="CPU threads for torch (0 = all usable cores).")] = 0,
+    suffix: Annotated[str, typer.Option(
+        "--suffix", help="Added to output file names (photo.jpg -> photo{suffix}.jpg).")] = "",
+    ext: Annotated[str, typer.Option(
+        "--ext", help="Output format: auto (same as input) | png | jpg | webp | tif.")] = "auto",
+    quality: Annotated[int, typer.Option(
+        "--quality", help="JPEG/WebP quality (1-100).")] = 95,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace existing outputs (inputs are never replaced).")] = False,
+    recursive: Annotated[bool, typer.Option(
+        "--recursive", "-r", help="Include sub-folders and mirror them in OUTPUT.")] = False,
+    shard: Annotated[Optional[str], typer.Option(
+        "--shard", help="Process only part i/n of the sorted file list (0-based: 0/2 and 1/2 "
+        "split a folder between two GPUs or machines).")] = None,
+) -> None:
+    """Remove motion blur from a photo or a folder of photos."""
+    if not 0.0 <= gamma <= 1.0:
+        raise typer.BadParameter(f"must be in [0, 1], got {gamma}", param_hint="--gamma")
+    if tile < 0 or tile % 8:
+        raise typer.BadParameter(f"must be 0 or a positive multiple of 8, got {tile}",
+                                 param_hint="--tile")
+    if tile_overlap < 0 or (tile and tile_overlap > tile - 8):
+        raise typer.BadParameter(f"must be >= 0 and at most --tile minus 8, got {tile_overlap}",
+                                 param_hint="--tile-overlap")
+    for name, value in (("--batch-size", batch_size),):
+        if value < 1:
+            raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=name)
+    if threads < 0:
+        raise typer.BadParameter(f"must be >= 0, got {threads}", param_hint="--threads")
+    if not 1 <= quality <= 100:
+        raise typer.BadParameter(f"must be in 1..100, got {quality}", param_hint="--quality")
+    if ext.lower() not in _EXTS:
+        raise typer.BadParameter(f"use one of {', '.join(_EXTS)}; got {ext!r}", param_hint="--ext")
+    if "/" in suffix or "\\" in suffix:
+        raise typer.BadParameter("must not contain a path separator", param_hint="--suffix")
+    if fp32 and dtype.lower() not in ("auto", "fp32"):
+        raise typer.BadParameter(f"--fp32 contradicts --dtype {dtype}", param_hint="--fp32")
+    dtype_name = "fp32" if fp32 else dtype.lower()
+    if dtype_name not in ("auto", "fp32", "fp16", "bf16"):
+        raise typer.BadParameter(f"use auto, fp32, fp16 or bf16; got {dtype!r}",
+                                 param_hint="--dtype")
+
+    from deblurcli.batch import BatchOptions, parse_shard
+
+    shard_spec = None
+    if shard is not None:
+        try:
+            shard_spec = parse_shard(shard)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--shard") from None
+    from deblurcli.device import check_device_name
+
+    try:
+        check_device_name(device)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from None
+
+    options = BatchOptions(suffix=suffix, ext=ext.lower(), overwrite=overwrite,
+                           recursive=recursive, shard=shard_spec, quality=quality)
+    _run(input_path, output, options, gamma=gamma, weights=weights, base_model=base_model,
+         fuse=not no_fuse, tile=tile, overlap=tile_overlap, batch_size=batch_size,
+         device_name=device, dtype_name=dtype_name, vae_fp32=vae_fp32, threads=threads)
+
+
+def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Optional[Path],
+         base_model: Optional[Path], fuse: bool, tile: int, overlap: int, batch_size: int,
+         device_name: str, dtype_name: str, vae_fp32: bool, threads: int) -> None:
+    import torch
+    from rich.markup import escape
+
+    from deblurcli.batch import plan_jobs, run_jobs
+    from deblurcli.cli.console import rich_progress, stderr_console, stdout_console, warn
+    from deblurcli.device import resolve_device, resolve_dtype, set_cpu_threads
+    from deblurcli.errors import DeblurcliError
+    from deblurcli.modelfolder import default_weights_dir, load_model_folder
+    from deblurcli.pipeline import DeblurPipeline
+
+    err, out = stderr_console(), stdout_console()
+    jobs = plan_jobs(input_path, output, options)  # input problems surface before model loading
+    if not options.overwrite and all(job.target.exists() for job in jobs):
+        out.print(f"processed 0, skipped {len(jobs)}, failed 0: every output already exists in "
+                  f"{output} (use --overwrite to redo them)", highlight=False, markup=False)
+        return
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name, device, warn=lambda m: warn(err, escape(m)))
+    vae_dtype = torch.float32 if vae_fp32 else None
+    if device.type == "cpu" or threads:
+        set_cpu_threads(threads)  # 0: every core this process may use (sched_getaffinity)
+    model = load_model_folder(weights if weights is not None else default_weights_dir(),
+                              device=device, dtype=dtype, gamma=gamma, fuse=fuse,
+                              vae_dtype=vae_dtype, base_model=base_model,
+                              warn=lambda m: warn(err, escape(m)))
+    pipeline = DeblurPipeline(model, device=device, dtype=vae_dtype or dtype, tile=tile,
+                              overlap=overlap, batch_size=batch_size)
+    output.mkdir(parents=True, exist_ok=True)
+    err.print(f"deblurring {len(jobs)} image(s) on {device} ({str(dtype).replace('torch.', '')}"
+              f"{', VAE float32' if vae_fp32 else ''}), gamma={gamma:g}, "
+              f"tile={tile or 'whole image'}", highlight=False)
+
+    def on_result(result) -> None:
+        if result.status == "failed":
+            warn(err, escape(f"failed: {result.job.source}: {result.error}"))
+
+    with rich_progress(err, labels={"images": "images", "tiles": "tiles"},
+                       enabled=err.is_terminal) as progress:
+        summary = run_jobs(jobs, pipeline, options, progress=progress, on_result=on_result)
+
+    out.print(f"processed {summary.count('done')}, skipped {summary.count('skipped')}, "
+              f"failed {summary.count('failed')}; mean {summary.mean_seconds:.2f} s/image; "
+              f"output in {output}", highlight=False, markup=False)
+    if summary.failed:
+        for result in summary.failed:
+            out.print(f"failed: {result.job.source}: {result.error}", highlight=False,
+                      markup=False)
+        raise DeblurcliError(f"{len(summary.failed)} of {len(jobs)} image(s) failed")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``deblur`` command to ``app``."""
+    app.command("deblur", help=HELP)(deblur)

@@ -1,0 +1,134 @@
+"""Where and in which precision the network runs (``--device``, ``--dtype``, ``--threads``).
+
+* ``resolve_device("auto")`` prefers CUDA, then Apple MPS, then the CPU.
+* ``resolve_dtype("auto", device)`` picks bfloat16 on CUDA GPUs that support it (Ampere and newer),
+  float16 on older CUDA GPUs and on MPS, and float32 on the CPU. bfloat16 is preferred over float16
+  because it has float32's exponent range: the Stable Diffusion VAE is known to overflow to
+  ``inf``/``NaN`` (black or speckled outputs) in float16, and bfloat16 runs as fast on those GPUs.
+* Half precision on the CPU is slow and poorly supported: it falls back to float32 with a warning.
+* :func:`set_cpu_threads` sets torch's intra-op thread count to the cores this process may use.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+
+from deblurcli.errors import DeblurcliError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(?::(\d+))?)$")
+
+WarnFn = Callable[[str], None]
+
+
+def check_device_name(name: str) -> str:
+    """Return ``name`` normalised (lower case, stripped) or raise ``ValueError`` if it is not
+    one of ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (availability is not checked)."""
+    norm = name.strip().lower()
+    if not _DEVICE_RE.match(norm):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return norm
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Turn a ``--device`` value into a ``torch.device`` that exists on this machine.
+
+    Raises:
+        DeblurcliError: the name is unknown or the device is not available here.
+    """
+    try:
+        norm = check_device_name(name)
+    except ValueError as exc:
+        raise DeblurcliError(str(exc)) from None
+    if norm == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if norm == "cpu":
+        return torch.device("cpu")
+    if norm == "mps":
+        if not _mps_available():
+            raise DeblurcliError("device 'mps' is not available (needs Apple silicon and a torch "
+                                 "build with MPS); use --device cpu")
+        return torch.device("mps")
+    # cuda or cuda:N
+    if not torch.cuda.is_available():
+        raise DeblurcliError(f"device {norm!r} is not available: torch sees no CUDA GPU "
+                             f"(torch {torch.__version__}); use --device cpu")
+    index = int(norm.split(":")[1]) if ":" in norm else torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise DeblurcliError(f"device {norm!r} is not available: this machine has {count} CUDA "
+                             f"GPU(s), numbered 0..{count - 1}")
+    return torch.device("cuda", index)
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        with torch.cuda.device(device):
+            return bool(torch.cuda.is_bf16_supported())
+    except (RuntimeError, AssertionError):  # pragma: no cover - driver trouble
+        return False
+
+
+def resolve_dtype(name: str, device: torch.device, warn: Optional[WarnFn] = None) -> torch.dtype:
+    """Turn a ``--dtype`` value into a ``torch.dtype`` suited to ``device``.
+
+    ``auto``: bf16 on CUDA GPUs with bf16 support, else fp16 on CUDA/MPS, fp32 on the CPU.
+    An explicit ``fp16``/``bf16`` on the CPU falls back to fp32 and calls ``warn`` with a message.
+
+    Raises:
+        DeblurcliError: the name is not one of auto, fp32, fp16, bf16.
+    """
+    norm = name.strip().lower()
+    if norm not in DTYPE_CHOICES:
+        raise DeblurcliError(f"unknown dtype {name!r}; use auto, fp32, fp16 or bf16")
+    if norm == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if _bf16_supported(device) else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    dtype = _DTYPES[norm]
+    if device.type == "cpu" and dtype != torch.float32:
+        if warn is not None:
+            warn(f"--dtype {norm} is not used on the CPU (slow and inexact there); using fp32")
+        return torch.float32
+    return dtype
+
+
+def usable_cpu_count() -> int:
+    """Number of CPU cores this process may run on (respects affinity masks / cgroups cpusets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS / Windows have no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+def set_cpu_threads(threads: int = 0) -> int:
+    """Set torch's intra-op CPU thread count and return it.
+
+    ``threads=0`` means every usable core (:func:`usable_cpu_count`). Negative values are invalid.
+    """
+    if threads < 0:
+        raise ValueError("threads must be >= 0 (0 = all usable cores)")
+    count = threads or usable_cpu_count()
+    torch.set_num_threads(count)
+    return count

@@ -1,0 +1,119 @@
+"""DeblurPipeline: one image array in, one deblurred image array of the same size out.
+
+The eVAE decoder needs the skip features of the *same* tile, so tiling happens in pixel space
+around the whole encode -> one-step UNet -> decode chain (the ``model`` callable). Memory is bounded
+by the tile and the batch size, not by the image: outputs are accumulated into preallocated
+float32 numpy buffers and only one batch of tiles exists as tensors at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from deblurcli.errors import DeblurcliError
+from deblurcli.progress import ProgressFn, report
+from deblurcli.tiles import TilePlan, pad_to_multiple, plan_tiles
+
+ModelFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class NonFiniteOutputError(DeblurcliError):
+    """The model returned NaN or infinite values (typically fp16 overflow in the VAE)."""
+
+
+class DeblurPipeline:
+    """Run a model over an image in overlapping, smoothly blended tiles.
+
+    Steps of :meth:`__call__`:
+
+    1. **pad** the ``(H, W, 3)`` image at the bottom/right to multiples of 8 (reflection);
+    2. **plan tiles**: equal-size tiles (multiples of 8), evenly spaced, last one flush with the
+       border, each with a separable raised-cosine blending window (see :mod:`deblurcli.tiles`);
+    3. per batch of ``batch_size`` tiles: **to tensor** ``(B, 3, h, w)`` in ``[-1, 1]`` on
+       ``device``/``dtype`` -> **model** -> **back** to float32 numpy in ``[0, 1]``;
+    4. **blend** each tile, multiplied by its window, into float32 output and weight accumulators;
+    5. **normalise** by the accumulated weight, **crop** to ``H x W`` and **clip** to ``[0, 1]``.
+
+    Args:
+        model: any callable mapping ``(B, 3, h, w)`` in ``[-1, 1]`` to the same shape (an
+            :class:`~deblurcli.models.osdd.OSDDModel`, or a plain function in tests).
+        device: where input tensors are sent (the model must already live there).
+        dtype: dtype of the input tensors (the dtype of the model's first layer, i.e. of the VAE).
+        tile: tile side in pixels (rounded up to a multiple of 8); 0 = the whole image at once.
+        overlap: pixels shared by neighbouring tiles (the blending band).
+        batch_size: tiles per model call.
+    """
+
+    def __init__(self, model: ModelFn, *, device: Union[str, torch.device] = "cpu",
+                 dtype: torch.dtype = torch.float32, tile: int = 512, overlap: int = 64,
+                 batch_size: int = 4) -> None:
+        if tile < 0:
+            raise ValueError("tile must be >= 0 (0 = whole image)")
+        if overlap < 0:
+            raise ValueError("overlap must be >= 0")
+        if tile and overlap >= tile:
+            raise ValueError(f"overlap ({overlap}) must be smaller than the tile ({tile})")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tile = tile
+        self.overlap = overlap
+        self.batch_size = batch_size
+
+    def plan(self, height: int, width: int) -> TilePlan:
+        """The tile plan used for an image of ``height`` x ``width`` pixels (after padding)."""
+        padded_h, padded_w = -(-height // 8) * 8, -(-width // 8) * 8
+        return plan_tiles(padded_h, padded_w, self.tile, self.overlap)
+
+    def __call__(self, pixels: np.ndarray, progress: Optional[ProgressFn] = None) -> np.ndarray:
+        """Deblur a float32 ``(H, W, 3)`` RGB image in ``[0, 1]``; returns the same shape/dtype.
+
+        Emits ``"tiles"`` progress events (done/total tiles of this image). Raises
+        :class:`NonFiniteOutputError` if the model returns NaN or infinite values.
+        """
+        if pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) array, got shape {pixels.shape}")
+        height, width = pixels.shape[:2]
+        # 1. pad
+        padded = pad_to_multiple(np.asarray(pixels, dtype=np.float32))
+        # 2. plan tiles
+        plan = plan_tiles(padded.shape[0], padded.shape[1], self.tile, self.overlap)
+        th, tw = plan.tile_h, plan.tile_w
+        out = np.zeros((plan.height, plan.width, 3), dtype=np.float32)
+        weight = np.zeros((plan.height, plan.width), dtype=np.float32)
+        total = len(plan.tiles)
+        report(progress, "tiles", 0, total)
+        with torch.inference_mode():
+            for first in range(0, total, self.batch_size):
+                group = plan.tiles[first:first + self.batch_size]
+                # 3. to tensor [-1, 1] -> model -> back
+                batch = np.stack([padded[t.y:t.y + th, t.x:t.x + tw] for t in group])
+                x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
+                x = (x * 2.0 - 1.0).to(self.dtype)
+                y = self.model(x)
+                if tuple(y.shape) != tuple(x.shape):
+                    raise RuntimeError(f"model returned shape {tuple(y.shape)} for input "
+                                       f"{tuple(x.shape)}")
+                result = ((y.float() + 1.0) * 0.5).permute(0, 2, 3, 1).cpu().numpy()
+                del x, y
+                if not np.isfinite(result).all():
+                    raise NonFiniteOutputError(
+                        "the network produced NaN/inf values (half-precision overflow); "
+                        "use --vae-fp32, --dtype bf16 or --fp32")
+                # 4. blend into the accumulators
+                for t, tile_out in zip(group, result, strict=True):
+                    win = t.window()
+                    out[t.y:t.y + th, t.x:t.x + tw] += tile_out * win[:, :, None]
+                    weight[t.y:t.y + th, t.x:t.x + tw] += win
+                report(progress, "tiles", first + len(group), total)
+        # 5. normalise, crop, clip
+        out = out[:height, :width]
+        out /= weight[:height, :width, None]
+        np.clip(out, 0.0, 1.0, out=out)
+        return np.ascontiguousarray(out)

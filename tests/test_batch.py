@@ -1,0 +1,178 @@
+"""The batch runner: output naming, shards, skip/overwrite, refusal to overwrite inputs,
+per-file failures (with a stand-in deblur function; no model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deblurcli.batch import (
+    BatchOptions,
+    Job,
+    output_name,
+    parse_shard,
+    plan_jobs,
+    run_jobs,
+    shard_items,
+)
+from deblurcli.errors import DeblurcliError, ImageReadError
+from deblurcli.images import read_image, write_image
+
+
+def invert(pixels, progress=None):
+    return 1.0 - pixels
+
+
+def _img(path: Path, h: int = 12, w: int = 10, **kwargs) -> Path:
+    rng = np.random.default_rng(len(path.name))
+    write_image(path, rng.random((h, w, 3), dtype=np.float32), **kwargs)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    src = tmp_path / "in"
+    for name in ("c.png", "a.jpg", "b.png", "sub/d.png", "notes.txt"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".txt"):
+            (src / name).write_text("x")
+        else:
+            _img(src / name)
+    return src
+
+
+@pytest.mark.parametrize("spec,expected", [("0/1", (0, 1)), ("1/2", (1, 2)), (" 3/4 ", (3, 4))])
+def test_parse_shard(spec, expected):
+    assert parse_shard(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["2/2", "-1/2", "0/0", "1", "a/b", "1/2/3", ""])
+def test_parse_shard_rejects(spec):
+    with pytest.raises(ValueError, match="0..n-1"):
+        parse_shard(spec)
+
+
+def test_shards_partition_the_sorted_list():
+    items = list(range(11))
+    parts = [shard_items(items, (i, 3)) for i in range(3)]
+    assert sorted(x for p in parts for x in p) == items
+    assert parts[1] == [1, 4, 7, 10]
+    assert shard_items(items, None) == items
+
+
+def test_output_name():
+    assert output_name(Path("photo.JPG"), "", "auto") == "photo.JPG"
+    assert output_name(Path("photo.jpg"), "_out", "png") == "photo_out.png"
+    assert output_name(Path("a.b.tif"), "", "webp") == "a.b.webp"
+    with pytest.raises(ValueError):
+        output_name(Path("a.png"), "", "gif")
+
+
+def test_plan_jobs_folder_recursive_and_shards(folder, tmp_path):
+    out = tmp_path / "out"
+    flat = plan_jobs(folder, out, BatchOptions())
+    assert [j.source.name for j in flat] == ["a.jpg", "b.png", "c.png"]
+    assert [j.target for j in flat] == [out / "a.jpg", out / "b.png", out / "c.png"]
+    deep = plan_jobs(folder, out, BatchOptions(recursive=True, suffix="_x", ext="png"))
+    assert deep[-1].target == out / "sub" / "d_x.png"
+    halves = [plan_jobs(folder, out, BatchOptions(recursive=True, shard=(i, 2))) for i in (0, 1)]
+    assert sorted(j.source for h in halves for j in h) == sorted(j.source for j in deep)
+    assert not {j.source for j in halves[0]} & {j.source for j in halves[1]}
+
+
+def test_plan_jobs_single_file_and_missing_inputs(folder, tmp_path):
+    jobs = plan_jobs(folder / "b.png", tmp_path / "o", BatchOptions(suffix="_s"))
+    assert jobs == [Job(folder / "b.png", tmp_path / "o" / "b_s.png")]
+    with pytest.raises(ImageReadError, match="not found"):
+        plan_jobs(tmp_path / "nope", tmp_path / "o", BatchOptions())
+    with pytest.raises(ImageReadError, match="not an image"):
+        plan_jobs(folder / "notes.txt", tmp_path / "o", BatchOptions())
+    with pytest.raises(DeblurcliError, match="must be a folder"):
+        plan_jobs(folder, folder / "b.png", BatchOptions())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageReadError, match="no images"):
+        plan_jobs(tmp_path / "empty", tmp_path / "o", BatchOptions())
+
+
+def test_never_plans_to_overwrite_an_input(folder):
+    for options in (BatchOptions(), BatchOptions(overwrite=True)):
+        with pytest.raises(DeblurcliError, match="input file"):
+            plan_jobs(folder, folder, options)
+        with pytest.raises(DeblurcliError, match="input file"):
+            plan_jobs(folder / "b.png", folder, options)
+    # with a suffix the outputs may go next to the inputs
+    assert len(plan_jobs(folder, folder, BatchOptions(suffix="_sharp"))) == 3
+
+
+def test_colliding_outputs_are_refused(folder):
+    _img(folder / "a.png")
+    with pytest.raises(DeblurcliError, match="both be written"):
+        plan_jobs(folder, folder.parent / "o", BatchOptions(ext="png"))
+
+
+def test_output_folder_inside_input_is_not_an_input(folder):
+    out = folder / "out"
+    _img(out / "old.png")
+    jobs = plan_jobs(folder, out, BatchOptions(recursive=True))
+    assert all(out not in j.source.parents for j in jobs)
+
+
+def test_run_jobs_skip_overwrite_and_failures(folder, tmp_path):
+    out = tmp_path / "out"
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    jobs = plan_jobs(folder, out, BatchOptions())
+    events, seen = [], []
+    summary = run_jobs(jobs, invert, BatchOptions(), progress=events.append, on_result=seen.append)
+    assert [r.status for r in summary.results] == ["done", "done", "failed", "done"]
+    assert "bad.png" in summary.failed[0].error and len(seen) == 4
+    assert summary.count("done") == 3 and summary.mean_seconds > 0
+    assert events[-1].stage == "images" and events[-1].done == events[-1].total == 4
+    src = read_image(folder / "b.png").pixels
+    np.testing.assert_allclose(read_image(out / "b.png").pixels, 1.0 - src, atol=1 / 255 + 1e-6)
+
+    again = run_jobs(jobs, invert, BatchOptions())
+    assert [r.status for r in again.results] == ["skipped", "skipped", "failed", "skipped"]
+    before = (out / "b.png").stat().st_mtime_ns
+    redo = run_jobs(jobs, invert, BatchOptions(overwrite=True))
+    assert redo.count("done") == 3 and (out / "b.png").stat().st_mtime_ns >= before
+
+
+@pytest.mark.parametrize("error", [MemoryError(), torch.cuda.OutOfMemoryError("CUDA OOM")])
+def test_out_of_memory_is_a_per_file_failure_with_advice(folder, tmp_path, error):
+    def oom(pixels, progress=None):
+        raise error
+
+    summary = run_jobs(plan_jobs(folder, tmp_path / "o", BatchOptions()), oom, BatchOptions())
+    assert summary.count("failed") == 3 and "lower --tile" in summary.failed[0].error
+
+
+def test_programming_errors_are_not_swallowed(folder, tmp_path):
+    def buggy(pixels, progress=None):
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError):
+        run_jobs(plan_jobs(folder, tmp_path / "o", BatchOptions()), buggy, BatchOptions())
+
+
+def test_alpha_grey_and_16_bit_are_kept(tmp_path):
+    src = tmp_path / "in"
+    rng = np.random.default_rng(1)
+    alpha = rng.random((12, 10), dtype=np.float32)
+    _img(src / "rgba16.png", alpha=alpha, bit_depth=16)
+    _img(src / "grey.png", grayscale=True)
+    _img(src / "deep.tif", bit_depth=16)
+    out = tmp_path / "out"
+    jobs = plan_jobs(src, out, BatchOptions())
+    assert run_jobs(jobs, invert, BatchOptions()).count("done") == 3
+    rgba = read_image(out / "rgba16.png")
+    assert rgba.bit_depth == 16 and rgba.alpha is not None
+    np.testing.assert_array_equal(rgba.alpha, read_image(src / "rgba16.png").alpha)
+    grey = read_image(out / "grey.png")
+    assert grey.grayscale and grey.bit_depth == 8
+    assert read_image(out / "deep.tif").bit_depth == 16
+    as_jpg = plan_jobs(src / "rgba16.png", tmp_path / "jpg", BatchOptions(ext="jpg"))
+    run_jobs(as_jpg, invert, BatchOptions())
+    assert read_image(as_jpg[0].target).bit_depth == 8  # JPEG cannot hold 16 bits

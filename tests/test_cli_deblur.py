@@ -1,0 +1,134 @@
+"""``deblurcli deblur`` end to end on the tiny model folder, and every error exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deblurcli.cli.app import app
+from deblurcli.images import read_image, write_image
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The command sets torch's thread count for the process; restore it after each test."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, ["deblur", *map(str, args)])
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """rgb.png (8-bit, odd size), rgba16.png (RGBA, 16-bit), grey.png, sub/nested.jpg, bad.png."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "photos"
+    write_image(src / "rgb.png", rng.random((37, 45, 3), dtype=np.float32))
+    write_image(src / "rgba16.png", rng.random((32, 24, 3), dtype=np.float32),
+                alpha=rng.random((32, 24), dtype=np.float32), bit_depth=16)
+    write_image(src / "grey.png", rng.random((24, 32, 3), dtype=np.float32), grayscale=True)
+    write_image(src / "sub" / "nested.jpg", rng.random((16, 16, 3), dtype=np.float32))
+    (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    return src
+
+
+def test_help_has_an_example():
+    result = run("--help")
+    assert result.exit_code == 0 and "deblurcli deblur photo.jpg out/" in result.output
+
+
+def test_end_to_end_folder(photos, tiny_model_folder, tmp_path):
+    out = tmp_path / "out"
+    result = run(photos, out, "--weights", tiny_model_folder, "--recursive", "--tile", "16",
+                 "--tile-overlap", "8", "--batch-size", "2", "--threads", "1")
+    assert result.exit_code == 1, result.output  # bad.png failed, the others were processed
+    assert "processed 4, skipped 0, failed 1" in result.stdout
+    assert "bad.png" in result.stdout and "1 of 5 image(s) failed" in result.output
+    rgb = read_image(out / "rgb.png")
+    assert rgb.pixels.shape == (37, 45, 3) and np.isfinite(rgb.pixels).all()
+    rgba = read_image(out / "rgba16.png")
+    assert rgba.bit_depth == 16 and rgba.pixels.shape == (32, 24, 3)
+    np.testing.assert_array_equal(rgba.alpha, read_image(photos / "rgba16.png").alpha)
+    grey = read_image(out / "grey.png")
+    assert grey.grayscale and grey.pixels.shape == (24, 32, 3)
+    assert read_image(out / "sub" / "nested.jpg").format == "jpeg"
+    assert not (out / "bad.png").exists()
+
+    # second run: everything that exists is skipped (the model is not even loaded)
+    (photos / "bad.png").unlink()
+    again = run(photos, out, "--recursive", "--weights", tmp_path / "no-such-model")
+    assert again.exit_code == 0, again.output
+    assert "skipped 4" in again.stdout
+
+
+def test_single_file_with_suffix_ext_and_options(photos, tiny_model_folder, tmp_path):
+    out = tmp_path / "single"
+    result = run(photos / "rgb.png", out, "--weights", tiny_model_folder, "--suffix", "_out",
+                 "--ext", "tif", "--tile", "0", "--gamma", "1", "--no-fuse", "--fp32",
+                 "--vae-fp32", "--device", "cpu", "--dtype", "auto")
+    assert result.exit_code == 0, result.output
+    assert "processed 1, skipped 0, failed 0" in result.stdout
+    assert read_image(out / "rgb_out.tif").pixels.shape == (37, 45, 3)
+    twice = run(photos / "rgb.png", tmp_path / "twice", "--weights", tiny_model_folder,
+                "--suffix", "_out", "--ext", "tif", "--tile", "0", "--gamma", "1", "--no-fuse")
+    assert twice.exit_code == 0, twice.output  # deterministic: same input, same bytes
+    assert (tmp_path / "twice" / "rgb_out.tif").read_bytes() == (out / "rgb_out.tif").read_bytes()
+
+
+@pytest.mark.parametrize("args", [
+    ["--gamma", "1.5"], ["--gamma", "-0.1"], ["--shard", "2/2"], ["--shard", "x"],
+    ["--shard", "1"], ["--tile", "30"], ["--tile", "16", "--tile-overlap", "16"],
+    ["--batch-size", "0"], ["--device", "gpu"], ["--dtype", "fp64"],
+    ["--fp32", "--dtype", "fp16"], ["--ext", "gif"], ["--threads", "-1"],
+])
+def test_bad_flags_exit_2(photos, tmp_path, args):
+    result = run(photos, tmp_path / "o", *args)
+    assert result.exit_code == 2, result.output
+
+
+def test_missing_input_exits_1(tmp_path):
+    result = run(tmp_path / "nope.png", tmp_path / "o")
+    assert result.exit_code == 1 and "input not found" in result.output
+
+
+def test_output_equal_to_input_is_refused_even_with_overwrite(photos, tiny_model_folder):
+    result = run(photos, photos, "--weights", tiny_model_folder, "--overwrite")
+    assert result.exit_code == 1 and "refusing to write" in result.output
+    assert read_image(photos / "rgb.png").pixels.shape == (37, 45, 3)
+
+
+def test_missing_weights_folder_exits_1(photos, tmp_path):
+    result = run(photos / "rgb.png", tmp_path / "o", "--weights", tmp_path / "none")
+    assert result.exit_code == 1 and "model folder not found" in result.output
+
+
+@pytest.mark.parametrize("damage,message", [("delete", "missing file unet.safetensors"),
+                                            ("corrupt", "corrupt")])
+def test_missing_or_corrupt_weights_exit_1(photos, tiny_model_folder, tmp_path, damage, message):
+    target = tiny_model_folder / "unet.safetensors"
+    if damage == "delete":
+        target.unlink()
+    else:
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 0xFF
+        target.write_bytes(bytes(data))
+    result = run(photos / "rgb.png", tmp_path / "o", "--weights", tiny_model_folder)
+    assert result.exit_code == 1 and message in result.output
+    assert not (tmp_path / "o" / "rgb.png").exists()
+
+
+def test_no_weights_and_no_default_model_exits_1(photos, tmp_path, monkeypatch):
+    import deblurcli.modelfolder as mf
+
+    monkeypatch.setattr(mf, "default_weights_dir", lambda: tmp_path / "packaged-weights")
+    result = run(photos / "rgb.png", tmp_path / "o")
+    assert result.exit_code == 1
+    assert "no default model" in result.output and "--weights" in result.output

@@ -1,0 +1,102 @@
+"""--device / --dtype / --threads resolution (CUDA and MPS are simulated with monkeypatch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deblurcli import device as dev
+from deblurcli.errors import DeblurcliError
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dev, "_mps_available", lambda: False)
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+@pytest.mark.parametrize("name", ["auto", "cpu", "CUDA", " cuda:1 ", "mps"])
+def test_check_device_name_accepts(name):
+    assert dev.check_device_name(name) == name.strip().lower()
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:x", "cuda1", "", "tpu"])
+def test_check_device_name_rejects(name):
+    with pytest.raises(ValueError, match="unknown device"):
+        dev.check_device_name(name)
+
+
+def test_auto_falls_back_to_cpu(no_gpu):
+    assert dev.resolve_device("auto") == torch.device("cpu")
+    assert dev.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_auto_prefers_cuda_then_mps(monkeypatch, two_gpus):
+    monkeypatch.setattr(dev, "_mps_available", lambda: True)
+    assert dev.resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dev.resolve_device("auto") == torch.device("mps")
+
+
+def test_cuda_index(two_gpus):
+    assert dev.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert dev.resolve_device("cuda") == torch.device("cuda", 0)
+    with pytest.raises(DeblurcliError, match="numbered 0..1"):
+        dev.resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("name,match", [("cuda", "no CUDA GPU"), ("cuda:0", "no CUDA GPU"),
+                                        ("mps", "not available"), ("gpu", "unknown device")])
+def test_unavailable_or_unknown_device_is_one_clear_error(no_gpu, name, match):
+    with pytest.raises(DeblurcliError, match=match) as info:
+        dev.resolve_device(name)
+    assert "\n" not in str(info.value)
+
+
+def test_dtype_auto_per_device(monkeypatch):
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda", 0), torch.device("mps")
+    assert dev.resolve_dtype("auto", cpu) == torch.float32
+    assert dev.resolve_dtype("auto", mps) == torch.float16
+    monkeypatch.setattr(dev, "_bf16_supported", lambda d: True)
+    assert dev.resolve_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(dev, "_bf16_supported", lambda d: False)
+    assert dev.resolve_dtype("auto", cuda) == torch.float16
+
+
+def test_explicit_dtypes_on_gpu():
+    cuda = torch.device("cuda", 0)
+    assert dev.resolve_dtype("fp16", cuda) == torch.float16
+    assert dev.resolve_dtype("BF16", cuda) == torch.bfloat16
+    assert dev.resolve_dtype("fp32", cuda) == torch.float32
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+def test_half_on_cpu_falls_back_to_fp32_with_a_warning(name):
+    warnings: list[str] = []
+    assert dev.resolve_dtype(name, torch.device("cpu"), warn=warnings.append) == torch.float32
+    assert len(warnings) == 1 and name in warnings[0] and "fp32" in warnings[0]
+    assert dev.resolve_dtype(name, torch.device("cpu")) == torch.float32  # no callback: silent
+
+
+def test_unknown_dtype():
+    with pytest.raises(DeblurcliError, match="unknown dtype"):
+        dev.resolve_dtype("fp64", torch.device("cpu"))
+
+
+def test_threads():
+    before = torch.get_num_threads()
+    try:
+        assert dev.usable_cpu_count() >= 1
+        assert dev.set_cpu_threads(1) == 1 and torch.get_num_threads() == 1
+        assert dev.set_cpu_threads(0) == dev.usable_cpu_count()
+        with pytest.raises(ValueError):
+            dev.set_cpu_threads(-1)
+    finally:
+        torch.set_num_threads(before)
