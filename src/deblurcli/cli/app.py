@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "deblurcli.cli.synth",
     "deblurcli.cli.blend",
     "deblurcli.cli.deblur",
+    "deblurcli.cli.evaluate",
 )
 
 

@@ -1,0 +1,379 @@
+"""Image-quality metrics through pyiqa, with an offline check of every weight file they need.
+
+pyiqa downloads metric weights on first use. ``deblurcli eval`` must never do that silently (it
+may run offline), so every metric here lists the files it needs and where pyiqa (and the
+libraries under it) look for them:
+
+* ``pyiqa/<file>``        -- pyiqa's own weights, in ``$TORCH_HOME/hub/pyiqa/`` (torch hub dir);
+* ``checkpoints/<file>``  -- torchvision ImageNet backbones, in ``$TORCH_HOME/hub/checkpoints/``;
+* ``clip/<file>``         -- OpenAI CLIP weights used by CLIP-IQA, in ``$TORCH_HOME/hub/clip/``;
+* Hugging Face files      -- timm backbones, in the Hugging Face cache (``$HF_HOME/hub``).
+
+``--metric-weights DIR`` is searched first with the same layout (``DIR/pyiqa/...``,
+``DIR/checkpoints/...``, ``DIR/clip/...``); a file placed directly in ``DIR`` is found too.
+Weights are checked *before* a metric is created, so a missing file is reported by name instead of
+triggering a download.
+
+PSNR is computed with ``eps=0``: identical images give ``inf`` (see :func:`summarise`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from deblurcli.errors import DeblurcliError, WeightsError
+
+WarnFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One file a metric needs.
+
+    Attributes:
+        folder: sub-folder of the torch hub dir (``"pyiqa"``, ``"checkpoints"``, ``"clip"``).
+        name: the file name pyiqa / torchvision / clip look for.
+        how: ``"option"`` -- passed to pyiqa as ``pretrained_model_path``; ``"load"`` -- the
+            metric is built with ``pretrained=False`` and this file is loaded afterwards (strict);
+            ``"hub"`` -- a backbone found by its library in the torch hub dir.
+    """
+
+    folder: str
+    name: str
+    how: str = "hub"
+
+
+@dataclass(frozen=True)
+class HFFile:
+    """A file a metric's backbone loads from the Hugging Face cache (timm models)."""
+
+    repo_id: str
+    filenames: tuple[str, ...]  # any one of these is enough
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What deblurcli knows about one metric."""
+
+    name: str
+    pyiqa_name: str
+    full_reference: bool
+    lower_better: bool
+    description: str
+    weights: tuple[WeightFile, ...] = ()
+    hf_files: tuple[HFFile, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """``"FR"`` (full reference) or ``"NR"`` (no reference)."""
+        return "FR" if self.full_reference else "NR"
+
+    @property
+    def arrow(self) -> str:
+        """``"↓"`` when lower is better, else ``"↑"``."""
+        return "↓" if self.lower_better else "↑"
+
+    @property
+    def needs_weights(self) -> bool:
+        return bool(self.weights or self.hf_files)
+
+
+METRICS: dict[str, MetricSpec] = {
+    spec.name: spec
+    for spec in (
+        MetricSpec("psnr", "psnr", True, False, "PSNR in dB (RGB; --y-channel: Y of YCbCr)"),
+        MetricSpec("ssim", "ssim", True, False, "SSIM (RGB; --y-channel: Y of YCbCr)"),
+        MetricSpec(
+            "lpips", "lpips", True, True, "LPIPS v0.1, AlexNet features",
+            weights=(WeightFile("pyiqa", "LPIPS_v0.1_alex-df73285e.pth", "option"),
+                     WeightFile("checkpoints", "alexnet-owt-7be5be79.pth")),
+        ),
+        MetricSpec(
+            "dists", "dists", True, True, "DISTS, VGG16 features",
+            weights=(WeightFile("pyiqa", "DISTS_weights-f5e65c96.pth", "option"),
+                     WeightFile("checkpoints", "vgg16-397923af.pth")),
+        ),
+        MetricSpec(
+            "niqe", "niqe", False, True, "NIQE (natural scene statistics)",
+            weights=(WeightFile("pyiqa", "niqe_modelparameters.mat", "option"),),
+        ),
+        MetricSpec(
+            "musiq", "musiq", False, False, "MUSIQ trained on KonIQ-10k",
+            weights=(WeightFile("pyiqa", "musiq_koniq_ckpt-e95806b9.pth", "option"),),
+        ),
+        MetricSpec(
+            "clipiqa", "clipiqa", False, False, "CLIP-IQA (CLIP RN50, antonym prompts)",
+            weights=(WeightFile("clip", "RN50.pt"),),
+        ),
+        MetricSpec(
+            "maniqa", "maniqa", False, False, "MANIQA trained on KonIQ-10k",
+            weights=(WeightFile("pyiqa", "ckpt_koniq10k.pt", "load"),),
+            hf_files=(HFFile("timm/vit_base_patch8_224.augreg2_in21k_ft_in1k",
+                             ("model.safetensors", "pytorch_model.bin")),),
+        ),
+    )
+}
+
+DEFAULT_FR_METRICS = ("psnr", "ssim", "lpips", "dists")
+DEFAULT_NR_METRICS = ("niqe", "musiq", "clipiqa", "maniqa")
+
+
+def parse_metric_names(text: str) -> list[str]:
+    """Split ``"psnr, lpips"`` into known metric names (order kept, duplicates dropped).
+
+    Raises ``ValueError`` naming the unknown entries.
+    """
+    names: list[str] = []
+    for part in text.split(","):
+        name = part.strip().lower()
+        if name and name not in names:
+            names.append(name)
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; "
+                         f"choose from {', '.join(METRICS)}")
+    if not names:
+        raise ValueError("no metric named")
+    return names
+
+
+def torch_hub_dir() -> Path:
+    """The torch hub folder (``$TORCH_HOME/hub``, default ``~/.cache/torch/hub``)."""
+    import torch.hub
+
+    return Path(torch.hub.get_dir())
+
+
+def find_weight_file(wf: WeightFile, weights_dir: Path | None = None) -> Path | None:
+    """Where ``wf`` is: ``weights_dir/<folder>/<name>``, ``weights_dir/<name>`` (pyiqa's own
+    files only), then the torch hub dir; ``None`` if nowhere."""
+    candidates: list[Path] = []
+    if weights_dir is not None:
+        candidates.append(Path(weights_dir) / wf.folder / wf.name)
+        if wf.how != "hub":  # backbones are found by their libraries via the hub layout only
+            candidates.append(Path(weights_dir) / wf.name)
+    candidates.append(torch_hub_dir() / wf.folder / wf.name)
+    for path in candidates:
+        if path.is_file():
+            return path
+    return None
+
+
+def find_hf_file(hf: HFFile) -> Path | None:
+    """The cached copy of a Hugging Face file, or ``None`` (never contacts the Hub)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in hf.filenames:
+        found = try_to_load_from_cache(hf.repo_id, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+@dataclass
+class WeightCheck:
+    """Result of looking for a metric's files: what was found and what is missing."""
+
+    spec: MetricSpec
+    found: dict[str, Path] = field(default_factory=dict)  # WeightFile.name -> path
+    missing: list[str] = field(default_factory=list)      # one-line "file -> where" hints
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing
+
+
+def check_weights(spec: MetricSpec, weights_dir: Path | None = None) -> WeightCheck:
+    """Look for every file ``spec`` needs without creating the metric or touching the network."""
+    check = WeightCheck(spec)
+    hub = torch_hub_dir()
+    for wf in spec.weights:
+        path = find_weight_file(wf, weights_dir)
+        if path is None:
+            where = f"{hub / wf.folder}/" + (f" or {Path(weights_dir) / wf.folder}/"
+                                             if weights_dir is not None else "")
+            check.missing.append(f"{wf.name} (put it in {where})")
+        else:
+            check.found[wf.name] = path
+    for hf in spec.hf_files:
+        path = find_hf_file(hf)
+        if path is None:
+            check.missing.append(
+                f"{hf.filenames[0]} of Hugging Face repo {hf.repo_id} (download it into the "
+                f"Hugging Face cache, e.g. `huggingface-cli download {hf.repo_id}`)")
+        else:
+            check.found[f"{hf.repo_id}/{path.name}"] = path
+    return check
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """One row of ``--list-metrics``."""
+
+    name: str
+    kind: str
+    arrow: str
+    needs_weights: bool
+    available: bool
+    description: str
+    missing: tuple[str, ...]
+
+
+def list_metrics(weights_dir: Path | None = None) -> list[MetricInfo]:
+    """Every metric with its kind, direction and whether its weights are available now."""
+    rows = []
+    for spec in METRICS.values():
+        check = check_weights(spec, weights_dir)
+        rows.append(MetricInfo(spec.name, spec.kind, spec.arrow, spec.needs_weights, check.ok,
+                               spec.description, tuple(check.missing)))
+    return rows
+
+
+@contextlib.contextmanager
+def _hub_dir(path: Path | None) -> Iterator[None]:
+    """Point torch hub at ``path`` while a metric is built (backbones under --metric-weights)."""
+    if path is None:
+        yield
+        return
+    import torch.hub
+
+    # torch.hub keeps an explicit set_dir() in a module variable (None: follow $TORCH_HOME);
+    # restore that exact state so that a later change of $TORCH_HOME still takes effect.
+    explicit = hasattr(torch.hub, "_hub_dir")
+    previous = torch.hub._hub_dir if explicit else torch.hub.get_dir()
+    torch.hub.set_dir(str(path))
+    try:
+        yield
+    finally:
+        if explicit:
+            torch.hub._hub_dir = previous
+        else:  # pragma: no cover - other torch versions
+            torch.hub.set_dir(previous)
+
+
+class Metric:
+    """A pyiqa metric created once on a device; call it with float32 (H, W, 3) arrays in [0, 1]."""
+
+    def __init__(self, spec: MetricSpec, model, device) -> None:
+        self.spec = spec
+        self.model = model
+        self.device = device
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def _tensor(self, pixels: np.ndarray):
+        import torch
+
+        arr = np.clip(np.asarray(pixels, dtype=np.float32), 0.0, 1.0)
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) array, got shape {arr.shape}")
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))[None].to(self.device)
+
+    def __call__(self, pred: np.ndarray, ref: np.ndarray | None = None) -> float:
+        """Score ``pred`` (against ``ref`` for full-reference metrics)."""
+        import torch
+
+        if self.spec.full_reference:
+            if ref is None:
+                raise ValueError(f"{self.name} needs a reference image")
+            if pred.shape != ref.shape:
+                raise ValueError(f"{self.name}: image sizes differ ({pred.shape[1]}x{pred.shape[0]}"
+                                 f" vs reference {ref.shape[1]}x{ref.shape[0]})")
+            with torch.no_grad():
+                out = self.model(self._tensor(pred), self._tensor(ref))
+        else:
+            with torch.no_grad():
+                out = self.model(self._tensor(pred))
+        return float(torch.as_tensor(out).detach().float().reshape(-1)[0].cpu())
+
+
+def create_metric(spec: MetricSpec, check: WeightCheck, *, device,
+                  y_channel: bool = False) -> Metric:
+    """Build one pyiqa metric from files already found by :func:`check_weights`.
+
+    pyiqa prints "Loading pretrained model ..." on stdout; that text is swallowed here so that
+    library code never writes to the user's stdout.
+    """
+    import pyiqa
+
+    if not check.ok:
+        raise WeightsError(f"metric {spec.name} is missing {check.missing[0]}")
+    options: dict = {}
+    if spec.name == "psnr":
+        options.update(test_y_channel=y_channel, eps=0.0)
+    elif spec.name == "ssim":
+        options.update(test_y_channel=y_channel)
+    load_after: list[Path] = []
+    hub_override: Path | None = None
+    hub = torch_hub_dir()
+    for wf in spec.weights:
+        path = check.found[wf.name]
+        if wf.how == "option":
+            options["pretrained_model_path"] = str(path)
+        elif wf.how == "load":
+            options["pretrained"] = False
+            load_after.append(path)
+        elif path.parent != hub / wf.folder:  # a backbone under --metric-weights DIR/<folder>/
+            hub_override = path.parent.parent
+    with contextlib.redirect_stdout(io.StringIO()), _hub_dir(hub_override):
+        model = pyiqa.create_metric(spec.pyiqa_name, as_loss=False, device=device, **options)
+        for path in load_after:
+            model.load_weights(str(path), weight_keys=None)
+    model.eval()
+    return Metric(spec, model, device)
+
+
+def create_metrics(names: Sequence[str], *, device, y_channel: bool = False,
+                   weights_dir: Path | None = None, skip_missing: bool = False,
+                   warn: WarnFn | None = None) -> list[Metric]:
+    """Create the named metrics once, after checking all their weight files.
+
+    A missing file raises :class:`WeightsError` naming the file and where to put it, before any
+    metric is built; with ``skip_missing`` the metric is dropped and ``warn`` is told instead.
+    """
+    specs = [METRICS[n] for n in names]
+    checks = [check_weights(spec, weights_dir) for spec in specs]
+    kept = []
+    for spec, check in zip(specs, checks, strict=True):
+        if check.ok:
+            kept.append((spec, check))
+            continue
+        message = f"metric {spec.name} needs {'; '.join(check.missing)}"
+        if not skip_missing:
+            raise WeightsError(message + " (or pass --skip-missing, or --metric-weights DIR)")
+        if warn is not None:
+            warn(message + "; skipping it")
+    if not kept:
+        raise DeblurcliError("no metric left to compute (all were skipped for missing weights)")
+    return [create_metric(spec, check, device=device, y_channel=y_channel)
+            for spec, check in kept]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean of one metric over a set of images.
+
+    ``mean`` is over finite values only; ``n_inf`` counts infinite scores (PSNR of a pixel-identical
+    pair), ``n`` all scores. ``mean`` is ``nan`` when no finite score exists.
+    """
+
+    mean: float
+    n: int
+    n_inf: int
+
+
+def summarise(values: Sequence[float]) -> Summary:
+    """Average scores, leaving out ``inf`` (counted separately) and ``nan``."""
+    finite = [v for v in values if math.isfinite(v)]
+    n_inf = sum(1 for v in values if math.isinf(v))
+    mean = float(np.mean(np.asarray(finite, dtype=np.float64))) if finite else float("nan")
+    return Summary(mean=mean, n=len(values), n_inf=n_inf)

@@ -1,0 +1,172 @@
+"""Evaluation output: Rich table, per-image CSV, summary JSON and the γ-sweep plot.
+
+Infinite PSNR (a pixel-identical pair) is kept as ``inf`` in the CSV; means are taken over finite
+values and the number of infinite scores is reported next to them (``<metric>_inf`` in the JSON,
+``(+N inf)`` in the table).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from deblurcli.evaluation.metrics import METRICS
+from deblurcli.evaluation.runner import EvalResult, RowResult
+from deblurcli.images import atomic_write_bytes
+
+CSV_NAME = "per_image.csv"
+JSON_NAME = "summary.json"
+PLOT_NAME = "gamma_sweep.png"
+
+
+def _num(value: float | None) -> Any:
+    """JSON-safe number: ``nan`` -> ``None``, ``inf`` -> ``"inf"``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def header(name: str) -> str:
+    """Column title with the metric's direction, e.g. ``"lpips ↓"``."""
+    return f"{name} {METRICS[name].arrow}"
+
+
+def format_score(row: RowResult, name: str) -> str:
+    """A table cell: mean with 4 significant decimals, plus the count of infinite scores."""
+    s = row.summary[name]
+    text = "n/a" if math.isnan(s.mean) else (f"{s.mean:.2f}" if name == "psnr" else f"{s.mean:.4f}")
+    return text + (f" (+{s.n_inf} inf)" if s.n_inf else "")
+
+
+def results_table(result: EvalResult):
+    """A Rich table: one row per input / pred / γ, one column per metric (with ↑/↓)."""
+    from rich.table import Table
+
+    title = f"{result.dataset}: {result.n_images} image(s)"
+    if result.aligned:
+        title += ", aligned"
+    if result.y_channel:
+        title += ", Y channel"
+    table = Table(title=title)
+    table.add_column("row")
+    for name in result.metrics:
+        table.add_column(header(name), justify="right")
+    table.add_column("s/image", justify="right")
+    for row in result.rows:
+        secs = row.model_seconds_per_image
+        table.add_row(row.label, *[format_score(row, n) for n in result.metrics],
+                      "" if secs is None else f"{secs:.3f}")
+    return table
+
+
+def summary_dict(result: EvalResult, command: str | None = None,
+                 args: dict | None = None) -> dict:
+    """``{"input": {...}, "gamma=0.7": {"psnr": ..., ...}, "meta": {...}}``."""
+    out: dict[str, Any] = {}
+    for row in result.rows:
+        entry: dict[str, Any] = {}
+        for name in result.metrics:
+            s = row.summary[name]
+            entry[name] = _num(s.mean)
+            if s.n_inf:
+                entry[f"{name}_inf"] = s.n_inf
+        entry.update(
+            gamma=row.gamma,
+            n_images=len(row.images),
+            model_seconds_per_image=_num(row.model_seconds_per_image),
+            score_seconds_per_image=_num(row.score_seconds_per_image),
+            load_seconds=_num(row.load_seconds),
+            peak_rss_mb=_num(row.peak_rss_mb),
+            cuda_peak_mb=_num(row.cuda_peak_mb),
+        )
+        out[row.label] = entry
+    out["meta"] = {
+        "dataset": result.dataset,
+        "n_images": result.n_images,
+        "device": result.device,
+        "aligned": result.aligned,
+        "y_channel": result.y_channel,
+        "metrics": {n: {"kind": METRICS[n].kind, "lower_better": METRICS[n].lower_better}
+                    for n in result.metrics},
+        "inf_handling": "means over finite values; <metric>_inf counts infinite scores",
+        "command": command,
+        "args": args or {},
+    }
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def write_csv(path: Path, result: EvalResult) -> None:
+    """One line per (row, image): scores, model seconds and the alignment shift."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["row", "gamma", "image", *result.metrics, "model_seconds", "shift_y",
+                     "shift_x"])
+    for row in result.rows:
+        for im in row.images:
+            writer.writerow([
+                row.label, "" if row.gamma is None else row.gamma, im.key,
+                *[repr(float(im.scores[n])) for n in result.metrics],
+                "" if im.model_seconds is None else f"{im.model_seconds:.4f}",
+                "" if im.shift is None else im.shift[0], "" if im.shift is None else im.shift[1],
+            ])
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def plot_sweep(path: Path, result: EvalResult) -> bool:
+    """Plot every metric against γ (one panel each; the input as a dashed line).
+
+    Returns ``False`` (writes nothing) when fewer than two γ rows exist. Uses the Agg canvas
+    directly, so no global matplotlib backend is touched.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sweep = sorted((r for r in result.rows if r.gamma is not None), key=lambda r: r.gamma)
+    if len(sweep) < 2:
+        return False
+    baseline = next((r for r in result.rows if r.label == "input"), None)
+    n = len(result.metrics)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.2 * cols, 2.8 * rows), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    gammas = [r.gamma for r in sweep]
+    for i, name in enumerate(result.metrics):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.plot(gammas, [r.summary[name].mean for r in sweep], marker="o", label="OSDD")
+        if baseline is not None and not math.isnan(baseline.summary[name].mean):
+            ax.axhline(baseline.summary[name].mean, linestyle="--", color="grey", label="input")
+        ax.set_title(header(name))
+        ax.set_xlabel("γ")
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize="small")
+    fig.suptitle(f"{result.dataset}: metrics vs γ")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def write_outputs(out_dir: Path, result: EvalResult, command: str | None = None,
+                  args: dict | None = None) -> list[Path]:
+    """Write the CSV, JSON and (for a γ sweep) the plot into ``out_dir``; return the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / CSV_NAME, out_dir / JSON_NAME]
+    write_csv(written[0], result)
+    write_json(written[1], summary_dict(result, command, args))
+    if plot_sweep(out_dir / PLOT_NAME, result):
+        written.append(out_dir / PLOT_NAME)
+    return written

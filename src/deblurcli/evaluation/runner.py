@@ -1,0 +1,323 @@
+"""Run an evaluation: score the blurry input, existing outputs (``--pred``) or the model over γ.
+
+Rows of a result:
+
+* ``input``      -- the blurry images themselves (the baseline every method must beat);
+* ``pred``       -- images in a ``--pred`` folder, paired to the test set by relative path/name;
+* ``gamma=<γ>``  -- the model from ``--weights`` run at each γ. The folder is read from disk once
+  (adapters unfused, float32); for each γ a copy is fused at that γ in float32 and then cast --
+  the steps ``load_model_folder(..., gamma=γ, fuse=True)`` takes -- so no γ leaks into the next
+  and each row equals ``deblurcli deblur --gamma γ``.
+
+Timing (model seconds per image, synchronised on CUDA) and memory (peak process RSS, peak CUDA
+memory allocated per row) are recorded with the scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from deblurcli.errors import DatasetError, DeblurcliError, WeightsError
+from deblurcli.evaluation.align import align_to_reference
+from deblurcli.evaluation.datasets import EvalSet, match_predictions
+from deblurcli.evaluation.metrics import (
+    DEFAULT_FR_METRICS,
+    DEFAULT_NR_METRICS,
+    METRICS,
+    Metric,
+    Summary,
+    create_metrics,
+    summarise,
+)
+from deblurcli.progress import ProgressFn, report
+
+WarnFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How to run the model (the same knobs as ``deblurcli deblur``)."""
+
+    weights: Path
+    gammas: tuple[float, ...]
+    dtype: str = "auto"
+    tile: int = 512
+    overlap: int = 64
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything an evaluation needs besides the test set."""
+
+    metrics: tuple[str, ...] | None = None     # None: FR defaults with GT, NR defaults without
+    device: str = "auto"
+    y_channel: bool = False
+    align: bool = False
+    max_shift: int = 10
+    metric_weights: Path | None = None
+    skip_missing: bool = False
+    pred: Path | None = None
+    model: ModelConfig | None = None
+    include_input: bool = True
+    limit: int | None = None
+
+
+@dataclass
+class ImageScore:
+    """Scores of one image in one row."""
+
+    key: str
+    scores: dict[str, float]
+    model_seconds: float | None = None
+    shift: tuple[int, int] | None = None
+
+
+@dataclass
+class RowResult:
+    """One row of the results table (input, pred, or one γ)."""
+
+    label: str
+    gamma: float | None
+    images: list[ImageScore] = field(default_factory=list)
+    summary: dict[str, Summary] = field(default_factory=dict)
+    model_seconds_per_image: float | None = None
+    score_seconds_per_image: float | None = None
+    load_seconds: float | None = None
+    peak_rss_mb: float | None = None
+    cuda_peak_mb: float | None = None
+
+
+@dataclass
+class EvalResult:
+    """A whole evaluation."""
+
+    dataset: str
+    n_images: int
+    metrics: list[str]
+    device: str
+    rows: list[RowResult]
+    aligned: bool = False
+    y_channel: bool = False
+
+
+def choose_metrics(requested: Sequence[str] | None, has_reference: bool) -> list[str]:
+    """The metric list: as requested (FR ones need ground truth) or the defaults for the set."""
+    if requested is None:
+        return list(DEFAULT_FR_METRICS if has_reference else DEFAULT_NR_METRICS)
+    names = list(requested)
+    fr = [n for n in names if METRICS[n].full_reference]
+    if fr and not has_reference:
+        raise DatasetError(f"full-reference metric(s) {', '.join(fr)} need ground-truth images; "
+                           f"give --sharp DIR or --dataset, or choose no-reference metrics "
+                           f"({', '.join(DEFAULT_NR_METRICS)})")
+    return names
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far, in MiB (``None`` where unknown: Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _read(path: Path) -> np.ndarray:
+    from deblurcli.images import read_image
+
+    return read_image(path).pixels
+
+
+def score_image(metrics: Sequence[Metric], pred: np.ndarray, ref: np.ndarray | None, *,
+                align: bool = False, max_shift: int = 10, key: str = "") -> ImageScore:
+    """Score one image with every metric (aligning it to ``ref`` first when asked)."""
+    shift = None
+    fr_pred, fr_ref = pred, ref
+    if ref is not None:
+        if pred.shape != ref.shape:
+            raise DatasetError(f"{key}: output is {pred.shape[1]}x{pred.shape[0]} but the ground "
+                               f"truth is {ref.shape[1]}x{ref.shape[0]}")
+        if align and any(m.spec.full_reference for m in metrics):
+            aligned = align_to_reference(pred, ref, max_shift)
+            fr_pred, fr_ref, shift = aligned.pred, aligned.ref, (aligned.dy, aligned.dx)
+    # full-reference metrics see the aligned pair; no-reference ones the image as it is
+    scores = {m.name: m(fr_pred, fr_ref) if m.spec.full_reference else m(pred) for m in metrics}
+    return ImageScore(key=key, scores=scores, shift=shift)
+
+
+def _finish_row(row: RowResult, names: Sequence[str], score_seconds: float, device) -> RowResult:
+    row.summary = {n: summarise([im.scores[n] for im in row.images]) for n in names}
+    count = max(len(row.images), 1)
+    row.score_seconds_per_image = score_seconds / count
+    times = [im.model_seconds for im in row.images if im.model_seconds is not None]
+    row.model_seconds_per_image = float(np.mean(times)) if times else None
+    row.peak_rss_mb = peak_rss_mb()
+    row.cuda_peak_mb = _cuda_peak_mb(device)
+    return row
+
+
+def _cuda_peak_mb(device) -> float | None:
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _reset_cuda_peak(device) -> None:
+    import torch
+
+    if getattr(device, "type", None) == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", None) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _score_files(label: str, eval_set: EvalSet, sources: Sequence[Path], metrics: Sequence[Metric],
+                 config: EvalConfig, device, progress: ProgressFn | None) -> RowResult:
+    row = RowResult(label=label, gamma=None)
+    _reset_cuda_peak(device)
+    total = len(eval_set.pairs)
+    report(progress, label, 0, total)
+    elapsed = 0.0
+    for i, (pair, src) in enumerate(zip(eval_set.pairs, sources, strict=True)):
+        pred = _read(src)
+        ref = _read(pair.sharp) if pair.sharp is not None else None
+        start = time.perf_counter()
+        row.images.append(score_image(metrics, pred, ref, align=config.align,
+                                      max_shift=config.max_shift, key=pair.key))
+        elapsed += time.perf_counter() - start
+        report(progress, label, i + 1, total)
+    return _finish_row(row, [m.name for m in metrics], elapsed, device)
+
+
+def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None):
+    """Yield ``(gamma, model, load_seconds)`` for each γ, reading the folder from disk once.
+
+    The folder is loaded unfused in float32 on the CPU; each γ fuses a copy in float32 and then
+    moves it to ``device``/``dtype`` -- the same steps, in the same order, as
+    ``load_model_folder(..., gamma=γ, fuse=True)``, so the outputs equal ``deblurcli deblur``'s.
+    """
+    import torch
+    from torch import nn
+
+    from deblurcli.modelfolder import load_model_folder
+
+    start = time.perf_counter()
+    base = load_model_folder(mc.weights, device="cpu", dtype=torch.float32, gamma=mc.gammas[0],
+                             fuse=False, warn=warn)
+    base_seconds = time.perf_counter() - start
+    gammas = mc.gammas
+    if base.fused_gamma is not None or not base.has_dual_adapters:
+        fixed = base.fused_gamma
+        if len(gammas) > 1:
+            state = "none" if fixed is None else f"fused at gamma={fixed:g}"
+            raise WeightsError(f"{mc.weights} has no live real/synthetic adapters ({state}); "
+                               "a gamma sweep needs an unfused model folder")
+        gammas = (fixed if fixed is not None else gammas[0],)
+    for index, gamma in enumerate(gammas):
+        start = time.perf_counter()
+        last = index == len(gammas) - 1
+        model = base if last else copy.deepcopy(base)  # the last γ may consume the base model
+        if model.fused_gamma is None and model.has_dual_adapters:
+            model.fuse(gamma)
+        nn.Module.to(model.denoiser, device=device, dtype=dtype)
+        nn.Module.to(model.evae, device=device, dtype=dtype)
+        model.eval()
+        seconds = time.perf_counter() - start + (base_seconds if index == 0 else 0.0)
+        yield gamma, model, seconds
+        del model
+
+
+def _model_rows(eval_set: EvalSet, metrics: Sequence[Metric], config: EvalConfig, device,
+                progress: ProgressFn | None, warn: WarnFn | None) -> list[RowResult]:
+    from deblurcli.device import resolve_dtype
+    from deblurcli.pipeline import DeblurPipeline
+
+    mc = config.model
+    assert mc is not None
+    dtype = resolve_dtype(mc.dtype, device, warn=warn)
+    rows = []
+    for gamma, model, load_seconds in _model_for_gammas(mc, device, dtype, warn):
+        label = f"gamma={gamma:g}"
+        pipe = DeblurPipeline(model, device=device, dtype=dtype, tile=mc.tile,
+                              overlap=mc.overlap, batch_size=mc.batch_size)
+        row = RowResult(label=label, gamma=gamma, load_seconds=load_seconds)
+        _reset_cuda_peak(device)
+        total = len(eval_set.pairs)
+        report(progress, label, 0, total)
+        scoring = 0.0
+        for i, pair in enumerate(eval_set.pairs):
+            blurry = _read(pair.blur)
+            _sync(device)
+            t0 = time.perf_counter()
+            output = pipe(blurry)
+            _sync(device)
+            model_seconds = time.perf_counter() - t0
+            ref = _read(pair.sharp) if pair.sharp is not None else None
+            t1 = time.perf_counter()
+            score = score_image(metrics, np.asarray(output, dtype=np.float32), ref,
+                                align=config.align, max_shift=config.max_shift, key=pair.key)
+            scoring += time.perf_counter() - t1
+            score.model_seconds = model_seconds
+            row.images.append(score)
+            report(progress, label, i + 1, total)
+        rows.append(_finish_row(row, [m.name for m in metrics], scoring, device))
+        del pipe, model
+    return rows
+
+
+def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
+                   progress: ProgressFn | None = None,
+                   warn: WarnFn | None = None) -> EvalResult:
+    """Score the input, ``config.pred`` and/or the model over ``config.model.gammas``."""
+    from deblurcli.device import resolve_device
+
+    if config.pred is not None and config.model is not None:
+        raise DeblurcliError("give either --pred DIR (score existing outputs) or --weights DIR "
+                             "(run the model), not both")
+    if config.limit is not None:
+        eval_set = EvalSet(eval_set.name, eval_set.pairs[: max(config.limit, 0)])
+    if not eval_set.pairs:
+        raise DatasetError("no images to evaluate")
+    names = choose_metrics(config.metrics, eval_set.has_reference)
+    device = resolve_device(config.device)
+    pred_files = None
+    if config.pred is not None:  # pair before any slow work, so mistakes surface at once
+        pred_files = match_predictions(
+            eval_set, config.pred,
+            on_extra=(lambda extra: warn(f"{len(extra)} file(s) in {config.pred} match no test "
+                                         f"image and are ignored (e.g. {extra[0]})"))
+            if warn is not None and config.limit is None else None)
+    if config.model is not None:  # fail on a bad model folder before scoring anything
+        from deblurcli.modelfolder import read_model_config
+
+        read_model_config(config.model.weights)
+    metrics = create_metrics(names, device=device, y_channel=config.y_channel,
+                             weights_dir=config.metric_weights, skip_missing=config.skip_missing,
+                             warn=warn)
+    rows: list[RowResult] = []
+    if config.include_input or (pred_files is None and config.model is None):
+        rows.append(_score_files("input", eval_set, [p.blur for p in eval_set.pairs], metrics,
+                                 config, device, progress))
+    if pred_files is not None:
+        rows.append(_score_files("pred", eval_set, pred_files, metrics, config, device, progress))
+    if config.model is not None:
+        rows += _model_rows(eval_set, metrics, config, device, progress, warn)
+    return EvalResult(dataset=eval_set.name, n_images=len(eval_set.pairs),
+                      metrics=[m.name for m in metrics], device=str(device), rows=rows,
+                      aligned=config.align, y_channel=config.y_channel)

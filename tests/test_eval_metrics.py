@@ -1,0 +1,196 @@
+"""Metric wrappers: agreement with pyiqa's API, inf handling, offline weight checks, alignment."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from deblurcli.errors import DeblurcliError, WeightsError
+from deblurcli.evaluation.align import align_to_reference
+from deblurcli.evaluation.metrics import (
+    METRICS,
+    check_weights,
+    create_metrics,
+    find_weight_file,
+    list_metrics,
+    parse_metric_names,
+    summarise,
+)
+from deblurcli.images import read_image, write_image
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture()
+def empty_torch_home(tmp_path, monkeypatch) -> Path:
+    """A TORCH_HOME without any metric weights (so nothing is found in the user's cache)."""
+    home = tmp_path / "torch-home"
+    home.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+@pytest.fixture()
+def pair(tmp_path) -> tuple[Path, Path]:
+    """An 8-bit sharp crop and a blurred, noisy version of it, as PNG files."""
+    rng = np.random.default_rng(0)
+    sharp = data.astronaut()[40:104, 180:260].astype(np.float32) / 255
+    blurred = (sharp + np.roll(sharp, 2, axis=1) + np.roll(sharp, 4, axis=1)) / 3
+    noisy = np.clip(blurred + rng.normal(0, 0.02, blurred.shape), 0, 1).astype(np.float32)
+    write_image(tmp_path / "sharp.png", sharp)
+    write_image(tmp_path / "pred.png", noisy)
+    return tmp_path / "pred.png", tmp_path / "sharp.png"
+
+
+def test_parse_metric_names():
+    assert parse_metric_names(" PSNR, ssim,psnr ") == ["psnr", "ssim"]
+    with pytest.raises(ValueError, match="unknown metric.*foo"):
+        parse_metric_names("psnr,foo")
+    with pytest.raises(ValueError):
+        parse_metric_names(" , ")
+
+
+def test_summarise_keeps_inf_out_of_the_mean():
+    s = summarise([math.inf, 30.0, 32.0])
+    assert s.mean == pytest.approx(31.0) and s.n == 3 and s.n_inf == 1
+    only_inf = summarise([math.inf, math.inf])
+    assert math.isnan(only_inf.mean) and only_inf.n_inf == 2
+
+
+def test_identical_images_give_inf_psnr_and_unit_ssim(pair):
+    psnr, ssim = create_metrics(["psnr", "ssim"], device=CPU)
+    img = read_image(pair[1]).pixels
+    assert math.isinf(psnr(img, img)) and psnr(img, img) > 0
+    assert ssim(img, img) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("y_channel, pyiqa_psnr, pyiqa_ssim", [
+    (False, "psnr", "ssimc"),   # RGB, as deblurring papers report
+    (True, "psnry", "ssim"),    # pyiqa's Y-channel variants
+])
+def test_scores_equal_pyiqa_api(pair, y_channel, pyiqa_psnr, pyiqa_ssim):
+    import pyiqa
+
+    pred_path, sharp_path = pair
+    ours = {m.name: m(read_image(pred_path).pixels, read_image(sharp_path).pixels)
+            for m in create_metrics(["psnr", "ssim"], device=CPU, y_channel=y_channel)}
+    ref_psnr = float(pyiqa.create_metric(pyiqa_psnr, device=CPU)(str(pred_path), str(sharp_path)))
+    ref_ssim = float(pyiqa.create_metric(pyiqa_ssim, device=CPU)(str(pred_path), str(sharp_path)))
+    # pyiqa adds eps=1e-8 to the MSE; deblurcli uses eps=0 so that identical images give inf.
+    assert ours["psnr"] == pytest.approx(ref_psnr, abs=1e-4)
+    assert ours["ssim"] == pytest.approx(ref_ssim, abs=1e-6)
+    assert 15 < ours["psnr"] < 40 and 0 < ours["ssim"] < 1
+
+
+def test_psnr_matches_definition(pair):
+    (psnr,) = create_metrics(["psnr"], device=CPU)
+    a, b = read_image(pair[0]).pixels, read_image(pair[1]).pixels
+    mse = np.mean((a.astype(np.float64) - b) ** 2)
+    assert psnr(a, b) == pytest.approx(10 * np.log10(1 / mse), abs=1e-3)
+
+
+def test_missing_weights_name_the_file_before_anything_is_built(empty_torch_home):
+    check = check_weights(METRICS["niqe"])
+    assert not check.ok
+    assert "niqe_modelparameters.mat" in check.missing[0]
+    assert str(empty_torch_home / "hub" / "pyiqa") in check.missing[0]
+    with pytest.raises(WeightsError, match="LPIPS_v0.1_alex-df73285e.pth"):
+        create_metrics(["psnr", "lpips"], device=CPU)
+    assert not any((empty_torch_home / "hub").rglob("*.pth"))  # nothing was downloaded
+
+
+def test_skip_missing_warns_and_keeps_the_rest(empty_torch_home):
+    warnings: list[str] = []
+    metrics = create_metrics(["psnr", "dists", "musiq"], device=CPU, skip_missing=True,
+                             warn=warnings.append)
+    assert [m.name for m in metrics] == ["psnr"]
+    assert len(warnings) == 2 and "DISTS_weights-f5e65c96.pth" in warnings[0]
+    with pytest.raises(DeblurcliError, match="no metric left"):
+        create_metrics(["clipiqa"], device=CPU, skip_missing=True)
+
+
+def test_metric_weights_dir_layouts(empty_torch_home, tmp_path):
+    nested, flat = tmp_path / "nested", tmp_path / "flat"
+    (nested / "pyiqa").mkdir(parents=True)
+    flat.mkdir()
+    (nested / "pyiqa" / "niqe_modelparameters.mat").write_bytes(b"x")
+    (flat / "niqe_modelparameters.mat").write_bytes(b"x")
+    wf = METRICS["niqe"].weights[0]
+    assert find_weight_file(wf, nested) == nested / "pyiqa" / "niqe_modelparameters.mat"
+    assert find_weight_file(wf, flat) == flat / "niqe_modelparameters.mat"
+    assert find_weight_file(wf, None) is None
+    # torchvision / CLIP backbones are only found in the hub layout (DIR/checkpoints/, DIR/clip/)
+    (flat / "RN50.pt").write_bytes(b"x")
+    assert find_weight_file(METRICS["clipiqa"].weights[0], flat) is None
+    (nested / "clip").mkdir()
+    (nested / "clip" / "RN50.pt").write_bytes(b"x")
+    assert find_weight_file(METRICS["clipiqa"].weights[0], nested) == nested / "clip" / "RN50.pt"
+    rows = {r.name: r for r in list_metrics(nested)}
+    assert rows["niqe"].available and not rows["lpips"].available and rows["psnr"].available
+    assert rows["clipiqa"].available
+    assert rows["lpips"].kind == "FR" and rows["lpips"].arrow == "↓" and rows["musiq"].arrow == "↑"
+
+
+def _niqe_weights(tmp_path: Path) -> Path:
+    """The folder to pass as --metric-weights, from DEBLURCLI_TEST_NIQE_WEIGHTS (file or folder)."""
+    given = Path(os.environ["DEBLURCLI_TEST_NIQE_WEIGHTS"])
+    if given.is_dir():
+        return given
+    folder = tmp_path / "niqe-weights"
+    folder.mkdir()
+    shutil.copy(given, folder / "niqe_modelparameters.mat")
+    return folder
+
+
+@pytest.mark.skipif(not os.environ.get("DEBLURCLI_TEST_NIQE_WEIGHTS"),
+                    reason="DEBLURCLI_TEST_NIQE_WEIGHTS (niqe_modelparameters.mat) not set")
+def test_niqe_matches_pyiqa_with_offline_weights(tmp_path, empty_torch_home):
+    import pyiqa
+
+    folder = _niqe_weights(tmp_path)
+    (niqe,) = create_metrics(["niqe"], device=CPU, weights_dir=folder)
+    path = find_weight_file(METRICS["niqe"].weights[0], folder)
+    img = data.astronaut()[::2, ::2].astype(np.float32) / 255   # 256x256
+    write_image(tmp_path / "a.png", img)
+    ours = niqe(read_image(tmp_path / "a.png").pixels)
+    ref = float(pyiqa.create_metric("niqe", device=CPU, pretrained_model_path=str(path))(
+        str(tmp_path / "a.png")))
+    assert ours == pytest.approx(ref, rel=1e-5)
+    assert 0 < ours < 100
+
+
+def test_alignment_recovers_a_translation_and_gain():
+    img = data.astronaut()[60:188, 150:278].astype(np.float32) / 255
+    ref = img[8:-8, 8:-8]
+    shifted = (np.roll(np.roll(img, 3, axis=0), -5, axis=1)[8:-8, 8:-8] * 0.8).astype(np.float32)
+    al = align_to_reference(shifted, ref, max_shift=8)
+    assert (al.dy, al.dx) == (3, -5)
+    assert al.pred.shape == al.ref.shape == (112 - 3, 112 - 5, 3)
+    assert 1.1 < al.scale < 1.35 and al.ncc > 0.99
+    same = align_to_reference(ref, ref, max_shift=4)
+    assert (same.dy, same.dx) == (0, 0) and same.pred.shape == ref.shape
+    assert np.allclose(same.pred, ref, atol=1e-6)
+    flat = np.full((20, 20, 3), 0.5, np.float32)
+    assert (align_to_reference(flat, flat, 3).dy, align_to_reference(flat, flat, 3).dx) == (0, 0)
+
+
+def test_hub_dir_override_is_scoped(tmp_path, empty_torch_home, monkeypatch):
+    from deblurcli.evaluation.metrics import _hub_dir
+
+    before = torch.hub.get_dir()
+    assert before == str(empty_torch_home / "hub")
+    with _hub_dir(tmp_path):
+        assert torch.hub.get_dir() == str(tmp_path)
+    assert torch.hub.get_dir() == before
+    with pytest.raises(RuntimeError), _hub_dir(tmp_path):
+        raise RuntimeError("boom")
+    assert torch.hub.get_dir() == before
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "elsewhere"))  # $TORCH_HOME still followed
+    assert torch.hub.get_dir() == str(tmp_path / "elsewhere" / "hub")
