@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "deblurcli.cli.blend",
     "deblurcli.cli.deblur",
     "deblurcli.cli.evaluate",
+    "deblurcli.cli.train",
 )
 
 

@@ -1,0 +1,265 @@
+"""Training configuration: dataclasses, config files (TOML / YAML / JSON) and flag overrides.
+
+A run's settings come from three layers, later ones winning: the dataclass defaults, an optional
+``--config FILE`` and the command-line flags the user actually gave. The resolved configuration
+is saved (as JSON) next to every checkpoint and in the output model folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from deblurcli.errors import DeblurcliError
+
+PAPER_PROGRESSIVE_SIZES: tuple[int, ...] = (160, 192, 256, 320, 384, 448, 512)
+PAPER_PROGRESSIVE_STEPS = 10_000
+
+
+@dataclass
+class DataConfig:
+    """Where training pairs come from and how they are cropped.
+
+    Exactly one source is used: ``data`` (a GoPro root, a RealBlur list file, a ``synth`` output
+    folder; ``layout`` says which or ``auto``), ``blur`` + ``sharp`` folders, ``sharp_photos``
+    (pairs synthesised on the fly with trajectory kernels) or ``frames`` (folders of video frames,
+    averaged on the fly).
+    """
+
+    data: str | None = None
+    layout: str = "auto"
+    split: str = "train"
+    data_root: str | None = None
+    blur: str | None = None
+    sharp: str | None = None
+    sharp_photos: str | None = None
+    frames: str | None = None
+    frames_per_blur: int = 7
+    crop: int = 256
+    augment: bool = True
+    val_data: str | None = None
+    val_count: int = 0
+    val_size: int = 256
+    workers: int = 0
+
+
+@dataclass
+class CommonConfig(DataConfig):
+    """Settings shared by both stages (see ``docs/training.md``)."""
+
+    output: str = "runs/train"
+    max_steps: int = 1000
+    batch_size: int = 4
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    seed: int = 0
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    grad_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    validate_every: int = 500
+    log_every: int = 10
+    perceptual: str = "stlpips"
+    perceptual_fallback: str | None = None
+    resume: str | None = None
+    cpu: bool = False
+
+
+@dataclass
+class VaeTrainConfig(CommonConfig):
+    """Stage 1 (eVAE, paper Sec. 3.1.3).
+
+    ``mode``: ``joint`` (eVAE₃: E1, E2 and the decoder train), ``freeze-e2`` (eVAE₂: E2 frozen),
+    ``no-skips`` (plain VAE fine-tuning: E2(sharp) → decoder without skips, the ablation baseline).
+    ``alpha`` weighs the perceptual term of ``L1 + α·perceptual``.
+    """
+
+    mode: str = "joint"
+    alpha: float = 1.0
+    base_model: str | None = None
+    preset: str | None = None
+    evae_config: str | None = None
+
+
+@dataclass
+class DiffusionTrainConfig(CommonConfig):
+    """Stage 2 (one-step UNet + LoRA adapters, paper Sec. 3.2).
+
+    ``adapter`` is ``real`` or ``synthetic`` (the LoRA that trains) unless ``full`` trains every
+    UNet weight. ``lambda1``/``lambda2`` weigh the edge-aware perceptual and GAN terms.
+    """
+
+    evae: str | None = None
+    base_model: str | None = None
+    preset: str | None = None
+    init: str | None = None
+    full: bool = False
+    adapter: str = "synthetic"
+    lora_rank: int | None = None
+    lambda1: float = 1.0
+    lambda2: float = 1.0
+    disc_lr: float | None = None
+    gan_start: int = 0
+    progressive: bool = False
+    progressive_steps: int = PAPER_PROGRESSIVE_STEPS
+    progressive_sizes: list[int] = field(default_factory=lambda: list(PAPER_PROGRESSIVE_SIZES))
+
+
+C = TypeVar("C", bound=CommonConfig)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML (needs PyYAML) or JSON config file into a flat dictionary.
+
+    Keys may use dashes or underscores; a ``[train]`` / ``[data]`` table is flattened.
+
+    Raises:
+        DeblurcliError: the file is missing, unparsable or of an unknown kind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DeblurcliError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                try:
+                    import tomli as tomllib
+                except ImportError:
+                    raise DeblurcliError(f"{path}: TOML config files need Python 3.11+ or the "
+                                         "tomli package; or use YAML / JSON") from None
+            raw = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise DeblurcliError(f"{path}: YAML config files need PyYAML "
+                                     "(pip install pyyaml), or use TOML") from None
+            raw = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raise DeblurcliError(f"{path}: unknown config kind {suffix!r}; "
+                                 "use .toml, .yaml or .json")
+    except DeblurcliError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - parser errors of three libraries
+        raise DeblurcliError(f"cannot parse config file {path}: {' '.join(str(exc).split())}") \
+            from None
+    if not isinstance(raw, dict):
+        raise DeblurcliError(f"{path}: the config must be a table of settings")
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                flat[str(sub_key).replace("-", "_")] = sub_value
+        else:
+            flat[str(key).replace("-", "_")] = value
+    return flat
+
+
+def build_config(cls: type[C], file_values: Mapping[str, Any] | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> C:
+    """Defaults ← ``file_values`` ← ``overrides`` (``None`` overrides are ignored).
+
+    Raises:
+        DeblurcliError: an unknown key in the config file.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in (file_values or {}).items():
+        if key not in names:
+            raise DeblurcliError(f"unknown setting {key!r} in the config file; "
+                                 f"known: {', '.join(sorted(names))}")
+        values[key] = value
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    return cls(**values)
+
+
+def config_to_dict(config: CommonConfig) -> dict[str, Any]:
+    """JSON-ready dictionary of a configuration (with its kind)."""
+    data = dataclasses.asdict(config)
+    data["kind"] = type(config).__name__
+    return data
+
+
+def config_from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+    """Inverse of :func:`config_to_dict` (ignores the ``kind`` key)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def validate_common(config: CommonConfig) -> None:
+    """Check values that would otherwise fail deep inside training.
+
+    Raises:
+        DeblurcliError: one line naming the bad setting.
+    """
+    def bad(msg: str) -> DeblurcliError:
+        return DeblurcliError(f"invalid setting: {msg}")
+
+    if config.max_steps < 1:
+        raise bad("max_steps must be >= 1")
+    if config.batch_size < 1:
+        raise bad("batch_size must be >= 1")
+    if config.grad_accum < 1:
+        raise bad("grad_accum must be >= 1")
+    if config.lr <= 0:
+        raise bad("lr must be > 0")
+    if config.crop < 8 or config.crop % 8:
+        raise bad(f"crop must be a positive multiple of 8 (got {config.crop})")
+    if config.val_size < 8 or config.val_size % 8:
+        raise bad(f"val_size must be a positive multiple of 8 (got {config.val_size})")
+    if config.mixed_precision not in ("no", "fp16", "bf16"):
+        raise bad("mixed_precision must be no, fp16 or bf16")
+    if config.checkpoint_every < 1 or config.validate_every < 1 or config.log_every < 1:
+        raise bad("checkpoint_every, validate_every and log_every must be >= 1")
+    if config.layout not in ("auto", "gopro", "realblur", "synth", "folders"):
+        raise bad("layout must be auto, gopro, realblur, synth or folders")
+
+
+def resolve_config(cls: type[C], config_file: str | None = None,
+                   overrides: Mapping[str, Any] | None = None) -> C:
+    """Defaults ← (the resumed checkpoint's config) ← ``config_file`` ← ``overrides``.
+
+    With ``resume`` set (in the file or the flags), the checkpoint's saved configuration is the
+    base, so ``--resume latest -o RUN`` alone continues a run with its original settings.
+
+    Raises:
+        DeblurcliError: unreadable config file, unknown keys, or nothing to resume from.
+    """
+    from deblurcli.train.checkpoint import resolve_resume
+
+    file_values = read_config_file(config_file) if config_file else {}
+    config = build_config(cls, file_values, overrides)
+    path = resolve_resume(config.resume, config.output)
+    if path is None:
+        return config
+    try:
+        saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DeblurcliError(f"cannot read the configuration of checkpoint {path}: {exc}") \
+            from None
+    if saved.get("kind") not in (None, cls.__name__):
+        commands = {"VaeTrainConfig": "train-vae", "DiffusionTrainConfig": "train-diffusion"}
+        theirs = commands.get(str(saved.get("kind")), str(saved.get("kind")))
+        raise DeblurcliError(f"checkpoint {path} was written by {theirs}, not "
+                             f"{commands.get(cls.__name__, cls.__name__)}")
+    base = config_from_dict(cls, saved)
+    merged = dataclasses.asdict(base)
+    merged.update(file_values)
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    merged["resume"] = str(path)
+    return cls(**merged)

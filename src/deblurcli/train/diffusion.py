@@ -1,0 +1,223 @@
+"""Stage 2: train the one-step UNet (LoRA adapters or all weights) with a frozen eVAE (Sec. 3.2).
+
+For a blurry/sharp pair ``(y, x)``::
+
+    z_l, skips = E1(y);  ẑ_h = predict_x0(z_l, UNet(z_l, t, prompt), ᾱ_t);  x̂ = D(ẑ_h, skips)
+    L   = L2(x̂, x) + λ1 · EA-perceptual(x̂, x) + λ2 · L_G(ẑ_h)
+    L_D = −log D(z_h) − log(1 − D(ẑ_h)),  z_h = E2(x)
+
+with the latent discriminator of :mod:`deblurcli.models.discriminator` (logits, BCEWithLogits,
+non-saturating ``L_G = −log D(ẑ_h)``). Trainable: the chosen LoRA adapter (``real`` or
+``synthetic``; the other one is inactive and frozen) or, with ``full``, every UNet weight; the
+learned prompt embedding trains too unless ``--init`` supplies it (it is shared by both adapters).
+Weights stay float32; mixed precision runs the computation in bf16/fp16 through autocast.
+
+Output: ``OUTPUT/model``, a complete model folder (``modelfolder.save_model_folder``) with both
+adapters; when one adapter trains, the other one comes from ``--init DIR``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deblurcli.errors import DeblurcliError
+from deblurcli.progress import ProgressFn
+from deblurcli.train import engine
+from deblurcli.train.config import DiffusionTrainConfig, validate_common
+from deblurcli.train.losses import build_perceptual, discriminator_loss, edge_aware, generator_loss
+
+ADAPTER_CHOICES = ("real", "synthetic")
+
+
+def preset_osdd_config(name: str, lora_rank: int | None):
+    """The OSDD configuration of preset ``name`` (E2 included; ``lora_rank`` overrides).
+
+    Raises:
+        DeblurcliError: unknown preset name.
+    """
+    from deblurcli.models.presets import PRESETS, preset_config
+
+    if name not in PRESETS:
+        raise DeblurcliError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    kwargs = {"sharp_encoder": True}
+    if lora_rank is not None:
+        kwargs["lora_rank"] = lora_rank
+    return preset_config(name, **kwargs)
+
+
+def build_model(config: DiffusionTrainConfig):
+    """The :class:`OSDDModel` stage 2 starts from (``--init``, ``--base-model`` or ``--preset``),
+    with the eVAE replaced by ``--evae`` when given.
+
+    Raises:
+        DeblurcliError / WeightsError: missing or conflicting sources, unloadable weights.
+    """
+    from deblurcli.models import adapters as ad
+    from deblurcli.models import osdd
+
+    if config.init:
+        from deblurcli.modelfolder import load_model_folder
+
+        model = load_model_folder(config.init, fuse=False, gamma=0.5,
+                                  base_model=config.base_model)
+        if not model.has_dual_adapters:
+            raise DeblurcliError(f"--init {config.init}: needs an unfused model folder with "
+                                 "'real' and 'synthetic' adapters")
+    elif config.base_model:
+        from deblurcli.models.presets import PAPER_LORA_RANK
+
+        rank = config.lora_rank or PAPER_LORA_RANK
+        spec = ad.LoraSpec(rank=rank, alpha=float(rank))
+        model = osdd.osdd_from_base_model(config.base_model,
+                                          lora={ad.REAL: spec, ad.SYNTHETIC: spec},
+                                          seed=config.seed)
+    elif config.preset:
+        model = osdd.build_osdd(preset_osdd_config(config.preset, config.lora_rank),
+                                seed=config.seed)
+    else:
+        raise DeblurcliError("give --base-model (a Stable Diffusion 2.1-base folder), --preset "
+                             "or --init (an existing model folder)")
+    if config.evae:
+        from deblurcli.train.vae import load_evae
+
+        model.evae = load_evae(config.evae)
+    return model
+
+
+def set_trainable(model, config: DiffusionTrainConfig) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze what stage 2 trains; returns those parameters."""
+    from deblurcli.models import adapters as ad
+
+    model.requires_grad_(False)
+    unet = model.unet
+    if config.full:
+        ad.set_gamma(unet, 0.5)
+        for name, p in unet.named_parameters():
+            p.requires_grad_(".lora_" not in name)
+    else:
+        ad.set_adapter_weights(unet, {config.adapter: 1.0})
+        ad.set_trainable_adapter(unet, config.adapter)
+    train_prompt = config.full or not config.init
+    model.denoiser.prompt_embeds.requires_grad_(train_prompt)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class GeneratorStep(nn.Module):
+    """The stage-2 forward pass as one module: blurry image → ``(x̂, ẑ_h)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, blur: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, z_h, skips = self.model.latent_step(blur)
+        return self.model.evae.decode(z_h, skips), z_h
+
+
+def sharp_latent(evae: nn.Module, sharp: torch.Tensor) -> torch.Tensor:
+    """``E2(x_sharp)``, or ``E1``'s latent when the eVAE was saved without E2."""
+    if getattr(evae, "encoder_sharp", None) is not None:
+        return evae.encode_sharp(sharp)
+    return evae.encode(sharp)[0]
+
+
+def train_diffusion(config: DiffusionTrainConfig,
+                    progress: ProgressFn | None = None) -> engine.TrainResult:
+    """Run stage 2 (see the module docstring); returns the :class:`TrainResult`.
+
+    Raises:
+        DeblurcliError: bad settings, data or weights (one line, before any training step).
+    """
+    from deblurcli.modelfolder import save_model_folder
+    from deblurcli.models.discriminator import LatentDiscriminator
+
+    if not config.full and config.adapter not in ADAPTER_CHOICES:
+        raise DeblurcliError(f"unknown adapter {config.adapter!r}; choose real or synthetic")
+    if config.progressive and any(s % 8 for s in config.progressive_sizes):
+        raise DeblurcliError("progressive sizes must be multiples of 8")
+    validate_common(config)
+    accelerator = engine.make_accelerator(config)
+    progressive = (tuple(config.progressive_sizes), config.progressive_steps) \
+        if config.progressive else None
+    data = engine.build_data(config, world=accelerator.num_processes, progressive=progressive)
+    output, state = engine.prepare_output(config)
+    model = build_model(config)
+    params = set_trainable(model, config)
+    if config.grad_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        model.evae.enable_gradient_checkpointing()
+    perceptual = build_perceptual(config.perceptual, fallback=config.perceptual_fallback,
+                                  device=accelerator.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 1)
+        disc = LatentDiscriminator()
+    gen = GeneratorStep(model)
+    opt_g = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=config.disc_lr or config.lr,
+                              betas=(0.5, 0.999))
+    sched_g = engine.warmup_scheduler(opt_g, config.warmup_steps)
+    sched_d = engine.warmup_scheduler(opt_d, config.warmup_steps)
+    gen, disc, opt_g, opt_d = accelerator.prepare(gen, disc, opt_g, opt_d)
+    perceptual = perceptual.to(accelerator.device)
+    use_gan = config.lambda2 > 0
+
+    def train_step(batch: dict, step: int) -> dict[str, float]:
+        blur, sharp = batch["blur"], batch["sharp"]
+        gan_on = use_gan and step >= config.gan_start
+        raw_disc = accelerator.unwrap_model(disc)
+        with accelerator.accumulate(gen, disc):
+            with accelerator.autocast():
+                pred, z_hat = gen(blur)
+            pred = pred.float()
+            l2 = F.mse_loss(pred, sharp)
+            ea = edge_aware(perceptual, pred, sharp) if config.lambda1 > 0 else l2.new_zeros(())
+            loss = l2 + config.lambda1 * ea
+            lg = l2.new_zeros(())
+            if gan_on:
+                frozen = {n: p.detach() for n, p in raw_disc.named_parameters()}
+                with accelerator.autocast():
+                    fake_logits = torch.func.functional_call(raw_disc, frozen, (z_hat,))
+                lg = generator_loss(fake_logits.float())
+                loss = loss + config.lambda2 * lg
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            opt_g.step()
+            if accelerator.sync_gradients:
+                sched_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            ld = l2.new_zeros(())
+            if gan_on:
+                with torch.no_grad(), accelerator.autocast():
+                    z_real = sharp_latent(accelerator.unwrap_model(gen).model.evae, sharp)
+                with accelerator.autocast():
+                    logits = disc(torch.cat([z_real, z_hat.detach()], dim=0))
+                real_logits, fake_logits = logits.float().chunk(2)
+                ld = discriminator_loss(real_logits, fake_logits)
+                accelerator.backward(ld)
+                opt_d.step()
+                if accelerator.sync_gradients:
+                    sched_d.step()
+                opt_d.zero_grad(set_to_none=True)
+        return {"loss": loss.item(), "l2": l2.item(), "ea": float(ea.item()),
+                "gan_g": float(lg.item()), "gan_d": float(ld.item())}
+
+    def predict(blur: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
+        return accelerator.unwrap_model(gen)(blur)[0]
+
+    def save_output(folder: Path) -> None:
+        net = accelerator.unwrap_model(gen).model
+        save_model_folder(folder, net, extra={
+            "trained_by": "deblurcli train-diffusion",
+            "trained": "full" if config.full else f"adapter:{config.adapter}",
+            "init": config.init, "evae": config.evae, "base_model": config.base_model})
+
+    stage = engine.Stage(modules={"unet": gen, "disc": disc},
+                         optimizers={"unet": opt_g, "disc": opt_d},
+                         schedulers={"unet": sched_g, "disc": sched_d}, train_step=train_step,
+                         predict=predict, save_output=save_output, trained=[gen, disc])
+    return engine.run(config, accelerator, stage, data, output, state, progress)

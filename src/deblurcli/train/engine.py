@@ -1,0 +1,440 @@
+"""The training engine shared by both stages: accelerate set-up, data loading, the step loop,
+checkpoints / resume / Ctrl-C, validation (PSNR, SSIM, comparison PNG) and CSV/TensorBoard logs.
+
+A stage (``train.vae``, ``train.diffusion``) provides a :class:`Stage`: the modules whose trainable
+tensors are checkpointed, the optimizers and LR schedulers, a ``train_step`` for one micro-batch,
+a ``predict`` for validation and a ``save_output`` that writes the final model folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deblurcli.errors import DeblurcliError
+from deblurcli.progress import ProgressFn, report
+from deblurcli.train import checkpoint as ckpt
+from deblurcli.train import data as dt
+from deblurcli.train.config import CommonConfig, config_to_dict, validate_common
+
+
+# ----------------------------------------------------------------------------- accelerate
+def make_accelerator(config: CommonConfig, *, find_unused_parameters: bool = False):
+    """An ``accelerate.Accelerator`` for ``config`` (mixed precision, gradient accumulation).
+
+    Started with ``accelerate launch`` it spans every GPU / node it was given; started directly it
+    uses one device (the CPU with ``config.cpu`` or when no GPU exists).
+    ``find_unused_parameters`` is passed to DDP (stage 1 needs it: E1's latent head gets no
+    gradient when only its skips are used).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    mixed = config.mixed_precision
+    if mixed != "no" and (config.cpu or not torch.cuda.is_available()):
+        mixed = "no"  # half precision on the CPU is slow and poorly supported
+    return Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=config.cpu,
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=find_unused_parameters)],
+    )
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """dtype for frozen weights under the accelerator's mixed precision."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
+                                                               torch.float32)
+
+
+def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int):
+    """Constant LR after a linear warm-up (independent of ``max_steps``: runs can be extended)."""
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class DataBundle:
+    """Training and validation datasets of a run."""
+
+    train: dt.PairedDataset
+    val: dt.ValidationDataset | None
+
+
+def build_data(config: CommonConfig, *, world: int = 1,
+               progressive: tuple[tuple[int, ...], int] | None = None) -> DataBundle:
+    """Discover, validate and wrap the data of ``config`` (raises ``DatasetError`` early)."""
+    items, problems = dt.discover(
+        data=config.data, layout=config.layout, split=config.split, data_root=config.data_root,
+        blur=config.blur, sharp=config.sharp, sharp_photos=config.sharp_photos,
+        frames=config.frames, frames_per_blur=config.frames_per_blur)
+    source = config.data or config.blur or config.sharp_photos or config.frames or "dataset"
+    dt.validate_items(items, problems, min_size=8, source=f"dataset {source}")
+    if config.val_data:
+        # a GoPro root given as --val-data is read from its test split
+        val_items, val_problems = dt.discover(data=config.val_data, layout="auto", split="test",
+                                              data_root=config.data_root)
+        dt.validate_items(val_items, val_problems, source=f"validation set {config.val_data}")
+        train_items = items
+    else:
+        train_items, val_items = dt.split_validation(items, config.val_count, config.seed)
+    schedule = None
+    if progressive is not None:
+        sizes, steps_each = progressive
+        schedule = dt.CropSchedule(tuple(sizes), steps_each,
+                                   config.batch_size * world * config.grad_accum)
+    train = dt.PairedDataset(train_items, crop=config.crop, seed=config.seed,
+                             augment=config.augment, schedule=schedule)
+    val = dt.ValidationDataset(val_items, size=config.val_size, seed=config.seed) \
+        if val_items else None
+    return DataBundle(train=train, val=val)
+
+
+def make_loader(dataset: dt.PairedDataset, config: CommonConfig, *, rank: int, world: int,
+                start_step: int) -> torch.utils.data.DataLoader:
+    """Endless loader that starts at micro-batch ``start_step × grad_accum`` of this process."""
+    sampler = dt.StreamBatchSampler(config.batch_size, rank=rank, world=world,
+                                    start_batch=start_step * config.grad_accum)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                       num_workers=config.workers,
+                                       persistent_workers=config.workers > 0)
+
+
+# ----------------------------------------------------------------------------- metrics
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR in dB of images in ``[-1, 1]`` (computed on ``[0, 1]``)."""
+    mse = torch.mean(((pred.clamp(-1, 1) - target) * 0.5) ** 2).item()
+    return 100.0 if mse <= 1e-12 else 10.0 * math.log10(1.0 / mse)
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean SSIM (11×11 Gaussian window, σ = 1.5, on ``[0, 1]``, averaged over RGB)."""
+    x = ((pred.clamp(-1, 1) + 1) * 0.5).float()
+    y = ((target + 1) * 0.5).float()
+    coords = torch.arange(11, dtype=torch.float32) - 5
+    g = torch.exp(-(coords ** 2) / (2 * 1.5 ** 2))
+    g = (g / g.sum()).to(x.device)
+    window = (g[:, None] * g[None, :]).expand(x.shape[1], 1, 11, 11)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, window, groups=t.shape[1])
+
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    value = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return float(value.mean().item())
+
+
+# ----------------------------------------------------------------------------- logging
+class RunLog:
+    """CSV log (``OUTPUT/train_log.csv``) plus TensorBoard when it is installed."""
+
+    def __init__(self, output: Path, resume_step: int, enabled: bool) -> None:
+        self.path = output / "train_log.csv"
+        self.enabled = enabled
+        self.writer = None
+        self.fields: list[str] | None = None
+        if not enabled:
+            return
+        if self.path.is_file():
+            self._truncate_after(resume_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output / "tensorboard"))
+        except Exception:  # noqa: BLE001 - TensorBoard is optional
+            self.writer = None
+
+    def _truncate_after(self, step: int) -> None:
+        with self.path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        keep = [r for r in rows if int(float(r.get("step", 0) or 0)) <= step]
+        fields = list(rows[0].keys()) if rows else None
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            if fields:
+                writer = csv.DictWriter(fh, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(keep)
+        os.replace(tmp, self.path)
+        self.fields = fields
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        """Append one row; a value with a new name rewrites the file with a wider header."""
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **values}
+        if self.fields is None:
+            self.fields = list(row)
+        new_keys = [k for k in row if k not in self.fields]
+        if new_keys and self.path.is_file():
+            with self.path.open(newline="", encoding="utf-8") as fh:
+                rows = list(csv.DictReader(fh))
+            self.fields = self.fields + new_keys
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with tmp.open("w", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, fieldnames=self.fields)
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, self.path)
+        elif new_keys:
+            self.fields = self.fields + new_keys
+        new_file = not self.path.is_file() or self.path.stat().st_size == 0
+        with self.path.open("a", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.fields)
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        """Flush TensorBoard."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ----------------------------------------------------------------------------- stage protocol
+@dataclass
+class Stage:
+    """What a training stage gives the engine.
+
+    Attributes:
+        modules: name -> module whose ``requires_grad`` parameters are checkpointed.
+        optimizers / schedulers: by name (schedulers step once per optimiser step).
+        train_step: ``(batch, step) -> {loss name: value}`` for one micro-batch, including
+            backward and the (accumulation-aware) optimizer steps.
+        predict: ``(blurry, sharp)`` ``(B,3,H,W)`` in ``[-1,1]`` -> restored image, for
+            validation (stage 2 ignores ``sharp``; stage 1 needs it for E2).
+        save_output: write the final model folder into the given path.
+        trained: modules set to ``train()`` during the loop (others stay in ``eval()``).
+    """
+
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
+    train_step: Callable[[dict, int], dict[str, float]]
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    save_output: Callable[[Path], None]
+    trained: list[nn.Module] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    """Outcome of a run."""
+
+    step: int
+    output: Path
+    model_folder: Path | None
+    checkpoint: Path | None
+    interrupted: bool = False
+    last_losses: dict[str, float] = field(default_factory=dict)
+    validation: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    main_process: bool = True
+    start_step: int = 0
+
+
+def prepare_output(config: CommonConfig) -> tuple[Path, ckpt.Checkpoint | None]:
+    """Create the output folder and load the checkpoint to resume from (if any)."""
+    output = Path(config.output)
+    resume_path = ckpt.resolve_resume(config.resume, output)
+    state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+    if state is None and ckpt.list_checkpoints(output):
+        raise DeblurcliError(f"{output} already holds checkpoints; continue with --resume latest "
+                             "or choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    return output, state
+
+
+def restore(stage: Stage, state: ckpt.Checkpoint, unwrap: Callable[[nn.Module], nn.Module]) \
+        -> None:
+    """Load weights, optimizer and scheduler states and RNG from a checkpoint.
+
+    ``unwrap`` removes distributed wrappers (``accelerator.unwrap_model``), so parameter names
+    match the ones saved.
+    """
+    for name, module in stage.modules.items():
+        module = unwrap(module)
+        if name not in state.weights:
+            raise DeblurcliError(f"checkpoint {state.path} has no weights for {name!r}; resume "
+                                 "with the same stage and settings it was written with")
+        ckpt.load_trainable_state(module, state.weights[name])
+    for name, optimizer in stage.optimizers.items():
+        optimizer.load_state_dict(state.optimizers[name])
+    for name, scheduler in stage.schedulers.items():
+        scheduler.load_state_dict(state.schedulers[name])
+    ckpt.restore_rng_state(state.rng_tensors, state.rng_meta)
+
+
+def _validate(stage: Stage, val: dt.ValidationDataset, output: Path, step: int,
+              device: torch.device, autocast) -> dict[str, float]:
+    from deblurcli.images import write_image
+
+    for module in stage.trained:
+        module.eval()
+    psnrs, ssims, rows = [], [], []
+    with torch.no_grad(), autocast():
+        for index in range(len(val)):
+            sample = val[index]
+            blur = sample["blur"][None].to(device)
+            sharp = sample["sharp"][None].to(device)
+            pred = stage.predict(blur, sharp).float().clamp(-1, 1)
+            psnrs.append(psnr(pred, sharp))
+            ssims.append(ssim(pred, sharp))
+            if index < 4:
+                row = torch.cat([blur[0].float(), pred[0], sharp[0].float()], dim=2)
+                rows.append(((row + 1) * 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+    for module in stage.trained:
+        module.train()
+    if rows:
+        width = max(r.shape[1] for r in rows)
+        rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+        folder = output / "validation"
+        folder.mkdir(exist_ok=True)
+        sheet = np.concatenate(rows, axis=0).astype(np.float32)
+        write_image(folder / f"step-{step:09d}.png", sheet)
+    return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims))}
+
+
+class _InterruptFlag:
+    """Turns SIGINT into a flag checked between steps (second Ctrl-C interrupts at once)."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self.previous = None
+
+    def __enter__(self) -> _InterruptFlag:  # noqa: PYI034
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave the default handler
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, output: Path,
+        state: ckpt.Checkpoint | None, progress: ProgressFn | None = None) -> TrainResult:
+    """The step loop: train until ``max_steps``, checkpoint, validate, log; Ctrl-C saves and stops.
+
+    A ``KeyboardInterrupt`` (or SIGINT) saves a checkpoint at the last completed step and returns
+    with ``interrupted=True``.
+    """
+    validate_common(config)
+    start = state.step if state is not None else 0
+    if state is not None:
+        restore(stage, state, accelerator.unwrap_model)
+    main = accelerator.is_main_process
+    log = RunLog(output, start, enabled=main)
+    resolved = config_to_dict(config)
+    if main:
+        ckpt.write_json_atomic(output / "config.json", resolved)
+
+    def save(step_now: int) -> Path | None:
+        accelerator.wait_for_everyone()
+        path = None
+        if main:
+            path = ckpt.save_checkpoint(
+                output, step_now,
+                weights={n: ckpt.trainable_state(accelerator.unwrap_model(m))
+                         for n, m in stage.modules.items()},
+                optimizers=stage.optimizers, schedulers=stage.schedulers, config=resolved,
+                keep=config.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return path
+
+    step = start
+    losses: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    count = 0
+    validation: dict[str, float] = {}
+    last_ckpt: Path | None = state.path if state is not None else None
+    interrupted = False
+    began = time.perf_counter()
+    loader = make_loader(data.train, config, rank=accelerator.process_index,
+                         world=accelerator.num_processes, start_step=start)
+    for module in stage.trained:
+        module.train()
+    report(progress, "steps", step, config.max_steps)
+    with _InterruptFlag() as flag:
+        try:
+            batches = iter(loader)
+            while step < config.max_steps and not flag.hit:
+                batch = next(batches)
+                batch = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v)
+                         for k, v in batch.items()}
+                values = stage.train_step(batch, step)
+                for key, value in values.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                count += 1
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                losses = {k: v / count for k, v in sums.items()}
+                sums, count = {}, 0
+                lr = next(iter(stage.optimizers.values())).param_groups[0]["lr"]
+                if step % config.log_every == 0 or step == config.max_steps:
+                    log.log(step, {**losses, "lr": lr})
+                if data.val is not None and (step % config.validate_every == 0
+                                             or step == config.max_steps):
+                    if main:
+                        validation = _validate(stage, data.val, output, step,
+                                               accelerator.device, accelerator.autocast)
+                        log.log(step, validation)
+                    accelerator.wait_for_everyone()
+                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                    last_ckpt = save(step)
+                report(progress, "steps", step, config.max_steps, **losses, **validation)
+                if accelerator.num_processes > 1:  # every process stops at the same step
+                    hit = torch.tensor(float(flag.hit), device=accelerator.device)
+                    flag.hit = bool(accelerator.reduce(hit, reduction="sum").item() > 0)
+        except KeyboardInterrupt:
+            flag.hit = True
+        if flag.hit and step < config.max_steps:
+            interrupted = True
+            last_ckpt = save(step)
+    log.close()
+    model_folder = None
+    if not interrupted:
+        accelerator.wait_for_everyone()
+        if main:
+            model_folder = output / "model"
+            tmp = output / ".model.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            stage.save_output(tmp)
+            ckpt.write_json_atomic(tmp / "training.json", {**resolved, "steps": step})
+            if model_folder.exists():
+                shutil.rmtree(model_folder)
+            os.replace(tmp, model_folder)
+        accelerator.wait_for_everyone()
+    return TrainResult(step=step, output=output, model_folder=model_folder, checkpoint=last_ckpt,
+                       interrupted=interrupted, last_losses=losses, validation=validation,
+                       seconds=time.perf_counter() - began, main_process=main,
+                       start_step=start)

@@ -1,0 +1,193 @@
+"""Stage 1: train the eVAE (paper Sec. 3.1.3).
+
+E1 sees the blurry image and supplies the skip features, E2 sees the sharp image and supplies the
+latent, and the decoder must rebuild the sharp image from ``(E2(x_sharp), skips(E1(x_blurry)))``::
+
+    L = L1(x̂, x_sharp) + α · perceptual(x̂, x_sharp)
+
+Modes: ``joint`` (eVAE₃: E1, E2, skips and decoder train), ``freeze-e2`` (eVAE₂: E2 frozen) and
+``no-skips`` (plain VAE fine-tuning without skips: E2(sharp) → decoder, the ablation baseline).
+
+The output folder (``OUTPUT/model``) holds the eVAE in diffusers format (``config.json`` +
+``diffusion_pytorch_model.safetensors``); stage 2 picks it up with ``train-diffusion --evae DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deblurcli.errors import DeblurcliError, WeightsError
+from deblurcli.progress import ProgressFn
+from deblurcli.train import engine
+from deblurcli.train.config import VaeTrainConfig, validate_common
+from deblurcli.train.losses import build_perceptual
+
+VAE_MODES = ("joint", "freeze-e2", "no-skips")
+
+
+def evae_presets() -> dict[str, dict]:
+    """Named eVAE configurations for training from scratch (``--preset``)."""
+    from deblurcli.models.presets import PRESETS, preset_config
+
+    return {name: dict(preset_config(name, sharp_encoder=True).evae) for name in PRESETS}
+
+
+def build_evae(config: VaeTrainConfig):
+    """The eVAE stage 1 starts from: a diffusers VAE / SD folder, a preset or a JSON config."""
+    from deblurcli.models.evae import EVAE
+
+    use_skips = config.mode != "no-skips"
+    sources = [s for s in (config.base_model, config.preset, config.evae_config) if s]
+    if len(sources) != 1:
+        raise DeblurcliError("give exactly one of --base-model (a diffusers VAE or Stable "
+                             "Diffusion folder), --preset or --evae-config")
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.base_model:
+        return EVAE.from_vae(config.base_model, use_skips=use_skips, sharp_encoder=True,
+                             generator=generator)
+    if config.preset:
+        presets = evae_presets()
+        if config.preset not in presets:
+            raise DeblurcliError(f"unknown eVAE preset {config.preset!r}; "
+                                 f"known: {', '.join(sorted(presets))}")
+        kwargs = dict(presets[config.preset])
+    else:
+        path = Path(config.evae_config)
+        try:
+            kwargs = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DeblurcliError(f"cannot read the eVAE config {path}: {exc}") from None
+    kwargs.update(use_skips=use_skips, sharp_encoder=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        try:
+            model = EVAE(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise DeblurcliError(f"invalid eVAE config: {exc}") from None
+    model.init_skip_weights(generator)
+    return model
+
+
+def load_evae(path: str | Path):
+    """Load an eVAE from a stage-1 output folder or from a model folder's ``evae.safetensors``.
+
+    Raises:
+        WeightsError: neither layout is found or the weights do not fit.
+    """
+    from safetensors.torch import load_file
+
+    from deblurcli.models.evae import EVAE
+
+    path = Path(path)
+    if (path / "diffusion_pytorch_model.safetensors").is_file():
+        try:
+            return EVAE.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise WeightsError(f"cannot load the eVAE from {path}: "
+                               f"{' '.join(str(exc).split())}") from None
+    if (path / "evae.safetensors").is_file():
+        from deblurcli.modelfolder import read_model_config
+
+        cfg = read_model_config(path)
+        model = EVAE(**dict(cfg["evae"]))
+        missing, unexpected = model.load_state_dict(load_file(str(path / "evae.safetensors")),
+                                                    strict=False)
+        if missing or unexpected:
+            raise WeightsError(f"{path}/evae.safetensors does not match its config.json")
+        return model
+    raise WeightsError(f"no eVAE in {path} (expected a train-vae output folder with "
+                       "diffusion_pytorch_model.safetensors, or a model folder)")
+
+
+class VaeStep(nn.Module):
+    """The stage-1 forward pass as one module (so DDP sees every trained parameter)."""
+
+    def __init__(self, evae: nn.Module, mode: str) -> None:
+        super().__init__()
+        self.evae = evae
+        self.mode = mode
+
+    def forward(self, blur: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
+        z = self.evae.encode_sharp(sharp)
+        if self.mode == "no-skips":
+            return self.evae.decode(z, ())
+        _, skips = self.evae.encode(blur)
+        return self.evae.decode(z, skips)
+
+
+def set_trainable(evae: nn.Module, mode: str) -> None:
+    """``requires_grad`` per mode (see the module docstring)."""
+    for p in evae.parameters():
+        p.requires_grad_(True)
+    if mode == "freeze-e2":
+        for module in (evae.encoder_sharp, evae.quant_conv_sharp):
+            if module is not None:
+                module.requires_grad_(False)
+    elif mode == "no-skips":  # E1 is not used: keep it as it is
+        for module in (evae.encoder, evae.quant_conv):
+            if module is not None:
+                module.requires_grad_(False)
+
+
+def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> engine.TrainResult:
+    """Run stage 1 (see the module docstring); returns the :class:`TrainResult`.
+
+    Raises:
+        DeblurcliError: bad settings, data or weights (one line, before any training step).
+    """
+    if config.mode not in VAE_MODES:
+        raise DeblurcliError(f"unknown mode {config.mode!r}; choose from {', '.join(VAE_MODES)}")
+    validate_common(config)
+    accelerator = engine.make_accelerator(config, find_unused_parameters=True)
+    data = engine.build_data(config, world=accelerator.num_processes)
+    output, state = engine.prepare_output(config)
+    evae = build_evae(config)
+    if config.mode == "no-skips" and evae.skip_blocks is not None:
+        raise DeblurcliError("--no-skips needs an eVAE without skips")
+    set_trainable(evae, config.mode)
+    if config.grad_checkpointing:
+        evae.enable_gradient_checkpointing()
+    perceptual = build_perceptual(config.perceptual, fallback=config.perceptual_fallback,
+                                  device=accelerator.device)
+    step_module = VaeStep(evae, config.mode)
+    params = [p for p in evae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = engine.warmup_scheduler(optimizer, config.warmup_steps)
+    step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    perceptual = perceptual.to(accelerator.device)
+
+    def train_step(batch: dict, step: int) -> dict[str, float]:
+        with accelerator.accumulate(step_module):
+            with accelerator.autocast():
+                pred = step_module(batch["blur"], batch["sharp"])
+            pred = pred.float()
+            l1 = F.l1_loss(pred, batch["sharp"])
+            perc = perceptual(pred, batch["sharp"]) if config.alpha > 0 else pred.new_zeros(())
+            loss = l1 + config.alpha * perc
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item(), "l1": l1.item(), "perceptual": float(perc.item())}
+
+    def predict(blur: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
+        # the training objective itself: decoder(E2(sharp), skips(E1(blurry))) -> sharp
+        return accelerator.unwrap_model(step_module)(blur, sharp)
+
+    def save_output(folder: Path) -> None:
+        model = accelerator.unwrap_model(step_module).evae
+        model.save_pretrained(folder, safe_serialization=True)
+
+    stage = engine.Stage(modules={"evae": step_module}, optimizers={"evae": optimizer},
+                         schedulers={"evae": scheduler}, train_step=train_step,
+                         predict=predict, save_output=save_output,
+                         trained=[step_module])
+    return engine.run(config, accelerator, stage, data, output, state, progress)

@@ -1,0 +1,89 @@
+"""Checkpoints (safetensors + JSON), RNG state and configuration files."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deblurcli.errors import DeblurcliError
+from deblurcli.train import checkpoint as ckpt
+from deblurcli.train import config as cfg
+
+
+def _opt_step(model, opt) -> None:
+    loss = model(torch.ones(2, 3)).pow(2).sum()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def test_optimizer_state_roundtrip() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _ in range(3):
+        _opt_step(model, opt)
+    tensors, meta = ckpt.optimizer_state_to_tensors(opt.state_dict())
+    tensors = {k: v.clone() for k, v in tensors.items()}  # as if read back from the file
+    twin = torch.nn.Linear(3, 2)
+    twin.load_state_dict(model.state_dict())
+    opt2 = torch.optim.AdamW(twin.parameters(), lr=0.5)
+    opt2.load_state_dict(ckpt.optimizer_state_from_tensors(tensors, meta))
+    assert opt2.param_groups[0]["lr"] == 0.1
+    _opt_step(model, opt)
+    _opt_step(twin, opt2)
+    assert torch.equal(model.weight, twin.weight)
+
+
+def test_rng_state_roundtrip() -> None:
+    tensors, meta = ckpt.capture_rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.restore_rng_state(tensors, meta)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_save_load_prune_and_resume(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    opt = torch.optim.AdamW([model.weight], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, weights={"m": ckpt.trainable_state(model)},
+                             optimizers={"m": opt}, schedulers={"m": sched},
+                             config={"lr": 0.1}, keep=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]
+    latest = ckpt.resolve_resume("latest", tmp_path)
+    state = ckpt.load_checkpoint(latest)
+    assert state.step == 3 and set(state.weights["m"]) == {"weight"}
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt*"))
+    with torch.no_grad():
+        model.weight.zero_()
+    ckpt.load_trainable_state(model, state.weights["m"])
+    assert torch.equal(model.weight, state.weights["m"]["weight"])
+    with pytest.raises(DeblurcliError, match="does not match"):
+        ckpt.load_trainable_state(torch.nn.Linear(4, 2), state.weights["m"])
+    with pytest.raises(DeblurcliError, match="no checkpoint"):
+        ckpt.resolve_resume("latest", tmp_path / "empty")
+    assert ckpt.resolve_resume("auto", tmp_path / "empty") is None
+
+
+def test_config_layers(tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text('lr = 0.001\nmax-steps = 50\n[data]\ncrop = 64\n')
+    config = cfg.resolve_config(cfg.VaeTrainConfig, str(toml), {"max_steps": 7, "lr": None,
+                                                                "output": str(tmp_path / "o")})
+    assert (config.lr, config.max_steps, config.crop) == (0.001, 7, 64)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("adapter: real\nlambda2: 0.5\n")
+    config = cfg.resolve_config(cfg.DiffusionTrainConfig, str(yaml_file), {})
+    assert (config.adapter, config.lambda2) == ("real", 0.5)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rate = 1\n")
+    with pytest.raises(DeblurcliError, match="unknown setting 'learning_rate'"):
+        cfg.resolve_config(cfg.VaeTrainConfig, str(bad), {})
+    with pytest.raises(DeblurcliError, match="config file not found"):
+        cfg.read_config_file(tmp_path / "missing.toml")

@@ -1,0 +1,135 @@
+"""Training data: layouts, early validation, seeded aligned augmentation, resumable order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deblurcli.errors import DatasetError
+from deblurcli.images import write_image
+from deblurcli.train import data as dt
+
+
+def _img(seed: int, h: int = 24, w: int = 24) -> np.ndarray:
+    return np.random.default_rng(seed).random((h, w, 3), dtype=np.float32)
+
+
+def _pair(folder: Path, name: str, seed: int, size=(24, 24), sharp_size=None) -> None:
+    write_image(folder / "blur" / name, _img(seed, *size))
+    write_image(folder / "sharp" / name, _img(seed + 100, *(sharp_size or size)))
+
+
+def test_gopro_layout(tmp_path: Path) -> None:
+    for seq in ("GOPR0001", "GOPR0002"):
+        for i in range(2):
+            _pair(tmp_path / "train" / seq, f"{i:06d}.png", i)
+    assert dt.detect_layout(tmp_path) == "gopro"
+    items, problems = dt.discover(data=str(tmp_path))
+    assert problems == [] and len(items) == 4
+    assert all(isinstance(it, dt.PairItem) and it.blur.parent.name == "blur" for it in items)
+    dt.validate_items(items, problems)
+
+
+def test_realblur_list_and_missing_file(tmp_path: Path) -> None:
+    _pair(tmp_path / "scene1", "1.png", 0)
+    (tmp_path / "list.txt").write_text("scene1/sharp/1.png scene1/blur/1.png\n"
+                                       "scene1/sharp/2.png scene1/blur/2.png\n")
+    assert dt.detect_layout(tmp_path / "list.txt") == "realblur"
+    items, problems = dt.discover(data=str(tmp_path / "list.txt"))
+    assert len(items) == 1 and items[0].sharp.name == "1.png"
+    assert items[0].blur.parent.name == "blur"
+    assert len(problems) == 1 and "list.txt:2" in problems[0]
+    with pytest.raises(DatasetError, match="1 problem"):
+        dt.validate_items(items, problems)
+
+
+def test_synth_layout_and_folder_pairs(tmp_path: Path) -> None:
+    _pair(tmp_path, "a.png", 1)
+    _pair(tmp_path, "sub/b.png", 2)
+    assert dt.detect_layout(tmp_path) == "synth"
+    items, problems = dt.discover(data=str(tmp_path))
+    assert len(items) == 2 and not problems
+    items2, _ = dt.discover(blur=str(tmp_path / "blur"), sharp=str(tmp_path / "sharp"))
+    assert items2 == items
+
+
+def test_validation_lists_first_five_offenders(tmp_path: Path) -> None:
+    for i in range(7):
+        write_image(tmp_path / "blur" / f"x{i}.png", _img(i))
+    write_image(tmp_path / "sharp" / "x0.png", _img(0))
+    _pair(tmp_path, "big.png", 9, size=(24, 24), sharp_size=(24, 32))
+    items, problems = dt.pair_folders(tmp_path / "blur", tmp_path / "sharp")
+    with pytest.raises(DatasetError) as info:
+        dt.validate_items(items, problems)
+    message = str(info.value)
+    assert "\n" not in message and "7 problem(s)" in message and "(+2 more)" in message
+    assert message.count("no sharp partner") == 5
+    # a size mismatch alone is reported too
+    with pytest.raises(DatasetError, match="size mismatch"):
+        dt.validate_items([it for it in items if it.blur.name == "big.png"])
+
+
+def test_no_source_or_two_sources() -> None:
+    with pytest.raises(DatasetError, match="no training data"):
+        dt.discover()
+    with pytest.raises(DatasetError, match="one data source"):
+        dt.discover(data="x", sharp_photos="y")
+
+
+def test_augment_is_aligned_and_seeded() -> None:
+    img = _img(3, 40, 48)
+    a1, b1 = dt.augment_pair(img, img.copy(), np.random.default_rng(5), 16)
+    a2, _ = dt.augment_pair(img, img.copy(), np.random.default_rng(5), 16)
+    assert a1.shape == (16, 16, 3)
+    np.testing.assert_array_equal(a1, b1)  # same transform on both images
+    np.testing.assert_array_equal(a1, a2)  # same seed, same result
+    seen = {dt.augment_pair(img, img, np.random.default_rng(s), 16)[0].tobytes() for s in range(8)}
+    assert len(seen) > 4
+    small, _ = dt.augment_pair(_img(1, 10, 12), _img(1, 10, 12), np.random.default_rng(0), 16)
+    assert small.shape == (16, 16, 3)  # reflect-padded
+
+
+def test_dataset_positions_are_deterministic_epochs(tmp_path: Path) -> None:
+    for i in range(5):
+        _pair(tmp_path, f"{i}.png", i)
+    items, _ = dt.discover(data=str(tmp_path))
+    ds = dt.PairedDataset(items, crop=16, seed=3)
+    assert sorted(ds.index_at(p) for p in range(5)) == list(range(5))  # one epoch = each once
+    assert sorted(ds.index_at(p) for p in range(5, 10)) == list(range(5))
+    a, b = ds[7], dt.PairedDataset(items, crop=16, seed=3)[7]
+    assert a["blur"].shape == (3, 16, 16)
+    assert a["blur"].min() >= -1 and a["blur"].max() <= 1
+    assert (a["blur"] == b["blur"]).all() and (a["sharp"] == b["sharp"]).all()
+    sched = dt.CropSchedule((8, 16), steps_each=2, samples_per_step=3)
+    assert [sched.size_at(p) for p in (0, 5, 6, 100)] == [8, 8, 16, 16]
+
+
+def test_stream_sampler_resumes_and_shards() -> None:
+    full = iter(dt.StreamBatchSampler(2))
+    first = [next(full) for _ in range(5)]
+    resumed = iter(dt.StreamBatchSampler(2, start_batch=3))
+    assert [next(resumed) for _ in range(2)] == first[3:5]
+    r0 = iter(dt.StreamBatchSampler(2, rank=0, world=2))
+    r1 = iter(dt.StreamBatchSampler(2, rank=1, world=2))
+    batches = [next(r0), next(r1), next(r0), next(r1)]
+    assert sorted(p for b in batches for p in b) == list(range(8))
+
+
+def test_on_the_fly_sources(tmp_path: Path) -> None:
+    import skimage.data
+
+    photo = skimage.data.astronaut()[100:164, 180:244].astype(np.float32) / 255
+    write_image(tmp_path / "photos" / "a.png", photo)
+    items, _ = dt.discover(sharp_photos=str(tmp_path / "photos"))
+    sample = dt.PairedDataset(items, crop=32, seed=0, augment=False)[0]
+    assert sample["blur"].shape == (3, 32, 32)
+    assert float((sample["blur"] - sample["sharp"]).abs().mean()) > 1e-3
+    for i in range(6):  # frames: one clip folder, 2 windows of 3
+        write_image(tmp_path / "frames" / "clip" / f"{i:03d}.png", np.roll(photo, 2 * i, axis=1))
+    items, _ = dt.discover(frames=str(tmp_path / "frames"), frames_per_blur=3)
+    assert len(items) == 2 and len(items[0].frames) == 3
+    blur, sharp = dt.load_item(items[0], np.random.default_rng(0))
+    np.testing.assert_allclose(sharp, np.roll(photo, 2, axis=1), atol=1 / 255)
+    assert np.abs(blur - sharp).mean() > 1e-3

@@ -1,0 +1,261 @@
+"""Both training stages on tiny models (CPU): outputs load, losses fall, resume is exact, the
+CLI reports bad data in one line."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deblurcli.images import write_image
+from deblurcli.train.config import DiffusionTrainConfig, VaeTrainConfig
+from deblurcli.train.diffusion import train_diffusion
+from deblurcli.train.vae import load_evae, train_vae
+
+FAST = {"preset": "tiny", "crop": 32, "batch_size": 2, "val_size": 32, "cpu": True,
+        "perceptual": "none", "checkpoint_every": 100, "validate_every": 100, "log_every": 1}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    """Four 48x48 crops of skimage's astronaut with a horizontal box blur."""
+    import skimage.data
+    from scipy.ndimage import uniform_filter
+
+    root = tmp_path_factory.mktemp("pairs")
+    photo = skimage.data.astronaut().astype(np.float32) / 255
+    for i in range(4):
+        sharp = photo[60 + 90 * i: 108 + 90 * i, 160:208]
+        write_image(root / "blur" / f"p{i}.png", uniform_filter(sharp, size=(1, 5, 1)))
+        write_image(root / "sharp" / f"p{i}.png", sharp)
+    return root
+
+
+@pytest.fixture(scope="module")
+def evae_run(pairs: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("evae") / "run"
+    result = train_vae(VaeTrainConfig(data=str(pairs), output=str(out), max_steps=2, val_count=1,
+                                      **FAST))
+    assert result.step == 2 and not result.interrupted
+    return out
+
+
+def _losses(run: Path, key: str = "loss") -> list[float]:
+    with (run / "train_log.csv").open() as fh:
+        return [float(r[key]) for r in csv.DictReader(fh) if r.get(key)]
+
+
+def test_vae_stage_outputs(evae_run: Path) -> None:
+    evae = load_evae(evae_run / "model")
+    assert evae.skip_blocks is not None and evae.encoder_sharp is not None
+    assert (evae_run / "model" / "training.json").is_file()
+    assert list((evae_run / "validation").glob("step-*.png"))
+    assert len(_losses(evae_run)) == 2
+    assert len(_losses(evae_run, "val_psnr")) == 1  # validation at the last step, in the CSV
+    with torch.no_grad():
+        x = torch.zeros(1, 3, 32, 32)
+        assert evae.decode(*evae.encode(x)).shape == x.shape
+
+
+def test_vae_modes(pairs: Path, tmp_path: Path) -> None:
+    run = tmp_path / "frozen"
+    train_vae(VaeTrainConfig(data=str(pairs), output=str(run), max_steps=2, mode="freeze-e2",
+                             lr=1e-3, **FAST))
+    trained = load_evae(run / "model")
+    from deblurcli.train.vae import build_evae
+
+    start = build_evae(VaeTrainConfig(preset="tiny"))
+    for (name, a), (_, b) in zip(start.encoder_sharp.named_parameters(),
+                                 trained.encoder_sharp.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(start.decoder.conv_out.weight, trained.decoder.conv_out.weight)
+    run = tmp_path / "plain"
+    train_vae(VaeTrainConfig(data=str(pairs), output=str(run), max_steps=1, mode="no-skips",
+                             **FAST))
+    assert load_evae(run / "model").skip_blocks is None
+
+
+@pytest.fixture(scope="module")
+def one_pair(pairs: Path, tmp_path_factory) -> Path:
+    one = tmp_path_factory.mktemp("one")
+    for sub in ("blur", "sharp"):
+        (one / sub).mkdir(parents=True)
+        shutil.copy(pairs / sub / "p1.png", one / sub / "p1.png")
+    return one
+
+
+def test_vae_overfits_one_batch(one_pair: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_vae(VaeTrainConfig(data=str(one_pair), output=str(run), max_steps=30, lr=3e-3,
+                             augment=False, **{**FAST, "batch_size": 1, "crop": 48}))
+    losses = _losses(run)
+    assert len(losses) == 30 and np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3])
+
+
+def test_diffusion_stage_writes_loadable_model_folder(pairs: Path, evae_run: Path,
+                                                      tmp_path: Path) -> None:
+    from deblurcli.modelfolder import load_model_folder, read_model_config
+
+    run = tmp_path / "lora"
+    result = train_diffusion(DiffusionTrainConfig(
+        data=str(pairs), output=str(run), max_steps=2, evae=str(evae_run / "model"),
+        adapter="synthetic", val_count=1, **{**FAST, "perceptual": "stlpips"}))
+    assert result.model_folder == run / "model"
+    assert set(read_model_config(run / "model")["lora"]) == {"real", "synthetic"}
+    model = load_model_folder(run / "model", gamma=0.3)
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 32, 32))
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    trained_skips = load_evae(evae_run / "model").skip_blocks[0][2].weight
+    assert torch.equal(model.evae.skip_blocks[0][2].weight, trained_skips)  # eVAE stayed frozen
+    from deblurcli.cli.app import app
+
+    result = CliRunner().invoke(app, ["deblur", str(pairs / "blur" / "p0.png"), str(tmp_path / "o"),
+                                      "--weights", str(run / "model"), "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    assert len(list((tmp_path / "o").iterdir())) == 1
+
+
+def test_diffusion_full_overfits(one_pair: Path, tmp_path: Path) -> None:
+    run = tmp_path / "full"
+    train_diffusion(DiffusionTrainConfig(data=str(one_pair), output=str(run), max_steps=20,
+                                         lr=2e-3, full=True, lambda2=0.0, augment=False,
+                                         **{**FAST, "batch_size": 1, "crop": 48}))
+    losses = _losses(run, "l2")  # the frozen random decoder bounds how low it can go
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:3])
+
+
+def test_progressive_sizes_with_accumulation(pairs: Path, tmp_path: Path, monkeypatch) -> None:
+    seen: list[int] = []
+    config = DiffusionTrainConfig(data=str(pairs), output=str(tmp_path / "p"), max_steps=2,
+                                  grad_accum=2, progressive=True, progressive_sizes=[16, 24],
+                                  progressive_steps=1, lambda2=0.0, **FAST)
+    from deblurcli.train import diffusion
+
+    original = diffusion.GeneratorStep.forward
+
+    def spy(self, blur):
+        seen.append(blur.shape[-1])
+        return original(self, blur)
+
+    monkeypatch.setattr(diffusion.GeneratorStep, "forward", spy)
+    result = train_diffusion(config)
+    assert result.step == 2 and seen == [16, 16, 24, 24]  # 2 micro-batches per step
+    assert len(_losses(tmp_path / "p")) == 2
+
+
+def test_interrupted_then_resumed_matches_uninterrupted(pairs: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    common = dict(data=str(pairs), max_steps=4, lr=1e-3, adapter="synthetic",
+                  **{**FAST, "checkpoint_every": 1})
+    train_diffusion(DiffusionTrainConfig(output=str(tmp_path / "a"), **common))
+
+    def stop_at_2(event) -> None:  # Ctrl-C during step 3: the run stops after step 2
+        if event.done == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    b = tmp_path / "b"
+    first = train_diffusion(DiffusionTrainConfig(output=str(b), **common), progress=stop_at_2)
+    assert first.interrupted and first.step == 2 and first.model_folder is None
+    from deblurcli.train.config import resolve_config
+
+    config = resolve_config(DiffusionTrainConfig, None, {"resume": "latest", "output": str(b)})
+    assert config.max_steps == 4 and config.adapter == "synthetic"
+    second = train_diffusion(config)
+    assert second.step == 4 and not second.interrupted
+    for name in ("unet", "disc"):
+        wa = load_file(str(tmp_path / "a" / "checkpoints" / "step-000000004" /
+                           f"weights-{name}.safetensors"))
+        wb = load_file(str(b / "checkpoints" / "step-000000004" / f"weights-{name}.safetensors"))
+        assert wa.keys() == wb.keys() and wa
+        for key in wa:
+            assert torch.allclose(wa[key], wb[key], atol=1e-6), key
+
+
+def test_init_carries_over_the_other_adapter(pairs: Path, tiny_model_folder: Path,
+                                             tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    run = tmp_path / "real"
+    train_diffusion(DiffusionTrainConfig(data=str(pairs), output=str(run), max_steps=2, lr=1e-2,
+                                         init=str(tiny_model_folder), adapter="real",
+                                         **{k: v for k, v in FAST.items() if k != "preset"}))
+    for name, same in (("synthetic", True), ("real", False)):
+        before = load_file(str(tiny_model_folder / f"lora_{name}.safetensors"))
+        after = load_file(str(run / "model" / f"lora_{name}.safetensors"))
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before) == same, name
+    prompt = "prompt.safetensors"
+    assert torch.equal(load_file(str(tiny_model_folder / prompt))["prompt_embeds"],
+                       load_file(str(run / "model" / prompt))["prompt_embeds"])
+
+
+def test_cli_reports_bad_dataset_in_one_line(pairs: Path, tmp_path: Path) -> None:
+    from deblurcli.cli.app import app
+
+    bad = tmp_path / "bad"
+    shutil.copytree(pairs, bad)
+    (bad / "sharp" / "p2.png").unlink()
+    result = CliRunner().invoke(app, ["train-diffusion", "--data", str(bad), "--preset", "tiny",
+                                      "--cpu", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "p2.png" in lines[0] and "no sharp partner" in lines[0]
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["train-vae", "--data", str(pairs), "--crop", "30"])
+    assert result.exit_code == 2
+
+
+def test_cli_train_vae_runs(pairs: Path, tmp_path: Path) -> None:
+    from deblurcli.cli.app import app
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["train-vae", "--blur", str(pairs / "blur"), "--sharp",
+                                      str(pairs / "sharp"), "--preset", "tiny", "--cpu",
+                                      "--perceptual", "none", "--crop", "32", "--batch-size", "1",
+                                      "--max-steps", "1", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert f"model folder: {out / 'model'}" in result.stdout
+    # --config file + flags, then --resume with a larger --max-steps
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'blur = "{pairs / "blur"}"\nsharp = "{pairs / "sharp"}"\npreset = "tiny"\n'
+                    'cpu = true\nperceptual = "none"\n[data]\ncrop = 32\nbatch-size = 1\n')
+    out2 = tmp_path / "cli2"
+    args = ["train-vae", "--config", str(toml), "-o", str(out2), "-q"]
+    assert CliRunner().invoke(app, [*args, "--max-steps", "1"]).exit_code == 0
+    result = CliRunner().invoke(app, [*args, "--max-steps", "2", "--resume", "latest"])
+    assert result.exit_code == 0, result.stderr
+    assert "step 2 (resumed at 1): 1 steps" in result.stdout
+    assert '"crop": 32' in (out2 / "config.json").read_text()
+
+
+def test_stages_from_a_diffusers_base_folder(pairs: Path, tmp_path: Path) -> None:
+    """--base-model with a (tiny) Stable-Diffusion-style folder: unet/ + vae/."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from deblurcli.modelfolder import load_model_folder
+    from deblurcli.models.osdd import tiny_osdd_config
+
+    tiny = tiny_osdd_config()
+    base = tmp_path / "sd"
+    vae_keys = {k: v for k, v in tiny.evae.items() if k not in ("use_skips", "sharp_encoder")}
+    torch.manual_seed(0)
+    AutoencoderKL(**vae_keys).save_pretrained(base / "vae")
+    UNet2DConditionModel(**tiny.unet).save_pretrained(base / "unet")
+    fast = {k: v for k, v in FAST.items() if k != "preset"}
+    train_vae(VaeTrainConfig(data=str(pairs), output=str(tmp_path / "e"), max_steps=1,
+                             base_model=str(base), **fast))
+    train_diffusion(DiffusionTrainConfig(data=str(pairs), output=str(tmp_path / "d"), max_steps=1,
+                                         base_model=str(base), evae=str(tmp_path / "e" / "model"),
+                                         lora_rank=2, grad_checkpointing=True, **fast))
+    model = load_model_folder(tmp_path / "d" / "model")
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
