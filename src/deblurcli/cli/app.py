@@ -23,10 +23,10 @@ from deblurcli._version import __version__
 
 # Each module listed here defines ``register(app: typer.Typer) -> None``.
 COMMAND_MODULES: tuple[str, ...] = (
-    "deblurcli.cli.synth",
-    "deblurcli.cli.blend",
     "deblurcli.cli.deblur",
     "deblurcli.cli.evaluate",
+    "deblurcli.cli.blend",
+    "deblurcli.cli.synth",
     "deblurcli.cli.train",
 )
 
