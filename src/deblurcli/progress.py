@@ -7,7 +7,8 @@ it with :class:`ProgressEvent` objects; the CLI turns those into Rich progress b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
+from collections.abc import Callable
 
 
 @dataclass(frozen=True)

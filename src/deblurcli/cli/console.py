@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator, Optional
+from typing import Optional
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import (

@@ -35,7 +35,8 @@ def synth(
         str | None,
         typer.Option(
             "--src",
-            help="Folder of sharp photos (searched recursively); a bare name such as DF2K is looked up in the working directory, then in $DEBLURCLI_DATA.",
+            help="Folder of sharp photos (searched recursively); a bare name such as DF2K is "
+            "looked up in the working directory, then in $DEBLURCLI_DATA.",
         ),
     ] = None,
     frames: Annotated[
@@ -49,7 +50,8 @@ def synth(
         int | None,
         typer.Option(
             "--crop",
-            help="Crop side in pixels, a multiple of 8 (images mode default 512; frames mode default: whole frames).",
+            help="Crop side in pixels, a multiple of 8 (images mode default 512; "
+            "frames mode default: whole frames).",
         ),
     ] = None,
     stride: Annotated[

@@ -16,7 +16,7 @@ The functions return fresh :class:`OSDDConfig` objects (no shared mutable state)
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from deblurcli.models import adapters as ad
 from deblurcli.models.osdd import OSDDConfig, tiny_osdd_config

@@ -92,7 +92,7 @@ def extract_region(
             region = np.pad(region, pads, mode="edge")
             break
         region = np.pad(region, step, mode="reflect")
-        pads = tuple((a - s[0], b - s[1]) for (a, b), s in zip(pads[:2], step[:2])) + pads[2:]
+        pads = tuple((a - s[0], b - s[1]) for (a, b), s in zip(pads[:2], step[:2], strict=True)) + pads[2:]
     return region
 
 

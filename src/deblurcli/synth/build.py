@@ -379,7 +379,7 @@ def _plan_images(cfg: SynthConfig, src: Path, warn: WarnFn, result: SynthResult)
     rels = [p.relative_to(src).as_posix() for p in paths]
     names = _base_names(rels)
     specs = []
-    for p, rel in zip(paths, rels):
+    for p, rel in zip(paths, rels, strict=True):
         try:
             h, w = image_size(p)
         except ImageReadError as exc:

@@ -65,7 +65,7 @@ class TrajectoryParams:
     angle: float
 
     def to_dict(self) -> dict:
-        """Plain-JSON view (floats rounded for a readable manifest; exact values are re-drawn from the seed)."""
+        """Plain-JSON view (floats rounded for a readable manifest; exact values re-drawn from the seed)."""
         d = asdict(self)
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
 
