@@ -196,3 +196,22 @@ def test_fuse_model_folder_ignores_gamma_with_a_note(tiny_osdd, tiny_model_folde
         fused.set_gamma(0.5)
     with pytest.raises(WeightsError, match="already fused"):
         fuse_model_folder(tmp_path / "fused", tmp_path / "again", 0.5)
+
+
+def test_export_model_folder_keeps_adapters_drops_e2_and_halves_storage(tiny_model_folder, tmp_path):
+    import torch
+
+    from deblurcli.modelfolder import export_model_folder, load_model_folder, read_model_config
+
+    out = tmp_path / "exported"
+    export_model_folder(tiny_model_folder, out, extra={"note": "test"})
+    config = read_model_config(out)
+    assert config["storage_dtype"] == "float16"
+    assert config["extra"]["note"] == "test"
+    assert set(config["lora"]) == {"real", "synthetic"}
+    assert (out / "evae.safetensors").stat().st_size < (tiny_model_folder / "evae.safetensors").stat().st_size
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    for gamma in (0.0, 1.0):
+        a = load_model_folder(tiny_model_folder, gamma=gamma)(x)
+        b = load_model_folder(out, gamma=gamma)(x)
+        assert torch.allclose(a, b, atol=2e-2), (a - b).abs().max()

@@ -398,3 +398,23 @@ def fuse_model_folder(src: PathLike, out: PathLike, gamma: float, *,
     extra = dict(config.get("extra") or {})
     extra["fused_from"] = str(Path(src).name)
     save_model_folder(out, model, extra=extra, storage_dtype=dtype, include_sharp_encoder=False)
+
+
+def export_model_folder(src: PathLike, out: PathLike, *,
+                        storage_dtype: torch.dtype = torch.float16,
+                        extra: dict | None = None) -> None:
+    """Write an inference copy of model folder ``src``: both adapters kept (γ stays free), the
+    sharp encoder E2 dropped (training only) and weights stored as ``storage_dtype``.
+
+    This is how a trained run becomes a shippable folder such as the packaged ``weights/``.
+    ``extra`` entries are merged into the config's ``"extra"`` record.
+    """
+    config = read_model_config(src)
+    if config.get("fused"):
+        raise WeightsError(f"{src} is fused; export the unfused training output instead")
+    model = load_model_folder(src, gamma=0.5, fuse=False)
+    merged = dict(config.get("extra") or {})
+    merged.update(extra or {})
+    merged["exported_from"] = str(Path(src).resolve().name)
+    save_model_folder(out, model, extra=merged, storage_dtype=storage_dtype,
+                      include_sharp_encoder=False)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Measure the default model the way docs/default-model.md and the README report it.
+# Usage: scripts/eval_default.sh [MODEL_DIR=src/deblurcli/weights] [DATA_DIR=../shared/data]
+#        [WORK_DIR=runs/default] [OUT_DIR=runs/eval-default]
+# Needs the held-out synthetic set made by scripts/train_default.sh (WORK_DIR/synth_kodak24).
+set -euo pipefail
+MODEL=${1:-src/deblurcli/weights}
+DATA=${2:-../shared/data}
+WORK=${3:-runs/default}
+OUT=${4:-runs/eval-default}
+mkdir -p "$OUT"
+# Held-out synthetic trajectory blur (kodak24, never trained on): PSNR/SSIM at gamma 1 and 0.7.
+deblurcli eval --blur "$WORK/synth_kodak24/blur" --sharp "$WORK/synth_kodak24/sharp" \
+    --weights "$MODEL" --gamma 1,0.7 --metrics psnr,ssim --out "$OUT/synthetic_kodak24"
+# Real frame-averaged GoPro pairs (not overlapping the training frames).
+deblurcli eval --blur "$DATA/val/gopro_avg/blur" --sharp "$DATA/val/gopro_avg/sharp" \
+    --weights "$MODEL" --gamma 1,0.7 --metrics psnr,ssim --out "$OUT/gopro_avg"
+# Real blurry photos without ground truth: NIQE (offline parameters from shared/metric-weights).
+deblurcli eval --blur "$DATA/val/real_blurry" --weights "$MODEL" --gamma 1,0.7 --metrics niqe \
+    --metric-weights "$DATA/../metric-weights" --out "$OUT/real_blurry"
