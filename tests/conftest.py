@@ -42,3 +42,12 @@ def tiny_model_folder(_tiny_model_folder_template: Path, tmp_path: Path) -> Path
     dest = tmp_path / "tiny-model"
     shutil.copytree(_tiny_model_folder_template, dest)
     return dest
+
+
+@pytest.fixture()
+def empty_torch_home(tmp_path, monkeypatch) -> Path:
+    """A TORCH_HOME without any metric weights (so nothing is found in the user's cache)."""
+    home = tmp_path / "torch-home"
+    home.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home

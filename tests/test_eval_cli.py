@@ -38,14 +38,6 @@ def folders(tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.fixture()
-def empty_torch_home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "torch-home"
-    home.mkdir()
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    return home
-
-
 def test_list_metrics(empty_torch_home):
     res = _eval("--list-metrics")
     assert res.exit_code == 0, res.output

@@ -29,15 +29,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture()
-def empty_torch_home(tmp_path, monkeypatch) -> Path:
-    """A TORCH_HOME without any metric weights (so nothing is found in the user's cache)."""
-    home = tmp_path / "torch-home"
-    home.mkdir()
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    return home
-
-
-@pytest.fixture()
 def pair(tmp_path) -> tuple[Path, Path]:
     """An 8-bit sharp crop and a blurred, noisy version of it, as PNG files."""
     rng = np.random.default_rng(0)
