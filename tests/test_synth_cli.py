@@ -198,3 +198,19 @@ def test_output_inside_source_is_not_used_as_input(photos):
     assert _synth(*args).exit_code == 0
     res = _synth(*args)
     assert res.exit_code == 0 and "wrote 0 pairs" in res.stdout and "8 planned" in res.stdout
+
+
+def test_sources_whose_names_collide_get_distinct_outputs(tmp_path):
+    # 'a/b.png' and 'a__b.png' both flatten to the stem 'a__b'; x.png and x.jpg both to 'x'.
+    src = tmp_path / "src"
+    image = data.astronaut()[:64, :64].astype(np.float32) / 255.0
+    for rel in ("a/b.png", "a__b.png", "x.png", "x.jpg"):
+        write_image(src / rel, image)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["synth", "--src", str(src), "--out", str(out), "--crop", "64",
+                                      "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    names = [r["name"] for r in records]
+    assert len(records) == 4 and len(set(names)) == 4, names
+    assert len(list((out / "blur").glob("*.png"))) == 4

@@ -172,21 +172,22 @@ def crop_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[in
     return [(x, y, w, h) for (y, h) in axis(height) for (x, w) in axis(width)]
 
 
-def _base_names(rels: list[str]) -> dict[str, str]:
-    """File-name stems for sources: relative path without suffix, '/' -> '__' (suffix kept on clashes)."""
-    stems = {
-        r: r.rsplit(".", 1)[0].replace("/", "__")
-        if "." in r.rsplit("/", 1)[-1]
-        else r.replace("/", "__")
-        for r in rels
-    }
+def _unique_stems(stems: dict[str, str]) -> dict[str, str]:
+    """Make output stems unique: a stem shared by several sources gets ``_`` + 8 hex digits of the
+    SHA-1 of its source path (stable across runs and machines), so no sample overwrites another."""
     counts: dict[str, int] = {}
-    for s in stems.values():
-        counts[s] = counts.get(s, 0) + 1
+    for stem in stems.values():
+        counts[stem] = counts.get(stem, 0) + 1
     return {
-        r: (s if counts[s] == 1 else r.replace("/", "__").replace(".", "_"))
-        for r, s in stems.items()
+        rel: stem if counts[stem] == 1 else f"{stem}_{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+        for rel, stem in stems.items()
     }
+
+
+def _base_names(rels: list[str]) -> dict[str, str]:
+    """File-name stems for source images: relative path without suffix, '/' -> '__', made unique."""
+    return _unique_stems({r: r.rsplit(".", 1)[0].replace("/", "__")
+                          if "." in r.rsplit("/", 1)[-1] else r.replace("/", "__") for r in rels})
 
 
 def _sort_key(record: dict) -> tuple:
@@ -435,7 +436,9 @@ def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
             "or a folder of sequence folders)"
         )
     specs = []
-    lo = cfg.frame_range[0]
+    lo = cfg.frame_range[0] + (cfg.frame_range[0] % 2 == 0)  # windows use odd frame counts
+    stems = _unique_stems({rel: rel.replace("/", "__") if rel != "." else
+                           (root.resolve().name or "frames") for rel, _ in seqs})
     for rel, frames in seqs:
         rng = np.random.default_rng(sample_seed(cfg.seed, "windows", rel))
         windows = frame_windows(
@@ -443,7 +446,7 @@ def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
         )
         if not windows:
             warn(f"skipping sequence {root / rel}: {len(frames)} frames, fewer than {lo}")
-        stem = rel.replace("/", "__") if rel != "." else (root.resolve().name or "frames")
+        stem = stems[rel]
         for i, win in enumerate(windows):
             chosen = frames[win.start : win.start + win.length]
             specs.append(
