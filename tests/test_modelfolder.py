@@ -215,3 +215,18 @@ def test_export_model_folder_keeps_adapters_drops_e2_and_halves_storage(tiny_mod
         a = load_model_folder(tiny_model_folder, gamma=gamma)(x)
         b = load_model_folder(out, gamma=gamma)(x)
         assert torch.allclose(a, b, atol=2e-2), (a - b).abs().max()
+
+
+def test_model_folder_files_get_normal_permissions(tiny_model_folder, tmp_path):
+    import os
+    import stat
+
+    from deblurcli.modelfolder import export_model_folder
+
+    old = os.umask(0o022)
+    try:
+        export_model_folder(tiny_model_folder, tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert modes and all(mode == 0o644 for mode in modes.values()), modes

@@ -66,18 +66,20 @@ class ImageData:
 # atomic writes
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``).
+def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
+    """Create ``path`` atomically: ``write(tmp)`` fills a temporary file in the same folder, which
+    then gets the usual permissions (``0o666`` minus the umask) and replaces ``path``.
 
     The parent folder is created if needed. On any failure the temporary file is removed and the
-    previous content of ``path`` (if any) is left untouched.
+    previous content of ``path`` (if any) is left untouched. Every file the project writes goes
+    through here (images, manifests, model folders, reports).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        write(Path(tmp))
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)
@@ -88,6 +90,11 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from deblurcli.errors import WeightsError
+from deblurcli.images import atomic_write_bytes
 from deblurcli.models import adapters as ad
 from deblurcli.models.evae import EVAE
 from deblurcli.models.onestep import OneStepDenoiser
@@ -94,17 +93,6 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _base_unet_state(unet: nn.Module) -> dict[str, Tensor]:
     """The UNet's own weights without LoRA factors, under the plain diffusers names."""
     out = {}
@@ -133,7 +121,6 @@ def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None 
         include_sharp_encoder: keep E2 (needed to resume training; not needed for inference).
         include_unet: write ``unet.safetensors``; without it, loading needs ``base_model``.
     """
-    from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,16 +129,8 @@ def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None 
         raise ValueError("a fused model must include its UNet (the blend lives in its weights)")
 
     def write(name: str, state: Mapping[str, Tensor], meta: dict | None = None) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            cast = _cast(state, storage_dtype)
-            tensors = {k: v.detach().contiguous().cpu() for k, v in cast.items()}
-            save_file(tensors, tmp, metadata=meta or {"format": FORMAT_NAME})
-            os.replace(tmp, folder / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        ad.save_safetensors_atomic(folder / name, _cast(state, storage_dtype),
+                                   meta or {"format": FORMAT_NAME})
 
     evae_config = _json_config(model.evae.config)
     evae_state = model.evae.state_dict()
@@ -185,13 +164,13 @@ def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None 
         "versions": _versions(),
         "extra": extra or {},
     }
-    _atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=False) + "\n")
+    atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
     files.append(CONFIG_FILE)
     stale = {EVAE_FILE, UNET_FILE, PROMPT_FILE} | {lora_file(n) for n in ad.ADAPTER_NAMES}
     for name in stale - set(files):
         (folder / name).unlink(missing_ok=True)
     lines = "".join(f"{sha256_file(folder / name)}  {name}\n" for name in sorted(files))
-    _atomic_write_text(folder / CHECKSUM_FILE, lines)
+    atomic_write_bytes(folder / CHECKSUM_FILE, lines.encode())
 
 
 # ----------------------------------------------------------------------------- checking

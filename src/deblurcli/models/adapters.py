@@ -18,9 +18,7 @@ metadata. :func:`blend_adapter_states` writes the gamma-blend as one exact adapt
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -273,21 +271,15 @@ def load_adapter_state_dict(unet: nn.Module, name: str, state: Mapping[str, Tens
 
 
 # ---------------------------------------------------------------------------- adapter files
-def _atomic_save_safetensors(path: Path, state: Mapping[str, Tensor],
-                             metadata: Mapping[str, str]) -> None:
+def save_safetensors_atomic(path: Path, state: Mapping[str, Tensor],
+                            metadata: Mapping[str, str]) -> None:
+    """Save ``state`` as a safetensors file, atomically (:func:`deblurcli.images.atomic_write`)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp,
-                  metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from deblurcli.images import atomic_write
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata)))
 
 
 def save_adapter_file(path: str | Path, state: Mapping[str, Tensor], spec: LoraSpec, *,
@@ -298,7 +290,7 @@ def save_adapter_file(path: str | Path, state: Mapping[str, Tensor], spec: LoraS
     metadata = {"format": ADAPTER_FILE_FORMAT, "lora_spec": json.dumps(spec.to_dict())}
     if extra:
         metadata["extra"] = json.dumps(extra)
-    _atomic_save_safetensors(Path(path), state, metadata)
+    save_safetensors_atomic(Path(path), state, metadata)
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
