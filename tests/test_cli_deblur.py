@@ -78,7 +78,8 @@ def test_single_file_with_suffix_ext_and_options(photos, tiny_model_folder, tmp_
     assert "processed 1, skipped 0, failed 0" in result.stdout
     assert read_image(out / "rgb_out.tif").pixels.shape == (37, 45, 3)
     twice = run(photos / "rgb.png", tmp_path / "twice", "--weights", tiny_model_folder,
-                "--suffix", "_out", "--ext", "tif", "--tile", "0", "--gamma", "1", "--no-fuse")
+                "--suffix", "_out", "--ext", "tif", "--tile", "0", "--gamma", "1", "--no-fuse",
+                "--device", "cpu")  # auto would pick a GPU (and half precision) where there is one
     assert twice.exit_code == 0, twice.output  # deterministic: same input, same bytes
     assert (tmp_path / "twice" / "rgb_out.tif").read_bytes() == (out / "rgb_out.tif").read_bytes()
 

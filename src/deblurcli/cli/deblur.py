@@ -140,7 +140,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     from deblurcli.device import resolve_device, resolve_dtype, set_cpu_threads
     from deblurcli.errors import DeblurcliError
     from deblurcli.modelfolder import default_weights_dir, load_model_folder
-    from deblurcli.pipeline import DeblurPipeline, prepare_model
+    from deblurcli.pipeline import DeblurPipeline, default_batch_size, prepare_model
 
     err, out = stderr_console(), stdout_console()
     jobs = plan_jobs(input_path, output, options)  # input problems surface before model loading
@@ -160,7 +160,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     runner = prepare_model(model, channels_last=True, compile=compile_model)
     pipeline = DeblurPipeline(runner, device=device, dtype=vae_dtype or dtype, tile=tile,
                               overlap=overlap, channels_last=True,
-                              batch_size=batch_size or (1 if device.type == "cpu" else 4))
+                              batch_size=batch_size or default_batch_size(device))
     output.mkdir(parents=True, exist_ok=True)
     err.print(f"deblurring {len(jobs)} image(s) on {device} ({str(dtype).replace('torch.', '')}"
               f"{', VAE float32' if vae_fp32 else ''}), gamma={gamma:g}, "

@@ -154,7 +154,9 @@ def evaluate(
         help="Tile side in pixels for the model (rounded up to a multiple of 8; 0 = whole image)."
     ),
     tile_overlap: int = typer.Option(64, "--tile-overlap", help="Overlap between tiles in pixels."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per model call."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Tiles per model call (default: 1 on the CPU, 4 on a GPU, as deblur)."
+    ),
     out: Path | None = typer.Option(
         None, "--out", "-o",
         help="Write per_image.csv, summary.json and (γ sweep) gamma_sweep.png here."
@@ -192,9 +194,8 @@ def evaluate(
     if tile_overlap < 0 or (tile and tile_overlap >= tile):
         raise typer.BadParameter(f"must be >= 0 and smaller than --tile, got {tile_overlap}",
                                  param_hint="--tile-overlap")
-    limit_value = limit if limit is not None else 1
-    for hint, value in (("--batch-size", batch_size), ("--limit", limit_value)):
-        if value < 1:
+    for hint, value in (("--batch-size", batch_size), ("--limit", limit)):
+        if value is not None and value < 1:
             raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=hint)
     if max_shift < 0:
         raise typer.BadParameter(f"must be >= 0, got {max_shift}", param_hint="--max-shift")

@@ -50,7 +50,7 @@ class ModelConfig:
     dtype: str = "auto"
     tile: int = 512
     overlap: int = 64
-    batch_size: int = 4
+    batch_size: int | None = None  # None: pipeline.default_batch_size(device), as in deblur
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None):
 def _model_rows(eval_set: EvalSet, metrics: Sequence[Metric], config: EvalConfig, device,
                 progress: ProgressFn | None, warn: WarnFn | None) -> list[RowResult]:
     from deblurcli.device import resolve_dtype
-    from deblurcli.pipeline import DeblurPipeline
+    from deblurcli.pipeline import DeblurPipeline, default_batch_size, prepare_model
 
     mc = config.model
     assert mc is not None
@@ -254,8 +254,9 @@ def _model_rows(eval_set: EvalSet, metrics: Sequence[Metric], config: EvalConfig
     rows = []
     for gamma, model, load_seconds in _model_for_gammas(mc, device, dtype, warn):
         label = f"gamma={gamma:g}"
-        pipe = DeblurPipeline(model, device=device, dtype=dtype, tile=mc.tile,
-                              overlap=mc.overlap, batch_size=mc.batch_size)
+        pipe = DeblurPipeline(prepare_model(model), device=device, dtype=dtype, tile=mc.tile,
+                              overlap=mc.overlap,
+                              batch_size=mc.batch_size or default_batch_size(device))
         row = RowResult(label=label, gamma=gamma, load_seconds=load_seconds)
         _reset_cuda_peak(device)
         total = len(eval_set.pairs)
