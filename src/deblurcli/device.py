@@ -20,7 +20,6 @@ import torch
 
 from deblurcli.errors import DeblurcliError
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

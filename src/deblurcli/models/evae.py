@@ -29,7 +29,6 @@ input, training only; ``sharp_encoder=False`` leaves it out). Latents are the po
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +226,8 @@ class EVAE(ModelMixin, ConfigMixin):
                 features.append(feature)
             else:
                 h = self._ckpt(block, h)
-        h = self._ckpt(encoder.mid_block, h)
+        # the mid block checkpoints its own resnets once enable_gradient_checkpointing() set it
+        h = encoder.mid_block(h)
         h = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(h)))
         if quant is not None:
             h = quant(h)
@@ -270,7 +270,7 @@ class EVAE(ModelMixin, ConfigMixin):
             z = self.post_quant_conv(z)
         dec = self.decoder
         h = dec.conv_in(z)
-        h = self._ckpt(dec.mid_block, h)
+        h = dec.mid_block(h)  # checkpoints itself, like the encoder's
         levels = self.num_levels
         use_skips = self.skip_fusions is not None
         if use_skips and len(skips) != levels:
@@ -306,12 +306,3 @@ def _load_vae(path: str | Path) -> nn.Module:
     except (OSError, ValueError, RuntimeError) as exc:
         reason = " ".join(str(exc).split())
         raise WeightsError(f"cannot load the VAE from {folder}: {reason}") from None
-
-
-def copy_encoder_to_sharp(model: EVAE) -> None:
-    """Set E2 to a copy of E1 (weights and quant conv), e.g. before stage-1 training."""
-    if model.encoder_sharp is None:
-        raise ValueError("this eVAE was built without a sharp encoder")
-    model.encoder_sharp.load_state_dict(copy.deepcopy(model.encoder.state_dict()))
-    if model.quant_conv is not None:
-        model.quant_conv_sharp.load_state_dict(copy.deepcopy(model.quant_conv.state_dict()))
