@@ -13,7 +13,7 @@ STEPS_FULL=${STEPS_FULL:-1200}
 STEPS_LORA_S=${STEPS_LORA_S:-150}
 STEPS_LORA_R=${STEPS_LORA_R:-300}
 # CPU budget: the shift-tolerant LPIPS network costs ~7 s per edge-aware evaluation of a batch of 8
-# at 128 px on 2 cores, ten times the compact model's own step, so the perceptual term is used only
+# at 128 px on one thread, ten times the compact model's own step, so the perceptual term is used only
 # where it matters most: the synthetic adapter (LoRA_s, the "perceptual detail" end of gamma).
 # The other stages use L1 (stage 1) / L2 + latent GAN (stage 2). A GPU run should use the paper's
 # losses everywhere (see docs/training.md).
