@@ -297,8 +297,10 @@ class Metric:
 
 
 def create_metric(spec: MetricSpec, check: WeightCheck, *, device,
-                  y_channel: bool = False) -> Metric:
+                  y_channel: bool = False, as_loss: bool = False) -> Metric:
     """Build one pyiqa metric from files already found by :func:`check_weights`.
+
+    ``as_loss=True`` keeps gradients flowing (training's perceptual losses use this).
 
     pyiqa prints "Loading pretrained model ..." on stdout; that text is swallowed here so that
     library code never writes to the user's stdout.
@@ -325,7 +327,7 @@ def create_metric(spec: MetricSpec, check: WeightCheck, *, device,
         elif path.parent != hub / wf.folder:  # a backbone under --metric-weights DIR/<folder>/
             hub_override = path.parent.parent
     with contextlib.redirect_stdout(io.StringIO()), _hub_dir(hub_override):
-        model = pyiqa.create_metric(spec.pyiqa_name, as_loss=False, device=device, **options)
+        model = pyiqa.create_metric(spec.pyiqa_name, as_loss=as_loss, device=device, **options)
         for path in load_after:
             model.load_weights(str(path), weight_keys=None)
     model.eval()

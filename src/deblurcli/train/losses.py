@@ -28,13 +28,6 @@ from deblurcli.errors import WeightsError
 
 PERCEPTUAL_CHOICES = ("dists", "lpips", "stlpips", "none")
 
-# Files pyiqa needs for each metric: (cache sub-folder of torch.hub.get_dir(), file name).
-_PYIQA_FILES: dict[str, tuple[tuple[str, str], ...]] = {
-    "dists": (("pyiqa", "DISTS_weights-f5e65c96.pth"), ("checkpoints", "vgg16-397923af.pth")),
-    "lpips": (("pyiqa", "LPIPS_v0.1_alex-df73285e.pth"),
-              ("checkpoints", "alexnet-owt-7be5be79.pth")),
-}
-
 _SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -107,25 +100,17 @@ def edge_aware(metric: PerceptualLoss, pred: torch.Tensor, target: torch.Tensor)
     return metric(pred, target) + metric(sobel_magnitude(pred), sobel_magnitude(target))
 
 
-def pyiqa_weight_files(name: str) -> list[Path]:
-    """The cached files pyiqa needs for metric ``name`` (``dists`` or ``lpips``)."""
-    from torch.hub import get_dir
-
-    hub = Path(get_dir())
-    return [hub / sub / fname for sub, fname in _PYIQA_FILES[name]]
-
-
-def _missing_weights_message(name: str, missing: Sequence[Path]) -> str:
-    first = missing[0]
-    return (f"perceptual loss {name!r} needs the weight file {first.name}, not found at {first}; "
-            f"copy it there (or set TORCH_HOME), or choose --perceptual stlpips/none "
+def _missing_weights_message(name: str, missing: Sequence[str]) -> str:
+    return (f"perceptual loss {name!r} needs {missing[0]}; or choose --perceptual stlpips/none "
             f"or --perceptual-fallback stlpips")
 
 
 def _build_pyiqa(name: str, device: torch.device) -> PerceptualLoss:
-    import pyiqa
+    # the evaluation module owns pyiqa's weight files and quiet construction
+    from deblurcli.evaluation.metrics import METRICS, check_weights, create_metric
 
-    metric = pyiqa.create_metric(name, as_loss=True, device=device)
+    spec = METRICS[name]
+    metric = create_metric(spec, check_weights(spec), device=device, as_loss=True).model
 
     def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         score = metric((a + 1.0) * 0.5, (b + 1.0) * 0.5)
@@ -183,18 +168,21 @@ def _build_stlpips(device: torch.device) -> PerceptualLoss:
     return PerceptualLoss("stlpips", net, fn)
 
 
-def perceptual_available(name: str) -> tuple[bool, list[Path]]:
-    """Whether back-end ``name`` can be built offline, and the files it is missing."""
+def perceptual_available(name: str) -> tuple[bool, list[str]]:
+    """Whether back-end ``name`` can be built offline, and one-line hints for what is missing."""
     if name == "none":
         return True, []
     if name == "stlpips":
         try:
             path = stlpips_weight_file()
         except WeightsError:
-            return False, []
-        return path.is_file(), ([] if path.is_file() else [path])
-    missing = [p for p in pyiqa_weight_files(name) if not p.is_file()]
-    return not missing, missing
+            return False, ["the stlpips-pytorch package (pip install stlpips-pytorch)"]
+        return path.is_file(), ([] if path.is_file() else
+                                [f"{path.name} (reinstall stlpips-pytorch; expected at {path})"])
+    from deblurcli.evaluation.metrics import METRICS, check_weights
+
+    check = check_weights(METRICS[name])
+    return check.ok, list(check.missing)
 
 
 def build_perceptual(name: str, *, fallback: str | None = None,
@@ -216,10 +204,10 @@ def build_perceptual(name: str, *, fallback: str | None = None,
     chosen = name
     if not ok:
         if fallback is None:
-            raise WeightsError(_missing_weights_message(name, missing or [Path(name)]))
+            raise WeightsError(_missing_weights_message(name, missing))
         ok_fb, missing_fb = perceptual_available(fallback)
         if not ok_fb:
-            raise WeightsError(_missing_weights_message(fallback, missing_fb or [Path(fallback)]))
+            raise WeightsError(_missing_weights_message(fallback, missing_fb))
         chosen = fallback
     if chosen == "none":
         return PerceptualLoss("none", None, None)
