@@ -116,3 +116,18 @@ def test_decode_checks_the_number_of_skips():
     z, skips = evae.encode(images(1))
     with pytest.raises(ValueError, match="skip tensors"):
         evae.decode(z, skips[:2])
+
+
+def test_encode_skips_equals_the_skips_of_encode():
+    evae = EVAE.from_vae(tiny_vae())
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # skip blocks start at zero; give them values so equality means something
+        for p in evae.skip_blocks.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    x = images(2)
+    _, skips = evae.encode(x)
+    assert all(s.abs().max() > 0 for s in skips)
+    alone = evae.encode_skips(x)
+    assert len(alone) == len(skips) > 0
+    for a, b in zip(alone, skips, strict=True):
+        assert torch.equal(a, b)

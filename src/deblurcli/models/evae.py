@@ -216,8 +216,8 @@ class EVAE(ModelMixin, ConfigMixin):
             return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
         return module(*args)
 
-    def _run_encoder(self, encoder: nn.Module, quant: nn.Module | None, x: Tensor,
-                     collect: bool) -> tuple[Tensor, list[Tensor]]:
+    def _down(self, encoder: nn.Module, x: Tensor, collect: bool) -> tuple[Tensor, list[Tensor]]:
+        """The encoder up to its mid block: (features after the last down block, skip features)."""
         h = encoder.conv_in(x)
         features: list[Tensor] = []
         for block in encoder.down_blocks:
@@ -226,6 +226,11 @@ class EVAE(ModelMixin, ConfigMixin):
                 features.append(feature)
             else:
                 h = self._ckpt(block, h)
+        return h, features
+
+    def _run_encoder(self, encoder: nn.Module, quant: nn.Module | None, x: Tensor,
+                     collect: bool) -> tuple[Tensor, list[Tensor]]:
+        h, features = self._down(encoder, x, collect)
         # the mid block checkpoints its own resnets once enable_gradient_checkpointing() set it
         h = encoder.mid_block(h)
         h = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(h)))
@@ -249,6 +254,14 @@ class EVAE(ModelMixin, ConfigMixin):
         pairs = zip(self.skip_blocks, features, strict=True)
         skips = tuple(self._ckpt(block, f) for block, f in pairs)
         return z, skips
+
+    def encode_skips(self, x: Tensor) -> tuple[Tensor, ...]:
+        """E1's skip tensors alone, without its latent head (stage-1 training needs only these)."""
+        if self.skip_blocks is None:
+            return ()
+        _, features = self._down(self.encoder, x, collect=True)
+        return tuple(self._ckpt(block, f)
+                     for block, f in zip(self.skip_blocks, features, strict=True))
 
     def encode_sharp(self, x: Tensor) -> Tensor:
         """E2: sharp image ``x`` in ``[-1, 1]`` -> scaled latent (training target)."""

@@ -116,8 +116,7 @@ class VaeStep(nn.Module):
         z = self.evae.encode_sharp(sharp)
         if self.mode == "no-skips":
             return self.evae.decode(z, ())
-        _, skips = self.evae.encode(blur)
-        return self.evae.decode(z, skips)
+        return self.evae.decode(z, self.evae.encode_skips(blur))  # E1's latent is unused here
 
 
 def set_trainable(evae: nn.Module, mode: str) -> None:
