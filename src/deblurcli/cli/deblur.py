@@ -23,7 +23,6 @@ Examples:
   deblurcli deblur photos/ out/ --device cuda:1 --shard 1/2   # every 2nd file on GPU 1
 """
 
-_EXTS = ("auto", "png", "jpg", "webp", "tif")
 
 
 def deblur(
@@ -93,8 +92,10 @@ def deblur(
         raise typer.BadParameter(f"must be >= 0, got {threads}", param_hint="--threads")
     if not 1 <= quality <= 100:
         raise typer.BadParameter(f"must be in 1..100, got {quality}", param_hint="--quality")
-    if ext.lower() not in _EXTS:
-        raise typer.BadParameter(f"use one of {', '.join(_EXTS)}; got {ext!r}", param_hint="--ext")
+    from deblurcli.batch import EXT_CHOICES
+
+    if ext.lower() not in EXT_CHOICES:
+        raise typer.BadParameter(f"use one of {', '.join(EXT_CHOICES)}; got {ext!r}", param_hint="--ext")
     if "/" in suffix or "\\" in suffix:
         raise typer.BadParameter("must not contain a path separator", param_hint="--suffix")
     if fp32 and dtype.lower() not in ("auto", "fp32"):

@@ -6,6 +6,8 @@ from typing import Any
 
 import typer
 
+from deblurcli.train import config as cfg
+
 VAE_HELP = (
     "Stage 1: train the eVAE (blurry-image skips + sharp-image latent).\n\n"
     "E1 reads the blurry image and supplies skip features, E2 reads the sharp image and "
@@ -89,12 +91,12 @@ PRESET = _O(None, "--preset",
 QUIET = _O(False, "--quiet", "-q", help="No progress bar.")
 
 _CHOICES = {
-    "layout": ("auto", "gopro", "realblur", "synth", "folders"),
-    "mixed_precision": ("no", "fp16", "bf16"),
-    "perceptual": ("dists", "lpips", "stlpips", "none"),
-    "perceptual_fallback": ("dists", "lpips", "stlpips", "none"),
-    "adapter": ("real", "synthetic"),
-    "mode": ("joint", "freeze-e2", "no-skips"),
+    "layout": cfg.LAYOUT_CHOICES,
+    "mixed_precision": cfg.MIXED_PRECISION_CHOICES,
+    "perceptual": cfg.PERCEPTUAL_CHOICES,
+    "perceptual_fallback": cfg.PERCEPTUAL_CHOICES,
+    "adapter": cfg.ADAPTER_CHOICES,
+    "mode": cfg.VAE_MODES,
 }
 _POSITIVE = ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "validate_every",
              "log_every", "frames_per_blur", "progressive_steps")

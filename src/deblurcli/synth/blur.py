@@ -79,21 +79,7 @@ def extract_region(
     cy0, cy1, cx0, cx1 = max(0, y0), min(H, y1), max(0, x0), min(W, x1)
     region = image[cy0:cy1, cx0:cx1]
     pads = ((cy0 - y0, y1 - cy1), (cx0 - x0, x1 - cx1)) + ((0, 0),) * (image.ndim - 2)
-    while any(p > 0 for pair in pads[:2] for p in pair):
-        # np.pad "reflect" cannot pad more than size-1 at once: pad in rounds.
-        step = (
-            tuple(
-                (min(a, region.shape[i] - 1), min(b, region.shape[i] - 1))
-                for i, (a, b) in enumerate(pads[:2])
-            )
-            + pads[2:]
-        )
-        if all(s == 0 for pair in step[:2] for s in pair):  # 1-pixel region: edge mode
-            region = np.pad(region, pads, mode="edge")
-            break
-        region = np.pad(region, step, mode="reflect")
-        pads = tuple((a - s[0], b - s[1]) for (a, b), s in zip(pads[:2], step[:2], strict=True)) + pads[2:]
-    return region
+    return np.pad(region, pads, mode="reflect")  # numpy reflects repeatedly past the size
 
 
 def convolve_valid(region_linear: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -247,11 +233,10 @@ def jpeg_roundtrip(pixels: np.ndarray, quality: int) -> np.ndarray:
     """Encode an sRGB image as an 8-bit JPEG in memory and decode it again."""
     from PIL import Image
 
-    arr = np.rint(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=int(quality))
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"), dtype=np.float32) / 255.0
+    from deblurcli.images import encode_image
+
+    data = encode_image("jpeg", pixels, quality=int(quality))
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0
 
 
 def random_blur_pair(

@@ -16,6 +16,13 @@ from typing import Any, TypeVar
 
 from deblurcli.errors import DeblurcliError
 
+# Choice lists, defined once here (this module imports no torch, so the CLI can use them).
+LAYOUT_CHOICES = ("auto", "gopro", "realblur", "synth", "folders")
+MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+PERCEPTUAL_CHOICES = ("dists", "lpips", "stlpips", "none")
+ADAPTER_CHOICES = ("real", "synthetic")
+VAE_MODES = ("joint", "freeze-e2", "no-skips")
+
 PAPER_PROGRESSIVE_SIZES: tuple[int, ...] = (160, 192, 256, 320, 384, 448, 512)
 PAPER_PROGRESSIVE_STEPS = 10_000
 
@@ -222,11 +229,11 @@ def validate_common(config: CommonConfig) -> None:
         raise bad(f"crop must be a positive multiple of 8 (got {config.crop})")
     if config.val_size < 8 or config.val_size % 8:
         raise bad(f"val_size must be a positive multiple of 8 (got {config.val_size})")
-    if config.mixed_precision not in ("no", "fp16", "bf16"):
+    if config.mixed_precision not in MIXED_PRECISION_CHOICES:
         raise bad("mixed_precision must be no, fp16 or bf16")
     if config.checkpoint_every < 1 or config.validate_every < 1 or config.log_every < 1:
         raise bad("checkpoint_every, validate_every and log_every must be >= 1")
-    if config.layout not in ("auto", "gopro", "realblur", "synth", "folders"):
+    if config.layout not in LAYOUT_CHOICES:
         raise bad("layout must be auto, gopro, realblur, synth or folders")
 
 

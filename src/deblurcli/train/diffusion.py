@@ -30,7 +30,7 @@ from deblurcli.train import engine
 from deblurcli.train.config import DiffusionTrainConfig, validate_common
 from deblurcli.train.losses import build_perceptual, discriminator_loss, edge_aware, generator_loss
 
-ADAPTER_CHOICES = ("real", "synthetic")
+from deblurcli.train.config import ADAPTER_CHOICES  # re-exported
 
 
 def preset_osdd_config(name: str, lora_rank: int | None):

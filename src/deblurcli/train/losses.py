@@ -26,7 +26,7 @@ from torch import nn
 
 from deblurcli.errors import WeightsError
 
-PERCEPTUAL_CHOICES = ("dists", "lpips", "stlpips", "none")
+from deblurcli.train.config import PERCEPTUAL_CHOICES  # re-exported
 
 _SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 _LUMA = (0.299, 0.587, 0.114)

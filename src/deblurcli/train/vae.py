@@ -27,7 +27,7 @@ from deblurcli.train import engine
 from deblurcli.train.config import VaeTrainConfig, validate_common
 from deblurcli.train.losses import build_perceptual
 
-VAE_MODES = ("joint", "freeze-e2", "no-skips")
+from deblurcli.train.config import VAE_MODES  # re-exported
 
 
 def evae_presets() -> dict[str, dict]:
