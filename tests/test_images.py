@@ -167,3 +167,27 @@ def test_list_images_skips_non_images(tmp_path):
     assert ".png" in IMAGE_SUFFIXES
     with pytest.raises(ImageReadError):
         list_images(tmp_path / "nope")
+
+
+def test_image_size_finds_a_png_exif_chunk_after_the_pixels(tmp_path):
+    import struct
+    import zlib
+
+    arr = _rand((6, 10, 3), 255, seed=3).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: the displayed image is 10 high, 6 wide
+    path = tmp_path / "late.png"
+    Image.fromarray(arr).save(path, exif=exif)
+    raw = path.read_bytes()
+    chunks, pos = [], 8
+    while pos < len(raw):
+        length = struct.unpack(">I", raw[pos:pos + 4])[0]
+        chunks.append(raw[pos:pos + 12 + length])
+        pos += 12 + length
+    exif_chunk = next(c for c in chunks if c[4:8] == b"eXIf")
+    rest = [c for c in chunks if c[4:8] != b"eXIf"]
+    moved = rest[:-1] + [exif_chunk, rest[-1]]  # just before IEND, after IDAT
+    assert [c[4:8] for c in moved].index(b"eXIf") > [c[4:8] for c in moved].index(b"IDAT")
+    path.write_bytes(raw[:8] + b"".join(moved))
+    assert zlib.crc32(exif_chunk[4:-4]) == struct.unpack(">I", exif_chunk[-4:])[0]
+    assert image_size(path) == (10, 6) == read_image(path).pixels.shape[:2]

@@ -193,6 +193,29 @@ def _pillow_orientation(im) -> int:
         return 1
 
 
+def _png_orientation(path: Path) -> int:
+    """EXIF orientation of a PNG from its eXIf chunk, found by skipping over chunk data."""
+    from PIL import Image
+
+    with open(path, "rb") as fh:
+        fh.seek(8)  # signature
+        while True:
+            header = fh.read(8)
+            if len(header) < 8:
+                return 1
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind == b"eXIf":
+                exif = Image.Exif()
+                try:
+                    exif.load(fh.read(length))
+                    return int(exif.get(_EXIF_ORIENTATION, 1))
+                except Exception:  # noqa: BLE001 - as _pillow_orientation
+                    return 1
+            if kind == b"IEND":
+                return 1
+            fh.seek(length + 4, 1)  # data + CRC
+
+
 def _read_pillow(data: bytes, fmt: str) -> ImageData:
     from PIL import Image
 
@@ -312,7 +335,8 @@ def image_size(path: PathLike) -> tuple[int, int]:
 
             with Image.open(path) as im:
                 w, h = im.size
-                orientation = _pillow_orientation(im)
+                # Pillow's PNG getexif() decodes every pixel to reach an eXIf chunk after IDAT
+                orientation = _png_orientation(path) if fmt == "png" else _pillow_orientation(im)
     except ImageReadError:
         raise
     except FileNotFoundError:
