@@ -131,3 +131,38 @@ def test_encode_skips_equals_the_skips_of_encode():
     assert len(alone) == len(skips) > 0
     for a, b in zip(alone, skips, strict=True):
         assert torch.equal(a, b)
+
+
+def _image_skip_evae(use_skips: bool = True) -> EVAE:
+    torch.manual_seed(0)
+    return EVAE(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+                use_skips=use_skips, image_skip=True).eval()
+
+
+@pytest.mark.parametrize("use_skips", [True, False])
+def test_image_skip_starts_as_the_identity_and_learns_a_correction(use_skips):
+    evae = _image_skip_evae(use_skips)
+    x = images(2)
+    z, skips = evae.encode(x)
+    assert len(skips) == evae.num_skips == (5 if use_skips else 1)
+    assert torch.equal(skips[-1], x)
+    with torch.no_grad():
+        assert torch.equal(evae.decode(z, skips), x)  # the output conv starts at zero
+        evae.decoder.conv_out.bias.fill_(0.25)
+        torch.testing.assert_close(evae.decode(z, skips), x + 0.25)
+    assert torch.equal(evae.encode_skips(x)[-1], x)
+    with pytest.raises(ValueError, match="skip tensors"):
+        evae.decode(z, skips[:-1])
+
+
+def test_image_skip_is_saved_in_the_config(tmp_path):
+    evae = _image_skip_evae()
+    with torch.no_grad():
+        evae.decoder.conv_out.weight.normal_()
+    evae.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = EVAE.from_pretrained(tmp_path)
+    assert loaded.config.image_skip
+    assert torch.equal(loaded.decoder.conv_out.weight, evae.decoder.conv_out.weight)
+    x = images(1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), evae(x))

@@ -259,3 +259,40 @@ def test_stages_from_a_diffusers_base_folder(pairs: Path, tmp_path: Path) -> Non
     model = load_model_folder(tmp_path / "d" / "model")
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_latent_weight_trains_e1s_latent_head_toward_e2(pairs: Path, tmp_path: Path) -> None:
+    from deblurcli.train.vae import build_evae
+
+    cfg = {**FAST, "batch_size": 4, "augment": False}
+    start = build_evae(VaeTrainConfig(preset="tiny"))
+    runs = {}
+    for weight in (0.0, 1.0):
+        run = tmp_path / f"w{weight}"
+        train_vae(VaeTrainConfig(data=str(pairs), output=str(run), max_steps=12, lr=3e-3,
+                                 latent_weight=weight, **cfg))
+        runs[weight] = run
+    heads = {w: load_evae(r / "model").quant_conv.weight for w, r in runs.items()}
+    assert torch.equal(heads[0.0], start.quant_conv.weight)  # without β, E1's head is unused
+    assert not torch.equal(heads[1.0], start.quant_conv.weight)
+    latent = _losses(runs[1.0], "latent")
+    assert len(latent) == 12 and latent[-1] < latent[0]
+    assert max(_losses(runs[0.0], "latent")) == 0
+
+
+def test_full_unet_from_a_preset_starts_at_eps_zero(tmp_path: Path) -> None:
+    from deblurcli.train.diffusion import build_model
+
+    model = build_model(DiffusionTrainConfig(preset="tiny", full=True))
+    assert not model.unet.conv_out.weight.any() and not model.unet.conv_out.bias.any()
+    with torch.no_grad():
+        z = torch.randn(1, 4, 8, 8)
+        torch.testing.assert_close(model.denoiser(z), z / model.denoiser.alpha_bar ** 0.5)
+
+
+def test_cli_rejects_negative_loss_weights(tmp_path: Path) -> None:
+    from deblurcli.cli.app import app
+
+    result = CliRunner().invoke(app, ["train-vae", "--preset", "tiny", "--data", str(tmp_path),
+                                      "--latent-weight", "-1", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--latent-weight" in result.output

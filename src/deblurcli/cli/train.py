@@ -119,6 +119,11 @@ def _check(values: dict[str, Any]) -> None:
         if value is not None and (value < 8 or value % 8):
             raise typer.BadParameter(f"must be a multiple of 8 and >= 8, got {value}",
                                      param_hint="--" + key.replace("_", "-"))
+    for key in ("alpha", "latent_weight", "lambda1", "lambda2"):
+        value = values.get(key)
+        if value is not None and value < 0:
+            raise typer.BadParameter(f"must be >= 0, got {value}",
+                                     param_hint="--" + key.replace("_", "-"))
     for key in ("lr", "disc_lr"):
         value = values.get(key)
         if value is not None and value <= 0:
@@ -199,6 +204,8 @@ def train_vae(
     no_skips: bool = _O(False, "--no-skips",
         help="Plain VAE fine-tuning without skips (ablation baseline)."),
     alpha: float | None = _O(None, "--alpha", help="Weight of the perceptual term (default 1)."),
+    latent_weight: float | None = _O(None, "--latent-weight",
+        help="Weight of ||E1(blurry) - E2(sharp)||^2 (default 0; for eVAEs trained from scratch)."),
     quiet: bool = QUIET,
 ) -> None:
     """Stage 1: train the eVAE."""

@@ -99,6 +99,7 @@ class EVAE(ModelMixin, ConfigMixin):
         mid_block_add_attention: bool = True,
         use_skips: bool = True,
         sharp_encoder: bool = True,
+        image_skip: bool = False,
     ) -> None:
         super().__init__()
         enc_kwargs = dict(
@@ -135,19 +136,26 @@ class EVAE(ModelMixin, ConfigMixin):
                 dec_ch = rev[max(j - 1, 0)]
                 fusions.append(nn.Conv2d(dec_ch + block_out_channels[level], dec_ch, 1))
             self.skip_fusions = nn.ModuleList(fusions)
-            self.init_skip_weights()
         else:
             self.skip_blocks = None
             self.skip_fusions = None
+        self.init_skip_weights()
         self.gradient_checkpointing = False
 
     # ------------------------------------------------------------------ construction
     @torch.no_grad()
     def init_skip_weights(self, generator: torch.Generator | None = None) -> None:
-        """(Re)initialise the skip path so that it is an exact no-op: see the module docstring."""
-        if self.skip_blocks is None:
+        """(Re)initialise the skip path so that it is an exact no-op: see the module docstring.
+
+        With ``image_skip`` the decoder's output conv starts at zero, so the eVAE starts as the
+        identity on its input image.
+        """
+        if self.decoder.conv_out.weight.is_meta:  # built on the meta device: weights come later
             return
-        if self.skip_blocks[0][0].weight.is_meta:  # built on the meta device: weights come later
+        if self.config.image_skip:
+            self.decoder.conv_out.weight.zero_()
+            self.decoder.conv_out.bias.zero_()
+        if self.skip_blocks is None:
             return
         for block, fusion in zip(self.skip_blocks, self.skip_fusions, strict=True):
             first, last = block[0], block[2]
@@ -211,6 +219,11 @@ class EVAE(ModelMixin, ConfigMixin):
         """Number of encoder resolutions (= number of skips when ``use_skips``)."""
         return len(self.config.block_out_channels)
 
+    @property
+    def num_skips(self) -> int:
+        """Length of the ``skips`` tuple :meth:`encode` returns and :meth:`decode` expects."""
+        return (self.num_levels if self.skip_blocks is not None else 0) + int(self.config.image_skip)
+
     def _ckpt(self, module: nn.Module, *args: Tensor) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
@@ -249,19 +262,23 @@ class EVAE(ModelMixin, ConfigMixin):
         """
         z, features = self._run_encoder(self.encoder, self.quant_conv, x,
                                         collect=self.skip_blocks is not None)
-        if self.skip_blocks is None:
-            return z, ()
-        pairs = zip(self.skip_blocks, features, strict=True)
-        skips = tuple(self._ckpt(block, f) for block, f in pairs)
-        return z, skips
+        return z, self._skips(x, features)
+
+    def _skips(self, x: Tensor, features: list[Tensor]) -> tuple[Tensor, ...]:
+        skips: tuple[Tensor, ...] = ()
+        if self.skip_blocks is not None:
+            pairs = zip(self.skip_blocks, features, strict=True)
+            skips = tuple(self._ckpt(block, f) for block, f in pairs)
+        if self.config.image_skip:
+            skips = (*skips, x)
+        return skips
 
     def encode_skips(self, x: Tensor) -> tuple[Tensor, ...]:
         """E1's skip tensors alone, without its latent head (stage-1 training needs only these)."""
-        if self.skip_blocks is None:
-            return ()
-        _, features = self._down(self.encoder, x, collect=True)
-        return tuple(self._ckpt(block, f)
-                     for block, f in zip(self.skip_blocks, features, strict=True))
+        features: list[Tensor] = []
+        if self.skip_blocks is not None:
+            _, features = self._down(self.encoder, x, collect=True)
+        return self._skips(x, features)
 
     def encode_sharp(self, x: Tensor) -> Tensor:
         """E2: sharp image ``x`` in ``[-1, 1]`` -> scaled latent (training target)."""
@@ -286,8 +303,8 @@ class EVAE(ModelMixin, ConfigMixin):
         h = dec.mid_block(h)  # checkpoints itself, like the encoder's
         levels = self.num_levels
         use_skips = self.skip_fusions is not None
-        if use_skips and len(skips) != levels:
-            raise ValueError(f"decode expects {levels} skip tensors, got {len(skips)}")
+        if len(skips) != self.num_skips:
+            raise ValueError(f"decode expects {self.num_skips} skip tensors, got {len(skips)}")
         for j, block in enumerate(dec.up_blocks):
             if use_skips:
                 level = levels - 1 - j
@@ -295,6 +312,8 @@ class EVAE(ModelMixin, ConfigMixin):
                 h = h + self.skip_fusions[level](torch.cat([h, s], dim=1))
             h = self._ckpt(block, h)
         h = dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))
+        if self.config.image_skip:  # the decoder predicts a correction of the input image
+            h = h + skips[-1].to(h.dtype)
         return h
 
     def forward(self, x: Tensor) -> Tensor:

@@ -67,7 +67,7 @@ def compact_config(*, sharp_encoder: bool = True, lora_rank: int = 8,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(12, 24, 48, 64), layers_per_block=1, act_fn="silu",
         norm_num_groups=4, sample_size=256, scaling_factor=1.0,
-        use_skips=True, sharp_encoder=sharp_encoder,
+        use_skips=True, sharp_encoder=sharp_encoder, image_skip=True,
     )
     unet = dict(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,

@@ -85,11 +85,13 @@ class VaeTrainConfig(CommonConfig):
 
     ``mode``: ``joint`` (eVAE₃: E1, E2 and the decoder train), ``freeze-e2`` (eVAE₂: E2 frozen),
     ``no-skips`` (plain VAE fine-tuning: E2(sharp) → decoder without skips, the ablation baseline).
-    ``alpha`` weighs the perceptual term of ``L1 + α·perceptual``.
+    ``alpha`` weighs the perceptual term of ``L1 + α·perceptual``; ``latent_weight`` (β) weighs
+    ``‖E1(blurry) − sg(E2(sharp))‖²``, for eVAEs trained from scratch (see ``train/vae.py``).
     """
 
     mode: str = "joint"
     alpha: float = 1.0
+    latent_weight: float = 0.0
     base_model: str | None = None
     preset: str | None = None
     evae_config: str | None = None

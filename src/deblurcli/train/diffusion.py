@@ -78,6 +78,11 @@ def build_model(config: DiffusionTrainConfig):
     elif config.preset:
         model = osdd.build_osdd(preset_osdd_config(config.preset, config.lora_rank),
                                 seed=config.seed)
+        # No pretrained prior: start from eps = 0, i.e. z_h = z_l / sqrt(abar), so the first
+        # predictions are the blurry latent (rescaled) rather than noise from a random UNet.
+        with torch.no_grad():
+            model.unet.conv_out.weight.zero_()
+            model.unet.conv_out.bias.zero_()
     else:
         raise DeblurcliError("give --base-model (a Stable Diffusion 2.1-base folder), --preset "
                              "or --init (an existing model folder)")

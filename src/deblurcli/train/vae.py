@@ -3,7 +3,13 @@
 E1 sees the blurry image and supplies the skip features, E2 sees the sharp image and supplies the
 latent, and the decoder must rebuild the sharp image from ``(E2(x_sharp), skips(E1(x_blurry)))``::
 
-    L = L1(x̂, x_sharp) + α · perceptual(x̂, x_sharp)
+    L = L1(x̂, x_sharp) + α · perceptual(x̂, x_sharp) [+ β · ‖E1(x_blurry) − sg(E2(x_sharp))‖²]
+
+The optional β term (``--latent-weight``, default 0) is for eVAEs trained *from scratch*: with a
+Stable Diffusion VAE, E1's latent head already maps images into the latent space E2 shares (both
+start as the same pretrained encoder), which stage 2 relies on when it starts from ``z_l = E1(y)``.
+A randomly initialised E1 has no such head; the β term trains it to land in E2's latent space
+(``sg``: E2 gets no gradient from it).
 
 Modes: ``joint`` (eVAE₃: E1, E2, skips and decoder train), ``freeze-e2`` (eVAE₂: E2 frozen) and
 ``no-skips`` (plain VAE fine-tuning without skips: E2(sharp) → decoder, the ablation baseline).
@@ -63,6 +69,8 @@ def build_evae(config: VaeTrainConfig):
         except (OSError, ValueError) as exc:
             raise DeblurcliError(f"cannot read the eVAE config {path}: {exc}") from None
     kwargs.update(use_skips=use_skips, sharp_encoder=True)
+    if not use_skips:
+        kwargs["image_skip"] = False
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         try:
@@ -107,16 +115,23 @@ def load_evae(path: str | Path):
 class VaeStep(nn.Module):
     """The stage-1 forward pass as one module (so DDP sees every trained parameter)."""
 
-    def __init__(self, evae: nn.Module, mode: str) -> None:
+    def __init__(self, evae: nn.Module, mode: str, latent_weight: float = 0.0) -> None:
         super().__init__()
         self.evae = evae
         self.mode = mode
+        self.latent_weight = latent_weight
 
-    def forward(self, blur: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
+    def forward(self, blur: torch.Tensor, sharp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x̂, latent loss)``; the latent loss is 0 unless ``latent_weight > 0``."""
         z = self.evae.encode_sharp(sharp)
         if self.mode == "no-skips":
-            return self.evae.decode(z, ())
-        return self.evae.decode(z, self.evae.encode_skips(blur))  # E1's latent is unused here
+            return self.evae.decode(z, ()), z.new_zeros(())
+        if self.latent_weight > 0:
+            z_blur, skips = self.evae.encode(blur)
+            latent = F.mse_loss(z_blur.float(), z.detach().float())
+        else:  # E1's latent head is not needed: skip it
+            skips, latent = self.evae.encode_skips(blur), z.new_zeros(())
+        return self.evae.decode(z, skips), latent
 
 
 def set_trainable(evae: nn.Module, mode: str) -> None:
@@ -153,7 +168,9 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
         evae.enable_gradient_checkpointing()
     perceptual = build_perceptual(config.perceptual, fallback=config.perceptual_fallback,
                                   device=accelerator.device)
-    step_module = VaeStep(evae, config.mode)
+    if config.latent_weight > 0 and config.mode == "no-skips":
+        raise DeblurcliError("--latent-weight trains E1, which --no-skips does not use")
+    step_module = VaeStep(evae, config.mode, config.latent_weight)
     params = [p for p in evae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = engine.warmup_scheduler(optimizer, config.warmup_steps)
@@ -163,11 +180,11 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
     def train_step(batch: dict, step: int) -> dict[str, float]:
         with accelerator.accumulate(step_module):
             with accelerator.autocast():
-                pred = step_module(batch["blur"], batch["sharp"])
+                pred, latent = step_module(batch["blur"], batch["sharp"])
             pred = pred.float()
             l1 = F.l1_loss(pred, batch["sharp"])
             perc = perceptual(pred, batch["sharp"]) if config.alpha > 0 else pred.new_zeros(())
-            loss = l1 + config.alpha * perc
+            loss = l1 + config.alpha * perc + config.latent_weight * latent
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -175,11 +192,12 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
             if accelerator.sync_gradients:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "l1": l1.item(), "perceptual": float(perc.item())}
+        return {"loss": loss.item(), "l1": l1.item(), "perceptual": float(perc.item()),
+                "latent": float(latent.item())}
 
     def predict(blur: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
         # the training objective itself: decoder(E2(sharp), skips(E1(blurry))) -> sharp
-        return accelerator.unwrap_model(step_module)(blur, sharp)
+        return accelerator.unwrap_model(step_module)(blur, sharp)[0]
 
     def save_output(folder: Path) -> None:
         model = accelerator.unwrap_model(step_module).evae
