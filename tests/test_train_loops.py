@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from deblurcli.errors import DeblurcliError
 from deblurcli.images import write_image
 from deblurcli.train.config import DiffusionTrainConfig, VaeTrainConfig
 from deblurcli.train.diffusion import train_diffusion
@@ -296,3 +297,14 @@ def test_cli_rejects_negative_loss_weights(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train-vae", "--preset", "tiny", "--data", str(tmp_path),
                                       "--latent-weight", "-1", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--latent-weight" in result.output
+
+
+def test_pixel_loss_l2_is_the_mean_squared_error(pairs: Path, tmp_path: Path) -> None:
+    run = tmp_path / "l2"
+    train_vae(VaeTrainConfig(data=str(pairs), output=str(run), max_steps=2, pixel_loss="l2",
+                             **FAST))
+    l2, total = _losses(run, "l2"), _losses(run)
+    assert len(l2) == 2 and l2 == total  # alpha * 0 perceptual, no latent term
+    with pytest.raises(DeblurcliError, match="pixel loss"):
+        train_vae(VaeTrainConfig(data=str(pairs), output=str(tmp_path / "x"), max_steps=1,
+                                 pixel_loss="huber", **FAST))

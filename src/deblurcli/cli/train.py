@@ -95,6 +95,7 @@ _CHOICES = {
     "mixed_precision": cfg.MIXED_PRECISION_CHOICES,
     "perceptual": cfg.PERCEPTUAL_CHOICES,
     "perceptual_fallback": cfg.PERCEPTUAL_CHOICES,
+    "pixel_loss": cfg.PIXEL_LOSS_CHOICES,
     "adapter": cfg.ADAPTER_CHOICES,
     "mode": cfg.VAE_MODES,
 }
@@ -204,6 +205,8 @@ def train_vae(
     no_skips: bool = _O(False, "--no-skips",
         help="Plain VAE fine-tuning without skips (ablation baseline)."),
     alpha: float | None = _O(None, "--alpha", help="Weight of the perceptual term (default 1)."),
+    pixel_loss: str | None = _O(None, "--pixel-loss",
+        help="l1 (the paper's, default) or l2 (mean squared error, aims at PSNR)."),
     latent_weight: float | None = _O(None, "--latent-weight",
         help="Weight of ||E1(blurry) - E2(sharp)||^2 (default 0; for eVAEs trained from scratch)."),
     quiet: bool = QUIET,

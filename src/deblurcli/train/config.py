@@ -20,6 +20,7 @@ from deblurcli.errors import DeblurcliError
 LAYOUT_CHOICES = ("auto", "gopro", "realblur", "synth", "folders")
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 PERCEPTUAL_CHOICES = ("dists", "lpips", "stlpips", "none")
+PIXEL_LOSS_CHOICES = ("l1", "l2")
 ADAPTER_CHOICES = ("real", "synthetic")
 VAE_MODES = ("joint", "freeze-e2", "no-skips")
 
@@ -85,13 +86,15 @@ class VaeTrainConfig(CommonConfig):
 
     ``mode``: ``joint`` (eVAE₃: E1, E2 and the decoder train), ``freeze-e2`` (eVAE₂: E2 frozen),
     ``no-skips`` (plain VAE fine-tuning: E2(sharp) → decoder without skips, the ablation baseline).
-    ``alpha`` weighs the perceptual term of ``L1 + α·perceptual``; ``latent_weight`` (β) weighs
+    ``alpha`` weighs the perceptual term of ``L1 + α·perceptual`` (``pixel_loss="l2"`` puts the
+    mean squared error in place of L1); ``latent_weight`` (β) weighs
     ``‖E1(blurry) − sg(E2(sharp))‖²``, for eVAEs trained from scratch (see ``train/vae.py``).
     """
 
     mode: str = "joint"
     alpha: float = 1.0
     latent_weight: float = 0.0
+    pixel_loss: str = "l1"
     base_model: str | None = None
     preset: str | None = None
     evae_config: str | None = None

@@ -30,7 +30,7 @@ from torch import nn
 from deblurcli.errors import DeblurcliError, WeightsError
 from deblurcli.progress import ProgressFn
 from deblurcli.train import engine
-from deblurcli.train.config import VaeTrainConfig, validate_common
+from deblurcli.train.config import PIXEL_LOSS_CHOICES, VaeTrainConfig, validate_common
 from deblurcli.train.losses import build_perceptual
 
 from deblurcli.train.config import VAE_MODES  # re-exported
@@ -156,6 +156,8 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
     """
     if config.mode not in VAE_MODES:
         raise DeblurcliError(f"unknown mode {config.mode!r}; choose from {', '.join(VAE_MODES)}")
+    if config.pixel_loss not in PIXEL_LOSS_CHOICES:
+        raise DeblurcliError(f"unknown pixel loss {config.pixel_loss!r}; choose l1 or l2")
     validate_common(config)
     accelerator = engine.make_accelerator(config, find_unused_parameters=True)
     data = engine.build_data(config, world=accelerator.num_processes)
@@ -171,6 +173,7 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
     if config.latent_weight > 0 and config.mode == "no-skips":
         raise DeblurcliError("--latent-weight trains E1, which --no-skips does not use")
     step_module = VaeStep(evae, config.mode, config.latent_weight)
+    pixel_loss = F.mse_loss if config.pixel_loss == "l2" else F.l1_loss
     params = [p for p in evae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = engine.warmup_scheduler(optimizer, config.warmup_steps)
@@ -182,9 +185,9 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
             with accelerator.autocast():
                 pred, latent = step_module(batch["blur"], batch["sharp"])
             pred = pred.float()
-            l1 = F.l1_loss(pred, batch["sharp"])
+            pixel = pixel_loss(pred, batch["sharp"])
             perc = perceptual(pred, batch["sharp"]) if config.alpha > 0 else pred.new_zeros(())
-            loss = l1 + config.alpha * perc + config.latent_weight * latent
+            loss = pixel + config.alpha * perc + config.latent_weight * latent
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -192,7 +195,8 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
             if accelerator.sync_gradients:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "l1": l1.item(), "perceptual": float(perc.item()),
+        return {"loss": loss.item(), config.pixel_loss: pixel.item(),
+                "perceptual": float(perc.item()),
                 "latent": float(latent.item())}
 
     def predict(blur: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
