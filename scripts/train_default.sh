@@ -54,8 +54,8 @@ resume() { [ -d "$1/checkpoints" ] && echo "--resume latest" || true; }
 #    decoder predicts a correction of its input image (image_skip) and starts as the identity;
 #    --latent-weight trains E1's latent head into E2's latent space (an SD VAE has this built in).
 deblurcli train-vae --preset compact --blur "$WORK/union/blur" --sharp "$WORK/union/sharp" \
-    --val-count 8 --max-steps "$STEPS_VAE" --lr 2e-3 --warmup-steps 100 --batch-size 4 \
-    --perceptual none --pixel-loss l2 --latent-weight 0.25 "${COMMON[@]}" \
+    --val-count 8 --max-steps "$STEPS_VAE" --lr 1e-3 --warmup-steps 100 --batch-size 4 \
+    --perceptual none --pixel-loss l2 --latent-weight 0.1 "${COMMON[@]}" \
     -o "$WORK/evae" $(resume "$WORK/evae")
 
 # 3. Stage 2a: the base UNet (--full, standing in for the pretrained SD prior) on the union.

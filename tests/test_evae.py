@@ -166,3 +166,17 @@ def test_image_skip_is_saved_in_the_config(tmp_path):
     x = images(1)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), evae(x))
+
+
+def test_live_skip_init_opens_the_skip_path_at_once():
+    x = images(1)
+    for live in (False, True):
+        evae = _image_skip_evae()
+        evae.init_skip_weights(torch.Generator().manual_seed(0), live=live)
+        with torch.no_grad():
+            skips = evae.encode(x)[1][:-1]
+        assert all(bool(s.abs().max() > 0) == live for s in skips)  # zero-init convs: skips are 0
+        fusion = evae.skip_fusions[0].weight
+        dec_ch = evae.skip_fusions[0].out_channels
+        assert not fusion[:, :dec_ch].any()  # the decoder's own path stays the identity
+        assert fusion[:, dec_ch:].std() > (0.1 if live else 0) and fusion[:, dec_ch:].std() < 0.5

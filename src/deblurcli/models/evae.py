@@ -144,11 +144,18 @@ class EVAE(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ construction
     @torch.no_grad()
-    def init_skip_weights(self, generator: torch.Generator | None = None) -> None:
+    def init_skip_weights(self, generator: torch.Generator | None = None, *,
+                          live: bool = False) -> None:
         """(Re)initialise the skip path so that it is an exact no-op: see the module docstring.
 
         With ``image_skip`` the decoder's output conv starts at zero, so the eVAE starts as the
         identity on its input image.
+
+        ``live=True`` is for eVAEs trained from scratch: the skip blocks' last convs and the
+        skip half of each fusion get ordinary random weights instead of zero / 0.02-scale ones.
+        The exact no-op start protects a *pretrained* decoder; on a random one it puts two
+        near-zero gates in series on the skip path (three with ``image_skip``), and the product
+        of their gradients kept a first from-scratch eVAE at the identity for 1,000 steps.
         """
         if self.decoder.conv_out.weight.is_meta:  # built on the meta device: weights come later
             return
@@ -164,12 +171,16 @@ class EVAE(ModelMixin, ConfigMixin):
             uniform = torch.rand(first.weight.shape, generator=generator)
             first.weight.copy_(uniform * 2 * bound - bound)
             first.bias.zero_()
-            last.weight.zero_()
+            if live:
+                uniform = torch.rand(last.weight.shape, generator=generator)
+                last.weight.copy_(uniform * 2 * bound - bound)
+            else:
+                last.weight.zero_()
             last.bias.zero_()
             dec_ch = fusion.out_channels
             weight = torch.zeros(fusion.weight.shape)
-            weight[:, dec_ch:] = SKIP_FUSION_INIT_STD * torch.randn(
-                weight[:, dec_ch:].shape, generator=generator)
+            std = 1.0 / fusion.weight[0].numel() ** 0.5 if live else SKIP_FUSION_INIT_STD
+            weight[:, dec_ch:] = std * torch.randn(weight[:, dec_ch:].shape, generator=generator)
             fusion.weight.copy_(weight)
             fusion.bias.zero_()
 

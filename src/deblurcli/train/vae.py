@@ -77,7 +77,7 @@ def build_evae(config: VaeTrainConfig):
             model = EVAE(**kwargs)
         except (TypeError, ValueError) as exc:
             raise DeblurcliError(f"invalid eVAE config: {exc}") from None
-    model.init_skip_weights(generator)
+    model.init_skip_weights(generator, live=True)  # from scratch: no pretrained decoder to protect
     return model
 
 
