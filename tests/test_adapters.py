@@ -179,3 +179,12 @@ def test_blend_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(WeightsError, match="junk.safetensors"):
         ad.load_adapter_file(tmp_path / "junk.safetensors")
+
+
+def test_lora_spec_from_dict_rejects_unknown_keys():
+    from deblurcli.models.adapters import LoraSpec
+
+    spec = LoraSpec(rank=3, alpha=6.0, rank_pattern={"to_q": 2})
+    assert LoraSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="unknown LoRA settings.*dropout"):
+        LoraSpec.from_dict({**spec.to_dict(), "dropout": 0.1})

@@ -21,7 +21,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -68,7 +68,11 @@ class LoraSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> LoraSpec:
-        """Inverse of :meth:`to_dict` (unknown keys are an error)."""
+        """Inverse of :meth:`to_dict` (unknown keys are a ``ValueError``: a file written by a
+        newer deblurcli must not load with settings silently dropped)."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown LoRA settings {unknown}")
         return cls(rank=int(data["rank"]), alpha=float(data["alpha"]),
                    target_modules=tuple(data["target_modules"]),
                    rank_pattern={k: int(v) for k, v in dict(data.get("rank_pattern", {})).items()},
