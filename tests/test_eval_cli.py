@@ -97,7 +97,7 @@ def test_unmatched_pred_is_exit_1(folders):
     (["--weights", "w", "--gamma", "1.5"], "[0, 1]"),
     (["--device", "tpu"], "device"),
     (["--dataset", "kitti", "--root", "."], "gopro"),
-    (["--tile", "-8"], "whole image"),
+    (["--tile", "-8"], "multiple of 8"),
 ])
 def test_bad_flags_are_usage_errors(folders, args, hint):
     res = _eval("--blur", str(folders / "blur"), *args)

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from deblurcli.cli.options import check_device, check_tiling, dtype_option
+
 HELP = """Remove motion blur from a photo or a folder of photos.
 
 INPUT is an image file or a folder; OUTPUT is always a folder (created
@@ -79,12 +81,7 @@ def deblur(
     """Remove motion blur from a photo or a folder of photos."""
     if not 0.0 <= gamma <= 1.0:
         raise typer.BadParameter(f"must be in [0, 1], got {gamma}", param_hint="--gamma")
-    if tile < 0 or tile % 8:
-        raise typer.BadParameter(f"must be 0 or a positive multiple of 8, got {tile}",
-                                 param_hint="--tile")
-    if tile_overlap < 0 or (tile and tile_overlap > tile - 8):
-        raise typer.BadParameter(f"must be >= 0 and at most --tile minus 8, got {tile_overlap}",
-                                 param_hint="--tile-overlap")
+    check_tiling(tile, tile_overlap)
     for name, value in (("--batch-size", batch_size),):
         if value is not None and value < 1:
             raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=name)
@@ -98,12 +95,7 @@ def deblur(
         raise typer.BadParameter(f"use one of {', '.join(EXT_CHOICES)}; got {ext!r}", param_hint="--ext")
     if "/" in suffix or "\\" in suffix:
         raise typer.BadParameter("must not contain a path separator", param_hint="--suffix")
-    if fp32 and dtype.lower() not in ("auto", "fp32"):
-        raise typer.BadParameter(f"--fp32 contradicts --dtype {dtype}", param_hint="--fp32")
-    dtype_name = "fp32" if fp32 else dtype.lower()
-    if dtype_name not in ("auto", "fp32", "fp16", "bf16"):
-        raise typer.BadParameter(f"use auto, fp32, fp16 or bf16; got {dtype!r}",
-                                 param_hint="--dtype")
+    dtype_name = dtype_option(dtype, fp32)
 
     from deblurcli.batch import BatchOptions, parse_shard
 
@@ -113,12 +105,7 @@ def deblur(
             shard_spec = parse_shard(shard)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--shard") from None
-    from deblurcli.device import check_device_name
-
-    try:
-        check_device_name(device)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--device") from None
+    check_device(device)
 
     options = BatchOptions(suffix=suffix, ext=ext.lower(), overwrite=overwrite,
                            recursive=recursive, shard=shard_spec, quality=quality)

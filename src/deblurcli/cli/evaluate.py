@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from deblurcli.cli.options import check_device, check_tiling, dtype_option
+
 HELP = """Score deblurring with the paper's metrics (PSNR, SSIM, LPIPS, DISTS, NIQE, MUSIQ, ...).
 
 Full-reference metrics need ground truth (--dataset, or --blur with --sharp); with --blur alone
@@ -151,9 +153,11 @@ def evaluate(
     dtype: str = typer.Option("auto", "--dtype", help="Model precision: auto, fp32, fp16, bf16."),
     tile: int = typer.Option(
         512, "--tile",
-        help="Tile side in pixels for the model (rounded up to a multiple of 8; 0 = whole image)."
+        help="Tile side in pixels for the model (multiple of 8; 0 = whole image)."
     ),
-    tile_overlap: int = typer.Option(64, "--tile-overlap", help="Overlap between tiles in pixels."),
+    tile_overlap: int = typer.Option(
+        64, "--tile-overlap", help="Pixels shared by neighbouring tiles (at most --tile minus 8)."
+    ),
     batch_size: int | None = typer.Option(
         None, "--batch-size", help="Tiles per model call (default: 1 on the CPU, 4 on a GPU, as deblur)."
     ),
@@ -164,7 +168,6 @@ def evaluate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Score deblurring with the paper's metrics."""
-    from deblurcli.device import DTYPE_CHOICES, check_device_name
     from deblurcli.evaluation.datasets import DATASET_CHOICES
     from deblurcli.evaluation.metrics import parse_metric_names
 
@@ -178,22 +181,14 @@ def evaluate(
         names = tuple(parse_metric_names(metrics)) if metrics is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--metrics") from None
-    try:
-        check_device_name(device)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--device") from None
-    if dtype.lower() not in DTYPE_CHOICES:
-        raise typer.BadParameter(f"choose from {', '.join(DTYPE_CHOICES)}", param_hint="--dtype")
+    check_device(device)
+    dtype = dtype_option(dtype)
     if gamma is not None and weights is None:
         raise typer.BadParameter("--gamma needs --weights DIR (the model to run)",
                                  param_hint="--gamma")
     if pred is not None and weights is not None:
         raise typer.BadParameter("give either --pred or --weights, not both", param_hint="--pred")
-    if tile < 0:
-        raise typer.BadParameter(f"must be >= 0 (0 = whole image), got {tile}", param_hint="--tile")
-    if tile_overlap < 0 or (tile and tile_overlap >= tile):
-        raise typer.BadParameter(f"must be >= 0 and smaller than --tile, got {tile_overlap}",
-                                 param_hint="--tile-overlap")
+    check_tiling(tile, tile_overlap)
     for hint, value in (("--batch-size", batch_size), ("--limit", limit)):
         if value is not None and value < 1:
             raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=hint)

@@ -1,0 +1,28 @@
+"""deblur and eval accept and reject the same device, precision and tiling values."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from deblurcli.cli.app import app
+
+
+@pytest.mark.parametrize("flags, hint", [
+    (["--tile", "100"], "--tile"),
+    (["--tile", "-8"], "--tile"),
+    (["--tile", "64", "--tile-overlap", "60"], "--tile-overlap"),
+    (["--tile-overlap", "-1"], "--tile-overlap"),
+    (["--device", "tpu"], "--device"),
+    (["--dtype", "fp8"], "--dtype"),
+])
+def test_deblur_and_eval_reject_the_same_run_options(tmp_path, flags, hint):
+    blur = tmp_path / "blur"
+    blur.mkdir()
+    runner = CliRunner()
+    deblur = runner.invoke(app, ["deblur", str(blur), str(tmp_path / "o"), *flags])
+    evaluate = runner.invoke(app, ["eval", "--blur", str(blur), "--weights", str(tmp_path),
+                                   *flags])
+    for result in (deblur, evaluate):
+        assert result.exit_code == 2, result.output
+        assert hint in result.output
