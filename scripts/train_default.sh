@@ -9,7 +9,7 @@ WORK=${2:-runs/default}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 STEPS_VAE=${STEPS_VAE:-4400}
-STEPS_FULL=${STEPS_FULL:-1000}
+STEPS_FULL=${STEPS_FULL:-4000}
 STEPS_LORA_S=${STEPS_LORA_S:-150}
 STEPS_LORA_R=${STEPS_LORA_R:-300}
 # CPU budget: the shift-tolerant LPIPS network costs ~7 s per edge-aware evaluation of a batch of 8
@@ -61,8 +61,8 @@ deblurcli train-vae --preset compact --blur "$WORK/union/blur" --sharp "$WORK/un
 # 3. Stage 2a: the base UNet (--full, standing in for the pretrained SD prior) on the union.
 deblurcli train-diffusion --preset compact --evae "$WORK/evae/model" --full \
     --blur "$WORK/union/blur" --sharp "$WORK/union/sharp" --val-count 8 \
-    --max-steps "$STEPS_FULL" --lr 3e-4 --warmup-steps 50 --batch-size 8 --perceptual none \
-    --lambda1 0 --lambda2 0.02 --gan-start 500 "${COMMON[@]}" -o "$WORK/base" $(resume "$WORK/base")
+    --max-steps "$STEPS_FULL" --lr 1e-3 --warmup-steps 100 --batch-size 8 --perceptual none \
+    --lambda1 0 --lambda2 0.01 --gan-start 3000 "${COMMON[@]}" -o "$WORK/base" $(resume "$WORK/base")
 
 # 4. Stage 2b: LoRA_s on synthetic trajectory blur, then LoRA_r on real frame-averaged blur.
 deblurcli train-diffusion --init "$WORK/base/model" --adapter synthetic \

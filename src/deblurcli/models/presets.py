@@ -4,7 +4,8 @@
   (4-level eVAE with skips, latent factor 8, a cross-attention UNet with a learned prompt, two LoRA
   adapters), sized to deblur a 1280x720 photo in seconds on a laptop CPU and to fit in
   ``weights/`` (< 50 MB in fp16). It has no pretrained prior: its base UNet is trained with
-  ``train-diffusion --full``.
+  ``train-diffusion --full``, and its eVAE has an image skip (the decoder corrects its input
+  image; see ``EVAE``), which an eVAE trained from scratch needs.
 * ``sd21`` -- paper scale: the Stable Diffusion 2.1 VAE (83.7 M parameters; 96.1 M with our skip
   blocks, without E2) and the SD-2.1 UNet (865.9 M parameters). Normally initialised from a diffusers SD-2.1
   folder (``--base-model``); built with random weights for benchmarks (cost does not depend on
