@@ -343,14 +343,29 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
         specs[name] = spec
 
     model = OSDDModel(evae, denoiser, specs, fused_gamma=fused_gamma)
-    if fused_gamma is not None:
-        model.gamma = fused_gamma
-        if warn is not None and abs(float(gamma) - fused_gamma) > 1e-9:
-            warn(f"this model's adapters are fused at gamma={fused_gamma:g}; "
+    return ready_model(model, gamma=gamma, fuse=fuse, device=device, dtype=dtype,
+                       vae_dtype=vae_dtype, warn=warn)
+
+
+def ready_model(model: OSDDModel, *, gamma: float, fuse: bool = True,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                vae_dtype: torch.dtype | None = None,
+                warn: Callable[[str], None] | None = None) -> OSDDModel:
+    """Put a model as loaded (float32, on the CPU) into its run state, in place.
+
+    Sets the γ-blend (or fuses it into the UNet, in float32, before any cast to half precision),
+    then moves the UNet to ``device``/``dtype`` and the eVAE to ``vae_dtype`` (default ``dtype``).
+    A model whose adapters were fused when saved keeps that γ (``warn`` says so if ``gamma``
+    differs). ``load_model_folder`` ends with this; ``deblurcli eval`` calls it once per γ.
+    """
+    if model.fused_gamma is not None:
+        model.gamma = model.fused_gamma
+        if warn is not None and abs(float(gamma) - model.fused_gamma) > 1e-9:
+            warn(f"this model's adapters are fused at gamma={model.fused_gamma:g}; "
                  f"gamma={float(gamma):g} is ignored")
     elif model.has_dual_adapters:
         if fuse:
-            model.fuse(gamma)  # in float32, before any cast to half precision
+            model.fuse(gamma)
         else:
             model.set_gamma(gamma)
     nn.Module.to(model.denoiser, device=device, dtype=dtype)

@@ -209,13 +209,12 @@ def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None):
     """Yield ``(gamma, model, load_seconds)`` for each γ, reading the folder from disk once.
 
     The folder is loaded unfused in float32 on the CPU; each γ fuses a copy in float32 and then
-    moves it to ``device``/``dtype`` -- the same steps, in the same order, as
-    ``load_model_folder(..., gamma=γ, fuse=True)``, so the outputs equal ``deblurcli deblur``'s.
+    moves it to ``device``/``dtype`` with ``modelfolder.ready_model``, which is how
+    ``load_model_folder(..., gamma=γ, fuse=True)`` ends, so the outputs equal ``deblurcli deblur``'s.
     """
     import torch
-    from torch import nn
 
-    from deblurcli.modelfolder import load_model_folder
+    from deblurcli.modelfolder import load_model_folder, ready_model
 
     start = time.perf_counter()
     base = load_model_folder(mc.weights, device="cpu", dtype=torch.float32, gamma=mc.gammas[0],
@@ -233,11 +232,7 @@ def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None):
         start = time.perf_counter()
         last = index == len(gammas) - 1
         model = base if last else copy.deepcopy(base)  # the last γ may consume the base model
-        if model.fused_gamma is None and model.has_dual_adapters:
-            model.fuse(gamma)
-        nn.Module.to(model.denoiser, device=device, dtype=dtype)
-        nn.Module.to(model.evae, device=device, dtype=dtype)
-        model.eval()
+        ready_model(model, gamma=gamma, fuse=True, device=device, dtype=dtype)
         seconds = time.perf_counter() - start + (base_seconds if index == 0 else 0.0)
         yield gamma, model, seconds
         del model
