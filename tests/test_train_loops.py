@@ -320,3 +320,34 @@ def test_pixel_loss_l2_is_the_mean_squared_error(pairs: Path, tmp_path: Path) ->
     with pytest.raises(DeblurcliError, match="pixel loss"):
         train_vae(VaeTrainConfig(data=str(pairs), output=str(tmp_path / "x"), max_steps=1,
                                  pixel_loss="huber", **FAST))
+
+
+def test_an_interrupt_inside_a_step_saves_no_torn_checkpoint(pairs: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    common = dict(data=str(pairs), max_steps=2, lr=1e-3, **{**FAST, "checkpoint_every": 2})
+    train_vae(VaeTrainConfig(output=str(tmp_path / "ref"), **common))
+    real_step = torch.optim.AdamW.step
+    calls = []
+
+    def step_then_interrupt(self, *args, **kwargs):  # a second Ctrl-C landing mid-step 3
+        out = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_interrupt)
+    result = train_vae(VaeTrainConfig(output=str(tmp_path / "run"),
+                                      **{**common, "max_steps": 4}))
+    assert result.interrupted and result.step == 2 and result.model_folder is None
+    names = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    assert names == ["step-000000002"]
+    ref = load_file(str(tmp_path / "ref" / "checkpoints" / "step-000000002" /
+                        "weights-evae.safetensors"))
+    got = load_file(str(tmp_path / "run" / "checkpoints" / "step-000000002" /
+                        "weights-evae.safetensors"))
+    assert ref.keys() == got.keys()
+    for key in ref:  # not overwritten with the weights after the third update
+        assert torch.equal(ref[key], got[key]), key

@@ -343,8 +343,10 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
         state: ckpt.Checkpoint | None, progress: ProgressFn | None = None) -> TrainResult:
     """The step loop: train until ``max_steps``, checkpoint, validate, log; Ctrl-C saves and stops.
 
-    A ``KeyboardInterrupt`` (or SIGINT) saves a checkpoint at the last completed step and returns
-    with ``interrupted=True``.
+    The first SIGINT (Ctrl-C) stops after the step in progress, saves a checkpoint and returns
+    with ``interrupted=True``. A second one, or a ``KeyboardInterrupt`` raised inside a step,
+    stops at once *without* saving: the weights may hold part of an unfinished step, so
+    ``--resume`` goes back to the last checkpoint written before it.
     """
     validate_common(config)
     start = state.step if state is not None else 0
@@ -375,7 +377,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
     count = 0
     validation: dict[str, float] = {}
     last_ckpt: Path | None = state.path if state is not None else None
-    interrupted = False
+    interrupted = torn = False
     began = time.perf_counter()
     loader = make_loader(data.train, config, rank=accelerator.process_index,
                          world=accelerator.num_processes, start_step=start)
@@ -414,11 +416,12 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                 if accelerator.num_processes > 1:  # every process stops at the same step
                     hit = torch.tensor(float(flag.hit), device=accelerator.device)
                     flag.hit = bool(accelerator.reduce(hit, reduction="sum").item() > 0)
-        except KeyboardInterrupt:
-            flag.hit = True
+        except KeyboardInterrupt:  # a second Ctrl-C: the step in progress may be half applied
+            flag.hit = torn = True
         if flag.hit and step < config.max_steps:
             interrupted = True
-            last_ckpt = save(step)
+            if not torn:  # a torn state would be saved under the previous step's number
+                last_ckpt = save(step)
     log.close()
     model_folder = None
     if not interrupted:
