@@ -188,3 +188,13 @@ def test_lora_spec_from_dict_rejects_unknown_keys():
     assert LoraSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="unknown LoRA settings.*dropout"):
         LoraSpec.from_dict({**spec.to_dict(), "dropout": 0.1})
+
+
+def test_presets_give_both_adapters_the_same_spec():
+    from deblurcli.models.adapters import ADAPTER_NAMES, LoraSpec, dual_lora
+    from deblurcli.models.presets import compact_config, sd21_config
+
+    assert dual_lora(4) == {name: LoraSpec(rank=4, alpha=4.0) for name in ADAPTER_NAMES}
+    assert dual_lora(4, alpha=8)["synthetic"].alpha == 8.0
+    assert compact_config().lora == dual_lora(8)
+    assert sd21_config(lora_rank=2).lora == dual_lora(2)

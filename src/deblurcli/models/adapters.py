@@ -93,6 +93,12 @@ class LoraSpec:
         return float(_pattern_value(self.alpha_pattern, module_name, self.alpha))
 
 
+def dual_lora(rank: int, alpha: float | None = None) -> dict[str, LoraSpec]:
+    """Equal specs for the ``real`` and ``synthetic`` adapters (``alpha`` defaults to ``rank``)."""
+    alpha = float(rank if alpha is None else alpha)
+    return {name: LoraSpec(rank=rank, alpha=alpha) for name in ADAPTER_NAMES}
+
+
 def _pattern_value(pattern: Mapping[str, float], key: str, default: float) -> float:
     for pat, value in pattern.items():  # same rule as peft: regex on a dotted suffix of the name
         if re.match(rf"(.*\.)?({pat})$", key):

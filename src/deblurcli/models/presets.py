@@ -46,10 +46,8 @@ def sd21_config(*, sharp_encoder: bool = False, lora_rank: int = PAPER_LORA_RANK
         attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
         norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
     )
-    spec = ad.LoraSpec(rank=lora_rank, alpha=float(lora_rank))
     return OSDDConfig(evae=evae, unet=unet, timestep=timestep, prompt_tokens=77,
-                      lora={ad.REAL: spec, ad.SYNTHETIC: ad.LoraSpec(rank=lora_rank,
-                                                                    alpha=float(lora_rank))})
+                      lora=ad.dual_lora(lora_rank))
 
 
 #: Fixed timestep of the compact model. SD-based OSDD uses t = 999 so that the *pretrained* UNet
@@ -81,10 +79,8 @@ def compact_config(*, sharp_encoder: bool = True, lora_rank: int = 8,
         attention_head_dim=(2, 4, 8), cross_attention_dim=256, use_linear_projection=True,
         norm_num_groups=16, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
     )
-    spec = ad.LoraSpec(rank=lora_rank, alpha=float(lora_rank))
     return OSDDConfig(evae=evae, unet=unet, timestep=timestep, prompt_tokens=8,
-                      lora={ad.REAL: spec, ad.SYNTHETIC: ad.LoraSpec(rank=lora_rank,
-                                                                    alpha=float(lora_rank))})
+                      lora=ad.dual_lora(lora_rank))
 
 
 PRESETS: dict[str, Callable[..., OSDDConfig]] = {

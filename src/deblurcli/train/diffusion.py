@@ -70,10 +70,8 @@ def build_model(config: DiffusionTrainConfig):
     elif config.base_model:
         from deblurcli.models.presets import PAPER_LORA_RANK
 
-        rank = config.lora_rank or PAPER_LORA_RANK
-        spec = ad.LoraSpec(rank=rank, alpha=float(rank))
         model = osdd.osdd_from_base_model(config.base_model,
-                                          lora={ad.REAL: spec, ad.SYNTHETIC: spec},
+                                          lora=ad.dual_lora(config.lora_rank or PAPER_LORA_RANK),
                                           seed=config.seed)
     elif config.preset:
         model = osdd.build_osdd(preset_osdd_config(config.preset, config.lora_rank),
