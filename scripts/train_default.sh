@@ -59,10 +59,13 @@ deblurcli train-vae --preset compact --blur "$WORK/union/blur" --sharp "$WORK/un
     -o "$WORK/evae" $(resume "$WORK/evae")
 
 # 3. Stage 2a: the base UNet (--full, standing in for the pretrained SD prior) on the union.
+#    --latent-weight regresses z_h onto E2(sharp): a from-scratch UNet learns too little from the
+#    pixel loss alone (docs/default-model.md).
 deblurcli train-diffusion --preset compact --evae "$WORK/evae/model" --full \
     --blur "$WORK/union/blur" --sharp "$WORK/union/sharp" --val-count 8 \
     --max-steps "$STEPS_FULL" --lr 1e-3 --warmup-steps 100 --batch-size 8 --perceptual none \
-    --lambda1 0 --lambda2 0.01 --gan-start 3000 "${COMMON[@]}" -o "$WORK/base" $(resume "$WORK/base")
+    --lambda1 0 --lambda2 0.01 --gan-start 3000 --latent-weight 0.1 "${COMMON[@]}" \
+    -o "$WORK/base" $(resume "$WORK/base")
 
 # 4. Stage 2b: LoRA_s on synthetic trajectory blur, then LoRA_r on real frame-averaged blur.
 deblurcli train-diffusion --init "$WORK/base/model" --adapter synthetic \

@@ -351,3 +351,28 @@ def test_an_interrupt_inside_a_step_saves_no_torn_checkpoint(pairs: Path, tmp_pa
     assert ref.keys() == got.keys()
     for key in ref:  # not overwritten with the weights after the third update
         assert torch.equal(ref[key], got[key]), key
+
+
+def test_diffusion_latent_weight_pulls_z_h_to_the_sharp_latent(one_pair: Path,
+                                                                tmp_path: Path) -> None:
+    from deblurcli.images import read_image
+    from deblurcli.modelfolder import load_model_folder
+    from deblurcli.train.data import to_tensor
+    from deblurcli.train.diffusion import sharp_latent
+
+    blur, sharp = (to_tensor(read_image(one_pair / s / "p1.png").pixels)[None]
+                   for s in ("blur", "sharp"))
+    cfg = {**FAST, "batch_size": 1, "crop": 48, "augment": False}
+    gaps = {}
+    for weight in (0.0, 1.0):
+        run = tmp_path / f"w{weight}"
+        train_diffusion(DiffusionTrainConfig(data=str(one_pair), output=str(run), max_steps=15,
+                                             lr=3e-3, full=True, lambda2=0.0,
+                                             latent_weight=weight, **cfg))
+        assert len(_losses(run, "latent")) == 15
+        model = load_model_folder(run / "model", gamma=1.0)
+        assert model.evae.encoder_sharp is not None  # the frozen E2 that gave the target
+        with torch.no_grad():
+            z_h = model.latent_step(blur)[1]
+            gaps[weight] = float(torch.mean((z_h - sharp_latent(model.evae, sharp)) ** 2))
+    assert gaps[1.0] < 0.75 * gaps[0.0], gaps

@@ -256,6 +256,9 @@ def train_diffusion(
         help="Weight of the edge-aware perceptual loss (default 1)."),
     lambda2: float | None = _O(None, "--lambda2",
         help="Weight of the latent GAN loss (default 1; 0 disables the discriminator)."),
+    latent_weight: float | None = _O(None, "--latent-weight",
+        help="Weight of ||z_h - E2(sharp)||^2, a direct latent target (default 0; for models "
+             "trained from scratch)."),
     disc_lr: float | None = _O(None, "--disc-lr",
         help="Discriminator learning rate (default: --lr)."),
     gan_start: int | None = _O(None, "--gan-start",

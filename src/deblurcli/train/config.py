@@ -105,7 +105,8 @@ class DiffusionTrainConfig(CommonConfig):
     """Stage 2 (one-step UNet + LoRA adapters, paper Sec. 3.2).
 
     ``adapter`` is ``real`` or ``synthetic`` (the LoRA that trains) unless ``full`` trains every
-    UNet weight. ``lambda1``/``lambda2`` weigh the edge-aware perceptual and GAN terms.
+    UNet weight. ``lambda1``/``lambda2`` weigh the edge-aware perceptual and GAN terms;
+    ``latent_weight`` adds ``‖ẑ_h − sg(E2(sharp))‖²`` (default 0; for from-scratch models).
     """
 
     evae: str | None = None
@@ -117,6 +118,7 @@ class DiffusionTrainConfig(CommonConfig):
     lora_rank: int | None = None
     lambda1: float = 1.0
     lambda2: float = 1.0
+    latent_weight: float = 0.0
     disc_lr: float | None = None
     gan_start: int = 0
     progressive: bool = False
