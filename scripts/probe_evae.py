@@ -45,7 +45,9 @@ def load(path: Path) -> EVAE:
 
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(pixels).permute(2, 0, 1)[None] * 2 - 1
+    from deblurcli.train.data import to_tensor as one_image
+
+    return one_image(pixels)[None]
 
 
 def to_pixels(x: torch.Tensor) -> np.ndarray:

@@ -199,24 +199,15 @@ def train_diffusion(config: DiffusionTrainConfig,
                     fake_logits = torch.func.functional_call(raw_disc, frozen, (z_hat,))
                 lg = generator_loss(fake_logits.float())
                 loss = loss + config.lambda2 * lg
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            opt_g.step()
-            if accelerator.sync_gradients:
-                sched_g.step()
-            opt_g.zero_grad(set_to_none=True)
+            engine.optimizer_step(accelerator, loss, opt_g, sched_g, params=params,
+                                  max_grad_norm=config.max_grad_norm)
             ld = l2.new_zeros(())
             if gan_on:
                 with accelerator.autocast():
                     logits = disc(torch.cat([z_real, z_hat.detach()], dim=0))
                 real_logits, fake_logits = logits.float().chunk(2)
                 ld = discriminator_loss(real_logits, fake_logits)
-                accelerator.backward(ld)
-                opt_d.step()
-                if accelerator.sync_gradients:
-                    sched_d.step()
-                opt_d.zero_grad(set_to_none=True)
+                engine.optimizer_step(accelerator, ld, opt_d, sched_d)
         return {"loss": loss.item(), "l2": l2.item(), "ea": float(ea.item()),
                 "latent": float(lat.item()),
                 "gan_g": float(lg.item()), "gan_d": float(ld.item())}

@@ -60,6 +60,19 @@ def weight_dtype(accelerator) -> torch.dtype:
                                                                torch.float32)
 
 
+def optimizer_step(accelerator, loss: torch.Tensor, optimizer, scheduler, *,
+                   params=None, max_grad_norm: float = 0.0) -> None:
+    """Backward ``loss``, then (clip and) step ``optimizer``; the scheduler moves once per
+    optimizer update, not per micro-batch. Call inside ``accelerator.accumulate``."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if accelerator.sync_gradients:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int):
     """Constant LR after a linear warm-up (independent of ``max_steps``: runs can be extended)."""
     def factor(step: int) -> float:

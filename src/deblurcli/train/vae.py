@@ -188,13 +188,8 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
             pixel = pixel_loss(pred, batch["sharp"])
             perc = perceptual(pred, batch["sharp"]) if config.alpha > 0 else pred.new_zeros(())
             loss = pixel + config.alpha * perc + config.latent_weight * latent
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            if accelerator.sync_gradients:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            engine.optimizer_step(accelerator, loss, optimizer, scheduler, params=params,
+                                  max_grad_norm=config.max_grad_norm)
         return {"loss": loss.item(), config.pixel_loss: pixel.item(),
                 "perceptual": float(perc.item()),
                 "latent": float(latent.item())}
