@@ -293,6 +293,33 @@ def test_latent_weight_trains_e1s_latent_head_toward_e2(pairs: Path, tmp_path: P
     assert gaps[1.0] < 0.75 * gaps[0.0], gaps  # E1's latents moved towards E2's
 
 
+def test_blurry_decode_weight_trains_the_decoder_on_e1s_latent(pairs: Path,
+                                                                tmp_path: Path) -> None:
+    from deblurcli.images import read_image
+    from deblurcli.train.data import to_tensor
+
+    cfg = {**FAST, "batch_size": 4, "augment": False}
+    runs = {}
+    for weight in (0.0, 1.0):
+        run = tmp_path / f"d{weight}"
+        train_vae(VaeTrainConfig(data=str(pairs), output=str(run), max_steps=15, lr=3e-3,
+                                 pixel_loss="l2", blurry_decode_weight=weight, **cfg))
+        runs[weight] = run
+    assert max(_losses(runs[0.0], "blurry_decode")) == 0
+    logged = _losses(runs[1.0], "blurry_decode")
+    assert len(logged) == 15 and min(logged) > 0
+    blur = torch.stack([to_tensor(read_image(p).pixels[:48, :48])
+                        for p in sorted((pairs / "blur").iterdir())])
+    sharp = torch.stack([to_tensor(read_image(p).pixels[:48, :48])
+                         for p in sorted((pairs / "sharp").iterdir())])
+    errors = {}
+    with torch.no_grad():
+        for weight, run in runs.items():
+            evae = load_evae(run / "model").eval()
+            errors[weight] = float(torch.mean((evae.decode(*evae.encode(blur)) - sharp) ** 2))
+    assert errors[1.0] < errors[0.0], errors  # the inference path (E1's latent) got better
+
+
 def test_full_unet_from_a_preset_starts_at_eps_zero(tmp_path: Path) -> None:
     from deblurcli.train.diffusion import build_model
 
@@ -309,6 +336,9 @@ def test_cli_rejects_negative_loss_weights(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train-vae", "--preset", "tiny", "--data", str(tmp_path),
                                       "--latent-weight", "-1", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--latent-weight" in result.output
+    result = CliRunner().invoke(app, ["train-vae", "--preset", "tiny", "--data", str(tmp_path),
+                                      "--blurry-decode-weight", "-0.5", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--blurry-decode-weight" in result.output
 
 
 def test_pixel_loss_l2_is_the_mean_squared_error(pairs: Path, tmp_path: Path) -> None:

@@ -120,7 +120,7 @@ def _check(values: dict[str, Any]) -> None:
         if value is not None and (value < 8 or value % 8):
             raise typer.BadParameter(f"must be a multiple of 8 and >= 8, got {value}",
                                      param_hint="--" + key.replace("_", "-"))
-    for key in ("alpha", "latent_weight", "lambda1", "lambda2"):
+    for key in ("alpha", "latent_weight", "blurry_decode_weight", "lambda1", "lambda2"):
         value = values.get(key)
         if value is not None and value < 0:
             raise typer.BadParameter(f"must be >= 0, got {value}",
@@ -209,6 +209,9 @@ def train_vae(
         help="l1 (the paper's, default) or l2 (mean squared error, aims at PSNR)."),
     latent_weight: float | None = _O(None, "--latent-weight",
         help="Weight of ||E1(blurry) - E2(sharp)||^2 (default 0; for eVAEs trained from scratch)."),
+    blurry_decode_weight: float | None = _O(None, "--blurry-decode-weight",
+        help="Weight of the pixel loss of decoder(E1(blurry), skips) vs sharp (default 0; "
+             "for eVAEs trained from scratch)."),
     quiet: bool = QUIET,
 ) -> None:
     """Stage 1: train the eVAE."""

@@ -88,12 +88,14 @@ class VaeTrainConfig(CommonConfig):
     ``no-skips`` (plain VAE fine-tuning: E2(sharp) → decoder without skips, the ablation baseline).
     ``alpha`` weighs the perceptual term of ``L1 + α·perceptual`` (``pixel_loss="l2"`` puts the
     mean squared error in place of L1); ``latent_weight`` (β) weighs
-    ``‖E1(blurry) − sg(E2(sharp))‖²``, for eVAEs trained from scratch (see ``train/vae.py``).
+    ``‖E1(blurry) − sg(E2(sharp))‖²``, for eVAEs trained from scratch (see ``train/vae.py``);
+    ``blurry_decode_weight`` (δ) weighs the pixel loss of the decoder on E1's own latent.
     """
 
     mode: str = "joint"
     alpha: float = 1.0
     latent_weight: float = 0.0
+    blurry_decode_weight: float = 0.0
     pixel_loss: str = "l1"
     base_model: str | None = None
     preset: str | None = None

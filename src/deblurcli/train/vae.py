@@ -4,12 +4,19 @@ E1 sees the blurry image and supplies the skip features, E2 sees the sharp image
 latent, and the decoder must rebuild the sharp image from ``(E2(x_sharp), skips(E1(x_blurry)))``::
 
     L = L1(x̂, x_sharp) + α · perceptual(x̂, x_sharp) [+ β · ‖E1(x_blurry) − sg(E2(x_sharp))‖²]
+        [+ δ · L1(x̂_l, x_sharp)],   x̂_l = decoder(E1(x_blurry), skips(E1(x_blurry)))
 
 The optional β term (``--latent-weight``, default 0) is for eVAEs trained *from scratch*: with a
 Stable Diffusion VAE, E1's latent head already maps images into the latent space E2 shares (both
 start as the same pretrained encoder), which stage 2 relies on when it starts from ``z_l = E1(y)``.
 A randomly initialised E1 has no such head; the β term trains it to land in E2's latent space
 (``sg``: E2 gets no gradient from it).
+
+The optional δ term (``--blurry-decode-weight``, default 0, also not in the paper) trains the
+decoder on the latent the one-step UNet *starts* from, ``z_l = E1(x_blurry)``, as well as on the
+sharp latent it aims at. A from-scratch UNet that learns slowly then starts from a decoder that
+already deblurs what its skips carry, instead of one that needs a near-perfect ẑ_h (measured in
+docs/default-model.md). The pixel loss of the δ term is the same as the main term's.
 
 Modes: ``joint`` (eVAE₃: E1, E2, skips and decoder train), ``freeze-e2`` (eVAE₂: E2 frozen) and
 ``no-skips`` (plain VAE fine-tuning without skips: E2(sharp) → decoder, the ablation baseline).
@@ -115,23 +122,32 @@ def load_evae(path: str | Path):
 class VaeStep(nn.Module):
     """The stage-1 forward pass as one module (so DDP sees every trained parameter)."""
 
-    def __init__(self, evae: nn.Module, mode: str, latent_weight: float = 0.0) -> None:
+    def __init__(self, evae: nn.Module, mode: str, latent_weight: float = 0.0,
+                 blurry_decode: bool = False) -> None:
         super().__init__()
         self.evae = evae
         self.mode = mode
         self.latent_weight = latent_weight
+        self.blurry_decode = blurry_decode
 
-    def forward(self, blur: torch.Tensor, sharp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x̂, latent loss)``; the latent loss is 0 unless ``latent_weight > 0``."""
+    def forward(self, blur: torch.Tensor, sharp: torch.Tensor) \
+            -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(x̂, latent loss, x̂_l)``.
+
+        The latent loss is 0 unless ``latent_weight > 0``; ``x̂_l`` (the decoder on E1's own
+        latent) is ``None`` unless ``blurry_decode``.
+        """
         z = self.evae.encode_sharp(sharp)
         if self.mode == "no-skips":
-            return self.evae.decode(z, ()), z.new_zeros(())
-        if self.latent_weight > 0:
+            return self.evae.decode(z, ()), z.new_zeros(()), None
+        if self.latent_weight > 0 or self.blurry_decode:
             z_blur, skips = self.evae.encode(blur)
-            latent = F.mse_loss(z_blur.float(), z.detach().float())
+            latent = (F.mse_loss(z_blur.float(), z.detach().float()) if self.latent_weight > 0
+                      else z.new_zeros(()))
         else:  # E1's latent head is not needed: skip it
-            skips, latent = self.evae.encode_skips(blur), z.new_zeros(())
-        return self.evae.decode(z, skips), latent
+            z_blur, skips, latent = None, self.evae.encode_skips(blur), z.new_zeros(())
+        pred_blurry = self.evae.decode(z_blur, skips) if self.blurry_decode else None
+        return self.evae.decode(z, skips), latent, pred_blurry
 
 
 def set_trainable(evae: nn.Module, mode: str) -> None:
@@ -172,7 +188,11 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
                                   device=accelerator.device)
     if config.latent_weight > 0 and config.mode == "no-skips":
         raise DeblurcliError("--latent-weight trains E1, which --no-skips does not use")
-    step_module = VaeStep(evae, config.mode, config.latent_weight)
+    if config.blurry_decode_weight > 0 and config.mode == "no-skips":
+        raise DeblurcliError("--blurry-decode-weight decodes E1's latent, which --no-skips does "
+                             "not use")
+    step_module = VaeStep(evae, config.mode, config.latent_weight,
+                          blurry_decode=config.blurry_decode_weight > 0)
     pixel_loss = F.mse_loss if config.pixel_loss == "l2" else F.l1_loss
     params = [p for p in evae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -183,16 +203,19 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
     def train_step(batch: dict, step: int) -> dict[str, float]:
         with accelerator.accumulate(step_module):
             with accelerator.autocast():
-                pred, latent = step_module(batch["blur"], batch["sharp"])
+                pred, latent, pred_blurry = step_module(batch["blur"], batch["sharp"])
             pred = pred.float()
             pixel = pixel_loss(pred, batch["sharp"])
             perc = perceptual(pred, batch["sharp"]) if config.alpha > 0 else pred.new_zeros(())
-            loss = pixel + config.alpha * perc + config.latent_weight * latent
+            blurry = (pixel_loss(pred_blurry.float(), batch["sharp"]) if pred_blurry is not None
+                      else pred.new_zeros(()))
+            loss = (pixel + config.alpha * perc + config.latent_weight * latent
+                    + config.blurry_decode_weight * blurry)
             engine.optimizer_step(accelerator, loss, optimizer, scheduler, params=params,
                                   max_grad_norm=config.max_grad_norm)
         return {"loss": loss.item(), config.pixel_loss: pixel.item(),
                 "perceptual": float(perc.item()),
-                "latent": float(latent.item())}
+                "latent": float(latent.item()), "blurry_decode": float(blurry.item())}
 
     def predict(blur: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
         # the training objective itself: decoder(E2(sharp), skips(E1(blurry))) -> sharp
