@@ -48,8 +48,11 @@ def test_from_vae_accepts_a_stable_diffusion_folder(tmp_path):
     x = images(1)
     torch.testing.assert_close(evae(x), vae.decode(vae.encode(x).latent_dist.mean).sample,
                                atol=1e-5, rtol=0)
-    with pytest.raises(WeightsError, match="no diffusers VAE"):
+    with pytest.raises(WeightsError, match="VAE source not found"):
         EVAE.from_vae(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="no diffusers VAE"):
+        EVAE.from_vae(tmp_path / "empty")
 
 
 @torch.no_grad()

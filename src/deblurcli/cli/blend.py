@@ -46,7 +46,8 @@ def register(app: typer.Typer) -> None:
             "--weights", "-w", help="Model folder to take the adapters (or model) from.")] = None,
         base_model: Annotated[Path | None, typer.Option(
             "--base-model",
-            help="Stable Diffusion folder, for model folders saved without their UNet.")] = None,
+            help="Stable Diffusion folder or cached hub id, for model folders saved without "
+                 "their UNet.")] = None,
         fp16: Annotated[bool, typer.Option("--fp16", help="Store the output in float16.")] = False,
     ) -> None:
         if not 0.0 <= gamma <= 1.0:

@@ -39,8 +39,8 @@ def deblur(
         "--weights", "-w", help="Model folder (default: the model installed with deblurcli).")]
     = None,
     base_model: Annotated[Optional[Path], typer.Option(
-        "--base-model", help="Stable Diffusion folder providing the base UNet/VAE, for model "
-        "folders saved without them.")] = None,
+        "--base-model", help="Stable Diffusion folder (or hub id in the local Hugging Face "
+        "cache) providing the base UNet/VAE, for model folders saved without them.")] = None,
     no_fuse: Annotated[bool, typer.Option(
         "--no-fuse", help="Keep the LoRA adapters unfused (slower; for debugging).")] = False,
     tile: Annotated[int, typer.Option(

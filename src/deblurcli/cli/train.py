@@ -85,7 +85,8 @@ RESUME = _O(None, "--resume",
     help="'latest' (newest checkpoint in --output) or a checkpoint folder.")
 CPU = _O(None, "--cpu/--no-cpu", help="Train on the CPU even when a GPU exists.")
 BASE = _O(None, "--base-model",
-    help="Stable Diffusion 2.1(-base) diffusers folder (or, for train-vae, a VAE folder).")
+    help="Stable Diffusion 2.1(-base): a diffusers folder or a hub id already in the local "
+         "Hugging Face cache (for train-vae, also a VAE folder or VAE hub id).")
 PRESET = _O(None, "--preset",
     help="Built-in architecture with random weights: compact, sd21 or tiny.")
 QUIET = _O(False, "--quiet", "-q", help="No progress bar.")

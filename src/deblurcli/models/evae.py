@@ -333,19 +333,10 @@ class EVAE(ModelMixin, ConfigMixin):
         return self.decode(z, skips)
 
 
-def _load_vae(path: str | Path) -> nn.Module:
-    """Load an ``AutoencoderKL`` from a VAE folder or a Stable Diffusion folder (``path/vae``)."""
+def _load_vae(source: str | Path) -> nn.Module:
+    """An ``AutoencoderKL`` from a VAE folder, an SD folder (``vae/``) or a cached hub id."""
     from diffusers import AutoencoderKL
 
-    from deblurcli.errors import WeightsError
+    from deblurcli.models.pretrained import load_part
 
-    path = Path(path)
-    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
-    if not (folder / "config.json").is_file():
-        raise WeightsError(f"no diffusers VAE found in {path} "
-                           "(expected config.json or vae/config.json)")
-    try:
-        return AutoencoderKL.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())
-        raise WeightsError(f"cannot load the VAE from {folder}: {reason}") from None
+    return load_part(AutoencoderKL, source, "vae", "VAE")

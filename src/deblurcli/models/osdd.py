@@ -201,9 +201,10 @@ def osdd_from_base_model(base_model: str | Path, *, lora: dict | None = None,
                          timestep: int = DEFAULT_TIMESTEP,
                          prompt_tokens: int = DEFAULT_PROMPT_TOKENS, use_skips: bool = True,
                          sharp_encoder: bool = True, seed: int = 0) -> OSDDModel:
-    """An :class:`OSDDModel` whose UNet and eVAE start from a diffusers Stable Diffusion folder.
+    """An :class:`OSDDModel` whose UNet and eVAE start from a diffusers Stable Diffusion model.
 
-    ``base_model/unet`` and ``base_model/vae`` are loaded with ``local_files_only=True``; the
+    ``base_model`` is a folder or a hub id in the local cache (see ``models/pretrained.py``); its
+    ``unet`` and ``vae`` are loaded with ``local_files_only=True``; the
     eVAE skips start as exact no-ops; ``lora`` (name -> LoraSpec) adapters are added (B = 0).
     Raises :class:`WeightsError` when the folder does not hold a loadable SD model.
     """
@@ -224,15 +225,9 @@ def osdd_from_base_model(base_model: str | Path, *, lora: dict | None = None,
 
 
 def load_base_unet(base_model: str | Path) -> nn.Module:
-    """``UNet2DConditionModel`` from ``base_model/unet`` (or ``base_model`` itself), offline."""
+    """``UNet2DConditionModel`` from an SD folder (``unet/``), a UNet folder or a cached hub id."""
     from diffusers import UNet2DConditionModel
 
-    path = Path(base_model)
-    folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
-    if not (folder / "config.json").is_file():
-        raise WeightsError(f"no diffusers UNet found in {path} (expected unet/config.json)")
-    try:
-        return UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise WeightsError(f"cannot load the UNet from {folder}: {' '.join(str(exc).split())}") \
-            from None
+    from deblurcli.models.pretrained import load_part
+
+    return load_part(UNet2DConditionModel, base_model, "unet", "UNet")

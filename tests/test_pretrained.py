@@ -1,0 +1,77 @@
+"""``--base-model`` sources: an SD folder, a part's own folder, or a hub id in the local cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from deblurcli.errors import WeightsError
+from deblurcli.models.pretrained import load_part
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), norm_num_groups=4,
+                         latent_channels=4, layers_per_block=1)
+
+
+def _cache_repo(cache: Path, repo: str) -> Path:
+    """An offline Hugging Face cache entry for ``repo`` (what `huggingface-cli download` makes)."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    return root / "snapshots" / COMMIT
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_model_folder_or_the_parts_own_folder(tmp_path):
+    vae = _tiny_vae()
+    vae.save_pretrained(tmp_path / "sd" / "vae")
+    assert _same(load_part(AutoencoderKL, tmp_path / "sd", "vae", "VAE"), vae)
+    assert _same(load_part(AutoencoderKL, str(tmp_path / "sd" / "vae"), "vae", "VAE"), vae)
+
+
+def test_a_hub_id_is_read_from_the_local_cache(hub_cache):
+    vae = _tiny_vae()
+    vae.save_pretrained(_cache_repo(hub_cache, "acme/tiny-sd") / "vae")
+    assert _same(load_part(AutoencoderKL, "acme/tiny-sd", "vae", "VAE"), vae)
+    # a repository that holds only the VAE (config at its top)
+    vae.save_pretrained(_cache_repo(hub_cache, "acme/tiny-vae"))
+    assert _same(load_part(AutoencoderKL, "acme/tiny-vae", "vae", "VAE"), vae)
+
+
+def test_a_hub_id_that_is_not_cached_says_how_to_fetch_it(hub_cache):
+    with pytest.raises(WeightsError, match="huggingface-cli download acme/absent") as info:
+        load_part(UNet2DConditionModel, "acme/absent", "unet", "UNet")
+    assert "\n" not in str(info.value)
+
+
+def test_bad_folders_are_one_line_errors(tmp_path):
+    with pytest.raises(WeightsError, match="UNet source not found"):
+        load_part(UNet2DConditionModel, tmp_path / "missing", "unet", "UNet")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="no diffusers UNet found"):
+        load_part(UNet2DConditionModel, tmp_path / "empty", "unet", "UNet")
+    (tmp_path / "broken" / "unet").mkdir(parents=True)
+    (tmp_path / "broken" / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match="cannot load the UNet"):
+        load_part(UNet2DConditionModel, tmp_path / "broken", "unet", "UNet")
