@@ -8,7 +8,7 @@ DATA=$(cd "${1:-../shared/data}" && pwd)
 WORK=${2:-runs/default}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
-STEPS_VAE=${STEPS_VAE:-4400}
+STEPS_VAE=${STEPS_VAE:-2000}
 STEPS_FULL=${STEPS_FULL:-4000}
 STEPS_LORA_S=${STEPS_LORA_S:-150}
 STEPS_LORA_R=${STEPS_LORA_R:-300}
@@ -50,9 +50,10 @@ done
 
 resume() { [ -d "$1/checkpoints" ] && echo "--resume latest" || true; }
 
-# 2. Stage 1: the eVAE (joint E1/E2), from scratch in the compact preset. The compact eVAE's
-#    decoder predicts a correction of its input image (image_skip) and starts as the identity;
-#    --latent-weight trains E1's latent head into E2's latent space (an SD VAE has this built in).
+# 2. Stage 1: the eVAE (joint E1/E2), from scratch in the compact preset (latent factor 4, 16
+#    channels). The compact eVAE's decoder predicts a correction of its input image (image_skip)
+#    and starts as the identity; --latent-weight trains E1's latent head into E2's latent space
+#    (an SD VAE has this built in).
 deblurcli train-vae --preset compact --blur "$WORK/union/blur" --sharp "$WORK/union/sharp" \
     --val-count 8 --max-steps "$STEPS_VAE" --lr 1e-3 --warmup-steps 100 --batch-size 4 \
     --perceptual none --pixel-loss l2 --latent-weight 0.1 "${COMMON[@]}" \

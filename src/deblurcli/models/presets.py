@@ -1,8 +1,9 @@
 """Named architecture presets for :class:`~deblurcli.models.osdd.OSDDModel`.
 
 * ``compact`` -- the architecture of the embedded default model: the same structure as OSDD
-  (4-level eVAE with skips, latent factor 8, a cross-attention UNet with a learned prompt, two LoRA
-  adapters), sized to deblur a 1280x720 photo in seconds on a laptop CPU and to fit in
+  (eVAE with skips and two encoders, a cross-attention UNet with a learned prompt, two LoRA
+  adapters), with a 3-level eVAE (latent factor 4, 16 channels: see ``compact_config``), sized
+  to deblur a 1280x720 photo in seconds on a laptop CPU and to fit in
   ``weights/`` (< 50 MB in fp16). It has no pretrained prior: its base UNet is trained with
   ``train-diffusion --full``, and its eVAE has an image skip (the decoder corrects its input
   image; see ``EVAE``), which an eVAE trained from scratch needs.
@@ -60,23 +61,31 @@ COMPACT_TIMESTEP = 200
 
 def compact_config(*, sharp_encoder: bool = True, lora_rank: int = 8,
                    timestep: int = COMPACT_TIMESTEP) -> OSDDConfig:
-    """The embedded default model's architecture (CPU-friendly OSDD)."""
+    """The embedded default model's architecture (CPU-friendly OSDD).
+
+    Latent factor 4 with 16 channels (SD's VAE: factor 8, 4 channels). An SD VAE's latent is a
+    near-lossless code because it was pretrained at scale; a from-scratch eVAE with 4 channels at
+    1/8 resolution is not, and its blurry latent then no longer holds the detail the one-step UNet
+    needs to undo the blur (measured in docs/default-model.md: attempts 1-5 used factor 8 and
+    4 channels). 48 values per 4x4 RGB patch in 16 channels keep that detail. The eVAE's mid
+    block has no self-attention: at 1/4 resolution it would cost more than the whole model.
+    """
     evae = dict(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(12, 24, 48, 64), layers_per_block=1, act_fn="silu",
-        norm_num_groups=4, sample_size=256, scaling_factor=1.0,
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64), layers_per_block=1, act_fn="silu",
+        norm_num_groups=4, sample_size=256, scaling_factor=1.0, mid_block_add_attention=False,
         use_skips=True, sharp_encoder=sharp_encoder, image_skip=True,
     )
     unet = dict(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128, 256),
+        sample_size=64, in_channels=16, out_channels=16, layers_per_block=1,
+        block_out_channels=(48, 96, 192),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        # diffusers reads ``attention_head_dim`` as the number of heads (a legacy name): (2, 4, 8)
-        # heads give 32-channel heads at 128 and 256 channels. 32 heads (4- and 8-channel heads)
-        # ran 1.22x slower on the CPU for the same parameters (docs/performance.md).
-        attention_head_dim=(2, 4, 8), cross_attention_dim=256, use_linear_projection=True,
+        # diffusers reads ``attention_head_dim`` as the number of heads (a legacy name): (3, 3, 6)
+        # heads give 32-channel heads at 96 and 192 channels (smaller heads ran slower on the CPU,
+        # docs/performance.md); the first level has no attention.
+        attention_head_dim=(3, 3, 6), cross_attention_dim=256, use_linear_projection=True,
         norm_num_groups=16, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
     )
     return OSDDConfig(evae=evae, unet=unet, timestep=timestep, prompt_tokens=8,
