@@ -406,3 +406,22 @@ def test_diffusion_latent_weight_pulls_z_h_to_the_sharp_latent(one_pair: Path,
             z_h = model.latent_step(blur)[1]
             gaps[weight] = float(torch.mean((z_h - sharp_latent(model.evae, sharp)) ** 2))
     assert gaps[1.0] < 0.75 * gaps[0.0], gaps
+
+
+def test_probe_scripts_read_running_runs(pairs: Path, evae_run: Path, tmp_path: Path) -> None:
+    """scripts/probe_evae.py and probe_stage2.py judge a run from its newest checkpoint."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "scripts"
+    run = tmp_path / "full"
+    train_diffusion(DiffusionTrainConfig(data=str(pairs), output=str(run), max_steps=2,
+                                         full=True, lambda2=0.0, evae=str(evae_run / "model"),
+                                         **{**FAST, "checkpoint_every": 1}))
+    for script, folder, expect in (("probe_evae.py", evae_run, "D(E1 blurry latent)"),
+                                   ("probe_stage2.py", run, "% closed")):
+        done = subprocess.run([sys.executable, str(root / script), str(folder),
+                               str(pairs / "blur"), str(pairs / "sharp"), "--every", "1",
+                               "--crop", "32"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "4 pairs: input" in done.stdout and expect in done.stdout, done.stdout
