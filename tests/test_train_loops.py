@@ -181,6 +181,21 @@ def test_interrupted_then_resumed_matches_uninterrupted(pairs: Path, tmp_path: P
             assert torch.allclose(wa[key], wb[key], atol=1e-6), key
 
 
+def test_resume_with_a_new_lr_uses_it(pairs: Path, tmp_path: Path) -> None:
+    from deblurcli.train.config import resolve_config
+
+    run = tmp_path / "r"
+    train_vae(VaeTrainConfig(data=str(pairs), output=str(run), max_steps=2, lr=1e-3,
+                             warmup_steps=4, **{**FAST, "checkpoint_every": 1}))
+    config = resolve_config(VaeTrainConfig, None, {"resume": "latest", "output": str(run),
+                                                   "max_steps": 4, "lr": 1e-4})
+    train_vae(config)
+    lrs = _losses(run, "lr")
+    # the rate for the next step is logged: the warm-up position is kept, the base rate is new
+    assert lrs[:2] == pytest.approx([2e-3 / 4, 3e-3 / 4])
+    assert lrs[2:] == pytest.approx([1e-4, 1e-4])
+
+
 def test_init_carries_over_the_other_adapter(pairs: Path, tiny_model_folder: Path,
                                              tmp_path: Path) -> None:
     from safetensors.torch import load_file

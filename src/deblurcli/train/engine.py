@@ -278,13 +278,26 @@ def prepare_output(config: CommonConfig) -> tuple[Path, ckpt.Checkpoint | None]:
     return output, state
 
 
+def _set_base_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
+    """Give a restored warm-up scheduler new base rates (its position is kept)."""
+    scheduler.base_lrs = list(base_lrs)
+    for group, base, factor in zip(scheduler.optimizer.param_groups, base_lrs,
+                                   scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
 def restore(stage: Stage, state: ckpt.Checkpoint, unwrap: Callable[[nn.Module], nn.Module]) \
         -> None:
     """Load weights, optimizer and scheduler states and RNG from a checkpoint.
 
     ``unwrap`` removes distributed wrappers (``accelerator.unwrap_model``), so parameter names
-    match the ones saved.
+    match the ones saved. The learning rates are the ones this run was configured with (``--lr``
+    given on resume wins over the checkpoint's); Adam's moments and the warm-up position are
+    the checkpoint's.
     """
+    configured = {name: [group["initial_lr"] for group in scheduler.optimizer.param_groups]
+                  for name, scheduler in stage.schedulers.items()}
     for name, module in stage.modules.items():
         module = unwrap(module)
         if name not in state.weights:
@@ -295,6 +308,7 @@ def restore(stage: Stage, state: ckpt.Checkpoint, unwrap: Callable[[nn.Module], 
         optimizer.load_state_dict(state.optimizers[name])
     for name, scheduler in stage.schedulers.items():
         scheduler.load_state_dict(state.schedulers[name])
+        _set_base_lrs(scheduler, configured[name])
     ckpt.restore_rng_state(state.rng_tensors, state.rng_meta)
 
 
