@@ -13,14 +13,13 @@ the run trains (with its adapters at the γ the run trains them: γ plays no par
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from deblurcli.images import read_image
+from probe_common import crops, parse_args, psnr, to_pixels, to_tensor
 
 
 def load(path: Path) -> torch.nn.Module:
@@ -42,38 +41,18 @@ def load(path: Path) -> torch.nn.Module:
     return step.eval()
 
 
-def to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    from deblurcli.train.data import to_tensor as one_image
-
-    return one_image(pixels)[None]
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(1.0 / np.mean((a - b) ** 2)))
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("run", type=Path)
-    ap.add_argument("blur", type=Path)
-    ap.add_argument("sharp", type=Path)
-    ap.add_argument("--every", type=int, default=4, help="use every N-th pair (default 4)")
-    ap.add_argument("--crop", type=int, default=256, help="top-left crop side (multiple of 8)")
-    args = ap.parse_args()
+    args = parse_args(__doc__)
     step = load(args.run)
     evae = step.model.evae
     rows = []
-    for blur_path in sorted(args.blur.glob("*.png"))[:: args.every]:
-        c = args.crop
-        blur = read_image(blur_path).pixels[:c, :c]
-        sharp = read_image(args.sharp / blur_path.name).pixels[:c, :c]
+    for blur, sharp in crops(args):
         with torch.no_grad():
             x = to_tensor(blur)
             out, z_h = step(x)
             z_sharp = evae.encode_sharp(to_tensor(sharp))
             z_l = evae.encode(x)[0]
-            pixels = ((out[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
-            rows.append((psnr(blur, sharp), psnr(pixels, sharp),
+            rows.append((psnr(blur, sharp), psnr(to_pixels(out), sharp),
                          float(torch.mean((z_l - z_sharp) ** 2)),
                          float(torch.mean((z_h - z_sharp) ** 2))))
     m = np.mean(rows, axis=0)

@@ -48,6 +48,15 @@ def evae_run(pairs: Path, tmp_path_factory) -> Path:
     return out
 
 
+def _batch(pairs: Path, side: str, size: int) -> torch.Tensor:
+    """All ``pairs/side`` images, top-left ``size`` crops, as one [-1, 1] batch."""
+    from deblurcli.images import read_image
+    from deblurcli.train.data import to_tensor
+
+    return torch.stack([to_tensor(read_image(p).pixels[:size, :size])
+                        for p in sorted((pairs / side).iterdir())])
+
+
 def _losses(run: Path, key: str = "loss") -> list[float]:
     with (run / "train_log.csv").open() as fh:
         return [float(r[key]) for r in csv.DictReader(fh) if r.get(key)]
@@ -293,13 +302,7 @@ def test_latent_weight_trains_e1s_latent_head_toward_e2(pairs: Path, tmp_path: P
     assert not torch.equal(heads[1.0], start.quant_conv.weight)
     assert len(_losses(runs[1.0], "latent")) == 12
     assert max(_losses(runs[0.0], "latent")) == 0
-    from deblurcli.images import read_image
-    from deblurcli.train.data import to_tensor
-
-    blur = torch.stack([to_tensor(read_image(p).pixels[:32, :32])
-                      for p in sorted((pairs / "blur").iterdir())])
-    sharp = torch.stack([to_tensor(read_image(p).pixels[:32, :32])
-                       for p in sorted((pairs / "sharp").iterdir())])
+    blur, sharp = _batch(pairs, "blur", 32), _batch(pairs, "sharp", 32)
     gaps = {}
     with torch.no_grad():
         for weight, run in runs.items():
@@ -310,9 +313,6 @@ def test_latent_weight_trains_e1s_latent_head_toward_e2(pairs: Path, tmp_path: P
 
 def test_blurry_decode_weight_trains_the_decoder_on_e1s_latent(pairs: Path,
                                                                 tmp_path: Path) -> None:
-    from deblurcli.images import read_image
-    from deblurcli.train.data import to_tensor
-
     cfg = {**FAST, "batch_size": 4, "augment": False}
     runs = {}
     for weight in (0.0, 1.0):
@@ -323,10 +323,7 @@ def test_blurry_decode_weight_trains_the_decoder_on_e1s_latent(pairs: Path,
     assert max(_losses(runs[0.0], "blurry_decode")) == 0
     logged = _losses(runs[1.0], "blurry_decode")
     assert len(logged) == 15 and min(logged) > 0
-    blur = torch.stack([to_tensor(read_image(p).pixels[:48, :48])
-                        for p in sorted((pairs / "blur").iterdir())])
-    sharp = torch.stack([to_tensor(read_image(p).pixels[:48, :48])
-                         for p in sorted((pairs / "sharp").iterdir())])
+    blur, sharp = _batch(pairs, "blur", 48), _batch(pairs, "sharp", 48)
     errors = {}
     with torch.no_grad():
         for weight, run in runs.items():
