@@ -437,3 +437,26 @@ def test_probe_scripts_read_running_runs(pairs: Path, evae_run: Path, tmp_path: 
                                "--crop", "32"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert "4 pairs: input" in done.stdout and expect in done.stdout, done.stdout
+
+
+def test_train_encoder_trains_e1_and_keeps_decoder_and_e2(evae_run: Path, pairs: Path,
+                                                           tmp_path: Path) -> None:
+    from deblurcli.modelfolder import load_model_folder
+
+    start = load_evae(str(evae_run / "model")).state_dict()
+    run = tmp_path / "e1"
+    train_diffusion(DiffusionTrainConfig(data=str(pairs), output=str(run), max_steps=2, lr=1e-2,
+                                         full=True, train_encoder=True, lambda2=0.0,
+                                         latent_weight=1.0, evae=str(evae_run / "model"),
+                                         **FAST))
+    end = load_model_folder(run / "model", gamma=1.0).evae.state_dict()
+    changed = {k for k in start if not torch.equal(start[k], end[k])}
+    assert any(k.startswith("encoder.") for k in changed)
+    assert any(k.startswith("skip_blocks.") for k in changed)
+    assert not {k for k in changed
+                if k.startswith(("decoder.", "post_quant_conv", "skip_fusions.",
+                                 "encoder_sharp.", "quant_conv_sharp"))}
+    with pytest.raises(DeblurcliError, match="--train-encoder needs --full"):
+        train_diffusion(DiffusionTrainConfig(data=str(pairs), output=str(tmp_path / "lora"),
+                                             max_steps=1, train_encoder=True,
+                                             evae=str(evae_run / "model"), **FAST))

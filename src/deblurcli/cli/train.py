@@ -253,6 +253,9 @@ def train_diffusion(
         help="Existing model folder to start from (its other adapter is carried over)."),
     full: bool | None = _O(None, "--full/--lora",
         help="Train every UNet weight (compact models) instead of one LoRA."),
+    train_encoder: bool | None = _O(None, "--train-encoder/--frozen-encoder",
+        help="With --full: also train the eVAE's blurry encoder E1 and its skip blocks "
+             "(default: the whole eVAE stays frozen)."),
     adapter: str | None = _O(None, "--adapter", help="LoRA to train: synthetic (default) or real."),
     lora_rank: int | None = _O(None, "--lora-rank",
         help="Rank of new LoRA adapters (default: the preset's; 4 with --base-model)."),

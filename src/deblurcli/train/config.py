@@ -109,6 +109,8 @@ class DiffusionTrainConfig(CommonConfig):
     ``adapter`` is ``real`` or ``synthetic`` (the LoRA that trains) unless ``full`` trains every
     UNet weight. ``lambda1``/``lambda2`` weigh the edge-aware perceptual and GAN terms;
     ``latent_weight`` adds ``‖ẑ_h − sg(E2(sharp))‖²`` (default 0; for from-scratch models).
+    ``train_encoder`` (only with ``full``) also trains the eVAE's blurry encoder E1 and its skip
+    blocks, so that the latent the UNet starts from can change too (for from-scratch models).
     """
 
     evae: str | None = None
@@ -116,6 +118,7 @@ class DiffusionTrainConfig(CommonConfig):
     preset: str | None = None
     init: str | None = None
     full: bool = False
+    train_encoder: bool = False
     adapter: str = "synthetic"
     lora_rank: int | None = None
     lambda1: float = 1.0

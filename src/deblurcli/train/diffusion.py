@@ -6,6 +6,10 @@ For a blurry/sharp pair ``(y, x)``::
     L   = L2(x̂, x) + λ1 · EA-perceptual(x̂, x) + λ2 · L_G(ẑ_h) [+ β · ‖ẑ_h − sg(E2(x))‖²]
     L_D = −log D(z_h) − log(1 − D(ẑ_h)),  z_h = E2(x)
 
+``--train-encoder`` (with ``--full``, not in the paper) also trains E1 and its skip blocks, which
+the paper keeps frozen: a from-scratch E1 is a small network whose latent may not keep what the
+UNet needs, whereas SD's encoder is a near-lossless code of the blurry image.
+
 The β term (``--latent-weight``, default 0, not in the paper) regresses the one-step latent
 straight onto the sharp image's E2 latent. A pretrained SD UNet already lands near the latent
 manifold; a UNet trained from scratch gets only the gradient that the frozen decoder passes back,
@@ -109,6 +113,11 @@ def set_trainable(model, config: DiffusionTrainConfig) -> list[nn.Parameter]:
     else:
         ad.set_adapter_weights(unet, {config.adapter: 1.0})
         ad.set_trainable_adapter(unet, config.adapter)
+    if config.train_encoder:
+        evae = model.evae
+        for part in (evae.encoder, evae.quant_conv, evae.skip_blocks):
+            if part is not None:
+                part.requires_grad_(True)
     train_prompt = config.full or not config.init
     model.denoiser.prompt_embeds.requires_grad_(train_prompt)
     return [p for p in model.parameters() if p.requires_grad]
@@ -145,6 +154,8 @@ def train_diffusion(config: DiffusionTrainConfig,
 
     if not config.full and config.adapter not in ADAPTER_CHOICES:
         raise DeblurcliError(f"unknown adapter {config.adapter!r}; choose real or synthetic")
+    if config.train_encoder and not config.full:
+        raise DeblurcliError("--train-encoder needs --full (a LoRA run keeps the eVAE frozen)")
     if config.progressive and any(s % 8 for s in config.progressive_sizes):
         raise DeblurcliError("progressive sizes must be multiples of 8")
     validate_common(config)
