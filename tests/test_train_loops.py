@@ -460,3 +460,21 @@ def test_train_encoder_trains_e1_and_keeps_decoder_and_e2(evae_run: Path, pairs:
         train_diffusion(DiffusionTrainConfig(data=str(pairs), output=str(tmp_path / "lora"),
                                              max_steps=1, train_encoder=True,
                                              evae=str(evae_run / "model"), **FAST))
+
+
+def test_latent_gan_matches_the_evaes_latent_channels(pairs: Path, tmp_path: Path) -> None:
+    """The discriminator takes as many channels as the latent (16 in the compact preset)."""
+    import dataclasses
+
+    from deblurcli.modelfolder import save_model_folder
+    from deblurcli.models.osdd import build_osdd, tiny_osdd_config
+
+    base = tiny_osdd_config()
+    config = dataclasses.replace(base, evae={**base.evae, "latent_channels": 8},
+                                 unet={**base.unet, "in_channels": 8, "out_channels": 8})
+    folder = tmp_path / "wide-latent"
+    save_model_folder(folder, build_osdd(config, seed=0))
+    run = tmp_path / "gan"
+    train_diffusion(DiffusionTrainConfig(data=str(pairs), output=str(run), max_steps=2,
+                                         init=str(folder), lambda2=1.0, gan_start=0, **FAST))
+    assert all(v > 0 for v in _losses(run, "gan_d"))

@@ -150,7 +150,7 @@ def train_diffusion(config: DiffusionTrainConfig,
         DeblurcliError: bad settings, data or weights (one line, before any training step).
     """
     from deblurcli.modelfolder import save_model_folder
-    from deblurcli.models.discriminator import LatentDiscriminator
+    from deblurcli.models.discriminator import DiscriminatorConfig, LatentDiscriminator
 
     if not config.full and config.adapter not in ADAPTER_CHOICES:
         raise DeblurcliError(f"unknown adapter {config.adapter!r}; choose real or synthetic")
@@ -173,7 +173,8 @@ def train_diffusion(config: DiffusionTrainConfig,
                                   device=accelerator.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
-        disc = LatentDiscriminator()
+        disc = LatentDiscriminator(DiscriminatorConfig(
+            in_channels=int(model.evae.config.latent_channels)))
     gen = GeneratorStep(model)
     opt_g = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=config.disc_lr or config.lr,
