@@ -421,7 +421,8 @@ def test_diffusion_latent_weight_pulls_z_h_to_the_sharp_latent(one_pair: Path,
 
 
 def test_probe_scripts_read_running_runs(pairs: Path, evae_run: Path, tmp_path: Path) -> None:
-    """scripts/probe_evae.py and probe_stage2.py judge a run from its newest checkpoint."""
+    """scripts/probe_evae.py and probe_stage2.py judge a run from its newest checkpoint;
+    probe_color_fix.py judges a model folder."""
     import subprocess
     import sys
 
@@ -437,6 +438,11 @@ def test_probe_scripts_read_running_runs(pairs: Path, evae_run: Path, tmp_path: 
                                "--crop", "32"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert "4 pairs: input" in done.stdout and expect in done.stdout, done.stdout
+    done = subprocess.run([sys.executable, str(root / "probe_color_fix.py"), str(run / "model"),
+                           str(pairs / "blur"), str(pairs / "sharp"), "--sigmas", "2,4"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "4 pairs at gamma 1" in done.stdout and "sigma 4:" in done.stdout, done.stdout
 
 
 def test_train_encoder_trains_e1_and_keeps_decoder_and_e2(evae_run: Path, pairs: Path,
