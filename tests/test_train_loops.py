@@ -484,3 +484,23 @@ def test_latent_gan_matches_the_evaes_latent_channels(pairs: Path, tmp_path: Pat
     train_diffusion(DiffusionTrainConfig(data=str(pairs), output=str(run), max_steps=2,
                                          init=str(folder), lambda2=1.0, gan_start=0, **FAST))
     assert all(v > 0 for v in _losses(run, "gan_d"))
+
+
+def test_a_run_with_relative_paths_resumes_from_another_directory(pairs: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    import json
+
+    from deblurcli.train.config import resolve_config, with_absolute_paths
+
+    monkeypatch.chdir(pairs.parent)
+    run = tmp_path / "v"
+    train_vae(VaeTrainConfig(blur=f"{pairs.name}/blur", sharp=f"{pairs.name}/sharp",
+                             output=str(run), max_steps=1, **{**FAST, "checkpoint_every": 1}))
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["blur"] == str(pairs / "blur") and saved["sharp"] == str(pairs / "sharp")
+    hub = with_absolute_paths({"base_model": "org/model", "init": None})
+    assert hub == {"base_model": "org/model", "init": None}  # not a local path: kept
+    monkeypatch.chdir(tmp_path)
+    config = resolve_config(VaeTrainConfig, None, {"resume": "latest", "output": str(run),
+                                                   "max_steps": 2})
+    assert train_vae(config).step == 2

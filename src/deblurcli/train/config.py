@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,6 +248,25 @@ def validate_common(config: CommonConfig) -> None:
         raise bad("checkpoint_every, validate_every and log_every must be >= 1")
     if config.layout not in LAYOUT_CHOICES:
         raise bad("layout must be auto, gopro, realblur, synth or folders")
+
+
+#: Settings that name local files or folders (``base_model`` may also be a hub id).
+LOCAL_PATH_KEYS = ("data", "data_root", "blur", "sharp", "sharp_photos", "frames", "val_data",
+                   "evae", "evae_config", "init", "base_model")
+
+
+def with_absolute_paths(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with every existing local path of :data:`LOCAL_PATH_KEYS` made absolute.
+
+    A run saves its settings this way, so ``--resume latest -o RUN`` (and the probe scripts)
+    work from any directory. Paths that do not exist here -- a hub id -- are kept as given.
+    """
+    out = dict(values)
+    for key in LOCAL_PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and Path(value).exists():
+            out[key] = os.path.abspath(value)
+    return out
 
 
 def resolve_config(cls: type[C], config_file: str | None = None,

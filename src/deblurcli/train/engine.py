@@ -27,7 +27,8 @@ from deblurcli.errors import DeblurcliError
 from deblurcli.progress import ProgressFn, report
 from deblurcli.train import checkpoint as ckpt
 from deblurcli.train import data as dt
-from deblurcli.train.config import CommonConfig, config_to_dict, validate_common
+from deblurcli.train.config import (CommonConfig, config_to_dict, validate_common,
+                                    with_absolute_paths)
 
 
 # ----------------------------------------------------------------------------- accelerate
@@ -381,7 +382,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
         restore(stage, state, accelerator.unwrap_model)
     main = accelerator.is_main_process
     log = RunLog(output, start, enabled=main)
-    resolved = config_to_dict(config)
+    resolved = with_absolute_paths(config_to_dict(config))
     if main:
         ckpt.write_json_atomic(output / "config.json", resolved)
 
