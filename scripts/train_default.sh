@@ -19,10 +19,14 @@ STEPS_LORA_R=${STEPS_LORA_R:-300}
 # CPU budget: the shift-tolerant LPIPS network costs ~7 s per edge-aware evaluation of a batch of 8
 # at 128 px on one thread, ten times the compact model's own step, so the perceptual term is used only
 # where it matters most: the synthetic adapter (LoRA_s, the "perceptual detail" end of gamma).
-# The other stages use L1 (stage 1) / L2 + latent GAN (stage 2). A GPU run should use the paper's
-# losses everywhere (see docs/training.md).
-COMMON=(--crop 128 --checkpoint-every 100 --keep-checkpoints 1 --validate-every 250
-        --log-every 10 --seed 0 --cpu)
+# The other stages use L2 (+ the latent term). A GPU run should use the paper's losses everywhere
+# and larger crops (docs/training.md): e.g. DEVICE="--mixed-precision bf16" CROP=256 and larger
+# STEPS_* (the defaults are the CPU run's).
+DEVICE=${DEVICE:---cpu}
+CROP=${CROP:-128}
+# shellcheck disable=SC2206  # DEVICE may hold several flags
+COMMON=(--crop "$CROP" --checkpoint-every 100 --keep-checkpoints 1 --validate-every 250
+        --log-every 10 --seed 0 $DEVICE)
 
 # 1. Data. Synthetic trajectory blur from data/sharp/ without kodak24 (held out for testing).
 mkdir -p "$WORK/sharp_train"
@@ -74,7 +78,14 @@ base_full() {  # $1 = max steps, $2 = latent weight
         --lambda1 0 --lambda2 0.01 --gan-start 5000 --latent-weight "$2" "${COMMON[@]}" \
         -o "$WORK/base" $(resume "$WORK/base")
 }
-[ -d "$WORK/base/model" ] || { base_full "$STEPS_FULL_A" 0.1; base_full "$STEPS_FULL" 0.01; }
+newest_step() {  # the step of a run's newest checkpoint (0 if none)
+    local last
+    last=$(ls "$1/checkpoints" 2>/dev/null | sort | tail -n 1 || true)
+    last=${last#step-}
+    echo $((10#${last:-0}))
+}
+[ "$(newest_step "$WORK/base")" -ge "$STEPS_FULL_A" ] || base_full "$STEPS_FULL_A" 0.1
+base_full "$STEPS_FULL" 0.01
 #    Stage 2b: the UNet and E1 (with its skip blocks) together, --train-encoder; E2 and the
 #    decoder stay frozen. Not in the paper, whose E1 is SD's pretrained encoder.
 deblurcli train-diffusion --init "$WORK/base/model" --full --train-encoder \
