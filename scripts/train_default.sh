@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the embedded default model (weights/) from ../shared/data with the project's own
 # commands: synth -> train-vae -> train-diffusion --full (UNet, then UNet + E1) -> LoRA_r -> LoRA_s.
-# The step counts and the mid-run change of --latent-weight are those of the shipped run
-# (docs/default-model.md, attempt 7).
+# The step counts and the mid-run change of --latent-weight are those of attempt 7, which was
+# measured and not shipped (docs/default-model.md).
 # Usage: scripts/train_default.sh [DATA_DIR=../shared/data] [WORK_DIR=runs/default]
 # Every step resumes if re-run (synth skips finished pairs; training uses --resume latest).
 set -euo pipefail
