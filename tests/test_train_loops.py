@@ -504,3 +504,18 @@ def test_a_run_with_relative_paths_resumes_from_another_directory(pairs: Path, t
     config = resolve_config(VaeTrainConfig, None, {"resume": "latest", "output": str(run),
                                                    "max_steps": 2})
     assert train_vae(config).step == 2
+
+
+def test_calibrate_pixel_cnn_script_trains_and_reports(pairs: Path) -> None:
+    """scripts/calibrate_pixel_cnn.py (the issue-6 calibration) trains and measures end to end."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "calibrate_pixel_cnn.py"
+    done = subprocess.run([sys.executable, str(script), str(pairs), str(pairs), "--crop", "32",
+                           "--batch", "2", "--width", "4", "--every-steps", "2", "--cosine", "--max-steps",
+                           "4"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "4 training pairs, 4 test pairs" in done.stdout, done.stdout
+    assert "step 4 " in done.stdout and "probe: input" in done.stdout, done.stdout
+    assert "end, step 4: whole test set (4 pairs)" in done.stdout, done.stdout
