@@ -53,7 +53,7 @@ def main() -> None:
             row.append(psnr(np.clip(out - low(out) + low(blur), 0, 1), sharp))
         rows.append(row)
     mean = np.mean(rows, axis=0)
-    fixed = "   ".join(f"sigma {s:g}: {v:.2f}" for s, v in zip(sigmas, mean[2:]))
+    fixed = "   ".join(f"sigma {s:g}: {v:.2f}" for s, v in zip(sigmas, mean[2:], strict=True))
     print(f"{len(rows)} pairs at gamma {args.gamma:g}: input {mean[0]:.2f} dB   output "
           f"{mean[1]:.2f} dB   with the input's low frequencies: {fixed}")
 
