@@ -78,11 +78,9 @@ base_full() {  # $1 = max steps, $2 = latent weight
         --lambda1 0 --lambda2 0.01 --gan-start 5000 --latent-weight "$2" "${COMMON[@]}" \
         -o "$WORK/base" $(resume "$WORK/base")
 }
-newest_step() {  # the step of a run's newest checkpoint (0 if none)
-    local last
-    last=$(ls "$1/checkpoints" 2>/dev/null | sort | tail -n 1 || true)
-    last=${last#step-}
-    echo $((10#${last:-0}))
+newest_step() {  # the step of a run's newest complete checkpoint (0 if none)
+    python -c "import sys; from deblurcli.train.checkpoint import list_checkpoints as ls; \
+c = ls(sys.argv[1]); print(c[-1][0] if c else 0)" "$1"
 }
 [ "$(newest_step "$WORK/base")" -ge "$STEPS_FULL_A" ] || base_full "$STEPS_FULL_A" 0.1
 base_full "$STEPS_FULL" 0.01
