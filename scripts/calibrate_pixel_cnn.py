@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deblurcli.images import read_image
+from deblurcli.train.data import PairedDataset, synth_pairs
+from probe_common import crops, psnr, to_pixels, to_tensor
 
 
 def block(c_in: int, c_out: int) -> nn.Sequential:
@@ -35,7 +36,7 @@ def block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class PixelUNet(nn.Module):
-    """Three-level residual U-Net: ``out = x + f(x)``, ``f`` starting at zero."""
+    """Three-level residual U-Net on ``[-1, 1]`` pixels: ``out = x + f(x)``, ``f`` starting at zero."""
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
@@ -58,36 +59,14 @@ class PixelUNet(nn.Module):
         return x + self.out(d0)
 
 
-def load_pairs(folder: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    blur, sharp = [], []
-    for path in sorted((folder / "blur").glob("*.png")):
-        blur.append(to_uint8(read_image(path).pixels))
-        sharp.append(to_uint8(read_image(folder / "sharp" / path.name).pixels))
-    return blur, sharp
-
-
-def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
-
-
-def to_tensor(batch: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(10 * torch.log10(1 / torch.mean((a.clamp(0, 1) - b) ** 2)))
-
-
-def evaluate(model: nn.Module, blur: list[np.ndarray], sharp: list[np.ndarray],
-             crop: int | None) -> tuple[float, float]:
-    """Mean PSNR of the input and of the model's output (top-left ``crop``, or the whole image)."""
+def evaluate(model: nn.Module, test: Path, *, every: int, crop: int | None) -> tuple[float, float]:
+    """Mean PSNR of the input and of the model's output on every ``every``-th test pair
+    (top-left ``crop`` pixels, or the whole image)."""
     rows = []
     with torch.no_grad():
-        for b, s in zip(blur, sharp, strict=True):
-            if crop:
-                b, s = b[:crop, :crop], s[:crop, :crop]
-            xb, xs = to_tensor([b]), to_tensor([s])
-            rows.append((psnr(xb, xs), psnr(model(xb), xs)))
+        for blur, sharp in crops(argparse.Namespace(blur=test / "blur", sharp=test / "sharp",
+                                                    every=every, crop=crop)):
+            rows.append((psnr(blur, sharp), psnr(to_pixels(model(to_tensor(blur))), sharp)))
     m = np.mean(rows, axis=0)
     return float(m[0]), float(m[1])
 
@@ -108,45 +87,42 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    train_blur, train_sharp = load_pairs(args.train)
-    test_blur, test_sharp = load_pairs(args.test)
-    probe = (test_blur[::4], test_sharp[::4])
+    items, problems = synth_pairs(args.train)
+    if problems:
+        raise SystemExit(f"{args.train}: {problems[0]}")
+    # The recipe's own sampler: epoch permutations, random crop, flips and 90° turns.
+    data = PairedDataset(items, crop=args.crop, seed=args.seed)
+    n_test = len(list((args.test / "blur").glob("*.png")))
     model = PixelUNet(args.width)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    print(f"{len(train_blur)} training pairs, {len(test_blur)} test pairs, "
+    print(f"{len(items)} training pairs, {n_test} test pairs, "
           f"{params / 1e6:.2f} M parameters, {torch.get_num_threads()} threads", flush=True)
 
-    start, step, c = time.perf_counter(), 0, args.crop
+    start, step = time.perf_counter(), 0
     while time.perf_counter() - start < 60 * args.minutes and step != args.max_steps:
-        bb, sb = [], []
-        for i in rng.integers(0, len(train_blur), args.batch):
-            h, w = train_blur[i].shape[:2]
-            y, x = rng.integers(0, h - c + 1), rng.integers(0, w - c + 1)
-            flip = rng.random() < 0.5
-            b, s = train_blur[i][y:y + c, x:x + c], train_sharp[i][y:y + c, x:x + c]
-            bb.append(b[:, ::-1] if flip else b)
-            sb.append(s[:, ::-1] if flip else s)
+        batch = [data[step * args.batch + i] for i in range(args.batch)]
         if args.cosine:
             done = (time.perf_counter() - start) / (60 * args.minutes)
             for group in opt.param_groups:
                 group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
-        loss = F.mse_loss(model(to_tensor(bb)), to_tensor(sb))
+        blur = torch.stack([b["blur"] for b in batch])
+        sharp = torch.stack([b["sharp"] for b in batch])
+        loss = F.mse_loss(model(blur), sharp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         if step % args.every_steps == 0:
             model.eval()
-            inp, out = evaluate(model, *probe, crop=256)
+            inp, out = evaluate(model, args.test, every=4, crop=256)
             model.train()
             elapsed = time.perf_counter() - start
             print(f"step {step}  {elapsed / 60:.1f} min  {elapsed / step:.2f} s/step  "
                   f"probe: input {inp:.2f} dB  output {out:.2f} dB ({out - inp:+.2f})", flush=True)
     model.eval()
-    inp, out = evaluate(model, test_blur, test_sharp, crop=None)
-    print(f"end, step {step}: whole test set ({len(test_blur)} pairs): input {inp:.2f} dB  "
+    inp, out = evaluate(model, args.test, every=1, crop=None)
+    print(f"end, step {step}: whole test set ({n_test} pairs): input {inp:.2f} dB  "
           f"output {out:.2f} dB ({out - inp:+.2f})", flush=True)
 
 

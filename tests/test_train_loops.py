@@ -513,8 +513,8 @@ def test_calibrate_pixel_cnn_script_trains_and_reports(pairs: Path) -> None:
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "calibrate_pixel_cnn.py"
     done = subprocess.run([sys.executable, str(script), str(pairs), str(pairs), "--crop", "32",
-                           "--batch", "2", "--width", "4", "--every-steps", "2", "--cosine", "--max-steps",
-                           "4"], capture_output=True, text=True, timeout=120)
+                           "--batch", "2", "--width", "4", "--every-steps", "2", "--cosine",
+                           "--max-steps", "4"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "4 training pairs, 4 test pairs" in done.stdout, done.stdout
     assert "step 4 " in done.stdout and "probe: input" in done.stdout, done.stdout
