@@ -68,6 +68,8 @@ MAX_STEPS = _O(None, "--max-steps", help="Optimiser steps to train for (total, r
 BATCH = _O(None, "--batch-size", help="Pairs per micro-batch and process (default 4).")
 LR = _O(None, "--lr", help="Learning rate (default 5e-5).")
 WARMUP = _O(None, "--warmup-steps", help="Linear LR warm-up steps (default 0).")
+LR_SCHEDULE = _O(None, "--lr-schedule",
+    help="LR after the warm-up: constant (default) or cosine (decays to 0 at --max-steps).")
 SEED = _O(None, "--seed", help="Seed of data order, crops, augmentation and initial weights.")
 ACCUM = _O(None, "--grad-accum", help="Micro-batches accumulated per optimiser step.")
 MIXED = _O(None, "--mixed-precision",
@@ -94,6 +96,7 @@ QUIET = _O(False, "--quiet", "-q", help="No progress bar.")
 _CHOICES = {
     "layout": cfg.LAYOUT_CHOICES,
     "mixed_precision": cfg.MIXED_PRECISION_CHOICES,
+    "lr_schedule": cfg.LR_SCHEDULE_CHOICES,
     "perceptual": cfg.PERCEPTUAL_CHOICES,
     "perceptual_fallback": cfg.PERCEPTUAL_CHOICES,
     "pixel_loss": cfg.PIXEL_LOSS_CHOICES,
@@ -189,7 +192,8 @@ def train_vae(
     val_count: int | None = VAL_COUNT, val_size: int | None = VAL_SIZE,
     workers: int | None = WORKERS, output: str | None = OUTPUT,
     max_steps: int | None = MAX_STEPS, batch_size: int | None = BATCH,
-    lr: float | None = LR, warmup_steps: int | None = WARMUP, seed: int | None = SEED,
+    lr: float | None = LR, warmup_steps: int | None = WARMUP,
+    lr_schedule: str | None = LR_SCHEDULE, seed: int | None = SEED,
     grad_accum: int | None = ACCUM, mixed_precision: str | None = MIXED,
     grad_checkpointing: bool | None = GCKPT, checkpoint_every: int | None = CKPT_EVERY,
     keep_checkpoints: int | None = KEEP, validate_every: int | None = VAL_EVERY,
@@ -239,7 +243,8 @@ def train_diffusion(
     val_count: int | None = VAL_COUNT, val_size: int | None = VAL_SIZE,
     workers: int | None = WORKERS, output: str | None = OUTPUT,
     max_steps: int | None = MAX_STEPS, batch_size: int | None = BATCH,
-    lr: float | None = LR, warmup_steps: int | None = WARMUP, seed: int | None = SEED,
+    lr: float | None = LR, warmup_steps: int | None = WARMUP,
+    lr_schedule: str | None = LR_SCHEDULE, seed: int | None = SEED,
     grad_accum: int | None = ACCUM, mixed_precision: str | None = MIXED,
     grad_checkpointing: bool | None = GCKPT, checkpoint_every: int | None = CKPT_EVERY,
     keep_checkpoints: int | None = KEEP, validate_every: int | None = VAL_EVERY,

@@ -20,6 +20,7 @@ from deblurcli.errors import DeblurcliError
 # Choice lists, defined once here (this module imports no torch, so the CLI can use them).
 LAYOUT_CHOICES = ("auto", "gopro", "realblur", "synth", "folders")
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+LR_SCHEDULE_CHOICES = ("constant", "cosine")
 PERCEPTUAL_CHOICES = ("dists", "lpips", "stlpips", "none")
 PIXEL_LOSS_CHOICES = ("l1", "l2")
 ADAPTER_CHOICES = ("real", "synthetic")
@@ -66,6 +67,7 @@ class CommonConfig(DataConfig):
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
     seed: int = 0
     grad_accum: int = 1
     mixed_precision: str = "no"
@@ -242,6 +244,8 @@ def validate_common(config: CommonConfig) -> None:
         raise bad(f"crop must be a positive multiple of 8 (got {config.crop})")
     if config.val_size < 8 or config.val_size % 8:
         raise bad(f"val_size must be a positive multiple of 8 (got {config.val_size})")
+    if config.lr_schedule not in LR_SCHEDULE_CHOICES:
+        raise bad("lr_schedule must be constant or cosine")
     if config.mixed_precision not in MIXED_PRECISION_CHOICES:
         raise bad("mixed_precision must be no, fp16 or bf16")
     if config.checkpoint_every < 1 or config.validate_every < 1 or config.log_every < 1:

@@ -179,8 +179,10 @@ def train_diffusion(config: DiffusionTrainConfig,
     opt_g = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=config.disc_lr or config.lr,
                               betas=(0.5, 0.999))
-    sched_g = engine.warmup_scheduler(opt_g, config.warmup_steps)
-    sched_d = engine.warmup_scheduler(opt_d, config.warmup_steps)
+    sched_g = engine.lr_scheduler(opt_g, config.warmup_steps, config.lr_schedule,
+                                  config.max_steps)
+    sched_d = engine.lr_scheduler(opt_d, config.warmup_steps, config.lr_schedule,
+                                  config.max_steps)
     gen, disc, opt_g, opt_d = accelerator.prepare(gen, disc, opt_g, opt_d)
     perceptual = perceptual.to(accelerator.device)
     use_gan = config.lambda2 > 0

@@ -9,6 +9,7 @@ a ``predict`` for validation and a ``save_output`` that writes the final model f
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import shutil
@@ -74,12 +75,30 @@ def optimizer_step(accelerator, loss: torch.Tensor, optimizer, scheduler, *,
     optimizer.zero_grad(set_to_none=True)
 
 
-def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int):
-    """Constant LR after a linear warm-up (independent of ``max_steps``: runs can be extended)."""
-    def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_factor(step: int, *, warmup_steps: int = 0, schedule: str = "constant",
+              max_steps: int = 1) -> float:
+    """Learning-rate multiplier after ``step`` optimiser updates (a pure function).
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    A linear warm-up over ``warmup_steps``, then ``constant`` (1.0, independent of
+    ``max_steps``, so a run can be extended) or ``cosine`` (half a cosine from 1 down to 0 at
+    ``max_steps``; extending such a run restarts nothing, it only stretches the decay).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        span = max(1, max_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = 0,
+                 schedule: str = "constant", max_steps: int = 1):
+    """``LambdaLR`` over :func:`lr_factor` (its step count is saved in checkpoints)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, warmup_steps=warmup_steps, schedule=schedule, max_steps=max_steps))
 
 
 # ----------------------------------------------------------------------------- data

@@ -196,7 +196,8 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
     pixel_loss = F.mse_loss if config.pixel_loss == "l2" else F.l1_loss
     params = [p for p in evae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = engine.warmup_scheduler(optimizer, config.warmup_steps)
+    scheduler = engine.lr_scheduler(optimizer, config.warmup_steps, config.lr_schedule,
+                                    config.max_steps)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     perceptual = perceptual.to(accelerator.device)
 
