@@ -84,11 +84,29 @@ def test_single_file_with_suffix_ext_and_options(photos, tiny_model_folder, tmp_
     assert (tmp_path / "twice" / "rgb_out.tif").read_bytes() == (out / "rgb_out.tif").read_bytes()
 
 
+def test_color_fix_is_the_plain_output_with_the_inputs_low_frequencies(photos, tiny_model_folder,
+                                                                     tmp_path):
+    from deblurcli.colorfix import color_fix
+
+    common = [photos / "rgba16.png", "--weights", tiny_model_folder, "--tile", "0",
+              "--device", "cpu", "--fp32"]
+    plain = run(common[0], tmp_path / "plain", *common[1:])
+    fixed = run(common[0], tmp_path / "fixed", *common[1:], "--color-fix", "2")
+    assert plain.exit_code == 0 and fixed.exit_code == 0, plain.output + fixed.output
+    assert "colour fix sigma=2" in fixed.output
+    source = read_image(photos / "rgba16.png").pixels
+    expected = color_fix(read_image(tmp_path / "plain" / "rgba16.png").pixels, source, 2.0)
+    got = read_image(tmp_path / "fixed" / "rgba16.png").pixels
+    np.testing.assert_allclose(got, expected, atol=1e-3)  # 16-bit files: quantisation only
+    assert np.abs(got - read_image(tmp_path / "plain" / "rgba16.png").pixels).max() > 1e-2
+
+
 @pytest.mark.parametrize("args", [
     ["--gamma", "1.5"], ["--gamma", "-0.1"], ["--shard", "2/2"], ["--shard", "x"],
     ["--shard", "1"], ["--tile", "30"], ["--tile", "16", "--tile-overlap", "16"],
     ["--batch-size", "0"], ["--device", "gpu"], ["--dtype", "fp64"],
     ["--fp32", "--dtype", "fp16"], ["--ext", "gif"], ["--threads", "-1"],
+    ["--color-fix", "-1"], ["--color-fix", "nan"],
 ])
 def test_bad_flags_exit_2(photos, tmp_path, args):
     result = run(photos, tmp_path / "o", *args)

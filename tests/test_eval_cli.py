@@ -98,6 +98,7 @@ def test_unmatched_pred_is_exit_1(folders):
     (["--device", "tpu"], "device"),
     (["--dataset", "kitti", "--root", "."], "gopro"),
     (["--tile", "-8"], "multiple of 8"),
+    (["--color-fix", "-2"], "color-fix"),
 ])
 def test_bad_flags_are_usage_errors(folders, args, hint):
     res = _eval("--blur", str(folders / "blur"), *args)

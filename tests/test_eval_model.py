@@ -55,3 +55,14 @@ def test_gamma_sweep_writes_json_and_plot(tiny_model_folder, tmp_path):
     assert summary["gamma=1"]["psnr"] != summary["gamma=0.5"]["psnr"]
     assert summary["meta"]["args"]["gamma"] == "1,0.5"
     assert (out / "gamma_sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+    fixed = tmp_path / "fixed"
+    res = CliRunner().invoke(app, [
+        "eval", "--blur", str(tmp_path / "blur"), "--sharp", str(tmp_path / "sharp"),
+        "--weights", str(tiny_model_folder), "--gamma", "1", "--metrics", "psnr",
+        "--device", "cpu", "--dtype", "fp32", "--tile", "0", "--color-fix", "2",
+        "--out", str(fixed), "-q"])
+    assert res.exit_code == 0, res.output
+    with_fix = json.loads((fixed / "summary.json").read_text())
+    assert with_fix["meta"]["args"]["color_fix"] == 2.0
+    assert with_fix["gamma=1"]["psnr"] != summary["gamma=1"]["psnr"]

@@ -142,3 +142,22 @@ def test_bad_arguments_and_bad_model_output():
         DeblurPipeline(identity)(np.zeros((8, 8), np.float32))
     with pytest.raises(RuntimeError, match="shape"):
         DeblurPipeline(lambda x: x[:, :, :4], tile=0)(_image(8, 8))
+
+
+def test_color_fix_removes_a_colour_cast_and_keeps_the_models_detail():
+    from deblurcli.colorfix import lowpass
+
+    image = _image(40, 56) * 0.6 + 0.2
+    cast = DeblurPipeline(lambda x: x + 0.2, tile=16, overlap=8)  # +0.1 in [0, 1] units
+    assert np.abs(cast(image) - image).mean() == pytest.approx(0.1, abs=1e-5)
+    fixed = DeblurPipeline(lambda x: x + 0.2, tile=16, overlap=8, color_fix=3.0)(image)
+    assert np.abs(fixed - image).max() < 1e-5  # a uniform shift is all low frequency
+    # a sharpening model: the fix keeps its high frequencies and the input's low ones
+    sharpen = make_conv(1)
+    plain = DeblurPipeline(lambda x: 2 * x - sharpen(x), tile=0)(image)
+    fixed = DeblurPipeline(lambda x: 2 * x - sharpen(x), tile=0, color_fix=4.0)(image)
+    high = plain - lowpass(plain, 4.0)
+    assert np.abs((fixed - lowpass(fixed, 4.0)) - high)[8:-8, 8:-8].max() < 0.05
+    assert np.abs(lowpass(fixed, 4.0) - lowpass(image, 4.0))[8:-8, 8:-8].max() < 0.05
+    with pytest.raises(ValueError, match="color_fix"):
+        DeblurPipeline(identity, color_fix=-1.0)

@@ -14,6 +14,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from deblurcli import colorfix
 from deblurcli.errors import DeblurcliError
 from deblurcli.progress import ProgressFn, report
 from deblurcli.tiles import TilePlan, pad_to_multiple, plan_tiles
@@ -63,7 +64,9 @@ class DeblurPipeline:
     3. per batch of ``batch_size`` tiles: **to tensor** ``(B, 3, h, w)`` in ``[-1, 1]`` on
        ``device``/``dtype`` -> **model** -> **back** to float32 numpy in ``[0, 1]``;
     4. **blend** each tile, multiplied by its window, into float32 output and weight accumulators;
-    5. **normalise** by the accumulated weight, **crop** to ``H x W`` and **clip** to ``[0, 1]``.
+    5. **normalise** by the accumulated weight, **crop** to ``H x W`` and **clip** to ``[0, 1]``;
+    6. optionally **colour-fix** the whole image: take its lowest frequencies (Gaussian
+       ``color_fix`` px) from the input (:mod:`deblurcli.colorfix`).
 
     Args:
         model: any callable mapping ``(B, 3, h, w)`` in ``[-1, 1]`` to the same shape (an
@@ -75,11 +78,13 @@ class DeblurPipeline:
         batch_size: tiles per model call.
         channels_last: give the model NHWC-strided input tensors (the layout the image already
             has, so no copy; see :func:`prepare_model`); ``False`` gives contiguous NCHW tensors.
+        color_fix: Gaussian sigma in pixels for step 6; 0 turns the colour fix off.
     """
 
     def __init__(self, model: ModelFn, *, device: Union[str, torch.device] = "cpu",
                  dtype: torch.dtype = torch.float32, tile: int = 512, overlap: int = 64,
-                 batch_size: int = 4, channels_last: bool = True) -> None:
+                 batch_size: int = 4, channels_last: bool = True,
+                 color_fix: float = 0.0) -> None:
         if tile < 0:
             raise ValueError("tile must be >= 0 (0 = whole image)")
         if overlap < 0:
@@ -88,6 +93,8 @@ class DeblurPipeline:
             raise ValueError(f"overlap ({overlap}) must be smaller than the tile ({tile})")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not color_fix >= 0:
+            raise ValueError(f"color_fix must be >= 0 (0 = off), got {color_fix}")
         self.model = model
         self.device = torch.device(device)
         self.dtype = dtype
@@ -95,6 +102,7 @@ class DeblurPipeline:
         self.overlap = overlap
         self.batch_size = batch_size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.color_fix = color_fix
 
     def plan(self, height: int, width: int) -> TilePlan:
         """The tile plan used for an image of ``height`` x ``width`` pixels (after padding)."""
@@ -154,4 +162,7 @@ class DeblurPipeline:
         out = out[:height, :width]
         out /= weight[:height, :width, None]
         np.clip(out, 0.0, 1.0, out=out)
+        # 6. colour fix
+        if self.color_fix > 0:
+            return colorfix.color_fix(np.ascontiguousarray(out), pixels, self.color_fix)
         return np.ascontiguousarray(out)

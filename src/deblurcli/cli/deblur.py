@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from deblurcli.cli.options import check_device, check_tiling, dtype_option
+from deblurcli.cli.options import check_color_fix, check_device, check_tiling, dtype_option
 
 HELP = """Remove motion blur from a photo or a folder of photos.
 
@@ -41,6 +41,9 @@ def deblur(
     base_model: Annotated[Optional[Path], typer.Option(
         "--base-model", help="Stable Diffusion folder (or hub id in the local Hugging Face "
         "cache) providing the base UNet/VAE, for model folders saved without them.")] = None,
+    color_fix: Annotated[float, typer.Option(
+        "--color-fix", metavar="SIGMA", help="Take the output's lowest frequencies (Gaussian "
+        "SIGMA px, e.g. 2) from the input, against colour/brightness drift; 0 = off.")] = 0.0,
     no_fuse: Annotated[bool, typer.Option(
         "--no-fuse", help="Keep the LoRA adapters unfused (slower; for debugging).")] = False,
     tile: Annotated[int, typer.Option(
@@ -81,6 +84,7 @@ def deblur(
     """Remove motion blur from a photo or a folder of photos."""
     if not 0.0 <= gamma <= 1.0:
         raise typer.BadParameter(f"must be in [0, 1], got {gamma}", param_hint="--gamma")
+    check_color_fix(color_fix)
     check_tiling(tile, tile_overlap)
     for name, value in (("--batch-size", batch_size),):
         if value is not None and value < 1:
@@ -112,14 +116,14 @@ def deblur(
     _run(input_path, output, options, gamma=gamma, weights=weights, base_model=base_model,
          fuse=not no_fuse, tile=tile, overlap=tile_overlap, batch_size=batch_size,
          device_name=device, dtype_name=dtype_name, vae_fp32=vae_fp32, threads=threads,
-         compile_model=compile_model)
+         compile_model=compile_model, color_fix=color_fix)
 
 
 def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Optional[Path],
          base_model: Optional[Path], fuse: bool, tile: int, overlap: int,
          batch_size: Optional[int],
          device_name: str, dtype_name: str, vae_fp32: bool, threads: int,
-         compile_model: bool = False) -> None:
+         compile_model: bool = False, color_fix: float = 0.0) -> None:
     import torch
     from rich.markup import escape
 
@@ -148,11 +152,13 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     runner = prepare_model(model, channels_last=True, compile=compile_model)
     pipeline = DeblurPipeline(runner, device=device, dtype=vae_dtype or dtype, tile=tile,
                               overlap=overlap, channels_last=True,
-                              batch_size=batch_size or default_batch_size(device))
+                              batch_size=batch_size or default_batch_size(device),
+                              color_fix=color_fix)
     output.mkdir(parents=True, exist_ok=True)
     err.print(f"deblurring {len(jobs)} image(s) on {device} ({str(dtype).replace('torch.', '')}"
               f"{', VAE float32' if vae_fp32 else ''}), gamma={gamma:g}, "
-              f"tile={tile or 'whole image'}", highlight=False)
+              f"tile={tile or 'whole image'}"
+              f"{f', colour fix sigma={color_fix:g}' if color_fix else ''}", highlight=False)
 
     def on_result(result) -> None:
         if result.status == "failed":

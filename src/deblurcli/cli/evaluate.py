@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from deblurcli.cli.options import check_device, check_tiling, dtype_option
+from deblurcli.cli.options import check_color_fix, check_device, check_tiling, dtype_option
 
 HELP = """Score deblurring with the paper's metrics (PSNR, SSIM, LPIPS, DISTS, NIQE, MUSIQ, ...).
 
@@ -158,6 +158,10 @@ def evaluate(
     tile_overlap: int = typer.Option(
         64, "--tile-overlap", help="Pixels shared by neighbouring tiles (at most --tile minus 8)."
     ),
+    color_fix: float = typer.Option(
+        0.0, "--color-fix", metavar="SIGMA",
+        help="As deblur --color-fix: the input's lowest frequencies (Gaussian SIGMA px); 0 = off."
+    ),
     batch_size: int | None = typer.Option(
         None, "--batch-size", help="Tiles per model call (default: 1 on the CPU, 4 on a GPU, as deblur)."
     ),
@@ -189,6 +193,7 @@ def evaluate(
     if pred is not None and weights is not None:
         raise typer.BadParameter("give either --pred or --weights, not both", param_hint="--pred")
     check_tiling(tile, tile_overlap)
+    check_color_fix(color_fix)
     for hint, value in (("--batch-size", batch_size), ("--limit", limit)):
         if value is not None and value < 1:
             raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=hint)
@@ -205,7 +210,8 @@ def evaluate(
     model = None
     if weights is not None:
         model = ModelConfig(weights=weights, gammas=parse_gammas(gamma or "0.7"), dtype=dtype,
-                            tile=tile, overlap=tile_overlap, batch_size=batch_size)
+                            tile=tile, overlap=tile_overlap, batch_size=batch_size,
+                            color_fix=color_fix)
     config = EvalConfig(metrics=names, device=device, y_channel=y_channel, align=align,
                         max_shift=max_shift, metric_weights=metric_weights,
                         skip_missing=skip_missing, pred=pred, model=model,

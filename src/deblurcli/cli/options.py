@@ -40,3 +40,12 @@ def dtype_option(dtype: str, fp32: bool = False) -> str:
         raise typer.BadParameter(f"use {', '.join(DTYPE_CHOICES)}; got {dtype!r}",
                                  param_hint="--dtype")
     return name
+
+
+def check_color_fix(sigma: float) -> None:
+    """``--color-fix``: 0 (off) or a positive, finite Gaussian sigma in pixels."""
+    import math
+
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise typer.BadParameter(f"must be 0 (off) or a positive number of pixels, got {sigma}",
+                                 param_hint="--color-fix")

@@ -51,6 +51,7 @@ class ModelConfig:
     tile: int = 512
     overlap: int = 64
     batch_size: int | None = None  # None: pipeline.default_batch_size(device), as in deblur
+    color_fix: float = 0.0  # Gaussian sigma (px) of deblur --color-fix; 0 = off
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,8 @@ def _model_rows(eval_set: EvalSet, metrics: Sequence[Metric], config: EvalConfig
         label = f"gamma={gamma:g}"
         pipe = DeblurPipeline(prepare_model(model), device=device, dtype=dtype, tile=mc.tile,
                               overlap=mc.overlap,
-                              batch_size=mc.batch_size or default_batch_size(device))
+                              batch_size=mc.batch_size or default_batch_size(device),
+                              color_fix=mc.color_fix)
         row = RowResult(label=label, gamma=gamma, load_seconds=load_seconds)
         _reset_cuda_peak(device)
         total = len(eval_set.pairs)
