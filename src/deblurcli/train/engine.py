@@ -81,7 +81,8 @@ def lr_factor(step: int, *, warmup_steps: int = 0, schedule: str = "constant",
 
     A linear warm-up over ``warmup_steps``, then ``constant`` (1.0, independent of
     ``max_steps``, so a run can be extended) or ``cosine`` (half a cosine from 1 down to 0 at
-    ``max_steps``; extending such a run restarts nothing, it only stretches the decay).
+    ``max_steps``; resuming with a larger ``max_steps`` puts the rate where the longer schedule
+    would be at that step).
     """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
