@@ -3,7 +3,10 @@
 # Usage: scripts/eval_default.sh [MODEL_DIR=src/deblurcli/weights] [DATA_DIR=../shared/data]
 #        [WORK_DIR=runs/default] [OUT_DIR=runs/eval-default]
 # Needs the held-out synthetic set made by scripts/train_default.sh (WORK_DIR/synth_kodak24).
+# EVAL_FLAGS adds run options to every eval, e.g. EVAL_FLAGS="--color-fix 2".
 set -euo pipefail
+# shellcheck disable=SC2206  # EVAL_FLAGS may hold several flags
+FLAGS=(${EVAL_FLAGS:-})
 MODEL=${1:-src/deblurcli/weights}
 DATA=${2:-../shared/data}
 WORK=${3:-runs/default}
@@ -11,10 +14,10 @@ OUT=${4:-runs/eval-default}
 mkdir -p "$OUT"
 # Held-out synthetic trajectory blur (kodak24, never trained on): PSNR/SSIM at gamma 1 and 0.7.
 deblurcli eval --blur "$WORK/synth_kodak24/blur" --sharp "$WORK/synth_kodak24/sharp" \
-    --weights "$MODEL" --gamma 1,0.7 --metrics psnr,ssim --out "$OUT/synthetic_kodak24"
+    --weights "$MODEL" --gamma 1,0.7 --metrics psnr,ssim "${FLAGS[@]}" --out "$OUT/synthetic_kodak24"
 # Real frame-averaged GoPro pairs (not overlapping the training frames).
 deblurcli eval --blur "$DATA/val/gopro_avg/blur" --sharp "$DATA/val/gopro_avg/sharp" \
-    --weights "$MODEL" --gamma 1,0.7 --metrics psnr,ssim --out "$OUT/gopro_avg"
+    --weights "$MODEL" --gamma 1,0.7 --metrics psnr,ssim "${FLAGS[@]}" --out "$OUT/gopro_avg"
 # Real blurry photos without ground truth: NIQE (offline parameters from shared/metric-weights).
-deblurcli eval --blur "$DATA/val/real_blurry" --weights "$MODEL" --gamma 1,0.7 --metrics niqe \
+deblurcli eval --blur "$DATA/val/real_blurry" --weights "$MODEL" --gamma 1,0.7 --metrics niqe "${FLAGS[@]}" \
     --metric-weights "$DATA/../metric-weights" --out "$OUT/real_blurry"
