@@ -95,7 +95,8 @@ deblurcli train-diffusion --init "$WORK/base/model" --full --train-encoder \
     -o "$WORK/base_e1" $(resume "$WORK/base_e1")
 
 #    Stage 2c: the same again from 2b's end, with a cosine decay of the rate to 0 (attempt 8:
-#    +0.41 dB on the held-out set after 4,500 steps, where 2b's constant rate ended at -0.04 dB).
+#    +0.41 dB on the held-out set after 4,500 steps; attempt 7's model, which stopped after 2b,
+#    scored -0.04 dB with its adapters).
 deblurcli train-diffusion --init "$WORK/base_e1/model" --full --train-encoder \
     --blur "$WORK/union/blur" --sharp "$WORK/union/sharp" --val-count 8 \
     --max-steps "$STEPS_E1C" --lr 1e-3 --warmup-steps 50 --lr-schedule cosine --batch-size 8 \

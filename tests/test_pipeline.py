@@ -159,5 +159,6 @@ def test_color_fix_removes_a_colour_cast_and_keeps_the_models_detail():
     high = plain - lowpass(plain, 4.0)
     assert np.abs((fixed - lowpass(fixed, 4.0)) - high)[8:-8, 8:-8].max() < 0.05
     assert np.abs(lowpass(fixed, 4.0) - lowpass(image, 4.0))[8:-8, 8:-8].max() < 0.05
-    with pytest.raises(ValueError, match="color_fix"):
-        DeblurPipeline(identity, color_fix=-1.0)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="color_fix"):
+            DeblurPipeline(identity, color_fix=bad)

@@ -8,6 +8,7 @@ float32 numpy buffers and only one batch of tiles exists as tensors at a time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Optional, Union
 
@@ -93,7 +94,7 @@ class DeblurPipeline:
             raise ValueError(f"overlap ({overlap}) must be smaller than the tile ({tile})")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if not color_fix >= 0:
+        if not (math.isfinite(color_fix) and color_fix >= 0):
             raise ValueError(f"color_fix must be >= 0 (0 = off), got {color_fix}")
         self.model = model
         self.device = torch.device(device)
@@ -164,5 +165,5 @@ class DeblurPipeline:
         np.clip(out, 0.0, 1.0, out=out)
         # 6. colour fix
         if self.color_fix > 0:
-            return colorfix.color_fix(np.ascontiguousarray(out), pixels, self.color_fix)
+            return colorfix.color_fix(out, pixels, self.color_fix)
         return np.ascontiguousarray(out)
