@@ -40,6 +40,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
+from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE  # noqa: E402  (numpy only)
+
 RESULT_PREFIX = "BENCH_RESULT "
 SCRIPT = Path(__file__).resolve()
 
@@ -80,8 +82,8 @@ class BenchConfig:
     dtype: str = "fp32"
     vae_dtype: str | None = None
     size: tuple[int, int] = (1280, 720)
-    tile: int = 512
-    overlap: int = 64
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
     batch_size: int = 4
     threads: int = 0
     fused: bool = True
@@ -659,8 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the eVAE (default: --dtype); fp32 = keep the eVAE in float32")
     p.add_argument("--size", action="append", default=None, metavar="WxH",
                    help="image size, repeatable (default 1280x720)")
-    p.add_argument("--tile", type=int, default=512, help="tile side in pixels (0 = whole image)")
-    p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE,
+                   help="tile side in pixels (0 = whole image; default as deblur)")
+    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP)
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per call (default: as 'deblurcli deblur': 1 on the CPU, 4 else)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all usable cores)")

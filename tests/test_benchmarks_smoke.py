@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -133,3 +134,32 @@ def test_deblur_command_offers_compile():
 
     result = CliRunner().invoke(app, ["deblur", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--compile" in result.output
+
+
+def test_tile_quality_script(tiny_model_folder, tmp_path, capsys, keep_threads):
+    """benchmarks/tile_quality.py on the tiny model: whole image vs one tile setting, with GT."""
+    from deblurcli.images import write_image
+
+    spec = importlib.util.spec_from_file_location("tile_quality", BENCH_DIR / "tile_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    for sub in ("blur", "sharp"):
+        (tmp_path / sub).mkdir()
+    for name in ("a", "b"):
+        write_image(tmp_path / "blur" / f"{name}.png", rng.random((48, 64, 3)))
+        write_image(tmp_path / "sharp" / f"{name}.png", rng.random((48, 64, 3)))
+    code = module.main([str(tiny_model_folder), str(tmp_path / "blur"), "--sharp",
+                        str(tmp_path / "sharp"), "--tiles", "32/8,0/0", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "2 images" in out and "tile 32/8: vs whole-image output" in out
+    # the whole image "tiled" as one tile is the whole-image output itself
+    assert "tile 0/0: vs whole-image output median inf dB" in out
+    assert out.count("vs ground truth") == 4
+    assert module.parse_tiles("512/64, 448/32") == [(512, 64), (448, 32)]
+    a = np.zeros((4, 6, 3))
+    b = a.copy()
+    b[:, 2] = 1.0  # one bright column
+    ratio, where = module.diff_profile_peak(b, a)
+    assert where == "column 2" and ratio > 1e6

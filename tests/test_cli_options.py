@@ -26,3 +26,25 @@ def test_deblur_and_eval_reject_the_same_run_options(tmp_path, flags, hint):
     for result in (deblur, evaluate):
         assert result.exit_code == 2, result.output
         assert hint in result.output
+
+
+def test_deblur_eval_and_library_share_the_tile_defaults():
+    import dataclasses
+    import inspect
+
+    import typer.main
+
+    from deblurcli.evaluation.runner import ModelConfig
+    from deblurcli.pipeline import DeblurPipeline
+    from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE
+
+    assert (DEFAULT_TILE, DEFAULT_OVERLAP) == (448, 32)
+    command = typer.main.get_command(app)
+    for name in ("deblur", "eval"):
+        params = {p.name: p.default for p in command.commands[name].params}
+        assert (params["tile"], params["tile_overlap"]) == (DEFAULT_TILE, DEFAULT_OVERLAP), name
+    signature = inspect.signature(DeblurPipeline.__init__).parameters
+    assert (signature["tile"].default, signature["overlap"].default) == (DEFAULT_TILE,
+                                                                         DEFAULT_OVERLAP)
+    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    assert (fields["tile"], fields["overlap"]) == (DEFAULT_TILE, DEFAULT_OVERLAP)

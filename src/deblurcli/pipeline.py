@@ -18,7 +18,7 @@ import torch
 from deblurcli import colorfix
 from deblurcli.errors import DeblurcliError
 from deblurcli.progress import ProgressFn, report
-from deblurcli.tiles import TilePlan, pad_to_multiple, plan_tiles
+from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE, TilePlan, pad_to_multiple, plan_tiles
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -83,7 +83,8 @@ class DeblurPipeline:
     """
 
     def __init__(self, model: ModelFn, *, device: Union[str, torch.device] = "cpu",
-                 dtype: torch.dtype = torch.float32, tile: int = 512, overlap: int = 64,
+                 dtype: torch.dtype = torch.float32, tile: int = DEFAULT_TILE,
+                 overlap: int = DEFAULT_OVERLAP,
                  batch_size: int = 4, channels_last: bool = True,
                  color_fix: float = 0.0) -> None:
         if tile < 0:

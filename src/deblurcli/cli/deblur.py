@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from deblurcli.cli.options import check_color_fix, check_device, check_tiling, dtype_option
+from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE
 
 HELP = """Remove motion blur from a photo or a folder of photos.
 
@@ -47,9 +48,9 @@ def deblur(
     no_fuse: Annotated[bool, typer.Option(
         "--no-fuse", help="Keep the LoRA adapters unfused (slower; for debugging).")] = False,
     tile: Annotated[int, typer.Option(
-        "--tile", help="Tile side in pixels (multiple of 8; 0 = whole image at once).")] = 512,
+        "--tile", help="Tile side in pixels (multiple of 8; 0 = whole image at once).")] = DEFAULT_TILE,
     tile_overlap: Annotated[int, typer.Option(
-        "--tile-overlap", help="Pixels shared by neighbouring tiles (blending band).")] = 64,
+        "--tile-overlap", help="Pixels shared by neighbouring tiles (blending band).")] = DEFAULT_OVERLAP,
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", "-b", help="Tiles per network call (default: 1 on the CPU, where "
         "single tiles run faster, 4 on a GPU).")] = None,

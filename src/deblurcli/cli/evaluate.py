@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from deblurcli.cli.options import check_color_fix, check_device, check_tiling, dtype_option
+from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE
 
 HELP = """Score deblurring with the paper's metrics (PSNR, SSIM, LPIPS, DISTS, NIQE, MUSIQ, ...).
 
@@ -152,11 +153,12 @@ def evaluate(
     ),
     dtype: str = typer.Option("auto", "--dtype", help="Model precision: auto, fp32, fp16, bf16."),
     tile: int = typer.Option(
-        512, "--tile",
+        DEFAULT_TILE, "--tile",
         help="Tile side in pixels for the model (multiple of 8; 0 = whole image)."
     ),
     tile_overlap: int = typer.Option(
-        64, "--tile-overlap", help="Pixels shared by neighbouring tiles (at most --tile minus 8)."
+        DEFAULT_OVERLAP, "--tile-overlap",
+        help="Pixels shared by neighbouring tiles (at most --tile minus 8)."
     ),
     color_fix: float = typer.Option(
         0.0, "--color-fix", metavar="SIGMA",

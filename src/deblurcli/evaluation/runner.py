@@ -37,6 +37,7 @@ from deblurcli.evaluation.metrics import (
     summarise,
 )
 from deblurcli.progress import ProgressFn, report
+from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE
 
 WarnFn = Callable[[str], None]
 
@@ -48,8 +49,8 @@ class ModelConfig:
     weights: Path
     gammas: tuple[float, ...]
     dtype: str = "auto"
-    tile: int = 512
-    overlap: int = 64
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
     batch_size: int | None = None  # None: pipeline.default_batch_size(device), as in deblur
     color_fix: float = 0.0  # Gaussian sigma (px) of deblur --color-fix; 0 = off
 
