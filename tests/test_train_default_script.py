@@ -2,7 +2,8 @@
 
 The script is the recipe of the embedded default model (docs/default-model.md); this checks that
 its commands and flags still fit the CLI, that every stage hands its model to the next, that the
-exported folder loads and deblurs, and that a second run resumes instead of retraining. Tiny data
+exported folder loads and deblurs, that scripts/export_checkpoint.py rebuilds a run's model from
+its checkpoint, and that a second run resumes instead of retraining. Tiny data
 made here from scikit-image's public-domain photos; nothing from ../shared is used.
 """
 
@@ -105,6 +106,21 @@ def test_train_default_script_end_to_end(tmp_path):
     with torch.no_grad():
         y = model(x)
     assert y.shape == x.shape and y.dtype == torch.float32 and torch.isfinite(y).all()
+
+    # scripts/export_checkpoint.py turns a run's newest checkpoint into the same model folder
+    exported = tmp_path / "exported"
+    script = SCRIPT.parent / "export_checkpoint.py"
+    done = subprocess.run([sys.executable, str(script), str(work / "base_e1c"), str(exported)],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    for name in ("evae", "unet", "prompt"):
+        ours, run_model = (load_file(d / f"{name}.safetensors")
+                           for d in (exported, work / "base_e1c" / "model"))
+        assert ours.keys() == run_model.keys()
+        assert all(torch.equal(ours[k], run_model[k]) for k in ours), name
 
     # a second run resumes: nothing is retrained, no new checkpoint appears
     mtimes = {run: (work / run / "checkpoints").stat().st_mtime_ns for run in expected_steps}
