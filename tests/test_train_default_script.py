@@ -21,7 +21,7 @@ from deblurcli.images import write_image
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_default.sh"
 STEPS = {"STEPS_VAE": "2", "STEPS_FULL_A": "1", "STEPS_FULL": "2", "STEPS_E1": "1",
-         "STEPS_E1C": "1", "STEPS_LORA_R": "1", "STEPS_LORA_S": "1"}
+         "STEPS_E1C": "1", "STEPS_E1D": "1", "STEPS_LORA_R": "1", "STEPS_LORA_S": "1"}
 
 
 def _rgb(img: np.ndarray) -> np.ndarray:
@@ -82,7 +82,8 @@ def test_train_default_script_end_to_end(tmp_path):
     assert len(list((work / "union" / "blur").iterdir())) == n_synth + 8 * n_frames
 
     # 2-4. every stage trained to its step count and left a model for the next one
-    expected_steps = {"evae": 2, "base": 2, "base_e1": 1, "base_e1c": 1, "lora_r": 1, "lora_s": 1}
+    expected_steps = {"evae": 2, "base": 2, "base_e1": 1, "base_e1c": 1, "base_e1d": 1,
+                      "lora_r": 1, "lora_s": 1}
     for run, steps in expected_steps.items():
         assert (work / run / "model").is_dir(), run
         assert _newest(work / run) == [f"step-{steps:09d}"], run
