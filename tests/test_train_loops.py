@@ -550,3 +550,44 @@ def test_calibrate_pixel_cnn_script_trains_and_reports(pairs: Path) -> None:
     assert "4 training pairs, 4 test pairs" in done.stdout, done.stdout
     assert "step 4 " in done.stdout and "probe: input" in done.stdout, done.stdout
     assert "end, step 4: whole test set (4 pairs)" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("mixed,fast_bf16,cpu,expected", [
+    ("bf16", True, True, "bf16"),    # a CPU with AMX / AVX512-BF16: autocast in bf16
+    ("bf16", False, True, "no"),     # elsewhere bf16 on the CPU is slow: float32
+    ("fp16", True, True, "no"),      # fp16 never runs on the CPU
+    ("no", True, True, "no"),
+])
+def test_effective_mixed_precision_on_the_cpu(monkeypatch, mixed, fast_bf16, cpu, expected):
+    from deblurcli.train import engine
+
+    monkeypatch.setattr("deblurcli.device.cpu_has_fast_bf16", lambda: fast_bf16)
+    config = DiffusionTrainConfig(mixed_precision=mixed, cpu=cpu)
+    assert engine.effective_mixed_precision(config) == expected
+
+
+def test_cpu_bf16_training_autocasts_the_forward_pass(pairs: Path, tmp_path: Path,
+                                                      monkeypatch) -> None:
+    """With bf16 granted on the CPU, the stage-2 forward runs in bfloat16 (UNet convolutions see
+    bf16 inputs) while the weights and the saved model stay float32."""
+    from deblurcli.modelfolder import load_model_folder
+    from deblurcli.train import diffusion
+
+    monkeypatch.setattr("deblurcli.device.cpu_has_fast_bf16", lambda: True)
+    seen: list[torch.dtype] = []
+    real_forward = diffusion.GeneratorStep.forward
+
+    def spy(self, blur):
+        pred, z_hat = real_forward(self, blur)
+        seen.append(pred.dtype)
+        return pred, z_hat
+
+    monkeypatch.setattr(diffusion.GeneratorStep, "forward", spy)
+    run = tmp_path / "bf16"
+    result = train_diffusion(DiffusionTrainConfig(data=str(pairs), output=str(run), max_steps=2,
+                                                  full=True, lambda2=0.0, val_count=1,
+                                                  mixed_precision="bf16", **FAST))
+    assert result.step == 2 and seen and all(d == torch.bfloat16 for d in seen)
+    assert all(np.isfinite(_losses(run)))
+    model = load_model_folder(run / "model")
+    assert model.unet_dtype == torch.float32

@@ -73,7 +73,8 @@ LR_SCHEDULE = _O(None, "--lr-schedule",
 SEED = _O(None, "--seed", help="Seed of data order, crops, augmentation and initial weights.")
 ACCUM = _O(None, "--grad-accum", help="Micro-batches accumulated per optimiser step.")
 MIXED = _O(None, "--mixed-precision",
-    help="no, fp16 or bf16 (computation; weights stay float32). GPU only.")
+    help="no, fp16 or bf16 (computation; weights stay float32). GPU, or bf16 on a CPU with "
+         "bfloat16 units (Intel AMX / AVX512-BF16).")
 GCKPT = _O(None, "--grad-checkpointing/--no-grad-checkpointing", help="Trade compute for memory.")
 CKPT_EVERY = _O(None, "--checkpoint-every", help="Save a checkpoint every N steps (default 500).")
 KEEP = _O(None, "--keep-checkpoints", help="Keep the newest N checkpoints (0: all; default 2).")
@@ -156,11 +157,11 @@ def _run(kind: str, config_file: str | None, values: dict[str, Any], quiet: bool
     if config.resume and main_rank:
         err.print(f"resuming from {config.resume}", highlight=False)
     if config.mixed_precision != "no":
-        import torch
+        from deblurcli.train.engine import effective_mixed_precision
 
-        if config.cpu or not torch.cuda.is_available():
-            warn(err, f"--mixed-precision {config.mixed_precision} needs a CUDA GPU; "
-                      "training in float32")
+        if effective_mixed_precision(config) == "no":
+            warn(err, f"--mixed-precision {config.mixed_precision} needs a CUDA GPU (or, for "
+                      "bf16, a CPU with bfloat16 units such as Intel AMX); training in float32")
     with rich_progress(err, labels={"steps": "training"}, unit="it",
                        enabled=not quiet and main_rank) as progress:
         result = train(config, progress=progress)

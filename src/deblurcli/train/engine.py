@@ -44,9 +44,7 @@ def make_accelerator(config: CommonConfig, *, find_unused_parameters: bool = Fal
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    mixed = config.mixed_precision
-    if mixed != "no" and (config.cpu or not torch.cuda.is_available()):
-        mixed = "no"  # half precision on the CPU is slow and poorly supported
+    mixed = effective_mixed_precision(config)
     return Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=config.grad_accum,
@@ -54,6 +52,18 @@ def make_accelerator(config: CommonConfig, *, find_unused_parameters: bool = Fal
         kwargs_handlers=[DistributedDataParallelKwargs(
             find_unused_parameters=find_unused_parameters)],
     )
+
+
+def effective_mixed_precision(config: CommonConfig) -> str:
+    """The mixed precision a run really uses: ``config.mixed_precision`` on a GPU; on the CPU
+    only ``bf16`` and only where the CPU has bfloat16 matrix units (fp16, and bf16 elsewhere, are
+    slow and poorly supported there), else ``no``."""
+    from deblurcli.device import cpu_has_fast_bf16
+
+    mixed = config.mixed_precision
+    if mixed == "no" or (not config.cpu and torch.cuda.is_available()):
+        return mixed
+    return "bf16" if mixed == "bf16" and cpu_has_fast_bf16() else "no"
 
 
 def weight_dtype(accelerator) -> torch.dtype:
