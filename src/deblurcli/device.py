@@ -7,8 +7,8 @@
   ``inf``/``NaN`` (black or speckled outputs) in float16, and bfloat16 runs as fast on those GPUs.
 * Half precision on the CPU is slow and poorly supported: it falls back to float32 with a warning.
   Training is the exception: ``--mixed-precision bf16`` autocasts on CPUs with native bfloat16
-  matrix units (:func:`cpu_has_fast_bf16`: Intel AMX or AVX512-BF16), where it measured 1.45x
-  faster per stage-2 step (docs/performance.md).
+  matrix units (:func:`cpu_has_fast_bf16`: Intel AMX or AVX512-BF16), where it measured 1.48x
+  faster per stage-2 step (docs/training.md, ``benchmarks/bench_train_step.py``).
 * :func:`set_cpu_threads` sets torch's intra-op thread count to the cores this process may use.
 """
 
