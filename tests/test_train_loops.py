@@ -566,6 +566,20 @@ def test_effective_mixed_precision_on_the_cpu(monkeypatch, mixed, fast_bf16, cpu
     assert engine.effective_mixed_precision(config) == expected
 
 
+def test_a_second_run_in_one_process_may_change_mixed_precision(monkeypatch) -> None:
+    """accelerate's process-wide state fixes mixed precision at the first Accelerator; a second
+    training run in the same process (a notebook, fp32 eVAE then bf16 UNet) must still start."""
+    from deblurcli.train import engine
+
+    monkeypatch.setattr("deblurcli.device.cpu_has_fast_bf16", lambda: True)
+    first = engine.make_accelerator(DiffusionTrainConfig(cpu=True, mixed_precision="no"))
+    assert first.mixed_precision == "no"
+    second = engine.make_accelerator(DiffusionTrainConfig(cpu=True, mixed_precision="bf16"))
+    assert second.mixed_precision == "bf16"
+    third = engine.make_accelerator(DiffusionTrainConfig(cpu=True, mixed_precision="no"))
+    assert third.mixed_precision == "no"
+
+
 def test_cpu_bf16_training_autocasts_the_forward_pass(pairs: Path, tmp_path: Path,
                                                       monkeypatch) -> None:
     """With bf16 granted on the CPU, the stage-2 forward runs in bfloat16 (UNet convolutions see

@@ -45,6 +45,7 @@ def make_accelerator(config: CommonConfig, *, find_unused_parameters: bool = Fal
     from accelerate.utils import DistributedDataParallelKwargs
 
     mixed = effective_mixed_precision(config)
+    _forget_other_mixed_precision(mixed)
     return Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=config.grad_accum,
@@ -52,6 +53,17 @@ def make_accelerator(config: CommonConfig, *, find_unused_parameters: bool = Fal
         kwargs_handlers=[DistributedDataParallelKwargs(
             find_unused_parameters=find_unused_parameters)],
     )
+
+
+def _forget_other_mixed_precision(mixed: str) -> None:
+    """accelerate keeps one process-wide ``AcceleratorState`` whose mixed precision cannot change
+    once set, so a second run in the same process (a notebook, a script training the eVAE in
+    fp32 and then the UNet in bf16) would fail. Drop that part of the state when it differs; the
+    device / process-group part (``PartialState``) is kept."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if is_initialized() and AcceleratorState().mixed_precision != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def effective_mixed_precision(config: CommonConfig) -> str:
