@@ -44,6 +44,23 @@ def test_module_entry_point_runs():
     assert __version__ in proc.stdout
 
 
+def test_a_user_error_is_one_line_on_stderr_even_after_heavy_imports(tmp_path):
+    """`deblur` imports torch, diffusers and peft before it finds the model folder missing; the
+    user still sees one line (dependencies' import-time log warnings, such as bitsandbytes asking
+    for `kernels` on AVX512-BF16 CPUs, are not theirs to read)."""
+    import numpy as np
+
+    from deblurcli.images import write_image
+
+    write_image(tmp_path / "in.png", np.full((8, 8, 3), 0.5, dtype=np.float32))
+    proc = subprocess.run([sys.executable, "-m", "deblurcli", "deblur", str(tmp_path / "in.png"),
+                           str(tmp_path / "out"), "--weights", str(tmp_path / "no-model")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"error: model folder not found: {tmp_path / 'no-model'}"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_command_is_usage_error():
     result = runner.invoke(app, ["no-such-command"])
     assert result.exit_code == 2

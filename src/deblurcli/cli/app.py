@@ -143,10 +143,25 @@ def build_app() -> typer.Typer:
 app = build_app()
 
 
+# Dependencies whose import-time log warnings are about optional extras deblurcli never uses:
+# bitsandbytes (pulled in by pyiqa, imported by peft) asks for the `kernels` package on CPUs with
+# AVX512-BF16, before every command's own output.
+QUIET_LOGGERS: tuple[str, ...] = ("bitsandbytes",)
+
+
+def _quiet_dependency_logs() -> None:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point."""
     if debug_enabled():
         os.environ.setdefault("TYPER_STANDARD_TRACEBACK", "1")
+    else:
+        _quiet_dependency_logs()
     try:
         app(args=argv, prog_name="deblurcli")
     except KeyboardInterrupt:  # pragma: no cover - interrupt outside a command
