@@ -51,3 +51,14 @@ def empty_torch_home(tmp_path, monkeypatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("TORCH_HOME", str(home))
     return home
+
+
+@pytest.fixture(autouse=True)
+def _no_metric_downloads(monkeypatch):
+    """Tests never download: the metric-weight fetcher fails unless a test replaces it."""
+    from deblurcli.evaluation import fetch
+
+    def refuse(item):
+        raise ConnectionError("tests never download (replace fetch.fetch_file with a fake)")
+
+    monkeypatch.setattr(fetch, "fetch_file", refuse)

@@ -13,6 +13,7 @@ from skimage import data
 from typer.testing import CliRunner
 
 from deblurcli.cli.app import app
+from deblurcli.evaluation import fetch
 from deblurcli.evaluation.metrics import Summary
 from deblurcli.evaluation.report import plot_sweep, summary_dict, write_outputs
 from deblurcli.evaluation.runner import EvalResult, ImageScore, RowResult
@@ -44,6 +45,7 @@ def test_list_metrics(empty_torch_home):
     for name in ("psnr", "ssim", "lpips", "dists", "niqe", "musiq", "clipiqa", "maniqa"):
         assert name in res.stdout
     assert "niqe_modelparameters.mat" in res.stdout and "RN50.pt" in res.stdout
+    assert "deblurcli eval --fetch-metrics lpips,dists,niqe,musiq,clipiqa,maniqa" in res.stdout
 
 
 def test_pred_mode_writes_table_csv_and_json(folders):
@@ -67,20 +69,95 @@ def test_pred_mode_writes_table_csv_and_json(folders):
     assert not (out / "gamma_sweep.png").exists()   # no γ sweep, no plot
 
 
-def test_missing_weights_exit_1_naming_the_file(folders, empty_torch_home):
+def _one_line_each(stderr: str, word: str) -> list[str]:
+    return [line for line in stderr.splitlines() if word in line]
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_default_metrics_offline_run_what_they_can_and_say_what_was_skipped(
+        folders, empty_torch_home, monkeypatch, how):
+    called = []
+    monkeypatch.setattr(fetch, "fetch_file", lambda item: called.append(item))
+    args = ["--blur", str(folders / "blur"), "--sharp", str(folders / "sharp"),
+            "--pred", str(folders / "pred"), "--device", "cpu", "-q"]
+    if how == "flag":
+        args.append("--offline")
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = _eval(*args)
+    assert res.exit_code == 0, res.output
+    assert "psnr ↑" in res.stdout and "ssim ↑" in res.stdout
+    assert "lpips" not in res.stdout and "dists" not in res.stdout
+    assert called == []  # offline: nothing fetched
+    for name, file in (("lpips", "LPIPS_v0.1_alex-df73285e.pth"),
+                       ("dists", "DISTS_weights-f5e65c96.pth")):
+        (line,) = _one_line_each(res.stderr, f"metric {name} skipped")
+        assert file in line and "(offline)" in line
+        assert f"deblurcli eval --fetch-metrics {name}" in line
+
+
+def test_online_fetches_once_and_a_failed_fetch_skips_the_metric(folders, empty_torch_home,
+                                                                  monkeypatch):
+    called = []
+
+    def no_network(item):
+        called.append(item.name)
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(fetch, "fetch_file", no_network)
     res = _eval("--blur", str(folders / "blur"), "--sharp", str(folders / "sharp"),
                 "--metrics", "psnr,lpips", "--device", "cpu", "-q")
-    assert res.exit_code == 1
-    assert "LPIPS_v0.1_alex-df73285e.pth" in res.stderr
-    assert str(empty_torch_home / "hub" / "pyiqa") in res.stderr
-
-
-def test_skip_missing_carries_on(folders, empty_torch_home):
-    res = _eval("--blur", str(folders / "blur"), "--sharp", str(folders / "sharp"),
-                "--metrics", "psnr,dists", "--skip-missing", "--device", "cpu", "-q")
     assert res.exit_code == 0, res.output
-    assert "psnr ↑" in res.stdout and "dists" not in res.stdout
-    assert "warning" in res.stderr and "DISTS_weights-f5e65c96.pth" in res.stderr
+    assert called == ["LPIPS_v0.1_alex-df73285e.pth"]  # tried, then gave up on lpips
+    (line,) = _one_line_each(res.stderr, "metric lpips skipped")
+    assert "could not fetch LPIPS_v0.1_alex-df73285e.pth" in line
+    assert "ConnectionError" in line and "deblurcli eval --fetch-metrics lpips" in line
+    assert "psnr ↑" in res.stdout
+
+
+def test_no_metric_able_to_run_is_exit_1_with_the_fetch_command(folders, empty_torch_home):
+    res = _eval("--blur", str(folders / "blur"), "--device", "cpu", "-q", "--offline")
+    assert res.exit_code == 1
+    assert "no metric could run" in res.stderr
+    assert "deblurcli eval --fetch-metrics niqe,musiq,clipiqa,maniqa" in res.stderr
+    assert len(_one_line_each(res.stderr, "skipped:")) == 4
+
+
+def test_fetch_metrics_fetches_each_missing_file_into_the_cache(empty_torch_home, monkeypatch):
+    def fake(item):  # writes what the real fetcher would, where pyiqa/torchvision look
+        path = empty_torch_home / "hub" / item.folder / item.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"weights")
+        return path
+
+    monkeypatch.setattr(fetch, "fetch_file", fake)
+    res = _eval("--fetch-metrics", "lpips,niqe")
+    assert res.exit_code == 0, res.output
+    assert "lpips: ready" in res.stdout and "niqe: ready" in res.stdout
+    assert (empty_torch_home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth").is_file()
+    listed = _eval("--list-metrics")
+    row = next(line for line in listed.stdout.splitlines() if " lpips " in line)
+    assert "yes" in row.split("LPIPS")[0].split("↓")[1]  # 'available' column
+    # fetched files are not fetched again
+    monkeypatch.setattr(fetch, "fetch_file", lambda item: pytest.fail("fetched twice"))
+    assert _eval("--fetch-metrics", "lpips").exit_code == 0
+
+
+def test_fetch_metrics_offline_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = _eval("--fetch-metrics", "lpips")
+    assert res.exit_code == 2 and "offline" in res.output
+
+
+def test_eval_without_pyiqa_says_how_to_install_it(folders, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyiqa", None)  # import pyiqa -> ImportError
+    res = _eval("--blur", str(folders / "blur"), "--sharp", str(folders / "sharp"),
+                "--metrics", "psnr", "--device", "cpu", "-q")
+    assert res.exit_code == 1
+    assert res.stderr.strip() == ("error: deblurcli eval needs pyiqa, which is not installed: "
+                                  "pip install 'deblurcli[eval]'")
 
 
 def test_unmatched_pred_is_exit_1(folders):

@@ -12,12 +12,13 @@ import pytest
 import torch
 from skimage import data
 
-from deblurcli.errors import DeblurcliError, WeightsError
+from deblurcli.errors import DeblurcliError
 from deblurcli.evaluation.align import align_to_reference
 from deblurcli.evaluation.metrics import (
     METRICS,
     check_weights,
     create_metrics,
+    fetch_missing,
     find_weight_file,
     list_metrics,
     parse_metric_names,
@@ -87,24 +88,42 @@ def test_psnr_matches_definition(pair):
     assert psnr(a, b) == pytest.approx(10 * np.log10(1 / mse), abs=1e-3)
 
 
-def test_missing_weights_name_the_file_before_anything_is_built(empty_torch_home):
+def test_missing_weights_name_the_file_and_nothing_is_downloaded_offline(empty_torch_home):
     check = check_weights(METRICS["niqe"])
     assert not check.ok
     assert "niqe_modelparameters.mat" in check.missing[0]
     assert str(empty_torch_home / "hub" / "pyiqa") in check.missing[0]
-    with pytest.raises(WeightsError, match="LPIPS_v0.1_alex-df73285e.pth"):
-        create_metrics(["psnr", "lpips"], device=CPU)
+    warnings: list[str] = []
+    metrics = create_metrics(["psnr", "lpips"], device=CPU, fetcher=None, warn=warnings.append)
+    assert [m.name for m in metrics] == ["psnr"]
+    assert len(warnings) == 1 and "LPIPS_v0.1_alex-df73285e.pth" in warnings[0]
     assert not any((empty_torch_home / "hub").rglob("*.pth"))  # nothing was downloaded
 
 
-def test_skip_missing_warns_and_keeps_the_rest(empty_torch_home):
+def test_missing_metrics_are_skipped_one_line_each_and_none_left_is_an_error(empty_torch_home):
     warnings: list[str] = []
-    metrics = create_metrics(["psnr", "dists", "musiq"], device=CPU, skip_missing=True,
-                             warn=warnings.append)
+    metrics = create_metrics(["psnr", "dists", "musiq"], device=CPU, warn=warnings.append)
     assert [m.name for m in metrics] == ["psnr"]
     assert len(warnings) == 2 and "DISTS_weights-f5e65c96.pth" in warnings[0]
-    with pytest.raises(DeblurcliError, match="no metric left"):
-        create_metrics(["clipiqa"], device=CPU, skip_missing=True)
+    assert all("\n" not in w and "--fetch-metrics" in w for w in warnings)
+    with pytest.raises(DeblurcliError, match="no metric could run"):
+        create_metrics(["clipiqa"], device=CPU)
+
+
+def test_the_fetcher_is_asked_for_each_missing_file(empty_torch_home):
+    asked = []
+
+    def fake(item):
+        asked.append(item)
+        path = empty_torch_home / "hub" / item.folder / item.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        return path
+
+    check = check_weights(METRICS["dists"])
+    new, reason = fetch_missing(METRICS["dists"], check, fake)
+    assert reason is None and new.ok
+    assert [item.name for item in asked] == ["DISTS_weights-f5e65c96.pth", "vgg16-397923af.pth"]
 
 
 def test_metric_weights_dir_layouts(empty_torch_home, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,9 +61,22 @@ def test_a_hub_id_is_read_from_the_local_cache(hub_cache):
 
 
 def test_a_hub_id_that_is_not_cached_says_how_to_fetch_it(hub_cache):
-    with pytest.raises(WeightsError, match="huggingface-cli download acme/absent") as info:
+    with pytest.raises(WeightsError, match="hf download acme/absent") as info:
         load_part(UNet2DConditionModel, "acme/absent", "unet", "UNet")
     assert "\n" not in str(info.value)
+
+
+def test_the_fetch_command_is_one_the_installed_huggingface_hub_ships():
+    import shutil
+
+    from deblurcli.models.pretrained import hf_download_command
+
+    command = hf_download_command("acme/tiny", "model.safetensors")
+    assert command.endswith(" download acme/tiny model.safetensors")
+    # the console script named in the hint is installed next to this Python
+    tool = command.split()[0]
+    bin_dir = Path(sys.executable).parent
+    assert (bin_dir / tool).exists() or shutil.which(tool) is not None
 
 
 def test_bad_folders_are_one_line_errors(tmp_path):

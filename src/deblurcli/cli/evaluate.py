@@ -16,14 +16,17 @@ HELP = """Score deblurring with the paper's metrics (PSNR, SSIM, LPIPS, DISTS, N
 Full-reference metrics need ground truth (--dataset, or --blur with --sharp); with --blur alone
 the no-reference metrics run. Rows: "input" (the blurry images themselves), "pred" (--pred DIR:
 existing outputs, paired by relative path or name) and "gamma=G" (--weights DIR: the model run
-at each --gamma). Metric weights are read from pyiqa's cache ($TORCH_HOME/hub/pyiqa,
-.../checkpoints, .../clip) or --metric-weights DIR; nothing is downloaded. PSNR of identical
-images is inf: means are over finite values, with the inf count shown. pyiqa is licensed
-PolyForm-Noncommercial. See docs/evaluation.md.
+at each --gamma). Metric weights are read from --metric-weights DIR or pyiqa's cache
+($TORCH_HOME/hub/pyiqa, .../checkpoints, .../clip); a missing file is fetched once into that
+cache and checked by SHA-256, unless --offline or HF_HUB_OFFLINE=1: then the metrics without
+their weights are skipped, one line each, and the others run. PSNR of identical images is inf:
+means are over finite values, with the inf count shown. Needs pip install 'deblurcli[eval]';
+pyiqa is licensed PolyForm-Noncommercial. See docs/evaluation.md.
 
 \b
 Examples:
   deblurcli eval --list-metrics
+  deblurcli eval --fetch-metrics lpips,dists                 # fetch weights now, then exit
   deblurcli eval --dataset gopro --root GOPRO_Large --pred results/gopro --out eval/gopro
   deblurcli eval --dataset realblur-j --root RealBlur --pred results/rbj --align
   deblurcli eval --dataset gopro --root GOPRO_Large --weights model/ --gamma 1,0.9,0.8,0.7,0.6 \\
@@ -63,17 +66,43 @@ def _list_metrics(metric_weights: Path | None) -> None:
     table = Table(title="metrics (deblurcli eval --metrics a,b,c)")
     for col in ("name", "kind", "better", "needs weights", "available", "description"):
         table.add_column(col)
-    missing_lines = []
+    from deblurcli.evaluation.metrics import fetch_command
+
+    missing_lines, missing_names = [], []
     for info in list_metrics(metric_weights):
         table.add_row(info.name, info.kind, info.arrow, "yes" if info.needs_weights else "no",
                       "yes" if info.available else "no", info.description)
         missing_lines += [f"  {info.name}: {m}" for m in info.missing]
+        missing_names += [info.name] if info.missing else []
     con = stdout_console()
     con.print(table)
     if missing_lines:
         con.print("missing weight files:", highlight=False, markup=False)
         for line in missing_lines:
             con.print(line, highlight=False, markup=False)
+        con.print(f"fetch them (once, checked by SHA-256) with: {fetch_command(missing_names)}",
+                  highlight=False, markup=False)
+
+
+def _fetch_metrics(text: str, metric_weights: Path | None) -> None:
+    from deblurcli.cli.console import stderr_console, stdout_console
+    from deblurcli.errors import DeblurcliError
+    from deblurcli.evaluation import fetch
+    from deblurcli.evaluation.metrics import METRICS, fetch_metric_weights, parse_metric_names
+
+    try:
+        names = list(METRICS) if text.strip().lower() == "all" else parse_metric_names(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--fetch-metrics") from None
+    err, out = stderr_console(), stdout_console()
+    results = fetch_metric_weights(names, fetch.fetch_file, metric_weights,
+                                   note=lambda m: err.print(m, highlight=False, markup=False))
+    for name, problem in results.items():
+        out.print(f"{name}: {'ready' if problem is None else 'NOT ready: ' + problem}",
+                  highlight=False, markup=False)
+    failed = [name for name, problem in results.items() if problem is not None]
+    if failed:
+        raise DeblurcliError(f"could not fetch the weights of {', '.join(failed)}")
 
 
 def evaluate(
@@ -122,9 +151,19 @@ def evaluate(
         help="Folder searched first for metric weights (layout like $TORCH_HOME/hub: pyiqa/, "
              "checkpoints/, clip/)."
     ),
+    fetch_metrics: str | None = typer.Option(
+        None, "--fetch-metrics", metavar="NAMES",
+        help="Fetch the weights of these metrics (comma-separated, or 'all') into the cache, "
+             "checked by SHA-256, then exit."
+    ),
+    offline: bool = typer.Option(
+        False, "--offline",
+        help="Never fetch metric weights (as HF_HUB_OFFLINE=1): metrics without them are "
+             "skipped."
+    ),
     skip_missing: bool = typer.Option(
-        False, "--skip-missing",
-        help="Skip metrics whose weights are missing (with a warning) instead of failing."
+        False, "--skip-missing", hidden=True,
+        help="No effect (metrics without weights are always skipped); kept for old scripts."
     ),
     y_channel: bool = typer.Option(
         False, "--y-channel",
@@ -177,8 +216,17 @@ def evaluate(
     from deblurcli.evaluation.datasets import DATASET_CHOICES
     from deblurcli.evaluation.metrics import parse_metric_names
 
+    from deblurcli.evaluation.fetch import offline_requested
+
+    offline = offline_requested(offline)
     if list_metrics:
         _list_metrics(metric_weights)
+        return
+    if fetch_metrics is not None:
+        if offline:
+            raise typer.BadParameter("cannot fetch offline (--offline or HF_HUB_OFFLINE=1)",
+                                     param_hint="--fetch-metrics")
+        _fetch_metrics(fetch_metrics, metric_weights)
         return
     if dataset is not None and dataset.lower() not in DATASET_CHOICES:
         raise typer.BadParameter(f"choose from {', '.join(DATASET_CHOICES)}",
@@ -207,6 +255,8 @@ def evaluate(
     from deblurcli.evaluation.report import results_table, write_outputs
     from deblurcli.evaluation.runner import EvalConfig, ModelConfig, run_evaluation
 
+    from rich.markup import escape
+
     err = stderr_console()
     eval_set = build_set(dataset.lower() if dataset else None, root, blur, sharp)
     model = None
@@ -216,11 +266,12 @@ def evaluate(
                             color_fix=color_fix)
     config = EvalConfig(metrics=names, device=device, y_channel=y_channel, align=align,
                         max_shift=max_shift, metric_weights=metric_weights,
-                        skip_missing=skip_missing, pred=pred, model=model,
+                        offline=offline, pred=pred, model=model,
                         include_input=include_input, limit=limit)
     with rich_progress(err, unit="img", enabled=not quiet) as progress:
         result = run_evaluation(eval_set, config, progress=progress,
-                                warn=lambda msg: warn(err, msg))
+                                warn=lambda msg: warn(err, escape(msg)),
+                                note=lambda msg: err.print(msg, highlight=False, markup=False))
     con = stdout_console()
     con.print(results_table(result))
     if out is not None:

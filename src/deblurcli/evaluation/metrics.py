@@ -1,8 +1,9 @@
 """Image-quality metrics through pyiqa, with an offline check of every weight file they need.
 
-pyiqa downloads metric weights on first use. ``deblurcli eval`` must never do that silently (it
-may run offline), so every metric here lists the files it needs and where pyiqa (and the
-libraries under it) look for them:
+pyiqa downloads metric weights on first use, unverified. deblurcli never lets it: every metric
+here lists the files it needs and where pyiqa (and the libraries under it) look for them, and
+``deblurcli eval`` fetches a missing file itself, checked by SHA-256 (:mod:`.fetch`), unless it
+runs offline:
 
 * ``pyiqa/<file>``        -- pyiqa's own weights, in ``$TORCH_HOME/hub/pyiqa/`` (torch hub dir);
 * ``checkpoints/<file>``  -- torchvision ImageNet backbones, in ``$TORCH_HOME/hub/checkpoints/``;
@@ -11,8 +12,10 @@ libraries under it) look for them:
 
 ``--metric-weights DIR`` is searched first with the same layout (``DIR/pyiqa/...``,
 ``DIR/checkpoints/...``, ``DIR/clip/...``); a file placed directly in ``DIR`` is found too.
-Weights are checked *before* a metric is created, so a missing file is reported by name instead of
-triggering a download.
+Weights are checked *before* a metric is created, so a missing file is fetched (or, offline,
+reported by name with the command that fetches it) instead of being downloaded by pyiqa.
+
+pyiqa is an optional dependency (``pip install 'deblurcli[eval]'``), imported only here.
 
 PSNR is computed with ``eps=0``: identical images give ``inf`` (see :func:`summarise`).
 """
@@ -184,6 +187,7 @@ class WeightCheck:
     spec: MetricSpec
     found: dict[str, Path] = field(default_factory=dict)  # WeightFile.name -> path
     missing: list[str] = field(default_factory=list)      # one-line "file -> where" hints
+    missing_files: list[WeightFile | HFFile] = field(default_factory=list)  # same order
 
     @property
     def ok(self) -> bool:
@@ -200,14 +204,18 @@ def check_weights(spec: MetricSpec, weights_dir: Path | None = None) -> WeightCh
             where = f"{hub / wf.folder}/" + (f" or {Path(weights_dir) / wf.folder}/"
                                              if weights_dir is not None else "")
             check.missing.append(f"{wf.name} (put it in {where})")
+            check.missing_files.append(wf)
         else:
             check.found[wf.name] = path
     for hf in spec.hf_files:
         path = find_hf_file(hf)
         if path is None:
+            from deblurcli.models.pretrained import hf_download_command
+
             check.missing.append(
                 f"{hf.filenames[0]} of Hugging Face repo {hf.repo_id} (download it into the "
-                f"Hugging Face cache, e.g. `huggingface-cli download {hf.repo_id}`)")
+                f"Hugging Face cache: `{hf_download_command(hf.repo_id, hf.filenames[0])}`)")
+            check.missing_files.append(hf)
         else:
             check.found[f"{hf.repo_id}/{path.name}"] = path
     return check
@@ -305,8 +313,7 @@ def create_metric(spec: MetricSpec, check: WeightCheck, *, device,
     pyiqa prints "Loading pretrained model ..." on stdout; that text is swallowed here so that
     library code never writes to the user's stdout.
     """
-    import pyiqa
-
+    pyiqa = import_pyiqa()
     if not check.ok:
         raise WeightsError(f"metric {spec.name} is missing {check.missing[0]}")
     options: dict = {}
@@ -334,28 +341,73 @@ def create_metric(spec: MetricSpec, check: WeightCheck, *, device,
     return Metric(spec, model, device)
 
 
-def create_metrics(names: Sequence[str], *, device, y_channel: bool = False,
-                   weights_dir: Path | None = None, skip_missing: bool = False,
-                   warn: WarnFn | None = None) -> list[Metric]:
-    """Create the named metrics once, after checking all their weight files.
+PYIQA_MISSING = ("deblurcli eval needs pyiqa, which is not installed: "
+                 "pip install 'deblurcli[eval]'")
 
-    A missing file raises :class:`WeightsError` naming the file and where to put it, before any
-    metric is built; with ``skip_missing`` the metric is dropped and ``warn`` is told instead.
+
+def import_pyiqa():
+    """``import pyiqa``, or a :class:`DeblurcliError` saying how to install it."""
+    try:
+        import pyiqa
+    except ImportError:
+        raise DeblurcliError(PYIQA_MISSING) from None
+    return pyiqa
+
+
+def fetch_command(names: Sequence[str]) -> str:
+    """The command that fetches the weights of ``names`` (works with deblurcli alone)."""
+    return f"deblurcli eval --fetch-metrics {','.join(names)}"
+
+
+def fetch_missing(spec: MetricSpec, check: WeightCheck, fetcher, weights_dir: Path | None = None,
+                  note: WarnFn | None = None) -> tuple[WeightCheck, str | None]:
+    """Fetch every file ``check`` misses with ``fetcher``; return the new check and, if a fetch
+    failed, a one-line reason."""
+    from deblurcli.evaluation.fetch import describe
+
+    for item in check.missing_files:
+        if note is not None:
+            note(f"fetching {describe(item)} for metric {spec.name} (once, checked by SHA-256)")
+        try:
+            fetcher(item)
+        except Exception as exc:  # noqa: BLE001 - network and checksum errors alike: skip, say why
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            return check_weights(spec, weights_dir), (f"could not fetch {describe(item)} "
+                                                      f"({type(exc).__name__}: {text[:160]})")
+    return check_weights(spec, weights_dir), None
+
+
+def create_metrics(names: Sequence[str], *, device, y_channel: bool = False,
+                   weights_dir: Path | None = None, fetcher=None,
+                   warn: WarnFn | None = None, note: WarnFn | None = None) -> list[Metric]:
+    """Create the named metrics once, after checking (and, with a ``fetcher``, fetching) all
+    their weight files.
+
+    ``fetcher`` (:func:`deblurcli.evaluation.fetch.fetch_file`, or ``None`` offline) is called
+    once per missing file. A metric whose files are still missing is skipped and ``warn`` gets
+    one line naming the files and the command that fetches them; ``note`` hears of each fetch.
+    Raises :class:`DeblurcliError` when no metric is left.
     """
     specs = [METRICS[n] for n in names]
-    checks = [check_weights(spec, weights_dir) for spec in specs]
-    kept = []
-    for spec, check in zip(specs, checks, strict=True):
+    import_pyiqa()  # every metric goes through pyiqa: say how to install it before anything
+    kept, skipped = [], []
+    for spec in specs:
+        check = check_weights(spec, weights_dir)
+        reason = None
+        if not check.ok and fetcher is not None:
+            check, reason = fetch_missing(spec, check, fetcher, weights_dir, note)
         if check.ok:
             kept.append((spec, check))
             continue
-        message = f"metric {spec.name} needs {'; '.join(check.missing)}"
-        if not skip_missing:
-            raise WeightsError(message + " (or pass --skip-missing, or --metric-weights DIR)")
+        skipped.append(spec.name)
+        if reason is None:
+            files = ", ".join(m.split(" (", 1)[0] for m in check.missing)
+            reason = f"{files} not in the cache{' (offline)' if fetcher is None else ''}"
         if warn is not None:
-            warn(message + "; skipping it")
+            warn(f"metric {spec.name} skipped: {reason}; fetch with: {fetch_command([spec.name])}")
     if not kept:
-        raise DeblurcliError("no metric left to compute (all were skipped for missing weights)")
+        raise DeblurcliError(f"no metric could run ({', '.join(skipped)} skipped); fetch their "
+                             f"weights with: {fetch_command(skipped)}, or give --metric-weights DIR")
     return [create_metric(spec, check, device=device, y_channel=y_channel)
             for spec, check in kept]
 
@@ -379,3 +431,21 @@ def summarise(values: Sequence[float]) -> Summary:
     n_inf = sum(1 for v in values if math.isinf(v))
     mean = float(np.mean(np.asarray(finite, dtype=np.float64))) if finite else float("nan")
     return Summary(mean=mean, n=len(values), n_inf=n_inf)
+
+
+def fetch_metric_weights(names: Sequence[str], fetcher, weights_dir: Path | None = None,
+                         note: WarnFn | None = None) -> dict[str, str | None]:
+    """Fetch the missing weight files of each named metric.
+
+    Returns metric name -> ``None`` when every file it needs is now present, else a one-line
+    reason it is not.
+    """
+    result: dict[str, str | None] = {}
+    for name in names:
+        spec = METRICS[name]
+        check = check_weights(spec, weights_dir)
+        reason = None
+        if not check.ok:
+            check, reason = fetch_missing(spec, check, fetcher, weights_dir, note)
+        result[name] = None if check.ok else (reason or "; ".join(check.missing))
+    return result

@@ -65,7 +65,7 @@ class EvalConfig:
     align: bool = False
     max_shift: int = 10
     metric_weights: Path | None = None
-    skip_missing: bool = False
+    offline: bool = False  # True: never fetch metric weights (skip the metrics missing them)
     pred: Path | None = None
     model: ModelConfig | None = None
     include_input: bool = True
@@ -282,8 +282,13 @@ def _model_rows(eval_set: EvalSet, metrics: Sequence[Metric], config: EvalConfig
 
 def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
                    progress: ProgressFn | None = None,
-                   warn: WarnFn | None = None) -> EvalResult:
-    """Score the input, ``config.pred`` and/or the model over ``config.model.gammas``."""
+                   warn: WarnFn | None = None, note: WarnFn | None = None) -> EvalResult:
+    """Score the input, ``config.pred`` and/or the model over ``config.model.gammas``.
+
+    Metric weights missing from the caches are fetched once (:mod:`.fetch`) unless
+    ``config.offline``; a metric that still lacks them is skipped with one ``warn`` line, and
+    ``note`` hears of each fetch.
+    """
     from deblurcli.device import resolve_device
 
     if config.pred is not None and config.model is not None:
@@ -306,9 +311,12 @@ def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
         from deblurcli.modelfolder import read_model_config
 
         read_model_config(config.model.weights)
+    from deblurcli.evaluation import fetch
+
     metrics = create_metrics(names, device=device, y_channel=config.y_channel,
-                             weights_dir=config.metric_weights, skip_missing=config.skip_missing,
-                             warn=warn)
+                             weights_dir=config.metric_weights,
+                             fetcher=None if config.offline else fetch.fetch_file,
+                             warn=warn, note=note)
     rows: list[RowResult] = []
     if config.include_input or (pred_files is None and config.model is None):
         rows.append(_score_files("input", eval_set, [p.blur for p in eval_set.pairs], metrics,

@@ -7,7 +7,7 @@
 * a hub id such as ``stabilityai/stable-diffusion-2-1-base`` (the part in its ``subfolder``, or
   at the top of a repository that holds only that part), read from the local Hugging Face cache
   (``HF_HOME`` / ``HF_HUB_CACHE``). Nothing is downloaded: fetch it once with
-  ``huggingface-cli download ID``.
+  ``hf download ID`` (``huggingface-cli download ID`` with huggingface_hub < 0.34).
 
 Every failure is a :class:`~deblurcli.errors.WeightsError` of one line.
 """
@@ -41,7 +41,7 @@ def load_part(cls: type, source: str | Path, subfolder: str, what: str) -> nn.Mo
         raise WeightsError(f"{what} source not found: {source} (give a diffusers folder or a "
                            "Hugging Face hub id that is in the local cache)")
     where = (f"{source} (hub id, local cache only; fetch it once with "
-             f"`huggingface-cli download {source}`)")
+             f"`{hf_download_command(str(source))}`)")
     try:
         return _load(cls, str(source), {"subfolder": subfolder}, what, where)
     except WeightsError as first:
@@ -49,6 +49,21 @@ def load_part(cls: type, source: str | Path, subfolder: str, what: str) -> nn.Mo
             return _load(cls, str(source), {}, what, where)
         except WeightsError:
             raise first from None
+
+
+def hf_download_command(repo_id: str, *filenames: str) -> str:
+    """The command that fetches ``repo_id`` (or some of its files) into the Hugging Face cache,
+    spelt for the installed huggingface_hub: ``hf download`` (0.34 and later; the old
+    ``huggingface-cli`` is gone from 1.0) or ``huggingface-cli download`` (earlier)."""
+    import shlex
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(part) for part in version("huggingface_hub").split(".")[:2])
+        tool = "hf" if (major, minor) >= (0, 34) else "huggingface-cli"
+    except (PackageNotFoundError, ValueError):
+        tool = "hf"
+    return shlex.join([tool, "download", repo_id, *filenames])
 
 
 def _looks_like_hub_id(text: str) -> bool:
