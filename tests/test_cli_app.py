@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -66,6 +67,35 @@ def test_unknown_command_is_usage_error():
     assert result.exit_code == 2
 
 
+@pytest.mark.parametrize("args, words", [
+    (["deblur", "a.png", "out", "--gamma", "2"], ["--gamma", "[0, 1]", "deblurcli deblur --help"]),
+    (["deblur", "a.png", "out", "--tile", "abc"], ["--tile", "integer"]),
+    (["deblur", "a.png", "out", "-g", "0"], ["No such option: -g"]),  # Real-ESRGAN's GPU id
+    (["deblur", "a.png"], ["Missing argument 'OUTPUT'"]),
+    (["eval", "--blur", "b", "--metrics", "psnr,foo"], ["--metrics", "foo"]),
+    (["synth", "--src", "p", "--out", "o", "--workers", "x"], ["--workers"]),
+    (["no-such-command"], ["No such command", "deblurcli --help"]),
+    (["--no-such-flag"], ["No such option"]),
+])
+def test_a_bad_flag_value_is_one_line_on_stderr_exit_2(args, words):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0]
+    assert result.stdout == ""
+
+
+def test_help_promises_no_built_in_model():
+    for args in (["--help"], ["deblur", "--help"]):
+        text = " ".join(runner.invoke(app, args).stdout.split())
+        assert "built-in" not in text and "installed with deblurcli" not in text
+        assert "--weights MODEL_DIR" in text and "No model ships with deblurcli yet" in text
+    deblur_help = runner.invoke(app, ["deblur", "--help"]).stdout
+    assert "-g " not in deblur_help and "--gamma" in deblur_help
+
+
 def _error_app() -> typer.Typer:
     sub = typer.Typer(cls=DeblurcliGroup)
 
@@ -112,3 +142,5 @@ def test_debug_env_reraises(monkeypatch):
 def test_bad_parameter_is_exit_2():
     result = runner.invoke(_error_app(), ["bad-value"])
     assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: Invalid value for --gamma: must be in [0, 1] "
+                                     "(see root bad-value --help)")

@@ -41,7 +41,8 @@ UNET_FILE = "unet.safetensors"
 PROMPT_FILE = "prompt.safetensors"
 CHECKSUM_FILE = "checksums.sha256"
 PROMPT_KEY = "prompt_embeds"
-NO_DEFAULT_MODEL = "no default model is installed yet; pass --weights DIR"
+NO_DEFAULT_MODEL = ("no default model is installed yet; pass --weights MODEL_DIR, a model folder "
+                    "written by deblurcli train-diffusion (see docs/training.md)")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 PathLike = str | Path

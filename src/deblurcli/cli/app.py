@@ -6,7 +6,8 @@ Conventions every sub-command follows:
   *inside* the command function so that ``deblurcli --version`` and ``--help`` never import torch.
 * Results go to stdout, progress and warnings to stderr (see :mod:`deblurcli.cli.console`).
 * A bad flag value raises ``typer.BadParameter`` (exit 2); a runtime problem the user can fix raises
-  :class:`deblurcli.errors.DeblurcliError` (exit 1, one line). ``DEBLURCLI_DEBUG=1`` shows tracebacks.
+  :class:`deblurcli.errors.DeblurcliError` (exit 1). Both print one line on stderr (usage errors
+  name the flag and the ``--help`` to read). ``DEBLURCLI_DEBUG=1`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -58,18 +59,47 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _usage_error_line(exc: Any) -> str:
+    """``error: Invalid value for '--gamma': ... (see deblurcli deblur --help)``: a click usage
+    error as one line, instead of Typer's Rich panel with the usage text."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    return f"error: {message}{where}"
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """A click ``UsageError`` (bad or missing flag, argument, command), whether from click or
+    from the copy recent Typer versions vendor (``typer._click``); not ``NoArgsIsHelpError``,
+    which is how a command run without arguments shows its help."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return "UsageError" in names and "NoArgsIsHelpError" not in names
+
+
 class DeblurcliGroup(TyperGroup):
     """Turns exceptions from sub-commands into one clear line on stderr and an exit status."""
 
     def list_commands(self, ctx: Any) -> list[str]:  # keep registration order
         return list(self.commands)
 
+    def make_context(self, info_name: Any, args: Any, parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except Exception as exc:
+            if _is_usage_error(exc) and not debug_enabled():
+                typer.echo(_usage_error_line(exc), err=True)
+                raise typer.Exit(2) from None
+            raise
+
     def invoke(self, ctx: Any) -> Any:
         from deblurcli.errors import DeblurcliError
 
         try:
             return super().invoke(ctx)
-        except _passthrough_exceptions():
+        except _passthrough_exceptions() as exc:
+            if _is_usage_error(exc) and not debug_enabled():
+                typer.echo(_usage_error_line(exc), err=True)
+                raise typer.Exit(2) from None
             raise
         except DeblurcliError as exc:
             if debug_enabled():
@@ -98,11 +128,15 @@ class DeblurcliGroup(TyperGroup):
 
 HELP = """Remove motion blur from photographs with a one-step diffusion model (OSDD).
 
+No model ships with deblurcli yet: deblur and eval --weights need a model
+folder made by train-diffusion (see docs/training.md).
+
 \b
 Examples:
-  deblurcli deblur photo.jpg out/              # deblur one photo with the built-in model
-  deblurcli deblur photos/ out/ --gamma 1.0    # a folder, maximum fidelity
-  deblurcli synth --src photos/ --out pairs/   # make synthetic blurred/sharp training pairs
+  deblurcli deblur photo.jpg out/ --weights MODEL_DIR       # deblur one photo
+  deblurcli deblur photos/ out/ --weights MODEL_DIR --gamma 1.0
+  deblurcli synth --src photos/ --out pairs/   # make blurred/sharp training pairs
+  deblurcli eval --blur pairs/blur --sharp pairs/sharp --pred out/
 \b
 Set DEBLURCLI_DEBUG=1 to see full tracebacks.
 """

@@ -18,13 +18,19 @@ grey-ness and 16-bit depth (PNG/TIFF). Existing outputs are skipped
 unless --overwrite; inputs are never overwritten. Large photos are
 processed in overlapping, smoothly blended tiles (--tile).
 
+No model ships with deblurcli yet: give --weights MODEL_DIR, a model
+folder written by train-diffusion (or blend --fuse); see docs/training.md.
+
 \b
 Examples:
-  deblurcli deblur photo.jpg out/
-  deblurcli deblur photos/ out/ --gamma 1.0 --recursive
-  deblurcli deblur photos/ out/ --weights my-model/ --tile 768 --dtype fp16
-  deblurcli deblur photos/ out/ --device cuda:1 --shard 1/2   # every 2nd file on GPU 1
+  deblurcli deblur photo.jpg out/ --weights MODEL_DIR
+  deblurcli deblur photos/ out/ --weights MODEL_DIR --gamma 1.0 --recursive
+  deblurcli deblur photos/ out/ --weights MODEL_DIR --tile 768 --dtype fp16
+  deblurcli deblur photos/ out/ --weights MODEL_DIR --device cuda:1 --shard 1/2
 """
+
+# --ext spellings accepted besides batch.EXT_CHOICES, and the format each one means
+EXT_ALIASES = {"jpeg": "jpg", "tiff": "tif"}
 
 
 
@@ -34,10 +40,11 @@ def deblur(
     output: Annotated[Path, typer.Argument(metavar="OUTPUT",
                                            help="Output folder (created if missing).")],
     gamma: Annotated[float, typer.Option(
-        "--gamma", "-g", help="Dual-adapter blend in [0, 1]: 1 = the 'real' adapter only, "
+        "--gamma", help="Dual-adapter blend in [0, 1]: 1 = the 'real' adapter only, "
         "0 = the 'synthetic' adapter only.")] = 0.7,
     weights: Annotated[Optional[Path], typer.Option(
-        "--weights", "-w", help="Model folder (default: the model installed with deblurcli).")]
+        "--weights", "-w", metavar="MODEL_DIR", help="Model folder (config.json + safetensors) "
+        "from train-diffusion or blend --fuse. Needed: no default model ships yet.")]
     = None,
     base_model: Annotated[Optional[Path], typer.Option(
         "--base-model", help="Stable Diffusion folder (or hub id in the local Hugging Face "
@@ -71,7 +78,8 @@ def deblur(
     suffix: Annotated[str, typer.Option(
         "--suffix", help="Added to output file names (photo.jpg -> photo{suffix}.jpg).")] = "",
     ext: Annotated[str, typer.Option(
-        "--ext", help="Output format: auto (same as input) | png | jpg | webp | tif.")] = "auto",
+        "--ext", help="Output format: auto (same as input) | png | jpg (jpeg) | webp | "
+        "tif (tiff).")] = "auto",
     quality: Annotated[int, typer.Option(
         "--quality", help="JPEG/WebP quality (1-100).")] = 95,
     overwrite: Annotated[bool, typer.Option(
@@ -96,8 +104,10 @@ def deblur(
         raise typer.BadParameter(f"must be in 1..100, got {quality}", param_hint="--quality")
     from deblurcli.batch import EXT_CHOICES
 
-    if ext.lower() not in EXT_CHOICES:
-        raise typer.BadParameter(f"use one of {', '.join(EXT_CHOICES)}; got {ext!r}", param_hint="--ext")
+    ext = EXT_ALIASES.get(ext.lower(), ext.lower())
+    if ext not in EXT_CHOICES:
+        raise typer.BadParameter(f"use one of {', '.join(EXT_CHOICES)} (or jpeg, tiff); got {ext!r}",
+                                 param_hint="--ext")
     if "/" in suffix or "\\" in suffix:
         raise typer.BadParameter("must not contain a path separator", param_hint="--suffix")
     dtype_name = dtype_option(dtype, fp32)
@@ -150,6 +160,9 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
                               device=device, dtype=dtype, gamma=gamma, fuse=fuse,
                               vae_dtype=vae_dtype, base_model=base_model,
                               warn=lambda m: warn(err, escape(m)))
+    # a fused folder keeps its own γ (load_model_folder warned if --gamma differs): report that one
+    gamma_text = (f"gamma={model.fused_gamma:g} (fused)" if model.fused_gamma is not None
+                  else f"gamma={gamma:g}")
     runner = prepare_model(model, channels_last=True, compile=compile_model)
     pipeline = DeblurPipeline(runner, device=device, dtype=vae_dtype or dtype, tile=tile,
                               overlap=overlap, channels_last=True,
@@ -157,7 +170,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
                               color_fix=color_fix)
     output.mkdir(parents=True, exist_ok=True)
     err.print(f"deblurring {len(jobs)} image(s) on {device} ({str(dtype).replace('torch.', '')}"
-              f"{', VAE float32' if vae_fp32 else ''}), gamma={gamma:g}, "
+              f"{', VAE float32' if vae_fp32 else ''}), {gamma_text}, "
               f"tile={tile or 'whole image'}"
               f"{f', colour fix sigma={color_fix:g}' if color_fix else ''}", highlight=False)
 
