@@ -15,6 +15,7 @@ from deblurcli.images import (
     image_size,
     list_images,
     read_image,
+    scan_folder,
     write_image,
 )
 
@@ -191,3 +192,182 @@ def test_image_size_finds_a_png_exif_chunk_after_the_pixels(tmp_path):
     path.write_bytes(raw[:8] + b"".join(moved))
     assert zlib.crc32(exif_chunk[4:-4]) == struct.unpack(">I", exif_chunk[-4:])[0]
     assert image_size(path) == (10, 6) == read_image(path).pixels.shape[:2]
+
+
+# --------------------------------------------------------------------------------------------
+# bounded reading (issue 20): one pixel limit for every decoder, only regular files
+
+
+def _png_declaring(width: int, height: int, depth: int = 16) -> bytes:
+    """A small PNG whose IHDR declares ``width`` x ``height`` RGB (one row of real data)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    row = b"\0" * (1 + width * 3 * depth // 8)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, 2,
+                                                              0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(row)) + chunk(b"IEND", b""))
+
+
+def _tiled_tiff_declaring(side: int) -> bytes:
+    """A tiled 16-bit RGB TIFF of 32 x 32 pixels whose header is patched to say side x side."""
+    import struct
+
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((32, 32, 3), np.uint16), tile=(16, 16), photometric="rgb")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        tag, kind = struct.unpack_from("<HH", data, entry)
+        if tag in (256, 257):  # ImageWidth, ImageLength
+            struct.pack_into("<I" if kind == 4 else "<H", data, entry + 8, side)
+    return bytes(data)
+
+
+def test_pixel_bombs_are_refused_from_the_header(tmp_path):
+    """Issue 20 case 4: a 16-bit PNG declaring 30000 x 30000 made OpenCV allocate 5.4 GB and a
+    tiled TIFF 10 GiB; both are now refused before any decoder allocates."""
+    png = tmp_path / "bomb16.png"
+    png.write_bytes(_png_declaring(30000, 30000))
+    tif = tmp_path / "bomb.tif"
+    tif.write_bytes(_tiled_tiff_declaring(60000))
+    for path, size in ((png, "30000x30000"), (tif, "60000x60000")):
+        with pytest.raises(ImageReadError, match=f"{size} is .* more than the limit of "
+                                                 "178,956,970 .*--max-pixels") as info:
+            read_image(path)
+        assert "\n" not in str(info.value) and str(path) in str(info.value)
+    with pytest.raises(ImageReadError, match="more than the limit of 1,000,000"):
+        read_image(png, max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("a.png", {}), ("a16.png", {"bit_depth": 16}), ("a.tif", {"bit_depth": 16}), ("a.jpg", {}),
+    ("a.webp", {}), ("a.bmp", {}), ("grey16.png", {"bit_depth": 16, "grayscale": True}),
+])
+def test_one_pixel_limit_for_every_format(tmp_path, name, kwargs):
+    path = tmp_path / name
+    write_image(path, np.zeros((30, 40, 3), np.float32), **kwargs)
+    assert read_image(path, max_pixels=1200).pixels.shape == (30, 40, 3)
+    with pytest.raises(ImageReadError, match="40x30 is 1,200 pixels, more than the limit of 1,199"):
+        read_image(path, max_pixels=1199)
+
+
+def test_a_raised_limit_lets_pillow_read_beyond_its_own(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    path = tmp_path / "wide.jpg"
+    write_image(path, np.zeros((20, 30, 3), np.float32))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # Pillow alone refuses > 200 pixels
+    assert read_image(path, max_pixels=600).pixels.shape == (20, 30, 3)
+    assert PILImage.MAX_IMAGE_PIXELS == 100
+    with pytest.raises(ImageReadError, match="limit of 599"):
+        read_image(path, max_pixels=599)
+
+
+def test_a_large_file_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "huge.png"
+    write_image(path, np.zeros((4, 4, 3), np.float32))
+    with open(path, "ab") as fh:
+        fh.truncate(70 << 20)  # sparse: 70 MiB of nothing after the image
+    with pytest.raises(ImageReadError, match="bytes is more than an image within the pixel limit"):
+        read_image(path, max_pixels=16)
+
+
+def test_tiff_is_read_without_a_copy_of_the_file(tmp_path):
+    """A TIFF is decoded from the file into one array: the peak is the 16-bit samples plus the
+    float32 result (the former path held the file's bytes and two float32 copies as well)."""
+    import tracemalloc
+
+    path = tmp_path / "big.tif"
+    arr = _rand((1000, 1000, 3), 65535, seed=2).astype(np.uint16)
+    import tifffile
+
+    tifffile.imwrite(path, arr, photometric="rgb")
+    float_bytes = arr.size * 4
+    tracemalloc.start()
+    try:
+        data = read_image(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert data.bit_depth == 16
+    assert peak < 1.7 * float_bytes, peak / float_bytes
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need POSIX")
+def test_only_regular_files_are_opened(tmp_path):
+    """Issue 20 case 3: a named pipe called x.png hung the batch; a link to /dev/zero read until
+    memory ran out. Neither is opened for reading now."""
+    import signal
+
+    os.mkfifo(tmp_path / "x.png")
+    os.symlink(tmp_path / "x.png", tmp_path / "pipe-link.png")
+    os.symlink("/dev/zero", tmp_path / "zero.png")
+    os.symlink(tmp_path / "loop.png", tmp_path / "loop.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
+    expected = {"x.png": "named pipe", "pipe-link.png": "named pipe", "zero.png": "a device",
+                "loop.png": "symlink loop", "dangling.png": "broken symlink"}
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reading blocked"))
+    signal.alarm(20)
+    try:
+        for name, reason in expected.items():
+            for read in (read_image, image_size):
+                with pytest.raises(ImageReadError, match=reason):
+                    read(tmp_path / name)
+    finally:
+        signal.alarm(0)
+    listing = scan_folder(tmp_path)
+    assert listing.images == []
+    assert {p.name: why for p, why in listing.problems}.keys() == expected.keys()
+    assert all(reason in dict((p.name, why) for p, why in listing.problems)[name]
+               for name, reason in expected.items())
+
+
+def test_an_unlistable_sub_folder_is_reported(tmp_path, monkeypatch):
+    for name in ("a.png", "locked/b.png", "open/c.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        write_image(tmp_path / name, np.zeros((2, 2, 3), np.float32))
+    real_scandir = os.scandir
+
+    def scandir(path):  # chmod 000 does not stop root, so refuse the listing here
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    skipped = []
+    found = list_images(tmp_path, recursive=True, on_skip=lambda p, why: skipped.append((p, why)))
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.png", "open/c.png"]
+    assert skipped == [(tmp_path / "locked", "cannot list this folder: Permission denied")]
+
+
+def test_atomic_write_flushes_the_file_then_the_folder(tmp_path, monkeypatch):
+    """Writes are durable: the temporary file is fsync-ed before it takes its name, and the
+    folder after."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name file descriptors")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_image(tmp_path / "out.png", np.zeros((2, 2, 3), np.float32))
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].startswith(".out.png.") and events[0][1].endswith(".part")
+    assert events[2][1] == tmp_path.name
+

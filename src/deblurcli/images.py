@@ -8,18 +8,29 @@ EXIF orientation is applied on reading.
 Back-ends: Pillow for JPEG, WebP, BMP and 8-bit PNG; tifffile for TIFF; OpenCV (``cv2``, installed
 with pyiqa as ``opencv-python-headless``) for 16-bit PNG, because Pillow reduces 16-bit colour PNGs
 to 8 bits. Every write encodes in memory first and then goes through :func:`atomic_write_bytes`
-(temporary file in the destination folder + ``os.replace``), so no half-written file is ever left.
+(temporary file in the destination folder, flushed to disk, ``os.replace``, folder flushed), so no
+half-written file is ever left and a finished write survives a crash.
+
+Reading is bounded: only regular files are opened (a named pipe or a device never is), and one
+pixel limit (:data:`DEFAULT_MAX_PIXELS`, ``max_pixels=``) is checked from the header, before any
+decoder allocates, for every format; files larger than that limit allows are not read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
+import stat
 import struct
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -41,6 +52,14 @@ _FORMAT_BY_SUFFIX = {
     ".bmp": "bmp",
 }
 _EXIF_ORIENTATION = 0x0112
+
+DEFAULT_MAX_PIXELS = 178_956_970
+"""Largest image (width x height) read by default: 2x Pillow's ``MAX_IMAGE_PIXELS``, the size at
+which Pillow itself refuses a file (about 13,400 x 13,400; a 16-bit RGBA image of that size is
+1.4 GB of samples and 2.9 GB as float32)."""
+
+_HEADER_SLACK_BYTES = 64 << 20  # metadata (EXIF, ICC, XMP) a file may carry beyond its samples
+_PILLOW_LIMIT_LOCK = threading.Lock()
 
 
 @dataclass
@@ -66,13 +85,18 @@ class ImageData:
 # atomic writes
 
 
-def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
-    """Create ``path`` atomically: ``write(tmp)`` fills a temporary file in the same folder, which
-    then gets the usual permissions (``0o666`` minus the umask) and replaces ``path``.
+def atomic_write(path: PathLike, write: Callable[[Path], None], *,
+                 before_replace: Callable[[Path], None] | None = None) -> None:
+    """Create ``path`` atomically and durably: ``write(tmp)`` fills a temporary file in the same
+    folder, which is flushed to disk (``fsync``), gets the usual permissions (``0o666`` minus the
+    umask) and replaces ``path``; then the folder itself is flushed, so the new name survives a
+    crash too.
 
     The parent folder is created if needed. On any failure the temporary file is removed and the
     previous content of ``path`` (if any) is left untouched. Every file the project writes goes
-    through here (images, manifests, model folders, reports).
+    through here (images, manifests, model folders, checkpoints, reports). ``before_replace(tmp)``
+    runs on the finished temporary file just before it takes its name (its size, modification
+    time and inode are then those of the final file).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +104,12 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        fsync_file(tmp)
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)
+        if before_replace is not None:
+            before_replace(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -90,11 +117,141 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
         except FileNotFoundError:
             pass
         raise
+    fsync_folder(path.parent)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+def fsync_file(path: PathLike) -> None:
+    """Flush a written file's data to disk."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(path: PathLike) -> None:
+    """Flush a folder's entries (new, renamed or removed names) to disk.
+
+    A no-op where folders cannot be opened (Windows) or the file system does not support it.
+    """
+    flags = getattr(os, "O_DIRECTORY", None)
+    if flags is None:
+        return
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes, *,
+                       before_replace: Callable[[Path], None] | None = None) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), before_replace=before_replace)
+
+
+# --------------------------------------------------------------------------------------------
+# opening only regular files
+
+
+def not_regular_reason(mode: int) -> str:
+    """Why a file of this ``st_mode`` must not be read as an image ("" for a regular file)."""
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "a folder, not an image file"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe, not a regular file"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a regular file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not a regular file"
+    return "not a regular file"
+
+
+def stat_problem(exc: OSError, is_link: bool) -> str:
+    """One-line reason for an ``os.stat`` failure on a listed entry (no path in it)."""
+    if exc.errno == errno.ELOOP:
+        return "symlink loop (too many levels of links)"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR) and is_link:
+        return "broken symlink (its target does not exist)"
+    return f"cannot read it: {exc.strerror or exc}"
+
+
+@contextlib.contextmanager
+def open_regular(path: PathLike) -> Iterator[BinaryIO]:
+    """Open ``path`` for reading only if it is a regular file (symlinks followed).
+
+    The file is opened with ``O_NONBLOCK``, so a named pipe cannot block the open, and its type is
+    checked on the open descriptor (no race with a swap after a check). Raises
+    :class:`~deblurcli.errors.ImageReadError` with a one-line reason.
+    """
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        reason = "broken symlink (its target does not exist)" if path.is_symlink() else "no such file"
+        raise ImageReadError(f"cannot read {path}: {reason}") from None
+    except IsADirectoryError:
+        raise ImageReadError(f"cannot read {path}: it is a folder, not an image") from None
+    except OSError as exc:
+        raise ImageReadError(f"cannot read {path}: {stat_problem(exc, path.is_symlink())}") \
+            from None
+    try:
+        reason = not_regular_reason(os.fstat(fd).st_mode)
+        if reason:
+            raise ImageReadError(f"cannot read {path}: {reason}")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        fh = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        yield fh
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """Largest file read for a pixel limit: 8 bytes per pixel (16-bit RGBA, uncompressed) plus
+    64 MiB of metadata. Larger files are refused before being read."""
+    return 8 * int(max_pixels) + _HEADER_SLACK_BYTES
+
+
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int, depth: int = 1) -> None:
+    pixels = int(width) * int(height) * max(1, int(depth))
+    if pixels > max_pixels:
+        raise ImageReadError(
+            f"cannot read {path}: {width}x{height} is {pixels:,} pixels, more than the limit of "
+            f"{max_pixels:,} (raise it with --max-pixels if the file is trusted)"
+        )
+
+
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's own decompression-bomb check, in line with ``max_pixels`` (checked first, by us).
+
+    Pillow refuses images over ``2 * Image.MAX_IMAGE_PIXELS`` and warns above half of that; the
+    warning is silenced, and Pillow's limit is lifted (under a lock) only when ``max_pixels``
+    exceeds it.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is None or max_pixels <= 2 * limit:
+            yield
+            return
+        with _PILLOW_LIMIT_LOCK:
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                yield
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,13 +292,17 @@ def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _to_unit_float(arr: np.ndarray) -> tuple[np.ndarray, int]:
-    """Integer/float samples -> float32 in [0, 1] and the bit depth to write back (8 or 16)."""
+    """Integer/float samples -> float32 in [0, 1] and the bit depth to write back (8 or 16).
+
+    8- and 16-bit samples are scaled in place in their float32 copy (one copy, not two)."""
     if arr.dtype == np.bool_:
         return arr.astype(np.float32), 8
     if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0, 8
+        out = arr.astype(np.float32)
+        return np.divide(out, np.float32(255.0), out=out), 8
     if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / 65535.0, 16
+        out = arr.astype(np.float32)
+        return np.divide(out, np.float32(65535.0), out=out), 16
     if np.issubdtype(arr.dtype, np.floating):
         return np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0), 16
     if np.issubdtype(arr.dtype, np.integer):  # e.g. Pillow mode "I" (16-bit grey PNG) or int32 TIFF
@@ -193,34 +354,47 @@ def _pillow_orientation(im) -> int:
         return 1
 
 
-def _png_orientation(path: Path) -> int:
-    """EXIF orientation of a PNG from its eXIf chunk, found by skipping over chunk data."""
+def _png_orientation(fh: BinaryIO) -> int:
+    """EXIF orientation of a PNG from its eXIf chunk, found by skipping over chunk data (Pillow's
+    ``getexif()`` decodes every pixel to reach an eXIf chunk placed after IDAT)."""
     from PIL import Image
 
-    with open(path, "rb") as fh:
-        fh.seek(8)  # signature
-        while True:
-            header = fh.read(8)
-            if len(header) < 8:
+    fh.seek(8)  # signature
+    while True:
+        header = fh.read(8)
+        if len(header) < 8:
+            return 1
+        length, kind = int.from_bytes(header[:4], "big"), header[4:]
+        if kind == b"eXIf":
+            exif = Image.Exif()
+            try:
+                exif.load(fh.read(length))
+                return int(exif.get(_EXIF_ORIENTATION, 1))
+            except Exception:  # noqa: BLE001 - as _pillow_orientation
                 return 1
-            length, kind = int.from_bytes(header[:4], "big"), header[4:]
-            if kind == b"eXIf":
-                exif = Image.Exif()
-                try:
-                    exif.load(fh.read(length))
-                    return int(exif.get(_EXIF_ORIENTATION, 1))
-                except Exception:  # noqa: BLE001 - as _pillow_orientation
-                    return 1
-            if kind == b"IEND":
-                return 1
-            fh.seek(length + 4, 1)  # data + CRC
+        if kind == b"IEND":
+            return 1
+        fh.seek(length + 4, 1)  # data + CRC
 
 
-def _read_pillow(data: bytes, fmt: str) -> ImageData:
+def _png_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` from a PNG's IHDR chunk (the first chunk, at a fixed offset)."""
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise ValueError("no IHDR chunk")
+    return struct.unpack(">II", data[16:24])
+
+
+def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageData:
     from PIL import Image
 
-    im = Image.open(io.BytesIO(data))
-    im.load()
+    with _pillow_limit(max_pixels):
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            raise ImageReadError(f"cannot read {path}: more pixels than the limit of "
+                                 f"{max_pixels:,} (raise it with --max-pixels)") from None
+        _check_pixels(path, *im.size, max_pixels)  # header only: nothing decoded yet
+        im.load()
     orientation = _pillow_orientation(im)
     mode = im.mode
     if mode in ("1", "L"):
@@ -242,13 +416,13 @@ def _read_pillow(data: bytes, fmt: str) -> ImageData:
 
 
 def _read_png16(data: bytes) -> ImageData:
+    """A 16-bit PNG (its IHDR already checked against the pixel limit) through OpenCV."""
     try:
         import cv2
     except ImportError as exc:  # pragma: no cover - cv2 comes with pyiqa
         raise ImageReadError(
             "reading 16-bit PNG needs OpenCV: pip install opencv-python-headless"
         ) from exc
-    from PIL import Image
 
     colour_type = data[25]
     arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
@@ -256,15 +430,19 @@ def _read_png16(data: bytes) -> ImageData:
         raise ValueError("OpenCV could not decode the PNG")
     if arr.ndim == 3 and arr.shape[2] >= 3:
         arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
-    orientation = _pillow_orientation(Image.open(io.BytesIO(data)))
+    orientation = _png_orientation(io.BytesIO(data))
     return _finish(arr, "png", orientation, grey_file=colour_type in (0, 4))
 
 
-def _read_tiff(data: bytes) -> ImageData:
+def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
+    """The first page of a TIFF, read from the open file (only the strips or tiles it needs, into
+    one array allocated after the pixel limit is checked)."""
     import tifffile
 
-    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+    with tifffile.TiffFile(fh, name=path.name) as tif:
         page = tif.pages[0]
+        _check_pixels(path, page.imagewidth, page.imagelength, max_pixels,
+                      getattr(page, "imagedepth", 1))
         arr = page.asarray()
         tag = page.tags.get(274)
         orientation = int(tag.value) if tag is not None else 1
@@ -276,38 +454,49 @@ def _read_tiff(data: bytes) -> ImageData:
     return _finish(arr, "tiff", orientation)
 
 
-def read_image(path: PathLike) -> ImageData:
+def read_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageData:
     """Read an image file (PNG, JPEG, TIFF, WebP, BMP) as :class:`ImageData`.
 
     The format is recognised from the file's content, not its suffix. EXIF orientation is applied.
-    Raises :class:`~deblurcli.errors.ImageReadError` (one line) for missing, unreadable, corrupt or
-    unsupported files.
+    Only regular files are opened; an image of more than ``max_pixels`` pixels (width x height,
+    read from the header before decoding) or a non-TIFF file larger than
+    :func:`max_file_bytes` is refused. TIFFs are read from the file, not from a copy of it.
+    Raises :class:`~deblurcli.errors.ImageReadError` (one line) for missing, unreadable, too large,
+    corrupt or unsupported files.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageReadError(f"cannot read {path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageReadError(f"cannot read {path}: it is a folder, not an image") from None
-    except OSError as exc:
-        raise ImageReadError(f"cannot read {path}: {exc.strerror or exc}") from None
-    fmt = _sniff_format(data[:16])
-    if fmt is None:
-        raise ImageReadError(f"cannot read {path}: not a PNG, JPEG, TIFF, WebP or BMP image")
-    try:
-        if fmt == "tiff":
-            return _read_tiff(data)
-        if fmt == "png" and len(data) > 25 and data[24] == 16:
-            return _read_png16(data)
-        return _read_pillow(data, fmt)
-    except ImageReadError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - decoders raise many kinds of errors
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise ImageReadError(
-            f"cannot read {path}: corrupt or unsupported {fmt.upper()} ({detail})"
-        ) from None
+    with open_regular(path) as fh:
+        try:
+            head = fh.read(32)
+        except OSError as exc:
+            raise ImageReadError(f"cannot read {path}: {exc.strerror or exc}") from None
+        fmt = _sniff_format(head[:16])
+        if fmt is None:
+            raise ImageReadError(f"cannot read {path}: not a PNG, JPEG, TIFF, WebP or BMP image")
+        try:
+            if fmt == "tiff":
+                fh.seek(0)
+                return _read_tiff(fh, path, max_pixels)
+            size = os.fstat(fh.fileno()).st_size
+            if size > max_file_bytes(max_pixels):
+                raise ImageReadError(
+                    f"cannot read {path}: {size:,} bytes is more than an image within the pixel "
+                    f"limit of {max_pixels:,} needs (raise it with --max-pixels)"
+                )
+            if fmt == "png":
+                _check_pixels(path, *_png_size(head), max_pixels)
+            fh.seek(0)
+            data = fh.read(size + 1)
+            if fmt == "png" and len(data) > 25 and data[24] == 16:
+                return _read_png16(data)
+            return _read_pillow(data, fmt, path, max_pixels)
+        except ImageReadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - decoders raise many kinds of errors
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            raise ImageReadError(
+                f"cannot read {path}: corrupt or unsupported {fmt.upper()} ({detail})"
+            ) from None
 
 
 def image_size(path: PathLike) -> tuple[int, int]:
@@ -317,30 +506,30 @@ def image_size(path: PathLike) -> tuple[int, int]:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head = fh.read(16)
-        fmt = _sniff_format(head)
-        if fmt is None:
-            raise ImageReadError(f"cannot read {path}: not a PNG, JPEG, TIFF, WebP or BMP image")
-        if fmt == "tiff":
-            import tifffile
+            fmt = _sniff_format(head)
+            if fmt is None:
+                raise ImageReadError(
+                    f"cannot read {path}: not a PNG, JPEG, TIFF, WebP or BMP image")
+            fh.seek(0)
+            if fmt == "tiff":
+                import tifffile
 
-            with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
-                h, w = int(page.imagelength), int(page.imagewidth)
-                tag = page.tags.get(274)
-                orientation = int(tag.value) if tag is not None else 1
-        else:
-            from PIL import Image
+                with tifffile.TiffFile(fh, name=path.name) as tif:
+                    page = tif.pages[0]
+                    h, w = int(page.imagelength), int(page.imagewidth)
+                    tag = page.tags.get(274)
+                    orientation = int(tag.value) if tag is not None else 1
+            else:
+                from PIL import Image
 
-            with Image.open(path) as im:
-                w, h = im.size
-                # Pillow's PNG getexif() decodes every pixel to reach an eXIf chunk after IDAT
-                orientation = _png_orientation(path) if fmt == "png" else _pillow_orientation(im)
+                with Image.open(fh) as im:
+                    w, h = im.size
+                    orientation = (_png_orientation(fh) if fmt == "png"
+                                   else _pillow_orientation(im))
     except ImageReadError:
         raise
-    except FileNotFoundError:
-        raise ImageReadError(f"cannot read {path}: no such file") from None
     except Exception as exc:  # noqa: BLE001
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise ImageReadError(
@@ -475,6 +664,7 @@ def write_image(
     bit_depth: int = 8,
     quality: int = 95,
     compress_level: int = 6,
+    before_replace: Callable[[Path], None] | None = None,
 ) -> None:
     """Write float pixels in ``[0, 1]`` to ``path`` atomically; the suffix picks the format.
 
@@ -486,6 +676,7 @@ def write_image(
         bit_depth: 8 or 16; 16 is kept for PNG and TIFF, other formats are written with 8 bits.
         quality: JPEG/WebP quality (1-100).
         compress_level: zlib level (0-9) for 8-bit PNG; 1 is ~3x faster than 6 and ~20% larger.
+        before_replace: see :func:`atomic_write`.
     """
     path = Path(path)
     fmt = _FORMAT_BY_SUFFIX.get(path.suffix.lower())
@@ -503,36 +694,119 @@ def write_image(
         quality=quality,
         compress_level=compress_level,
     )
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, before_replace=before_replace)
 
 
 # --------------------------------------------------------------------------------------------
 # listing
 
 
-def list_images(
-    folder: PathLike, *, recursive: bool = False, on_skip: Callable[[Path, str], None] | None = None
-) -> list[Path]:
-    """List image files in ``folder`` (sorted), optionally descending into sub-folders.
+@dataclass
+class FolderListing:
+    """What :func:`scan_folder` found; every list is sorted by path.
 
-    Files whose suffix is not in :data:`IMAGE_SUFFIXES` are skipped and reported through
-    ``on_skip(path, reason)``; hidden files (name starting with ``.``, e.g. temporary files of
-    atomic writes) are ignored silently. Raises :class:`~deblurcli.errors.ImageReadError` if
-    ``folder`` is not a folder.
+    Attributes:
+        images: ``(path, stat)`` of each regular file with an image suffix (symlinks followed).
+        problems: ``(path, reason)`` of each entry with an image suffix that is not a readable
+            regular file (symlink loop, broken symlink, named pipe, socket, device, link to a
+            folder) and of each sub-folder that could not be listed.
+        others: files without an image suffix.
+        folders: ``(st_dev, st_ino)`` of every folder that was listed.
+    """
+
+    images: list[tuple[Path, os.stat_result]] = field(default_factory=list)
+    problems: list[tuple[Path, str]] = field(default_factory=list)
+    others: list[Path] = field(default_factory=list)
+    folders: set[tuple[int, int]] = field(default_factory=set)
+
+
+def scan_folder(folder: PathLike, *, recursive: bool = False) -> FolderListing:
+    """List ``folder`` (and with ``recursive`` its sub-folders) without raising for any entry.
+
+    Hidden names (starting with ``.``, e.g. the temporary files of atomic writes) are ignored, and
+    so are sub-folders unless ``recursive``. Symlinks to folders are not followed, so a link cannot
+    make a loop or pull a second copy of a tree in. Every image-suffixed entry is ``stat``-ed once
+    (without opening it) to tell regular files from the rest. Raises
+    :class:`~deblurcli.errors.ImageReadError` only if ``folder`` itself is not a folder or cannot
+    be listed.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageReadError(f"{folder} is not a folder")
-    found: list[Path] = []
-    entries = sorted(folder.rglob("*") if recursive else folder.iterdir())
-    for p in entries:
-        rel_parts = p.relative_to(folder).parts
-        if any(part.startswith(".") for part in rel_parts):
+    listing = FolderListing()
+    pending = [folder]
+    while pending:
+        here = pending.pop()
+        try:
+            info = os.stat(here)
+            with os.scandir(here) as it:
+                entries = list(it)
+        except OSError as exc:
+            if here is folder:
+                raise ImageReadError(f"cannot list {folder}: {exc.strerror or exc}") from None
+            listing.problems.append((here, f"cannot list this folder: {exc.strerror or exc}"))
             continue
-        if p.is_dir():
+        key = (info.st_dev, info.st_ino)
+        if key in listing.folders:  # the same folder reached twice (e.g. a bind mount)
             continue
-        if p.suffix.lower() in IMAGE_SUFFIXES:
-            found.append(p)
-        elif on_skip is not None:
-            on_skip(p, f"not an image (suffix {p.suffix or 'none'!r})")
-    return found
+        listing.folders.add(key)
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                is_link = entry.is_symlink()
+                is_real_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_link, is_real_dir = False, False
+            if is_real_dir:
+                if recursive:
+                    pending.append(path)
+                continue
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                if not (is_link and _is_dir(path)):  # a link to a folder is no file to report
+                    listing.others.append(path)
+                continue
+            try:
+                info = os.stat(path)
+            except OSError as exc:
+                listing.problems.append((path, stat_problem(exc, is_link)))
+                continue
+            reason = not_regular_reason(info.st_mode)
+            if reason:
+                if stat.S_ISDIR(info.st_mode):
+                    reason = "a link to a folder (not followed), not an image file"
+                listing.problems.append((path, reason))
+            else:
+                listing.images.append((path, info))
+    listing.images.sort(key=lambda item: item[0])
+    listing.problems.sort()
+    listing.others.sort()
+    return listing
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def list_images(
+    folder: PathLike, *, recursive: bool = False, on_skip: Callable[[Path, str], None] | None = None
+) -> list[Path]:
+    """List the image files in ``folder`` (sorted), optionally descending into sub-folders.
+
+    Only regular files with a suffix in :data:`IMAGE_SUFFIXES` are returned (see
+    :func:`scan_folder`). Other files, entries that cannot be read (symlink loops, broken links,
+    named pipes, devices) and sub-folders that cannot be listed are reported through
+    ``on_skip(path, reason)``; hidden files (name starting with ``.``, e.g. temporary files of
+    atomic writes) are ignored silently. Raises :class:`~deblurcli.errors.ImageReadError` if
+    ``folder`` is not a folder or cannot be listed.
+    """
+    listing = scan_folder(folder, recursive=recursive)
+    if on_skip is not None:
+        skipped = [(p, f"not an image (suffix {p.suffix or 'none'!r})") for p in listing.others]
+        for path, reason in sorted(skipped + listing.problems):
+            on_skip(path, reason)
+    return [path for path, _ in listing.images]

@@ -35,7 +35,8 @@ DIFFUSION_HELP = (
     "      --evae runs/evae/model --adapter synthetic -o runs/lora_s --progressive\n"
     "  deblurcli train-diffusion --data GoPro --base-model sd21-base \\\n"
     "      --init runs/lora_s/model --adapter real -o runs/lora_r\n"
-    "  deblurcli train-diffusion --blur b/ --sharp s/ --preset tiny --full --cpu -o runs/t2"
+    "  deblurcli train-diffusion --blur b/ --sharp s/ --preset tiny --full --cpu \\\n"
+    "      --random-evae -o runs/t2   # a smoke test: untrained eVAE"
 )
 
 # ----------------------------------------------------------------------------- shared options
@@ -137,7 +138,46 @@ def _check(values: dict[str, Any]) -> None:
                                      param_hint="--" + key.replace("_", "-"))
 
 
-def _run(kind: str, config_file: str | None, values: dict[str, Any], quiet: bool) -> None:
+RANDOM_EVAE = ("--preset {preset} alone trains on a random, untrained eVAE; give --evae DIR "
+               "(train-vae's OUTPUT/model), --init MODEL_DIR or --base-model SD, or --random-evae "
+               "to train on it anyway")
+
+
+def _refuse_random_evae(config, random_evae: bool) -> None:
+    """Stage 2 freezes the eVAE: started from a bare preset it would learn around random
+    encoder/decoder weights, which no later stage repairs. Resuming continues a run that was
+    allowed to start."""
+    from deblurcli.errors import DeblurcliError
+
+    if config.preset and not (config.evae or config.init or config.base_model or config.resume
+                              or random_evae):
+        raise DeblurcliError(RANDOM_EVAE.format(preset=config.preset))
+
+
+def _with_validation_lines(progress, console):
+    """Show each validation as a line (``val_psnr`` next to the blurry input's own PSNR, the
+    baseline to beat); pass every other event to ``progress``."""
+
+    def callback(event) -> None:
+        if event.stage != "validation":
+            progress(event)
+            return
+        info = dict(event.info)
+        parts = []
+        if "val_psnr" in info:
+            text = f"val_psnr {info.pop('val_psnr'):.2f} dB"
+            if "val_input_psnr" in info:
+                base = info.pop("val_input_psnr")
+                text += f" (input {base:.2f} dB)"
+            parts.append(text)
+        parts += [f"{k} {v:.4g}" for k, v in info.items()]
+        console.print(f"step {event.done}: {', '.join(parts)}", highlight=False, markup=False)
+
+    return callback
+
+
+def _run(kind: str, config_file: str | None, values: dict[str, Any], quiet: bool,
+         random_evae: bool = False) -> None:
     """Resolve the config, train with a progress bar, print the summary."""
     import os
 
@@ -152,6 +192,7 @@ def _run(kind: str, config_file: str | None, values: dict[str, Any], quiet: bool
         from deblurcli.train.diffusion import train_diffusion as train
 
         config = cfg.resolve_config(cfg.DiffusionTrainConfig, config_file, values)
+        _refuse_random_evae(config, random_evae)
     err = stderr_console()
     main_rank = os.environ.get("RANK", "0") == "0"  # set by accelerate launch / torchrun
     if config.resume and main_rank:
@@ -164,7 +205,7 @@ def _run(kind: str, config_file: str | None, values: dict[str, Any], quiet: bool
                       "bf16, a CPU with bfloat16 units such as Intel AMX); training in float32")
     with rich_progress(err, labels={"steps": "training"}, unit="it",
                        enabled=not quiet and main_rank) as progress:
-        result = train(config, progress=progress)
+        result = train(config, progress=_with_validation_lines(progress, err))
     if not result.main_process:  # accelerate launch: only the main process reports
         if result.interrupted:
             raise typer.Exit(130)
@@ -280,14 +321,18 @@ def train_diffusion(
         help="Paper schedule: crops 160,192,256,320,384,448,512."),
     progressive_steps: int | None = _O(None, "--progressive-steps",
         help="Steps per progressive size (default 10000)."),
+    random_evae: bool = _O(False, "--random-evae",
+        help="Allow --preset without --evae/--init/--base-model: train on an untrained eVAE "
+             "(smoke tests only)."),
     quiet: bool = QUIET,
 ) -> None:
     """Stage 2: train the one-step UNet."""
     values = dict(locals())
     config_file = values.pop("config")
     values.pop("quiet")
+    random_evae = values.pop("random_evae")
     _check(values)
-    _run("diffusion", config_file, values, quiet)
+    _run("diffusion", config_file, values, quiet, random_evae)
 
 
 def register(app: typer.Typer) -> None:

@@ -361,7 +361,7 @@ def _validate(stage: Stage, val: dt.ValidationDataset, output: Path, step: int,
 
     for module in stage.trained:
         module.eval()
-    psnrs, ssims, rows = [], [], []
+    psnrs, ssims, input_psnrs, rows = [], [], [], []
     with torch.no_grad(), autocast():
         for index in range(len(val)):
             sample = val[index]
@@ -370,6 +370,7 @@ def _validate(stage: Stage, val: dt.ValidationDataset, output: Path, step: int,
             pred = stage.predict(blur, sharp).float().clamp(-1, 1)
             psnrs.append(psnr(pred, sharp))
             ssims.append(ssim(pred, sharp))
+            input_psnrs.append(psnr(blur.float(), sharp.float()))  # the baseline to beat
             if index < 4:
                 row = torch.cat([blur[0].float(), pred[0], sharp[0].float()], dim=2)
                 rows.append(((row + 1) * 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy())
@@ -382,7 +383,8 @@ def _validate(stage: Stage, val: dt.ValidationDataset, output: Path, step: int,
         folder.mkdir(exist_ok=True)
         sheet = np.concatenate(rows, axis=0).astype(np.float32)
         write_image(folder / f"step-{step:09d}.png", sheet)
-    return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims))}
+    return {"val_psnr": float(np.mean(psnrs)), "val_input_psnr": float(np.mean(input_psnrs)),
+            "val_ssim": float(np.mean(ssims))}
 
 
 class _InterruptFlag:
@@ -479,6 +481,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                         validation = _validate(stage, data.val, output, step,
                                                accelerator.device, accelerator.autocast)
                         log.log(step, validation)
+                        report(progress, "validation", step, None, **validation)
                     accelerator.wait_for_everyone()
                 if step % config.checkpoint_every == 0 or step == config.max_steps:
                     last_ckpt = save(step)
