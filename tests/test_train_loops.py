@@ -261,7 +261,7 @@ def test_cli_reports_bad_dataset_in_one_line(pairs: Path, tmp_path: Path) -> Non
     shutil.copytree(pairs, bad)
     (bad / "sharp" / "p2.png").unlink()
     result = CliRunner().invoke(app, ["train-diffusion", "--data", str(bad), "--preset", "tiny",
-                                      "--cpu", "-o", str(tmp_path / "out")])
+                                      "--random-evae", "--cpu", "-o", str(tmp_path / "out")])
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "p2.png" in lines[0] and "no sharp partner" in lines[0]

@@ -1,0 +1,63 @@
+"""``train-diffusion`` as a first-time user meets it: no silent random eVAE, readable validation."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deblurcli.cli.app import app
+from deblurcli.images import write_image
+
+FAST = ["--preset", "tiny", "--cpu", "--crop", "32", "--batch-size", "2", "--val-size", "32",
+        "--perceptual", "none", "--lambda2", "0", "--full"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    """Three 48x48 crops of skimage's astronaut with a horizontal box blur."""
+    import skimage.data
+    from scipy.ndimage import uniform_filter
+
+    root = tmp_path_factory.mktemp("pairs")
+    photo = skimage.data.astronaut().astype(np.float32) / 255
+    for i in range(3):
+        sharp = photo[60 + 90 * i: 108 + 90 * i, 160:208]
+        write_image(root / "blur" / f"p{i}.png", uniform_filter(sharp, size=(1, 5, 1)))
+        write_image(root / "sharp" / f"p{i}.png", sharp)
+    return root
+
+
+def _train(pairs: Path, out: Path, *extra: str):
+    return CliRunner().invoke(app, ["train-diffusion", "--blur", str(pairs / "blur"), "--sharp",
+                                    str(pairs / "sharp"), *FAST, "-o", str(out), "-q", *extra])
+
+
+def test_a_bare_preset_is_refused_before_anything_is_written(pairs, tmp_path):
+    result = _train(pairs, tmp_path / "run", "--max-steps", "1")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "random, untrained eVAE" in lines[0]
+    for way in ("--evae", "--init", "--base-model", "--random-evae"):
+        assert way in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_validation_lines_show_the_inputs_psnr(pairs, tmp_path):
+    out = tmp_path / "run"
+    result = _train(pairs, out, "--random-evae", "--max-steps", "2", "--validate-every", "1",
+                    "--val-count", "1")
+    assert result.exit_code == 0, result.stderr
+    lines = re.findall(r"^step (\d): val_psnr ([\d.]+) dB \(input ([\d.]+) dB\)", result.stderr,
+                       flags=re.M)
+    assert [int(step) for step, _, _ in lines] == [1, 2]
+    # the input's PSNR is a property of the held-out pair: the same at every validation
+    assert lines[0][2] == lines[1][2] and float(lines[0][2]) > 10
+    rows = list(csv.DictReader((out / "train_log.csv").open()))
+    logged = [r for r in rows if r.get("val_input_psnr")]
+    assert len(logged) == 2 and float(logged[0]["val_input_psnr"]) == pytest.approx(
+        float(lines[0][2]), abs=0.01)
