@@ -113,11 +113,67 @@ def test_colliding_outputs_are_refused(folder):
         plan_jobs(folder, folder.parent / "o", BatchOptions(ext="png"))
 
 
-def test_output_folder_inside_input_is_not_an_input(folder):
-    out = folder / "out"
-    _img(out / "old.png")
-    jobs = plan_jobs(folder, out, BatchOptions(recursive=True))
-    assert all(out not in j.source.parents for j in jobs)
+def test_a_shard_cannot_bypass_the_input_guard(tmp_path):
+    """Issue 20 case a: `deblur s2 s2 --ext png --overwrite --shard 0/2` with a.jpg and a.png
+    wrote a.jpg's result over the input a.png because the guard only saw the shard."""
+    s2 = tmp_path / "s2"
+    _img(s2 / "a.jpg")
+    _img(s2 / "a.png")
+    before = (s2 / "a.png").read_bytes()
+    for shard in ((0, 2), (1, 2), None):
+        options = BatchOptions(ext="png", overwrite=True, shard=shard)
+        with pytest.raises(DeblurcliError, match="input file"):
+            plan_jobs(s2, s2, options)
+    assert (s2 / "a.png").read_bytes() == before
+
+
+def test_output_folder_inside_a_recursive_input_is_guarded(tmp_path):
+    """Issue 20 case b: `deblur s3 s3/sub -r --overwrite` dropped s3/sub/a.png from the inputs,
+    then replaced it by the result for s3/a.png (and without --overwrite skipped it silently)."""
+    s3 = tmp_path / "s3"
+    _img(s3 / "a.png")
+    _img(s3 / "sub" / "a.png", h=7)
+    before = (s3 / "sub" / "a.png").read_bytes()
+    for overwrite in (True, False):
+        with pytest.raises(DeblurcliError, match=r"refusing to write .*sub/a\.png: it is an input"):
+            plan_jobs(s3, s3 / "sub", BatchOptions(recursive=True, overwrite=overwrite))
+    assert (s3 / "sub" / "a.png").read_bytes() == before
+    # a file in OUTPUT that no other input maps to is an input like any other
+    jobs = plan_jobs(s3, s3 / "sub", BatchOptions(recursive=True, suffix="_s"))
+    assert [(j.source.relative_to(s3).as_posix(), j.target.relative_to(s3).as_posix())
+            for j in jobs] == [("a.png", "sub/a_s.png"), ("sub/a.png", "sub/sub/a_s.png")]
+
+
+@pytest.mark.parametrize("out_name,suffix", [(".", "_sharp"), ("out", ""), ("sub", "_s")])
+def test_outputs_of_an_earlier_run_inside_the_input_are_recognised(folder, out_name, suffix):
+    """A re-run in place (OUTPUT = INPUT with a --suffix, or OUTPUT inside a recursive INPUT)
+    skips the earlier outputs instead of reading them as inputs or refusing; the ledger says
+    which files this program wrote."""
+    out = folder / out_name
+    options = BatchOptions(suffix=suffix, recursive=True)
+    first = plan_jobs(folder, out, options)
+    assert run_jobs(first, invert, options).count("done") == len(first) == 4
+    again = plan_jobs(folder, out, options)
+    assert again == first
+    assert run_jobs(again, invert, options).count("skipped") == 4
+    redo = BatchOptions(suffix=suffix, recursive=True, overwrite=True)
+    assert run_jobs(plan_jobs(folder, out, redo), invert, redo).count("done") == 4
+    assert plan_jobs(folder, out, options) == first
+
+
+def test_a_file_in_place_of_an_earlier_output_is_an_input(folder):
+    """Only the ledger's word makes a file at an output path an earlier output: a file the user
+    put there, or an output edited since, is an input and stops the run."""
+    options = BatchOptions(suffix="_sharp")
+    _img(folder / "b_sharp.png", h=5)  # the user's own file, named like b.png's output
+    with pytest.raises(DeblurcliError, match="b_sharp.png: it is an input file"):
+        plan_jobs(folder, folder, options)
+    (folder / "b_sharp.png").unlink()
+    run_jobs(plan_jobs(folder, folder, options), invert, options)
+    edited = folder / "c_sharp.png"
+    _img(edited, h=5)  # replaced after the run: no longer what was recorded
+    with pytest.raises(DeblurcliError, match="c_sharp.png: it is an input file"):
+        plan_jobs(folder, folder, options)
 
 
 def test_run_jobs_skip_overwrite_and_failures(folder, tmp_path):

@@ -1,16 +1,27 @@
 """The batch runner behind ``deblurcli deblur``: which files, where they go, and running them.
 
-* :func:`plan_jobs` lists the inputs (one file, or a folder, optionally recursive), applies the
-  ``--shard i/n`` split to the sorted list, names the outputs (same relative path under the output
-  folder, ``--suffix`` added to the stem, ``--ext`` applied) and refuses any output that would
-  replace an input or collide with another output.
+* :func:`plan_jobs` lists the inputs (one file, or a folder, optionally recursive), names the
+  outputs (same relative path under the output folder, ``--suffix`` added to the stem, ``--ext``
+  applied), refuses the whole run if any output would replace an input (compared by file
+  identity, on the complete list) or collide with another output, and only then applies the
+  ``--shard i/n`` split to the sorted list. Entries that cannot be read (symlink loops, broken
+  links, named pipes, devices, folders that cannot be listed) become jobs that fail with their
+  reason instead of stopping the plan.
 * :func:`run_jobs` reads each image, runs a ``deblur`` function on its pixels and writes the
   result with the input's alpha, grey-ness and bit depth; existing outputs are skipped unless
   ``overwrite``. A failing file (unreadable image, out of memory) is recorded and the batch goes on.
+
+Outputs written inside the input tree (OUTPUT equal to or inside INPUT) are recorded in a hidden
+ledger, ``OUTPUT/.deblurcli-outputs.jsonl`` (path, size, modification time, inode), so that a later
+run recognises them as its own outputs and not as inputs; a file there that the ledger does not
+vouch for is an input like any other and is never replaced.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +31,23 @@ from typing import Optional
 import numpy as np
 
 from deblurcli.errors import DeblurcliError, ImageReadError
-from deblurcli.images import IMAGE_SUFFIXES, list_images, read_image, write_image
+from deblurcli.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    not_regular_reason,
+    open_regular,
+    read_image,
+    scan_folder,
+    stat_problem,
+    write_image,
+)
 from deblurcli.progress import ProgressFn, report
 
 EXT_CHOICES = ("auto", "png", "jpg", "webp", "tif")
 SIXTEEN_BIT_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
 OOM_ADVICE = "out of memory; lower --tile (e.g. --tile 256) or --batch-size"
+LEDGER_NAME = ".deblurcli-outputs.jsonl"
+_LEDGER_MAX_BYTES = 256 << 20
 
 DeblurFn = Callable[[np.ndarray, Optional[ProgressFn]], np.ndarray]
 
@@ -42,6 +64,7 @@ class BatchOptions:
         shard: ``(index, count)``, 0-based: keep files ``index, index+count, ...`` of the
             sorted list.
         quality: JPEG/WebP quality.
+        max_pixels: largest input image (width x height) that is decoded; larger ones fail.
     """
 
     suffix: str = ""
@@ -50,14 +73,25 @@ class BatchOptions:
     recursive: bool = False
     shard: Optional[tuple[int, int]] = None
     quality: int = 95
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)
 class Job:
-    """One input file and the output file it will produce."""
+    """One input file and the output file it will produce.
+
+    Attributes:
+        source: the input entry (a file, or a folder that could not be listed).
+        target: the output file.
+        problem: why the source cannot be read, found while planning ("" when it can): such a
+            job is reported as failed without touching anything.
+        ledger: where to record the output once written (outputs inside the input tree), or None.
+    """
 
     source: Path
     target: Path
+    problem: str = ""
+    ledger: Optional[Path] = None
 
 
 @dataclass
@@ -121,17 +155,126 @@ def output_name(source: Path, suffix: str, ext: str) -> str:
     return f"{source.stem}{suffix}{new_suffix}"
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
+Identity = tuple[int, int]
+
+
+def _identity(info: os.stat_result) -> Identity:
+    return info.st_dev, info.st_ino
+
+
+def _stat_or_none(path: Path) -> Optional[os.stat_result]:
+    """``os.stat`` (links followed), or None where nothing can be reached at ``path``."""
     try:
-        return a.exists() and b.exists() and a.samefile(b)
-    except OSError:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _path_key(path: Path) -> str:
+    """A path's spelling for comparisons (absolute, normalised, case-folded where the OS does)."""
+    return os.path.normcase(os.path.abspath(path))
+
+
+def _list_inputs(source: Path, recursive: bool
+                 ) -> tuple[list[tuple[Path, Path, os.stat_result]], list[tuple[Path, Path, str]],
+                            set[Identity]]:
+    """Every input entry: ``(path, relative path, stat)`` of the readable image files, ``(path,
+    relative path, reason)`` of the entries that cannot be read, and the folders listed."""
+    try:
+        info = os.stat(source)
+    except FileNotFoundError:
+        if source.is_symlink():
+            raise ImageReadError(f"cannot read {source}: broken symlink (its target does not "
+                                 "exist)") from None
+        raise ImageReadError(f"input not found: {source}") from None
+    except OSError as exc:
+        raise ImageReadError(f"cannot read {source}: {stat_problem(exc, source.is_symlink())}") \
+            from None
+    if os.path.isdir(source):
+        listing = scan_folder(source, recursive=recursive)
+        files = [(p, p.relative_to(source), st) for p, st in listing.images]
+        problems = [(p, p.relative_to(source), why) for p, why in listing.problems]
+        if not files and not problems:
+            where = "or its sub-folders " if recursive else ""
+            raise ImageReadError(f"no images found in {source} {where}"
+                                 f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        return files, problems, listing.folders
+    reason = not_regular_reason(info.st_mode)
+    if reason:
+        raise ImageReadError(f"cannot read {source}: {reason}")
+    if source.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ImageReadError(f"{source} is not an image file (suffix {source.suffix!r})")
+    return [(source, Path(source.name), info)], [], set()
+
+
+def _inside_listed_folder(folder: Path, listed: set[Identity]) -> bool:
+    """Whether ``folder`` (which may not exist yet) is one of the ``listed`` folders or lies
+    inside one, by identity: spelt any way, through links or not."""
+    if not listed:
         return False
+    chain = [Path(os.path.abspath(folder)), Path(os.path.realpath(folder))]
+    for start in chain:
+        for candidate in (start, *start.parents):
+            info = _stat_or_none(candidate)
+            if info is not None and _identity(info) in listed:
+                return True
+    return False
+
+
+def read_ledger(path: Path) -> dict[str, tuple[int, int, int]]:
+    """The outputs recorded in a ledger: output path relative to its folder (as
+    :func:`_path_key` spells it) -> ``(size, mtime_ns, inode)``. Torn or foreign lines are
+    ignored; a missing or unreadable ledger records nothing."""
+    entries: dict[str, tuple[int, int, int]] = {}
+    try:
+        with open_regular(path) as fh:
+            text = fh.read(_LEDGER_MAX_BYTES).decode("utf-8", errors="replace")
+    except (ImageReadError, OSError):
+        return entries
+    for line in text.splitlines():
+        try:
+            item = json.loads(line)
+            entries[os.path.normcase(item["path"])] = (int(item["size"]), int(item["mtime_ns"]),
+                                                       int(item["inode"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return entries
+
+
+def record_output(ledger: Path, target: Path, written: Path) -> None:
+    """Append ``target`` (relative to the ledger's folder) with the size, modification time and
+    inode of ``written`` (the finished file, under its final or temporary name) to ``ledger``,
+    flushed to disk."""
+    info = os.stat(written)
+    rel = os.path.relpath(os.path.abspath(target), os.path.abspath(ledger.parent))
+    line = json.dumps({"path": Path(rel).as_posix(), "size": info.st_size,
+                       "mtime_ns": info.st_mtime_ns, "inode": info.st_ino}) + "\n"
+    fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0),
+                 0o666)
+    try:
+        reason = not_regular_reason(os.fstat(fd).st_mode)
+        if reason:
+            raise DeblurcliError(f"cannot record outputs in {ledger}: {reason}")
+        os.write(fd, line.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recorded(ledger: dict[str, tuple[int, int, int]], rel: Path, info: os.stat_result) -> bool:
+    entry = ledger.get(os.path.normcase(rel.as_posix()))
+    return entry == (info.st_size, info.st_mtime_ns, info.st_ino)
 
 
 def plan_jobs(source: Path, out_dir: Path, options: BatchOptions) -> list[Job]:
     """Map the input file or folder to output files under ``out_dir`` (see the module docstring).
+
+    The input guard sees the complete input list, before sharding and before any output is
+    skipped: an output may not be an input file, compared by identity (the same path, a hard
+    link, a symlink, a case variant on a case-insensitive file system), nor an entry that cannot
+    be read. The one exception: with OUTPUT inside the input tree, a file at the output path of
+    another input that the ledger records as written there by this program is that output (an
+    earlier run's), not an input.
 
     Raises:
         ImageReadError: the input does not exist, is not an image, or the folder has no images.
@@ -139,41 +282,65 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions) -> list[Job]:
             map to the same output.
     """
     source, out_dir = Path(source), Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
+    out_info = _stat_or_none(out_dir)
+    if out_info is not None and not os.path.isdir(out_dir):
         raise DeblurcliError(f"OUTPUT must be a folder, but {out_dir} is a file")
-    if source.is_file():
-        if source.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ImageReadError(f"{source} is not an image file (suffix {source.suffix!r})")
-        pairs = [(source, Path(source.name))]
-    elif source.is_dir():
-        files = list_images(source, recursive=options.recursive)
-        out_abs = out_dir.resolve()
-        # outputs written inside the input folder must not become inputs of the next run
-        if out_abs != source.resolve():
-            files = [f for f in files if out_abs not in f.resolve().parents]
-        pairs = [(f, f.relative_to(source)) for f in files]
-        if not pairs:
-            where = "or its sub-folders " if options.recursive else ""
-            raise ImageReadError(f"no images found in {source} {where}"
-                                 f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    else:
-        raise ImageReadError(f"input not found: {source}")
-    pairs = shard_items(sorted(pairs, key=lambda p: p[1].as_posix()), options.shard)
-    jobs: list[Job] = []
-    seen: dict[Path, Path] = {}
-    inputs = {f.resolve() for f, _ in pairs}
-    for f, rel in pairs:
-        target = out_dir / rel.parent / output_name(rel, options.suffix, options.ext)
-        key = target.resolve()
-        if key in inputs or _same_file(target, f):
-            raise DeblurcliError(f"refusing to write {target}: it is an input file; choose another "
-                                 "OUTPUT folder or a --suffix")
+    files, problems, listed = _list_inputs(source, options.recursive)
+    inside = _inside_listed_folder(out_dir, listed)
+    ledger_path = out_dir / LEDGER_NAME
+    ledger = read_ledger(ledger_path) if inside else {}
+
+    def target_of(rel: Path) -> Path:
+        return out_dir / rel.parent / output_name(rel, options.suffix, options.ext)
+
+    planned = [(path, rel, info, target_of(rel)) for path, rel, info in files]
+    inputs = {_identity(info): path for path, _, info, _ in planned}
+    hits: dict[Path, tuple[Path, os.stat_result]] = {}  # source -> (input at its target, stat)
+    earlier: set[Identity] = set()  # earlier outputs of this command, recorded in the ledger
+    for path, _, _, target in planned:
+        found = _stat_or_none(target)
+        if found is not None and _identity(found) in inputs:
+            hit = inputs[_identity(found)]
+            hits[path] = (hit, found)
+            if hit != path and ledger and _recorded(ledger, target.relative_to(out_dir), found):
+                earlier.add(_identity(found))
+    unreadable = {_path_key(p): p for p, _, _ in problems}
+    jobs: list[tuple[Path, Job]] = []
+    seen: dict[str, Path] = {}
+    for path, rel, info, target in planned:
+        if _identity(info) in earlier:
+            continue  # the output of another input, written by an earlier run
+        hit = hits.get(path)
+        key = _path_key(target)
+        if (hit is not None and _identity(hit[1]) not in earlier) or key in unreadable:
+            other = hit[0] if hit is not None else unreadable[key]
+            what = "" if _path_key(other) == key else f" ({other})"
+            raise DeblurcliError(f"refusing to write {target}: it is an input file{what}; choose "
+                                 "another OUTPUT folder or a --suffix")
         if key in seen:
-            raise DeblurcliError(f"{seen[key]} and {f} would both be written to {target}; "
+            raise DeblurcliError(f"{seen[key]} and {path} would both be written to {target}; "
                                  "use --ext auto or a different --suffix")
-        seen[key] = f
-        jobs.append(Job(f, target))
-    return jobs
+        seen[key] = path
+        jobs.append((rel, Job(path, target, ledger=ledger_path if inside else None)))
+    for path, rel, reason in problems:
+        name = output_name(rel, options.suffix, options.ext) if rel.suffix else rel.name
+        jobs.append((rel, Job(path, out_dir / rel.parent / name, problem=reason)))
+    jobs.sort(key=lambda item: item[0].as_posix())
+    return shard_items([job for _, job in jobs], options.shard)
+
+
+def check_output_folder(folder: Path) -> None:
+    """Create ``folder`` if needed and make sure files can be created in it, so that a read-only
+    or full output folder stops a run before any work is done (raises ``DeblurcliError``)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".deblurcli-check-", suffix=".part")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise DeblurcliError(f"cannot write to the output folder {folder}: "
+                             f"{exc.strerror or exc}") from None
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -184,11 +351,18 @@ def process_file(job: Job, deblur: DeblurFn, options: BatchOptions,
                  progress: Optional[ProgressFn] = None) -> None:
     """Read ``job.source``, deblur it and write ``job.target`` keeping alpha, grey and bit depth
     (16 bits only where the output format stores them: PNG, TIFF)."""
-    image = read_image(job.source)
+    image = read_image(job.source, max_pixels=options.max_pixels)
     result = deblur(image.pixels, progress)
     bit_depth = image.bit_depth if job.target.suffix.lower() in SIXTEEN_BIT_SUFFIXES else 8
+    ledger = job.ledger
+    record = None if ledger is None else (lambda tmp: record_output(ledger, job.target, tmp))
     write_image(job.target, result, alpha=image.alpha, grayscale=image.grayscale,
-                bit_depth=bit_depth, quality=options.quality)
+                bit_depth=bit_depth, quality=options.quality, before_replace=record)
+
+
+def needs_processing(job: Job, options: BatchOptions) -> bool:
+    """Whether :func:`run_jobs` would read and deblur this job (not fail or skip it at once)."""
+    return not job.problem and (options.overwrite or not job.target.exists())
 
 
 def run_jobs(jobs: list[Job], deblur: DeblurFn, options: BatchOptions,
@@ -196,16 +370,19 @@ def run_jobs(jobs: list[Job], deblur: DeblurFn, options: BatchOptions,
              on_result: Optional[Callable[[FileResult], None]] = None) -> BatchSummary:
     """Run every job; existing targets are skipped unless ``options.overwrite``.
 
-    Failures (unreadable or unwritable images, out-of-memory) are recorded with a one-line
-    reason and the run continues. Emits ``"images"`` progress events with the file name and the
-    mean seconds per processed image; ``deblur`` receives ``progress`` for its ``"tiles"`` events.
+    Failures (entries found unreadable while planning, unreadable or unwritable images,
+    out-of-memory) are recorded with a one-line reason and the run continues. Emits ``"images"``
+    progress events with the file name and the mean seconds per processed image; ``deblur``
+    receives ``progress`` for its ``"tiles"`` events.
     ``on_result`` is called after each job (e.g. to print a failure as it happens).
     """
     summary = BatchSummary()
     total = len(jobs)
     report(progress, "images", 0, total)
     for number, job in enumerate(jobs, start=1):
-        if job.target.exists() and not options.overwrite:
+        if job.problem:
+            result = FileResult(job, "failed", error=job.problem)
+        elif not needs_processing(job, options):
             result = FileResult(job, "skipped", error="output exists (use --overwrite)")
         else:
             start = time.perf_counter()

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from deblurcli.cli.options import check_color_fix, check_device, check_tiling, dtype_option
+from deblurcli.images import DEFAULT_MAX_PIXELS
 from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE
 
 HELP = """Remove motion blur from a photo or a folder of photos.
@@ -89,6 +90,10 @@ def deblur(
     shard: Annotated[Optional[str], typer.Option(
         "--shard", help="Process only part i/n of the sorted file list (0-based: 0/2 and 1/2 "
         "split a folder between two GPUs or machines).")] = None,
+    max_pixels: Annotated[int, typer.Option(
+        "--max-pixels", metavar="N", help="Largest input image (width x height) to decode; "
+        "larger files fail with a message (a guard against decompression bombs).")]
+    = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Remove motion blur from a photo or a folder of photos."""
     if not 0.0 <= gamma <= 1.0:
@@ -100,6 +105,8 @@ def deblur(
             raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=name)
     if threads < 0:
         raise typer.BadParameter(f"must be >= 0, got {threads}", param_hint="--threads")
+    if max_pixels < 1:
+        raise typer.BadParameter(f"must be >= 1, got {max_pixels}", param_hint="--max-pixels")
     if not 1 <= quality <= 100:
         raise typer.BadParameter(f"must be in 1..100, got {quality}", param_hint="--quality")
     from deblurcli.batch import EXT_CHOICES
@@ -123,7 +130,8 @@ def deblur(
     check_device(device)
 
     options = BatchOptions(suffix=suffix, ext=ext.lower(), overwrite=overwrite,
-                           recursive=recursive, shard=shard_spec, quality=quality)
+                           recursive=recursive, shard=shard_spec, quality=quality,
+                           max_pixels=max_pixels)
     _run(input_path, output, options, gamma=gamma, weights=weights, base_model=base_model,
          fuse=not no_fuse, tile=tile, overlap=tile_overlap, batch_size=batch_size,
          device_name=device, dtype_name=dtype_name, vae_fp32=vae_fp32, threads=threads,
@@ -138,19 +146,21 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     import torch
     from rich.markup import escape
 
-    from deblurcli.batch import plan_jobs, run_jobs
+    from deblurcli.batch import check_output_folder, needs_processing, plan_jobs, run_jobs
     from deblurcli.cli.console import rich_progress, stderr_console, stdout_console, warn
     from deblurcli.device import resolve_device, resolve_dtype, set_cpu_threads
-    from deblurcli.errors import DeblurcliError
     from deblurcli.modelfolder import default_weights_dir, load_model_folder
     from deblurcli.pipeline import DeblurPipeline, default_batch_size, prepare_model
 
     err, out = stderr_console(), stdout_console()
     jobs = plan_jobs(input_path, output, options)  # input problems surface before model loading
-    if not options.overwrite and all(job.target.exists() for job in jobs):
+    if not any(needs_processing(job, options) for job in jobs):
+        if any(job.problem for job in jobs):  # unreadable entries to report; no model needed
+            return _report(out, run_jobs(jobs, _no_model, options), len(jobs), output)
         out.print(f"processed 0, skipped {len(jobs)}, failed 0: every output already exists in "
                   f"{output} (use --overwrite to redo them)", highlight=False, markup=False)
         return
+    check_output_folder(output)  # a read-only OUTPUT stops the run here, before the model loads
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device, warn=lambda m: warn(err, escape(m)))
     vae_dtype = torch.float32 if vae_fp32 else None
@@ -168,7 +178,6 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
                               overlap=overlap, channels_last=True,
                               batch_size=batch_size or default_batch_size(device),
                               color_fix=color_fix)
-    output.mkdir(parents=True, exist_ok=True)
     err.print(f"deblurring {len(jobs)} image(s) on {device} ({str(dtype).replace('torch.', '')}"
               f"{', VAE float32' if vae_fp32 else ''}), {gamma_text}, "
               f"tile={tile or 'whole image'}"
@@ -182,6 +191,16 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     with rich_progress(err, labels={"images": "images", "tiles": "tiles"},
                        unit={"images": "img", "tiles": "tile"}) as progress:
         summary = run_jobs(jobs, pipeline, options, progress=progress, on_result=on_result)
+    _report(out, summary, len(jobs), output)
+
+
+def _no_model(pixels, progress=None):
+    raise RuntimeError("no job was meant to be processed")  # pragma: no cover - a planning bug
+
+
+def _report(out, summary, total: int, output: Path) -> None:
+    """Print the run's summary and every failure; raise (exit 1) if any job failed."""
+    from deblurcli.errors import DeblurcliError
 
     out.print(f"processed {summary.count('done')}, skipped {summary.count('skipped')}, "
               f"failed {summary.count('failed')}; mean {summary.mean_seconds:.2f} s/image; "
@@ -190,7 +209,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
         for result in summary.failed:
             out.print(f"failed: {result.job.source}: {result.error}", highlight=False,
                       markup=False)
-        raise DeblurcliError(f"{len(summary.failed)} of {len(jobs)} image(s) failed")
+        raise DeblurcliError(f"{len(summary.failed)} of {total} image(s) failed")
 
 
 def register(app: typer.Typer) -> None:

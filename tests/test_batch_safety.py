@@ -1,0 +1,285 @@
+"""No flag combination overwrites an input; no single entry stops, hangs or blows up a batch.
+
+The property test builds random folder trees (nested folders, several formats and bit depths,
+symlinks, hard links, symlink loops, broken links, named pipes, links to folders) with an OUTPUT
+outside, equal to, inside or linked into INPUT, and random ``--shard``/``--overwrite``/
+``--suffix``/``--ext``/``-r`` combinations; it runs the real planner and runner (with a cheap
+stand-in for the model) on every shard, then once more as a re-run would. It checks, against its
+own listing of the inputs, that no input changes and that each input is processed, skipped or
+reported failed exactly once over the shards (or that every shard refused the run). A seeded
+generator keeps it reproducible: a failure names its seed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deblurcli.batch import (
+    EXT_CHOICES,
+    BatchOptions,
+    check_output_folder,
+    plan_jobs,
+    run_jobs,
+)
+from deblurcli.errors import DeblurcliError
+from deblurcli.images import IMAGE_SUFFIXES, write_image
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(signal, "SIGALRM"),
+                                reason="named pipes and alarms need POSIX")
+
+FORMATS = (("png", {}), ("png", {"bit_depth": 16}), ("jpg", {}), ("tif", {"bit_depth": 16}),
+           ("webp", {}), ("bmp", {}), ("JPG", {}), ("png", {"grayscale": True}))
+STEMS = ("a", "b", "a_s", "IMG_1")
+
+
+def negate(pixels, progress=None):
+    return 1.0 - pixels
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging the test run) if anything blocks for 30 s."""
+    def stuck(*_):
+        raise TimeoutError("the batch blocked")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _image(rng: np.random.Generator, path: Path) -> None:
+    fmt, kwargs = FORMATS[rng.integers(len(FORMATS))]
+    path = path.with_suffix("." + fmt)
+    if not path.exists():
+        write_image(path, rng.random((int(rng.integers(2, 9)), int(rng.integers(2, 9)), 3),
+                                     dtype=np.float32), **kwargs)
+
+
+def _build(rng: np.random.Generator, root: Path) -> tuple[Path, Path]:
+    """A random INPUT tree under ``root`` and an OUTPUT folder for it."""
+    src = root / "in"
+    folders = [src, src / "sub", src / "sub" / "deep", src / "res"]
+    for folder in folders[: int(rng.integers(1, len(folders) + 1))]:
+        folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(int(rng.integers(1, 4))):
+            _image(rng, folder / STEMS[rng.integers(len(STEMS))])
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    odd = {
+        "link": lambda: os.symlink(os.path.relpath(files[0], src), src / "link.png"),
+        "hardlink": lambda: os.link(files[-1], src / f"hard{files[-1].suffix}"),
+        "loop": lambda: os.symlink("loop.png", src / "loop.png"),
+        "dangling": lambda: os.symlink("gone.jpg", src / "dangling.jpg"),
+        "fifo": lambda: os.mkfifo(src / "sub" / "pipe.png") if (src / "sub").is_dir() else None,
+        "text": lambda: (src / "notes.txt").write_text("x"),
+        "dirlink": lambda: os.symlink(".", src / "self"),
+        "dirlink_png": lambda: os.symlink(".", src / "folder.png"),
+    }
+    for make in odd.values():
+        if rng.random() < 0.4:
+            make()
+    where = rng.integers(6)
+    if where == 0:
+        out = root / "out"
+    elif where == 1:
+        out = src
+    elif where == 2:
+        out = src / "sub"
+    elif where == 3:
+        out = src / "res"
+    elif where == 4:  # a link to INPUT, from outside it
+        os.symlink(src, root / "alias")
+        out = root / "alias"
+    else:  # a link inside INPUT to INPUT itself
+        if not (src / "self").is_symlink():
+            os.symlink(".", src / "self")
+        out = src / "self"
+    if where == 0 and rng.random() < 0.5:  # a file already where an output may go
+        _image(rng, out / "a")
+    return src, out
+
+
+def _options(rng: np.random.Generator) -> tuple[BatchOptions, int]:
+    count = int(rng.choice([1, 1, 2, 3]))
+    return BatchOptions(suffix=str(rng.choice(["", "", "_s"])),
+                        ext=str(rng.choice(EXT_CHOICES)),
+                        overwrite=bool(rng.random() < 0.5),
+                        recursive=bool(rng.random() < 0.5)), count
+
+
+def _input_entries(src: Path, recursive: bool) -> list[Path]:
+    """The inputs, listed independently of the code under test: every entry with an image suffix
+    that is not a real folder (links, pipes and loops included), hidden names excluded, links
+    to folders not followed."""
+    found = []
+    for here, dirs, names in os.walk(src):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in [*names, *dirs]:
+            path = Path(here) / name
+            if (not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+                    and not stat.S_ISDIR(os.lstat(path).st_mode)):
+                found.append(path)
+        if not recursive:
+            break
+    return sorted(found)
+
+
+def _state(path: Path) -> tuple:
+    """What must not change about an input entry: its kind, link target and bytes."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        try:
+            content = path.read_bytes() if stat.S_ISREG(os.stat(path).st_mode) else None
+        except OSError:
+            content = None
+        return ("link", os.readlink(path), content)
+    if stat.S_ISREG(info.st_mode):
+        return ("file", info.st_ino, path.read_bytes())
+    return ("other", stat.S_IFMT(info.st_mode))
+
+
+def _key(path: Path) -> str:
+    """Where a path puts its last name: its folder resolved (OUTPUT may be a link to INPUT)."""
+    return os.path.normcase(os.path.join(os.path.realpath(path.parent), path.name))
+
+
+def _run_all_shards(src: Path, out: Path, options: BatchOptions, count: int):
+    """Plan and run every shard in turn (as separate machines would); None if refused."""
+    plans, refusals = [], []
+    for index in range(count):
+        shard = None if count == 1 else (index, count)
+        sharded = BatchOptions(**{**options.__dict__, "shard": shard})
+        try:
+            plans.append((plan_jobs(src, out, sharded), sharded))
+        except DeblurcliError as exc:
+            refusals.append(str(exc))
+    assert not refusals or not plans, f"only some shards refused: {refusals}"
+    if refusals:
+        return None
+    return [result for jobs, sharded in plans for result in run_jobs(jobs, negate, sharded).results]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_trees_and_flags_never_touch_an_input(tmp_path, seed, no_hang):
+    rng = np.random.default_rng(seed)
+    src, out = _build(rng, tmp_path)
+    options, count = _options(rng)
+    originals = {p: _state(p) for p in _input_entries(src, options.recursive)}
+
+    for attempt in ("first run", "re-run"):
+        entries = _input_entries(src, options.recursive)
+        before = {p: _state(p) for p in entries}
+        results = _run_all_shards(src, out, options, count)
+        for path, state in originals.items():
+            assert _state(path) == state, f"{attempt}: input {path} changed ({options})"
+        if results is None:
+            assert attempt == "first run", f"a re-run in place was refused ({options})"
+            return
+        sources = [r.job.source for r in results]
+        assert len(sources) == len(set(sources)), f"{attempt}: an input ran twice ({options})"
+        assert all(r.status in ("done", "skipped", "failed") for r in results)
+        assert all(r.error for r in results if r.status != "done")
+        targets = {_key(r.job.target) for r in results}
+        for path in entries:
+            if path in originals or path in set(sources):
+                assert path in set(sources), f"{attempt}: input {path} not accounted ({options})"
+                assert _state(path) == before[path], f"{attempt}: {path} changed ({options})"
+            else:  # an earlier run's output: recognised as the output of another input
+                assert _key(path) in targets, f"{attempt}: {path} neither input nor output"
+
+
+def test_the_cases_of_issue_20_stop_nothing_but_themselves(tmp_path, no_hang):
+    """A symlink loop aborted a whole batch before any image (case 2); a pipe called x.png hung
+    it and a link to /dev/zero read until memory ran out (case 3): each is now one failed entry
+    with its reason, and the good files are processed."""
+    src = tmp_path / "in"
+    for name in ("a.png", "b.jpg", "sub/c.tif"):
+        write_image(src / name, np.zeros((4, 5, 3), np.float32))
+    os.symlink("loop.png", src / "loop.png")
+    os.symlink("missing.png", src / "dangling.png")
+    os.mkfifo(src / "x.png")
+    os.symlink("/dev/zero", src / "sub" / "zero.png")
+    options = BatchOptions(recursive=True)
+    jobs = plan_jobs(src, tmp_path / "out", options)
+    summary = run_jobs(jobs, negate, options)
+    failed = {r.job.source.relative_to(src).as_posix(): r.error for r in summary.failed}
+    assert summary.count("done") == 3
+    assert failed == {"dangling.png": "broken symlink (its target does not exist)",
+                      "loop.png": "symlink loop (too many levels of links)",
+                      "sub/zero.png": "a device, not a regular file",
+                      "x.png": "a named pipe, not a regular file"}
+    assert not any((tmp_path / "out" / name).exists() for name in failed)
+
+
+def test_an_unlistable_sub_folder_is_a_failed_entry(tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    for name in ("a.png", "locked/b.png"):
+        write_image(src / name, np.zeros((4, 5, 3), np.float32))
+    real_scandir = os.scandir
+
+    def scandir(path):  # chmod 000 does not stop root, so refuse the listing here
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    options = BatchOptions(recursive=True)
+    summary = run_jobs(plan_jobs(src, tmp_path / "out", options), negate, options)
+    assert summary.count("done") == 1
+    assert [(r.job.source, r.error) for r in summary.failed] == [
+        (src / "locked", "cannot list this folder: Permission denied")]
+
+
+def test_a_read_only_output_folder_is_found_before_any_work(tmp_path, monkeypatch):
+    import deblurcli.batch as batch
+
+    def refuse(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(batch.tempfile, "mkstemp", refuse)  # chmod does not stop root
+    with pytest.raises(DeblurcliError, match="cannot write to the output folder .*Permission"):
+        check_output_folder(tmp_path / "out")
+    monkeypatch.undo()
+    check_output_folder(tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_cli_checks_the_output_folder_before_loading_the_model(tmp_path, monkeypatch):
+    import deblurcli.modelfolder as mf
+    from deblurcli.cli.app import app
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mf, "load_model_folder", never)
+    write_image(tmp_path / "in" / "a.png", np.zeros((4, 5, 3), np.float32))
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(app, ["deblur", str(tmp_path / "in"), str(tmp_path / "file" / "out"),
+                                      "--weights", str(tmp_path / "model")])
+    assert result.exit_code == 1, result.output
+    assert "cannot write to the output folder" in result.output
+
+
+def test_cli_reports_unreadable_entries_without_loading_a_model(tmp_path, monkeypatch, no_hang):
+    """With every readable output already there, the unreadable entries are still listed (one
+    line each) and the exit status is 1; no model is needed for that."""
+    import deblurcli.modelfolder as mf
+    from deblurcli.cli.app import app
+
+    monkeypatch.setattr(mf, "load_model_folder", lambda *a, **k: pytest.fail("model loaded"))
+    write_image(tmp_path / "in" / "a.png", np.zeros((4, 5, 3), np.float32))
+    write_image(tmp_path / "out" / "a.png", np.zeros((4, 5, 3), np.float32))
+    os.mkfifo(tmp_path / "in" / "x.png")
+    result = CliRunner().invoke(app, ["deblur", str(tmp_path / "in"), str(tmp_path / "out"),
+                                      "--weights", str(tmp_path / "model")])
+    assert result.exit_code == 1, result.output
+    assert "processed 0, skipped 1, failed 1" in result.stdout
+    assert f"failed: {tmp_path / 'in' / 'x.png'}: a named pipe, not a regular file" in result.stdout
