@@ -52,3 +52,10 @@ def test_a_fused_model_reports_the_gamma_it_runs_at(photo, tiny_model_folder, tm
     text = " ".join(result.stderr.split())
     assert "fused at gamma=0.3; gamma=1 is ignored" in text
     assert "gamma=0.3 (fused)" in text and "gamma=1," not in text
+
+
+def test_progress_reaches_a_log_when_stderr_is_not_a_terminal(photo, tiny_model_folder, tmp_path):
+    result = run(photo, tmp_path / "out", "--weights", tiny_model_folder, "--tile", "16",
+                 "--tile-overlap", "8")
+    assert result.exit_code == 0, result.output
+    assert "images 1/1 (100%)" in result.stderr and "tiles 6/6 (100%)" in result.stderr

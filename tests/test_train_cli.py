@@ -61,3 +61,12 @@ def test_validation_lines_show_the_inputs_psnr(pairs, tmp_path):
     logged = [r for r in rows if r.get("val_input_psnr")]
     assert len(logged) == 2 and float(logged[0]["val_input_psnr"]) == pytest.approx(
         float(lines[0][2]), abs=0.01)
+
+
+def test_training_progress_reaches_a_log(pairs, tmp_path):
+    result = CliRunner().invoke(app, ["train-diffusion", "--blur", str(pairs / "blur"), "--sharp",
+                                      str(pairs / "sharp"), *FAST, "--random-evae",
+                                      "--max-steps", "2", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.stderr
+    assert re.search(r"^training 2/2 \(100%\) [\d.]+ (it/s|s/it) .*loss=", result.stderr, flags=re.M), \
+        result.stderr
