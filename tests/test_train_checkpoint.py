@@ -87,3 +87,29 @@ def test_config_layers(tmp_path: Path) -> None:
         cfg.resolve_config(cfg.VaeTrainConfig, str(bad), {})
     with pytest.raises(DeblurcliError, match="config file not found"):
         cfg.read_config_file(tmp_path / "missing.toml")
+
+
+def test_checkpoint_files_and_folder_are_flushed_to_disk(tmp_path: Path, monkeypatch) -> None:
+    """Every file of a checkpoint is fsync-ed before it takes its name, and the checkpoints
+    folder after the new step folder takes its own (issue 20: durable checkpoints)."""
+    import os
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name file descriptors")
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    monkeypatch.setattr(os, "fsync", fsync)
+    final = ckpt.save_checkpoint(tmp_path, 1, weights={"m": ckpt.trainable_state(model)},
+                                 optimizers={"m": opt}, schedulers={"m": sched}, config={})
+    names = {Path(p).name for p in flushed}
+    for written in final.iterdir():
+        assert any(name.startswith(f".{written.name}.") for name in names), written.name
+    assert flushed[-1] == str(final.parent.resolve())

@@ -9,7 +9,9 @@
   (``HF_HOME`` / ``HF_HUB_CACHE``). Nothing is downloaded: fetch it once with
   ``hf download ID`` (``huggingface-cli download ID`` with huggingface_hub < 0.34).
 
-Every failure is a :class:`~deblurcli.errors.WeightsError` of one line.
+Only safetensors weights are read (``use_safetensors=True``): a part that has only a pickled
+``.bin`` file is refused, never unpickled. Every failure is a
+:class:`~deblurcli.errors.WeightsError` of one line.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def _looks_like_hub_id(text: str) -> bool:
 
 def _load(cls: type, name: str, kwargs: dict, what: str, where: str) -> nn.Module:
     try:
-        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+        return cls.from_pretrained(name, local_files_only=True, use_safetensors=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         reason = " ".join(str(exc).split())
         if len(reason) > 300:

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deblurcli.errors import DeblurcliError
+from deblurcli.images import atomic_write, atomic_write_bytes, fsync_folder
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -37,12 +38,9 @@ STATE_VERSION = 1
 
 # ----------------------------------------------------------------------------- small helpers
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON to ``path`` atomically and durably (:func:`deblurcli.images.atomic_write`)."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _json_default(value: Any) -> Any:
@@ -60,11 +58,10 @@ def _json_default(value: Any) -> Any:
 
 
 def save_tensors_atomic(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Save tensors as safetensors through a temporary file (contiguous CPU copies)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    """Save tensors (contiguous CPU copies) as safetensors, atomically and durably
+    (:func:`deblurcli.images.atomic_write`)."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp)))
 
 
 # ----------------------------------------------------------------------------- optimizer state
@@ -204,6 +201,7 @@ def save_checkpoint(output: str | Path, step: int, *,
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_folder(root)  # the checkpoint's new name survives a crash (its files are flushed)
     if keep > 0:
         for _, old in list_checkpoints(output)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -101,7 +101,7 @@ def load_evae(path: str | Path):
     path = Path(path)
     if (path / "diffusion_pytorch_model.safetensors").is_file():
         try:
-            return EVAE.from_pretrained(path, local_files_only=True)
+            return EVAE.from_pretrained(path, local_files_only=True, use_safetensors=True)
         except (OSError, ValueError, RuntimeError) as exc:
             raise WeightsError(f"cannot load the eVAE from {path}: "
                                f"{' '.join(str(exc).split())}") from None
