@@ -263,8 +263,11 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
                       vae_dtype: torch.dtype | None = None,
                       base_model: PathLike | None = None,
                       warn: Callable[[str], None] | None = None,
-                      verify: bool = True) -> OSDDModel:
+                      verify: bool = True, lora: PathLike | None = None) -> OSDDModel:
     """Load a model folder as an :class:`OSDDModel` in eval mode with ``gamma`` applied.
+
+    ``lora``: an adapter file (``deblurcli blend``'s output) that replaces the folder's own
+    adapters, merged into the UNet before the cast to ``dtype``; its recorded γ is then fixed.
 
     Args:
         folder: the model folder (see the module docstring).
@@ -344,6 +347,8 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
         specs[name] = spec
 
     model = OSDDModel(evae, denoiser, specs, fused_gamma=fused_gamma)
+    if lora is not None:
+        model.fuse_adapter_file(lora)
     return ready_model(model, gamma=gamma, fuse=fuse, device=device, dtype=dtype,
                        vae_dtype=vae_dtype, warn=warn)
 

@@ -47,6 +47,10 @@ def deblur(
         "--weights", "-w", metavar="MODEL_DIR", help="Model folder (config.json + safetensors) "
         "from train-diffusion or blend --fuse. Needed: no default model ships yet.")]
     = None,
+    lora: Annotated[Optional[Path], typer.Option(
+        "--lora", metavar="FILE", help="Adapter file written by 'deblurcli blend' (e.g. "
+        "blend.safetensors): run it instead of the --weights folder's own adapters (its gamma "
+        "is fixed).")] = None,
     base_model: Annotated[Optional[Path], typer.Option(
         "--base-model", help="Stable Diffusion folder (or hub id in the local Hugging Face "
         "cache) providing the base UNet/VAE, for model folders saved without them.")] = None,
@@ -132,7 +136,10 @@ def deblur(
     options = BatchOptions(suffix=suffix, ext=ext.lower(), overwrite=overwrite,
                            recursive=recursive, shard=shard_spec, quality=quality,
                            max_pixels=max_pixels)
+    if lora is not None and not lora.is_file():
+        raise typer.BadParameter(f"no such adapter file: {lora}", param_hint="--lora")
     _run(input_path, output, options, gamma=gamma, weights=weights, base_model=base_model,
+         lora=lora,
          fuse=not no_fuse, tile=tile, overlap=tile_overlap, batch_size=batch_size,
          device_name=device, dtype_name=dtype_name, vae_fp32=vae_fp32, threads=threads,
          compile_model=compile_model, color_fix=color_fix)
@@ -140,6 +147,7 @@ def deblur(
 
 def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Optional[Path],
          base_model: Optional[Path], fuse: bool, tile: int, overlap: int,
+         lora: Optional[Path] = None,
          batch_size: Optional[int],
          device_name: str, dtype_name: str, vae_fp32: bool, threads: int,
          compile_model: bool = False, color_fix: float = 0.0) -> None:
@@ -168,7 +176,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
         set_cpu_threads(threads)  # 0: every core this process may use (sched_getaffinity)
     model = load_model_folder(weights if weights is not None else default_weights_dir(),
                               device=device, dtype=dtype, gamma=gamma, fuse=fuse,
-                              vae_dtype=vae_dtype, base_model=base_model,
+                              vae_dtype=vae_dtype, base_model=base_model, lora=lora,
                               warn=lambda m: warn(err, escape(m)))
     # a fused folder keeps its own γ (load_model_folder warned if --gamma differs): report that one
     gamma_text = (f"gamma={model.fused_gamma:g} (fused)" if model.fused_gamma is not None
