@@ -20,6 +20,9 @@ from deblurcli.models.onestep import (
 )
 
 
+BLEND_ADAPTER = "blend"  # name of an adapter file loaded by OSDDModel.fuse_adapter_file
+
+
 @dataclass
 class OSDDConfig:
     """Everything needed to build an :class:`OSDDModel` with random weights.
@@ -128,6 +131,32 @@ class OSDDModel(nn.Module):
         ad.fuse_adapters(self.denoiser.unet, gamma)
         self.fused_gamma = float(gamma)
         self.gamma = float(gamma)
+        self.lora_specs = {}
+
+    def fuse_adapter_file(self, path: str | Path) -> None:
+        """Run one adapter file -- ``deblurcli blend``'s output -- instead of the model's own
+        adapters: it is merged into the UNet (in float32, exact) and the live adapters are
+        dropped. The blend's γ, recorded in the file, becomes :attr:`fused_gamma`.
+
+        Raises :class:`WeightsError` for a model already fused or a file that does not fit.
+        """
+        import json
+
+        if self.fused_gamma is not None:
+            raise WeightsError(f"this model's adapters are already fused (gamma="
+                               f"{self.fused_gamma:g}); an adapter file needs an unfused model "
+                               "folder")
+        path = Path(path)
+        spec, state = ad.load_adapter_file(path)
+        _, metadata = ad.read_safetensors(path)
+        unet = self.denoiser.unet
+        ad.add_adapter(unet, BLEND_ADAPTER, spec)
+        ad.load_adapter_state_dict(unet, BLEND_ADAPTER, state, source=path.name)
+        ad.merge_and_unload(unet, {BLEND_ADAPTER: 1.0})  # the real/synthetic layers go unmerged
+        blend = json.loads(metadata.get("extra", "{}")).get("blend", {})
+        gamma = blend.get("gamma") if isinstance(blend, dict) else None
+        self.fused_gamma = None if gamma is None else float(gamma)
+        self.gamma = self.fused_gamma
         self.lora_specs = {}
 
     # ---------------------------------------------------------------- running
