@@ -56,6 +56,15 @@ FRAMES = _O(None, "--frames",
     help="Folder of video frames (or clip sub-folders) averaged on the fly.")
 FRAMES_PER_BLUR = _O(None, "--frames-per-blur",
     help="Frames averaged per blurry image with --frames (odd; default 7).")
+REAL_FRACTION = _O(None, "--real-fraction",
+    help="With --frames and another source: share of samples made from the frames (default "
+         "0.25).")
+DEVICE_DATA = _O(None, "--device-data/--host-data",
+    help="Keep --sharp-photos/--frames in GPU memory and blur every batch there (no step waits "
+         "for disk or CPU decoding); --workers then draw kernels ahead.")
+TIME_BUDGET = _O(None, "--time-budget",
+    help="Wall-clock seconds for this run: it plans the steps that fit, then checkpoints and "
+         "writes its model (0 = no limit).")
 CROP = _O(None, "--crop", help="Training crop side in pixels, a multiple of 8 (default 256).")
 AUGMENT = _O(None, "--augment/--no-augment", help="Random flips and 90° rotations (default on).")
 VAL_DATA = _O(None, "--val-data", help="Held-out dataset for validation (same forms as --data).")
@@ -131,6 +140,12 @@ def _check(values: dict[str, Any]) -> None:
         if value is not None and value < 0:
             raise typer.BadParameter(f"must be >= 0, got {value}",
                                      param_hint="--" + key.replace("_", "-"))
+    value = values.get("real_fraction")
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise typer.BadParameter(f"must be in [0, 1], got {value}", param_hint="--real-fraction")
+    value = values.get("time_budget")
+    if value is not None and value < 0:
+        raise typer.BadParameter(f"must be >= 0, got {value}", param_hint="--time-budget")
     for key in ("lr", "disc_lr"):
         value = values.get(key)
         if value is not None and value <= 0:
@@ -219,6 +234,8 @@ def _run(kind: str, config_file: str | None, values: dict[str, Any], quiet: bool
         raise typer.Exit(130)
     done = result.step - result.start_step
     since = f" (resumed at {result.start_step})" if result.start_step else ""
+    if result.out_of_time:
+        since += " (time budget reached)"
     out.print(f"step {result.step}{since}: {done} steps in {result.seconds:.1f} s  {losses}  "
               f"{val}".rstrip(), highlight=False)
     out.print(f"model folder: {result.model_folder}", highlight=False)
@@ -229,7 +246,9 @@ def train_vae(
     split: str | None = SPLIT, data_root: str | None = DATA_ROOT,
     blur: str | None = BLUR, sharp: str | None = SHARP,
     sharp_photos: str | None = SHARP_PHOTOS, frames: str | None = FRAMES,
-    frames_per_blur: int | None = FRAMES_PER_BLUR, crop: int | None = CROP,
+    frames_per_blur: int | None = FRAMES_PER_BLUR, real_fraction: float | None = REAL_FRACTION,
+    device_data: bool | None = DEVICE_DATA, time_budget: float | None = TIME_BUDGET,
+    crop: int | None = CROP,
     augment: bool | None = AUGMENT, val_data: str | None = VAL_DATA,
     val_count: int | None = VAL_COUNT, val_size: int | None = VAL_SIZE,
     workers: int | None = WORKERS, output: str | None = OUTPUT,
@@ -280,7 +299,9 @@ def train_diffusion(
     split: str | None = SPLIT, data_root: str | None = DATA_ROOT,
     blur: str | None = BLUR, sharp: str | None = SHARP,
     sharp_photos: str | None = SHARP_PHOTOS, frames: str | None = FRAMES,
-    frames_per_blur: int | None = FRAMES_PER_BLUR, crop: int | None = CROP,
+    frames_per_blur: int | None = FRAMES_PER_BLUR, real_fraction: float | None = REAL_FRACTION,
+    device_data: bool | None = DEVICE_DATA, time_budget: float | None = TIME_BUDGET,
+    crop: int | None = CROP,
     augment: bool | None = AUGMENT, val_data: str | None = VAL_DATA,
     val_count: int | None = VAL_COUNT, val_size: int | None = VAL_SIZE,
     workers: int | None = WORKERS, output: str | None = OUTPUT,

@@ -34,10 +34,13 @@ PAPER_PROGRESSIVE_STEPS = 10_000
 class DataConfig:
     """Where training pairs come from and how they are cropped.
 
-    Exactly one source is used: ``data`` (a GoPro root, a RealBlur list file, a ``synth`` output
-    folder; ``layout`` says which or ``auto``), ``blur`` + ``sharp`` folders, ``sharp_photos``
-    (pairs synthesised on the fly with trajectory kernels) or ``frames`` (folders of video frames,
-    averaged on the fly).
+    One main source: ``data`` (a GoPro root, a RealBlur list file, a ``synth`` output folder;
+    ``layout`` says which or ``auto``), ``blur`` + ``sharp`` folders, or ``sharp_photos`` (pairs
+    synthesised on the fly with trajectory kernels); and/or ``frames`` (folders of video frames,
+    averaged on the fly: real blur). With both, a sample comes from the frames with probability
+    ``real_fraction``. ``device_data`` keeps ``sharp_photos`` and ``frames`` in the accelerator's
+    memory and makes every pair there (:mod:`deblurcli.train.ondevice`); ``workers`` then draws
+    the kernels of future batches in that many processes.
     """
 
     data: str | None = None
@@ -49,6 +52,8 @@ class DataConfig:
     sharp_photos: str | None = None
     frames: str | None = None
     frames_per_blur: int = 7
+    real_fraction: float = 0.25
+    device_data: bool = False
     crop: int = 256
     augment: bool = True
     val_data: str | None = None
@@ -59,7 +64,12 @@ class DataConfig:
 
 @dataclass
 class CommonConfig(DataConfig):
-    """Settings shared by both stages (see ``docs/training.md``)."""
+    """Settings shared by both stages (see ``docs/training.md``).
+
+    ``time_budget`` (seconds, 0 = none) bounds a run's wall clock: once the step rate is known
+    the run plans the steps that fit (a cosine schedule then ends at that step), and in any case
+    it stops, checkpoints and writes its model when the time is up.
+    """
 
     output: str = "runs/train"
     max_steps: int = 1000
@@ -81,6 +91,7 @@ class CommonConfig(DataConfig):
     perceptual_fallback: str | None = None
     resume: str | None = None
     cpu: bool = False
+    time_budget: float = 0.0
 
 
 @dataclass
@@ -252,6 +263,10 @@ def validate_common(config: CommonConfig) -> None:
         raise bad("checkpoint_every, validate_every and log_every must be >= 1")
     if config.layout not in LAYOUT_CHOICES:
         raise bad("layout must be auto, gopro, realblur, synth or folders")
+    if not 0.0 <= config.real_fraction <= 1.0:
+        raise bad(f"real_fraction must be in [0, 1] (got {config.real_fraction})")
+    if config.time_budget < 0:
+        raise bad(f"time_budget must be >= 0 seconds (got {config.time_budget})")
 
 
 #: Settings that name local files or folders (``base_model`` may also be a hub id).

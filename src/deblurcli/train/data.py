@@ -1,6 +1,6 @@
 """Paired training data: discovery, early validation, and a seeded, resumable torch Dataset.
 
-Sources (one per run):
+Sources (one main source per run, optionally mixed with frames at a set fraction):
 
 * **GoPro**: ``ROOT/{train,test}/SEQ/{blur,sharp}/*.png``;
 * **RealBlur** list files: one ``gt blur`` path pair per line, relative to the dataset root;
@@ -209,38 +209,54 @@ def discover(*, data: str | None = None, layout: str = "auto", split: str = "tra
              data_root: str | None = None, blur: str | None = None,
              sharp: str | None = None, sharp_photos: str | None = None,
              frames: str | None = None, frames_per_blur: int = 7) -> tuple[list[Item], list[str]]:
-    """Find the training items of the one source given; returns ``(items, problems)``.
+    """Find the training items of the sources given; returns ``(items, problems)``.
+
+    One main source (``data``, ``blur`` + ``sharp`` or ``sharp_photos``) and/or ``frames``; the
+    frame windows come last (:class:`FramesItem`, so a caller can tell them apart).
 
     Raises:
-        DatasetError: no source, several sources, or an unrecognisable layout.
+        DatasetError: no source, two main sources, or an unrecognisable layout.
     """
     given = [name for name, value in (("--data", data), ("--blur/--sharp", blur or sharp),
-                                      ("--sharp-photos", sharp_photos), ("--frames", frames))
-             if value]
-    if not given:
+                                      ("--sharp-photos", sharp_photos)) if value]
+    if not given and not frames:
         raise DatasetError("no training data: give --data, --blur and --sharp, --sharp-photos "
                            "or --frames")
     if len(given) > 1:
-        raise DatasetError(f"give one data source, not {' and '.join(given)}")
+        raise DatasetError(f"give one data source, not {' and '.join(given)} (--frames may be "
+                           "added to any of them)")
+    items: list[Item] = []
+    problems: list[str] = []
     if blur or sharp:
         if not (blur and sharp):
             raise DatasetError("--blur and --sharp must be given together")
-        return pair_folders(blur, sharp)
-    if sharp_photos:
-        return list(sharp_photo_items(sharp_photos)), []
+        items, problems = pair_folders(blur, sharp)
+    elif sharp_photos:
+        items = list(sharp_photo_items(sharp_photos))
+    elif data:
+        kind = detect_layout(data, split) if layout == "auto" else layout
+        if kind == "gopro":
+            items, problems = gopro_pairs(data, split)
+        elif kind == "realblur":
+            items, problems = realblur_pairs(data, data_root)
+        elif kind in ("synth", "folders"):
+            items, problems = synth_pairs(data)
+        else:
+            raise DatasetError(f"unknown dataset layout {kind!r}")
     if frames:
-        return list(frame_items(frames, frames_per_blur)), []
-    assert data is not None
-    kind = detect_layout(data, split) if layout == "auto" else layout
-    if kind == "gopro":
-        return gopro_pairs(data, split)
-    if kind == "realblur":
-        return realblur_pairs(data, data_root)
-    if kind == "synth":
-        return synth_pairs(data)
-    if kind == "folders":
-        return synth_pairs(data)
-    raise DatasetError(f"unknown dataset layout {kind!r}")
+        items = list(items) + list(frame_items(frames, frames_per_blur))
+    return items, problems
+
+
+def frame_clips(folder: str | Path) -> list[list[Path]]:
+    """Every clip below ``folder`` as its sorted list of frames (``folder`` itself and each
+    sub-folder holding frames is one clip), for training that draws its own windows."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"the frame folder {folder} does not exist")
+    clips = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir()
+                              and not any(part.startswith(".") for part in p.parts))
+    return [frames for frames in (_images(c, recursive=False) for c in clips) if frames]
 
 
 def item_paths(item: Item) -> tuple[Path, ...]:
@@ -467,3 +483,19 @@ class StreamBatchSampler:
             base = (k * self.world + self.rank) * self.batch_size
             yield list(range(base, base + self.batch_size))
             k += 1
+
+
+class MixedDataset(Dataset):
+    """Two :class:`PairedDataset` streams mixed by position: sample ``p`` comes from ``real``
+    with probability ``fraction`` (a seeded draw per position), else from ``main``."""
+
+    def __init__(self, main: PairedDataset, real: PairedDataset, fraction: float,
+                 seed: int) -> None:
+        self.main, self.real, self.fraction, self.seed = main, real, fraction, seed
+
+    def __len__(self) -> int:
+        return len(self.main) + len(self.real)
+
+    def __getitem__(self, position: int) -> dict:
+        pick_real = np.random.default_rng([self.seed, 4, position]).random() < self.fraction
+        return (self.real if pick_real else self.main)[position]

@@ -22,7 +22,8 @@ learned prompt embedding trains too unless ``--init`` supplies it (it is shared 
 Weights stay float32; mixed precision runs the computation in bf16/fp16 through autocast.
 
 Output: ``OUTPUT/model``, a complete model folder (``modelfolder.save_model_folder``) with both
-adapters; when one adapter trains, the other one comes from ``--init DIR``.
+adapters and the latent discriminator; when one adapter trains, the other one comes from
+``--init DIR``, whose discriminator (when it has one of the same shape) continues too.
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def train_diffusion(config: DiffusionTrainConfig,
     accelerator = engine.make_accelerator(config)
     progressive = (tuple(config.progressive_sizes), config.progressive_steps) \
         if config.progressive else None
-    data = engine.build_data(config, world=accelerator.num_processes, progressive=progressive)
+    data = engine.build_data(config, world=accelerator.num_processes, progressive=progressive,
+                             device=accelerator.device)
     output, state = engine.prepare_output(config)
     model = build_model(config)
     params = set_trainable(model, config)
@@ -175,6 +177,13 @@ def train_diffusion(config: DiffusionTrainConfig,
         torch.manual_seed(config.seed + 1)
         disc = LatentDiscriminator(DiscriminatorConfig(
             in_channels=int(model.evae.config.latent_channels)))
+    if config.init:  # continue the GAN of the folder's run when it saved its discriminator
+        from deblurcli.modelfolder import read_discriminator
+
+        saved = read_discriminator(config.init)
+        if saved is not None and {k: tuple(v.shape) for k, v in saved.items()} == \
+                {k: tuple(v.shape) for k, v in disc.state_dict().items()}:
+            disc.load_state_dict(saved)
     gen = GeneratorStep(model)
     opt_g = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=config.disc_lr or config.lr,
@@ -231,10 +240,11 @@ def train_diffusion(config: DiffusionTrainConfig,
 
     def save_output(folder: Path) -> None:
         net = accelerator.unwrap_model(gen).model
-        save_model_folder(folder, net, extra={
-            "trained_by": "deblurcli train-diffusion",
-            "trained": "full" if config.full else f"adapter:{config.adapter}",
-            "init": config.init, "evae": config.evae, "base_model": config.base_model})
+        extra = {"trained_by": "deblurcli train-diffusion",
+                 "trained": "full" if config.full else f"adapter:{config.adapter}",
+                 "init": config.init, "evae": config.evae, "base_model": config.base_model}
+        save_model_folder(folder, net, extra=extra,
+                          discriminator=accelerator.unwrap_model(disc).state_dict())
 
     stage = engine.Stage(modules={"unet": gen, "disc": disc},
                          optimizers={"unet": opt_g, "disc": opt_d},

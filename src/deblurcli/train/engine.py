@@ -124,52 +124,81 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = 0,
         lr_factor, warmup_steps=warmup_steps, schedule=schedule, max_steps=max_steps))
 
 
+def retarget_lr(scheduler, max_steps: int) -> None:
+    """Make a :func:`lr_scheduler` end at ``max_steps`` instead (a time-boxed run that found
+    it has time for fewer steps); the next ``scheduler.step()`` applies it."""
+    scheduler.lr_lambdas = [functools.partial(f.func, **{**f.keywords, "max_steps": max_steps})
+                            for f in scheduler.lr_lambdas]
+
+
 # ----------------------------------------------------------------------------- data
 @dataclass
 class DataBundle:
-    """Training and validation datasets of a run."""
+    """Training and validation data of a run (``train``: a dataset read by a ``DataLoader``, or a
+    :class:`~deblurcli.train.ondevice.DeviceBatchSource` that makes batches on the device)."""
 
-    train: dt.PairedDataset
+    train: Any
     val: dt.ValidationDataset | None
 
 
 def build_data(config: CommonConfig, *, world: int = 1,
-               progressive: tuple[tuple[int, ...], int] | None = None) -> DataBundle:
-    """Discover, validate and wrap the data of ``config`` (raises ``DatasetError`` early)."""
+               progressive: tuple[tuple[int, ...], int] | None = None,
+               device: torch.device | None = None) -> DataBundle:
+    """Discover, validate and wrap the data of ``config`` (raises ``DatasetError`` early).
+
+    Frame windows (real blur) are mixed with the main source at ``config.real_fraction``. The
+    validation items are held out from the main source when there is one (frame windows share
+    their clips with training).
+    """
     items, problems = dt.discover(
         data=config.data, layout=config.layout, split=config.split, data_root=config.data_root,
         blur=config.blur, sharp=config.sharp, sharp_photos=config.sharp_photos,
         frames=config.frames, frames_per_blur=config.frames_per_blur)
     source = config.data or config.blur or config.sharp_photos or config.frames or "dataset"
     dt.validate_items(items, problems, min_size=8, source=f"dataset {source}")
+    real = [it for it in items if isinstance(it, dt.FramesItem)]
+    main = [it for it in items if not isinstance(it, dt.FramesItem)]
     if config.val_data:
         # a GoPro root given as --val-data is read from its test split
         val_items, val_problems = dt.discover(data=config.val_data, layout="auto", split="test",
                                               data_root=config.data_root)
         dt.validate_items(val_items, val_problems, source=f"validation set {config.val_data}")
-        train_items = items
+    elif main:
+        main, val_items = dt.split_validation(main, config.val_count, config.seed)
     else:
-        train_items, val_items = dt.split_validation(items, config.val_count, config.seed)
+        real, val_items = dt.split_validation(real, config.val_count, config.seed)
     schedule = None
     if progressive is not None:
         sizes, steps_each = progressive
         schedule = dt.CropSchedule(tuple(sizes), steps_each,
                                    config.batch_size * world * config.grad_accum)
-    train = dt.PairedDataset(train_items, crop=config.crop, seed=config.seed,
-                             augment=config.augment, schedule=schedule)
     val = dt.ValidationDataset(val_items, size=config.val_size, seed=config.seed) \
         if val_items else None
+    if config.device_data:
+        from deblurcli.train import ondevice
+
+        train = ondevice.source_from_items(main, config, device=device or torch.device("cpu"),
+                                           schedule=schedule)
+        return DataBundle(train=train, val=val)
+    streams = [dt.PairedDataset(part, crop=config.crop, seed=config.seed,
+                                augment=config.augment, schedule=schedule)
+               for part in (main, real) if part]
+    train = streams[0] if len(streams) == 1 else \
+        dt.MixedDataset(streams[0], streams[1], config.real_fraction, config.seed)
     return DataBundle(train=train, val=val)
 
 
-def make_loader(dataset: dt.PairedDataset, config: CommonConfig, *, rank: int, world: int,
-                start_step: int) -> torch.utils.data.DataLoader:
-    """Endless loader that starts at micro-batch ``start_step × grad_accum`` of this process."""
+def batch_stream(data: DataBundle, config: CommonConfig, *, rank: int, world: int,
+                 start_step: int):
+    """Endless batches starting at micro-batch ``start_step × grad_accum`` of this process."""
+    start_batch = start_step * config.grad_accum
+    if hasattr(data.train, "stream"):  # made on the device
+        return data.train.stream(start_batch=start_batch, rank=rank, world=world)
     sampler = dt.StreamBatchSampler(config.batch_size, rank=rank, world=world,
-                                    start_batch=start_step * config.grad_accum)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
-                                       num_workers=config.workers,
-                                       persistent_workers=config.workers > 0)
+                                    start_batch=start_batch)
+    return iter(torch.utils.data.DataLoader(data.train, batch_sampler=sampler,
+                                            num_workers=config.workers,
+                                            persistent_workers=config.workers > 0))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -302,6 +331,7 @@ class TrainResult:
     model_folder: Path | None
     checkpoint: Path | None
     interrupted: bool = False
+    out_of_time: bool = False
     last_losses: dict[str, float] = field(default_factory=dict)
     validation: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -411,6 +441,47 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
+class StepBudget:
+    """How many steps fit in ``seconds`` of wall clock, measured as the run goes.
+
+    The first ``skip`` steps (start-up, kernel autotuning) are not timed; after ``calibrate``
+    timed steps, or a tenth of the budget, :meth:`plan` returns the step at which the run should
+    end, keeping ``reserve`` of the budget for checkpoints and the model folder.
+    """
+
+    def __init__(self, seconds: float, start_step: int, *, skip: int = 2, calibrate: int = 10,
+                 reserve: float = 0.05) -> None:
+        self.began = time.perf_counter()
+        self.deadline = self.began + seconds
+        self.seconds = seconds
+        self.skip, self.calibrate, self.reserve = skip, calibrate, reserve
+        self.start_step = start_step
+        self.mark: tuple[int, float] | None = None
+        self.planned: int | None = None
+
+    def expired(self) -> bool:
+        """The time is up."""
+        return time.perf_counter() >= self.deadline
+
+    def plan(self, step: int) -> int | None:
+        """The planned last step, once (``None`` before it is known and after it was given)."""
+        now = time.perf_counter()
+        if self.mark is None:
+            if step - self.start_step >= self.skip:
+                self.mark = (step, now)
+            return None
+        if self.planned is not None:
+            return None
+        mark_step, mark_time = self.mark
+        timed = step - mark_step
+        if timed < self.calibrate and now - self.began < 0.1 * self.seconds:
+            return None
+        per_step = (now - mark_time) / max(timed, 1)
+        left = self.deadline - now - self.reserve * self.seconds
+        self.planned = step + max(0, int(left / per_step))
+        return self.planned
+
+
 def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, output: Path,
         state: ckpt.Checkpoint | None, progress: ProgressFn | None = None) -> TrainResult:
     """The step loop: train until ``max_steps``, checkpoint, validate, log; Ctrl-C saves and stops.
@@ -419,6 +490,10 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
     with ``interrupted=True``. A second one, or a ``KeyboardInterrupt`` raised inside a step,
     stops at once *without* saving: the weights may hold part of an unfinished step, so
     ``--resume`` goes back to the last checkpoint written before it.
+
+    With ``config.time_budget`` the run ends at the step that fits the budget (a cosine
+    schedule is retargeted to end there), or when the time is up: either way it checkpoints and
+    writes its model folder like a finished run (``out_of_time`` tells which).
     """
     validate_common(config)
     start = state.step if state is not None else 0
@@ -444,6 +519,9 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
         return path
 
     step = start
+    target = config.max_steps
+    budget = StepBudget(config.time_budget, start) if config.time_budget > 0 else None
+    out_of_time = False
     losses: dict[str, float] = {}
     sums: dict[str, float] = {}
     count = 0
@@ -451,15 +529,14 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
     last_ckpt: Path | None = state.path if state is not None else None
     interrupted = torn = False
     began = time.perf_counter()
-    loader = make_loader(data.train, config, rank=accelerator.process_index,
-                         world=accelerator.num_processes, start_step=start)
+    batches = batch_stream(data, config, rank=accelerator.process_index,
+                           world=accelerator.num_processes, start_step=start)
     for module in stage.trained:
         module.train()
-    report(progress, "steps", step, config.max_steps)
+    report(progress, "steps", step, target)
     with _InterruptFlag() as flag:
         try:
-            batches = iter(loader)
-            while step < config.max_steps and not flag.hit:
+            while step < target and not flag.hit:
                 batch = next(batches)
                 batch = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v)
                          for k, v in batch.items()}
@@ -470,28 +547,39 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
+                if budget is not None:
+                    planned = budget.plan(step)
+                    if planned is not None and planned < target:
+                        target = max(planned, step)
+                        for scheduler in stage.schedulers.values():
+                            retarget_lr(scheduler, target)
+                    if budget.expired() and step < target:
+                        target, out_of_time = step, True
+                    if accelerator.num_processes > 1:  # every process ends at the same step
+                        agreed = torch.tensor(float(target), device=accelerator.device)
+                        target = int(accelerator.reduce(agreed, reduction="min").item())
+                final = step >= target
                 losses = {k: v / count for k, v in sums.items()}
                 sums, count = {}, 0
                 lr = next(iter(stage.optimizers.values())).param_groups[0]["lr"]
-                if step % config.log_every == 0 or step == config.max_steps:
+                if step % config.log_every == 0 or final:
                     log.log(step, {**losses, "lr": lr})
-                if data.val is not None and (step % config.validate_every == 0
-                                             or step == config.max_steps):
+                if data.val is not None and (step % config.validate_every == 0 or final):
                     if main:
                         validation = _validate(stage, data.val, output, step,
                                                accelerator.device, accelerator.autocast)
                         log.log(step, validation)
                         report(progress, "validation", step, None, **validation)
                     accelerator.wait_for_everyone()
-                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                if step % config.checkpoint_every == 0 or final:
                     last_ckpt = save(step)
-                report(progress, "steps", step, config.max_steps, **losses, **validation)
+                report(progress, "steps", step, target, **losses, **validation)
                 if accelerator.num_processes > 1:  # every process stops at the same step
                     hit = torch.tensor(float(flag.hit), device=accelerator.device)
                     flag.hit = bool(accelerator.reduce(hit, reduction="sum").item() > 0)
         except KeyboardInterrupt:  # a second Ctrl-C: the step in progress may be half applied
             flag.hit = torn = True
-        if flag.hit and step < config.max_steps:
+        if flag.hit and step < target:
             interrupted = True
             if not torn:  # a torn state would be saved under the previous step's number
                 last_ckpt = save(step)
@@ -511,6 +599,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
             os.replace(tmp, model_folder)
         accelerator.wait_for_everyone()
     return TrainResult(step=step, output=output, model_folder=model_folder, checkpoint=last_ckpt,
-                       interrupted=interrupted, last_losses=losses, validation=validation,
+                       interrupted=interrupted, out_of_time=out_of_time,
+                       last_losses=losses, validation=validation,
                        seconds=time.perf_counter() - began, main_process=main,
                        start_step=start)

@@ -176,7 +176,7 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
         raise DeblurcliError(f"unknown pixel loss {config.pixel_loss!r}; choose l1 or l2")
     validate_common(config)
     accelerator = engine.make_accelerator(config, find_unused_parameters=True)
-    data = engine.build_data(config, world=accelerator.num_processes)
+    data = engine.build_data(config, world=accelerator.num_processes, device=accelerator.device)
     output, state = engine.prepare_output(config)
     evae = build_evae(config)
     if config.mode == "no-skips" and evae.skip_blocks is not None:
