@@ -39,6 +39,7 @@ CONFIG_FILE = "config.json"
 EVAE_FILE = "evae.safetensors"
 UNET_FILE = "unet.safetensors"
 PROMPT_FILE = "prompt.safetensors"
+DISCRIMINATOR_FILE = "discriminator.safetensors"
 CHECKSUM_FILE = "checksums.sha256"
 PROMPT_KEY = "prompt_embeds"
 NO_DEFAULT_MODEL = ("no default model is installed yet; pass --weights MODEL_DIR, a model folder "
@@ -111,7 +112,8 @@ def _cast(state: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
 # ----------------------------------------------------------------------------- saving
 def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None = None,
                       storage_dtype: torch.dtype = torch.float32,
-                      include_sharp_encoder: bool = True, include_unet: bool = True) -> None:
+                      include_sharp_encoder: bool = True, include_unet: bool = True,
+                      discriminator: Mapping[str, Tensor] | None = None) -> None:
     """Write ``model`` as a model folder (files written atomically, checksums last).
 
     Args:
@@ -121,6 +123,8 @@ def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None 
         storage_dtype: ``torch.float32`` / ``float16`` / ``bfloat16`` on disk (loads in any dtype).
         include_sharp_encoder: keep E2 (needed to resume training; not needed for inference).
         include_unet: write ``unet.safetensors``; without it, loading needs ``base_model``.
+        discriminator: the latent discriminator's weights, kept (float32) so that
+            ``train-diffusion --init`` continues its GAN term instead of restarting it.
     """
 
     folder = Path(folder)
@@ -150,6 +154,11 @@ def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None 
         ad.save_adapter_file(folder / lora_file(name), ad.adapter_state_dict(model.unet, name),
                              spec, dtype=storage_dtype)
         files.append(lora_file(name))
+    if discriminator is not None:
+        ad.save_safetensors_atomic(folder / DISCRIMINATOR_FILE,
+                                   {k: v.detach().float().contiguous()
+                                    for k, v in discriminator.items()}, {"format": FORMAT_NAME})
+        files.append(DISCRIMINATOR_FILE)
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -167,7 +176,8 @@ def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None 
     }
     atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
     files.append(CONFIG_FILE)
-    stale = {EVAE_FILE, UNET_FILE, PROMPT_FILE} | {lora_file(n) for n in ad.ADAPTER_NAMES}
+    stale = {EVAE_FILE, UNET_FILE, PROMPT_FILE, DISCRIMINATOR_FILE} | \
+        {lora_file(n) for n in ad.ADAPTER_NAMES}
     for name in stale - set(files):
         (folder / name).unlink(missing_ok=True)
     lines = "".join(f"{sha256_file(folder / name)}  {name}\n" for name in sorted(files))
@@ -402,9 +412,12 @@ def fuse_model_folder(src: PathLike, out: PathLike, gamma: float, *,
 
 def export_model_folder(src: PathLike, out: PathLike, *,
                         storage_dtype: torch.dtype = torch.float16,
-                        extra: dict | None = None) -> None:
+                        extra: dict | None = None,
+                        include_sharp_encoder: bool = False) -> None:
     """Write an inference copy of model folder ``src``: both adapters kept (γ stays free), the
-    sharp encoder E2 dropped (training only) and weights stored as ``storage_dtype``.
+    sharp encoder E2 dropped (training only; kept with ``include_sharp_encoder``, together with
+    the latent discriminator, so that ``train-diffusion --init`` can continue with the latent
+    and GAN terms) and weights stored as ``storage_dtype``.
 
     This is how a trained run becomes a shippable folder such as the packaged ``weights/``.
     ``extra`` entries are merged into the config's ``"extra"`` record.
@@ -417,4 +430,13 @@ def export_model_folder(src: PathLike, out: PathLike, *,
     merged.update(extra or {})
     merged["exported_from"] = str(Path(src).resolve().name)
     save_model_folder(out, model, extra=merged, storage_dtype=storage_dtype,
-                      include_sharp_encoder=False)
+                      include_sharp_encoder=include_sharp_encoder,
+                      discriminator=read_discriminator(src) if include_sharp_encoder else None)
+
+
+def read_discriminator(folder: PathLike) -> dict[str, Tensor] | None:
+    """The latent discriminator's weights saved in a model folder, or ``None``."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / DISCRIMINATOR_FILE
+    return load_file(str(path)) if path.is_file() else None
