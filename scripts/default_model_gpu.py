@@ -1,0 +1,533 @@
+#!/usr/bin/env python3
+"""Train the default model on one GPU in one command, and bring it back.
+
+    python scripts/default_model_gpu.py pack --data ../shared/data --out .gpu-pack
+    python scripts/default_model_gpu.py run --pack .gpu-pack --out OUT        # on the GPU machine
+    python scripts/default_model_gpu.py rejoin OUT -o MODEL_DIR
+
+``pack`` gathers what the run reads into one folder under a size limit: the sharp training photos
+(every folder of ``DATA/sharp`` except the held-out ``kodak24``), the high-frame-rate clips of
+``DATA/frames`` (real blur), the held-out evaluation sets (kodak24, ``val/gopro_avg``) and the
+wheels a bare PyTorch machine lacks. Photos are JPEG re-encoded and, if needed, scaled down;
+frames are re-encoded and, if needed, centre-cropped (never scaled: that would change the size of
+their real motion blur) until each group fits its share of ``--max-pack-mib``.
+
+``run`` is the whole recipe in one process, each stage with a wall-clock budget (seconds):
+
+    preflight -> eVAE -> base UNet (--full, E1 trainable) -> LoRA_r (real) -> LoRA_s (synthetic)
+    -> export (fp16, E2 kept) -> evaluation (PSNR/SSIM at gamma 1 and 0.7) -> speed benchmark
+
+The preflight runs two real steps of every kind of stage, the export and the split, so anything
+but the GPU itself fails within a minute. Training data is made on the device
+(``--device-data``). A stage that reaches its budget checkpoints and hands its model to the next,
+so a complete model always comes back. ``OUT`` receives ``run.log`` and ``results.json`` as the
+stages finish, then ``model.tar.NN`` parts (each under ``--part-mib``) with ``model.sha256``.
+
+``rejoin`` concatenates the parts, checks them, unpacks the model folder and verifies its
+checksums.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # runs from a source checkout without installing
+
+MIB = 1 << 20
+HELD_OUT = "kodak24"
+WHEELS = ("diffusers", "importlib_metadata", "stlpips_pytorch")
+
+# Stage settings of the GPU recipe. The compact preset keeps the shipped model fast on a CPU.
+# Budgets are shares of the time left after the preflight; the rest goes to export,
+# evaluation and the speed benchmark.
+RECIPE = {
+    "preset": "compact",
+    "crop": 256,
+    "vae": dict(batch_size=32, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
+                pixel_loss="l2", perceptual="none", latent_weight=0.1, real_fraction=0.25),
+    "base": dict(batch_size=32, lr=5e-4, warmup_steps=100, lr_schedule="cosine", full=True,
+                 train_encoder=True, perceptual="stlpips", lambda1=0.05, lambda2=0.005,
+                 latent_weight=0.01, real_fraction=0.25),
+    "lora_r": dict(batch_size=32, lr=5e-4, warmup_steps=20, lr_schedule="cosine",
+                   adapter="real", perceptual="none", lambda1=0.0, lambda2=0.0),
+    "lora_s": dict(batch_size=32, lr=5e-4, warmup_steps=20, lr_schedule="cosine",
+                   adapter="synthetic", perceptual="stlpips", lambda1=0.2, lambda2=0.005),
+    "shares": {"vae": 0.17, "base": 0.50, "lora_r": 0.10, "lora_s": 0.10},
+}
+
+
+# ----------------------------------------------------------------------------- pack
+def _encode(path: Path, quality: int, scale: float = 1.0, crop: float = 1.0) -> bytes:
+    from PIL import Image
+
+    from deblurcli.images import read_image
+
+    pixels = read_image(path).pixels
+    image = Image.fromarray((pixels * 255.0 + 0.5).astype("uint8"))
+    if crop < 1.0:
+        w, h = image.size
+        cw, ch = max(8, int(w * crop) // 8 * 8), max(8, int(h * crop) // 8 * 8)
+        image = image.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+    if scale < 1.0:
+        size = (max(8, round(image.width * scale)), max(8, round(image.height * scale)))
+        image = image.resize(size, Image.LANCZOS)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 95 else 2)
+    return buf.getvalue()
+
+
+def _fit(sources: list[tuple[Path, str]], budget: int, quality: int, shrink: str) -> dict:
+    """Encode ``(source, name)`` pairs; shrink every image alike (``scale`` or ``crop``, by the
+    square root of the overshoot) until the total fits ``budget`` bytes."""
+    factor = 1.0
+    for _ in range(8):
+        kwargs = {shrink: factor}
+        encoded = {name: _encode(src, quality, **kwargs) for src, name in sources}
+        total = sum(len(b) for b in encoded.values())
+        if total <= budget or not sources:
+            return {"files": encoded, "bytes": total, shrink: round(factor, 4)}
+        factor *= 0.98 * (budget / total) ** 0.5
+    raise SystemExit(f"cannot fit {len(sources)} images in {budget / MIB:.1f} MiB")
+
+
+def _tree_bytes() -> int:
+    """Bytes of the working tree that travels with every call (git-tracked files)."""
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.split(b"\0")
+    return sum((ROOT / n.decode()).stat().st_size for n in names
+               if n and (ROOT / n.decode()).is_file())
+
+
+def _trimmed_wheel(wheel: Path, out: Path) -> None:
+    """Copy a wheel without the files the run never reads (ST-LPIPS's 59 MB VGG weights; the run
+    uses the AlexNet variant), its RECORD rewritten to match."""
+    import zipfile
+
+    drop = ("vgg_shift_tolerant.pth", ".DS_Store")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if info.filename.endswith(drop):
+                continue
+            data = src.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                lines = [ln for ln in data.decode().splitlines()
+                         if not ln.split(",")[0].endswith(drop)]
+                data = ("\n".join(lines) + "\n").encode()
+            dst.writestr(info, data)
+
+
+def pack(args: argparse.Namespace) -> None:
+    from deblurcli.images import list_images
+
+    data, out = Path(args.data), Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    limit = int(args.max_pack_mib * MIB)
+    used = _tree_bytes()
+    report = {"tree_bytes": used}
+
+    wheels = sorted(Path(args.wheels).glob("*.whl")) if args.wheels else []
+    (out / "wheels").mkdir()
+    for wheel in wheels:
+        target = out / "wheels" / wheel.name
+        if wheel.name.startswith("stlpips"):
+            _trimmed_wheel(wheel, target)
+        else:
+            shutil.copyfile(wheel, target)
+    report["wheel_bytes"] = sum(p.stat().st_size for p in (out / "wheels").iterdir())
+    used += report["wheel_bytes"]
+
+    def group(name: str, sources: list[tuple[Path, str]], budget: int, quality: int,
+              shrink: str) -> None:
+        nonlocal used
+        fitted = _fit(sources, budget, quality, shrink)
+        for rel, blob in fitted["files"].items():
+            (out / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / name / rel).write_bytes(blob)
+        used += fitted["bytes"]
+        report[name] = {"images": len(sources), "bytes": fitted["bytes"], "quality": quality,
+                        shrink: fitted[shrink]}
+
+    held = list_images(data / "sharp" / HELD_OUT) if (data / "sharp" / HELD_OUT).is_dir() else []
+    pairs = data / "val" / "gopro_avg"
+    evaluation = [(p, f"kodak24/{p.stem}.jpg") for p in held]
+    for side in ("blur", "sharp"):
+        if (pairs / side).is_dir():
+            evaluation += [(p, f"gopro_avg/{side}/{p.stem}.jpg") for p in list_images(pairs / side)]
+    group("heldout", evaluation, limit, 95, "scale")  # never shrunk in practice: checked below
+    if report["heldout"]["scale"] < 1.0:
+        raise SystemExit("the held-out sets alone exceed --max-pack-mib")
+
+    photos = [(p, f"{p.parent.relative_to(data / 'sharp').as_posix().replace('/', '_')}_"
+                  f"{p.stem}.jpg")
+              for p in list_images(data / "sharp", recursive=True)
+              if p.relative_to(data / "sharp").parts[0] != HELD_OUT]
+    clips = [c for c in sorted((data / "frames").iterdir()) if c.is_dir()] \
+        if (data / "frames").is_dir() else []
+    frames = [(p, f"{c.name}/{p.stem}.jpg") for c in clips for p in list_images(c)]
+    left = limit - used
+    if left <= 0:
+        raise SystemExit(f"the tree, wheels and held-out sets already take {used / MIB:.1f} MiB")
+    frame_share = int(left * args.frames_share) if photos else left
+    group("frames", frames, frame_share, args.quality, "crop")
+    group("sharp", photos, limit - used, args.quality, "scale")
+    report["total_bytes"] = used
+    report["max_pack_bytes"] = limit
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    report["sha256"] = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in files}
+    (out / "manifest.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    summary = {k: v for k, v in report.items() if k != "sha256"}
+    print(json.dumps(summary, indent=1))
+    print(f"pack {out}: {used / MIB:.1f} MiB with the working tree, limit "
+          f"{args.max_pack_mib:g} MiB")
+
+
+# ----------------------------------------------------------------------------- run
+class Log:
+    """Timestamped lines to stdout and ``OUT/run.log``; ``results.json`` rewritten as it grows."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.began = time.monotonic()
+        self.results: dict = {"stages": {}}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.began
+
+    def line(self, text: str) -> None:
+        text = f"[{self.elapsed():7.1f} s] {text}"
+        print(text, flush=True)
+        with (self.out / "run.log").open("a", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+
+    def record(self, stage: str, **values) -> None:
+        self.results["stages"].setdefault(stage, {}).update(values)
+        tmp = self.out / ".results.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, self.out / "results.json")
+
+
+def _install_wheels(pack_dir: Path, log: Log) -> None:
+    """Install the pack's wheels into a private folder when their packages are missing."""
+    import importlib.util
+
+    if all(importlib.util.find_spec(name) for name in WHEELS):
+        return
+    target = Path(os.environ.get("TMPDIR", "/tmp")) / "deblurcli-site"
+    wheels = sorted(str(p) for p in (pack_dir / "wheels").glob("*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    "--no-compile", "--upgrade", "--target", str(target), *wheels], check=True)
+    sys.path.insert(0, str(target))
+    log.line(f"installed {len(wheels)} wheel(s) into {target}")
+
+
+def _stage_config(kind: str, args, work: Path, name: str, budget: float, **extra):
+    """The training configuration of stage ``name`` (``RECIPE``, then ``extra``)."""
+    from deblurcli.train.config import DiffusionTrainConfig, VaeTrainConfig
+
+    common = dict(
+        sharp_photos=str(args.pack / "sharp") if (args.pack / "sharp").is_dir() else None,
+        frames=str(args.pack / "frames") if (args.pack / "frames").is_dir() else None,
+        device_data=True, workers=args.workers, crop=args.crop, max_steps=10_000_000,
+        time_budget=max(budget, 1e-3), checkpoint_every=10_000_000, keep_checkpoints=1,
+        validate_every=10_000_000, log_every=10, seed=args.seed, output=str(work / name),
+        mixed_precision="no" if args.device == "cpu" else "bf16", cpu=args.device == "cpu")
+    common.update(RECIPE[name])
+    if args.batch_size:
+        common["batch_size"] = args.batch_size
+    common.update(extra)
+    cls = VaeTrainConfig if kind == "vae" else DiffusionTrainConfig
+    names = set(cls.__dataclass_fields__)
+    return cls(**{k: v for k, v in common.items() if k in names})
+
+
+def _train(kind: str, config, log: Log, stage: str) -> Path:
+    from deblurcli.train.diffusion import train_diffusion
+    from deblurcli.train.vae import train_vae
+
+    started = time.monotonic()
+    result = (train_vae if kind == "vae" else train_diffusion)(config)
+    seconds = time.monotonic() - started
+    rate = (result.step - result.start_step) * config.batch_size / max(result.seconds, 1e-9)
+    log.record(stage, steps=result.step, seconds=round(seconds, 1),
+               train_seconds=round(result.seconds, 1), crops_per_s=round(rate, 1),
+               out_of_time=result.out_of_time, losses=result.last_losses, status="ok")
+    log.line(f"{stage}: {result.step} steps in {result.seconds:.1f} s ({rate:.0f} crops/s)"
+             f"{' [budget reached]' if result.out_of_time else ''}")
+    if result.model_folder is None:
+        raise RuntimeError(f"stage {stage} wrote no model")
+    return result.model_folder
+
+
+def _export_and_split(src: Path, out: Path, part_bytes: int, work: Path) -> dict:
+    """Export ``src`` (fp16, E2 kept) to ``work/default-model``, tar it and split it into
+    ``out/model.tar.NN`` parts with ``out/model.sha256``."""
+    from deblurcli.modelfolder import export_model_folder, verify_checksums
+
+    model = work / "default-model"
+    if model.exists():
+        shutil.rmtree(model)
+    export_model_folder(src, model, include_sharp_encoder=True,
+                        extra={"recipe": "scripts/default_model_gpu.py"})
+    verify_checksums(model)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path in sorted(model.iterdir()):
+            tar.add(path, arcname=f"model/{path.name}")
+    blob = buf.getvalue()
+    for old in out.glob("model.tar.*"):
+        old.unlink()
+    parts = [blob[i:i + part_bytes] for i in range(0, len(blob), part_bytes)]
+    for number, part in enumerate(parts):
+        (out / f"model.tar.{number:02d}").write_bytes(part)
+    digest = hashlib.sha256(blob).hexdigest()
+    (out / "model.sha256").write_text(f"{digest}  model.tar\n", encoding="utf-8")
+    return {"folder": str(model), "bytes": len(blob), "parts": len(parts), "sha256": digest}
+
+
+def _evaluate(model_dir: Path, pack_dir: Path, work: Path, device: str, seconds: float) -> dict:
+    """PSNR/SSIM of the exported model at gamma 1 and 0.7 against the blurry input, on the
+    held-out synthetic kodak24 pairs (made here as ``scripts/eval_default.sh`` makes them) and
+    on the real ``gopro_avg`` pairs."""
+    import numpy as np
+    import torch
+
+    from deblurcli.images import list_images, read_image
+    from deblurcli.modelfolder import load_model_folder
+    from deblurcli.pipeline import DeblurPipeline
+    from deblurcli.synth.build import SynthConfig, run_synth
+    from deblurcli.train.engine import psnr, ssim
+
+    deadline = time.monotonic() + seconds
+    sets = {}
+    kodak = pack_dir / "heldout" / "kodak24"
+    if kodak.is_dir():
+        synth = work / "synth_kodak24"
+        run_synth(SynthConfig(out=synth, src=kodak, crop=512, stride=1024, seed=2026,
+                              workers=min(8, os.cpu_count() or 1)))
+        sets["synthetic_kodak24"] = synth
+    if (pack_dir / "heldout" / "gopro_avg" / "blur").is_dir():
+        sets["gopro_avg"] = pack_dir / "heldout" / "gopro_avg"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    results: dict = {}
+
+    def tensor(pixels):
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None] * 2 - 1
+
+    for gamma in (1.0, 0.7):
+        model = load_model_folder(model_dir, device=device, dtype=dtype, gamma=gamma,
+                                  vae_dtype=torch.float32)
+        pipe = DeblurPipeline(model, device=device, dtype=torch.float32, tile=448, overlap=32,
+                              batch_size=4 if device != "cpu" else 1)
+        for name, folder in sets.items():
+            scores = {"input_psnr": [], "psnr": [], "input_ssim": [], "ssim": []}
+            for blur_path in list_images(folder / "blur"):
+                if time.monotonic() > deadline:
+                    break
+                sharp_path = next((folder / "sharp").glob(blur_path.stem + ".*"))
+                blur, sharp = read_image(blur_path).pixels, read_image(sharp_path).pixels
+                with torch.no_grad():
+                    pred = pipe(blur)
+                for key, image in (("input", blur), ("", pred)):
+                    prefix = f"{key}_" if key else ""
+                    scores[prefix + "psnr"].append(psnr(tensor(image), tensor(sharp)))
+                    scores[prefix + "ssim"].append(ssim(tensor(image), tensor(sharp)))
+            results.setdefault(name, {"images": len(scores["psnr"])})
+            results[name][f"gamma_{gamma:g}"] = {k: round(float(np.mean(v)), 4) if v else None
+                                                 for k, v in scores.items()}
+    return results
+
+
+def _benchmark(out: Path, seconds: float, log: Log) -> None:
+    """The paper-scale speed (sd21, random weights, bf16) while time remains."""
+    if seconds < 30:
+        log.line("speed benchmark skipped: not enough time left")
+        return
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_deblur.py"), "--preset", "sd21",
+               "--device", "cuda", "--dtype", "bf16", "--size", "1280x720", "--size",
+               "4000x3000", "--repeats", "3"]
+    log.line("speed benchmark: " + " ".join(command[1:]))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=seconds, env=env)
+        text = done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:
+        text = f"{exc.stdout or ''}{exc.stderr or ''}\n(stopped after {seconds:.0f} s)"
+    (out / "bench.txt").write_text(str(text), encoding="utf-8")
+    log.line("speed benchmark written to bench.txt")
+
+
+def run(args: argparse.Namespace) -> None:
+    args.pack = Path(args.pack).resolve()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work).resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    log = Log(out)
+    deadline = log.began + args.budget
+    log.results["settings"] = {k: str(v) for k, v in vars(args).items()}
+    log.line(f"run: budget {args.budget:g} s, device {args.device}, pack {args.pack}")
+    _install_wheels(args.pack, log)
+    import torch
+
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available (use --device cpu for a rehearsal)")
+    log.record("environment", torch=torch.__version__, cuda=torch.version.cuda,
+               gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    part_bytes = int(args.part_mib * MIB)
+
+    # 1. preflight: two real steps of each kind of stage, then export and split
+    t0 = log.elapsed()
+    pre = work / "preflight"
+    tiny = dict(max_steps=2, time_budget=0.0, batch_size=min(args.batch_size or 4, 4))
+    vae = _train("vae", _stage_config("vae", args, pre, "vae", 0, preset=args.preset, **tiny),
+                 log, "preflight_vae")
+    base = _train("diffusion", _stage_config("diffusion", args, pre, "base", 0,
+                                             preset=args.preset, evae=str(vae),
+                                             gan_start=0, **tiny), log, "preflight_base")
+    lora = _train("diffusion", _stage_config("diffusion", args, pre, "lora_r", 0,
+                                             init=str(base), sharp_photos=None, **tiny),
+                  log, "preflight_lora")
+    _export_and_split(lora, work / "preflight", part_bytes, pre)
+    log.record("preflight", seconds=round(log.elapsed() - t0, 1), status="ok")
+    log.line(f"preflight passed in {log.elapsed() - t0:.1f} s")
+
+    # 2.-5. the stages, each with its share of the time left (at least a step each)
+    reserve = args.reserve  # export, evaluation
+    left = deadline - time.monotonic() - reserve
+    budgets = {name: max(0.0, left * share) for name, share in RECIPE["shares"].items()}
+    for name, seconds in (args.stage_budget or []):
+        budgets[name] = seconds
+    log.record("budgets", **{k: round(v, 1) for k, v in budgets.items()})
+    vae = _train("vae", _stage_config("vae", args, work, "vae", budgets["vae"],
+                                      preset=args.preset), log, "vae")
+    base = _train("diffusion", _stage_config("diffusion", args, work, "base", budgets["base"],
+                                             preset=args.preset, evae=str(vae),
+                                             gan_start=args.gan_start), log, "base")
+    lora_r = _train("diffusion", _stage_config("diffusion", args, work, "lora_r",
+                                               budgets["lora_r"], init=str(base),
+                                               sharp_photos=None), log, "lora_r")
+    lora_s = _train("diffusion", _stage_config("diffusion", args, work, "lora_s",
+                                               budgets["lora_s"], init=str(lora_r),
+                                               frames=None), log, "lora_s")
+
+    # 6. export, split: the model is safe in OUT from here on
+    exported = _export_and_split(lora_s, out, part_bytes, work)
+    log.record("export", **exported, status="ok")
+    log.line(f"model exported: {exported['bytes'] / MIB:.1f} MiB in {exported['parts']} part(s)")
+
+    # 7. evaluation, 8. speed benchmark
+    eval_seconds = max(10.0, min(args.eval_seconds, deadline - time.monotonic()))
+    scores = _evaluate(Path(exported["folder"]), args.pack, work, args.device, eval_seconds)
+    log.record("evaluation", **scores, status="ok")
+    log.line("evaluation: " + json.dumps(scores))
+    if args.device != "cpu" and not args.no_bench:
+        _benchmark(out, deadline - time.monotonic() - 5, log)
+    log.line(f"done in {log.elapsed():.1f} s")
+
+
+# ----------------------------------------------------------------------------- rejoin
+def rejoin(args: argparse.Namespace) -> None:
+    from deblurcli.modelfolder import verify_checksums
+
+    src, dest = Path(args.results), Path(args.output)
+    parts = sorted(src.glob("model.tar.[0-9][0-9]"))
+    if not parts:
+        raise SystemExit(f"no model.tar.NN parts in {src}")
+    blob = b"".join(p.read_bytes() for p in parts)
+    want = (src / "model.sha256").read_text(encoding="utf-8").split()[0]
+    if hashlib.sha256(blob).hexdigest() != want:
+        raise SystemExit(f"the {len(parts)} part(s) in {src} do not match model.sha256")
+    tmp = dest.with_name(f".{dest.name}.part")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        members = tar.getmembers()
+        if any(not m.isfile() or not m.name.startswith("model/") or ".." in m.name
+               for m in members):
+            raise SystemExit("unexpected entries in the model archive")
+        tar.extractall(tmp, filter="data")
+    verify_checksums(tmp / "model")
+    if dest.exists():
+        if not args.force:
+            shutil.rmtree(tmp)
+            raise SystemExit(f"{dest} exists (use --force to replace it)")
+        shutil.rmtree(dest)
+    os.replace(tmp / "model", dest)
+    shutil.rmtree(tmp)
+    print(f"model folder {dest}: {len(parts)} part(s), checksums verified")
+
+
+# ----------------------------------------------------------------------------- cli
+def _stage_budget(text: str) -> tuple[str, float]:
+    name, _, seconds = text.partition("=")
+    if name not in RECIPE["shares"]:
+        raise argparse.ArgumentTypeError(f"unknown stage {name!r}")
+    return name, float(seconds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="build the data pack")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--out", default=str(ROOT / ".gpu-pack"))
+    p.add_argument("--wheels", default=str(ROOT / ".whl"),
+                   help="folder of wheels to carry (diffusers, importlib_metadata, "
+                        "stlpips-pytorch for Python 3.12)")
+    p.add_argument("--max-pack-mib", type=float, default=62.0,
+                   help="limit for the pack plus the git-tracked working tree")
+    p.add_argument("--frames-share", type=float, default=0.3,
+                   help="share of the data budget for the frames")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of training images")
+    p.set_defaults(func=pack)
+
+    r = sub.add_parser("run", help="the whole recipe (on the GPU machine)")
+    r.add_argument("--pack", default=str(ROOT / ".gpu-pack"))
+    r.add_argument("--out", required=True)
+    r.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                  "deblurcli-gpu-run"))
+    r.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
+    r.add_argument("--stage-budget", type=_stage_budget, action="append",
+                   help="STAGE=SECONDS, overriding a stage's share (vae, base, lora_r, lora_s)")
+    r.add_argument("--reserve", type=float, default=70.0,
+                   help="seconds kept for export and evaluation")
+    r.add_argument("--eval-seconds", type=float, default=40.0)
+    r.add_argument("--device", default="cuda")
+    r.add_argument("--preset", default=RECIPE["preset"])
+    r.add_argument("--crop", type=int, default=RECIPE["crop"])
+    r.add_argument("--batch-size", type=int, default=0, help="0: the recipe's")
+    r.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
+                   help="processes drawing kernels ahead of the GPU")
+    r.add_argument("--gan-start", type=int, default=300)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--part-mib", type=float, default=15.0)
+    r.add_argument("--no-bench", action="store_true")
+    r.set_defaults(func=run)
+
+    j = sub.add_parser("rejoin", help="reassemble and verify the model folder")
+    j.add_argument("results", help="the run's OUT folder (model.tar.NN + model.sha256)")
+    j.add_argument("-o", "--output", required=True)
+    j.add_argument("--force", action="store_true")
+    j.set_defaults(func=rejoin)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Rehearsal of the one-command GPU recipe (``scripts/default_model_gpu.py``) on the CPU at toy
+scale: pack under a size limit, the whole run with per-stage time budgets (one stage given no
+time), export in parts, rejoin, then the model loads and deblurs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "default_model_gpu.py"
+MIB = 1 << 20
+
+
+def _script(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def _rejoin(*args: str) -> None:
+    """``default_model_gpu.py rejoin ARGS`` in this process (raises SystemExit on refusal)."""
+    import runpy
+
+    runpy.run_path(str(SCRIPT))["main"](["rejoin", *args])
+
+
+def _fake_wheel(folder: Path) -> Path:
+    """A stand-in for stlpips-pytorch's wheel: the VGG weights it carries are dropped."""
+    path = folder / "stlpips_pytorch-0.0.2-py3-none-any.whl"
+    files = {"stlpips_pytorch/__init__.py": b"",
+             "stlpips_pytorch/weights/vST0.0/alex_shift_tolerant.pth": b"a" * 1000,
+             "stlpips_pytorch/weights/vST0.0/vgg_shift_tolerant.pth": b"v" * 200_000}
+    record = "".join(f"{name},,\n" for name in files) + "stlpips_pytorch-0.0.2.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr("stlpips_pytorch-0.0.2.dist-info/RECORD", record)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A small stand-in for ``shared/data``: photos (kodak24 held out), one clip, one val pair."""
+    import skimage.data
+
+    from deblurcli.images import write_image
+
+    root = tmp_path_factory.mktemp("data")
+    astronaut = skimage.data.astronaut().astype(np.float32) / 255
+    coffee = skimage.data.coffee().astype(np.float32) / 255
+    for i in range(2):
+        write_image(root / "sharp" / "kodak24" / f"kodim{i:02d}.png",
+                    astronaut[i * 60:i * 60 + 72, :96])
+        write_image(root / "sharp" / "setA" / f"a{i}.png", coffee[i * 60:i * 60 + 96, :128])
+    write_image(root / "sharp" / "setB" / "deep" / "b0.jpg", astronaut[200:290, 200:320])
+    for t in range(9):  # a pan: consecutive frames
+        write_image(root / "frames" / "CLIP" / f"{t:06d}.jpg",
+                    np.roll(coffee, 3 * t, axis=1)[100:164, 100:196])
+    for side in ("blur", "sharp"):
+        write_image(root / "val" / "gopro_avg" / side / "p0.png", coffee[:64, :96])
+    return root
+
+
+def _tree_mib() -> float:
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.split(b"\0")
+    return sum((ROOT / n.decode()).stat().st_size for n in names
+               if n and (ROOT / n.decode()).is_file()) / MIB
+
+
+@pytest.fixture(scope="module")
+def pack(data: Path, tmp_path_factory) -> Path:
+    wheels = tmp_path_factory.mktemp("wheels")
+    _fake_wheel(wheels)
+    out = tmp_path_factory.mktemp("pack") / "pack"
+    limit = _tree_mib() + 0.08  # forces the photos and frames to shrink
+    done = _script("pack", "--data", str(data), "--out", str(out), "--wheels", str(wheels),
+                   "--max-pack-mib", f"{limit:.4f}")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total_bytes"] <= limit * MIB
+    return out
+
+
+def test_pack_fits_the_limit_and_holds_out_kodak24(pack: Path) -> None:
+    manifest = json.loads((pack / "manifest.json").read_text())
+    assert manifest["sharp"]["scale"] < 1.0 or manifest["frames"]["crop"] < 1.0
+    names = sorted(p.name for p in (pack / "sharp").iterdir())
+    assert names == ["setA_a0.jpg", "setA_a1.jpg", "setB_deep_b0.jpg"]
+    assert len(list((pack / "heldout" / "kodak24").iterdir())) == 2
+    assert len(list((pack / "frames" / "CLIP").iterdir())) == 9
+    with zipfile.ZipFile(next((pack / "wheels").glob("stlpips*.whl"))) as zf:
+        assert not [n for n in zf.namelist() if "vgg" in n]
+        assert "vgg" not in zf.read("stlpips_pytorch-0.0.2.dist-info/RECORD").decode()
+    for rel, digest in manifest["sha256"].items():
+        import hashlib
+
+        assert hashlib.sha256((pack / rel).read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.slow
+def test_the_gpu_recipe_rehearsed_on_the_cpu(pack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = _script("run", "--pack", str(pack), "--out", str(out), "--work", str(tmp_path / "w"),
+                   "--device", "cpu", "--preset", "tiny", "--crop", "32", "--batch-size", "2",
+                   "--workers", "0", "--budget", "30", "--reserve", "6", "--eval-seconds", "8",
+                   "--stage-budget", "lora_r=0", "--gan-start", "0", "--part-mib", "0.25")
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((out / "results.json").read_text())["stages"]
+    for stage in ("preflight", "vae", "base", "lora_r", "lora_s", "export", "evaluation"):
+        assert results[stage]["status"] == "ok", stage
+    # a stage with no time left still trains one step and hands its model on
+    assert results["lora_r"]["steps"] == 1 and results["lora_r"]["out_of_time"]
+    for name in ("synthetic_kodak24", "gopro_avg"):
+        for gamma in ("gamma_1", "gamma_0.7"):
+            scores = results["evaluation"][name][gamma]
+            assert np.isfinite(scores["psnr"]) and 0 < scores["ssim"] <= 1
+    parts = sorted(out.glob("model.tar.*"))
+    assert len(parts) == results["export"]["parts"] > 1
+    assert all(p.stat().st_size <= 0.25 * MIB for p in parts)
+    assert (out / "run.log").read_text().count("\n") >= 8
+
+    # rejoin: parts -> verified model folder that loads and deblurs; refuses to overwrite
+    model_dir = tmp_path / "model"
+    _rejoin(str(out), "-o", str(model_dir))
+    from deblurcli.modelfolder import load_model_folder, read_model_config
+    from deblurcli.pipeline import DeblurPipeline
+
+    assert read_model_config(model_dir)["evae"]["sharp_encoder"]  # trainable further
+    assert (model_dir / "discriminator.safetensors").is_file()
+    model = load_model_folder(model_dir, gamma=0.7)
+    image = np.random.default_rng(0).random((40, 56, 3)).astype(np.float32)
+    assert DeblurPipeline(model, tile=0, batch_size=1)(image).shape == image.shape
+    with pytest.raises(SystemExit, match="exists"):
+        _rejoin(str(out), "-o", str(model_dir))
+    parts[0].write_bytes(parts[0].read_bytes()[:-1] + b"x")
+    with pytest.raises(SystemExit, match="model.sha256"):
+        _rejoin(str(out), "-o", str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()
