@@ -249,6 +249,10 @@ def test_a_read_only_output_folder_is_found_before_any_work(tmp_path, monkeypatc
         check_output_folder(tmp_path / "out")
     monkeypatch.undo()
     check_output_folder(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing is created (the first output does that)
+    assert list(tmp_path.iterdir()) == []  # and the probe file is gone
+    (tmp_path / "out").mkdir()
+    check_output_folder(tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -330,12 +330,22 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions) -> list[Job]:
 
 
 def check_output_folder(folder: Path) -> None:
-    """Create ``folder`` if needed and make sure files can be created in it, so that a read-only
-    or full output folder stops a run before any work is done (raises ``DeblurcliError``)."""
+    """Make sure files can be created in ``folder`` -- or, while it does not exist yet, in the
+    nearest existing folder above it, where the first output will create it -- so that a
+    read-only or full output folder stops a run before any work is done. Nothing is created
+    (a run that fails later, e.g. on a missing model, leaves no empty folder behind).
+
+    Raises:
+        DeblurcliError: the folder (or that parent) is not a writable folder.
+    """
     folder = Path(folder)
+    existing = folder
+    while not existing.exists() and not existing.is_symlink() and existing.parent != existing:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".deblurcli-check-", suffix=".part")
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".deblurcli-check-", suffix=".part")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
