@@ -10,6 +10,9 @@
 * :func:`run_jobs` reads each image, runs a ``deblur`` function on its pixels and writes the
   result with the input's alpha, grey-ness and bit depth; existing outputs are skipped unless
   ``overwrite``. A failing file (unreadable image, out of memory) is recorded and the batch goes on.
+  Video files (:data:`deblurcli.video.VIDEO_SUFFIXES`) are inputs like images: planned and guarded
+  the same way, each frame run through the same ``deblur`` function (:mod:`deblurcli.video`),
+  written in the input's container whatever ``--ext`` says.
 
 Outputs written inside the input tree (OUTPUT equal to or inside INPUT) are recorded in a hidden
 ledger, ``OUTPUT/.deblurcli-outputs.jsonl`` (path, size, modification time, inode), so that a later
@@ -42,11 +45,13 @@ from deblurcli.images import (
     write_image,
 )
 from deblurcli.progress import ProgressFn, report
+from deblurcli.video import DEFAULT_CRF, VIDEO_SUFFIXES, deblur_video, is_video
 
 EXT_CHOICES = ("auto", "png", "jpg", "webp", "tif")
 SIXTEEN_BIT_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
 OOM_ADVICE = "out of memory; lower --tile (e.g. --tile 256) or --batch-size"
 LEDGER_NAME = ".deblurcli-outputs.jsonl"
+INPUT_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES  # what deblur reads from a folder
 _LEDGER_MAX_BYTES = 256 << 20
 
 DeblurFn = Callable[[np.ndarray, Optional[ProgressFn]], np.ndarray]
@@ -65,6 +70,8 @@ class BatchOptions:
             sorted list.
         quality: JPEG/WebP quality.
         max_pixels: largest input image (width x height) that is decoded; larger ones fail.
+        codec: video encoder (``auto``: libx264 where PyAV has it, see :mod:`deblurcli.video`).
+        crf: video constant rate factor.
     """
 
     suffix: str = ""
@@ -74,6 +81,8 @@ class BatchOptions:
     shard: Optional[tuple[int, int]] = None
     quality: int = 95
     max_pixels: int = DEFAULT_MAX_PIXELS
+    codec: str = "auto"
+    crf: int = DEFAULT_CRF
 
 
 @dataclass(frozen=True)
@@ -96,12 +105,14 @@ class Job:
 
 @dataclass
 class FileResult:
-    """What happened to one job: ``status`` is ``"done"``, ``"skipped"`` or ``"failed"``."""
+    """What happened to one job: ``status`` is ``"done"``, ``"skipped"`` or ``"failed"``;
+    ``frames``: video frames written (0 for an image)."""
 
     job: Job
     status: str
     seconds: float = 0.0
     error: str = ""
+    frames: int = 0
 
 
 @dataclass
@@ -121,9 +132,21 @@ class BatchSummary:
 
     @property
     def mean_seconds(self) -> float:
-        """Mean wall time per processed image (0 when none was processed)."""
-        done = [r.seconds for r in self.results if r.status == "done"]
+        """Mean wall time per processed image, videos left out (0 when none was processed)."""
+        done = [r.seconds for r in self.results if r.status == "done" and not r.frames]
         return float(np.mean(done)) if done else 0.0
+
+    @property
+    def frames(self) -> int:
+        """Video frames written."""
+        return sum(r.frames for r in self.results if r.status == "done")
+
+    @property
+    def seconds_per_frame(self) -> float:
+        """Mean wall time per written video frame (0 when none was written)."""
+        frames = self.frames
+        seconds = sum(r.seconds for r in self.results if r.status == "done" and r.frames)
+        return seconds / frames if frames else 0.0
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -148,10 +171,11 @@ def shard_items(items: list, shard: Optional[tuple[int, int]]) -> list:
 
 
 def output_name(source: Path, suffix: str, ext: str) -> str:
-    """File name of the output for ``source`` (``ext``: auto|png|jpg|webp|tif)."""
+    """File name of the output for ``source`` (``ext``: auto|png|jpg|webp|tif; a video keeps its
+    own container suffix)."""
     if ext not in EXT_CHOICES:
         raise ValueError(f"unknown output format {ext!r}; use one of {', '.join(EXT_CHOICES)}")
-    new_suffix = source.suffix if ext == "auto" else "." + ext
+    new_suffix = source.suffix if ext == "auto" or is_video(source) else "." + ext
     return f"{source.stem}{suffix}{new_suffix}"
 
 
@@ -191,19 +215,19 @@ def _list_inputs(source: Path, recursive: bool
         raise ImageReadError(f"cannot read {source}: {stat_problem(exc, source.is_symlink())}") \
             from None
     if os.path.isdir(source):
-        listing = scan_folder(source, recursive=recursive)
+        listing = scan_folder(source, recursive=recursive, suffixes=INPUT_SUFFIXES)
         files = [(p, p.relative_to(source), st) for p, st in listing.images]
         problems = [(p, p.relative_to(source), why) for p, why in listing.problems]
         if not files and not problems:
             where = "or its sub-folders " if recursive else ""
-            raise ImageReadError(f"no images found in {source} {where}"
-                                 f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise ImageReadError(f"no images or videos found in {source} {where}"
+                                 f"(looked for {', '.join(sorted(INPUT_SUFFIXES))})")
         return files, problems, listing.folders
     reason = not_regular_reason(info.st_mode)
     if reason:
         raise ImageReadError(f"cannot read {source}: {reason}")
-    if source.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ImageReadError(f"{source} is not an image file (suffix {source.suffix!r})")
+    if source.suffix.lower() not in INPUT_SUFFIXES:
+        raise ImageReadError(f"{source} is not an image or video file (suffix {source.suffix!r})")
     return [(source, Path(source.name), info)], [], set()
 
 
@@ -358,16 +382,23 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def process_file(job: Job, deblur: DeblurFn, options: BatchOptions,
-                 progress: Optional[ProgressFn] = None) -> None:
+                 progress: Optional[ProgressFn] = None) -> int:
     """Read ``job.source``, deblur it and write ``job.target`` keeping alpha, grey and bit depth
-    (16 bits only where the output format stores them: PNG, TIFF)."""
+    (16 bits only where the output format stores them: PNG, TIFF); a video is deblurred frame by
+    frame (:func:`deblurcli.video.deblur_video`). Returns the video frames written (0 for an
+    image)."""
+    ledger = job.ledger
+    record = None if ledger is None else (lambda tmp: record_output(ledger, job.target, tmp))
+    if is_video(job.source):
+        return deblur_video(job.source, job.target, deblur, codec=options.codec, crf=options.crf,
+                            max_pixels=options.max_pixels, progress=progress,
+                            before_replace=record)
     image = read_image(job.source, max_pixels=options.max_pixels)
     result = deblur(image.pixels, progress)
     bit_depth = image.bit_depth if job.target.suffix.lower() in SIXTEEN_BIT_SUFFIXES else 8
-    ledger = job.ledger
-    record = None if ledger is None else (lambda tmp: record_output(ledger, job.target, tmp))
     write_image(job.target, result, alpha=image.alpha, grayscale=image.grayscale,
                 bit_depth=bit_depth, quality=options.quality, before_replace=record)
+    return 0
 
 
 def needs_processing(job: Job, options: BatchOptions) -> bool:
@@ -397,8 +428,8 @@ def run_jobs(jobs: list[Job], deblur: DeblurFn, options: BatchOptions,
         else:
             start = time.perf_counter()
             try:
-                process_file(job, deblur, options, progress)
-                result = FileResult(job, "done", time.perf_counter() - start)
+                frames = process_file(job, deblur, options, progress)
+                result = FileResult(job, "done", time.perf_counter() - start, frames=frames)
             except DeblurcliError as exc:
                 result = FileResult(job, "failed", error=" ".join(str(exc).split()))
             except OSError as exc:

@@ -720,7 +720,8 @@ class FolderListing:
     folders: set[tuple[int, int]] = field(default_factory=set)
 
 
-def scan_folder(folder: PathLike, *, recursive: bool = False) -> FolderListing:
+def scan_folder(folder: PathLike, *, recursive: bool = False,
+                suffixes: frozenset[str] = IMAGE_SUFFIXES) -> FolderListing:
     """List ``folder`` (and with ``recursive`` its sub-folders) without raising for any entry.
 
     Hidden names (starting with ``.``, e.g. the temporary files of atomic writes) are ignored, and
@@ -728,7 +729,8 @@ def scan_folder(folder: PathLike, *, recursive: bool = False) -> FolderListing:
     make a loop or pull a second copy of a tree in. Every image-suffixed entry is ``stat``-ed once
     (without opening it) to tell regular files from the rest. Raises
     :class:`~deblurcli.errors.ImageReadError` only if ``folder`` itself is not a folder or cannot
-    be listed.
+    be listed. ``suffixes`` are the (lower-case) suffixes listed as ``images`` (``deblur`` adds
+    its video suffixes).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -763,7 +765,7 @@ def scan_folder(folder: PathLike, *, recursive: bool = False) -> FolderListing:
                 if recursive:
                     pending.append(path)
                 continue
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.suffix.lower() not in suffixes:
                 if not (is_link and _is_dir(path)):  # a link to a folder is no file to report
                     listing.others.append(path)
                 continue

@@ -11,13 +11,16 @@ from deblurcli.cli.options import check_color_fix, check_device, check_tiling, d
 from deblurcli.images import DEFAULT_MAX_PIXELS
 from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE
 
-HELP = """Remove motion blur from a photo or a folder of photos.
+HELP = """Remove motion blur from a photo, a video or a folder of both.
 
-INPUT is an image file or a folder; OUTPUT is always a folder (created
-if missing). Outputs keep the input's relative path, name, alpha,
-grey-ness and 16-bit depth (PNG/TIFF). Existing outputs are skipped
-unless --overwrite; inputs are never overwritten. Large photos are
-processed in overlapping, smoothly blended tiles (--tile).
+INPUT is an image or video file or a folder; OUTPUT is always a folder
+(created if missing). Outputs keep the input's relative path, name, alpha,
+grey-ness and 16-bit depth (PNG/TIFF). Videos (.mp4 .mov .mkv .webm .avi
+.m4v; needs pip install 'deblurcli[video]') are deblurred frame by frame
+and keep their container, frame timing, size, rotation and audio (copied).
+Existing outputs are skipped unless --overwrite; inputs are never
+overwritten. Large frames are processed in overlapping, smoothly blended
+tiles (--tile).
 
 No model ships with deblurcli yet: give --weights MODEL_DIR, a model
 folder written by train-diffusion (or blend --fuse); see docs/training.md.
@@ -26,6 +29,7 @@ folder written by train-diffusion (or blend --fuse); see docs/training.md.
 Examples:
   deblurcli deblur photo.jpg out/ --weights MODEL_DIR
   deblurcli deblur photos/ out/ --weights MODEL_DIR --gamma 1.0 --recursive
+  deblurcli deblur clip.mp4 out/ --weights MODEL_DIR --crf 18
   deblurcli deblur photos/ out/ --weights MODEL_DIR --tile 768 --dtype fp16
   deblurcli deblur photos/ out/ --weights MODEL_DIR --device cuda:1 --shard 1/2
 """
@@ -37,7 +41,7 @@ EXT_ALIASES = {"jpeg": "jpg", "tiff": "tif"}
 
 def deblur(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT",
-                                               help="An image file or a folder of images.")],
+                                               help="An image or video file, or a folder.")],
     output: Annotated[Path, typer.Argument(metavar="OUTPUT",
                                            help="Output folder (created if missing).")],
     gamma: Annotated[float, typer.Option(
@@ -87,6 +91,12 @@ def deblur(
         "tif (tiff).")] = "auto",
     quality: Annotated[int, typer.Option(
         "--quality", help="JPEG/WebP quality (1-100).")] = 95,
+    crf: Annotated[int, typer.Option(
+        "--crf", help="Video quality: constant rate factor, lower is better (0-51 for "
+        "x264/x265, 0-63 for VP9/AV1).")] = 18,
+    codec: Annotated[str, typer.Option(
+        "--codec", help="Video encoder: auto (libx264 if PyAV has it; VP9 for .webm) or an "
+        "FFmpeg encoder name such as libx265, libvpx-vp9, mpeg4.")] = "auto",
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace existing outputs (inputs are never replaced).")] = False,
     recursive: Annotated[bool, typer.Option(
@@ -113,6 +123,7 @@ def deblur(
         raise typer.BadParameter(f"must be >= 1, got {max_pixels}", param_hint="--max-pixels")
     if not 1 <= quality <= 100:
         raise typer.BadParameter(f"must be in 1..100, got {quality}", param_hint="--quality")
+    _check_video_options(codec, crf)
     from deblurcli.batch import EXT_CHOICES
 
     ext = EXT_ALIASES.get(ext.lower(), ext.lower())
@@ -135,7 +146,7 @@ def deblur(
 
     options = BatchOptions(suffix=suffix, ext=ext.lower(), overwrite=overwrite,
                            recursive=recursive, shard=shard_spec, quality=quality,
-                           max_pixels=max_pixels)
+                           max_pixels=max_pixels, codec=codec, crf=crf)
     if lora is not None and not lora.is_file():
         raise typer.BadParameter(f"no such adapter file: {lora}", param_hint="--lora")
     _run(input_path, output, options, gamma=gamma, weights=weights, base_model=base_model,
@@ -186,7 +197,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
                               overlap=overlap, channels_last=True,
                               batch_size=batch_size or default_batch_size(device),
                               color_fix=color_fix)
-    err.print(f"deblurring {len(jobs)} image(s) on {device} ({str(dtype).replace('torch.', '')}"
+    err.print(f"deblurring {len(jobs)} file(s) on {device} ({str(dtype).replace('torch.', '')}"
               f"{', VAE float32' if vae_fp32 else ''}), {gamma_text}, "
               f"tile={tile or 'whole image'}"
               f"{f', colour fix sigma={color_fix:g}' if color_fix else ''}", highlight=False)
@@ -196,10 +207,28 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
             warn(err, escape(f"failed: {result.job.source}: {result.error}"))
 
     # without a terminal (a log, CI) rich_progress prints a plain line every ~10 s instead
-    with rich_progress(err, labels={"images": "images", "tiles": "tiles"},
-                       unit={"images": "img", "tiles": "tile"}) as progress:
+    with rich_progress(err, labels={"images": "images", "frames": "frames", "tiles": "tiles"},
+                       unit={"images": "img", "frames": "frame", "tiles": "tile"}) as progress:
         summary = run_jobs(jobs, pipeline, options, progress=progress, on_result=on_result)
     _report(out, summary, len(jobs), output)
+
+
+def _check_video_options(codec: str, crf: int) -> None:
+    """``--crf`` in 0..63 (0..51 for the x264/x265 family); ``--codec`` an encoder PyAV has
+    (checked only when one is named, so that photo runs need no PyAV)."""
+    if not 0 <= crf <= 63:
+        raise typer.BadParameter(f"must be in 0..63, got {crf}", param_hint="--crf")
+    if codec == "auto":
+        return
+    from deblurcli.video import available_codecs, check_crf, has_encoder
+
+    if not has_encoder(codec):  # without PyAV: DeblurcliError, one line and exit 1
+        raise typer.BadParameter(f"this PyAV build has no {codec!r} encoder; use auto or one of "
+                                 f"{', '.join(available_codecs())}", param_hint="--codec")
+    try:
+        check_crf(codec, crf)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--crf "), param_hint="--crf") from None
 
 
 def _no_model(pixels, progress=None):
@@ -210,9 +239,11 @@ def _report(out, summary, total: int, output: Path) -> None:
     """Print the run's summary and every failure; raise (exit 1) if any job failed."""
     from deblurcli.errors import DeblurcliError
 
+    frames = (f"; {summary.frames} video frame(s), {summary.seconds_per_frame:.2f} s/frame"
+              if summary.frames else "")
     out.print(f"processed {summary.count('done')}, skipped {summary.count('skipped')}, "
-              f"failed {summary.count('failed')}; mean {summary.mean_seconds:.2f} s/image; "
-              f"output in {output}", highlight=False, markup=False)
+              f"failed {summary.count('failed')}; mean {summary.mean_seconds:.2f} s/image"
+              f"{frames}; output in {output}", highlight=False, markup=False)
     if summary.failed:
         for result in summary.failed:
             out.print(f"failed: {result.job.source}: {result.error}", highlight=False,

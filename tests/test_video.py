@@ -1,0 +1,226 @@
+"""Video in, video out: ``deblurcli deblur clip.mp4 out/`` and :mod:`deblurcli.video`.
+
+Clips are made here with PyAV (64x48, 10 frames, with an AAC track), so the tests need no data.
+"""
+
+from __future__ import annotations
+
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+av = pytest.importorskip("av")
+
+from deblurcli.batch import BatchOptions, plan_jobs, run_jobs  # noqa: E402
+from deblurcli.cli.app import app  # noqa: E402
+from deblurcli.errors import DeblurcliError  # noqa: E402
+from deblurcli.images import read_image, write_image  # noqa: E402
+from deblurcli.video import INSTALL_HINT, deblur_video, probe_video  # noqa: E402
+
+W, H, N, FPS, SR = 64, 48, 10, 24, 16000
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The command sets torch's thread count for the process; restore it after each test."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def make_clip(path: Path, *, frames: int = N, width: int = W, height: int = H, fps: int = FPS,
+              audio: bool = True, rotate: int = 0, vfr: bool = False) -> Path:
+    """An H.264 clip of moving colour ramps; ``vfr``: millisecond timestamps with uneven gaps;
+    ``audio``: a 440 Hz mono AAC track as long as the video."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=fps)
+        v.width, v.height = width, height
+        v.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        if rotate:
+            v.set_display_rotation(rotate)
+        if vfr:
+            v.codec_context.time_base = Fraction(1, 1000)
+        a = c.add_stream("aac", rate=SR, layout="mono") if audio else None
+        yy, xx = np.mgrid[0:height, 0:width]
+        for i in range(frames):
+            img = np.stack([(xx * 3 + i * 8) % 256, (yy * 4 + i * 5) % 256,
+                            np.full_like(xx, 40 + 10 * i)], axis=-1)
+            f = av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")
+            if vfr:
+                f.pts, f.time_base = i * 40 + (i % 2) * 15, Fraction(1, 1000)
+            else:
+                f.pts, f.time_base = i, Fraction(1, fps)
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+        if a is not None:
+            total = SR * frames // fps
+            samples = (0.3 * np.sin(2 * np.pi * 440 * np.arange(total) / SR)).astype(np.float32)
+            for s in range(0, total, 1024):
+                af = av.AudioFrame.from_ndarray(samples[None, s:s + 1024], format="flt",
+                                                layout="mono")
+                af.sample_rate, af.pts, af.time_base = SR, s, Fraction(1, SR)
+                c.mux(a.encode(af))
+            c.mux(a.encode())
+    return path
+
+
+def streams(path: Path) -> dict:
+    """Frame timestamps, rate, size, rotation and audio packets/duration of a video file."""
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        frames = list(c.decode(v))
+        out = {"pts": [f.pts for f in frames], "rate": v.average_rate,
+               "size": (frames[0].width, frames[0].height), "rotation": frames[0].rotation,
+               "rgb": [f.to_ndarray(format="rgb24") for f in frames], "audio": None}
+    with av.open(str(path)) as c:
+        if c.streams.audio:
+            a = c.streams.audio[0]
+            packets = [(p.pts, p.duration, bytes(p)) for p in c.demux(a) if p.size]
+            out["audio"] = {"codec": a.codec_context.name, "packets": packets,
+                            "seconds": float(sum(d for _, d, _ in packets) * a.time_base)}
+    return out
+
+
+def run(*args):
+    return CliRunner().invoke(app, ["deblur", *map(str, args)])
+
+
+def test_cli_video_keeps_frames_rate_size_rotation_and_audio(tiny_model_folder, tmp_path):
+    clip = make_clip(tmp_path / "in" / "clip.mp4", rotate=90)
+    result = run(clip, tmp_path / "out", "--weights", tiny_model_folder, "--tile", "0",
+                 "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "processed 1, skipped 0, failed 0" in result.stdout
+    assert f"{N} video frame(s)" in result.stdout
+    src, out = streams(clip), streams(tmp_path / "out" / "clip.mp4")
+    assert len(out["pts"]) == N and out["pts"] == src["pts"]
+    assert out["rate"] == FPS and out["size"] == (W, H) and out["rotation"] == 90
+    # the audio: present, the same codec, the same packets (copied, not re-encoded), same length
+    assert out["audio"] is not None and out["audio"]["codec"] == "aac"
+    assert out["audio"]["packets"] == src["audio"]["packets"]
+    assert out["audio"]["seconds"] == pytest.approx(N / FPS, abs=0.07)
+    # the random tiny model is no identity: the frames were really run through it
+    pairs = zip(src["rgb"], out["rgb"], strict=True)
+    diff = np.mean([np.abs(a.astype(int) - b).mean() for a, b in pairs])
+    assert diff > 5
+    # a second run skips the finished video (no model needed)
+    again = run(clip, tmp_path / "out", "--weights", tiny_model_folder)
+    assert again.exit_code == 0 and "skipped 1" in again.stdout
+
+
+def test_variable_frame_rate_and_odd_size_kept(tmp_path):
+    clip = make_clip(tmp_path / "vfr.mkv", vfr=True, width=63, height=47, audio=False)
+    events = []
+    n = deblur_video(clip, tmp_path / "out" / "vfr.mkv", lambda x, progress: x,
+                     progress=events.append)
+    src, out = streams(clip), streams(tmp_path / "out" / "vfr.mkv")
+    assert n == N and out["pts"] == src["pts"] == [i * 40 + (i % 2) * 15 for i in range(N)]
+    assert out["size"] == (63, 47) and out["audio"] is None
+    # an identity "model": only the encoder's loss (4:4:4, crf 18) separates input and output
+    pairs = zip(src["rgb"], out["rgb"], strict=True)
+    assert max(np.abs(a.astype(int) - b).mean() for a, b in pairs) < 2
+    frames = [e for e in events if e.stage == "frames"]
+    assert [e.done for e in frames] == list(range(N + 1))
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_interrupted_encode_leaves_no_file(tmp_path, error):
+    clip = make_clip(tmp_path / "clip.mp4")
+    seen = []
+
+    def fails_on_frame_4(pixels, progress):
+        seen.append(1)
+        if len(seen) == 4:
+            raise error("stop")
+        return pixels
+
+    out = tmp_path / "out"
+    with pytest.raises(error):
+        deblur_video(clip, out / "clip.mp4", fails_on_frame_4)
+    assert list(out.iterdir()) == []  # neither the final name nor a hidden temporary file
+
+
+def test_folder_mixing_videos_and_photos(tmp_path):
+    src = tmp_path / "in"
+    make_clip(src / "clip.mov", frames=4, audio=False)
+    write_image(src / "photo.png", np.random.default_rng(0).random((20, 30, 3), dtype=np.float32))
+    (src / "broken.mp4").write_bytes(b"\0\0\0\x18ftypisom" + b"\xff" * 200)
+    options = BatchOptions(ext="jpg")  # --ext converts photos; a video keeps its container
+    jobs = plan_jobs(src, tmp_path / "out", options)
+    assert sorted(j.target.name for j in jobs) == ["broken.mp4", "clip.mov", "photo.jpg"]
+    events = []
+    summary = run_jobs(jobs, lambda x, progress: 1 - x, options, progress=events.append)
+    status = {r.job.source.name: r for r in summary.results}
+    assert status["clip.mov"].status == "done" and status["clip.mov"].frames == 4
+    assert status["photo.png"].status == "done"
+    assert status["broken.mp4"].status == "failed" and "broken.mp4" in status["broken.mp4"].error
+    assert "\n" not in status["broken.mp4"].error
+    assert summary.frames == 4 and read_image(tmp_path / "out" / "photo.jpg").pixels.shape == (20, 30, 3)
+    assert len(streams(tmp_path / "out" / "clip.mov")["pts"]) == 4
+    assert not (tmp_path / "out" / "broken.mp4").exists()
+    assert any(e.stage == "frames" and e.done == 4 for e in events)
+
+
+def test_input_guard_covers_videos(tmp_path):
+    src = tmp_path / "in"
+    make_clip(src / "clip.mp4", frames=2, audio=False)
+    with pytest.raises(DeblurcliError, match="refusing to write .*clip.mp4"):
+        plan_jobs(src, src, BatchOptions())
+    with pytest.raises(DeblurcliError, match="refusing to write"):
+        plan_jobs(src / "clip.mp4", src, BatchOptions(ext="png"))  # --ext does not rename videos
+    jobs = plan_jobs(src, src, BatchOptions(suffix="_sharp"))
+    assert [j.target.name for j in jobs] == ["clip_sharp.mp4"]
+
+
+def test_without_pyav_a_video_fails_with_the_install_command(tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    make_clip(src / "clip.mp4", frames=2, audio=False)
+    write_image(src / "photo.png", np.zeros((8, 8, 3), dtype=np.float32))
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
+    summary = run_jobs(plan_jobs(src, tmp_path / "out", BatchOptions()), lambda x, p: x,
+                       BatchOptions())
+    status = {r.job.source.name: r for r in summary.results}
+    assert status["photo.png"].status == "done"
+    assert status["clip.mp4"].status == "failed" and status["clip.mp4"].error == INSTALL_HINT
+    assert "pip install 'deblurcli[video]'" in INSTALL_HINT
+
+
+def test_bad_video_options_exit_2(tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", frames=2, audio=False)
+    bad_codec = run(clip, tmp_path / "out", "--codec", "no-such-codec")
+    assert bad_codec.exit_code == 2 and "no-such-codec" in bad_codec.output
+    bad_crf = run(clip, tmp_path / "out", "--crf", "70")
+    assert bad_crf.exit_code == 2 and "--crf" in bad_crf.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_probe_reports_what_the_clip_holds(tmp_path):
+    info = probe_video(make_clip(tmp_path / "clip.mp4", rotate=-90))
+    assert (info.width, info.height, info.frames, info.rate) == (W, H, N, FPS)
+    assert info.rotation == -90 and info.audio_streams == 1
+
+
+def test_pyav_is_an_extra_that_dev_includes_and_photo_runs_do_not_import():
+    import subprocess
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert not any(r.startswith("av") for r in project["dependencies"])
+    assert all(r.startswith("av>=") for r in project["optional-dependencies"]["video"])
+    assert "deblurcli[video]" in project["optional-dependencies"]["dev"]
+    code = ("import sys, deblurcli.batch, deblurcli.cli.app\n"
+            "print('av' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=root)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
