@@ -346,12 +346,21 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
     denoiser = OneStepDenoiser(unet, timestep=int(config["timestep"]), prompt_init=prompt.float())
 
     # adapters
-    specs: dict[str, ad.LoraSpec] = {}
+    adapters: dict[str, tuple[ad.LoraSpec, dict[str, Tensor]]] = {}
     for name in config["lora"]:
         path = folder / lora_file(name)
         if not path.is_file():
             raise WeightsError(f"missing file {lora_file(name)} in {folder}")
-        spec, state = ad.load_adapter_file(path)
+        adapters[name] = ad.load_adapter_file(path)
+    if fused_gamma is None and base_model is None:
+        merged = _merge_without_peft(unet, adapters, gamma=gamma, fuse=fuse, lora=lora)
+        if merged is not _NOT_MERGED:  # the blend is in the UNet's weights; no peft imported
+            model = OSDDModel(evae, denoiser, {}, fused_gamma=merged)
+            model.gamma = merged
+            return ready_model(model, gamma=gamma, fuse=fuse, device=device, dtype=dtype,
+                               vae_dtype=vae_dtype, warn=warn)
+    specs: dict[str, ad.LoraSpec] = {}
+    for name, (spec, state) in adapters.items():
         ad.add_adapter(unet, name, spec)
         ad.load_adapter_state_dict(unet, name, state, source=lora_file(name))
         specs[name] = spec
@@ -361,6 +370,39 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
         model.fuse_adapter_file(lora)
     return ready_model(model, gamma=gamma, fuse=fuse, device=device, dtype=dtype,
                        vae_dtype=vae_dtype, warn=warn)
+
+
+_NOT_MERGED = object()
+
+
+def _merge_without_peft(unet: nn.Module, adapters: Mapping[str, tuple], *, gamma: float,
+                        fuse: bool, lora: PathLike | None):
+    """Fuse a model folder's γ-blend (``fuse``), or an adapter file (``lora``), into ``unet``
+    without peft, with the same arithmetic (:func:`deblurcli.models.adapters.merge_adapters_into`).
+
+    Returns the γ the UNet now holds (``None`` for an adapter file that records none), or
+    ``_NOT_MERGED`` when this case needs live peft adapters: ``fuse=False`` without ``lora``,
+    adapters other than exactly real + synthetic, or layer kinds the merge does not handle.
+    """
+    if lora is not None:  # OSDDModel.fuse_adapter_file's result: the file's blend alone
+        path = Path(lora)
+        spec, state = ad.load_adapter_file(path)
+        _, metadata = ad.read_safetensors(path)
+        checks = [(s, st, None, lora_file(n)) for n, (s, st) in adapters.items()]
+        if not ad.merge_adapters_into(unet, checks + [(spec, state, 1.0, path.name)]):
+            return _NOT_MERGED
+        blend = json.loads(metadata.get("extra", "{}")).get("blend", {})
+        value = blend.get("gamma") if isinstance(blend, dict) else None
+        return None if value is None else float(value)
+    if not fuse or set(adapters) != set(ad.ADAPTER_NAMES):
+        return _NOT_MERGED
+    g = float(gamma)
+    (real_spec, real), (synth_spec, synth) = adapters[ad.REAL], adapters[ad.SYNTHETIC]
+    if not ad.merge_adapters_into(unet, [(real_spec, real, g, lora_file(ad.REAL)),
+                                         (synth_spec, synth, 1.0 - g,
+                                          lora_file(ad.SYNTHETIC))]):
+        return _NOT_MERGED
+    return g
 
 
 def ready_model(model: OSDDModel, *, gamma: float, fuse: bool = True,

@@ -266,18 +266,113 @@ def load_adapter_state_dict(unet: nn.Module, name: str, state: Mapping[str, Tens
         if name in layer.lora_A:
             expected[f"{module_name}.lora_A.weight"] = layer.lora_A[name].weight
             expected[f"{module_name}.lora_B.weight"] = layer.lora_B[name].weight
+    _check_adapter_keys({k: tuple(p.shape) for k, p in expected.items()}, state, source)
+    for key, param in expected.items():
+        param.copy_(state[key].to(param.dtype))
+
+
+def _check_adapter_keys(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Tensor],
+                        source: str) -> None:
+    """WeightsError naming ``source`` unless ``state`` has exactly the ``expected`` keys/shapes."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise WeightsError(f"{source} does not fit the UNet ({what}; "
                            f"{len(missing)} missing, {len(unexpected)} unexpected keys)")
-    for key, param in expected.items():
+    for key, shape in expected.items():
         value = state[key]
-        if tuple(value.shape) != tuple(param.shape):
+        if tuple(value.shape) != shape:
             raise WeightsError(f"{source}: {key} has shape {tuple(value.shape)}, "
-                               f"the model expects {tuple(param.shape)}")
-        param.copy_(value.to(param.dtype))
+                               f"the model expects {shape}")
+
+
+# ---------------------------------------------------------------------------- merging without peft
+def lora_targets(unet: nn.Module, spec: LoraSpec) -> dict[str, nn.Module] | None:
+    """The layers peft's LoRA would adapt for ``spec`` (name -> ``nn.Linear``/``nn.Conv2d``),
+    by peft's rule for a list of targets (the name equals a target or ends with ``.target``).
+
+    ``None`` when a matched layer is of another kind (or a grouped convolution) or nothing
+    matches: :func:`merge_adapter_states` does not handle those; peft does (or reports them).
+    """
+    targets = tuple(spec.target_modules)
+    out: dict[str, nn.Module] = {}
+    for name, module in unet.named_modules():
+        if not name or not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups == 1:
+            out[name] = module
+        elif isinstance(module, nn.Linear):
+            out[name] = module
+        else:
+            return None
+    return out or None
+
+
+def _expected_adapter_shapes(targets: Mapping[str, nn.Module],
+                             spec: LoraSpec) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, module in targets.items():
+        r = int(_pattern_value(spec.rank_pattern, name, spec.rank))
+        if isinstance(module, nn.Conv2d):
+            a = (r, module.in_channels, *module.kernel_size)
+            b = (module.out_channels, r, 1, 1)
+        else:
+            a, b = (r, module.in_features), (module.out_features, r)
+        shapes[f"{name}.lora_A.weight"] = a
+        shapes[f"{name}.lora_B.weight"] = b
+    return shapes
+
+
+def _delta_weight(a: Tensor, b: Tensor, kernel: tuple[int, ...], scaling: float) -> Tensor:
+    """peft's ``get_delta_weight`` for a Linear or an ungrouped Conv2d layer (same operations,
+    same order, so the merged weights are the same)."""
+    if len(kernel) == 0:
+        return (b @ a) * scaling
+    if tuple(kernel) == (1, 1):
+        return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) \
+            * scaling
+    return torch.nn.functional.conv2d(a.transpose(0, 1), b).transpose(0, 1) * scaling
+
+
+@torch.no_grad()
+def merge_adapters_into(unet: nn.Module,
+                        adapters: list[tuple[LoraSpec, Mapping[str, Tensor], float | None, str]]
+                        ) -> bool:
+    """Merge ``sum_a weight_a * Delta_a`` into the UNet's own weights, in float32, without peft:
+    the result of :func:`add_adapter` + :func:`load_adapter_state_dict` +
+    :func:`merge_and_unload`, for a run that never needs live adapters (and so never imports
+    peft).
+
+    ``adapters`` are ``(spec, state, weight, source)``, ``state`` keyed as in
+    :func:`adapter_state_dict`. Every adapter is first checked against the UNet like
+    :func:`load_adapter_state_dict` (WeightsError naming ``source``); one whose weight is
+    ``None`` is only checked. Returns ``False``, changing nothing, when an adapter targets a
+    layer kind this merge does not handle (the caller then goes through peft).
+    """
+    plans = []
+    for spec, state, weight, source in adapters:
+        targets = lora_targets(unet, spec)
+        if targets is None:
+            return False
+        _check_adapter_keys(_expected_adapter_shapes(targets, spec), state, source)
+        if weight is not None:
+            plans.append((spec, state, float(weight), targets))
+    for name in dict.fromkeys(n for plan in plans for n in plan[3]):
+        delta = None
+        for spec, state, weight, targets in plans:
+            if name not in targets:
+                continue
+            a = state[f"{name}.lora_A.weight"].float()
+            b = state[f"{name}.lora_B.weight"].float()
+            r = int(_pattern_value(spec.rank_pattern, name, spec.rank))
+            scaling = weight * spec.alpha_for(name) / r  # peft's set_scale
+            d = _delta_weight(a, b, tuple(a.shape[2:]), scaling).float()
+            delta = d if delta is None else delta + d
+        if delta is not None:
+            base = unet.get_submodule(name)
+            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+    return True
 
 
 # ---------------------------------------------------------------------------- adapter files
