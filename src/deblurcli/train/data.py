@@ -174,8 +174,8 @@ def frame_items(folder: str | Path, frames_per_blur: int = 7) -> list[FramesItem
         raise DatasetError(f"the frame folder {folder} does not exist")
     if frames_per_blur < 1 or frames_per_blur % 2 == 0:
         raise DatasetError(f"frames per blurred image must be odd (got {frames_per_blur})")
-    clips = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir()
-                              and not any(part.startswith(".") for part in p.parts))
+    clips = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))
     items: list[FramesItem] = []
     for clip in clips:
         frames = _images(clip, recursive=False)
@@ -254,8 +254,8 @@ def frame_clips(folder: str | Path) -> list[list[Path]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"the frame folder {folder} does not exist")
-    clips = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir()
-                              and not any(part.startswith(".") for part in p.parts))
+    clips = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))
     return [frames for frames in (_images(c, recursive=False) for c in clips) if frames]
 
 
