@@ -444,9 +444,10 @@ class _InterruptFlag:
 class StepBudget:
     """How many steps fit in ``seconds`` of wall clock, measured as the run goes.
 
-    The first ``skip`` steps (start-up, kernel autotuning) are not timed; after ``calibrate``
-    timed steps, or a tenth of the budget, :meth:`plan` returns the step at which the run should
-    end, keeping ``reserve`` of the budget for checkpoints and the model folder.
+    The first ``skip`` steps (start-up, kernel autotuning) are not timed; once ``calibrate``
+    steps are timed and a twentieth of the budget has passed (or a tenth, however few steps),
+    :meth:`plan` returns the step at which the run should end, keeping ``reserve`` of the
+    budget for checkpoints and the model folder.
     """
 
     def __init__(self, seconds: float, start_step: int, *, skip: int = 2, calibrate: int = 10,
@@ -474,7 +475,10 @@ class StepBudget:
             return None
         mark_step, mark_time = self.mark
         timed = step - mark_step
-        if timed < self.calibrate and now - self.began < 0.1 * self.seconds:
+        elapsed = now - self.began
+        ready = (timed >= self.calibrate and elapsed >= 0.05 * self.seconds) or \
+            (timed >= 1 and elapsed >= 0.1 * self.seconds)
+        if not ready:
             return None
         per_step = (now - mark_time) / max(timed, 1)
         left = self.deadline - now - self.reserve * self.seconds
@@ -556,8 +560,8 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                     if budget.expired() and step < target:
                         target, out_of_time = step, True
                     if accelerator.num_processes > 1:  # every process ends at the same step
-                        agreed = torch.tensor(float(target), device=accelerator.device)
-                        target = int(accelerator.reduce(agreed, reduction="min").item())
+                        agreed = torch.tensor(-float(target), device=accelerator.device)
+                        target = -int(accelerator.reduce(agreed, reduction="max").item())
                 final = step >= target
                 losses = {k: v / count for k, v in sums.items()}
                 sums, count = {}, 0
