@@ -68,13 +68,23 @@ RECIPE = {
 
 
 # ----------------------------------------------------------------------------- pack
-def _encode(path: Path, quality: int, scale: float = 1.0, crop: float = 1.0) -> bytes:
+def _load(path: Path):
     from PIL import Image
 
     from deblurcli.images import read_image
 
-    pixels = read_image(path).pixels
-    image = Image.fromarray((pixels * 255.0 + 0.5).astype("uint8"))
+    return Image.fromarray((read_image(path).pixels * 255.0 + 0.5).astype("uint8"))
+
+
+def _encode(image, quality: int, scale: float = 1.0, crop: float = 1.0,
+            min_side: int = 0) -> bytes:
+    """JPEG bytes of a PIL image scaled (or centre-cropped) by a factor, never below
+    ``min_side`` pixels on its short side (nor above its own size)."""
+    from PIL import Image
+
+    short = min(image.size)
+    crop = min(1.0, max(crop, min_side / short))
+    scale = min(1.0, max(scale, min_side / short))
     if crop < 1.0:
         w, h = image.size
         cw, ch = max(8, int(w * crop) // 8 * 8), max(8, int(h * crop) // 8 * 8)
@@ -87,17 +97,28 @@ def _encode(path: Path, quality: int, scale: float = 1.0, crop: float = 1.0) -> 
     return buf.getvalue()
 
 
-def _fit(sources: list[tuple[Path, str]], budget: int, quality: int, shrink: str) -> dict:
+def _fit(sources: list[tuple[Path, str]], budget: int, quality: int, shrink: str,
+         min_side: int = 0) -> dict:
     """Encode ``(source, name)`` pairs; shrink every image alike (``scale`` or ``crop``, by the
-    square root of the overshoot) until the total fits ``budget`` bytes."""
-    factor = 1.0
-    for _ in range(8):
-        kwargs = {shrink: factor}
-        encoded = {name: _encode(src, quality, **kwargs) for src, name in sources}
+    square root of the overshoot, never below ``min_side``) and, once shrinking no longer
+    helps, lower the JPEG quality (down to 70) until the total fits ``budget`` bytes."""
+    images = [(_load(src), name) for src, name in sources]
+    factor, previous, pinned = 1.0, None, False
+    for _ in range(24):
+        encoded = {name: _encode(image, quality, min_side=min_side, **{shrink: factor})
+                   for image, name in images}
         total = sum(len(b) for b in encoded.values())
         if total <= budget or not sources:
-            return {"files": encoded, "bytes": total, shrink: round(factor, 4)}
-        factor *= 0.98 * (budget / total) ** 0.5
+            return {"files": encoded, "bytes": total, shrink: round(factor, 4),
+                    "quality": quality}
+        pinned = pinned or (previous is not None and total > 0.98 * previous)
+        if not pinned:  # shrinking still pays
+            factor *= 0.98 * (budget / total) ** 0.5
+        elif quality > 70:  # the images are at min_side: lower the quality instead
+            quality -= 5
+        else:
+            break
+        previous = total
     raise SystemExit(f"cannot fit {len(sources)} images in {budget / MIB:.1f} MiB")
 
 
@@ -150,15 +171,16 @@ def pack(args: argparse.Namespace) -> None:
     used += report["wheel_bytes"]
 
     def group(name: str, sources: list[tuple[Path, str]], budget: int, quality: int,
-              shrink: str) -> None:
+              shrink: str, min_side: int = 0) -> None:
         nonlocal used
-        fitted = _fit(sources, budget, quality, shrink)
+        fitted = _fit(sources, budget, quality, shrink, min_side)
         for rel, blob in fitted["files"].items():
             (out / name / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / name / rel).write_bytes(blob)
         used += fitted["bytes"]
-        report[name] = {"images": len(sources), "bytes": fitted["bytes"], "quality": quality,
-                        shrink: fitted[shrink]}
+        report[name] = {"images": len(sources), "bytes": fitted["bytes"],
+                        "quality": fitted["quality"], shrink: fitted[shrink],
+                        "min_side": min_side}
 
     held = list_images(data / "sharp" / HELD_OUT) if (data / "sharp" / HELD_OUT).is_dir() else []
     pairs = data / "val" / "gopro_avg"
@@ -166,8 +188,8 @@ def pack(args: argparse.Namespace) -> None:
     for side in ("blur", "sharp"):
         if (pairs / side).is_dir():
             evaluation += [(p, f"gopro_avg/{side}/{p.stem}.jpg") for p in list_images(pairs / side)]
-    group("heldout", evaluation, limit, 95, "scale")  # never shrunk in practice: checked below
-    if report["heldout"]["scale"] < 1.0:
+    group("heldout", evaluation, limit, args.quality, "scale")
+    if report["heldout"]["scale"] < 1.0 or report["heldout"]["quality"] < args.quality:
         raise SystemExit("the held-out sets alone exceed --max-pack-mib")
 
     photos = [(p, f"{p.parent.relative_to(data / 'sharp').as_posix().replace('/', '_')}_"
@@ -181,8 +203,8 @@ def pack(args: argparse.Namespace) -> None:
     if left <= 0:
         raise SystemExit(f"the tree, wheels and held-out sets already take {used / MIB:.1f} MiB")
     frame_share = int(left * args.frames_share) if photos else left
-    group("frames", frames, frame_share, args.quality, "crop")
-    group("sharp", photos, limit - used, args.quality, "scale")
+    group("frames", frames, frame_share, args.quality, "crop", args.min_side)
+    group("sharp", photos, limit - used, args.quality, "scale", args.min_side)
     report["total_bytes"] = used
     report["max_pack_bytes"] = limit
     files = sorted(p for p in out.rglob("*") if p.is_file())
@@ -313,41 +335,40 @@ def _evaluate(model_dir: Path, pack_dir: Path, work: Path, device: str, seconds:
 
     deadline = time.monotonic() + seconds
     sets = {}
+    if (pack_dir / "heldout" / "gopro_avg" / "blur").is_dir():
+        sets["gopro_avg"] = pack_dir / "heldout" / "gopro_avg"
     kodak = pack_dir / "heldout" / "kodak24"
     if kodak.is_dir():
         synth = work / "synth_kodak24"
         run_synth(SynthConfig(out=synth, src=kodak, crop=512, stride=1024, seed=2026,
                               workers=min(8, os.cpu_count() or 1)))
         sets["synthetic_kodak24"] = synth
-    if (pack_dir / "heldout" / "gopro_avg" / "blur").is_dir():
-        sets["gopro_avg"] = pack_dir / "heldout" / "gopro_avg"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    results: dict = {}
+    gammas = (1.0, 0.7)
+    pipes = {g: DeblurPipeline(load_model_folder(model_dir, device=device, dtype=dtype, gamma=g,
+                                                 vae_dtype=torch.float32),
+                               device=device, dtype=torch.float32, tile=448, overlap=32,
+                               batch_size=4 if device != "cpu" else 1) for g in gammas}
 
     def tensor(pixels):
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None] * 2 - 1
 
-    for gamma in (1.0, 0.7):
-        model = load_model_folder(model_dir, device=device, dtype=dtype, gamma=gamma,
-                                  vae_dtype=torch.float32)
-        pipe = DeblurPipeline(model, device=device, dtype=torch.float32, tile=448, overlap=32,
-                              batch_size=4 if device != "cpu" else 1)
-        for name, folder in sets.items():
-            scores = {"input_psnr": [], "psnr": [], "input_ssim": [], "ssim": []}
-            for blur_path in list_images(folder / "blur"):
-                if time.monotonic() > deadline:
-                    break
-                sharp_path = next((folder / "sharp").glob(blur_path.stem + ".*"))
-                blur, sharp = read_image(blur_path).pixels, read_image(sharp_path).pixels
-                with torch.no_grad():
-                    pred = pipe(blur)
-                for key, image in (("input", blur), ("", pred)):
-                    prefix = f"{key}_" if key else ""
-                    scores[prefix + "psnr"].append(psnr(tensor(image), tensor(sharp)))
-                    scores[prefix + "ssim"].append(ssim(tensor(image), tensor(sharp)))
-            results.setdefault(name, {"images": len(scores["psnr"])})
-            results[name][f"gamma_{gamma:g}"] = {k: round(float(np.mean(v)), 4) if v else None
-                                                 for k, v in scores.items()}
+    results: dict = {}
+    for name, folder in sets.items():  # every image at both gammas, until the time is up
+        scores: dict[str, list[float]] = {}
+        for blur_path in list_images(folder / "blur"):
+            if time.monotonic() > deadline:
+                break
+            sharp_path = next((folder / "sharp").glob(blur_path.stem + ".*"))
+            blur, sharp = read_image(blur_path).pixels, read_image(sharp_path).pixels
+            outputs = {"input": blur}
+            with torch.no_grad():
+                outputs.update({f"gamma_{g:g}": pipes[g](blur) for g in gammas})
+            for key, image in outputs.items():
+                scores.setdefault(f"{key}_psnr", []).append(psnr(tensor(image), tensor(sharp)))
+                scores.setdefault(f"{key}_ssim", []).append(ssim(tensor(image), tensor(sharp)))
+        results[name] = {"images": len(scores.get("input_psnr", [])),
+                         **{k: round(float(np.mean(v)), 4) for k, v in scores.items()}}
     return results
 
 
@@ -494,7 +515,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="limit for the pack plus the git-tracked working tree")
     p.add_argument("--frames-share", type=float, default=0.3,
                    help="share of the data budget for the frames")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of training images")
+    p.add_argument("--quality", type=int, default=90,
+                   help="JPEG quality (lowered, down to 70, only if shrinking is not enough)")
+    p.add_argument("--min-side", type=int, default=320,
+                   help="photos and frames keep at least this short side (the run's crop plus "
+                        "its kernel margin)")
     p.set_defaults(func=pack)
 
     r = sub.add_parser("run", help="the whole recipe (on the GPU machine)")
