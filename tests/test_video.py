@@ -224,3 +224,48 @@ def test_pyav_is_an_extra_that_dev_includes_and_photo_runs_do_not_import():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, cwd=root)
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
+
+
+def test_synth_frames_from_a_video_file_equal_those_from_its_frames(tmp_path):
+    """``synth --frames clip.mp4`` makes the same pairs as ``--frames`` on the clip's frames saved
+    as PNG files (a folder of the same name); in a folder, a video is one more sequence."""
+    import json
+
+    clip = make_clip(tmp_path / "src" / "clip.mp4", frames=20, audio=False)
+    with av.open(str(clip)) as c:
+        for i, f in enumerate(c.decode(video=0)):
+            write_image(tmp_path / "clip" / f"{i:04d}.png",
+                        f.to_ndarray(format="rgb24").astype(np.float32) / 255.0)
+    args = ["--n-min", "5", "--n-max", "7", "--frame-step", "8", "--crop", "32"]
+
+    def synth(frames, out):
+        result = CliRunner().invoke(app, ["synth", "--frames", str(frames), "--out",
+                                          str(out), *args])
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+    from_video = synth(clip, tmp_path / "a")
+    from_pngs = synth(tmp_path / "clip", tmp_path / "b")
+    assert [r["name"] for r in from_video] == [r["name"] for r in from_pngs] == \
+        ["clip_w0000", "clip_w0001"]
+    for rv, rp in zip(from_video, from_pngs, strict=True):
+        assert rv["frames"] == list(range(rv["frames"][0], rv["frames"][0] + rv["num_frames"]))
+        assert rv["num_frames"] == rp["num_frames"] and rv["crop_box"] == rp["crop_box"]
+        assert rv["sharp_frame"] == rv["frames"][rv["num_frames"] // 2]
+        for kind in ("blur", "sharp"):
+            a = (tmp_path / "a" / kind / f"{rv['name']}.png").read_bytes()
+            assert a == (tmp_path / "b" / kind / f"{rp['name']}.png").read_bytes()
+    # a folder holding a frame sequence and a video: two sequences, the video named by its path
+    import shutil
+
+    shutil.copytree(tmp_path / "clip", tmp_path / "src" / "seq")
+    (tmp_path / "src" / "notes.txt").write_text("not a video")
+    (tmp_path / "src" / "broken.mkv").write_bytes(b"\x1a\x45\xdf\xa3" + b"\xff" * 100)
+    result = CliRunner().invoke(app, ["synth", "--frames", str(tmp_path / "src"), "--out",
+                                      str(tmp_path / "c"), *args])
+    assert result.exit_code == 0 and "broken.mkv" in result.output, result.output
+    mixed = [json.loads(line)
+             for line in (tmp_path / "c" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in mixed) == ["clip_w0000", "clip_w0001", "seq_w0000",
+                                               "seq_w0001"]
+    assert {r["source"] for r in mixed} == {"clip.mp4", "seq"}

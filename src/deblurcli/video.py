@@ -23,7 +23,7 @@ video is read or written; without it the error says how to install it. Nothing h
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -297,3 +297,46 @@ def _pts_step(info: VideoInfo) -> int:
     if not info.rate:
         return 1
     return max(1, round(1 / (info.rate * info.time_base)))
+
+
+def count_frames(path: Path) -> int:
+    """Number of video frames in ``path``: the count the container declares, or else the number
+    of video packets (read without decoding).
+
+    Raises:
+        ImageReadError: the file cannot be read or has no video stream.
+    """
+    av = import_av()
+    path = Path(path)
+    try:
+        with open_regular(path) as fh, av.open(fh, "r") as container:
+            if not container.streams.video:
+                raise ImageReadError(f"cannot read {path}: no video stream")
+            stream = container.streams.video[0]
+            if stream.frames:
+                return int(stream.frames)
+            return sum(1 for packet in container.demux(stream) if packet.size)
+    except av.error.FFmpegError as exc:
+        raise ImageReadError(f"cannot read {path}: {_one_line(exc)}") from None
+
+
+def iter_frames(path: Path) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode ``path``'s first video stream: ``(index, float32 (H, W, 3) RGB in [0, 1])`` for
+    each frame in presentation order, one at a time (as stored: the display rotation is not
+    applied).
+
+    Raises:
+        ImageReadError: the file cannot be read or a packet cannot be decoded.
+    """
+    av = import_av()
+    path = Path(path)
+    try:
+        with open_regular(path) as fh, av.open(fh, "r") as container:
+            if not container.streams.video:
+                raise ImageReadError(f"cannot read {path}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for index, frame in enumerate(container.decode(stream)):
+                yield index, frame.to_ndarray(format="rgb24").astype(np.float32) / 255.0
+    except av.error.FFmpegError as exc:
+        raise ImageReadError(f"cannot read {path}: {_one_line(exc)}") from None

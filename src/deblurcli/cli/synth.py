@@ -11,7 +11,10 @@ HELP = """Make synthetic blurred/sharp training pairs.
 
 Images mode (--src) blurs crops of sharp photos with random
 camera-shake kernels (Boracchi & Foi); frames mode (--frames) averages
-consecutive video frames in linear light (GoPro-style). Output:
+consecutive video frames in linear light (GoPro-style): a folder of
+frames, a folder of sequence folders and/or video files, or one
+high-frame-rate video file (videos need pip install 'deblurcli[video]').
+Output:
 OUT/blur/NAME.png, OUT/sharp/NAME.png, OUT/kernels/NAME.npy (images
 mode) and OUT/manifest.jsonl. The same arguments give byte-identical
 files whatever --workers; re-running resumes.
@@ -21,6 +24,7 @@ Examples:
   deblurcli synth --src photos/ --out pairs/ --workers 2
   deblurcli synth --src DF2K --out df2k/ --per-crop 2 --limit 10000
   deblurcli synth --frames videos/ --out gopro_like/ --crop 512
+  deblurcli synth --frames clip240fps.mp4 --out my_pairs/ --crop 512
 """
 
 
@@ -43,7 +47,8 @@ def synth(
         str | None,
         typer.Option(
             "--frames",
-            help="Folder of consecutive video frames, or a folder of sequence folders (frames mode).",
+            help="Folder of consecutive video frames, a folder of sequence folders or video "
+            "files, or one high-frame-rate video file (frames mode).",
         ),
     ] = None,
     crop: Annotated[
@@ -164,7 +169,7 @@ def synth(
     else:
         cfg = SynthConfig(
             out=out,
-            frames=resolve_source(frames),
+            frames=resolve_source(frames, videos=True),
             crop=crop,
             seed=seed,
             workers=workers,

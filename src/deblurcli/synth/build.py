@@ -36,11 +36,13 @@ from deblurcli.images import (
     image_size,
     list_images,
     read_image,
+    scan_folder,
     write_image,
 )
 from deblurcli.progress import ProgressFn, report
 from deblurcli.synth.blur import BlurParams, blur_region, degrade, sample_kernel, srgb_to_linear
 from deblurcli.synth.frames import average_frames, frame_windows
+from deblurcli.video import VIDEO_SUFFIXES, count_frames, iter_frames
 
 WarnFn = Callable[[str], None]
 PNG_LEVEL = 1  # zlib level of the output PNGs: ~3x faster to write than 6, files ~20% larger
@@ -203,10 +205,11 @@ def _sort_key(record: dict) -> tuple:
 # source lookup
 
 
-def resolve_source(arg: str, *, env: dict | None = None) -> Path:
+def resolve_source(arg: str, *, env: dict | None = None, videos: bool = False) -> Path:
     """Find the source folder for ``--src``/``--frames``.
 
-    An existing folder is used as is. A bare name (no path separator), e.g. ``DF2K``, is looked up
+    An existing folder is used as is; with ``videos`` (``--frames``), so is a video file. A bare
+    name (no path separator), e.g. ``DF2K``, is looked up
     in the working directory and then in ``$DEBLURCLI_DATA``. Raises :class:`DatasetError` saying
     where it looked (and what DF2K is, for that name).
     """
@@ -214,8 +217,11 @@ def resolve_source(arg: str, *, env: dict | None = None) -> Path:
     p = Path(arg).expanduser()
     if p.is_dir():
         return p
+    if videos and p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES:
+        return p
     if p.exists():
-        raise DatasetError(f"{arg} is a file, not a folder of images")
+        what = "a folder of frames or a video file" if videos else "a folder of images"
+        raise DatasetError(f"{arg} is a file, not {what}")
     looked = [str(Path.cwd() / arg)]
     bare = "/" not in arg and os.sep not in arg
     if bare:
@@ -327,9 +333,46 @@ def run_frames_task(out: str, spec: dict, crop: int | None) -> dict:
     """Average one frame window (and optionally crop it). Returns like :func:`run_image_task`."""
     try:
         frames = [read_image(p).pixels for p in spec["frame_paths"]]
-        blurred, sharp = average_frames(frames)
     except ImageReadError as exc:
         return {"records": [], "error": str(exc)}
+    return _window_pair(Path(out), spec, frames, crop)
+
+
+def run_video_task(out: str, path: str, specs: list[dict], crop: int | None) -> dict:
+    """Make every window of one video file, decoding it once from the start and holding only the
+    frames of the windows in progress. Returns like :func:`run_image_task`."""
+    pending = sorted(specs, key=lambda s: s["frames"][0])
+    records: list[dict] = []
+    held: dict[int, np.ndarray] = {}
+    last = -1
+    try:
+        for index, pixels in iter_frames(Path(path)):
+            last = index
+            if not pending:
+                break
+            if index >= pending[0]["frames"][0]:
+                held[index] = pixels
+            while pending and pending[0]["frames"][-1] <= index:
+                spec = pending.pop(0)
+                res = _window_pair(Path(out), spec, [held[i] for i in spec["frames"]], crop)
+                if res["error"]:
+                    return {"records": records, "error": res["error"]}
+                records.extend(res["records"])
+                first_needed = pending[0]["frames"][0] if pending else index + 1
+                held = {i: f for i, f in held.items() if i >= first_needed}
+    except ImageReadError as exc:
+        return {"records": records, "error": str(exc)}
+    if pending:
+        return {"records": records,
+                "error": f"video {path}: only {last + 1} frames could be decoded; "
+                         f"{len(pending)} window(s) after frame {last} skipped"}
+    return {"records": records, "error": None}
+
+
+def _window_pair(out: Path, spec: dict, frames: list[np.ndarray], crop: int | None) -> dict:
+    """Average one window's frames, crop, save the pair; returns like :func:`run_image_task`."""
+    try:
+        blurred, sharp = average_frames(frames)
     except ValueError as exc:  # frames of different sizes
         return {"records": [], "error": f"sequence {spec['source']}: {exc}"}
     H, W = sharp.shape[:2]
@@ -348,7 +391,7 @@ def run_frames_task(out: str, spec: dict, crop: int | None) -> dict:
         blurred, sharp = blurred[y : y + ch, x : x + cw], sharp[y : y + ch, x : x + cw]
     else:
         box = [0, 0, W, H]
-    _save_pair(Path(out), spec["name"], blurred, sharp, None)
+    _save_pair(out, spec["name"], blurred, sharp, None)
     rec = {
         "name": spec["name"],
         "mode": "frames",
@@ -411,7 +454,11 @@ def _plan_images(cfg: SynthConfig, src: Path, warn: WarnFn, result: SynthResult)
     return specs
 
 
-def _sequences(root: Path, warn: WarnFn) -> list[tuple[str, list[Path]]]:
+def _sequences(root: Path, warn: WarnFn) -> list[tuple[str, list[Path] | Path]]:
+    """Every sequence under ``root``: ``(relative path, frame files)`` for each folder that holds
+    frames, ``(relative path, video file)`` for each video file (``root`` itself may be one)."""
+    if root.is_file():
+        return [(".", root)]
     folders = [root] + sorted(
         (
             d
@@ -420,12 +467,27 @@ def _sequences(root: Path, warn: WarnFn) -> list[tuple[str, list[Path]]]:
         ),
         key=lambda d: d.relative_to(root).parts,
     )
-    seqs = []
+    seqs: list[tuple[str, list[Path] | Path]] = []
     for d in folders:
-        frames = list_images(d, on_skip=lambda p, why: warn(f"skipping {p}: {why}"))
+        listing = scan_folder(d, suffixes=IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+        skipped = [(p, f"not an image or video (suffix {p.suffix or 'none'!r})")
+                   for p in listing.others]
+        for p, why in sorted(skipped + listing.problems):
+            warn(f"skipping {p}: {why}")
+        frames = [p for p, _ in listing.images if p.suffix.lower() in IMAGE_SUFFIXES]
         if frames:
             seqs.append((d.relative_to(root).as_posix(), frames))
+        seqs.extend((p.relative_to(root).as_posix(), p) for p, _ in listing.images
+                    if p.suffix.lower() in VIDEO_SUFFIXES)
     return seqs
+
+
+def _stem(rel: str, source: list[Path] | Path, root: Path) -> str:
+    if rel == ".":
+        return (root.stem if isinstance(source, Path) else root.resolve().name) or "frames"
+    if isinstance(source, Path):  # a video: its path without the suffix
+        rel = rel.rsplit(".", 1)[0]
+    return rel.replace("/", "__")
 
 
 def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
@@ -437,17 +499,36 @@ def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
         )
     specs = []
     lo = cfg.frame_range[0] + (cfg.frame_range[0] % 2 == 0)  # windows use odd frame counts
-    stems = _unique_stems({rel: rel.replace("/", "__") if rel != "." else
-                           (root.resolve().name or "frames") for rel, _ in seqs})
+    stems = _unique_stems({rel: _stem(rel, source, root) for rel, source in seqs})
     for rel, frames in seqs:
+        where = root if rel == "." else root / rel
+        if isinstance(frames, Path):  # a video file
+            try:
+                count = count_frames(frames)
+            except ImageReadError as exc:
+                warn(f"skipping {exc}")
+                continue
+        else:
+            count = len(frames)
         rng = np.random.default_rng(sample_seed(cfg.seed, "windows", rel))
         windows = frame_windows(
-            len(frames), rng, n_range=cfg.frame_range, step=cfg.effective_frame_step
+            count, rng, n_range=cfg.frame_range, step=cfg.effective_frame_step
         )
         if not windows:
-            warn(f"skipping sequence {root / rel}: {len(frames)} frames, fewer than {lo}")
+            warn(f"skipping sequence {where}: {count} frames, fewer than {lo}")
         stem = stems[rel]
         for i, win in enumerate(windows):
+            if isinstance(frames, Path):  # frames by number (0-based, in presentation order)
+                specs.append({
+                    "name": f"{stem}_w{i:04d}",
+                    "source": rel if rel != "." else frames.name,
+                    "window": i,
+                    "frames": list(range(win.start, win.start + win.length)),
+                    "video_path": str(frames),
+                    "run_seed": cfg.seed,
+                    "seed": sample_seed(cfg.seed, rel, i),
+                })
+                continue
             chosen = frames[win.start : win.start + win.length]
             specs.append(
                 {
@@ -528,7 +609,14 @@ def run_synth(
             groups.setdefault(s["path"], []).append(s)
         tasks = [(run_image_task, (str(cfg.out), path, g, cfg.blur)) for path, g in groups.items()]
     else:
-        tasks = [(run_frames_task, (str(cfg.out), s, cfg.crop)) for s in todo]
+        videos: dict[str, list[dict]] = {}
+        tasks = []
+        for s in todo:
+            if "video_path" in s:
+                videos.setdefault(s["video_path"], []).append(s)
+            else:
+                tasks.append((run_frames_task, (str(cfg.out), s, cfg.crop)))
+        tasks += [(run_video_task, (str(cfg.out), path, g, cfg.crop)) for path, g in videos.items()]
 
     report(progress, "pairs", 0, len(todo))
     with open(manifest, "a", encoding="utf-8") as mf:
