@@ -168,6 +168,11 @@ def pack(args: argparse.Namespace) -> None:
         else:
             shutil.copyfile(wheel, target)
     report["wheel_bytes"] = sum(p.stat().st_size for p in (out / "wheels").iterdir())
+    missing = [n for n in WHEELS if not any(w.name.lower().startswith(n.lower() + "-")
+                                            for w in wheels)]
+    if missing:
+        print(f"warning: no wheel for {', '.join(missing)} in {args.wheels}: the run fails on a "
+              "machine without them", file=sys.stderr)
     used += report["wheel_bytes"]
 
     def group(name: str, sources: list[tuple[Path, str]], budget: int, quality: int,
@@ -244,6 +249,7 @@ class Log:
 
 def _install_wheels(pack_dir: Path, log: Log) -> None:
     """Install the pack's wheels into a private folder when their packages are missing."""
+    import importlib
     import importlib.util
 
     if all(importlib.util.find_spec(name) for name in WHEELS):
@@ -253,6 +259,10 @@ def _install_wheels(pack_dir: Path, log: Log) -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                     "--no-compile", "--upgrade", "--target", str(target), *wheels], check=True)
     sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
+    missing = [name for name in WHEELS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"missing packages {', '.join(missing)}: the pack has no wheels for them")
     log.line(f"installed {len(wheels)} wheel(s) into {target}")
 
 
