@@ -18,10 +18,11 @@ their real motion blur) until each group fits its share of ``--max-pack-mib``.
     -> export (fp16, E2 kept) -> evaluation (PSNR/SSIM at gamma 1 and 0.7) -> speed benchmark
 
 The preflight runs two real steps of every kind of stage, the export and the split, so anything
-but the GPU itself fails within a minute. Training data is made on the device
-(``--device-data``). A stage that reaches its budget checkpoints and hands its model to the next,
-so a complete model always comes back. ``OUT`` receives ``run.log`` and ``results.json`` as the
-stages finish, then ``model.tar.NN`` parts (each under ``--part-mib``) with ``model.sha256``.
+but the GPU itself fails within a minute; then the data path's crops per second are measured.
+Training data is made on the device (``--device-data``). A stage that reaches its budget
+checkpoints and hands its model to the next, so a complete model always comes back. ``OUT``
+receives ``run.log`` and ``results.json`` as the stages finish, then ``model.tar.NN`` parts
+(each under ``--part-mib``) with ``model.sha256``.
 
 ``rejoin`` concatenates the parts, checks them, unpacks the model folder and verifies its
 checksums.
@@ -304,6 +305,34 @@ def _train(kind: str, config, log: Log, stage: str) -> Path:
     return result.model_folder
 
 
+def _measure_data_path(args, work: Path, log: Log, batches: int) -> None:
+    """Crops per second the device data path delivers at the base stage's settings (its stage
+    record gives the crops per second training consumed)."""
+    import torch
+
+    from deblurcli.train.engine import build_data
+
+    config = _stage_config("diffusion", args, work, "base", 0)
+    device = torch.device("cpu" if args.device == "cpu" else "cuda")
+    stream = build_data(config, device=device).train.stream()
+    for _ in range(2):  # the worker processes start
+        next(stream)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    stream.close()
+    rate = batches * config.batch_size / seconds
+    log.record("data_path", crops_per_s=round(rate, 1), batch_size=config.batch_size,
+               crop=config.crop, workers=config.workers, status="ok")
+    log.line(f"data path: {rate:.0f} crops/s ({batches} batches of {config.batch_size} x "
+             f"{config.crop}^2, {config.workers} kernel workers)")
+
+
 def _export_and_split(src: Path, out: Path, part_bytes: int, work: Path) -> dict:
     """Export ``src`` (fp16, E2 kept) to ``work/default-model``, tar it and split it into
     ``out/model.tar.NN`` parts with ``out/model.sha256``."""
@@ -437,6 +466,7 @@ def run(args: argparse.Namespace) -> None:
     _export_and_split(lora, work / "preflight", part_bytes, pre)
     log.record("preflight", seconds=round(log.elapsed() - t0, 1), status="ok")
     log.line(f"preflight passed in {log.elapsed() - t0:.1f} s")
+    _measure_data_path(args, work, log, batches=args.data_batches)
 
     # 2.-5. the stages, each with its share of the time left (at least a step each)
     reserve = args.reserve  # export, evaluation
@@ -551,6 +581,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="processes drawing kernels ahead of the GPU")
     r.add_argument("--gan-start", type=int, default=300)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--data-batches", type=int, default=20,
+                   help="batches timed to measure the data path after the preflight")
     r.add_argument("--part-mib", type=float, default=15.0)
     r.add_argument("--no-bench", action="store_true")
     r.set_defaults(func=run)

@@ -110,10 +110,12 @@ def test_the_gpu_recipe_rehearsed_on_the_cpu(pack: Path, tmp_path: Path) -> None
     done = _script("run", "--pack", str(pack), "--out", str(out), "--work", str(tmp_path / "w"),
                    "--device", "cpu", "--preset", "tiny", "--crop", "32", "--batch-size", "2",
                    "--workers", "0", "--budget", "30", "--reserve", "6", "--eval-seconds", "8",
-                   "--stage-budget", "lora_r=0", "--gan-start", "0", "--part-mib", "0.25")
+                   "--stage-budget", "lora_r=0", "--gan-start", "0", "--part-mib", "0.25",
+                   "--data-batches", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((out / "results.json").read_text())["stages"]
-    for stage in ("preflight", "vae", "base", "lora_r", "lora_s", "export", "evaluation"):
+    for stage in ("preflight", "data_path", "vae", "base", "lora_r", "lora_s", "export",
+                  "evaluation"):
         assert results[stage]["status"] == "ok", stage
     # a stage with no time left still trains one step and hands its model on
     assert results["lora_r"]["steps"] == 1 and results["lora_r"]["out_of_time"]
