@@ -553,8 +553,10 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                 step += 1
                 if budget is not None:
                     planned = budget.plan(step)
-                    if planned is not None and planned < target:
-                        target = max(planned, step)
+                    if planned is not None and planned <= step:  # no time for another step
+                        target, out_of_time = step, True
+                    elif planned is not None and planned < target:
+                        target = planned
                         for scheduler in stage.schedulers.values():
                             retarget_lr(scheduler, target)
                     if budget.expired() and step < target:
@@ -588,6 +590,8 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
             if not torn:  # a torn state would be saved under the previous step's number
                 last_ckpt = save(step)
     log.close()
+    if hasattr(batches, "close"):  # a device stream's worker processes end here, not at GC
+        batches.close()
     model_folder = None
     if not interrupted:
         accelerator.wait_for_everyone()
