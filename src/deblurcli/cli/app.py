@@ -190,8 +190,20 @@ def _quiet_dependency_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+_COMMAND_PROCESS = False
+
+
+def running_as_command() -> bool:
+    """True inside a process that :func:`main` runs (the ``deblurcli`` console script or
+    ``python -m deblurcli``): a command may then change process-wide state such as how
+    diffusers is imported. False when other code (a test, a notebook) calls the app."""
+    return _COMMAND_PROCESS
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point."""
+    global _COMMAND_PROCESS
+    _COMMAND_PROCESS = True
     if debug_enabled():
         os.environ.setdefault("TYPER_STANDARD_TRACEBACK", "1")
     else:

@@ -66,6 +66,25 @@ def predict_x0(z_t: Tensor, eps: Tensor, alpha_bar: float | Tensor) -> Tensor:
     return (z_t - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
 
 
+def _unet_call(unet: nn.Module):
+    """``unet`` itself, or -- for a UNet without LoRA layers or hooks -- its forward without
+    diffusers' LoRA-scale wrapper.
+
+    Recent diffusers wrap ``UNet2DConditionModel.forward`` in ``apply_lora_scale``, which scales
+    peft LoRA layers by ``cross_attention_kwargs["scale"]`` and, to do so, imports peft (and with
+    it transformers: about 2 s on a 2-core CPU) on every call. deblurcli passes no scale, so for
+    a UNet without LoRA layers (fused weights) the wrapper does nothing but that import.
+    """
+    forward = getattr(type(unet), "forward", None)
+    inner = getattr(forward, "__wrapped__", None)
+    code = getattr(forward, "__code__", None)
+    if (inner is None or code is None or not code.co_filename.endswith("peft_utils.py")
+            or getattr(unet, "_hf_peft_config_loaded", False) or unet._forward_hooks
+            or unet._forward_pre_hooks):
+        return unet
+    return lambda *args, **kwargs: inner(unet, *args, **kwargs)
+
+
 class OneStepDenoiser(nn.Module):
     """A diffusers ``UNet2DConditionModel`` + a learned prompt embedding + a fixed timestep.
 
@@ -102,7 +121,7 @@ class OneStepDenoiser(nn.Module):
         batch = z_t.shape[0]
         prompt = self.prompt_embeds.to(z_t.dtype).expand(batch, -1, -1)
         t = torch.full((batch,), self.timestep, device=z_t.device, dtype=torch.long)
-        return self.unet(z_t, t, encoder_hidden_states=prompt, return_dict=False)[0]
+        return _unet_call(self.unet)(z_t, t, encoder_hidden_states=prompt, return_dict=False)[0]
 
     def forward(self, z_t: Tensor) -> Tensor:
         """The sharp-latent estimate ``predict_x0(z_t, unet(z_t), abar_t)``."""
