@@ -171,6 +171,10 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     from deblurcli.device import resolve_device, resolve_dtype, set_cpu_threads
 
     err, out = stderr_console(), stdout_console()
+    # under `accelerate launch` / torchrun: this process's share of the files (deblurcli.distributed)
+    group = _process_group(device_name)
+    if group is not None and not group.is_main:
+        out = _quiet_console()  # one summary, the main process's
     jobs = plan_jobs(input_path, output, options)  # input problems surface before model loading
     if not any(needs_processing(job, options) for job in jobs):
         if any(job.problem for job in jobs):  # unreadable entries to report; no model needed
@@ -187,11 +191,15 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     from deblurcli.modelfolder import default_weights_dir, load_model_folder
     from deblurcli.pipeline import DeblurPipeline, default_batch_size, prepare_model
 
-    device = resolve_device(device_name)
+    from deblurcli.distributed import cpu_threads_share
+
+    device = (group.device if group is not None and device_name in ("auto", "cuda")
+              else resolve_device(device_name))
     dtype = resolve_dtype(dtype_name, device, warn=lambda m: warn(err, escape(m)))
     vae_dtype = torch.float32 if vae_fp32 else None
     if device.type == "cpu" or threads:
-        set_cpu_threads(threads)  # 0: every core this process may use (sched_getaffinity)
+        # 0: every core this process may use (sched_getaffinity), shared among launched processes
+        set_cpu_threads(threads or cpu_threads_share(group))
     model = load_model_folder(weights if weights is not None else default_weights_dir(),
                               device=device, dtype=dtype, gamma=gamma, fuse=fuse,
                               vae_dtype=vae_dtype, base_model=base_model, lora=lora,
@@ -204,7 +212,9 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
                               overlap=overlap, channels_last=True,
                               batch_size=batch_size or default_batch_size(device),
                               color_fix=color_fix)
-    err.print(f"deblurring {len(jobs)} file(s) on {device} ({str(dtype).replace('torch.', '')}"
+    all_jobs, jobs = jobs, _my_share(jobs, group)
+    share = f" (process {group.index + 1}/{group.count})" if group is not None else ""
+    err.print(f"deblurring {len(jobs)} file(s){share} on {device} ({str(dtype).replace('torch.', '')}"
               f"{', VAE float32' if vae_fp32 else ''}), {gamma_text}, "
               f"tile={tile or 'whole image'}"
               f"{f', colour fix sigma={color_fix:g}' if color_fix else ''}", highlight=False)
@@ -215,9 +225,52 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
 
     # without a terminal (a log, CI) rich_progress prints a plain line every ~10 s instead
     with rich_progress(err, labels={"images": "images", "frames": "frames", "tiles": "tiles"},
-                       unit={"images": "img", "frames": "frame", "tiles": "tile"}) as progress:
+                       unit={"images": "img", "frames": "frame", "tiles": "tile"},
+                       enabled=group is None or group.is_main) as progress:
         summary = run_jobs(jobs, pipeline, options, progress=progress, on_result=on_result)
-    _report(out, summary, len(jobs), output)
+    if group is not None:  # every process's results, for one summary; the same exit status
+        from deblurcli.batch import BatchSummary
+        from deblurcli.distributed import gather_results
+
+        summary = BatchSummary(gather_results(group, summary.results, all_jobs))
+        if not group.is_main:
+            group.wait()  # exit only after the main process reported (a launcher stops the rest)
+            if summary.failed:
+                raise typer.Exit(1)
+            return
+        try:
+            _report(out, summary, len(all_jobs), output)
+        finally:
+            group.wait()
+        return
+    _report(out, summary, len(all_jobs), output)
+
+
+def _process_group(device_name: str):
+    """The launched process group (``accelerate launch``, torchrun), or None for one process."""
+    from deblurcli.distributed import launched_processes, process_group
+
+    if launched_processes() <= 1:
+        return None
+    import torch
+
+    return process_group(cpu=device_name == "cpu" or (device_name == "auto"
+                                                     and not torch.cuda.is_available()))
+
+
+def _my_share(jobs: list, group) -> list:
+    """This process's jobs: every ``count``-th from its index (all of them for one process)."""
+    from deblurcli.batch import shard_items
+
+    return jobs if group is None else shard_items(jobs, (group.index, group.count))
+
+
+def _quiet_console():
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
 
 
 def _check_video_options(codec: str, crf: int) -> None:
