@@ -287,3 +287,44 @@ def test_cli_reports_unreadable_entries_without_loading_a_model(tmp_path, monkey
     assert result.exit_code == 1, result.output
     assert "processed 0, skipped 1, failed 1" in result.stdout
     assert f"failed: {tmp_path / 'in' / 'x.png'}: a named pipe, not a regular file" in result.stdout
+
+
+def test_the_output_record_is_never_written_through_a_symlink(tmp_path):
+    """A symlink planted as OUTPUT's record file must not redirect the record into another file
+    (an input, a shell profile): the write is refused and the outside file is untouched."""
+    from deblurcli.batch import record_output
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "out").mkdir()
+    ledger = tmp_path / "out" / ".deblurcli-outputs.jsonl"
+    ledger.symlink_to(victim)
+    written = tmp_path / "out" / "a.png"
+    written.write_bytes(b"x")
+    with pytest.raises(OSError):
+        record_output(ledger, written, written)
+    assert victim.read_text() == "precious\n"
+
+
+def test_an_unsearchable_parent_is_one_clear_error(tmp_path, monkeypatch):
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", refuse)  # what Python 3.11 raises without +x on a parent
+    with pytest.raises(DeblurcliError, match="cannot write to the output folder"):
+        check_output_folder(tmp_path / "locked" / "out")
+
+
+def test_a_write_only_folder_still_counts_the_write_as_done(tmp_path, monkeypatch):
+    from deblurcli import images
+
+    real_open = os.open
+
+    def no_read(path, flags, *args):
+        if flags & getattr(os, "O_DIRECTORY", 0):
+            raise PermissionError(13, "Permission denied", str(path))  # a -wx folder
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(images.os, "open", no_read)
+    write_image(tmp_path / "a.png", np.zeros((4, 4, 3), np.float32))
+    assert (tmp_path / "a.png").stat().st_size > 0

@@ -371,3 +371,31 @@ def test_atomic_write_flushes_the_file_then_the_folder(tmp_path, monkeypatch):
     assert events[0][1].startswith(".out.png.") and events[0][1].endswith(".part")
     assert events[2][1] == tmp_path.name
 
+
+
+def test_tiff_samples_and_sample_size_count_against_the_limit(tmp_path, monkeypatch):
+    """A TIFF's pixel count hides samples per pixel and their size: many float64 samples would
+    allocate far more than width x height suggests, so the array's bytes are checked before
+    tifffile allocates it."""
+    import tifffile
+
+    from deblurcli.errors import ImageReadError
+    from deblurcli.images import read_image
+
+    many = tmp_path / "many.tif"
+    tifffile.imwrite(many, np.zeros((8, 8, 64), np.uint8), photometric="minisblack",
+                     planarconfig="contig")
+    wide = tmp_path / "wide.tif"  # 2400 x 2400 float64 RGB: 138 MB of pixels, a small file
+    tile = np.zeros((256, 256, 3), np.float64)
+    tifffile.imwrite(wide, (tile for _ in range(100)), shape=(2400, 2400, 3), dtype=np.float64,
+                     tile=(256, 256), compression="zlib", photometric="rgb")
+    assert wide.stat().st_size < 2_000_000
+
+    def never(*args, **kwargs):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", never)
+    with pytest.raises(ImageReadError, match="64 channels"):
+        read_image(many)
+    with pytest.raises(ImageReadError, match="bytes, more than the limit"):
+        read_image(wide, max_pixels=2400 * 2400)

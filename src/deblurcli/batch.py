@@ -273,8 +273,9 @@ def record_output(ledger: Path, target: Path, written: Path) -> None:
     rel = os.path.relpath(os.path.abspath(target), os.path.abspath(ledger.parent))
     line = json.dumps({"path": Path(rel).as_posix(), "size": info.st_size,
                        "mtime_ns": info.st_mtime_ns, "inode": info.st_ino}) + "\n"
-    fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0),
-                 0o666)
+    # never through a symlink planted in OUTPUT: the line would land in another file
+    fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0)
+                 | getattr(os, "O_NOFOLLOW", 0), 0o666)
     try:
         reason = not_regular_reason(os.fstat(fd).st_mode)
         if reason:
@@ -364,9 +365,10 @@ def check_output_folder(folder: Path) -> None:
     """
     folder = Path(folder)
     existing = folder
-    while not existing.exists() and not existing.is_symlink() and existing.parent != existing:
-        existing = existing.parent
     try:
+        while not existing.exists() and not existing.is_symlink() and \
+                existing.parent != existing:
+            existing = existing.parent
         if not existing.is_dir():
             raise NotADirectoryError(f"{existing} is not a folder")
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".deblurcli-check-", suffix=".part")

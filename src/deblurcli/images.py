@@ -5,8 +5,8 @@ images are repeated to three channels), with the alpha channel, the grey-ness an
 (8 or 16) kept so that :func:`write_image` can write the result back in the same kind of file.
 EXIF orientation is applied on reading.
 
-Back-ends: Pillow for JPEG, WebP, BMP and 8-bit PNG; tifffile for TIFF; OpenCV (``cv2``, installed
-with pyiqa as ``opencv-python-headless``) for 16-bit PNG, because Pillow reduces 16-bit colour PNGs
+Back-ends: Pillow for JPEG, WebP, BMP and 8-bit PNG; tifffile for TIFF; OpenCV (``cv2``, the
+``opencv-python-headless`` dependency) for 16-bit PNG, because Pillow reduces 16-bit colour PNGs
 to 8 bits. Every write encodes in memory first and then goes through :func:`atomic_write_bytes`
 (temporary file in the destination folder, flushed to disk, ``os.replace``, folder flushed), so no
 half-written file is ever left and a finished write survives a crash.
@@ -137,7 +137,10 @@ def fsync_folder(path: PathLike) -> None:
     flags = getattr(os, "O_DIRECTORY", None)
     if flags is None:
         return
-    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        fd = os.open(path, os.O_RDONLY | flags)
+    except PermissionError:  # a write-only (-wx) folder: the write itself succeeded
+        return
     try:
         os.fsync(fd)
     except OSError as exc:
@@ -419,7 +422,7 @@ def _read_png16(data: bytes) -> ImageData:
     """A 16-bit PNG (its IHDR already checked against the pixel limit) through OpenCV."""
     try:
         import cv2
-    except ImportError as exc:  # pragma: no cover - cv2 comes with pyiqa
+    except ImportError as exc:  # pragma: no cover - cv2 is a dependency
         raise ImageReadError(
             "reading 16-bit PNG needs OpenCV: pip install opencv-python-headless"
         ) from exc
@@ -443,6 +446,14 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
         page = tif.pages[0]
         _check_pixels(path, page.imagewidth, page.imagelength, max_pixels,
                       getattr(page, "imagedepth", 1))
+        # the pixel count says nothing of samples per pixel or their size: check the array's
+        # bytes (what asarray allocates) before allocating it
+        if int(page.samplesperpixel) > 4:
+            raise ValueError(f"unsupported TIFF with {page.samplesperpixel} channels")
+        if int(page.nbytes) > max_file_bytes(max_pixels):
+            raise ImageReadError(f"cannot read {path}: its pixels take {int(page.nbytes):,} "
+                                 f"bytes, more than the limit of {max_file_bytes(max_pixels):,} "
+                                 "(raise --max-pixels if the file is trusted)")
         arr = page.asarray()
         tag = page.tags.get(274)
         orientation = int(tag.value) if tag is not None else 1
