@@ -59,3 +59,17 @@ def test_lora_errors_are_one_line(tiny_model_folder, tmp_path):
     assert again.exit_code == 1
     assert again.stderr.strip().splitlines() == [again.stderr.strip()]
     assert "already fused" in again.stderr
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_an_adapter_file_without_a_blend_gamma_is_refused(tiny_model_folder, tmp_path, fuse):
+    """A model folder's own adapter file records no γ: merged at full strength it would run a
+    blend nobody asked for while the run reported --gamma's value."""
+    photo = tmp_path / "in" / "photo.png"
+    write_image(photo, np.zeros((16, 16, 3), np.float32))
+    result = cli("deblur", photo, tmp_path / "out", "--weights", tiny_model_folder, "--lora",
+                 tiny_model_folder / "lora_real.safetensors", "--tile", "0",
+                 *([] if fuse else ["--no-fuse"]))
+    assert result.exit_code == 1
+    assert "not a 'deblurcli blend' file" in result.output
+    assert not (tmp_path / "out").exists()

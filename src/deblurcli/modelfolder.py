@@ -380,7 +380,7 @@ def _merge_without_peft(unet: nn.Module, adapters: Mapping[str, tuple], *, gamma
     """Fuse a model folder's γ-blend (``fuse``), or an adapter file (``lora``), into ``unet``
     without peft, with the same arithmetic (:func:`deblurcli.models.adapters.merge_adapters_into`).
 
-    Returns the γ the UNet now holds (``None`` for an adapter file that records none), or
+    Returns the γ the UNet now holds (an adapter file must record its blend's γ), or
     ``_NOT_MERGED`` when this case needs live peft adapters: ``fuse=False`` without ``lora``,
     adapters other than exactly real + synthetic, or layer kinds the merge does not handle.
     """
@@ -388,12 +388,11 @@ def _merge_without_peft(unet: nn.Module, adapters: Mapping[str, tuple], *, gamma
         path = Path(lora)
         spec, state = ad.load_adapter_file(path)
         _, metadata = ad.read_safetensors(path)
+        gamma_of_file = ad.blend_gamma(metadata, path)
         checks = [(s, st, None, lora_file(n)) for n, (s, st) in adapters.items()]
         if not ad.merge_adapters_into(unet, checks + [(spec, state, 1.0, path.name)]):
             return _NOT_MERGED
-        blend = json.loads(metadata.get("extra", "{}")).get("blend", {})
-        value = blend.get("gamma") if isinstance(blend, dict) else None
-        return None if value is None else float(value)
+        return gamma_of_file
     if not fuse or set(adapters) != set(ad.ADAPTER_NAMES):
         return _NOT_MERGED
     g = float(gamma)

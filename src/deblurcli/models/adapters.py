@@ -398,6 +398,24 @@ def save_adapter_file(path: str | Path, state: Mapping[str, Tensor], spec: LoraS
     save_safetensors_atomic(Path(path), state, metadata)
 
 
+def blend_gamma(metadata: Mapping[str, str], path: str | Path) -> float:
+    """The γ recorded by ``deblurcli blend`` in an adapter file's metadata.
+
+    Raises:
+        WeightsError: the file records none (a model folder's own adapter file, say): run with
+            no γ known would merge it at full strength and report the wrong blend.
+    """
+    try:
+        blend = json.loads(metadata.get("extra", "{}")).get("blend", {})
+    except ValueError:
+        blend = {}
+    value = blend.get("gamma") if isinstance(blend, dict) else None
+    if not isinstance(value, (int, float)):
+        raise WeightsError(f"{Path(path).name} is not a 'deblurcli blend' file (it records no "
+                           "gamma); for a model folder's own adapters use --gamma instead")
+    return float(value)
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of a safetensors file; WeightsError if missing or unreadable."""
     from safetensors import safe_open

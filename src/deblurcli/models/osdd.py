@@ -138,10 +138,9 @@ class OSDDModel(nn.Module):
         adapters: it is merged into the UNet (in float32, exact) and the live adapters are
         dropped. The blend's γ, recorded in the file, becomes :attr:`fused_gamma`.
 
-        Raises :class:`WeightsError` for a model already fused or a file that does not fit.
+        Raises :class:`WeightsError` for a model already fused, a file that does not fit or one
+        that records no γ (not written by ``deblurcli blend``).
         """
-        import json
-
         if self.fused_gamma is not None:
             raise WeightsError(f"this model's adapters are already fused (gamma="
                                f"{self.fused_gamma:g}); an adapter file needs an unfused model "
@@ -149,14 +148,13 @@ class OSDDModel(nn.Module):
         path = Path(path)
         spec, state = ad.load_adapter_file(path)
         _, metadata = ad.read_safetensors(path)
+        gamma = ad.blend_gamma(metadata, path)
         unet = self.denoiser.unet
         ad.add_adapter(unet, BLEND_ADAPTER, spec)
         ad.load_adapter_state_dict(unet, BLEND_ADAPTER, state, source=path.name)
         ad.merge_and_unload(unet, {BLEND_ADAPTER: 1.0})  # the real/synthetic layers go unmerged
-        blend = json.loads(metadata.get("extra", "{}")).get("blend", {})
-        gamma = blend.get("gamma") if isinstance(blend, dict) else None
-        self.fused_gamma = None if gamma is None else float(gamma)
-        self.gamma = self.fused_gamma
+        self.fused_gamma = gamma
+        self.gamma = gamma
         self.lora_specs = {}
 
     # ---------------------------------------------------------------- running
