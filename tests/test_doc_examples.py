@@ -47,15 +47,14 @@ def _help_lines() -> list[str]:
 
 
 def _commands(lines: list[str]) -> list[str]:
+    """Every ``deblurcli ...`` command of the lines, also after ``&&`` (the README's set-up)."""
     found = []
     for line in lines:
-        line = line.strip().lstrip("$ ").strip()
-        if not line.startswith("deblurcli "):
-            continue
-        line = re.split(r"\s+#", line, maxsplit=1)[0].rstrip(" &;")
-        if "&&" in line:
-            line = line.split("&&")[0]
-        found.append(line.strip())
+        line = re.split(r"\s+#", line.strip().lstrip("$ ").strip(), maxsplit=1)[0]
+        for part in line.split("&&"):
+            part = part.strip().rstrip(" &;").strip()
+            if part.startswith("deblurcli "):
+                found.append(part)
     return found
 
 
@@ -85,6 +84,9 @@ def _parse(command: str) -> None:
 def test_examples_were_found():
     sources = {source for source, _ in EXAMPLES}
     assert {"README.md", "docs/deblur.md", "docs/evaluation.md", "--help"} <= sources
+    # the README's first set-up command: pip install . && deblurcli deblur examples/ out/ ...
+    assert any(source == "README.md" and command.startswith("deblurcli deblur examples/")
+               for source, command in EXAMPLES)
     assert len(EXAMPLES) > 40
 
 

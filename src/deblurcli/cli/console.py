@@ -115,7 +115,7 @@ def rich_progress(console: Console, labels: Optional[dict[str, str]] = None,
     On a terminal: one Rich bar per stage whose counts, rate, elapsed time and ETA fit in 80
     columns (the bar is fixed-width; extra ``info`` values such as ``loss=0.0123`` come last
     and are cut with an ellipsis when the line is full). Without a terminal (a log file, CI,
-    ``nohup``): a plain line every ``interval`` seconds, and one when a stage completes, with
+    ``nohup``): a plain line every ``interval`` seconds and a last one when the work ends, with
     every stage's counts, rate and ETA. ``labels`` maps stage names to the text shown, ``unit``
     names what is counted (one name, or one per stage: ``{"images": "img", "tiles": "tile"}``);
     ``enabled=False`` shows nothing.
