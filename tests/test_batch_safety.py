@@ -13,6 +13,7 @@ generator keeps it reproducible: a failure names its seed.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 from pathlib import Path
@@ -151,6 +152,39 @@ def _key(path: Path) -> str:
     return os.path.normcase(os.path.join(os.path.realpath(path.parent), path.name))
 
 
+def _expected_target(src: Path, out: Path, path: Path, options: BatchOptions) -> str:
+    """The output path of an input by the documented naming rule, as a :func:`_key`."""
+    rel = path.relative_to(src)
+    suffix = rel.suffix if options.ext == "auto" else "." + options.ext
+    return _key(out / rel.parent / f"{rel.stem}{options.suffix}{suffix}")
+
+
+def _same_entry(a: Path, b: Path) -> bool:
+    if _key(a) == _key(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_refusal(message: str, src: Path, out: Path, options: BatchOptions) -> None:
+    """A refusal must name a real clash (a planner refusing every run must not pass): a target
+    that is an input, or two inputs whose outputs share one path."""
+    inputs = _input_entries(src, options.recursive)
+    clash = re.match(r"refusing to write (.+?): it is an input file", message)
+    if clash:
+        target = Path(clash.group(1))
+        assert any(_same_entry(target, p) for p in inputs), f"no input at {target}: {message}"
+        return
+    clash = re.match(r"(.+?) and (.+?) would both be written to (.+?); ", message)
+    assert clash, f"unexpected refusal: {message}"
+    first, second, target = (Path(g) for g in clash.groups())
+    for path in (first, second):
+        assert path in inputs and _expected_target(src, out, path, options) == _key(target), \
+            f"{path} is not an input written to {target}: {message}"
+
+
 def _run_all_shards(src: Path, out: Path, options: BatchOptions, count: int):
     """Plan and run every shard in turn (as separate machines would); None if refused."""
     plans, refusals = [], []
@@ -162,6 +196,8 @@ def _run_all_shards(src: Path, out: Path, options: BatchOptions, count: int):
         except DeblurcliError as exc:
             refusals.append(str(exc))
     assert not refusals or not plans, f"only some shards refused: {refusals}"
+    for message in refusals:
+        _check_refusal(message, src, out, options)
     if refusals:
         return None
     return [result for jobs, sharded in plans for result in run_jobs(jobs, negate, sharded).results]
