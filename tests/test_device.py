@@ -78,11 +78,22 @@ def test_explicit_dtypes_on_gpu():
 
 
 @pytest.mark.parametrize("name", ["fp16", "bf16"])
-def test_half_on_cpu_falls_back_to_fp32_with_a_warning(name):
+def test_half_on_cpu_falls_back_to_fp32_with_a_warning(name, monkeypatch):
+    monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: False)
     warnings: list[str] = []
     assert dev.resolve_dtype(name, torch.device("cpu"), warn=warnings.append) == torch.float32
     assert len(warnings) == 1 and name in warnings[0] and "fp32" in warnings[0]
     assert dev.resolve_dtype(name, torch.device("cpu")) == torch.float32  # no callback: silent
+
+
+def test_bf16_on_a_cpu_with_bf16_units_is_used_but_not_chosen_by_auto(monkeypatch):
+    monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: True)
+    warnings: list[str] = []
+    cpu = torch.device("cpu")
+    assert dev.resolve_dtype("bf16", cpu, warn=warnings.append) == torch.bfloat16
+    assert dev.resolve_dtype("auto", cpu, warn=warnings.append) == torch.float32
+    assert dev.resolve_dtype("fp16", cpu, warn=warnings.append) == torch.float32
+    assert len(warnings) == 1 and "fp16" in warnings[0]
 
 
 def test_unknown_dtype():

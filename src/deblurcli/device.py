@@ -5,7 +5,9 @@
   float16 on older CUDA GPUs and on MPS, and float32 on the CPU. bfloat16 is preferred over float16
   because it has float32's exponent range: the Stable Diffusion VAE is known to overflow to
   ``inf``/``NaN`` (black or speckled outputs) in float16, and bfloat16 runs as fast on those GPUs.
-* Half precision on the CPU is slow and poorly supported: it falls back to float32 with a warning.
+* Half precision on the CPU is slow and poorly supported: it falls back to float32 with a warning,
+  except ``--dtype bf16`` on a CPU with bfloat16 matrix units, which is used as asked (``auto``
+  stays float32 on the CPU: see :func:`resolve_dtype`).
   Training is the exception: ``--mixed-precision bf16`` autocasts on CPUs with native bfloat16
   matrix units (:func:`cpu_has_fast_bf16`: Intel AMX or AVX512-BF16), where it measured 1.48x
   faster per stage-2 step (docs/training.md, ``benchmarks/bench_train_step.py``).
@@ -94,7 +96,15 @@ def resolve_dtype(name: str, device: torch.device, warn: Optional[WarnFn] = None
     """Turn a ``--dtype`` value into a ``torch.dtype`` suited to ``device``.
 
     ``auto``: bf16 on CUDA GPUs with bf16 support, else fp16 on CUDA/MPS, fp32 on the CPU.
-    An explicit ``fp16``/``bf16`` on the CPU falls back to fp32 and calls ``warn`` with a message.
+    An explicit ``bf16`` on a CPU with bfloat16 matrix units (:func:`cpu_has_fast_bf16`) is
+    used; ``fp16`` on any CPU, and ``bf16`` on other CPUs, fall back to fp32 and call ``warn``
+    with a message.
+
+    ``auto`` stays fp32 on every CPU because bf16 was not faster where it could be measured: on
+    a 2-core Xeon with AVX512-BF16 but no AMX it ran the compact model 0.77x as fast (UNet and
+    eVAE bf16, PSNR 39.7 dB against fp32) and 0.86x with the eVAE in fp32 (45.6 dB)
+    (``benchmarks/bench_cpu_bf16.py``, docs/performance.md). CPUs with AMX may differ: measure
+    there before changing this.
 
     Raises:
         DeblurcliError: the name is not one of auto, fp32, fp16, bf16.
@@ -110,8 +120,13 @@ def resolve_dtype(name: str, device: torch.device, warn: Optional[WarnFn] = None
         return torch.float32
     dtype = _DTYPES[norm]
     if device.type == "cpu" and dtype != torch.float32:
+        if dtype == torch.bfloat16 and cpu_has_fast_bf16():
+            return dtype
         if warn is not None:
-            warn(f"--dtype {norm} is not used on the CPU (slow and inexact there); using fp32")
+            why = "" if dtype == torch.float16 else " without bfloat16 matrix units (AMX, " \
+                "AVX512-BF16)"
+            warn(f"--dtype {norm} is not used on a CPU{why} (slow and inexact there); "
+                 "using fp32")
         return torch.float32
     return dtype
 
