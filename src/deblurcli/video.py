@@ -269,6 +269,10 @@ def _transcode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, cr
                 out.mux(packet)
                 continue
             for frame in packet.decode():
+                if (frame.width, frame.height) != (info.width, info.height):
+                    raise ImageReadError(f"cannot read {source}: the frame size changes from "
+                                         f"{info.width}x{info.height} to {frame.width}x"
+                                         f"{frame.height} at frame {done} (not supported)")
                 pts = frame.pts if frame.pts is not None else (done * step)
                 if last_pts is not None and pts <= last_pts:
                     pts = last_pts + 1  # the encoder needs increasing timestamps
