@@ -299,11 +299,14 @@ def _report(out, summary, total: int, output: Path) -> None:
     """Print the run's summary and every failure; raise (exit 1) if any job failed."""
     from deblurcli.errors import DeblurcliError
 
-    frames = (f"; {summary.frames} video frame(s), {summary.seconds_per_frame:.2f} s/frame"
-              if summary.frames else "")
+    videos = sum(r.status == "done" and r.frames > 0 for r in summary.results)
+    rates = [f"mean {summary.mean_seconds:.2f} s/image"] if summary.count("done") > videos or \
+        not videos else []
+    if summary.frames:
+        rates.append(f"{summary.frames} video frame(s), {summary.seconds_per_frame:.2f} s/frame")
     out.print(f"processed {summary.count('done')}, skipped {summary.count('skipped')}, "
-              f"failed {summary.count('failed')}; mean {summary.mean_seconds:.2f} s/image"
-              f"{frames}; output in {output}", highlight=False, markup=False)
+              f"failed {summary.count('failed')}; {'; '.join(rates)}; output in {output}",
+              highlight=False, markup=False)
     if summary.failed:
         for result in summary.failed:
             out.print(f"failed: {result.job.source}: {result.error}", highlight=False,
