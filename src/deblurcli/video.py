@@ -172,7 +172,8 @@ def probe_video(path: Path) -> VideoInfo:
                              frames=int(stream.frames or 0),
                              rate=Fraction(rate) if rate else None,
                              time_base=Fraction(stream.time_base),
-                             duration=duration, rotation=int(first.rotation or 0),
+                             duration=duration,
+                             rotation=int(getattr(first, "rotation", 0) or 0),
                              display_matrix=_display_matrix(first),
                              audio_streams=len(container.streams.audio))
     except av.error.FFmpegError as exc:
@@ -252,10 +253,11 @@ def _transcode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, cr
             value = getattr(ctx_in, name, None)
             if value:
                 setattr(vout.codec_context, name, value)
-        if info.display_matrix is not None:
-            if not hasattr(vout, "set_display_matrix"):
-                raise DeblurcliError(f"cannot keep the rotation of {source}: that needs PyAV >= 18 "
-                                     f"(Python >= 3.11); this is PyAV {av.__version__}")
+        if info.display_matrix is not None or info.rotation:
+            if info.display_matrix is None or not hasattr(vout, "set_display_matrix"):
+                raise DeblurcliError(f"cannot keep the rotation of {source}: that needs PyAV >= "
+                                     f"17.1 (pip install 'deblurcli[video]'); this is PyAV "
+                                     f"{av.__version__}")
             vout.set_display_matrix(info.display_matrix)
         audio = {a: out.add_stream_from_template(a) for a in inp.streams.audio}
         report(progress, "frames", 0, total)
