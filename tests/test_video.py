@@ -269,3 +269,14 @@ def test_synth_frames_from_a_video_file_equal_those_from_its_frames(tmp_path):
     assert sorted(r["name"] for r in mixed) == ["clip_w0000", "clip_w0001", "seq_w0000",
                                                "seq_w0001"]
     assert {r["source"] for r in mixed} == {"clip.mp4", "seq"}
+
+
+def test_video_written_inside_its_input_folder_is_recorded_and_not_an_input_next_time(tmp_path):
+    src = tmp_path / "clips"
+    make_clip(src / "clip.mp4", frames=3, audio=False)
+    options = BatchOptions(suffix="_sharp")
+    first = run_jobs(plan_jobs(src, src, options), lambda x, p: x, options)
+    assert [r.status for r in first.results] == ["done"] and (src / "clip_sharp.mp4").exists()
+    again = plan_jobs(src, src, options)  # the ledger vouches for clip_sharp.mp4: not an input
+    assert [j.source.name for j in again] == ["clip.mp4"]
+    assert [r.status for r in run_jobs(again, lambda x, p: x, options).results] == ["skipped"]
