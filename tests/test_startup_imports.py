@@ -66,3 +66,34 @@ def test_no_fuse_still_imports_peft(tiny_model_folder: Path, tmp_path: Path):
     result = _deblur_in_a_process(photo, tmp_path / "out", "--weights", tiny_model_folder,
                                   "--no-fuse")
     assert "peft" in result["modules"]  # live adapters: the normal import, peft and all
+
+
+FALLBACK = """
+import sys
+import numpy as np
+from deblurcli.models import runtime_imports as ri
+ri.RUNTIME_MODULES = ri.RUNTIME_MODULES + ("diffusers.no_such_module",)
+assert ri.import_diffusers_for_inference() is False
+from deblurcli.modelfolder import load_model_folder
+from deblurcli.pipeline import DeblurPipeline, prepare_model
+model = load_model_folder(sys.argv[1], gamma=0.3)
+pixels = np.random.default_rng(0).random((40, 56, 3), dtype=np.float32)
+np.save(sys.argv[2], DeblurPipeline(prepare_model(model), device="cpu")(pixels))
+"""
+
+
+def test_a_failed_lean_import_falls_back_to_the_normal_one(tiny_model_folder, tmp_path):
+    """Another diffusers may not have what the lean import expects: deblurring still works,
+    with the same result."""
+    from deblurcli.modelfolder import load_model_folder
+    from deblurcli.pipeline import DeblurPipeline, prepare_model
+
+    proc = subprocess.run([sys.executable, "-c", FALLBACK, str(tiny_model_folder),
+                           str(tmp_path / "out.npy")], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    model = load_model_folder(tiny_model_folder, gamma=0.3)
+    pixels = np.random.default_rng(0).random((40, 56, 3), dtype=np.float32)
+    expected = DeblurPipeline(prepare_model(model), device="cpu")(pixels)
+    # (thread counts may differ between the two processes: not bit for bit)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)

@@ -73,7 +73,7 @@ class _Hide:
         self.names = frozenset(names)
 
     def find_spec(self, fullname: str, path=None, target=None):
-        if fullname.partition(".")[0] in self.names:
+        if any(fullname == name or fullname.startswith(name + ".") for name in self.names):
             raise ModuleNotFoundError(f"No module named {fullname!r} (hidden by deblurcli)",
                                       name=fullname)
         return None
@@ -98,8 +98,15 @@ def _defer(name: str) -> _DeferredPackage | None:
 
 def import_diffusers_for_inference() -> bool:
     """Import :data:`RUNTIME_MODULES` without the rest of diffusers, peft or bitsandbytes (see
-    the module docstring). Returns whether it did; ``False`` (nothing changed) when diffusers
-    was already imported or anything went wrong."""
+    the module docstring). Returns whether it did: ``False`` when diffusers was already
+    imported (nothing is done) or anything went wrong (the deferred packages are dropped and
+    the hidden ones shown again, so that a normal import follows; the modules imported so far
+    stay).
+
+    (``torch._dynamo``, most of what is left of diffusers' import time, cannot be left out the
+    same way: ``diffusers.hooks`` decorates classes with ``torch.compiler.disable`` as it
+    imports.)
+    """
     if any(name == "diffusers" or name.startswith("diffusers.") for name in sys.modules):
         return False
     deferred: list[str] = []
@@ -127,7 +134,7 @@ def import_diffusers_for_inference() -> bool:
                 del sys.modules[name]
         return False
     finally:
-        if hide in sys.meta_path:
+        if hide is not None and hide in sys.meta_path:
             sys.meta_path.remove(hide)
         for flag, value in saved.items():
             setattr(flags, flag, value)
