@@ -9,7 +9,10 @@ then carries signal at a realistic scale. The model is written to a temporary mo
 
 * ``fp32``: everything float32 (today's CPU default);
 * ``bf16``: eVAE and UNet bfloat16;
-* ``bf16-unet``: UNet bfloat16, eVAE float32 (``--vae-fp32``).
+* ``bf16-unet``: UNet bfloat16, eVAE float32 (``--vae-fp32``);
+* ``autocast``: float32 weights, run under ``torch.autocast("cpu", torch.bfloat16)`` (matrix
+  products and convolutions in bf16, normalisations and softmax in float32; how training uses
+  bf16 on the CPU).
 
 The pipeline blends tiles, applies the colour fix and converts the output in float32 in every
 variant. Differences are measured on the pipeline outputs in [0, 1] (max, mean and PSNR against
@@ -35,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import cpu_model, environment, parse_size  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "bf16-unet")
+VARIANTS = ("fp32", "bf16", "bf16-unet", "autocast")
 
 
 def cpu_flags() -> list[str]:
@@ -77,6 +80,16 @@ def test_image(size: tuple[int, int], path: str | None) -> np.ndarray:
     rng = np.random.default_rng(0)
     img = np.stack([0.5 + 0.4 * np.sin(x / 37.0 + c) * np.cos(y / 23.0 - c) for c in range(3)], -1)
     return np.clip(img + 0.05 * rng.standard_normal(img.shape, dtype=np.float32), 0, 1)
+
+
+def _autocast(model):
+    import torch
+
+    def run(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x).float()
+
+    return run
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -121,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         save_model_folder(Path(tmp) / "m", model, include_sharp_encoder=False)
         del model
         for name in variants:
-            dtype = torch.float32 if name == "fp32" else torch.bfloat16
-            vae = torch.float32 if name in ("fp32", "bf16-unet") else torch.bfloat16
+            dtype = torch.bfloat16 if name in ("bf16", "bf16-unet") else torch.float32
+            vae = torch.bfloat16 if name == "bf16" else torch.float32
             loaded = load_model_folder(Path(tmp) / "m", dtype=dtype, vae_dtype=vae, gamma=0.7)
-            pipes[name] = DeblurPipeline(prepare_model(loaded), device="cpu", dtype=vae,
-                                         batch_size=1)
+            runner = prepare_model(loaded)
+            if name == "autocast":
+                runner = _autocast(runner)
+            pipes[name] = DeblurPipeline(runner, device="cpu", dtype=vae, batch_size=1)
     outputs = {name: pipe(image) for name, pipe in pipes.items()}  # warm-up, and the outputs
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
