@@ -396,7 +396,7 @@ def _evaluate(model_dir: Path, pack_dir: Path, work: Path, device: str, seconds:
     for name, folder in sets.items():  # every image at both gammas, until the time is up
         scores: dict[str, list[float]] = {}
         for blur_path in list_images(folder / "blur"):
-            if time.monotonic() > deadline:
+            if scores and time.monotonic() > deadline:  # but at least one image per set
                 break
             sharp_path = next((folder / "sharp").glob(blur_path.stem + ".*"))
             blur, sharp = read_image(blur_path).pixels, read_image(sharp_path).pixels
