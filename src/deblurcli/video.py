@@ -23,6 +23,7 @@ video is read or written; without it the error says how to install it. Nothing h
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -148,36 +149,43 @@ def _display_matrix(frame: Any) -> Optional[tuple[int, ...]]:
     return tuple(int(v) for v in values[:9]) if values.size >= 9 else None
 
 
+@contextlib.contextmanager
+def _video_stream(path: Path) -> Iterator[tuple[Any, Any]]:
+    """``(container, first video stream)`` of a regular file opened for reading; FFmpeg's errors
+    (raised here or in the caller's block) become one-line :class:`ImageReadError`."""
+    av = import_av()
+    try:
+        with open_regular(path) as fh, av.open(fh, "r") as container:
+            if not container.streams.video:
+                raise ImageReadError(f"cannot read {path}: no video stream")
+            yield container, container.streams.video[0]
+    except av.error.FFmpegError as exc:
+        raise ImageReadError(f"cannot read {path}: {_one_line(exc)}") from None
+
+
 def probe_video(path: Path) -> VideoInfo:
     """Read a video's header and first frame.
 
     Raises:
         ImageReadError: not a regular file, no video stream, or FFmpeg cannot read it.
     """
-    av = import_av()
     path = Path(path)
-    try:
-        with open_regular(path) as fh, av.open(fh, "r") as container:
-            if not container.streams.video:
-                raise ImageReadError(f"cannot read {path}: no video stream")
-            stream = container.streams.video[0]
-            ctx = stream.codec_context
-            first = next(container.decode(stream), None)
-            if first is None:
-                raise ImageReadError(f"cannot read {path}: no video frame could be decoded")
-            rate = stream.average_rate or stream.guessed_rate
-            duration = (float(stream.duration * stream.time_base) if stream.duration
-                        else (container.duration / 1e6 if container.duration else None))
-            return VideoInfo(width=first.width or ctx.width, height=first.height or ctx.height,
-                             frames=int(stream.frames or 0),
-                             rate=Fraction(rate) if rate else None,
-                             time_base=Fraction(stream.time_base),
-                             duration=duration,
-                             rotation=int(getattr(first, "rotation", 0) or 0),
-                             display_matrix=_display_matrix(first),
-                             audio_streams=len(container.streams.audio))
-    except av.error.FFmpegError as exc:
-        raise ImageReadError(f"cannot read {path}: {_one_line(exc)}") from None
+    with _video_stream(path) as (container, stream):
+        ctx = stream.codec_context
+        first = next(container.decode(stream), None)
+        if first is None:
+            raise ImageReadError(f"cannot read {path}: no video frame could be decoded")
+        rate = stream.average_rate or stream.guessed_rate
+        duration = (float(stream.duration * stream.time_base) if stream.duration
+                    else (container.duration / 1e6 if container.duration else None))
+        return VideoInfo(width=first.width or ctx.width, height=first.height or ctx.height,
+                         frames=int(stream.frames or 0),
+                         rate=Fraction(rate) if rate else None,
+                         time_base=Fraction(stream.time_base),
+                         duration=duration,
+                         rotation=int(getattr(first, "rotation", 0) or 0),
+                         display_matrix=_display_matrix(first),
+                         audio_streams=len(container.streams.audio))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -312,18 +320,11 @@ def count_frames(path: Path) -> int:
     Raises:
         ImageReadError: the file cannot be read or has no video stream.
     """
-    av = import_av()
     path = Path(path)
-    try:
-        with open_regular(path) as fh, av.open(fh, "r") as container:
-            if not container.streams.video:
-                raise ImageReadError(f"cannot read {path}: no video stream")
-            stream = container.streams.video[0]
-            if stream.frames:
-                return int(stream.frames)
-            return sum(1 for packet in container.demux(stream) if packet.size)
-    except av.error.FFmpegError as exc:
-        raise ImageReadError(f"cannot read {path}: {_one_line(exc)}") from None
+    with _video_stream(path) as (container, stream):
+        if stream.frames:
+            return int(stream.frames)
+        return sum(1 for packet in container.demux(stream) if packet.size)
 
 
 def iter_frames(path: Path) -> Iterator[tuple[int, np.ndarray]]:
@@ -334,15 +335,8 @@ def iter_frames(path: Path) -> Iterator[tuple[int, np.ndarray]]:
     Raises:
         ImageReadError: the file cannot be read or a packet cannot be decoded.
     """
-    av = import_av()
     path = Path(path)
-    try:
-        with open_regular(path) as fh, av.open(fh, "r") as container:
-            if not container.streams.video:
-                raise ImageReadError(f"cannot read {path}: no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for index, frame in enumerate(container.decode(stream)):
-                yield index, frame.to_ndarray(format="rgb24").astype(np.float32) / 255.0
-    except av.error.FFmpegError as exc:
-        raise ImageReadError(f"cannot read {path}: {_one_line(exc)}") from None
+    with _video_stream(path) as (container, stream):
+        stream.thread_type = "AUTO"
+        for index, frame in enumerate(container.decode(stream)):
+            yield index, frame.to_ndarray(format="rgb24").astype(np.float32) / 255.0
