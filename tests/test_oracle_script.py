@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.lab
+
 from deblurcli.images import write_image
 from deblurcli.synth.blur import blur_image
 

@@ -451,6 +451,7 @@ def test_diffusion_latent_weight_pulls_z_h_to_the_sharp_latent(one_pair: Path,
     assert gaps[1.0] < 0.75 * gaps[0.0], gaps
 
 
+@pytest.mark.lab
 def test_probe_scripts_read_running_runs(pairs: Path, evae_run: Path, tmp_path: Path) -> None:
     """scripts/probe_evae.py and probe_stage2.py judge a run from its newest checkpoint;
     probe_color_fix.py judges a model folder."""
@@ -537,6 +538,7 @@ def test_a_run_with_relative_paths_resumes_from_another_directory(pairs: Path, t
     assert train_vae(config).step == 2
 
 
+@pytest.mark.lab
 def test_calibrate_pixel_cnn_script_trains_and_reports(pairs: Path) -> None:
     """scripts/calibrate_pixel_cnn.py (the issue-6 calibration) trains and measures end to end."""
     import subprocess
