@@ -3,6 +3,9 @@
 * ``tiny_osdd`` -- a factory ``tiny_osdd(seed=0, **config_kwargs) -> OSDDModel``: a tiny random
   model (4-level eVAE with skips, cross-attention UNet, random 'real'/'synthetic' adapters so that
   gamma changes the output), eval mode, gamma 0.5, unfused.
+* ``pairs`` -- a folder of four 48x48 blurry/sharp training pairs (``blur/``, ``sharp/``).
+* ``unlistable`` -- makes every folder named ``locked`` refuse to be listed (as ``chmod 000``
+  would for a user other than root).
 * ``tiny_model_folder`` -- a fresh copy (in ``tmp_path``) of a model folder holding that model
   (seed 0, float32, E2 included), written by ``save_model_folder``. Images of 32-64 px.
 """
@@ -62,3 +65,36 @@ def _no_metric_downloads(monkeypatch):
         raise ConnectionError("tests never download (replace fetch.fetch_file with a fake)")
 
     monkeypatch.setattr(fetch, "fetch_file", refuse)
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory) -> Path:
+    """Four 48x48 crops of skimage's astronaut with a horizontal box blur."""
+    import numpy as np
+    import skimage.data
+    from scipy.ndimage import uniform_filter
+
+    from deblurcli.images import write_image
+
+    root = tmp_path_factory.mktemp("pairs")
+    photo = skimage.data.astronaut().astype(np.float32) / 255
+    for i in range(4):
+        sharp = photo[60 + 90 * i: 108 + 90 * i, 160:208]
+        write_image(root / "blur" / f"p{i}.png", uniform_filter(sharp, size=(1, 5, 1)))
+        write_image(root / "sharp" / f"p{i}.png", sharp)
+    return root
+
+
+@pytest.fixture
+def unlistable(monkeypatch) -> None:
+    """Folders named ``locked`` refuse to be listed (chmod 000 does not stop root)."""
+    import os
+
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.lab
-
 from deblurcli.images import write_image
 from deblurcli.synth.blur import blur_image
+
+pytestmark = pytest.mark.lab
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "oracle_wiener.py"
 

@@ -6,30 +6,13 @@ import csv
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from deblurcli.cli.app import app
-from deblurcli.images import write_image
 
 FAST = ["--preset", "tiny", "--cpu", "--crop", "32", "--batch-size", "2", "--val-size", "32",
         "--perceptual", "none", "--lambda2", "0", "--full"]
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    """Three 48x48 crops of skimage's astronaut with a horizontal box blur."""
-    import skimage.data
-    from scipy.ndimage import uniform_filter
-
-    root = tmp_path_factory.mktemp("pairs")
-    photo = skimage.data.astronaut().astype(np.float32) / 255
-    for i in range(3):
-        sharp = photo[60 + 90 * i: 108 + 90 * i, 160:208]
-        write_image(root / "blur" / f"p{i}.png", uniform_filter(sharp, size=(1, 5, 1)))
-        write_image(root / "sharp" / f"p{i}.png", sharp)
-    return root
 
 
 def _train(pairs: Path, out: Path, *extra: str):

@@ -15,28 +15,12 @@ import torch
 from typer.testing import CliRunner
 
 from deblurcli.errors import DeblurcliError
-from deblurcli.images import write_image
 from deblurcli.train.config import DiffusionTrainConfig, VaeTrainConfig
 from deblurcli.train.diffusion import train_diffusion
 from deblurcli.train.vae import load_evae, train_vae
 
 FAST = {"preset": "tiny", "crop": 32, "batch_size": 2, "val_size": 32, "cpu": True,
         "perceptual": "none", "checkpoint_every": 100, "validate_every": 100, "log_every": 1}
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    """Four 48x48 crops of skimage's astronaut with a horizontal box blur."""
-    import skimage.data
-    from scipy.ndimage import uniform_filter
-
-    root = tmp_path_factory.mktemp("pairs")
-    photo = skimage.data.astronaut().astype(np.float32) / 255
-    for i in range(4):
-        sharp = photo[60 + 90 * i: 108 + 90 * i, 160:208]
-        write_image(root / "blur" / f"p{i}.png", uniform_filter(sharp, size=(1, 5, 1)))
-        write_image(root / "sharp" / f"p{i}.png", sharp)
-    return root
 
 
 @pytest.fixture(scope="module")
