@@ -346,8 +346,8 @@ def _export_and_split(src: Path, out: Path, part_bytes: int, work: Path) -> dict
     verify_checksums(model)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for path in sorted(model.iterdir()):
-            tar.add(path, arcname=f"model/{path.name}")
+        for path in sorted(p for p in model.rglob("*") if p.is_file()):
+            tar.add(path, arcname=f"model/{path.relative_to(model).as_posix()}")
     blob = buf.getvalue()
     for old in out.glob("model.tar.*"):
         old.unlink()

@@ -115,30 +115,47 @@ def test_set_trainable_adapter_and_gamma_keep_requires_grad():
         ad.set_trainable_adapter(unet, "nope")
 
 
-def test_adapter_file_round_trip(tmp_path):
+def load_blend(unet, spec, state, name="blend"):
+    """diffusers' own loader for a LoRA state dict + its config."""
+    unet.load_lora_adapter(dict(state), adapter_name=name, prefix=None,
+                           metadata=json.loads(ad.lora_metadata(spec)))
+
+
+def test_adapter_files_are_diffusers_lora_files(tmp_path):
     unet = dual_unet()
     state = ad.adapter_state_dict(unet, "real")
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) and ".real." not in k
                for k in state)
-    path = tmp_path / "lora_real.safetensors"
-    ad.save_adapter_file(path, state, REAL_SPEC)
-    with safe_open(str(path), "pt") as f:
-        assert json.loads(f.metadata()["lora_spec"])["rank"] == 2
-    spec, loaded = ad.load_adapter_file(path)
-    assert spec == REAL_SPEC
-    other = tiny_unet()
-    ad.add_adapter(other, "real", spec)
-    ad.load_adapter_state_dict(other, "real", loaded)
-    ad.set_adapter_weights(unet, {"real": 1.0})
-    torch.testing.assert_close(run(other), run(unet))
-    bad = dict(loaded)
-    key = next(iter(bad))
-    bad[key] = torch.zeros(7, 7)
-    with pytest.raises(WeightsError, match="has shape"):
-        ad.load_adapter_state_dict(other, "real", bad, source="lora_real.safetensors")
-    bad.pop(key)
-    with pytest.raises(WeightsError, match="missing"):
-        ad.load_adapter_state_dict(other, "real", bad)
+    unet.save_lora_adapter(tmp_path, adapter_name="real", weight_name="stock.safetensors")
+    ad.write_lora_file(tmp_path / "ours.safetensors", state, unet.peft_config["real"].to_dict())
+    for name in ("stock", "ours"):
+        spec, loaded, metadata = ad.read_lora_file(tmp_path / f"{name}.safetensors")
+        assert (spec.rank, spec.alpha, set(spec.target_modules)) == \
+            (REAL_SPEC.rank, REAL_SPEC.alpha, set(REAL_SPEC.target_modules))
+        assert loaded.keys() == state.keys()
+        other = tiny_unet()
+        other.load_lora_adapter(str(tmp_path), weight_name=f"{name}.safetensors",
+                                adapter_name="real", prefix=None)
+        ad.set_adapter_weights(unet, {"real": 1.0})
+        torch.testing.assert_close(run(other), run(unet))
+    with safe_open(str(tmp_path / "ours.safetensors"), "pt") as f:
+        ours = f.metadata()
+    with safe_open(str(tmp_path / "stock.safetensors"), "pt") as f:
+        stock = json.loads(f.metadata()[ad.LORA_METADATA_KEY])
+    ours = json.loads(ours[ad.LORA_METADATA_KEY])
+    assert set(stock.pop("target_modules")) == set(ours.pop("target_modules"))  # a set in peft
+    assert stock == ours
+    with pytest.raises(WeightsError, match="missing weights file"):
+        ad.read_lora_file(tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsError, match="junk.safetensors"):
+        ad.read_lora_file(tmp_path / "junk.safetensors")
+
+
+def test_the_metadata_key_is_diffusers_own():
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    assert ad.LORA_METADATA_KEY == LORA_ADAPTER_METADATA_KEY
 
 
 @pytest.mark.parametrize("real_targets", [ad.DEFAULT_TARGETS, ("to_q", "to_v", "conv1")])
@@ -155,30 +172,24 @@ def test_blended_adapter_equals_runtime_blend(real_targets):
     assert ranks == ({5} if real_targets == ad.DEFAULT_TARGETS else {3, 5})
     assert spec.alpha == spec.rank  # the blend's own scaling is 1
     other = tiny_unet()
-    ad.add_adapter(other, "blend", spec)
-    ad.load_adapter_state_dict(other, "blend", state)
+    load_blend(other, spec, state)
     torch.testing.assert_close(run(other), runtime, atol=1e-5, rtol=1e-5)
 
 
 def test_blend_files(tmp_path):
     unet = dual_unet()
-    ad.save_adapter_file(tmp_path / "r.safetensors", ad.adapter_state_dict(unet, "real"), REAL_SPEC)
-    ad.save_adapter_file(tmp_path / "s.safetensors", ad.adapter_state_dict(unet, "synthetic"),
-                         SYNTH_SPEC)
+    unet.save_lora_adapter(tmp_path, adapter_name="real", weight_name="r.safetensors")
+    unet.save_lora_adapter(tmp_path, adapter_name="synthetic", weight_name="s.safetensors")
     spec = ad.blend_adapter_files(tmp_path / "r.safetensors", tmp_path / "s.safetensors", 1.0,
                                   tmp_path / "b.safetensors")
     ad.set_gamma(unet, 1.0)
-    other = tiny_unet()
-    spec2, state = ad.load_adapter_file(tmp_path / "b.safetensors")
-    assert spec2 == spec
-    ad.add_adapter(other, "blend", spec2)
-    ad.load_adapter_state_dict(other, "blend", state)
+    spec2, _, metadata = ad.read_lora_file(tmp_path / "b.safetensors")
+    assert spec2.rank == spec.rank and ad.blend_gamma(metadata, "b") == 1.0
+    other = tiny_unet()  # stock diffusers loads the blend file
+    other.load_lora_adapter(str(tmp_path / "b.safetensors"), adapter_name="blend", prefix=None)
     torch.testing.assert_close(run(other), run(unet), atol=1e-5, rtol=1e-5)
-    with pytest.raises(WeightsError, match="missing weights file"):
-        ad.load_adapter_file(tmp_path / "none.safetensors")
-    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(WeightsError, match="junk.safetensors"):
-        ad.load_adapter_file(tmp_path / "junk.safetensors")
+    with pytest.raises(WeightsError, match="records no gamma"):
+        ad.blend_gamma(ad.read_lora_file(tmp_path / "r.safetensors")[2], "r.safetensors")
 
 
 def test_lora_spec_from_dict_rejects_unknown_keys():

@@ -6,7 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from deblurcli.cli.app import app
-from deblurcli.modelfolder import load_model_folder, read_model_config
+from deblurcli.modelfolder import RECORD_KEY, load_model_folder, read_model_index
 from deblurcli.models import adapters as ad
 
 runner = CliRunner()
@@ -29,17 +29,16 @@ def test_blend_files_equal_runtime_blend(tiny_model_folder, tmp_path):
     expected = runtime(x)
     # the blend file as the only adapter of the same model
     model = load_model_folder(tiny_model_folder, gamma=0.3, fuse=False)
-    spec, state = ad.load_adapter_file(out)
-    ad.add_adapter(model.unet, "blend", spec)
-    ad.load_adapter_state_dict(model.unet, "blend", state)
+    model.unet.load_lora_adapter(str(out), adapter_name="blend", prefix=None)
     ad.set_adapter_weights(model.unet, {"blend": 1.0})
     assert (model(x) - expected).abs().max() < 1e-4
+    spec = ad.read_lora_file(out)[0]
     # the same from --weights DIR
     out2 = tmp_path / "blend2.safetensors"
     result = runner.invoke(app, ["blend", "--weights", str(tiny_model_folder), "--gamma", "0.3",
                                  "-o", str(out2)])
     assert result.exit_code == 0, result.output
-    assert out2.read_bytes() != b"" and ad.load_adapter_file(out2)[0] == spec
+    assert out2.read_bytes() != b"" and ad.read_lora_file(out2)[0] == spec
 
 
 @torch.no_grad()
@@ -48,7 +47,7 @@ def test_blend_fuse_writes_a_fused_model_folder(tiny_model_folder, tmp_path):
     result = runner.invoke(app, ["blend", "--fuse", "--weights", str(tiny_model_folder),
                                  "--gamma", "0.6", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert read_model_config(out)["fused"] == {"gamma": 0.6}
+    assert read_model_index(out)[RECORD_KEY]["fused_gamma"] == 0.6
     x = image()
     runtime = load_model_folder(tiny_model_folder, gamma=0.6, fuse=False)(x)
     assert (load_model_folder(out, gamma=0.1)(x) - runtime).abs().max() < 1e-4

@@ -129,10 +129,10 @@ def test_missing_weights_folder_exits_1(photos, tmp_path):
     assert result.exit_code == 1 and "model folder not found" in result.output
 
 
-@pytest.mark.parametrize("damage,message", [("delete", "missing file unet.safetensors"),
-                                            ("corrupt", "corrupt")])
+@pytest.mark.parametrize("damage,message", [
+    ("delete", "missing file unet/diffusion_pytorch_model.safetensors"), ("corrupt", "corrupt")])
 def test_missing_or_corrupt_weights_exit_1(photos, tiny_model_folder, tmp_path, damage, message):
-    target = tiny_model_folder / "unet.safetensors"
+    target = tiny_model_folder / "unet" / "diffusion_pytorch_model.safetensors"
     if damage == "delete":
         target.unlink()
     else:

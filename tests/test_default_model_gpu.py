@@ -132,11 +132,12 @@ def test_the_gpu_recipe_rehearsed_on_the_cpu(pack: Path, tmp_path: Path) -> None
     # rejoin: parts -> verified model folder that loads and deblurs; refuses to overwrite
     model_dir = tmp_path / "model"
     _rejoin(str(out), "-o", str(model_dir))
-    from deblurcli.modelfolder import load_model_folder, read_model_config
+    from deblurcli.modelfolder import DISCRIMINATOR_FILE, load_model_folder
     from deblurcli.pipeline import DeblurPipeline
 
-    assert read_model_config(model_dir)["evae"]["sharp_encoder"]  # trainable further
-    assert (model_dir / "discriminator.safetensors").is_file()
+    evae_config = json.loads((model_dir / "evae" / "config.json").read_text())
+    assert evae_config["sharp_encoder"]  # trainable further
+    assert (model_dir / DISCRIMINATOR_FILE).is_file()
     model = load_model_folder(model_dir, gamma=0.7)
     image = np.random.default_rng(0).random((40, 56, 3)).astype(np.float32)
     assert DeblurPipeline(model, tile=0, batch_size=1)(image).shape == image.shape

@@ -14,7 +14,7 @@ from deblurcli.models.presets import preset_config
 
 def _via_peft(monkeypatch, *args, **kwargs):
     with monkeypatch.context() as m:
-        m.setattr(mf, "_merge_without_peft", lambda *a, **k: mf._NOT_MERGED)
+        m.setattr(mf, "_merge_without_peft", lambda *a, **k: None)
         return mf.load_model_folder(*args, **kwargs)
 
 

@@ -1,29 +1,38 @@
-"""Model folder: round trips, fp16 storage, fused folders, base models, and clear WeightsErrors."""
+"""Model folder: a diffusers pipeline folder; round trips, fp16 storage, fused folders, atomic
+replacement, hub ids from the cache, and clear WeightsErrors."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from deblurcli.errors import WeightsError
 from deblurcli.modelfolder import (
     CHECKSUM_FILE,
+    INDEX_FILE,
     NO_DEFAULT_MODEL,
+    RECORD_KEY,
     default_weights_dir,
+    export_model_folder,
     fuse_model_folder,
     load_model_folder,
-    read_model_config,
+    read_model_index,
     save_model_folder,
 )
 
 
 def image(size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def record(folder: Path) -> dict:
+    return read_model_index(folder)[RECORD_KEY]
 
 
 def rewrite_checksums(folder: Path) -> None:
@@ -42,28 +51,56 @@ def test_round_trip_unfused_and_fused(tiny_osdd, tiny_model_folder):
     expected = model(x)
     unfused = load_model_folder(tiny_model_folder, gamma=0.3, fuse=False)
     assert not unfused.training and unfused.fused_gamma is None
-    assert torch.equal(unfused(x), expected)
+    torch.testing.assert_close(unfused(x), expected, atol=1e-5, rtol=0)
     unfused.set_gamma(0.8)  # gamma stays adjustable when unfused
     model.set_gamma(0.8)
-    torch.testing.assert_close(unfused(x), model(x), atol=0, rtol=0)
+    torch.testing.assert_close(unfused(x), model(x), atol=1e-5, rtol=0)
     fused = load_model_folder(tiny_model_folder, gamma=0.3)
     assert fused.fused_gamma == 0.3 and fused.lora_specs == {}
     torch.testing.assert_close(fused(x), expected, atol=1e-4, rtol=0)
 
 
-def test_folder_contents_and_checksums(tiny_model_folder):
-    names = sorted(p.name for p in tiny_model_folder.iterdir())
-    assert names == ["checksums.sha256", "config.json", "evae.safetensors",
-                     "lora_real.safetensors", "lora_synthetic.safetensors", "prompt.safetensors",
-                     "unet.safetensors"]
+def test_folder_is_a_diffusers_pipeline_folder(tiny_model_folder):
+    names = sorted(p.relative_to(tiny_model_folder).as_posix()
+                   for p in tiny_model_folder.rglob("*") if p.is_file())
+    assert names == ["checksums.sha256", "evae/config.json",
+                     "evae/diffusion_pytorch_model.safetensors", "lora_real.safetensors",
+                     "lora_synthetic.safetensors", "model_index.json", "prompt/config.json",
+                     "prompt/diffusion_pytorch_model.safetensors", "unet/config.json",
+                     "unet/diffusion_pytorch_model.safetensors"]
     for line in (tiny_model_folder / CHECKSUM_FILE).read_text().splitlines():
         digest, name = line.split("  ")
         assert hashlib.sha256((tiny_model_folder / name).read_bytes()).hexdigest() == digest
-    config = read_model_config(tiny_model_folder)
-    assert config["format_version"] == 1 and config["storage_dtype"] == "float32"
-    assert config["lora"]["real"]["rank"] == 2 and config["fused"] is None
-    assert {"deblurcli", "torch", "diffusers", "peft"} <= set(config["versions"])
-    assert config["timestep"] == 999 and config["prompt_tokens"] == 4
+    index = json.loads((tiny_model_folder / INDEX_FILE).read_text())
+    assert index["_class_name"] == "OSDDPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    rec = index[RECORD_KEY]
+    assert rec["storage_dtype"] == "float32" and rec["fused_gamma"] is None
+    assert rec["adapters"] == {"real": "lora_real.safetensors",
+                               "synthetic": "lora_synthetic.safetensors"}
+    assert {"deblurcli", "torch", "diffusers", "peft"} <= set(rec["versions"])
+    prompt = json.loads((tiny_model_folder / "prompt" / "config.json").read_text())
+    assert prompt["timestep"] == 999 and prompt["num_tokens"] == 4
+
+
+@torch.no_grad()
+def test_stock_diffusers_loads_the_unet_and_both_adapters(tiny_osdd, tiny_model_folder):
+    """The unet/ folder and the LoRA files need nothing of deblurcli: diffusers' own calls."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_folder, subfolder="unet")
+    for name in ("real", "synthetic"):
+        unet.load_lora_adapter(str(tiny_model_folder), weight_name=f"lora_{name}.safetensors",
+                               adapter_name=name, prefix=None)
+    unet.set_adapters(["real", "synthetic"], [0.4, 0.6])
+    model = tiny_osdd(seed=0)
+    model.set_gamma(0.4)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([999])
+    prompt = model.denoiser.prompt_embeds
+    torch.testing.assert_close(unet(z, t, encoder_hidden_states=prompt).sample,
+                               model.unet(z, t, encoder_hidden_states=prompt).sample,
+                               atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -71,8 +108,9 @@ def test_fp16_storage_and_mixed_run_dtypes(tiny_osdd, tmp_path):
     model = tiny_osdd(seed=1)
     save_model_folder(tmp_path / "m", model, storage_dtype=torch.float16,
                       include_sharp_encoder=False)
-    config = read_model_config(tmp_path / "m")
-    assert config["storage_dtype"] == "float16" and config["evae"]["sharp_encoder"] is False
+    assert record(tmp_path / "m")["storage_dtype"] == "float16"
+    assert json.loads((tmp_path / "m" / "evae" / "config.json").read_text())["sharp_encoder"] \
+        is False
     loaded = load_model_folder(tmp_path / "m", gamma=0.5, dtype=torch.bfloat16,
                                vae_dtype=torch.float32)
     assert loaded.unet_dtype == torch.bfloat16 and loaded.vae_dtype == torch.float32
@@ -86,11 +124,11 @@ def test_fp16_storage_and_mixed_run_dtypes(tiny_osdd, tmp_path):
 
 
 def test_corrupt_file_is_reported(tiny_model_folder):
-    path = tiny_model_folder / "unet.safetensors"
+    path = tiny_model_folder / "unet" / "diffusion_pytorch_model.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(WeightsError, match=r"unet\.safetensors .*corrupt"):
+    with pytest.raises(WeightsError, match=r"unet/diffusion_pytorch_model\.safetensors .*corrupt"):
         load_model_folder(tiny_model_folder)
 
 
@@ -106,84 +144,62 @@ def test_missing_file_is_reported(tiny_model_folder):
 
 
 def test_shape_mismatch_is_reported(tiny_model_folder):
-    config = json.loads((tiny_model_folder / "config.json").read_text())
-    config["evae"]["latent_channels"] = 8  # same keys, other shapes
-    (tiny_model_folder / "config.json").write_text(json.dumps(config))
+    path = tiny_model_folder / "evae" / "config.json"
+    config = json.loads(path.read_text())
+    config["latent_channels"] = 8  # same keys, other shapes
+    path.write_text(json.dumps(config))
     rewrite_checksums(tiny_model_folder)
-    with pytest.raises(WeightsError, match=r"evae\.safetensors: .* has shape"):
+    with pytest.raises(WeightsError, match=r"cannot load evae/"):
         load_model_folder(tiny_model_folder)
 
 
-def test_wrong_prompt_shape_is_reported(tiny_model_folder):
-    save_file({"prompt_embeds": torch.zeros(1, 5, 16)},
-              str(tiny_model_folder / "prompt.safetensors"))
+def test_prompt_that_does_not_fit_the_unet_is_reported(tiny_model_folder):
+    path = tiny_model_folder / "prompt" / "config.json"
+    config = json.loads(path.read_text())
+    config["embed_dim"] = 8
+    path.write_text(json.dumps(config))
     rewrite_checksums(tiny_model_folder)
-    with pytest.raises(WeightsError, match=r"prompt\.safetensors"):
+    with pytest.raises(WeightsError, match=r"prompt"):
         load_model_folder(tiny_model_folder)
 
 
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(WeightsError, match="model folder not found"):
         load_model_folder(tmp_path / "absent")
-    with pytest.raises(WeightsError, match="missing config.json"):
+    with pytest.raises(WeightsError, match="missing model_index.json"):
         load_model_folder(tmp_path)
-    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / INDEX_FILE).write_text("{not json")
     with pytest.raises(WeightsError, match="not valid JSON"):
         load_model_folder(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"format": "deblurcli-osdd",
-                                                      "format_version": 99}))
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(WeightsError, match="not an OSDDPipeline"):
+        load_model_folder(tmp_path)
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"_class_name": "OSDDPipeline",
+                                                   RECORD_KEY: {"format_version": 99}}))
     with pytest.raises(WeightsError, match="upgrade deblurcli"):
         load_model_folder(tmp_path)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    (old / "evae.safetensors").write_bytes(b"")
+    with pytest.raises(WeightsError, match="deblurcli 0.1"):
+        load_model_folder(old)
 
 
 def test_default_weights_dir_says_no_model_installed():
     folder = default_weights_dir()
     assert folder.name == "weights" and folder.parent.name == "deblurcli"
-    if not (folder / "config.json").is_file():
+    if not (folder / INDEX_FILE).is_file():
         with pytest.raises(WeightsError) as info:
             load_model_folder(folder)
         assert str(info.value) == NO_DEFAULT_MODEL
 
 
 @torch.no_grad()
-def test_base_model_supplies_the_unet_and_vae(tiny_osdd, tmp_path):
-    from diffusers import AutoencoderKL
-
-    from deblurcli.models import adapters as ad
-    from deblurcli.models.evae import VAE_CONFIG_KEYS
-
-    model = tiny_osdd(seed=2)
-    # a Stable Diffusion folder with the same base UNet and VAE weights
-    sd = tmp_path / "sd"
-    unet_state = {k.replace(".base_layer.", "."): v for k, v in model.unet.state_dict().items()
-                  if ".lora_" not in k}
-    from diffusers import UNet2DConditionModel
-
-    base_unet = UNet2DConditionModel.from_config(model.unet.config)
-    base_unet.load_state_dict(unet_state)
-    base_unet.save_pretrained(sd / "unet")
-    vae = AutoencoderKL(**{k: model.evae.config[k] for k in VAE_CONFIG_KEYS})
-    vae.load_state_dict({k: v for k, v in model.evae.state_dict().items()
-                         if k.split(".")[0] in ("encoder", "decoder", "quant_conv",
-                                                "post_quant_conv")})
-    vae.save_pretrained(sd / "vae")
-
-    save_model_folder(tmp_path / "m", model, include_unet=False)
-    assert not (tmp_path / "m" / "unet.safetensors").exists()
-    with pytest.raises(WeightsError, match="--base-model"):
-        load_model_folder(tmp_path / "m")
-    loaded = load_model_folder(tmp_path / "m", gamma=0.6, fuse=False, base_model=sd)
-    model.set_gamma(0.6)
-    x = image()
-    torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=0)
-    assert ad.adapter_names(loaded.unet) == ["real", "synthetic"]
-
-
-@torch.no_grad()
 def test_fuse_model_folder_ignores_gamma_with_a_note(tiny_osdd, tiny_model_folder, tmp_path):
     fuse_model_folder(tiny_model_folder, tmp_path / "fused", 0.25)
-    config = read_model_config(tmp_path / "fused")
-    assert config["fused"] == {"gamma": 0.25} and config["lora"] == {}
+    rec = record(tmp_path / "fused")
+    assert rec["fused_gamma"] == 0.25 and rec["adapters"] == {}
     assert not (tmp_path / "fused" / "lora_real.safetensors").exists()
     notes: list[str] = []
     fused = load_model_folder(tmp_path / "fused", gamma=0.9, warn=notes.append)
@@ -198,35 +214,68 @@ def test_fuse_model_folder_ignores_gamma_with_a_note(tiny_osdd, tiny_model_folde
         fuse_model_folder(tmp_path / "fused", tmp_path / "again", 0.5)
 
 
-def test_export_model_folder_keeps_adapters_drops_e2_and_halves_storage(tiny_model_folder, tmp_path):
-    import torch
-
-    from deblurcli.modelfolder import export_model_folder, load_model_folder, read_model_config
-
+def test_export_keeps_adapters_drops_e2_and_halves_storage(tiny_model_folder, tmp_path):
     out = tmp_path / "exported"
     export_model_folder(tiny_model_folder, out, extra={"note": "test"})
-    config = read_model_config(out)
-    assert config["storage_dtype"] == "float16"
-    assert config["extra"]["note"] == "test"
-    assert set(config["lora"]) == {"real", "synthetic"}
-    assert (out / "evae.safetensors").stat().st_size < (tiny_model_folder / "evae.safetensors").stat().st_size
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    rec = record(out)
+    assert rec["storage_dtype"] == "float16" and rec["extra"]["note"] == "test"
+    assert set(rec["adapters"]) == {"real", "synthetic"}
+    weights = "evae/diffusion_pytorch_model.safetensors"
+    assert (out / weights).stat().st_size < (tiny_model_folder / weights).stat().st_size / 2
+    x = image()
     for gamma in (0.0, 1.0):
         a = load_model_folder(tiny_model_folder, gamma=gamma)(x)
         b = load_model_folder(out, gamma=gamma)(x)
         assert torch.allclose(a, b, atol=2e-2), (a - b).abs().max()
 
 
+def test_saving_replaces_a_model_folder_whole_and_refuses_other_folders(tiny_osdd, tmp_path):
+    out = tmp_path / "m"
+    save_model_folder(out, tiny_osdd(seed=0), discriminator={"w": torch.ones(2)})
+    assert (out / "training" / "discriminator.safetensors").is_file()
+    save_model_folder(out, tiny_osdd(seed=0))  # a new save: no file of the old one is left
+    assert not (out / "training").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.jpg").write_bytes(b"x")
+    with pytest.raises(WeightsError, match="not a model folder"):
+        save_model_folder(other, tiny_osdd(seed=0))
+    assert sorted(p.name for p in other.iterdir()) == ["a.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "photos"]
+
+
 def test_model_folder_files_get_normal_permissions(tiny_model_folder, tmp_path):
-    import os
-    import stat
-
-    from deblurcli.modelfolder import export_model_folder
-
     old = os.umask(0o022)
     try:
-        export_model_folder(tiny_model_folder, tmp_path / "m")
+        export_model_folder(tiny_model_folder, tmp_path / "m", include_sharp_encoder=True)
     finally:
         os.umask(old)
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
-    assert modes and all(mode == 0o644 for mode in modes.values()), modes
+    paths = [tmp_path / "m", *(tmp_path / "m").rglob("*")]
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in paths}
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o755 if (tmp_path / name).is_dir() else 0o644)}
+    assert len(modes) > 10 and not wrong, wrong
+
+
+def test_a_hub_id_is_read_from_the_local_cache(tiny_model_folder, tmp_path, monkeypatch):
+    """``--weights user/model`` resolves through the Hugging Face cache; offline, a model that
+    is not cached is one clear error, not a download."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someone--osdd"
+    shutil.copytree(tiny_model_folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    model = load_model_folder("someone/osdd", gamma=0.3)
+    assert model.fused_gamma == 0.3
+    with pytest.raises(WeightsError, match="not in the Hugging Face cache.*offline"):
+        load_model_folder("someone/absent")

@@ -95,14 +95,14 @@ def test_vae_overfits_one_batch(one_pair: Path, tmp_path: Path) -> None:
 
 def test_diffusion_stage_writes_loadable_model_folder(pairs: Path, evae_run: Path,
                                                       tmp_path: Path) -> None:
-    from deblurcli.modelfolder import load_model_folder, read_model_config
+    from deblurcli.modelfolder import RECORD_KEY, load_model_folder, read_model_index
 
     run = tmp_path / "lora"
     result = train_diffusion(DiffusionTrainConfig(
         data=str(pairs), output=str(run), max_steps=2, evae=str(evae_run / "model"),
         adapter="synthetic", val_count=1, **{**FAST, "perceptual": "stlpips"}))
     assert result.model_folder == run / "model"
-    assert set(read_model_config(run / "model")["lora"]) == {"real", "synthetic"}
+    assert set(read_model_index(run / "model")[RECORD_KEY]["adapters"]) == {"real", "synthetic"}
     model = load_model_folder(run / "model", gamma=0.3)
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 32, 32))
@@ -233,7 +233,7 @@ def test_init_carries_over_the_other_adapter(pairs: Path, tiny_model_folder: Pat
         after = load_file(str(run / "model" / f"lora_{name}.safetensors"))
         assert before.keys() == after.keys()
         assert all(torch.equal(before[k], after[k]) for k in before) == same, name
-    prompt = "prompt.safetensors"
+    prompt = "prompt/diffusion_pytorch_model.safetensors"
     assert torch.equal(load_file(str(tiny_model_folder / prompt))["prompt_embeds"],
                        load_file(str(run / "model" / prompt))["prompt_embeds"])
 

@@ -1,23 +1,30 @@
-"""The model folder: a trained OSDD model as JSON + safetensors files with checksums.
+"""The model folder: a trained OSDD model as a standard diffusers pipeline folder.
 
-Layout (format version 1)::
+Layout (what ``OSDDPipeline.save_pretrained`` and ``train-diffusion`` write)::
 
-    config.json                 format, configs, timestep, prompt length, LoRA specs, versions
-    evae.safetensors            the eVAE (E2 optional)
-    unet.safetensors            the base UNet without LoRA (absent when it comes from --base-model)
-    prompt.safetensors          the learned prompt embedding, key "prompt_embeds" (1, N, D)
-    lora_real.safetensors       the 'real' adapter (LoRA spec in the safetensors metadata)
-    lora_synthetic.safetensors  the 'synthetic' adapter
-    checksums.sha256            "sha256  filename" lines (sha256sum format) for every file above
+    model_index.json              the pipeline: its components, and deblurcli's record under
+                                  "_deblurcli" (adapter files, fused gamma, training info)
+    evae/config.json              the eVAE (ModelMixin: EVAE.from_pretrained(folder, subfolder="evae"))
+    evae/diffusion_pytorch_model.safetensors
+    unet/...                      the base UNet without LoRA (UNet2DConditionModel.from_pretrained)
+    prompt/...                    the learned prompt and the timestep (OneStepPrompt)
+    lora_real.safetensors         the adapters: diffusers LoRA files
+    lora_synthetic.safetensors    (unet.load_lora_adapter(folder, weight_name=..., prefix=None))
+    training/discriminator.safetensors   optional: the latent discriminator, to continue training
+    checksums.sha256              "sha256  relative/path" lines (sha256sum format), written last
 
-A *fused* folder (``deblurcli blend --fuse``) has no LoRA files: its UNet already contains the
-gamma-blend, recorded as ``"fused": {"gamma": g}`` in config.json.
+A *fused* folder (``deblurcli blend --fuse``) has no LoRA files: its UNet already holds the
+γ-blend, recorded as ``"fused_gamma"``. Only safetensors are read or written, never pickles.
+A folder is written into a temporary sibling and renamed into place, so an interrupted save
+leaves the previous folder (or none), never half of one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Callable, Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -27,21 +34,24 @@ import torch
 from torch import Tensor, nn
 
 from deblurcli.errors import WeightsError
-from deblurcli.images import atomic_write_bytes
 from deblurcli.models import adapters as ad
 from deblurcli.models.evae import EVAE
-from deblurcli.models.onestep import OneStepDenoiser
-from deblurcli.models.osdd import OSDDModel, load_base_unet
+from deblurcli.models.onestep import OneStepDenoiser, OneStepPrompt
+from deblurcli.models.osdd import OSDDModel
 
-FORMAT_NAME = "deblurcli-osdd"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-EVAE_FILE = "evae.safetensors"
-UNET_FILE = "unet.safetensors"
-PROMPT_FILE = "prompt.safetensors"
-DISCRIMINATOR_FILE = "discriminator.safetensors"
+INDEX_FILE = "model_index.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' SAFETENSORS_WEIGHTS_NAME
+DISCRIMINATOR_FILE = "training/discriminator.safetensors"
 CHECKSUM_FILE = "checksums.sha256"
-PROMPT_KEY = "prompt_embeds"
+PIPELINE_CLASS = "OSDDPipeline"
+RECORD_KEY = "_deblurcli"  # diffusers ignores model_index keys that start with "_"
+FORMAT_VERSION = 2
+#: component -> (library, class) as diffusers' ``register_modules`` writes them.
+COMPONENTS = {
+    "evae": ("deblurcli.models.evae", "EVAE"),
+    "prompt": ("deblurcli.models.onestep", "OneStepPrompt"),
+    "unet": ("diffusers", "UNet2DConditionModel"),
+}
 NO_DEFAULT_MODEL = ("no default model is installed yet; pass --weights MODEL_DIR, a model folder "
                     "written by deblurcli train-diffusion (see docs/training.md)")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -59,11 +69,13 @@ def default_weights_dir() -> Path:
     return Path(__file__).resolve().parent / "weights"
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, value in _DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"unsupported storage dtype {dtype}")
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -76,139 +88,179 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _json_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A diffusers config (FrozenDict) as plain JSON values, private ``_`` keys dropped."""
-    out = {}
-    for key, value in dict(config).items():
-        if key.startswith("_"):
-            continue
-        out[key] = list(value) if isinstance(value, tuple) else value
-    return out
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported storage dtype {dtype}")
 
 
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# ----------------------------------------------------------------------------- saving
+def _write_component(folder: Path, module: nn.Module, state: Mapping[str, Tensor],
+                     dtype: torch.dtype, **config_changes: Any) -> None:
+    """What ``ModelMixin.save_pretrained`` writes (config.json + one safetensors file), for a
+    state other than the module's own (LoRA layers stripped, E2 dropped, another dtype)."""
+    folder.mkdir(parents=True)
+    config = json.loads(module.to_json_string())
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    ad.save_safetensors_atomic(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
 
 
 def _base_unet_state(unet: nn.Module) -> dict[str, Tensor]:
     """The UNet's own weights without LoRA factors, under the plain diffusers names."""
-    out = {}
-    for key, value in unet.state_dict().items():
-        if ".lora_" in key:
-            continue
-        out[key.replace(".base_layer.", ".")] = value
-    return out
+    return {key.replace(".base_layer.", "."): value for key, value in unet.state_dict().items()
+            if ".lora_" not in key}
 
 
-def _cast(state: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+def _is_model_folder(folder: Path) -> bool:
+    return (folder / INDEX_FILE).is_file() or (folder / "config.json").is_file()
 
 
-# ----------------------------------------------------------------------------- saving
+def _replace_folder(tmp: Path, folder: Path) -> None:
+    """Move the finished ``tmp`` to ``folder``; a previous model folder there is replaced."""
+    if folder.exists() and any(folder.iterdir()):
+        if not _is_model_folder(folder):
+            raise WeightsError(f"{folder} exists and is not a model folder; choose a new or "
+                               "empty folder")
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if folder.exists():
+        folder.rmdir()
+    os.replace(tmp, folder)
+
+
 def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None = None,
                       storage_dtype: torch.dtype = torch.float32,
-                      include_sharp_encoder: bool = True, include_unet: bool = True,
+                      include_sharp_encoder: bool = True,
                       discriminator: Mapping[str, Tensor] | None = None) -> None:
-    """Write ``model`` as a model folder (files written atomically, checksums last).
+    """Write ``model`` as a model folder (see the module docstring).
 
     Args:
-        folder: destination (created; known model files from an earlier save are replaced).
+        folder: destination; an earlier model folder there is replaced, any other non-empty
+            folder is refused (WeightsError).
         model: the :class:`OSDDModel` (adapters unfused, or fused via :meth:`OSDDModel.fuse`).
-        extra: free-form JSON-serialisable info stored under ``"extra"`` (training run, ...).
+        extra: free-form JSON-serialisable info kept in the record (training run, ...).
         storage_dtype: ``torch.float32`` / ``float16`` / ``bfloat16`` on disk (loads in any dtype).
         include_sharp_encoder: keep E2 (needed to resume training; not needed for inference).
-        include_unet: write ``unet.safetensors``; without it, loading needs ``base_model``.
         discriminator: the latent discriminator's weights, kept (float32) so that
             ``train-diffusion --init`` continues its GAN term instead of restarting it.
     """
-
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    dtype_name = _dtype_name(storage_dtype)
-    if not include_unet and model.fused_gamma is not None:
-        raise ValueError("a fused model must include its UNet (the blend lives in its weights)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_folder(tmp, model, extra=extra, storage_dtype=storage_dtype,
+                      include_sharp_encoder=include_sharp_encoder, discriminator=discriminator)
+        _replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    def write(name: str, state: Mapping[str, Tensor], meta: dict | None = None) -> None:
-        ad.save_safetensors_atomic(folder / name, _cast(state, storage_dtype),
-                                   meta or {"format": FORMAT_NAME})
 
-    evae_config = _json_config(model.evae.config)
-    evae_state = model.evae.state_dict()
-    has_e2 = model.evae.encoder_sharp is not None and include_sharp_encoder
-    if not has_e2:
+def _write_folder(tmp: Path, model: OSDDModel, *, extra, storage_dtype, include_sharp_encoder,
+                  discriminator) -> None:
+    tmp.mkdir()
+    evae = model.evae
+    evae_state = evae.state_dict()
+    keep_e2 = evae.encoder_sharp is not None and include_sharp_encoder
+    if not keep_e2:
         evae_state = {k: v for k, v in evae_state.items()
                       if not k.startswith(("encoder_sharp.", "quant_conv_sharp."))}
-    evae_config["sharp_encoder"] = has_e2
-    files = [EVAE_FILE, PROMPT_FILE]
-    write(EVAE_FILE, evae_state)
-    if include_unet:
-        write(UNET_FILE, _base_unet_state(model.unet))
-        files.append(UNET_FILE)
-    write(PROMPT_FILE, {PROMPT_KEY: model.denoiser.prompt_embeds.detach()})
-    for name, spec in model.lora_specs.items():
-        ad.save_adapter_file(folder / lora_file(name), ad.adapter_state_dict(model.unet, name),
-                             spec, dtype=storage_dtype)
-        files.append(lora_file(name))
+    _write_component(tmp / "evae", evae, evae_state, storage_dtype, sharp_encoder=keep_e2)
+    _write_component(tmp / "unet", model.unet, _base_unet_state(model.unet), storage_dtype)
+    prompt = model.denoiser.prompt
+    _write_component(tmp / "prompt", prompt, prompt.state_dict(), storage_dtype)
+    adapters = {}
+    for name in model.lora_specs:
+        config = model.unet.peft_config[name].to_dict()
+        ad.write_lora_file(tmp / lora_file(name), ad.adapter_state_dict(model.unet, name),
+                           config, dtype=storage_dtype)
+        adapters[name] = lora_file(name)
     if discriminator is not None:
-        ad.save_safetensors_atomic(folder / DISCRIMINATOR_FILE,
-                                   {k: v.detach().float().contiguous()
-                                    for k, v in discriminator.items()}, {"format": FORMAT_NAME})
-        files.append(DISCRIMINATOR_FILE)
-    config = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "evae": evae_config,
-        "unet": _json_config(model.unet.config),
-        "timestep": int(model.denoiser.timestep),
-        "prompt_tokens": int(model.denoiser.prompt_tokens),
-        "lora": {name: spec.to_dict() for name, spec in model.lora_specs.items()},
-        "fused": None if model.fused_gamma is None else {"gamma": float(model.fused_gamma)},
-        "storage_dtype": dtype_name,
-        "unet_weights": "included" if include_unet else "base_model",
-        "files": files,
-        "versions": _versions(),
-        "extra": extra or {},
-    }
-    atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
-    files.append(CONFIG_FILE)
-    stale = {EVAE_FILE, UNET_FILE, PROMPT_FILE, DISCRIMINATOR_FILE} | \
-        {lora_file(n) for n in ad.ADAPTER_NAMES}
-    for name in stale - set(files):
-        (folder / name).unlink(missing_ok=True)
-    lines = "".join(f"{sha256_file(folder / name)}  {name}\n" for name in sorted(files))
-    atomic_write_bytes(folder / CHECKSUM_FILE, lines.encode())
+        (tmp / DISCRIMINATOR_FILE).parent.mkdir()
+        ad.save_safetensors_atomic(tmp / DISCRIMINATOR_FILE,
+                                   {k: v.detach().float() for k, v in discriminator.items()},
+                                   {"format": "pt"})
+    from diffusers import __version__ as diffusers_version
+
+    index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers_version,
+             **{name: list(entry) for name, entry in COMPONENTS.items()},
+             RECORD_KEY: {"format_version": FORMAT_VERSION, "adapters": adapters,
+                          "fused_gamma": model.fused_gamma,
+                          "storage_dtype": _dtype_name(storage_dtype),
+                          "versions": _versions(), "extra": extra or {}}}
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    lines = "".join(f"{sha256_file(tmp / name)}  {name}\n" for name in files)
+    (tmp / CHECKSUM_FILE).write_text(lines)
 
 
 # ----------------------------------------------------------------------------- checking
-def read_model_config(folder: PathLike) -> dict[str, Any]:
-    """``config.json`` of a model folder, checked for format and version (WeightsError)."""
+def resolve_model(source: PathLike, *, offline: bool = False) -> Path:
+    """The local folder of ``source``: a folder, or a Hugging Face hub id (read from the local
+    cache; fetched once -- model files only -- unless ``offline`` or ``HF_HUB_OFFLINE=1``)."""
+    path = Path(source)
+    if path.exists() or path.resolve() == default_weights_dir():
+        return path
+    from deblurcli.models.pretrained import hf_download_command, looks_like_hub_id
+
+    if not looks_like_hub_id(str(source)):
+        raise WeightsError(f"model folder not found: {source}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false")
+    try:
+        return Path(snapshot_download(str(source), local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        if offline:
+            raise WeightsError(f"{source} is not in the Hugging Face cache and the run is "
+                               f"offline; fetch it once with "
+                               f"`{hf_download_command(str(source))}`") from None
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=[
+            "*.json", "*.safetensors", CHECKSUM_FILE, "*.md"]))
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise WeightsError(f"cannot fetch model {source}: {' '.join(str(exc).split())[:160]}"
+                           ) from None
+
+
+def read_model_index(folder: PathLike) -> dict[str, Any]:
+    """``model_index.json`` of a model folder with its record, checked (WeightsError)."""
     folder = Path(folder)
-    if folder.resolve() == default_weights_dir() and not (folder / CONFIG_FILE).is_file():
+    if folder.resolve() == default_weights_dir() and not (folder / INDEX_FILE).is_file():
         raise WeightsError(NO_DEFAULT_MODEL)
     if not folder.is_dir():
         raise WeightsError(f"model folder not found: {folder}")
-    path = folder / CONFIG_FILE
+    path = folder / INDEX_FILE
     if not path.is_file():
-        raise WeightsError(f"{folder} is not a deblurcli model folder (missing {CONFIG_FILE})")
+        if (folder / "config.json").is_file() and (folder / "evae.safetensors").is_file():
+            raise WeightsError(f"{folder} is a model folder of deblurcli 0.1, before the "
+                               "diffusers format; retrain or re-export it with this version")
+        raise WeightsError(f"{folder} is not a deblurcli model folder (missing {INDEX_FILE})")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        index = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise WeightsError(f"{CONFIG_FILE} in {folder} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
-        raise WeightsError(f"{path} is not a deblurcli model config (format != {FORMAT_NAME})")
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise WeightsError(f"{folder} uses model format version {version}; this deblurcli reads "
-                           f"up to {FORMAT_VERSION} (upgrade deblurcli)")
-    for key in ("evae", "unet", "timestep", "prompt_tokens", "lora"):
-        if key not in config:
-            raise WeightsError(f"{path} lacks the '{key}' entry")
-    return config
+        raise WeightsError(f"{INDEX_FILE} in {folder} is not valid JSON ({exc})") from None
+    if not isinstance(index, dict) or index.get("_class_name") != PIPELINE_CLASS:
+        raise WeightsError(f"{path} is not an {PIPELINE_CLASS} (its _class_name is "
+                           f"{index.get('_class_name') if isinstance(index, dict) else None})")
+    record = index.get(RECORD_KEY)
+    if not isinstance(record, dict) or not isinstance(record.get("format_version"), int):
+        raise WeightsError(f"{path} lacks its '{RECORD_KEY}' record")
+    if record["format_version"] > FORMAT_VERSION:
+        raise WeightsError(f"{folder} uses model format version {record['format_version']}; "
+                           f"this deblurcli reads up to {FORMAT_VERSION} (upgrade deblurcli)")
+    for name in COMPONENTS:
+        if not (folder / name / "config.json").is_file():
+            raise WeightsError(f"missing file {name}/config.json in {folder}")
+    return index
 
 
 def verify_checksums(folder: PathLike) -> list[str]:
@@ -223,7 +275,9 @@ def verify_checksums(folder: PathLike) -> list[str]:
             continue
         digest, sep, name = line.partition("  ")
         name = name.strip().lstrip("*")
-        if not sep or len(digest) != 64 or not name or "/" in name or name.startswith("."):
+        parts = name.split("/")
+        if not sep or len(digest) != 64 or not name or name.startswith("/") or \
+                any(part in ("", ".", "..") for part in parts):
             raise WeightsError(f"{CHECKSUM_FILE} in {folder} is malformed at line {number}")
         if not (folder / name).is_file():
             raise WeightsError(f"missing file {name} in {folder}")
@@ -233,138 +287,81 @@ def verify_checksums(folder: PathLike) -> list[str]:
     return names
 
 
-def _read_weights(folder: Path, name: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    path = folder / name
-    if not path.is_file():
-        raise WeightsError(f"missing file {name} in {folder}")
-    return ad.read_safetensors(path)
-
-
-@torch.no_grad()
-def _load_into(module: nn.Module, state: Mapping[str, Tensor], name: str, *,
-               partial: bool = False) -> None:
-    """Copy ``state`` into ``module`` (meta or real), checking keys and shapes."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected or (missing and not partial):
-        what = f"unexpected key {unexpected[0]}" if unexpected else f"missing key {missing[0]}"
-        raise WeightsError(f"{name} does not match config.json ({what}; {len(missing)} missing, "
-                           f"{len(unexpected)} unexpected)")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise WeightsError(f"{name}: {key} has shape {tuple(value.shape)}, config.json implies "
-                               f"{tuple(expected[key].shape)}")
-    loaded = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    module.load_state_dict(loaded, strict=not partial, assign=True)
-
-
-def _build_empty(factory: Callable[[], nn.Module]) -> nn.Module:
-    """Build a module without allocating/initialising its parameters (they come from a file)."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        return factory()
-
-
 # ----------------------------------------------------------------------------- loading
+def _load_component(cls: type, folder: Path, name: str) -> nn.Module:
+    try:
+        return cls.from_pretrained(str(folder), subfolder=name, local_files_only=True,
+                                   use_safetensors=True, torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise WeightsError(f"cannot load {name}/ of {folder}: {reason}") from None
+
+
+def load_components(folder: PathLike, *, verify: bool = True
+                    ) -> tuple[EVAE, nn.Module, OneStepPrompt, dict[str, Any]]:
+    """``(evae, unet, prompt, record)`` of a model folder, in float32 on the CPU, without
+    adapters (the record names their files). ``verify``: check ``checksums.sha256`` first."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    folder = Path(folder)
+    index = read_model_index(folder)
+    if verify:
+        verify_checksums(folder)
+    evae = _load_component(EVAE, folder, "evae")
+    unet = _load_component(UNet2DConditionModel, folder, "unet")
+    prompt = _load_component(OneStepPrompt, folder, "prompt")
+    return evae, unet, prompt, index[RECORD_KEY]
+
+
 def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32, gamma: float = 0.7, fuse: bool = True,
                       vae_dtype: torch.dtype | None = None,
-                      base_model: PathLike | None = None,
                       warn: Callable[[str], None] | None = None,
-                      verify: bool = True, lora: PathLike | None = None) -> OSDDModel:
-    """Load a model folder as an :class:`OSDDModel` in eval mode with ``gamma`` applied.
-
-    ``lora``: an adapter file (``deblurcli blend``'s output) that replaces the folder's own
-    adapters, merged into the UNet before the cast to ``dtype``; its recorded γ is then fixed.
+                      verify: bool = True, lora: PathLike | None = None,
+                      offline: bool = False) -> OSDDModel:
+    """Load a model folder (or a hub id, see :func:`resolve_model`) as an :class:`OSDDModel`
+    in eval mode with ``gamma`` applied.
 
     Args:
-        folder: the model folder (see the module docstring).
+        folder: the model folder (see the module docstring) or a hub id.
         device, dtype: where and in which dtype the UNet (and by default the eVAE) runs.
         gamma: dual-adapter blend weight in [0, 1] (ignored, with a ``warn`` note, for a folder
             whose adapters are already fused).
         fuse: merge the blend into the UNet weights (fast); ``False`` keeps LoRA layers live so
             :meth:`OSDDModel.set_gamma` can change gamma later.
         vae_dtype: dtype of the eVAE (e.g. ``torch.float32`` with an fp16 UNet); default ``dtype``.
-        base_model: a diffusers Stable Diffusion folder providing the base UNet and VAE
-            (``PATH/unet``, ``PATH/vae``); files in ``folder`` override it.
         warn: callback for one-line notes (library code never prints).
         verify: check ``checksums.sha256`` first.
+        lora: an adapter file (``deblurcli blend``'s output) that replaces the folder's own
+            adapters, merged into the UNet before the cast to ``dtype``; its recorded γ is fixed.
+        offline: never fetch a hub id that is not in the local cache.
 
     Raises:
         WeightsError: missing/corrupt files, shape mismatches, or no default model installed.
     """
-    folder = Path(folder)
-    config = read_model_config(folder)
-    if verify:
-        verify_checksums(folder)
-    fused = config.get("fused")
-    fused_gamma = None if not fused else float(fused["gamma"])
-    if fused_gamma is None and config["lora"]:
+    folder = resolve_model(folder, offline=offline)
+    evae, unet, prompt, record = load_components(folder, verify=verify)
+    fused_gamma = record.get("fused_gamma")
+    fused_gamma = None if fused_gamma is None else float(fused_gamma)
+    adapters = dict(record.get("adapters") or {})
+    for file in adapters.values():
+        if not (folder / file).is_file():
+            raise WeightsError(f"missing file {file} in {folder}")
+    if fused_gamma is None and adapters:
         ad.check_gamma(gamma)
-    has_unet_file = (folder / UNET_FILE).is_file()
-    if config.get("unet_weights") == "base_model" and base_model is None and not has_unet_file:
-        raise WeightsError(f"{folder} stores no base UNet; pass the Stable Diffusion folder it was "
-                           "trained on with --base-model PATH")
-
-    # eVAE
-    evae_config = dict(config["evae"])
-    evae_state, _ = _read_weights(folder, EVAE_FILE)
-    if base_model is not None:
-        evae = EVAE.from_vae(base_model, use_skips=bool(evae_config.get("use_skips", True)),
-                             sharp_encoder=bool(evae_config.get("sharp_encoder", False)))
-        _load_into(evae, evae_state, EVAE_FILE, partial=True)
-    else:
-        try:
-            evae = _build_empty(lambda: EVAE(**evae_config))
-        except (TypeError, ValueError) as exc:
-            raise WeightsError(f"config.json has an invalid evae config ({exc})") from None
-        _load_into(evae, evae_state, EVAE_FILE)
-
-    # UNet
-    if base_model is not None:
-        unet = load_base_unet(base_model)
-        if has_unet_file:
-            _load_into(unet, _read_weights(folder, UNET_FILE)[0], UNET_FILE)
-    else:
-        from diffusers import UNet2DConditionModel
-
-        try:
-            unet = _build_empty(lambda: UNet2DConditionModel.from_config(dict(config["unet"])))
-        except (TypeError, ValueError) as exc:
-            raise WeightsError(f"config.json has an invalid unet config ({exc})") from None
-        _load_into(unet, _read_weights(folder, UNET_FILE)[0], UNET_FILE)
-
-    # prompt + denoiser
-    prompt_state, _ = _read_weights(folder, PROMPT_FILE)
-    prompt = prompt_state.get(PROMPT_KEY)
-    want = (1, int(config["prompt_tokens"]), int(unet.config.cross_attention_dim))
-    if prompt is None or tuple(prompt.shape) != want:
-        got = None if prompt is None else tuple(prompt.shape)
-        raise WeightsError(f"{PROMPT_FILE}: {PROMPT_KEY} has shape {got}, expected {want}")
-    denoiser = OneStepDenoiser(unet, timestep=int(config["timestep"]), prompt_init=prompt.float())
-
-    # adapters
-    adapters: dict[str, tuple[ad.LoraSpec, dict[str, Tensor]]] = {}
-    for name in config["lora"]:
-        path = folder / lora_file(name)
-        if not path.is_file():
-            raise WeightsError(f"missing file {lora_file(name)} in {folder}")
-        adapters[name] = ad.load_adapter_file(path)
-    if fused_gamma is None and base_model is None:
-        merged = _merge_without_peft(unet, adapters, gamma=gamma, fuse=fuse, lora=lora)
-        if merged is not _NOT_MERGED:  # the blend is in the UNet's weights; no peft imported
+    try:
+        denoiser = OneStepDenoiser(unet, prompt)
+    except ValueError as exc:
+        raise WeightsError(f"{folder}: {exc}") from None
+    if fused_gamma is None:
+        merged = _merge_without_peft(folder, unet, adapters, gamma=gamma, fuse=fuse, lora=lora)
+        if merged is not None:  # the blend is in the UNet's weights; no peft imported
             model = OSDDModel(evae, denoiser, {}, fused_gamma=merged)
-            model.gamma = merged
             return ready_model(model, gamma=gamma, fuse=fuse, device=device, dtype=dtype,
                                vae_dtype=vae_dtype, warn=warn)
-    specs: dict[str, ad.LoraSpec] = {}
-    for name, (spec, state) in adapters.items():
-        ad.add_adapter(unet, name, spec)
-        ad.load_adapter_state_dict(unet, name, state, source=lora_file(name))
-        specs[name] = spec
-
+    specs = {name: _check_adapter(unet, folder, file) for name, file in adapters.items()}
+    for name, file in adapters.items():  # checked first: a UNet with LoRA layers hides its targets
+        _load_adapter(unet, folder, file, name)
     model = OSDDModel(evae, denoiser, specs, fused_gamma=fused_gamma)
     if lora is not None:
         model.fuse_adapter_file(lora)
@@ -372,35 +369,56 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
                        vae_dtype=vae_dtype, warn=warn)
 
 
-_NOT_MERGED = object()
+def _check_adapter(unet: nn.Module, folder: Path, file: str) -> ad.LoraSpec:
+    """The spec of adapter file ``file``, checked against the UNet (the same one-line
+    WeightsError as the peft-free merge gives)."""
+    spec, state, _ = ad.read_lora_file(folder / file)
+    if spec is not None:
+        ad.check_lora_state(unet, spec, state, file)
+    return spec or ad.LoraSpec()
 
 
-def _merge_without_peft(unet: nn.Module, adapters: Mapping[str, tuple], *, gamma: float,
-                        fuse: bool, lora: PathLike | None):
-    """Fuse a model folder's γ-blend (``fuse``), or an adapter file (``lora``), into ``unet``
-    without peft, with the same arithmetic (:func:`deblurcli.models.adapters.merge_adapters_into`).
+def _load_adapter(unet: nn.Module, folder: Path, file: str, name: str) -> None:
+    """diffusers' ``load_lora_adapter`` for one adapter file (WeightsError)."""
+    import warnings
 
-    Returns the γ the UNet now holds (an adapter file must record its blend's γ), or
-    ``_NOT_MERGED`` when this case needs live peft adapters: ``fuse=False`` without ``lora``,
-    adapters other than exactly real + synthetic, or layer kinds the merge does not handle.
+    try:
+        with warnings.catch_warnings():  # peft: "Already found a peft_config": intended
+            warnings.filterwarnings("ignore", message=".*peft_config.*")
+            unet.load_lora_adapter(str(folder), weight_name=file, adapter_name=name, prefix=None)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise WeightsError(f"{file} does not fit the UNet of {folder} "
+                           f"({' '.join(str(exc).split())[:160]})") from None
+
+
+def _merge_without_peft(folder: Path, unet: nn.Module, adapters: Mapping[str, str], *,
+                        gamma: float, fuse: bool, lora: PathLike | None) -> float | None:
+    """Fuse the folder's γ-blend (``fuse``), or an adapter file (``lora``), into ``unet``
+    without peft, with peft's arithmetic (:func:`deblurcli.models.adapters.merge_adapters_into`).
+
+    Returns the γ the UNet now holds (an adapter file must record its blend's γ), or ``None``
+    when this case needs live peft adapters: ``fuse=False`` without ``lora``, adapters other
+    than exactly real + synthetic, files beyond a plain LoRA, or layer kinds the merge skips.
     """
+    def plan(path: Path, weight: float | None):
+        spec, state, metadata = ad.read_lora_file(path)
+        return None if spec is None else (spec, state, weight, path.name), metadata
+
     if lora is not None:  # OSDDModel.fuse_adapter_file's result: the file's blend alone
         path = Path(lora)
-        spec, state = ad.load_adapter_file(path)
-        _, metadata = ad.read_safetensors(path)
+        entry, metadata = plan(path, 1.0)
         gamma_of_file = ad.blend_gamma(metadata, path)
-        checks = [(s, st, None, lora_file(n)) for n, (s, st) in adapters.items()]
-        if not ad.merge_adapters_into(unet, checks + [(spec, state, 1.0, path.name)]):
-            return _NOT_MERGED
+        checks = [plan(folder / file, None)[0] for file in adapters.values()]
+        if entry is None or None in checks or not ad.merge_adapters_into(unet, checks + [entry]):
+            return None
         return gamma_of_file
     if not fuse or set(adapters) != set(ad.ADAPTER_NAMES):
-        return _NOT_MERGED
+        return None
     g = float(gamma)
-    (real_spec, real), (synth_spec, synth) = adapters[ad.REAL], adapters[ad.SYNTHETIC]
-    if not ad.merge_adapters_into(unet, [(real_spec, real, g, lora_file(ad.REAL)),
-                                         (synth_spec, synth, 1.0 - g,
-                                          lora_file(ad.SYNTHETIC))]):
-        return _NOT_MERGED
+    entries = [plan(folder / adapters[ad.REAL], g)[0],
+               plan(folder / adapters[ad.SYNTHETIC], 1.0 - g)[0]]
+    if None in entries or not ad.merge_adapters_into(unet, entries):
+        return None
     return g
 
 
@@ -430,8 +448,12 @@ def ready_model(model: OSDDModel, *, gamma: float, fuse: bool = True,
     return model.eval()
 
 
+def _storage_dtype(folder: PathLike) -> torch.dtype:
+    name = read_model_index(folder)[RECORD_KEY].get("storage_dtype", "float32")
+    return _DTYPES.get(name, torch.float32)
+
+
 def fuse_model_folder(src: PathLike, out: PathLike, gamma: float, *,
-                      base_model: PathLike | None = None,
                       storage_dtype: torch.dtype | None = None) -> None:
     """Write a copy of model folder ``src`` whose UNet contains the gamma-blend (fused).
 
@@ -439,16 +461,16 @@ def fuse_model_folder(src: PathLike, out: PathLike, gamma: float, *,
     the sharp encoder E2 (inference only).
     """
     ad.check_gamma(gamma)
-    config = read_model_config(src)
-    if config.get("fused"):
-        raise WeightsError(f"{src} is already fused (gamma={config['fused']['gamma']:g})")
-    if not all(name in config["lora"] for name in ad.ADAPTER_NAMES):
+    record = read_model_index(src)[RECORD_KEY]
+    if record.get("fused_gamma") is not None:
+        raise WeightsError(f"{src} is already fused (gamma={record['fused_gamma']:g})")
+    if set(record.get("adapters") or {}) != set(ad.ADAPTER_NAMES):
         raise WeightsError(f"{src} has no real/synthetic adapters to fuse")
-    model = load_model_folder(src, gamma=gamma, fuse=True, base_model=base_model)
-    dtype = storage_dtype or _DTYPES.get(config.get("storage_dtype", "float32"), torch.float32)
-    extra = dict(config.get("extra") or {})
+    model = load_model_folder(src, gamma=gamma, fuse=True)
+    extra = dict(record.get("extra") or {})
     extra["fused_from"] = str(Path(src).name)
-    save_model_folder(out, model, extra=extra, storage_dtype=dtype, include_sharp_encoder=False)
+    save_model_folder(out, model, extra=extra, storage_dtype=storage_dtype or _storage_dtype(src),
+                      include_sharp_encoder=False)
 
 
 def export_model_folder(src: PathLike, out: PathLike, *,
@@ -461,13 +483,13 @@ def export_model_folder(src: PathLike, out: PathLike, *,
     and GAN terms) and weights stored as ``storage_dtype``.
 
     This is how a trained run becomes a shippable folder such as the packaged ``weights/``.
-    ``extra`` entries are merged into the config's ``"extra"`` record.
+    ``extra`` entries are merged into the record's ``"extra"``.
     """
-    config = read_model_config(src)
-    if config.get("fused"):
+    record = read_model_index(src)[RECORD_KEY]
+    if record.get("fused_gamma") is not None:
         raise WeightsError(f"{src} is fused; export the unfused training output instead")
     model = load_model_folder(src, gamma=0.5, fuse=False)
-    merged = dict(config.get("extra") or {})
+    merged = dict(record.get("extra") or {})
     merged.update(extra or {})
     merged["exported_from"] = str(Path(src).resolve().name)
     save_model_folder(out, model, extra=merged, storage_dtype=storage_dtype,

@@ -13,7 +13,8 @@ The result equals running the model with --gamma G; every adapted layer computes
 W x + G * Delta_real x + (1 - G) * Delta_synthetic x.
 
 \b
-Without --fuse: write ONE adapter file (rank r_real + r_synthetic) with the blend.
+Without --fuse: write ONE adapter file (rank r_real + r_synthetic) with the blend,
+a diffusers LoRA file.
 With --fuse: write a model folder whose UNet already contains the blend
 (no LoRA layers, fastest inference; its gamma is fixed).
 
@@ -44,22 +45,18 @@ def register(app: typer.Typer) -> None:
             "--fuse", help="Write a model folder with the blend merged into the UNet.")] = False,
         weights: Annotated[Path | None, typer.Option(
             "--weights", "-w", help="Model folder to take the adapters (or model) from.")] = None,
-        base_model: Annotated[Path | None, typer.Option(
-            "--base-model",
-            help="Stable Diffusion folder or cached hub id, for model folders saved without "
-                 "their UNet.")] = None,
         fp16: Annotated[bool, typer.Option("--fp16", help="Store the output in float16.")] = False,
     ) -> None:
         if not 0.0 <= gamma <= 1.0:
             raise typer.BadParameter(f"must be between 0 and 1, got {gamma}", param_hint="--gamma")
         if fuse:
-            _fuse(lora_real, lora_synthetic, gamma, output, weights, base_model, fp16)
+            _fuse(lora_real, lora_synthetic, gamma, output, weights, fp16)
         else:
-            _blend_files(lora_real, lora_synthetic, gamma, output, weights, base_model, fp16)
+            _blend_files(lora_real, lora_synthetic, gamma, output, weights, fp16)
 
 
 def _fuse(lora_real: Path | None, lora_synthetic: Path | None, gamma: float, output: Path,
-          weights: Path | None, base_model: Path | None, fp16: bool) -> None:
+          weights: Path | None, fp16: bool) -> None:
     if lora_real is not None or lora_synthetic is not None:
         raise typer.BadParameter("--fuse takes a model folder (--weights DIR), not adapter files")
     if output.exists() and not output.is_dir():
@@ -74,16 +71,12 @@ def _fuse(lora_real: Path | None, lora_synthetic: Path | None, gamma: float, out
     if output.resolve() == src.resolve():
         raise typer.BadParameter("the output folder must differ from --weights",
                                  param_hint="--output")
-    fuse_model_folder(src, output, gamma, base_model=base_model,
-                      storage_dtype=torch.float16 if fp16 else None)
+    fuse_model_folder(src, output, gamma, storage_dtype=torch.float16 if fp16 else None)
     stdout_console().print(f"wrote fused model folder {output} (gamma={gamma:g})", highlight=False)
 
 
 def _blend_files(lora_real: Path | None, lora_synthetic: Path | None, gamma: float,
-                 output: Path, weights: Path | None, base_model: Path | None,
-                 fp16: bool) -> None:
-    if base_model is not None:
-        raise typer.BadParameter("--base-model only applies with --fuse")
+                 output: Path, weights: Path | None, fp16: bool) -> None:
     if lora_real is None and weights is not None:
         from deblurcli.modelfolder import lora_file
 

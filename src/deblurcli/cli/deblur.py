@@ -48,16 +48,14 @@ def deblur(
         "--gamma", help="Dual-adapter blend in [0, 1]: 1 = the 'real' adapter only, "
         "0 = the 'synthetic' adapter only.")] = 0.7,
     weights: Annotated[Optional[Path], typer.Option(
-        "--weights", "-w", metavar="MODEL_DIR", help="Model folder (config.json + safetensors) "
-        "from train-diffusion or blend --fuse. Needed: no default model ships yet.")]
+        "--weights", "-w", metavar="MODEL", help="Model folder (model_index.json + safetensors) "
+        "from train-diffusion, export or blend --fuse, or a Hugging Face hub id (cached; fetched "
+        "once unless HF_HUB_OFFLINE=1). Needed: no default model ships yet.")]
     = None,
     lora: Annotated[Optional[Path], typer.Option(
         "--lora", metavar="FILE", help="Adapter file written by 'deblurcli blend' (e.g. "
         "blend.safetensors): run it instead of the --weights folder's own adapters (its gamma "
         "is fixed).")] = None,
-    base_model: Annotated[Optional[Path], typer.Option(
-        "--base-model", help="Stable Diffusion folder (or hub id in the local Hugging Face "
-        "cache) providing the base UNet/VAE, for model folders saved without them.")] = None,
     color_fix: Annotated[float, typer.Option(
         "--color-fix", metavar="SIGMA", help="Take the output's lowest frequencies (Gaussian "
         "SIGMA px, e.g. 2) from the input, against colour/brightness drift; 0 = off.")] = 0.0,
@@ -149,15 +147,14 @@ def deblur(
                            max_pixels=max_pixels, codec=codec, crf=crf)
     if lora is not None and not lora.is_file():
         raise typer.BadParameter(f"no such adapter file: {lora}", param_hint="--lora")
-    _run(input_path, output, options, gamma=gamma, weights=weights, base_model=base_model,
-         lora=lora,
+    _run(input_path, output, options, gamma=gamma, weights=weights, lora=lora,
          fuse=not no_fuse, tile=tile, overlap=tile_overlap, batch_size=batch_size,
          device_name=device, dtype_name=dtype_name, vae_fp32=vae_fp32, threads=threads,
          compile_model=compile_model, color_fix=color_fix)
 
 
 def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Optional[Path],
-         base_model: Optional[Path], fuse: bool, tile: int, overlap: int,
+         fuse: bool, tile: int, overlap: int,
          lora: Optional[Path] = None,
          batch_size: Optional[int],
          device_name: str, dtype_name: str, vae_fp32: bool, threads: int,
@@ -183,7 +180,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
                   f"{output} (use --overwrite to redo them)", highlight=False, markup=False)
         return
     check_output_folder(output)  # a read-only OUTPUT stops the run here, before the model loads
-    if (fuse or lora is not None) and base_model is None and running_as_command():
+    if (fuse or lora is not None) and running_as_command():
         # no live adapters in this process: import only the diffusers modules the model runs
         from deblurcli.models.runtime_imports import import_diffusers_for_inference
 
@@ -202,7 +199,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
         set_cpu_threads(threads or cpu_threads_share(group))
     model = load_model_folder(weights if weights is not None else default_weights_dir(),
                               device=device, dtype=dtype, gamma=gamma, fuse=fuse,
-                              vae_dtype=vae_dtype, base_model=base_model, lora=lora,
+                              vae_dtype=vae_dtype, lora=lora,
                               warn=lambda m: warn(err, escape(m)))
     # a fused folder keeps its own γ (load_model_folder warned if --gamma differs): report that one
     gamma_text = (f"gamma={model.fused_gamma:g} (fused)" if model.fused_gamma is not None

@@ -308,9 +308,9 @@ def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
                                          f"image and are ignored (e.g. {extra[0]})"))
             if warn is not None and config.limit is None else None)
     if config.model is not None:  # fail on a bad model folder before scoring anything
-        from deblurcli.modelfolder import read_model_config
+        from deblurcli.modelfolder import read_model_index, resolve_model
 
-        read_model_config(config.model.weights)
+        read_model_index(resolve_model(config.model.weights, offline=config.offline))
     from deblurcli.evaluation import fetch
 
     metrics = create_metrics(names, device=device, y_channel=config.y_channel,

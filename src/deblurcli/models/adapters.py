@@ -4,15 +4,17 @@ Every adapted layer computes exactly
 
     y = W x + gamma * Delta_real x + (1 - gamma) * Delta_synthetic x,
 
-with ``Delta_a = (alpha_a / r_a) * B_a A_a``. Both adapters stay active and gamma multiplies each
-adapter's per-layer LoRA scaling (peft's ``set_scale``), so no cross terms appear (unlike peft's
-``add_weighted_adapter(..., "linear")``). :func:`fuse_adapters` merges the blended deltas into the
-base weights once and removes the LoRA layers, so inference runs plain modules.
+with ``Delta_a = (alpha_a / r_a) * B_a A_a``. The blend is diffusers' own
+``unet.set_adapters(["real", "synthetic"], [gamma, 1 - gamma])`` (peft multiplies each adapter's
+LoRA scaling by its weight, so no cross terms appear) and :func:`fuse_adapters` is diffusers'
+``fuse_lora`` + ``unload_lora``.
 
-Adapter files (:func:`save_adapter_file`) are safetensors with keys *without* the adapter name
-(``<module>.lora_A.weight``, ``<module>.lora_B.weight``) and the :class:`LoraSpec` as JSON in the
-metadata. :func:`blend_adapter_states` writes the gamma-blend as one exact adapter of rank
-``r_real + r_synthetic`` (concatenated, pre-scaled factors).
+Adapter files are diffusers' LoRA files (``unet.save_lora_adapter`` /
+``unet.load_lora_adapter(..., prefix=None)``): peft state-dict keys (``<module>.lora_A.weight``,
+``<module>.lora_B.weight``) and the ``LoraConfig`` as JSON under ``lora_adapter_metadata``.
+:func:`blend_adapter_states` writes the gamma-blend as one exact adapter of rank
+``r_real + r_synthetic`` (concatenated, pre-scaled factors); :func:`merge_adapters_into` merges
+adapter files into a UNet without peft, with peft's arithmetic, for a fast start-up.
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ DEFAULT_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "proj_in", "proj_out",
     "ff.net.0.proj", "ff.net.2",
 )
-ADAPTER_FILE_FORMAT = "deblurcli-lora"
+#: Safetensors metadata key of diffusers LoRA files holding the ``LoraConfig`` (diffusers'
+#: ``loaders.lora_base.LORA_ADAPTER_METADATA_KEY``).
+LORA_METADATA_KEY = "lora_adapter_metadata"
+#: Metadata key of a ``deblurcli blend`` output recording its gamma and sources.
+BLEND_METADATA_KEY = "deblurcli_blend"
 
 
 @dataclass
@@ -155,10 +161,9 @@ def _lora_params(layer: nn.Module, name: str) -> list[nn.Parameter]:
 
 
 def set_adapter_weights(unet: nn.Module, weights: Mapping[str, float]) -> None:
-    """Activate exactly the adapters in ``weights``, each with its LoRA scaling times its weight.
-
-    Unlike diffusers' ``set_adapters`` / peft's ``set_adapter``, this keeps every parameter's
-    ``requires_grad`` as it was.
+    """Activate exactly the adapters in ``weights``, each with its LoRA scaling times its weight
+    (diffusers' ``unet.set_adapters``), keeping every parameter's ``requires_grad`` as it was
+    (``set_adapters`` makes the active adapters trainable; training decides that itself).
     """
     layers = list(lora_layers(unet))
     if not layers:
@@ -167,15 +172,10 @@ def set_adapter_weights(unet: nn.Module, weights: Mapping[str, float]) -> None:
     for name in weights:
         if name not in known:
             raise WeightsError(f"the UNet has no adapter named {name!r} (it has {sorted(known)})")
-    flags = {id(p): p.requires_grad for _, layer in layers for p in layer.parameters()}
-    active = list(weights)
-    for _, layer in layers:
-        layer.set_adapter(active)
-        for name, weight in weights.items():
-            layer.set_scale(name, float(weight))
-    for _, layer in layers:
-        for p in layer.parameters():
-            p.requires_grad_(flags[id(p)])
+    flags = [(p, p.requires_grad) for p in unet.parameters()]
+    unet.set_adapters(list(weights), [float(w) for w in weights.values()])
+    for p, flag in flags:
+        p.requires_grad_(flag)
 
 
 def check_gamma(gamma: float) -> float:
@@ -207,31 +207,14 @@ def set_trainable_adapter(unet: nn.Module, name: str | None) -> None:
                 p.requires_grad_(adapter == name)
 
 
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 @torch.no_grad()
 def merge_and_unload(unet: nn.Module, weights: Mapping[str, float]) -> None:
-    """Merge ``sum_a weights[a] * Delta_a`` into the base weights and replace the LoRA layers by
-    their (now merged) base layers. The merge is computed in float32."""
+    """Merge ``sum_a weights[a] * Delta_a`` into the base weights and remove every LoRA layer:
+    diffusers' ``set_adapters`` + ``fuse_lora`` + ``unload_lora`` (merged in the weights' dtype:
+    call it on a float32 UNet, before any cast to half precision)."""
     set_adapter_weights(unet, weights)
-    for name, layer in list(lora_layers(unet)):
-        base = layer.get_base_layer()
-        delta = None
-        for adapter in weights:
-            if adapter in layer.lora_A:
-                d = layer.get_delta_weight(adapter).float()
-                delta = d if delta is None else delta + d
-        if delta is not None:
-            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
-        _replace_module(unet, name, base)
-    if hasattr(unet, "peft_config"):
-        del unet.peft_config
-    if hasattr(unet, "_hf_peft_config_loaded"):
-        unet._hf_peft_config_loaded = False
+    unet.fuse_lora(adapter_names=list(weights))
+    unet.unload_lora()
 
 
 def fuse_adapters(unet: nn.Module, gamma: float) -> None:
@@ -240,35 +223,13 @@ def fuse_adapters(unet: nn.Module, gamma: float) -> None:
     merge_and_unload(unet, {REAL: g, SYNTHETIC: 1.0 - g})
 
 
-# ---------------------------------------------------------------------------- adapter state dicts
 def adapter_state_dict(unet: nn.Module, name: str) -> dict[str, Tensor]:
-    """Adapter ``name``'s weights, keyed ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``."""
-    state: dict[str, Tensor] = {}
-    for module_name, layer in lora_layers(unet):
-        if name not in layer.lora_A:
-            continue
-        state[f"{module_name}.lora_A.weight"] = layer.lora_A[name].weight.detach()
-        state[f"{module_name}.lora_B.weight"] = layer.lora_B[name].weight.detach()
-    if not state:
+    """Adapter ``name``'s weights as peft state-dict keys (``<module>.lora_A.weight``, ...)."""
+    from peft.utils import get_peft_model_state_dict
+
+    if name not in adapter_names(unet):
         raise WeightsError(f"the UNet has no adapter named {name!r}")
-    return state
-
-
-@torch.no_grad()
-def load_adapter_state_dict(unet: nn.Module, name: str, state: Mapping[str, Tensor], *,
-                            source: str = "adapter") -> None:
-    """Copy ``state`` (keys as in :func:`adapter_state_dict`) into adapter ``name``.
-
-    Raises :class:`WeightsError` naming ``source`` on missing/unexpected keys or shape mismatches.
-    """
-    expected = {}
-    for module_name, layer in lora_layers(unet):
-        if name in layer.lora_A:
-            expected[f"{module_name}.lora_A.weight"] = layer.lora_A[name].weight
-            expected[f"{module_name}.lora_B.weight"] = layer.lora_B[name].weight
-    _check_adapter_keys({k: tuple(p.shape) for k, p in expected.items()}, state, source)
-    for key, param in expected.items():
-        param.copy_(state[key].to(param.dtype))
+    return get_peft_model_state_dict(unet, adapter_name=name)
 
 
 def _check_adapter_keys(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Tensor],
@@ -335,6 +296,17 @@ def _delta_weight(a: Tensor, b: Tensor, kernel: tuple[int, ...], scaling: float)
     return torch.nn.functional.conv2d(a.transpose(0, 1), b).transpose(0, 1) * scaling
 
 
+def check_lora_state(unet: nn.Module, spec: LoraSpec, state: Mapping[str, Tensor],
+                     source: str) -> dict[str, nn.Module] | None:
+    """WeightsError naming ``source`` unless ``state`` has exactly the keys and shapes adapter
+    ``spec`` gives ``unet``; returns the adapted layers (``None``: kinds only peft handles,
+    nothing checked)."""
+    targets = lora_targets(unet, spec)
+    if targets is not None:
+        _check_adapter_keys(_expected_adapter_shapes(targets, spec), state, source)
+    return targets
+
+
 @torch.no_grad()
 def merge_adapters_into(unet: nn.Module,
                         adapters: list[tuple[LoraSpec, Mapping[str, Tensor], float | None, str]]
@@ -352,26 +324,19 @@ def merge_adapters_into(unet: nn.Module,
     """
     plans = []
     for spec, state, weight, source in adapters:
-        targets = lora_targets(unet, spec)
+        targets = check_lora_state(unet, spec, state, source)
         if targets is None:
             return False
-        _check_adapter_keys(_expected_adapter_shapes(targets, spec), state, source)
         if weight is not None:
             plans.append((spec, state, float(weight), targets))
-    for name in dict.fromkeys(n for plan in plans for n in plan[3]):
-        delta = None
-        for spec, state, weight, targets in plans:
-            if name not in targets:
-                continue
-            a = state[f"{name}.lora_A.weight"].float()
-            b = state[f"{name}.lora_B.weight"].float()
+    for spec, state, weight, targets in plans:  # one adapter after the other, as peft merges
+        for name in targets:
+            base = unet.get_submodule(name)
+            a = state[f"{name}.lora_A.weight"].to(base.weight.dtype)
+            b = state[f"{name}.lora_B.weight"].to(base.weight.dtype)
             r = int(_pattern_value(spec.rank_pattern, name, spec.rank))
             scaling = weight * spec.alpha_for(name) / r  # peft's set_scale
-            d = _delta_weight(a, b, tuple(a.shape[2:]), scaling).float()
-            delta = d if delta is None else delta + d
-        if delta is not None:
-            base = unet.get_submodule(name)
-            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+            base.weight.add_(_delta_weight(a, b, tuple(a.shape[2:]), scaling))
     return True
 
 
@@ -385,35 +350,6 @@ def save_safetensors_atomic(path: Path, state: Mapping[str, Tensor],
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata)))
-
-
-def save_adapter_file(path: str | Path, state: Mapping[str, Tensor], spec: LoraSpec, *,
-                      dtype: torch.dtype | None = None, extra: dict | None = None) -> None:
-    """Write one adapter as safetensors (atomic), its :class:`LoraSpec` in the metadata."""
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    metadata = {"format": ADAPTER_FILE_FORMAT, "lora_spec": json.dumps(spec.to_dict())}
-    if extra:
-        metadata["extra"] = json.dumps(extra)
-    save_safetensors_atomic(Path(path), state, metadata)
-
-
-def blend_gamma(metadata: Mapping[str, str], path: str | Path) -> float:
-    """The γ recorded by ``deblurcli blend`` in an adapter file's metadata.
-
-    Raises:
-        WeightsError: the file records none (a model folder's own adapter file, say): run with
-            no γ known would merge it at full strength and report the wrong blend.
-    """
-    try:
-        blend = json.loads(metadata.get("extra", "{}")).get("blend", {})
-    except ValueError:
-        blend = {}
-    value = blend.get("gamma") if isinstance(blend, dict) else None
-    if not isinstance(value, (int, float)):
-        raise WeightsError(f"{Path(path).name} is not a 'deblurcli blend' file (it records no "
-                           "gamma); for a model folder's own adapters use --gamma instead")
-    return float(value)
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -433,17 +369,73 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str
     return tensors, metadata
 
 
-def load_adapter_file(path: str | Path) -> tuple[LoraSpec, dict[str, Tensor]]:
-    """Read an adapter file written by :func:`save_adapter_file`: ``(spec, state)``."""
+#: LoraConfig settings whose non-default values :func:`merge_adapters_into` does not reproduce.
+_PLAIN_LORA = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
+               "lora_bias": False}
+
+
+def read_lora_file(path: str | Path) -> tuple[LoraSpec | None, dict[str, Tensor], dict[str, str]]:
+    """``(spec, state, metadata)`` of a diffusers LoRA file (``save_lora_adapter``'s output).
+
+    ``spec`` is ``None`` when the file records no ``LoraConfig`` or uses settings beyond a plain
+    LoRA (DoRA, rsLoRA, ...): diffusers' ``load_lora_adapter`` reads such files, the
+    peft-free merge does not. WeightsError for a file that is not a LoRA state dict.
+    """
+    path = Path(path)
     state, metadata = read_safetensors(path)
-    if "lora_spec" not in metadata:
-        raise WeightsError(f"{Path(path).name} is not a deblurcli LoRA file "
-                           "(no lora_spec metadata)")
+    if not any(key.endswith(".lora_A.weight") for key in state):
+        raise WeightsError(f"{path.name} is not a LoRA file (no lora_A weights)")
     try:
-        spec = LoraSpec.from_dict(json.loads(metadata["lora_spec"]))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise WeightsError(f"{Path(path).name} has an invalid lora_spec: {exc}") from None
-    return spec, state
+        config = json.loads(metadata[LORA_METADATA_KEY])
+        plain = all(config.get(key, value) in (value, None) for key, value in _PLAIN_LORA.items())
+        spec = LoraSpec(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                        target_modules=tuple(config["target_modules"]),
+                        rank_pattern={k: int(v) for k, v in
+                                      (config.get("rank_pattern") or {}).items()},
+                        alpha_pattern={k: float(v) for k, v in
+                                       (config.get("alpha_pattern") or {}).items()})
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None, state, metadata
+    return (spec if plain else None), state, metadata
+
+
+def lora_metadata(config: LoraSpec | Mapping) -> str:
+    """A ``LoraConfig`` (as :class:`LoraSpec` or ``LoraConfig.to_dict()``) as the JSON diffusers
+    stores under :data:`LORA_METADATA_KEY` (``save_lora_adapter``)."""
+    if isinstance(config, LoraSpec):
+        config = config.lora_config().to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in dict(config).items()}
+    return json.dumps(config, indent=2, sort_keys=True)
+
+
+def write_lora_file(path: str | Path, state: Mapping[str, Tensor], config: LoraSpec | Mapping, *,
+                    dtype: torch.dtype | None = None, blend: dict | None = None) -> None:
+    """Write a LoRA state dict as a diffusers LoRA file, atomically: what
+    ``unet.save_lora_adapter`` writes, in ``dtype``; ``blend`` is recorded under
+    :data:`BLEND_METADATA_KEY` (stock diffusers ignores it)."""
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    metadata = {"format": "pt", LORA_METADATA_KEY: lora_metadata(config)}
+    if blend is not None:
+        metadata[BLEND_METADATA_KEY] = json.dumps(blend, sort_keys=True)
+    save_safetensors_atomic(Path(path), state, metadata)
+
+
+def blend_gamma(metadata: Mapping[str, str], path: str | Path) -> float:
+    """The γ recorded by ``deblurcli blend`` in an adapter file's metadata.
+
+    Raises:
+        WeightsError: the file records none (a model folder's own adapter file, say): run with
+            no γ known would merge it at full strength and report the wrong blend.
+    """
+    try:
+        value = json.loads(metadata.get(BLEND_METADATA_KEY, "{}")).get("gamma")
+    except (ValueError, AttributeError):
+        value = None
+    if not isinstance(value, (int, float)):
+        raise WeightsError(f"{Path(path).name} is not a 'deblurcli blend' file (it records no "
+                           "gamma); for a model folder's own adapters use --gamma instead")
+    return float(value)
 
 
 # ---------------------------------------------------------------------------- exact blend
@@ -492,13 +484,19 @@ def blend_adapter_files(real_path: str | Path, synthetic_path: str | Path,
                         fp16: bool = False) -> LoraSpec:
     """Read two adapter files, write their exact gamma-blend to ``out_path``; return its spec.
 
-    The output is stored in the real adapter's dtype (``fp16=True``: float16).
+    The output is a diffusers LoRA file stored in the real adapter's dtype (``fp16=True``:
+    float16), with the blend's γ and sources in its metadata.
     """
-    real_spec, real = load_adapter_file(real_path)
-    synth_spec, synth = load_adapter_file(synthetic_path)
+    parts = []
+    for path in (real_path, synthetic_path):
+        spec, state, _ = read_lora_file(path)
+        if spec is None:
+            raise WeightsError(f"{Path(path).name} records no plain LoRA config to blend with")
+        parts.append((spec, state))
+    (real_spec, real), (synth_spec, synth) = parts
     spec, state = blend_adapter_states(real, real_spec, synth, synth_spec, gamma)
     dtype = torch.float16 if fp16 else next(iter(real.values())).dtype
-    save_adapter_file(out_path, state, spec, dtype=dtype,
-                      extra={"blend": {"gamma": float(gamma), "real": Path(real_path).name,
-                                       "synthetic": Path(synthetic_path).name}})
+    write_lora_file(out_path, state, spec, dtype=dtype,
+                    blend={"gamma": float(gamma), "real": Path(real_path).name,
+                           "synthetic": Path(synthetic_path).name})
     return spec

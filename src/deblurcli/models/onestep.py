@@ -21,6 +21,8 @@ import math
 from functools import lru_cache
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 #: Stable Diffusion's training schedule (v1.x / 2.x): "scaled_linear" betas.
@@ -85,11 +87,31 @@ def _unet_call(unet: nn.Module):
     return lambda *args, **kwargs: inner(unet, *args, **kwargs)
 
 
+class OneStepPrompt(ModelMixin, ConfigMixin):
+    """The learned prompt embedding and the fixed timestep: the ``prompt`` component of an
+    :class:`~deblurcli.models.osdd_pipeline.OSDDPipeline` (its own ``config.json`` and weights,
+    saved and loaded with ``save_pretrained`` / ``from_pretrained``).
+
+    Args:
+        timestep: the fixed timestep ``t`` in ``[0, 999]``.
+        num_tokens: number of learned prompt tokens ``N``.
+        embed_dim: the UNet's ``cross_attention_dim`` ``D``.
+    """
+
+    @register_to_config
+    def __init__(self, timestep: int = DEFAULT_TIMESTEP, num_tokens: int = DEFAULT_PROMPT_TOKENS,
+                 embed_dim: int = 1024) -> None:
+        super().__init__()
+        alpha_bar_at(int(timestep))  # ValueError for a timestep outside the schedule
+        self.prompt_embeds = nn.Parameter(torch.zeros(1, int(num_tokens), int(embed_dim)))
+
+
 class OneStepDenoiser(nn.Module):
     """A diffusers ``UNet2DConditionModel`` + a learned prompt embedding + a fixed timestep.
 
     Args:
         unet: any ``UNet2DConditionModel`` (its ``cross_attention_dim`` sets the prompt width).
+        prompt: a :class:`OneStepPrompt` (as loaded); otherwise one is made from the arguments:
         timestep: the fixed timestep ``t`` in ``[0, 999]``.
         prompt_tokens: number of learned prompt tokens ``N``.
         prompt_init: optional ``(N, D)`` or ``(1, N, D)`` tensor to initialise the prompt with
@@ -97,19 +119,37 @@ class OneStepDenoiser(nn.Module):
         generator: ``torch.Generator`` for the random prompt initialisation.
     """
 
-    def __init__(self, unet: nn.Module, *, timestep: int = DEFAULT_TIMESTEP,
-                 prompt_tokens: int = DEFAULT_PROMPT_TOKENS, prompt_init: Tensor | None = None,
+    def __init__(self, unet: nn.Module, prompt: OneStepPrompt | None = None, *,
+                 timestep: int = DEFAULT_TIMESTEP, prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+                 prompt_init: Tensor | None = None,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.unet = unet
-        self.timestep = int(timestep)
-        self.alpha_bar = alpha_bar_at(self.timestep)
         dim = int(unet.config.cross_attention_dim)
-        if prompt_init is not None:
-            init = prompt_init.detach().reshape(1, -1, dim).float().clone()
-        else:
-            init = torch.randn(1, int(prompt_tokens), dim, generator=generator)
-        self.prompt_embeds = nn.Parameter(init)
+        if prompt is None:
+            if prompt_init is not None:
+                init = prompt_init.detach().reshape(1, -1, dim).float().clone()
+            else:
+                init = torch.randn(1, int(prompt_tokens), dim, generator=generator)
+            prompt = OneStepPrompt(timestep=int(timestep), num_tokens=int(init.shape[1]),
+                                   embed_dim=dim)
+            with torch.no_grad():
+                prompt.prompt_embeds.copy_(init)
+        elif int(prompt.config.embed_dim) != dim:
+            raise ValueError(f"the prompt is {prompt.config.embed_dim} wide, the UNet's "
+                             f"cross_attention_dim is {dim}")
+        self.prompt = prompt
+        self.alpha_bar = alpha_bar_at(self.timestep)
+
+    @property
+    def timestep(self) -> int:
+        """The fixed timestep of the one step."""
+        return int(self.prompt.config.timestep)
+
+    @property
+    def prompt_embeds(self) -> nn.Parameter:
+        """The learned prompt embedding ``(1, N, D)``."""
+        return self.prompt.prompt_embeds
 
     @property
     def prompt_tokens(self) -> int:

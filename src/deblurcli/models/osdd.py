@@ -135,8 +135,9 @@ class OSDDModel(nn.Module):
 
     def fuse_adapter_file(self, path: str | Path) -> None:
         """Run one adapter file -- ``deblurcli blend``'s output -- instead of the model's own
-        adapters: it is merged into the UNet (in float32, exact) and the live adapters are
-        dropped. The blend's γ, recorded in the file, becomes :attr:`fused_gamma`.
+        adapters: diffusers loads it (``load_lora_adapter``) and fuses it alone into the UNet
+        (in float32, exact); every LoRA layer is then unloaded. The blend's γ, recorded in the
+        file, becomes :attr:`fused_gamma`.
 
         Raises :class:`WeightsError` for a model already fused, a file that does not fit or one
         that records no γ (not written by ``deblurcli blend``).
@@ -146,13 +147,14 @@ class OSDDModel(nn.Module):
                                f"{self.fused_gamma:g}); an adapter file needs an unfused model "
                                "folder")
         path = Path(path)
-        spec, state = ad.load_adapter_file(path)
-        _, metadata = ad.read_safetensors(path)
+        _, _, metadata = ad.read_lora_file(path)
         gamma = ad.blend_gamma(metadata, path)
-        unet = self.denoiser.unet
-        ad.add_adapter(unet, BLEND_ADAPTER, spec)
-        ad.load_adapter_state_dict(unet, BLEND_ADAPTER, state, source=path.name)
-        ad.merge_and_unload(unet, {BLEND_ADAPTER: 1.0})  # the real/synthetic layers go unmerged
+        try:
+            self.unet.load_lora_adapter(str(path), adapter_name=BLEND_ADAPTER, prefix=None)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise WeightsError(f"{path.name} does not fit the model "
+                               f"({' '.join(str(exc).split())[:160]})") from None
+        ad.merge_and_unload(self.unet, {BLEND_ADAPTER: 1.0})  # real/synthetic go unmerged
         self.fused_gamma = gamma
         self.gamma = gamma
         self.lora_specs = {}

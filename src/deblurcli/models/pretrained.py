@@ -39,7 +39,7 @@ def load_part(cls: type, source: str | Path, subfolder: str, what: str) -> nn.Mo
             raise WeightsError(f"no diffusers {what} found in {path} "
                                f"(expected {subfolder}/config.json or config.json)")
         return _load(cls, str(folder), {}, what, str(folder))
-    if not _looks_like_hub_id(str(source)):
+    if not looks_like_hub_id(str(source)):
         raise WeightsError(f"{what} source not found: {source} (give a diffusers folder or a "
                            "Hugging Face hub id that is in the local cache)")
     where = (f"{source} (hub id, local cache only; fetch it once with "
@@ -68,7 +68,7 @@ def hf_download_command(repo_id: str, *filenames: str) -> str:
     return shlex.join([tool, "download", repo_id, *filenames])
 
 
-def _looks_like_hub_id(text: str) -> bool:
+def looks_like_hub_id(text: str) -> bool:
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
 

@@ -69,11 +69,13 @@ def build_model(config: DiffusionTrainConfig):
     from deblurcli.models import adapters as ad
     from deblurcli.models import osdd
 
+    if config.init and config.base_model:
+        raise DeblurcliError("give --init MODEL_DIR or --base-model SD, not both (a model folder "
+                             "holds its own UNet)")
     if config.init:
         from deblurcli.modelfolder import load_model_folder
 
-        model = load_model_folder(config.init, fuse=False, gamma=0.5,
-                                  base_model=config.base_model)
+        model = load_model_folder(config.init, fuse=False, gamma=0.5)
         if not model.has_dual_adapters:
             raise DeblurcliError(f"--init {config.init}: needs an unfused model folder with "
                                  "'real' and 'synthetic' adapters")

@@ -89,34 +89,25 @@ def build_evae(config: VaeTrainConfig):
 
 
 def load_evae(path: str | Path):
-    """Load an eVAE from a stage-1 output folder or from a model folder's ``evae.safetensors``.
+    """Load an eVAE from a stage-1 output folder (``train-vae``'s ``RUN/model``) or from the
+    ``evae/`` component of a model folder: both are ``EVAE.save_pretrained`` folders.
 
     Raises:
-        WeightsError: neither layout is found or the weights do not fit.
+        WeightsError: no eVAE there, or the weights do not fit.
     """
-    from safetensors.torch import load_file
-
     from deblurcli.models.evae import EVAE
 
     path = Path(path)
-    if (path / "diffusion_pytorch_model.safetensors").is_file():
-        try:
-            return EVAE.from_pretrained(path, local_files_only=True, use_safetensors=True)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise WeightsError(f"cannot load the eVAE from {path}: "
-                               f"{' '.join(str(exc).split())}") from None
-    if (path / "evae.safetensors").is_file():
-        from deblurcli.modelfolder import read_model_config
-
-        cfg = read_model_config(path)
-        model = EVAE(**dict(cfg["evae"]))
-        missing, unexpected = model.load_state_dict(load_file(str(path / "evae.safetensors")),
-                                                    strict=False)
-        if missing or unexpected:
-            raise WeightsError(f"{path}/evae.safetensors does not match its config.json")
-        return model
-    raise WeightsError(f"no eVAE in {path} (expected a train-vae output folder with "
-                       "diffusion_pytorch_model.safetensors, or a model folder)")
+    if (path / "evae" / "config.json").is_file():
+        path = path / "evae"
+    if not (path / "diffusion_pytorch_model.safetensors").is_file():
+        raise WeightsError(f"no eVAE in {path} (expected a train-vae output folder or a model "
+                           "folder)")
+    try:
+        return EVAE.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"cannot load the eVAE from {path}: "
+                           f"{' '.join(str(exc).split())}") from None
 
 
 class VaeStep(nn.Module):

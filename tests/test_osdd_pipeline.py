@@ -1,0 +1,65 @@
+"""OSDDPipeline: a diffusers DiffusionPipeline whose γ-blend and fuse are diffusers' own calls,
+with the outputs of deblurcli 0.1's hand-written blend (``data/gamma_reference.safetensors``,
+computed by that implementation before it was replaced)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deblurcli.models.osdd import build_osdd, tiny_osdd_config
+from deblurcli.models.osdd_pipeline import OSDDPipeline
+
+REFERENCE = Path(__file__).parent / "data" / "gamma_reference.safetensors"
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    return load_file(str(REFERENCE))
+
+
+def reference_pipeline(reference) -> OSDDPipeline:
+    model = build_osdd(tiny_osdd_config(lora_rank=2), seed=0)
+    model.load_state_dict({k[len("model."):]: v.float() for k, v in reference.items()
+                           if k.startswith("model.")})
+    return OSDDPipeline.from_model(model)
+
+
+@torch.no_grad()
+def test_live_gamma_blend_matches_the_previous_implementation(reference):
+    pipe = reference_pipeline(reference)
+    for gamma in (0.0, 0.3, 0.7, 1.0):
+        pipe.set_gamma(gamma)
+        torch.testing.assert_close(pipe(reference["input"]), reference[f"output.live_{gamma}"],
+                                   atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_saved_loaded_and_fused_outputs_match_the_previous_implementation(reference, tmp_path):
+    reference_pipeline(reference).save_pretrained(tmp_path / "m")
+    for gamma in (0.3, 0.7):
+        live = OSDDPipeline.from_pretrained(tmp_path / "m", gamma=gamma)
+        torch.testing.assert_close(live(reference["input"]), reference[f"output.live_{gamma}"],
+                                   atol=1e-5, rtol=0)
+        live.fuse(gamma)  # diffusers' fuse_lora + unload_lora
+        assert live.model.fused_gamma == gamma and not hasattr(live.unet, "peft_config")
+        torch.testing.assert_close(live(reference["input"]), reference[f"output.fused_{gamma}"],
+                                   atol=1e-5, rtol=0)
+        fast = OSDDPipeline.from_pretrained(tmp_path / "m", gamma=gamma, fuse=True)  # no peft
+        torch.testing.assert_close(fast(reference["input"]), reference[f"output.fused_{gamma}"],
+                                   atol=1e-5, rtol=0)
+
+
+def test_pipeline_components_and_round_trip(tiny_osdd, tmp_path):
+    pipe = OSDDPipeline.from_model(tiny_osdd(seed=0))
+    assert sorted(pipe.components) == ["evae", "prompt", "unet"]
+    pipe.save_pretrained(tmp_path / "m", storage_dtype=torch.float16)
+    again = OSDDPipeline.from_pretrained(tmp_path / "m", gamma=0.5, torch_dtype=torch.float32)
+    assert again.gamma == 0.5 and again.model.unet_dtype == torch.float32
+    assert again.prompt.config.timestep == pipe.prompt.config.timestep == 999
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pipe.set_gamma(0.5)
+    torch.testing.assert_close(again(x), pipe(x), atol=2e-2, rtol=0)
