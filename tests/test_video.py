@@ -314,8 +314,10 @@ def test_frame_spans_split_by_timestamp_or_else_by_frame_number():
     assert spans == [FrameSpan(0, 3, lo=None, hi=30, origin=0, frames=3),
                      FrameSpan(3, None, lo=30, hi=None, origin=0, frames=3)]
     # repeated or missing timestamps: frames are counted from the start instead
-    assert frame_spans([0, 10, 10, 20], 2) == [FrameSpan(0, 2), FrameSpan(2, None)]
-    assert frame_spans([0, None, 20], 3)[1:] == [FrameSpan(1, 2), FrameSpan(2, None)]
+    assert frame_spans([0, 10, 10, 20], 2) == [FrameSpan(0, 2, frames=2),
+                                               FrameSpan(2, None, frames=2)]
+    assert frame_spans([0, None, 20], 3)[1:] == [FrameSpan(1, 2, frames=1),
+                                                 FrameSpan(2, None, frames=1)]
 
 
 def test_continuous_dts_fills_missing_and_stays_increasing():

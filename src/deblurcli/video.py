@@ -251,10 +251,10 @@ class FrameSpan:
     """The frames ``[start, stop)`` of a video in presentation order (``stop`` None: to the end,
     whatever the container declared).
 
+    ``frames`` is the number of video packets found in the span (what a seek must deliver).
     When every video packet has its own timestamp (``origin`` is not None) the same frames are
     also those with ``lo <= pts < hi`` (None: unbounded), so that a process can seek to them;
-    ``origin`` is then the video's first timestamp and ``frames`` the number of packets in the
-    span (what a seek must deliver). Otherwise frames are counted from the start.
+    ``origin`` is then the video's first timestamp. Otherwise frames are counted from the start.
     """
 
     start: int
@@ -269,17 +269,19 @@ def frame_spans(timestamps: list[Optional[int]], parts: int) -> list[FrameSpan]:
     """One :class:`FrameSpan` per part (:func:`frame_ranges` of ``len(timestamps)`` frames), from
     the presentation timestamps of a video's packets (in any order); by timestamp when they are
     all known and distinct, else by frame number. The last span runs to the end of the video."""
-    ranges = frame_ranges(len(timestamps), parts)
-    last = [(start, stop if i < parts - 1 else None) for i, (start, stop) in enumerate(ranges)]
-    if not timestamps or None in timestamps or len(set(timestamps)) < len(timestamps):
-        return [FrameSpan(start, stop) for start, stop in last]
+    n = len(timestamps)
+    last = [(start, stop if i < parts - 1 else None)
+            for i, (start, stop) in enumerate(frame_ranges(n, parts))]
+    if not timestamps or None in timestamps or len(set(timestamps)) < n:
+        return [FrameSpan(start, stop, frames=(n if stop is None else stop) - start)
+                for start, stop in last]
     pts = sorted(timestamps)  # type: ignore[type-var]  # no None here
 
     def at(i: Optional[int]) -> Optional[int]:
         return None if i is None else (pts[i] if i < len(pts) else pts[-1] + 1)
 
     return [FrameSpan(start, stop, lo=at(start) if start else None, hi=at(stop), origin=pts[0],
-                      frames=(len(pts) if stop is None else stop) - start) for start, stop in last]
+                      frames=(n if stop is None else stop) - start) for start, stop in last]
 
 
 def plan_spans(path: Path, parts: int) -> list[FrameSpan]:
@@ -629,7 +631,7 @@ def _transcode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, cr
                 continue
             break  # past the span
         out.mux(vout.encode(None))
-    if seeked and done != span.frames:
+    if seeked and done != span.frames:  # a frame of the span was not decoded after the seek
         raise _SeekMissed()
     return done, shift, origin or 0
 
