@@ -1,7 +1,9 @@
-"""``accelerate launch -m deblurcli deblur IN OUT``: two CPU processes share a folder.
+"""``accelerate launch -m deblurcli deblur IN OUT``: two CPU processes share a folder, and split
+a video by frames.
 
-accelerate's ``--cpu`` starts a single process, so the test launches two through its torchrun
-launcher (``--multi_gpu``, which needs no GPU) and gives ``--device cpu`` (gloo between them).
+accelerate's ``--cpu`` starts a single process, so the tests launch two through its torchrun
+launcher (``--multi_gpu``, which needs no GPU) and give ``--device cpu`` (gloo between them). The
+video-splitting steps are also run by threads standing in for processes (fast).
 """
 
 from __future__ import annotations
@@ -11,11 +13,17 @@ import re
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from deblurcli.distributed import cpu_threads_share, launched_processes
+from deblurcli.batch import BatchOptions, plan_jobs
+from deblurcli.distributed import cpu_threads_share, deblur_video_split, launched_processes
+from deblurcli.errors import DeblurcliError
 from deblurcli.images import write_image
 
 pytest.importorskip("accelerate")
@@ -25,6 +33,109 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _launch(args: list, cwd, processes: int = 2) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``deblurcli ARGS`` in ``processes`` CPU processes."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "deblurcli", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+
+
+class _Threads:
+    """Stands in for :class:`deblurcli.distributed.ProcessGroup` in one of ``count`` threads."""
+
+    def __init__(self, index: int, count: int, shared: dict) -> None:
+        self.index, self.count, self.shared = index, count, shared
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def gather(self, items: list) -> list:
+        slots, barrier = self.shared["slots"], self.shared["barrier"]
+        slots[self.index] = list(items)
+        barrier.wait()
+        everything = [item for slot in slots for item in slot]
+        barrier.wait()  # nobody refills the slots before all have read them
+        return everything
+
+    def add(self, key: str, amount: int) -> int:
+        with self.shared["lock"]:
+            self.shared["counters"][key] += amount
+            return self.shared["counters"][key]
+
+
+def _shared(count: int) -> dict:
+    return {"slots": [None] * count, "barrier": threading.Barrier(count),
+            "lock": threading.Lock(), "counters": defaultdict(int)}
+
+
+def _split_in_threads(job, options, deblurs: list, progress, shared=None) -> list:
+    shared = shared or _shared(len(deblurs))
+    with ThreadPoolExecutor(len(deblurs)) as pool:
+        runs = [pool.submit(deblur_video_split, _Threads(i, len(deblurs), shared), job, deblur,
+                            options, progress if i == 0 else None)
+                for i, deblur in enumerate(deblurs)]
+        return [run.result(timeout=300) for run in runs]
+
+
+def test_video_split_by_frames_counts_every_process_and_leaves_no_segment(tmp_path):
+    av = pytest.importorskip("av")
+    from test_video import make_clip
+
+    clip = make_clip(tmp_path / "in" / "clip.mp4", frames=9)
+    options = BatchOptions()
+    [job] = plan_jobs(clip, tmp_path / "out", options)
+    events, shared = [], _shared(3)
+
+    def main_waits_for_the_others(pixels, progress):
+        # the main process's last frame: the other two have counted their 6 frames by then
+        if len(events) == 3:
+            deadline = time.monotonic() + 60
+            while sum(shared["counters"].values()) < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return pixels
+
+    results = _split_in_threads(job, options, [main_waits_for_the_others] + [lambda x, p: x] * 2,
+                                events.append, shared)
+    assert [(r.status, r.frames) for r in results] == [("done", 9)] * 3  # the same everywhere
+    with av.open(str(job.target)) as c:
+        assert len(list(c.decode(video=0))) == 9 and len(c.streams.audio) == 1
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["clip.mp4"]
+    # the main process's display counts the frames of all three, out of the video's 9
+    assert [e.total for e in events] == [9] * 5 and events[3].done == 9  # after its 3rd frame
+    assert [e.done for e in events] == sorted(e.done for e in events)
+
+
+def test_a_failed_part_fails_the_video_and_leaves_no_file(tmp_path):
+    pytest.importorskip("av")
+    from test_video import make_clip
+
+    clip = make_clip(tmp_path / "in" / "clip.mp4", frames=9)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "clip.mp4").write_bytes(b"an earlier output")
+    options = BatchOptions(overwrite=True)
+    [job] = plan_jobs(clip, out, options)
+    seen = []
+
+    def fails_on_second_frame(pixels, progress):
+        seen.append(1)
+        if len(seen) == 2:
+            raise DeblurcliError("the model gave up")
+        return pixels
+
+    results = _split_in_threads(job, options, [lambda x, p: x, fails_on_second_frame,
+                                               lambda x, p: x], None)
+    assert {(r.status, r.error) for r in results} == \
+        {("failed", "process 2/3: the model gave up")}
+    # the earlier output untouched, no segment and no temporary file left
+    assert [p.name for p in out.iterdir()] == ["clip.mp4"]
+    assert (out / "clip.mp4").read_bytes() == b"an earlier output"
 
 
 def test_launched_processes_reads_world_size(monkeypatch):
@@ -43,13 +154,8 @@ def test_two_processes_deblur_every_file_once_with_one_summary(tiny_model_folder
         write_image(src / name, rng.random((24, 32, 3), dtype=np.float32))
     (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "deblurcli", "deblur", str(src), str(out), "--weights", str(tiny_model_folder),
-           "--device", "cpu", "--tile", "0", "--threads", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    res = _launch(["deblur", src, out, "--weights", tiny_model_folder, "--device", "cpu",
+                   "--tile", "0", "--threads", "1"], cwd=tmp_path)
     assert res.returncode == 1, res.stdout + res.stderr  # bad.png failed in one process
     # one summary for both processes: every file counted once, the failure listed once
     assert re.findall(r"processed \d+, skipped \d+, failed \d+", res.stdout) == \
@@ -57,3 +163,35 @@ def test_two_processes_deblur_every_file_once_with_one_summary(tiny_model_folder
     assert res.stdout.count("failed: ") == 1 and "bad.png" in res.stdout
     assert "process 1/2" in res.stderr and "process 2/2" in res.stderr
     assert sorted(p.name for p in out.iterdir()) == names
+
+
+@pytest.mark.slow  # two fresh Python processes import torch and load the model: ~20-60 s
+def test_two_processes_split_one_video_by_frames(tiny_model_folder, tmp_path):
+    """The video made by two processes, each deblurring half of its frames, equals the one made
+    by one process: lossless (crf 0), so frame for frame; and timestamps, rate, size, audio."""
+    pytest.importorskip("av")
+    from typer.testing import CliRunner
+
+    from deblurcli.cli.app import app
+    from test_video import make_clip, streams
+
+    src = tmp_path / "in"
+    clip = make_clip(src / "clip.mp4", frames=12, x264={"g": "4"})
+    write_image(src / "photo.png", np.random.default_rng(0).random((24, 32, 3), dtype=np.float32))
+    args = ["--weights", tiny_model_folder, "--device", "cpu", "--tile", "0", "--threads", "1",
+            "--crf", "0"]
+    one = CliRunner().invoke(app, ["deblur", str(clip), str(tmp_path / "one"), *map(str, args)])
+    assert one.exit_code == 0, one.output
+    res = _launch(["deblur", src, tmp_path / "two", *args], cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.findall(r"processed \d+, skipped \d+, failed \d+", res.stdout) == \
+        ["processed 2, skipped 0, failed 0"], res.stdout
+    assert "12 video frame(s)" in res.stdout
+    assert "1 video(s) split by frames among 2 processes" in res.stderr
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["clip.mp4", "photo.png"]
+    a, b = streams(tmp_path / "one" / "clip.mp4"), streams(tmp_path / "two" / "clip.mp4")
+    assert len(b["pts"]) == 12 and b["pts"] == a["pts"] == streams(clip)["pts"]
+    assert (b["rate"], b["size"]) == (a["rate"], a["size"]) == (24, (64, 48))
+    assert b["audio"]["packets"] == a["audio"]["packets"]
+    assert b["audio"]["seconds"] == pytest.approx(12 / 24, abs=0.07)
+    assert all(np.array_equal(x, y) for x, y in zip(a["rgb"], b["rgb"], strict=True))

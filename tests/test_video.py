@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from fractions import Fraction
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -19,7 +20,18 @@ from deblurcli.batch import BatchOptions, plan_jobs, run_jobs  # noqa: E402
 from deblurcli.cli.app import app  # noqa: E402
 from deblurcli.errors import DeblurcliError  # noqa: E402
 from deblurcli.images import read_image, write_image  # noqa: E402
-from deblurcli.video import INSTALL_HINT, deblur_video, probe_video  # noqa: E402
+from deblurcli.video import (  # noqa: E402
+    INSTALL_HINT,
+    FrameSpan,
+    continuous_dts,
+    deblur_segment,
+    deblur_video,
+    frame_ranges,
+    frame_spans,
+    join_segments,
+    plan_spans,
+    probe_video,
+)
 
 W, H, N, FPS, SR = 64, 48, 10, 24, 16000
 
@@ -35,12 +47,13 @@ def _keep_torch_threads():
 
 
 def make_clip(path: Path, *, frames: int = N, width: int = W, height: int = H, fps: int = FPS,
-              audio: bool = True, rotate: int = 0, vfr: bool = False) -> Path:
+              audio: bool = True, rotate: int = 0, vfr: bool = False,
+              x264: Optional[dict] = None) -> Path:
     """An H.264 clip of moving colour ramps; ``vfr``: millisecond timestamps with uneven gaps;
-    ``audio``: a 440 Hz mono AAC track as long as the video."""
+    ``audio``: a 440 Hz mono AAC track as long as the video; ``x264``: encoder options."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as c:
-        v = c.add_stream("libx264", rate=fps)
+        v = c.add_stream("libx264", rate=fps, options=x264 or {})
         v.width, v.height = width, height
         v.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
         if rotate:
@@ -280,3 +293,65 @@ def test_video_written_inside_its_input_folder_is_recorded_and_not_an_input_next
     again = plan_jobs(src, src, options)  # the ledger vouches for clip_sharp.mp4: not an input
     assert [j.source.name for j in again] == ["clip.mp4"]
     assert [r.status for r in run_jobs(again, lambda x, p: x, options).results] == ["skipped"]
+
+
+def test_frame_ranges_are_contiguous_and_even():
+    assert frame_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert frame_ranges(10, 1) == [(0, 10)]
+    assert frame_ranges(2, 4) == [(0, 0), (0, 1), (1, 1), (1, 2)]  # fewer frames than parts
+    for n, parts in [(0, 3), (7, 7), (1000, 8), (999, 8)]:
+        ranges = frame_ranges(n, parts)
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+    with pytest.raises(ValueError):
+        frame_ranges(5, 0)
+
+
+def test_frame_spans_split_by_timestamp_or_else_by_frame_number():
+    # packets in decoding order (B-frames): the spans follow presentation order
+    spans = frame_spans([0, 30, 10, 20, 50, 40], 2)
+    assert spans == [FrameSpan(0, 3, lo=None, hi=30, origin=0, frames=3),
+                     FrameSpan(3, None, lo=30, hi=None, origin=0, frames=3)]
+    # repeated or missing timestamps: frames are counted from the start instead
+    assert frame_spans([0, 10, 10, 20], 2) == [FrameSpan(0, 2, frames=2),
+                                               FrameSpan(2, None, frames=2)]
+    assert frame_spans([0, None, 20], 3)[1:] == [FrameSpan(1, 2, frames=1),
+                                                 FrameSpan(2, None, frames=1)]
+
+
+def test_continuous_dts_fills_missing_and_stays_increasing():
+    assert continuous_dts([0, 40, 20], [None, None, 0], None) == [-2, -1, 0]  # Matroska's start
+    assert continuous_dts([100, 140], [60, 100], 80) == [81, 100]  # raised above the previous
+    assert continuous_dts([100, 140], [None, None], 90) == [98, 99]
+    with pytest.raises(ValueError):
+        continuous_dts([100], [None], 100)
+
+
+@pytest.mark.parametrize("suffix, x264", [
+    (".mp4", {"g": "4"}),  # keyframes every 4 frames: the later parts seek
+    (".mkv", {"g": "4"}),  # no decoding timestamps stored for a file's first packets
+    (".mp4", {"x264-params": "intra-refresh=1:keyint=4"}),  # no clean keyframe: decode from 0
+])
+def test_video_deblurred_in_parts_and_joined_equals_one_run(tmp_path, suffix, x264):
+    """Lossless (crf 0), so the decoded frames must be equal; and so must the timestamps, the
+    frame rate, the size, the rotation and the audio packets."""
+    clip = make_clip(tmp_path / f"clip{suffix}", frames=13, x264=x264,
+                     rotate=90 if suffix == ".mp4" else 0)
+    whole = tmp_path / "whole" / f"clip{suffix}"
+    deblur_video(clip, whole, lambda x, p: 1 - x, crf=0)
+    target = tmp_path / "out" / f"clip{suffix}"
+    spans = plan_spans(clip, 3)
+    assert [s.start for s in spans] == [0, 4, 8] and spans[-1].stop is None
+    segments = [deblur_segment(clip, target, lambda x, p: 1 - x, i, span, crf=0)
+                for i, span in enumerate(spans)]
+    assert [s.frames for s in segments] == [4, 4, 5]
+    assert join_segments(clip, segments, target) == 13
+    a, b = streams(whole), streams(target)
+    assert b["pts"] == a["pts"] and len(b["pts"]) == 13
+    assert (b["rate"], b["size"], b["rotation"]) == (a["rate"], a["size"], a["rotation"])
+    assert b["audio"]["packets"] == a["audio"]["packets"]
+    assert all(np.array_equal(x, y) for x, y in zip(a["rgb"], b["rgb"], strict=True))
+    # the segment files are left to the caller (who removes them)
+    assert sorted(p.name for p in target.parent.iterdir()) == \
+        [f".clip{suffix}.segment{i:04d}.part" for i in range(3)] + [f"clip{suffix}"]

@@ -389,8 +389,7 @@ def process_file(job: Job, deblur: DeblurFn, options: BatchOptions,
     (16 bits only where the output format stores them: PNG, TIFF); a video is deblurred frame by
     frame (:func:`deblurcli.video.deblur_video`). Returns the video frames written (0 for an
     image)."""
-    ledger = job.ledger
-    record = None if ledger is None else (lambda tmp: record_output(ledger, job.target, tmp))
+    record = ledger_hook(job)
     if is_video(job.source):
         return deblur_video(job.source, job.target, deblur, codec=options.codec, crf=options.crf,
                             max_pixels=options.max_pixels, progress=progress,
@@ -401,6 +400,26 @@ def process_file(job: Job, deblur: DeblurFn, options: BatchOptions,
     write_image(job.target, result, alpha=image.alpha, grayscale=image.grayscale,
                 bit_depth=bit_depth, quality=options.quality, before_replace=record)
     return 0
+
+
+def ledger_hook(job: Job) -> Optional[Callable[[Path], None]]:
+    """The ``before_replace`` hook that records ``job.target`` in its ledger (None when the
+    output lies outside the input tree)."""
+    ledger = job.ledger
+    return None if ledger is None else (lambda tmp: record_output(ledger, job.target, tmp))
+
+
+def failure_reason(job: Job, exc: BaseException) -> Optional[str]:
+    """The one-line reason recorded when ``job`` raised ``exc`` (a bad input or output, out of
+    memory), or None when ``exc`` is not a failure of that one file (to be raised)."""
+    if isinstance(exc, DeblurcliError):
+        return " ".join(str(exc).split())
+    if isinstance(exc, OSError):
+        return f"{job.target}: {exc.strerror or exc}"
+    if _is_oom(exc):
+        _release_cuda_cache()
+        return f"{job.source.name}: {OOM_ADVICE}"
+    return None
 
 
 def needs_processing(job: Job, options: BatchOptions) -> bool:
@@ -432,15 +451,11 @@ def run_jobs(jobs: list[Job], deblur: DeblurFn, options: BatchOptions,
             try:
                 frames = process_file(job, deblur, options, progress)
                 result = FileResult(job, "done", time.perf_counter() - start, frames=frames)
-            except DeblurcliError as exc:
-                result = FileResult(job, "failed", error=" ".join(str(exc).split()))
-            except OSError as exc:
-                result = FileResult(job, "failed", error=f"{job.target}: {exc.strerror or exc}")
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory is a per-file failure
-                if not _is_oom(exc):
+            except Exception as exc:  # noqa: BLE001 - failure_reason tells a file's failure
+                reason = failure_reason(job, exc)
+                if reason is None:
                     raise
-                result = FileResult(job, "failed", error=f"{job.source.name}: {OOM_ADVICE}")
-                _release_cuda_cache()
+                result = FileResult(job, "failed", error=reason)
         summary.results.append(result)
         if on_result is not None:
             on_result(result)

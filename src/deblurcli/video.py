@@ -17,13 +17,23 @@ frames are in memory, whatever the length of the video. What is kept:
 
 The output is written to a hidden temporary file next to the target and renamed at the end
 (:func:`deblurcli.images.atomic_write`), so an interrupted or failed run leaves no half-written
-video under the final name. PyAV (``pip install 'deblurcli[video]'``) is imported only when a
-video is read or written; without it the error says how to install it. Nothing here prints.
+video under the final name.
+
+Several processes can share one video: :func:`plan_spans` splits its frames into contiguous
+spans (by timestamp, so that each process seeks to its own; by frame number when timestamps are
+missing or repeated), :func:`deblur_segment` deblurs one span into a hidden segment file with the
+same encoder and options, and :func:`join_segments` copies the segments' packets in order (no
+re-encoding), with continuous timestamps, and the source's audio into the final file.
+
+PyAV (``pip install 'deblurcli[video]'``) is imported only when a video is read or written;
+without it the error says how to install it. Nothing here prints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -206,6 +216,298 @@ def deblur_video(source: Path, target: Path, deblur: DeblurFn, *, codec: str = "
         DeblurcliError: PyAV is missing, the encoder is not available, or encoding fails.
         ImageReadError: the video cannot be read, or a frame exceeds ``max_pixels``.
     """
+    source, target = Path(source), Path(target)
+    av, muxer, codec_name, info = _prepare(source, target, codec, crf, max_pixels)
+    written = [0]
+
+    def write(tmp: Path) -> None:
+        written[0] = _transcode(av, source, tmp, muxer, codec_name, crf, info, deblur,
+                                progress)[0]
+        if written[0] == 0:
+            raise ImageReadError(f"cannot read {source}: no video frame could be decoded")
+
+    try:
+        atomic_write(target, write, before_replace=before_replace)
+    except av.error.FFmpegError as exc:  # a damaged frame or packet, an encoder that refuses
+        raise DeblurcliError(f"cannot deblur {source} into {target}: {_one_line(exc)}") from None
+    return written[0]
+
+
+# --------------------------------------------------------------------------------------------
+# one video, many processes: each deblurs a contiguous part into a segment file, one joins them
+
+
+def frame_ranges(n_frames: int, parts: int) -> list[tuple[int, int]]:
+    """Split frames ``0 .. n_frames - 1`` into ``parts`` contiguous ranges ``[start, stop)``:
+    part ``i`` is ``[i * n_frames // parts, (i + 1) * n_frames // parts)`` (sizes differ by at
+    most one; some are empty when there are fewer frames than parts)."""
+    if parts < 1 or n_frames < 0:
+        raise ValueError(f"need parts >= 1 and n_frames >= 0, got {parts} and {n_frames}")
+    return [(i * n_frames // parts, (i + 1) * n_frames // parts) for i in range(parts)]
+
+
+@dataclass(frozen=True)
+class FrameSpan:
+    """The frames ``[start, stop)`` of a video in presentation order (``stop`` None: to the end,
+    whatever the container declared).
+
+    ``frames`` is the number of video packets found in the span (what a seek must deliver).
+    When every video packet has its own timestamp (``origin`` is not None) the same frames are
+    also those with ``lo <= pts < hi`` (None: unbounded), so that a process can seek to them;
+    ``origin`` is then the video's first timestamp. Otherwise frames are counted from the start.
+    """
+
+    start: int
+    stop: Optional[int]
+    lo: Optional[int] = None
+    hi: Optional[int] = None
+    origin: Optional[int] = None
+    frames: Optional[int] = None
+
+
+def frame_spans(timestamps: list[Optional[int]], parts: int) -> list[FrameSpan]:
+    """One :class:`FrameSpan` per part (:func:`frame_ranges` of ``len(timestamps)`` frames), from
+    the presentation timestamps of a video's packets (in any order); by timestamp when they are
+    all known and distinct, else by frame number. The last span runs to the end of the video."""
+    n = len(timestamps)
+    last = [(start, stop if i < parts - 1 else None)
+            for i, (start, stop) in enumerate(frame_ranges(n, parts))]
+    if not timestamps or None in timestamps or len(set(timestamps)) < n:
+        return [FrameSpan(start, stop, frames=(n if stop is None else stop) - start)
+                for start, stop in last]
+    pts = sorted(timestamps)  # type: ignore[type-var]  # no None here
+
+    def at(i: Optional[int]) -> Optional[int]:
+        return None if i is None else (pts[i] if i < len(pts) else pts[-1] + 1)
+
+    return [FrameSpan(start, stop, lo=at(start) if start else None, hi=at(stop), origin=pts[0],
+                      frames=(n if stop is None else stop) - start) for start, stop in last]
+
+
+def plan_spans(path: Path, parts: int) -> list[FrameSpan]:
+    """Split the video ``path`` into ``parts`` spans of frames (:func:`frame_spans` of its video
+    packets' timestamps, read without decoding).
+
+    Raises:
+        ImageReadError: the file cannot be read, has no video stream or no video packet.
+    """
+    path = Path(path)
+    with _video_stream(path) as (container, stream):
+        timestamps = [packet.pts for packet in container.demux(stream)
+                      if packet.size and not packet.is_discard]
+    if not timestamps:
+        raise ImageReadError(f"cannot read {path}: no video frame could be decoded")
+    return frame_spans(timestamps, parts)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One part of a video, deblurred into its own file by :func:`deblur_segment`.
+
+    Attributes:
+        path: the segment file, or None when the span held no frame (nothing was written).
+        start: number of the span's first frame in the video.
+        frames: frames written.
+        shift: ticks of ``time_base`` taken off the frames' timestamps (the file starts like the
+            whole video); :func:`join_segments` adds them back.
+        origin: the timestamp its first frame was written with (the video's first).
+        time_base: the source video stream's time base.
+    """
+
+    path: Optional[Path]
+    start: int
+    frames: int
+    shift: int = 0
+    origin: int = 0
+    time_base: Fraction = Fraction(1)
+
+
+def segment_path(target: Path, index: int) -> Path:
+    """The hidden temporary file that holds part ``index`` of the video ``target``."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.segment{index:04d}.part")
+
+
+def deblur_segment(source: Path, target: Path, deblur: DeblurFn, index: int, span: FrameSpan, *,
+                   codec: str = "auto", crf: int = DEFAULT_CRF,
+                   max_pixels: int = DEFAULT_MAX_PIXELS,
+                   progress: Optional[ProgressFn] = None) -> Segment:
+    """Deblur the frames ``span`` of ``source`` into the segment file ``index`` of ``target``
+    (:func:`segment_path`; the encoder and options of :func:`deblur_video`, no audio), written
+    atomically. The decoder seeks to the keyframe before the span when the span is given by
+    timestamps, and decodes from the start when that missed a frame.
+
+    Raises:
+        DeblurcliError, ImageReadError: as :func:`deblur_video`.
+    """
+    source, target = Path(source), Path(target)
+    if span.stop is not None and span.stop <= span.start:
+        return Segment(None, span.start, 0)
+    av, muxer, codec_name, info = _prepare(source, target, codec, crf, max_pixels)
+    written = [0, 0, 0]
+
+    def write(tmp: Path) -> None:
+        args = (av, source, tmp, muxer, codec_name, crf, info, deblur, progress, span)
+        try:
+            written[:] = _transcode(*args, seek=span.start > 0)
+        except _SeekMissed:
+            written[:] = _transcode(*args, seek=False)
+        if written[0] == 0:
+            raise _EmptySpan()  # the video has fewer frames than its container declared
+
+    path = segment_path(target, index)
+    try:
+        atomic_write(path, write)
+    except _EmptySpan:
+        return Segment(None, span.start, 0)
+    except av.error.FFmpegError as exc:
+        raise DeblurcliError(f"cannot deblur {source} into {target}: {_one_line(exc)}") from None
+    return Segment(path, span.start, *written, time_base=info.time_base)
+
+
+def join_segments(source: Path, segments: list[Segment], target: Path, *,
+                  before_replace: Optional[Callable[[Path], None]] = None) -> int:
+    """Join the segment files of ``target`` in frame order into ``target`` (written atomically):
+    their packets are copied (no re-encoding) with each segment's timestamps moved back by its
+    ``shift`` and the decoding timestamps kept increasing across the joins, and the audio
+    streams are copied from ``source`` as :func:`deblur_video` does. Returns the number of
+    frames. The segment files are left in place.
+
+    Raises:
+        DeblurcliError: a segment file is missing or was encoded differently, or FFmpeg fails.
+    """
+    av = import_av()
+    source, target = Path(source), Path(target)
+    parts = sorted((s for s in segments if s.frames), key=lambda s: s.start)
+    if not parts:
+        raise ImageReadError(f"cannot read {source}: no video frame could be decoded")
+    for part in parts:
+        if part.path is None or not part.path.is_file():
+            raise DeblurcliError(f"cannot join the parts of {target}: {part.path} is missing (all "
+                                 "processes must write to one shared OUTPUT folder)")
+
+    def write(tmp: Path) -> None:
+        _join(av, source, parts, tmp, _MUXER[target.suffix.lower()], target)
+
+    try:
+        atomic_write(target, write, before_replace=before_replace)
+    except av.error.FFmpegError as exc:
+        raise DeblurcliError(f"cannot join the parts of {target}: {_one_line(exc)}") from None
+    return sum(part.frames for part in parts)
+
+
+def _join(av: Any, source: Path, parts: list[Segment], tmp: Path, muxer: str,
+          target: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(av.open(str(parts[0].path), "r"))
+        inp = stack.enter_context(av.open(stack.enter_context(open_regular(source)), "r"))
+        out = stack.enter_context(av.open(str(tmp), "w", format=muxer))
+        template = first.streams.video[0]
+        # opaque: the template's codec is a decoder (dav1d for AV1); the display matrix comes too
+        vout = out.add_stream_from_template(template, opaque=True)
+        vout.time_base = template.time_base
+        vin = inp.streams.video[0]
+        vout.codec_context.framerate = vin.average_rate or vin.guessed_rate or Fraction(30)
+        audio = {a: out.add_stream_from_template(a) for a in inp.streams.audio}
+        video = _segment_packets(av, parts, template, vout, target)
+        sound = (p for p in inp.demux(*audio) if p.dts is not None) if audio else iter(())
+        # interleaved by decoding time, as a muxer expects
+        for packet in heapq.merge(video, sound, key=lambda p: p.dts * p.time_base):
+            if packet.stream is not vout:
+                packet.stream = audio[packet.stream]
+            out.mux(packet)
+
+
+def _stream_params(stream: Any) -> tuple:
+    """What must be equal for the packets of two streams to be joined into one."""
+    ctx = stream.codec_context
+    return (ctx.name, ctx.width, ctx.height, ctx.format and ctx.format.name,
+            bytes(ctx.extradata or b""), Fraction(stream.time_base))
+
+
+def _segment_packets(av: Any, parts: list[Segment], template: Any, vout: Any,
+                     target: Path) -> Iterator:
+    """The video packets of every segment in order, for ``vout``, with continuous timestamps."""
+    params = _stream_params(template)
+    last: Optional[int] = None  # the last decoding timestamp handed out
+    for part in parts:
+        with av.open(str(part.path), "r") as seg:
+            stream = seg.streams.video[0]
+            if _stream_params(stream) != params:
+                raise DeblurcliError(f"cannot join the parts of {target}: they were encoded with "
+                                     "different settings (were all processes running the same "
+                                     "FFmpeg?)")
+            # where the muxer put the segment's first frame, and where it puts it in the video
+            tb = Fraction(stream.time_base)
+            offset = _rescale(part.origin + part.shift, part.time_base, tb) - \
+                _rescale(part.origin, part.time_base, tb)
+            pending: list = []  # packets whose decoding timestamp is not known yet
+            for packet in seg.demux(stream):
+                if not packet.size:
+                    continue
+                if packet.pts is None:
+                    raise DeblurcliError(f"cannot join the parts of {target}: a packet of "
+                                         f"{part.path.name} has no timestamp")
+                packet.stream = vout
+                pending.append(packet)
+                if packet.dts is not None:
+                    last = yield from _release(pending, offset, last, target)
+            last = yield from _release(pending, offset, last, target)
+
+
+def _release(pending: list, offset: int, last: Optional[int], target: Path):
+    """Yield the ``pending`` packets with their timestamps moved by ``offset`` and decoding
+    timestamps from :func:`continuous_dts`; returns the last one."""
+    if not pending:
+        return last
+    pts = [p.pts + offset for p in pending]
+    dts = [None if p.dts is None else p.dts + offset for p in pending]
+    try:
+        fixed = continuous_dts(pts, dts, last)
+    except ValueError as exc:
+        raise DeblurcliError(f"cannot join the parts of {target}: {exc}") from None
+    for packet, p, d in zip(pending, pts, fixed, strict=True):
+        packet.pts, packet.dts = p, d
+        yield packet
+    pending.clear()
+    return fixed[-1]
+
+
+def _rescale(value: int, source: Fraction, target: Fraction) -> int:
+    """``value`` ticks of ``source`` in ticks of ``target``, rounded as FFmpeg does (half away
+    from zero)."""
+    exact = Fraction(value) * source / target
+    return int(math.copysign(math.floor(abs(exact) + Fraction(1, 2)), exact))
+
+
+def continuous_dts(pts: list[int], dts: list[Optional[int]], after: Optional[int]) -> list[int]:
+    """Decoding timestamps for consecutive packets: each one's own (``dts``) where known, those
+    missing (Matroska stores none for the first packets of a file) just below the next known
+    one, all raised where needed to stay strictly above ``after`` (the previous packet's) and
+    increasing.
+
+    Raises:
+        ValueError: a decoding timestamp would then come after its packet's ``pts``.
+    """
+    known = next((d for d in reversed(dts) if d is not None), None)
+    fixed: list[int] = []
+    n = len(pts)
+    for i, (p, d) in enumerate(zip(pts, dts, strict=True)):
+        if d is None:
+            d = known - (n - 1 - i) if known is not None else min(pts) - (n - i)
+        if after is not None and d <= after:
+            d = after + 1
+        if d > p:
+            raise ValueError(f"decoding timestamp {d} after presentation timestamp {p}")
+        fixed.append(d)
+        after = d
+    return fixed
+
+
+def _prepare(source: Path, target: Path, codec: str, crf: int,
+             max_pixels: int) -> tuple[Any, str, str, VideoInfo]:
+    """``(av, muxer, encoder, info)`` for deblurring ``source`` into ``target``'s container, once
+    the encoder, ``crf`` and the frame size are known to be usable."""
     av = import_av()
     source, target = Path(source), Path(target)
     muxer = _MUXER.get(target.suffix.lower())
@@ -224,21 +526,22 @@ def deblur_video(source: Path, target: Path, deblur: DeblurFn, *, codec: str = "
         raise ImageReadError(f"cannot read {source}: frames of {info.width}x{info.height} are "
                              f"{pixels:,} pixels, more than the limit of {max_pixels:,} (raise "
                              "it with --max-pixels if the file is trusted)")
-    written = [0]
-
-    def write(tmp: Path) -> None:
-        written[0] = _transcode(av, source, tmp, muxer, codec_name, crf, info, deblur, progress)
-
-    try:
-        atomic_write(target, write, before_replace=before_replace)
-    except av.error.FFmpegError as exc:  # a damaged frame or packet, an encoder that refuses
-        raise DeblurcliError(f"cannot deblur {source} into {target}: {_one_line(exc)}") from None
-    return written[0]
+    return av, muxer, codec_name, info
 
 
 def _transcode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: int,
-               info: VideoInfo, deblur: DeblurFn, progress: Optional[ProgressFn]) -> int:
+               info: VideoInfo, deblur: DeblurFn, progress: Optional[ProgressFn],
+               span: Optional[FrameSpan] = None, seek: bool = False) -> tuple[int, int, int]:
+    """Deblur the frames of ``span`` (all of them, with the audio, when None) into ``tmp``;
+    returns ``(frames written, shift, origin)``: the time-base ticks taken off their timestamps
+    so that the first written frame has the video's first timestamp, ``origin`` (``shift`` is 0
+    for the whole video). ``seek``: jump to the keyframe before a span given by timestamps;
+    raises :class:`_SeekMissed` unless decoding then starts on a key frame at or before the span
+    and delivers every frame of it."""
     total = info.frames or None
+    if span is not None:
+        total = (span.stop if span.stop is not None else (info.frames or None))
+        total = None if total is None else max(0, total - span.start)
     with open_regular(source) as fh, av.open(fh, "r") as inp, \
             av.open(str(tmp), "w", format=muxer) as out:
         vin = inp.streams.video[0]
@@ -267,9 +570,18 @@ def _transcode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, cr
                                      f"17.1 (pip install 'deblurcli[video]'); this is PyAV "
                                      f"{av.__version__}")
             vout.set_display_matrix(info.display_matrix)
-        audio = {a: out.add_stream_from_template(a) for a in inp.streams.audio}
+        # a part of the video (span) carries no audio: join_segments copies it from the source
+        audio = {} if span is not None else \
+            {a: out.add_stream_from_template(a) for a in inp.streams.audio}
+        seeked = seek and span is not None and span.lo is not None
+        if seeked:
+            try:
+                inp.seek(span.lo, stream=vin)
+            except av.error.FFmpegError:
+                raise _SeekMissed() from None
         report(progress, "frames", 0, total)
-        done, last_pts = 0, None
+        done, index, last_pts, shift = 0, 0, None, 0
+        origin = None if span is None else span.origin
         step = _pts_step(info)
         for packet in inp.demux(vin, *audio):
             if packet.stream.type == "audio":
@@ -279,14 +591,29 @@ def _transcode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, cr
                 out.mux(packet)
                 continue
             for frame in packet.decode():
-                if (frame.width, frame.height) != (info.width, info.height):
-                    raise ImageReadError(f"cannot read {source}: the frame size changes from "
-                                         f"{info.width}x{info.height} to {frame.width}x"
-                                         f"{frame.height} at frame {done} (not supported)")
-                pts = frame.pts if frame.pts is not None else (done * step)
+                if seeked and index == 0 and not (frame.key_frame and frame.pts is not None
+                                                  and frame.pts <= span.lo):
+                    raise _SeekMissed()  # e.g. intra refresh: no clean start at that keyframe
+                pts = frame.pts if frame.pts is not None else (index * step)
                 if last_pts is not None and pts <= last_pts:
                     pts = last_pts + 1  # the encoder needs increasing timestamps
                 last_pts = pts
+                origin = pts if origin is None else origin
+                where = _where(span, index, pts)
+                index += 1
+                if where < 0:
+                    continue  # before the span: decoded, not deblurred
+                if where > 0:
+                    break
+                if done == 0:
+                    if seeked and pts != span.lo:
+                        raise _SeekMissed()
+                    shift = pts - origin
+                if (frame.width, frame.height) != (info.width, info.height):
+                    number = done + (span.start if span is not None else 0)
+                    raise ImageReadError(f"cannot read {source}: the frame size changes from "
+                                         f"{info.width}x{info.height} to {frame.width}x"
+                                         f"{frame.height} at frame {number} (not supported)")
                 rgb = frame.to_ndarray(format="rgb24")
                 result = deblur(rgb.astype(np.float32) / 255.0, progress)
                 quantised = np.clip(np.rint(result * 255.0), 0, 255).astype(np.uint8)
@@ -296,14 +623,36 @@ def _transcode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, cr
                 if frame.color_range:
                     new.color_range = frame.color_range
                 new = new.reformat(format=pix_fmt)
-                new.pts, new.time_base = pts, info.time_base
+                new.pts, new.time_base = pts - shift, info.time_base
                 out.mux(vout.encode(new))
                 done += 1
                 report(progress, "frames", done, total)
+            else:
+                continue
+            break  # past the span
         out.mux(vout.encode(None))
-    if done == 0:
-        raise ImageReadError(f"cannot read {source}: no video frame could be decoded")
-    return done
+    if seeked and done != span.frames:  # a frame of the span was not decoded after the seek
+        raise _SeekMissed()
+    return done, shift, origin or 0
+
+
+def _where(span: Optional[FrameSpan], index: int, pts: int) -> int:
+    """-1, 0 or 1: the frame ``index`` with timestamp ``pts`` lies before, in or after ``span``."""
+    if span is None:
+        return 0
+    if span.origin is None:  # by frame number
+        start, stop = span.start, span.stop
+        return -1 if index < start else (1 if stop is not None and index >= stop else 0)
+    return -1 if span.lo is not None and pts < span.lo else \
+        (1 if span.hi is not None and pts >= span.hi else 0)
+
+
+class _SeekMissed(Exception):
+    """Seeking to a span's first frame landed after it (or failed): decode from the start."""
+
+
+class _EmptySpan(Exception):
+    """No frame of the video lies in the span: no segment file."""
 
 
 def _pts_step(info: VideoInfo) -> int:

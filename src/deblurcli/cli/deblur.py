@@ -188,7 +188,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     from deblurcli.modelfolder import default_weights_dir, load_model_folder
     from deblurcli.pipeline import DeblurPipeline, default_batch_size, prepare_model
 
-    from deblurcli.distributed import cpu_threads_share
+    from deblurcli.distributed import cpu_threads_share, deblur_video_split, split_jobs
 
     device = (group.device if group is not None and device_name in ("auto", "cuda")
               else resolve_device(device_name))
@@ -209,9 +209,14 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
                               overlap=overlap, channels_last=True,
                               batch_size=batch_size or default_batch_size(device),
                               color_fix=color_fix)
-    all_jobs, jobs = jobs, _my_share(jobs, group)
+    # under a launcher every process takes a part of each video, and a share of the other files
+    all_jobs, (videos, jobs) = jobs, split_jobs(jobs, options, group)
     share = f" (process {group.index + 1}/{group.count})" if group is not None else ""
-    err.print(f"deblurring {len(jobs)} file(s){share} on {device} ({str(dtype).replace('torch.', '')}"
+    what = f"{len(jobs)} file(s)"
+    if videos:
+        what = f"{len(videos)} video(s) split by frames among {group.count} processes" + \
+            (f" and {what}" if jobs else "")
+    err.print(f"deblurring {what}{share} on {device} ({str(dtype).replace('torch.', '')}"
               f"{', VAE float32' if vae_fp32 else ''}), {gamma_text}, "
               f"tile={tile or 'whole image'}"
               f"{f', colour fix sigma={color_fix:g}' if color_fix else ''}", highlight=False)
@@ -224,12 +229,19 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     with rich_progress(err, labels={"images": "images", "frames": "frames", "tiles": "tiles"},
                        unit={"images": "img", "frames": "frame", "tiles": "tile"},
                        enabled=group is None or group.is_main) as progress:
-        summary = run_jobs(jobs, pipeline, options, progress=progress, on_result=on_result)
+        split = []
+        for job in videos:  # the same result on every process: the main one prints it
+            split.append(deblur_video_split(group, job, pipeline, options, progress=progress))
+            if group.is_main:
+                on_result(split[-1])
+        summary = run_jobs(jobs, pipeline, options, progress=progress, on_result=on_result) \
+            if jobs or not videos else None
     if group is not None:  # every process's results, for one summary; the same exit status
         from deblurcli.batch import BatchSummary
         from deblurcli.distributed import gather_results
 
-        summary = BatchSummary(gather_results(group, summary.results, all_jobs))
+        mine = summary.results if summary is not None else []
+        summary = BatchSummary(gather_results(group, mine, all_jobs, shared=tuple(split)))
         if not group.is_main:
             group.wait()  # exit only after the main process reported (a launcher stops the rest)
             if summary.failed:
@@ -253,13 +265,6 @@ def _process_group(device_name: str):
 
     return process_group(cpu=device_name == "cpu" or (device_name == "auto"
                                                      and not torch.cuda.is_available()))
-
-
-def _my_share(jobs: list, group) -> list:
-    """This process's jobs: every ``count``-th from its index (all of them for one process)."""
-    from deblurcli.batch import shard_items
-
-    return jobs if group is None else shard_items(jobs, (group.index, group.count))
 
 
 def _quiet_console():
