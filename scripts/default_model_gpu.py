@@ -366,11 +366,11 @@ def _evaluate(model_dir: Path, pack_dir: Path, work: Path, device: str, seconds:
     import numpy as np
     import torch
 
+    from deblurcli.evaluation.metrics import psnr, ssim
     from deblurcli.images import list_images, read_image
     from deblurcli.modelfolder import load_model_folder
     from deblurcli.pipeline import DeblurPipeline
     from deblurcli.synth.build import SynthConfig, run_synth
-    from deblurcli.train.engine import psnr, ssim
 
     deadline = time.monotonic() + seconds
     sets = {}
@@ -389,9 +389,6 @@ def _evaluate(model_dir: Path, pack_dir: Path, work: Path, device: str, seconds:
                                device=device, dtype=torch.float32, tile=448, overlap=32,
                                batch_size=4 if device != "cpu" else 1) for g in gammas}
 
-    def tensor(pixels):
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None] * 2 - 1
-
     results: dict = {}
     for name, folder in sets.items():  # every image at both gammas, until the time is up
         scores: dict[str, list[float]] = {}
@@ -404,8 +401,8 @@ def _evaluate(model_dir: Path, pack_dir: Path, work: Path, device: str, seconds:
             with torch.no_grad():
                 outputs.update({f"gamma_{g:g}": pipes[g](blur) for g in gammas})
             for key, image in outputs.items():
-                scores.setdefault(f"{key}_psnr", []).append(psnr(tensor(image), tensor(sharp)))
-                scores.setdefault(f"{key}_ssim", []).append(ssim(tensor(image), tensor(sharp)))
+                scores.setdefault(f"{key}_psnr", []).append(psnr(image, sharp))
+                scores.setdefault(f"{key}_ssim", []).append(ssim(image, sharp))
         results[name] = {"images": len(scores.get("input_psnr", [])),
                          **{k: round(float(np.mean(v)), 4) for k, v in scores.items()}}
     return results

@@ -201,32 +201,6 @@ def batch_stream(data: DataBundle, config: CommonConfig, *, rank: int, world: in
                                             persistent_workers=config.workers > 0))
 
 
-# ----------------------------------------------------------------------------- metrics
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of images in ``[-1, 1]`` (computed on ``[0, 1]``)."""
-    mse = torch.mean(((pred.clamp(-1, 1) - target) * 0.5) ** 2).item()
-    return 100.0 if mse <= 1e-12 else 10.0 * math.log10(1.0 / mse)
-
-
-def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean SSIM (11×11 Gaussian window, σ = 1.5, on ``[0, 1]``, averaged over RGB)."""
-    x = ((pred.clamp(-1, 1) + 1) * 0.5).float()
-    y = ((target + 1) * 0.5).float()
-    coords = torch.arange(11, dtype=torch.float32) - 5
-    g = torch.exp(-(coords ** 2) / (2 * 1.5 ** 2))
-    g = (g / g.sum()).to(x.device)
-    window = (g[:, None] * g[None, :]).expand(x.shape[1], 1, 11, 11)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.conv2d(t, window, groups=t.shape[1])
-
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    mx, my = blur(x), blur(y)
-    sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    value = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
-    return float(value.mean().item())
-
-
 # ----------------------------------------------------------------------------- logging
 class RunLog:
     """CSV log (``OUTPUT/train_log.csv``) plus TensorBoard when it is installed."""
@@ -387,6 +361,7 @@ def restore(stage: Stage, state: ckpt.Checkpoint, unwrap: Callable[[nn.Module], 
 
 def _validate(stage: Stage, val: dt.ValidationDataset, output: Path, step: int,
               device: torch.device, autocast) -> dict[str, float]:
+    from deblurcli.evaluation.metrics import psnr, ssim
     from deblurcli.images import write_image
 
     for module in stage.trained:
@@ -398,12 +373,13 @@ def _validate(stage: Stage, val: dt.ValidationDataset, output: Path, step: int,
             blur = sample["blur"][None].to(device)
             sharp = sample["sharp"][None].to(device)
             pred = stage.predict(blur, sharp).float().clamp(-1, 1)
+            blur, pred, sharp = ((t.float() + 1) * 0.5 for t in (blur, pred, sharp))  # [0, 1]
             psnrs.append(psnr(pred, sharp))
             ssims.append(ssim(pred, sharp))
-            input_psnrs.append(psnr(blur.float(), sharp.float()))  # the baseline to beat
+            input_psnrs.append(psnr(blur, sharp))  # the baseline to beat
             if index < 4:
-                row = torch.cat([blur[0].float(), pred[0], sharp[0].float()], dim=2)
-                rows.append(((row + 1) * 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+                row = torch.cat([blur[0], pred[0], sharp[0]], dim=2)
+                rows.append(row.clamp(0, 1).permute(1, 2, 0).cpu().numpy())
     for module in stage.trained:
         module.train()
     if rows:
