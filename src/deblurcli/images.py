@@ -1,4 +1,4 @@
-"""Image files <-> float32 RGB arrays, atomic writes and folder listing.
+"""Image files <-> float32 RGB arrays, atomic writes (of files and folders) and folder listing.
 
 Reading returns :class:`ImageData`: ``pixels`` are float32 ``(H, W, 3)`` RGB in ``[0, 1]`` (grey
 images are repeated to three channels), with the alpha channel, the grey-ness and the bit depth
@@ -22,6 +22,7 @@ import contextlib
 import errno
 import io
 import os
+import shutil
 import stat
 import struct
 import tempfile
@@ -105,9 +106,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], *,
     try:
         write(Path(tmp))
         fsync_file(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        os.chmod(tmp, 0o666 & ~_umask())
         if before_replace is not None:
             before_replace(Path(tmp))
         os.replace(tmp, path)
@@ -118,6 +117,53 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], *,
             pass
         raise
     fsync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Create the folder ``path`` whole or not at all: the ``with`` body fills the temporary
+    folder it is given (beside ``path``, ``.NAME.*.part``), which takes the name ``path`` when
+    the body returns; if the body raises, the temporary folder is removed and ``path`` is left
+    as it was.
+
+    An existing ``path`` raises ``FileExistsError`` unless ``replace``: it is then moved aside
+    (``.NAME.*.old``) just before the rename and removed after it, so that ``path`` never holds
+    a mix of the two. The files inside are flushed by whoever writes them (:func:`atomic_write`);
+    the folders' new names are flushed here.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        fsync_folder(tmp)
+        old = tmp.with_suffix(".old")
+        if os.path.lexists(path):
+            if not replace:
+                raise FileExistsError(errno.EEXIST, "already exists", str(path))
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if os.path.lexists(old):
+                os.rename(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_folder(path.parent)
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old)
+    elif os.path.lexists(old):
+        os.unlink(old)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_file(path: PathLike) -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import functools
 import math
-import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from deblurcli.errors import DeblurcliError
+from deblurcli.images import atomic_folder, atomic_write
 from deblurcli.progress import ProgressFn, report
 from deblurcli.train import checkpoint as ckpt
 from deblurcli.train import data as dt
@@ -224,16 +223,19 @@ class RunLog:
     def _truncate_after(self, step: int) -> None:
         with self.path.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
-        keep = [r for r in rows if int(float(r.get("step", 0) or 0)) <= step]
-        fields = list(rows[0].keys()) if rows else None
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
-            if fields:
-                writer = csv.DictWriter(fh, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(keep)
-        os.replace(tmp, self.path)
-        self.fields = fields
+        self.fields = list(rows[0].keys()) if rows else None
+        self._rewrite([r for r in rows if int(float(r.get("step", 0) or 0)) <= step])
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        """Replace the file (atomically) by ``rows`` under the header ``self.fields``."""
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="", encoding="utf-8") as fh:
+                if self.fields:
+                    writer = csv.DictWriter(fh, fieldnames=self.fields)
+                    writer.writeheader()
+                    writer.writerows(rows)
+
+        atomic_write(self.path, write)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         """Append one row; a value with a new name rewrites the file with a wider header."""
@@ -247,12 +249,7 @@ class RunLog:
             with self.path.open(newline="", encoding="utf-8") as fh:
                 rows = list(csv.DictReader(fh))
             self.fields = self.fields + new_keys
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with tmp.open("w", newline="", encoding="utf-8") as fh:
-                writer = csv.DictWriter(fh, fieldnames=self.fields)
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(tmp, self.path)
+            self._rewrite(rows)
         elif new_keys:
             self.fields = self.fields + new_keys
         new_file = not self.path.is_file() or self.path.stat().st_size == 0
@@ -573,14 +570,9 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
         accelerator.wait_for_everyone()
         if main:
             model_folder = output / "model"
-            tmp = output / ".model.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            stage.save_output(tmp)
-            ckpt.write_json_atomic(tmp / "training.json", {**resolved, "steps": step})
-            if model_folder.exists():
-                shutil.rmtree(model_folder)
-            os.replace(tmp, model_folder)
+            with atomic_folder(model_folder, replace=True) as tmp:
+                stage.save_output(tmp)
+                ckpt.write_json_atomic(tmp / "training.json", {**resolved, "steps": step})
         accelerator.wait_for_everyone()
     return TrainResult(step=step, output=output, model_folder=model_folder, checkpoint=last_ckpt,
                        interrupted=interrupted, out_of_time=out_of_time,
