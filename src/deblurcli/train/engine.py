@@ -77,12 +77,6 @@ def effective_mixed_precision(config: CommonConfig) -> str:
     return "bf16" if mixed == "bf16" and cpu_has_fast_bf16() else "no"
 
 
-def weight_dtype(accelerator) -> torch.dtype:
-    """dtype for frozen weights under the accelerator's mixed precision."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
-                                                               torch.float32)
-
-
 def optimizer_step(accelerator, loss: torch.Tensor, optimizer, scheduler, *,
                    params=None, max_grad_norm: float = 0.0) -> None:
     """Backward ``loss``, then (clip and) step ``optimizer``; the scheduler moves once per
