@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -626,7 +626,17 @@ def encode_image(
     quality: int = 95,
     compress_level: int = 6,
 ) -> bytes:
-    """Encode pixels as the bytes of an image file of format ``fmt`` (see :func:`write_image`)."""
+    """Encode pixels as the bytes of an image file of format ``fmt`` (``"png"``, ``"jpeg"``,
+    ``"tiff"``, ``"webp"`` or ``"bmp"``).
+
+    Args:
+        pixels: float ``(H, W, 3)`` RGB (or ``(H, W)`` grey) in ``[0, 1]``; values are clipped.
+        alpha: optional ``(H, W)`` alpha in ``[0, 1]``; JPEG cannot store it and drops it.
+        grayscale: write a single-channel file (the mean of the three channels).
+        bit_depth: 8 or 16; 16 is kept for PNG and TIFF, other formats are written with 8 bits.
+        quality: JPEG/WebP quality (1-100).
+        compress_level: zlib level (0-9) for 8-bit PNG; 1 is ~3x faster than 6 and ~20% larger.
+    """
     pixels = np.asarray(pixels, dtype=np.float32)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
@@ -712,28 +722,13 @@ def _png16_grey_alpha(arr: np.ndarray) -> bytes:
     )
 
 
-def write_image(
-    path: PathLike,
-    pixels: np.ndarray,
-    *,
-    alpha: np.ndarray | None = None,
-    grayscale: bool = False,
-    bit_depth: int = 8,
-    quality: int = 95,
-    compress_level: int = 6,
-    before_replace: Callable[[Path], None] | None = None,
-) -> None:
-    """Write float pixels in ``[0, 1]`` to ``path`` atomically; the suffix picks the format.
+def write_image(path: PathLike, pixels: np.ndarray, *,
+                before_replace: Callable[[Path], None] | None = None, **options: Any) -> None:
+    """Write float pixels in ``[0, 1]`` to ``path`` atomically; the suffix picks the format
+    (``.png .jpg .jpeg .tif .tiff .webp .bmp``). Parent folders are created.
 
-    Args:
-        path: destination; ``.png .jpg .jpeg .tif .tiff .webp .bmp``. Parent folders are created.
-        pixels: float ``(H, W, 3)`` RGB (or ``(H, W)`` grey) in ``[0, 1]``; values are clipped.
-        alpha: optional ``(H, W)`` alpha in ``[0, 1]``; JPEG cannot store it and drops it.
-        grayscale: write a single-channel file (the mean of the three channels).
-        bit_depth: 8 or 16; 16 is kept for PNG and TIFF, other formats are written with 8 bits.
-        quality: JPEG/WebP quality (1-100).
-        compress_level: zlib level (0-9) for 8-bit PNG; 1 is ~3x faster than 6 and ~20% larger.
-        before_replace: see :func:`atomic_write`.
+    ``options`` are :func:`encode_image`'s (``alpha``, ``grayscale``, ``bit_depth``, ``quality``,
+    ``compress_level``); ``before_replace`` is :func:`atomic_write`'s.
     """
     path = Path(path)
     fmt = _FORMAT_BY_SUFFIX.get(path.suffix.lower())
@@ -742,16 +737,7 @@ def write_image(
             f"cannot write {path}: unknown image suffix {path.suffix!r} "
             f"(use one of {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-    data = encode_image(
-        fmt,
-        pixels,
-        alpha=alpha,
-        grayscale=grayscale,
-        bit_depth=bit_depth,
-        quality=quality,
-        compress_level=compress_level,
-    )
-    atomic_write_bytes(path, data, before_replace=before_replace)
+    atomic_write_bytes(path, encode_image(fmt, pixels, **options), before_replace=before_replace)
 
 
 # --------------------------------------------------------------------------------------------

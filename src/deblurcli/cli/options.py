@@ -190,26 +190,28 @@ def training_options(
     keep_checkpoints: KeepCheckpoints = None, validate_every: ValidateEvery = None,
     log_every: LogEvery = None, perceptual: Perceptual = None,
     perceptual_fallback: PerceptualFallback = None, resume: Resume = None, cpu: Cpu = None,
-    base_model: BaseModel = None, preset: Preset = None,
+    base_model: BaseModel = None, preset: Preset = None, quiet: Quiet = False,
 ) -> None:
     """The flags ``train-vae`` and ``train-diffusion`` share, in ``--help`` order (only this
-    signature is used: :func:`with_training_options` puts it in front of each command's own)."""
+    signature is used: :func:`with_training_options` puts each command's own flags before the
+    last one, ``--quiet``)."""
 
 
 def with_training_options(command):
-    """``command`` (whose ``**shared`` receives them) with the :func:`training_options` flags
-    before its own, for Typer, which reads a command's options from its signature."""
+    """``command(**values)`` with the :func:`training_options` flags around its own, for Typer,
+    which reads a command's options from its signature; ``values`` holds every flag's value."""
     import functools
     import inspect
 
-    shared = list(inspect.signature(training_options, eval_str=True).parameters.values())
+    *shared, quiet = inspect.signature(training_options, eval_str=True).parameters.values()
     own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
            if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params = [*shared, *own, quiet]
 
     @functools.wraps(command)
     def run(**values: Any) -> None:
         command(**values)
 
-    run.__signature__ = inspect.Signature(shared + own)
-    run.__annotations__ = {p.name: p.annotation for p in shared + own}
+    run.__signature__ = inspect.Signature(params)
+    run.__annotations__ = {p.name: p.annotation for p in params}
     return run

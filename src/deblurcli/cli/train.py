@@ -111,13 +111,15 @@ def _with_validation_lines(progress, console):
     return callback
 
 
-def _run(kind: str, config_file: str | None, values: dict[str, Any], quiet: bool,
-         random_evae: bool = False) -> None:
-    """Resolve the config, train with a progress bar, print the summary."""
+def _run(kind: str, values: dict[str, Any], random_evae: bool = False) -> None:
+    """Check the flags' ``values``, resolve the config, train with a progress bar, print the
+    summary."""
     import os
 
     from deblurcli.cli.console import rich_progress, stderr_console, stdout_console, warn
 
+    config_file, quiet = values.pop("config"), values.pop("quiet")
+    _check(values)
     if kind == "vae":
         from deblurcli.train.vae import train_vae as train
 
@@ -183,22 +185,18 @@ def train_vae(
     blurry_decode_weight: Annotated[Optional[float], _vae("--blurry-decode-weight", min=0.0,
         help="Weight of the pixel loss of decoder(E1(blurry), skips) vs sharp (for eVAEs "
              "trained from scratch).")] = None,
-    quiet: opt.Quiet = False,
     **shared: Any,
 ) -> None:
     """Stage 1: train the eVAE."""
     values = dict(locals())
     values.update(values.pop("shared"))
-    config_file = values.pop("config")
-    values.pop("quiet")
     if values.pop("freeze_e2"):
         values["mode"] = "freeze-e2"
     if values.pop("no_skips"):
         if values["mode"] == "freeze-e2":
             raise typer.BadParameter("--freeze-e2 and --no-skips exclude each other")
         values["mode"] = "no-skips"
-    _check(values)
-    _run("vae", config_file, values, quiet)
+    _run("vae", values)
 
 
 @opt.with_training_options
@@ -234,17 +232,13 @@ def train_diffusion(
     random_evae: Annotated[bool, _diffusion("--random-evae",
         help="Allow --preset without --evae/--init/--base-model: train on an untrained eVAE "
              "(smoke tests only).")] = False,
-    quiet: opt.Quiet = False,
     **shared: Any,
 ) -> None:
     """Stage 2: train the one-step UNet."""
     values = dict(locals())
     values.update(values.pop("shared"))
-    config_file = values.pop("config")
-    values.pop("quiet")
     random_evae = values.pop("random_evae")
-    _check(values)
-    _run("diffusion", config_file, values, quiet, random_evae)
+    _run("diffusion", values, random_evae)
 
 
 def register(app: typer.Typer) -> None:
