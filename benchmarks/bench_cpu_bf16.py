@@ -92,11 +92,6 @@ def _autocast(model):
     return run
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT (default 1280x720)")
@@ -113,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from deblurcli.device import cpu_has_fast_bf16, set_cpu_threads
+    from deblurcli.evaluation.metrics import psnr
     from deblurcli.modelfolder import load_model_folder, save_model_folder
     from deblurcli.models.osdd import build_osdd
     from deblurcli.models.presets import preset_config

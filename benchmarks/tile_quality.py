@@ -24,12 +24,6 @@ from pathlib import Path
 import numpy as np
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of images in [0, 1] (inf when identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
-
-
 def diff_profile_peak(a: np.ndarray, b: np.ndarray) -> tuple[float, str]:
     """Largest peak-to-median ratio of the column/row means of |a - b| and where it is."""
     d = np.abs(a.astype(np.float64) - b.astype(np.float64)).mean(axis=-1)
@@ -65,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from deblurcli.device import set_cpu_threads
+    from deblurcli.evaluation.metrics import psnr
     from deblurcli.images import list_images, read_image
     from deblurcli.modelfolder import load_model_folder
     from deblurcli.pipeline import DeblurPipeline, default_batch_size, prepare_model

@@ -242,10 +242,11 @@ class Log:
             fh.write(text + "\n")
 
     def record(self, stage: str, **values) -> None:
+        from deblurcli.images import atomic_write_bytes
+
         self.results["stages"].setdefault(stage, {}).update(values)
-        tmp = self.out / ".results.json.tmp"
-        tmp.write_text(json.dumps(self.results, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out / "results.json")
+        atomic_write_bytes(self.out / "results.json",
+                           (json.dumps(self.results, indent=1) + "\n").encode("utf-8"))
 
 
 def _install_wheels(pack_dir: Path, log: Log) -> None:
@@ -366,11 +367,11 @@ def _evaluate(model_dir: Path, pack_dir: Path, work: Path, device: str, seconds:
     import numpy as np
     import torch
 
+    from deblurcli.evaluation.metrics import psnr, ssim
     from deblurcli.images import list_images, read_image
     from deblurcli.modelfolder import load_model_folder
     from deblurcli.pipeline import DeblurPipeline
     from deblurcli.synth.build import SynthConfig, run_synth
-    from deblurcli.train.engine import psnr, ssim
 
     deadline = time.monotonic() + seconds
     sets = {}
@@ -389,9 +390,6 @@ def _evaluate(model_dir: Path, pack_dir: Path, work: Path, device: str, seconds:
                                device=device, dtype=torch.float32, tile=448, overlap=32,
                                batch_size=4 if device != "cpu" else 1) for g in gammas}
 
-    def tensor(pixels):
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None] * 2 - 1
-
     results: dict = {}
     for name, folder in sets.items():  # every image at both gammas, until the time is up
         scores: dict[str, list[float]] = {}
@@ -404,8 +402,8 @@ def _evaluate(model_dir: Path, pack_dir: Path, work: Path, device: str, seconds:
             with torch.no_grad():
                 outputs.update({f"gamma_{g:g}": pipes[g](blur) for g in gammas})
             for key, image in outputs.items():
-                scores.setdefault(f"{key}_psnr", []).append(psnr(tensor(image), tensor(sharp)))
-                scores.setdefault(f"{key}_ssim", []).append(ssim(tensor(image), tensor(sharp)))
+                scores.setdefault(f"{key}_psnr", []).append(psnr(image, sharp))
+                scores.setdefault(f"{key}_ssim", []).append(ssim(image, sharp))
         results[name] = {"images": len(scores.get("input_psnr", [])),
                          **{k: round(float(np.mean(v)), 4) for k, v in scores.items()}}
     return results
@@ -504,6 +502,7 @@ def run(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- rejoin
 def rejoin(args: argparse.Namespace) -> None:
+    from deblurcli.images import atomic_folder
     from deblurcli.modelfolder import verify_checksums
 
     src, dest = Path(args.results), Path(args.output)
@@ -514,23 +513,17 @@ def rejoin(args: argparse.Namespace) -> None:
     want = (src / "model.sha256").read_text(encoding="utf-8").split()[0]
     if hashlib.sha256(blob).hexdigest() != want:
         raise SystemExit(f"the {len(parts)} part(s) in {src} do not match model.sha256")
-    tmp = dest.with_name(f".{dest.name}.part")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+    if dest.exists() and not args.force:
+        raise SystemExit(f"{dest} exists (use --force to replace it)")
+    with atomic_folder(dest, replace=True) as tmp, tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         members = tar.getmembers()
         if any(not m.isfile() or not m.name.startswith("model/") or ".." in m.name
                for m in members):
             raise SystemExit("unexpected entries in the model archive")
-        tar.extractall(tmp, filter="data")
-    verify_checksums(tmp / "model")
-    if dest.exists():
-        if not args.force:
-            shutil.rmtree(tmp)
-            raise SystemExit(f"{dest} exists (use --force to replace it)")
-        shutil.rmtree(dest)
-    os.replace(tmp / "model", dest)
-    shutil.rmtree(tmp)
+        for member in members:  # model/NAME -> NAME: the archive's folder is dest itself
+            member.name = member.name.removeprefix("model/")
+        tar.extractall(tmp, members=members, filter="data")
+        verify_checksums(tmp)
     print(f"model folder {dest}: {len(parts)} part(s), checksums verified")
 
 

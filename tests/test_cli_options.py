@@ -1,4 +1,5 @@
-"""deblur and eval accept and reject the same device, precision and tiling values."""
+"""deblur and eval accept and reject the same device, precision and tiling values; the two
+training commands share their flags, declared once."""
 
 from __future__ import annotations
 
@@ -48,3 +49,38 @@ def test_deblur_eval_and_library_share_the_tile_defaults():
                                                                          DEFAULT_OVERLAP)
     fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     assert (fields["tile"], fields["overlap"]) == (DEFAULT_TILE, DEFAULT_OVERLAP)
+
+
+def test_both_training_commands_take_the_shared_flags_with_the_configs_defaults():
+    import inspect
+
+    import typer.main
+
+    from deblurcli.cli.options import training_options
+    from deblurcli.train.config import CommonConfig, DiffusionTrainConfig
+
+    command = typer.main.get_command(app)
+    vae, diffusion = ({p.name: p for p in command.commands[name].params}
+                      for name in ("train-vae", "train-diffusion"))
+    for name in inspect.signature(training_options).parameters:
+        assert (vae[name].opts, vae[name].help) == (diffusion[name].opts, diffusion[name].help)
+        if name != "quiet":  # unset: the config file or the dataclass decides
+            assert vae[name].default is None, name
+    assert vae["crop"].show_default == str(CommonConfig.crop)
+    assert diffusion["lambda2"].show_default == str(DiffusionTrainConfig.lambda2)
+    assert vae["augment"].show_default == "augment" and vae["cpu"].show_default == "no-cpu"
+
+
+@pytest.mark.parametrize("flags, hint", [
+    (["--max-steps", "0"], "--max-steps"),
+    (["--real-fraction", "1.5"], "--real-fraction"),
+    (["--crop", "36"], "--crop"),
+    (["--lr", "0"], "--lr"),
+    (["--layout", "zip"], "--layout"),
+])
+def test_both_training_commands_reject_the_same_values(tmp_path, flags, hint):
+    for name in ("train-vae", "train-diffusion"):
+        result = CliRunner().invoke(app, [name, "--data", str(tmp_path), "-o",
+                                          str(tmp_path / "o"), *flags])
+        assert result.exit_code == 2 and hint in result.output, (name, result.output)
+        assert not (tmp_path / "o").exists()

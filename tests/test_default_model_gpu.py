@@ -62,8 +62,10 @@ def data(tmp_path_factory) -> Path:
     for t in range(9):  # a pan: consecutive frames
         write_image(root / "frames" / "CLIP" / f"{t:06d}.jpg",
                     np.roll(coffee, 3 * t, axis=1)[100:164, 100:196])
-    for side in ("blur", "sharp"):
-        write_image(root / "val" / "gopro_avg" / side / "p0.png", coffee[:64, :96])
+    # a real pair differs: identical ones would score an infinite input PSNR
+    write_image(root / "val" / "gopro_avg" / "sharp" / "p0.png", coffee[:64, :96])
+    write_image(root / "val" / "gopro_avg" / "blur" / "p0.png",
+                (coffee[:64, :96] + coffee[:64, 3:99]) / 2)
     return root
 
 

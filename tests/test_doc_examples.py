@@ -19,7 +19,7 @@ from deblurcli.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-REPO_DIRS = ("examples/", "scripts/", "benchmarks/", "docs/")
+REPO_DIRS = ("examples/", "scripts/", "benchmarks/", "docs/", "lab/")
 
 
 def _code_lines(text: str) -> list[str]:

@@ -204,3 +204,22 @@ def test_hub_dir_override_is_scoped(tmp_path, empty_torch_home, monkeypatch):
     assert torch.hub.get_dir() == before
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "elsewhere"))  # $TORCH_HOME still followed
     assert torch.hub.get_dir() == str(tmp_path / "elsewhere" / "hub")
+
+
+def test_psnr_and_ssim_without_pyiqa_match_scikit_image(pair):
+    """The PSNR/SSIM that training's validation, the scripts and the benchmarks use."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from deblurcli.evaluation.metrics import psnr, ssim
+
+    pred, sharp = (read_image(p).pixels for p in pair)
+    assert psnr(pred, sharp) == pytest.approx(peak_signal_noise_ratio(sharp, pred, data_range=1.0),
+                                              abs=1e-6)
+    expected = structural_similarity(sharp, pred, data_range=1.0, channel_axis=2,
+                                     gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False)
+    assert ssim(pred, sharp) == pytest.approx(expected, abs=2e-3)
+    as_tensor = [torch.from_numpy(p.transpose(2, 0, 1).copy())[None] for p in (pred, sharp)]
+    assert psnr(*as_tensor) == pytest.approx(psnr(pred, sharp), abs=1e-6)
+    assert ssim(*as_tensor) == pytest.approx(ssim(pred, sharp), abs=1e-6)
+    assert math.isinf(psnr(sharp, sharp)) and ssim(sharp, sharp) == pytest.approx(1.0, abs=1e-6)

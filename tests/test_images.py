@@ -150,6 +150,32 @@ def test_atomic_write_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png"]
 
 
+def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
+    from deblurcli.images import atomic_folder
+
+    target = tmp_path / "model"
+    with pytest.raises(RuntimeError), atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("killed while writing")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    assert oct(target.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    with pytest.raises(FileExistsError), atomic_folder(target) as tmp:
+        (tmp / "b.txt").write_text("two")
+    with atomic_folder(target, replace=True) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_list_images_skips_non_images(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("b.png", "a.JPG", "sub/c.tif", "notes.txt", ".hidden.png", "sub/d.webp"):

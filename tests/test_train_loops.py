@@ -435,32 +435,6 @@ def test_diffusion_latent_weight_pulls_z_h_to_the_sharp_latent(one_pair: Path,
     assert gaps[1.0] < 0.75 * gaps[0.0], gaps
 
 
-@pytest.mark.lab
-def test_probe_scripts_read_running_runs(pairs: Path, evae_run: Path, tmp_path: Path) -> None:
-    """scripts/probe_evae.py and probe_stage2.py judge a run from its newest checkpoint;
-    probe_color_fix.py judges a model folder."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1] / "scripts"
-    run = tmp_path / "full"
-    train_diffusion(DiffusionTrainConfig(data=str(pairs), output=str(run), max_steps=2,
-                                         full=True, lambda2=0.0, evae=str(evae_run / "model"),
-                                         **{**FAST, "checkpoint_every": 1}))
-    for script, folder, expect in (("probe_evae.py", evae_run, "D(E1 blurry latent)"),
-                                   ("probe_stage2.py", run, "% closed")):
-        done = subprocess.run([sys.executable, str(root / script), str(folder),
-                               str(pairs / "blur"), str(pairs / "sharp"), "--every", "1",
-                               "--crop", "32"], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        assert "4 pairs: input" in done.stdout and expect in done.stdout, done.stdout
-    done = subprocess.run([sys.executable, str(root / "probe_color_fix.py"), str(run / "model"),
-                           str(pairs / "blur"), str(pairs / "sharp"), "--sigmas", "2,4"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "4 pairs at gamma 1" in done.stdout and "sigma 4:" in done.stdout, done.stdout
-
-
 def test_train_encoder_trains_e1_and_keeps_decoder_and_e2(evae_run: Path, pairs: Path,
                                                            tmp_path: Path) -> None:
     from deblurcli.modelfolder import load_model_folder
@@ -520,22 +494,6 @@ def test_a_run_with_relative_paths_resumes_from_another_directory(pairs: Path, t
     config = resolve_config(VaeTrainConfig, None, {"resume": "latest", "output": str(run),
                                                    "max_steps": 2})
     assert train_vae(config).step == 2
-
-
-@pytest.mark.lab
-def test_calibrate_pixel_cnn_script_trains_and_reports(pairs: Path) -> None:
-    """scripts/calibrate_pixel_cnn.py (the issue-6 calibration) trains and measures end to end."""
-    import subprocess
-    import sys
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "calibrate_pixel_cnn.py"
-    done = subprocess.run([sys.executable, str(script), str(pairs), str(pairs), "--crop", "32",
-                           "--batch", "2", "--width", "4", "--every-steps", "2", "--cosine",
-                           "--max-steps", "4"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "4 training pairs, 4 test pairs" in done.stdout, done.stdout
-    assert "step 4 " in done.stdout and "probe: input" in done.stdout, done.stdout
-    assert "end, step 4: whole test set (4 pairs)" in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize("mixed,fast_bf16,cpu,expected", [

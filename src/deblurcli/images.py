@@ -1,4 +1,4 @@
-"""Image files <-> float32 RGB arrays, atomic writes and folder listing.
+"""Image files <-> float32 RGB arrays, atomic writes (of files and folders) and folder listing.
 
 Reading returns :class:`ImageData`: ``pixels`` are float32 ``(H, W, 3)`` RGB in ``[0, 1]`` (grey
 images are repeated to three channels), with the alpha channel, the grey-ness and the bit depth
@@ -22,6 +22,7 @@ import contextlib
 import errno
 import io
 import os
+import shutil
 import stat
 import struct
 import tempfile
@@ -30,7 +31,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -105,9 +106,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], *,
     try:
         write(Path(tmp))
         fsync_file(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        os.chmod(tmp, 0o666 & ~_umask())
         if before_replace is not None:
             before_replace(Path(tmp))
         os.replace(tmp, path)
@@ -118,6 +117,53 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], *,
             pass
         raise
     fsync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Create the folder ``path`` whole or not at all: the ``with`` body fills the temporary
+    folder it is given (beside ``path``, ``.NAME.*.part``), which takes the name ``path`` when
+    the body returns; if the body raises, the temporary folder is removed and ``path`` is left
+    as it was.
+
+    An existing ``path`` raises ``FileExistsError`` unless ``replace``: it is then moved aside
+    (``.NAME.*.old``) just before the rename and removed after it, so that ``path`` never holds
+    a mix of the two. The files inside are flushed by whoever writes them (:func:`atomic_write`);
+    the folders' new names are flushed here.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        fsync_folder(tmp)
+        old = tmp.with_suffix(".old")
+        if os.path.lexists(path):
+            if not replace:
+                raise FileExistsError(errno.EEXIST, "already exists", str(path))
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if os.path.lexists(old):
+                os.rename(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_folder(path.parent)
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old)
+    elif os.path.lexists(old):
+        os.unlink(old)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_file(path: PathLike) -> None:
@@ -580,7 +626,17 @@ def encode_image(
     quality: int = 95,
     compress_level: int = 6,
 ) -> bytes:
-    """Encode pixels as the bytes of an image file of format ``fmt`` (see :func:`write_image`)."""
+    """Encode pixels as the bytes of an image file of format ``fmt`` (``"png"``, ``"jpeg"``,
+    ``"tiff"``, ``"webp"`` or ``"bmp"``).
+
+    Args:
+        pixels: float ``(H, W, 3)`` RGB (or ``(H, W)`` grey) in ``[0, 1]``; values are clipped.
+        alpha: optional ``(H, W)`` alpha in ``[0, 1]``; JPEG cannot store it and drops it.
+        grayscale: write a single-channel file (the mean of the three channels).
+        bit_depth: 8 or 16; 16 is kept for PNG and TIFF, other formats are written with 8 bits.
+        quality: JPEG/WebP quality (1-100).
+        compress_level: zlib level (0-9) for 8-bit PNG; 1 is ~3x faster than 6 and ~20% larger.
+    """
     pixels = np.asarray(pixels, dtype=np.float32)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
@@ -666,28 +722,13 @@ def _png16_grey_alpha(arr: np.ndarray) -> bytes:
     )
 
 
-def write_image(
-    path: PathLike,
-    pixels: np.ndarray,
-    *,
-    alpha: np.ndarray | None = None,
-    grayscale: bool = False,
-    bit_depth: int = 8,
-    quality: int = 95,
-    compress_level: int = 6,
-    before_replace: Callable[[Path], None] | None = None,
-) -> None:
-    """Write float pixels in ``[0, 1]`` to ``path`` atomically; the suffix picks the format.
+def write_image(path: PathLike, pixels: np.ndarray, *,
+                before_replace: Callable[[Path], None] | None = None, **options: Any) -> None:
+    """Write float pixels in ``[0, 1]`` to ``path`` atomically; the suffix picks the format
+    (``.png .jpg .jpeg .tif .tiff .webp .bmp``). Parent folders are created.
 
-    Args:
-        path: destination; ``.png .jpg .jpeg .tif .tiff .webp .bmp``. Parent folders are created.
-        pixels: float ``(H, W, 3)`` RGB (or ``(H, W)`` grey) in ``[0, 1]``; values are clipped.
-        alpha: optional ``(H, W)`` alpha in ``[0, 1]``; JPEG cannot store it and drops it.
-        grayscale: write a single-channel file (the mean of the three channels).
-        bit_depth: 8 or 16; 16 is kept for PNG and TIFF, other formats are written with 8 bits.
-        quality: JPEG/WebP quality (1-100).
-        compress_level: zlib level (0-9) for 8-bit PNG; 1 is ~3x faster than 6 and ~20% larger.
-        before_replace: see :func:`atomic_write`.
+    ``options`` are :func:`encode_image`'s (``alpha``, ``grayscale``, ``bit_depth``, ``quality``,
+    ``compress_level``); ``before_replace`` is :func:`atomic_write`'s.
     """
     path = Path(path)
     fmt = _FORMAT_BY_SUFFIX.get(path.suffix.lower())
@@ -696,16 +737,7 @@ def write_image(
             f"cannot write {path}: unknown image suffix {path.suffix!r} "
             f"(use one of {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-    data = encode_image(
-        fmt,
-        pixels,
-        alpha=alpha,
-        grayscale=grayscale,
-        bit_depth=bit_depth,
-        quality=quality,
-        compress_level=compress_level,
-    )
-    atomic_write_bytes(path, data, before_replace=before_replace)
+    atomic_write_bytes(path, encode_image(fmt, pixels, **options), before_replace=before_replace)
 
 
 # --------------------------------------------------------------------------------------------

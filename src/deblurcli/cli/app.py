@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "deblurcli.cli.blend",
     "deblurcli.cli.synth",
     "deblurcli.cli.train",
+    "deblurcli.cli.export",
 )
 
 

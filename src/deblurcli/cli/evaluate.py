@@ -5,11 +5,15 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+from deblurcli.cli import options as opt
 from deblurcli.cli.options import check_color_fix, check_device, check_tiling, dtype_option
 from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE
+
+DEFAULT_GAMMA = "0.7"
 
 HELP = """Score deblurring with the paper's metrics (PSNR, SSIM, LPIPS, DISTS, NIQE, MUSIQ, ...).
 
@@ -107,110 +111,65 @@ def _fetch_metrics(text: str, metric_weights: Path | None) -> None:
 
 def evaluate(
     ctx: typer.Context,
-    dataset: str | None = typer.Option(
-        None, "--dataset",
-        help="Official test set layout: gopro, realblur-j, realblur-r, synth (ROOT/blur + "
-             "ROOT/sharp)."
-    ),
-    root: Path | None = typer.Option(
-        None, "--root",
-        help="Dataset root (GOPRO_Large; the RealBlur folder holding RealBlur_J_test_list.txt)."
-    ),
-    blur: Path | None = typer.Option(
-        None, "--blur",
-        help="Folder of blurry images (searched recursively)."
-    ),
-    sharp: Path | None = typer.Option(
-        None, "--sharp",
-        help="Folder of ground-truth images, same relative names as --blur. Without it only "
-             "no-reference metrics run."
-    ),
-    pred: Path | None = typer.Option(
-        None, "--pred",
-        help="Score existing outputs in this folder (paired by relative path or unique name)."
-    ),
-    weights: Path | None = typer.Option(
-        None, "--weights",
-        help="Run the model in this model folder and score its outputs."
-    ),
-    gamma: str | None = typer.Option(
-        None, "--gamma",
-        help="γ value(s) for --weights, comma-separated, e.g. 1,0.9,0.8,0.7,0.6 (default 0.7)."
-    ),
-    metrics: str | None = typer.Option(
-        None, "--metrics",
-        help="Comma-separated metrics (default: psnr,ssim,lpips,dists with ground truth, else "
-             "niqe,musiq,clipiqa,maniqa)."
-    ),
-    list_metrics: bool = typer.Option(
-        False, "--list-metrics",
-        help="List the metrics, their direction and whether their weights are present, then exit."
-    ),
-    metric_weights: Path | None = typer.Option(
-        None, "--metric-weights",
-        help="Folder searched first for metric weights (layout like $TORCH_HOME/hub: pyiqa/, "
-             "checkpoints/, clip/)."
-    ),
-    fetch_metrics: str | None = typer.Option(
-        None, "--fetch-metrics", metavar="NAMES",
-        help="Fetch the weights of these metrics (comma-separated, or 'all') into the cache, "
-             "checked by SHA-256, then exit."
-    ),
-    offline: bool = typer.Option(
-        False, "--offline",
-        help="Never fetch metric weights (as HF_HUB_OFFLINE=1): metrics without them are "
-             "skipped."
-    ),
-    skip_missing: bool = typer.Option(
-        False, "--skip-missing", hidden=True,
-        help="No effect (metrics without weights are always skipped); kept for old scripts."
-    ),
-    y_channel: bool = typer.Option(
-        False, "--y-channel",
-        help="PSNR/SSIM on the Y channel of YCbCr instead of RGB."
-    ),
-    align: bool = typer.Option(
-        False, "--align",
-        help="Align each image to its ground truth first (intensity matching + integer translation"
-             " search; RealBlur protocol, simplified)."
-    ),
-    max_shift: int = typer.Option(
-        10, "--max-shift",
-        help="Largest shift in pixels searched by --align."
-    ),
-    include_input: bool = typer.Option(
-        True, "--input/--no-input",
-        help="Also score the blurry input (the baseline row)."
-    ),
-    limit: int | None = typer.Option(
-        None, "--limit",
-        help="Evaluate only the first N images (in key order)."
-    ),
-    device: str = typer.Option(
-        "auto", "--device",
-        help="auto, cpu, cuda, cuda:N or mps (model and metrics)."
-    ),
-    dtype: str = typer.Option("auto", "--dtype", help="Model precision: auto, fp32, fp16, bf16."),
-    tile: int = typer.Option(
-        DEFAULT_TILE, "--tile",
-        help="Tile side in pixels for the model (multiple of 8; 0 = whole image)."
-    ),
-    tile_overlap: int = typer.Option(
-        DEFAULT_OVERLAP, "--tile-overlap",
-        help="Pixels shared by neighbouring tiles (at most --tile minus 8)."
-    ),
-    color_fix: float = typer.Option(
-        0.0, "--color-fix", metavar="SIGMA",
-        help="As deblur --color-fix: the input's lowest frequencies (Gaussian SIGMA px); 0 = off."
-    ),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Tiles per model call (default: 1 on the CPU, 4 on a GPU, as deblur)."
-    ),
-    out: Path | None = typer.Option(
-        None, "--out", "-o",
-        help="Write per_image.csv, summary.json and (γ sweep) gamma_sweep.png here."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", help="Official test set layout: gopro, realblur-j, realblur-r, synth "
+        "(ROOT/blur + ROOT/sharp).")] = None,
+    root: Annotated[Optional[Path], typer.Option(
+        "--root", help="Dataset root (GOPRO_Large; the RealBlur folder holding "
+        "RealBlur_J_test_list.txt).")] = None,
+    blur: Annotated[Optional[Path], typer.Option(
+        "--blur", help="Folder of blurry images (searched recursively).")] = None,
+    sharp: Annotated[Optional[Path], typer.Option(
+        "--sharp", help="Folder of ground-truth images, same relative names as --blur. Without "
+        "it only no-reference metrics run.")] = None,
+    pred: Annotated[Optional[Path], typer.Option(
+        "--pred", help="Score existing outputs in this folder (paired by relative path or unique "
+        "name).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(
+        "--weights", help="Run the model in this model folder and score its outputs.")] = None,
+    gamma: Annotated[Optional[str], typer.Option(
+        "--gamma", help="γ value(s) for --weights, comma-separated, e.g. 1,0.9,0.8,0.7,0.6.",
+        show_default=DEFAULT_GAMMA)] = None,
+    metrics: Annotated[Optional[str], typer.Option(
+        "--metrics", help="Comma-separated metrics (default: psnr,ssim,lpips,dists with ground "
+        "truth, else niqe,musiq,clipiqa,maniqa).")] = None,
+    list_metrics: Annotated[bool, typer.Option(
+        "--list-metrics", help="List the metrics, their direction and whether their weights are "
+        "present, then exit.")] = False,
+    metric_weights: Annotated[Optional[Path], typer.Option(
+        "--metric-weights", help="Folder searched first for metric weights (layout like "
+        "$TORCH_HOME/hub: pyiqa/, checkpoints/, clip/).")] = None,
+    fetch_metrics: Annotated[Optional[str], typer.Option(
+        "--fetch-metrics", metavar="NAMES", help="Fetch the weights of these metrics "
+        "(comma-separated, or 'all') into the cache, checked by SHA-256, then exit.")] = None,
+    offline: Annotated[bool, typer.Option(
+        "--offline", help="Never fetch metric weights (as HF_HUB_OFFLINE=1): metrics without "
+        "them are skipped.")] = False,
+    skip_missing: Annotated[bool, typer.Option(
+        "--skip-missing", hidden=True,
+        help="No effect (metrics without weights are always skipped); kept for old scripts.")]
+    = False,
+    y_channel: Annotated[bool, typer.Option(
+        "--y-channel", help="PSNR/SSIM on the Y channel of YCbCr instead of RGB.")] = False,
+    align: Annotated[bool, typer.Option(
+        "--align", help="Align each image to its ground truth first (intensity matching + "
+        "integer translation search; RealBlur protocol, simplified).")] = False,
+    max_shift: Annotated[int, typer.Option(
+        "--max-shift", min=0, help="Largest shift in pixels searched by --align.")] = 10,
+    include_input: Annotated[bool, typer.Option(
+        "--input/--no-input", help="Also score the blurry input (the baseline row).")] = True,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", min=1, help="Evaluate only the first N images (in key order).")] = None,
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = "auto",
+    tile: opt.Tile = DEFAULT_TILE,
+    tile_overlap: opt.TileOverlap = DEFAULT_OVERLAP,
+    color_fix: opt.ColorFix = 0.0,
+    batch_size: opt.BatchSize = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write per_image.csv, summary.json and (γ sweep) gamma_sweep.png "
+        "here.")] = None,
+    quiet: opt.Quiet = False,
 ) -> None:
     """Score deblurring with the paper's metrics."""
     from deblurcli.evaluation.datasets import DATASET_CHOICES
@@ -244,11 +203,6 @@ def evaluate(
         raise typer.BadParameter("give either --pred or --weights, not both", param_hint="--pred")
     check_tiling(tile, tile_overlap)
     check_color_fix(color_fix)
-    for hint, value in (("--batch-size", batch_size), ("--limit", limit)):
-        if value is not None and value < 1:
-            raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=hint)
-    if max_shift < 0:
-        raise typer.BadParameter(f"must be >= 0, got {max_shift}", param_hint="--max-shift")
 
     from deblurcli.cli.console import rich_progress, stderr_console, stdout_console, warn
     from deblurcli.evaluation.datasets import build_set
@@ -261,7 +215,7 @@ def evaluate(
     eval_set = build_set(dataset.lower() if dataset else None, root, blur, sharp)
     model = None
     if weights is not None:
-        model = ModelConfig(weights=weights, gammas=parse_gammas(gamma or "0.7"), dtype=dtype,
+        model = ModelConfig(weights=weights, gammas=parse_gammas(gamma or DEFAULT_GAMMA), dtype=dtype,
                             tile=tile, overlap=tile_overlap, batch_size=batch_size,
                             color_fix=color_fix)
     config = EvalConfig(metrics=names, device=device, y_channel=y_channel, align=align,

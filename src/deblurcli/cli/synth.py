@@ -55,15 +55,19 @@ def synth(
         int | None,
         typer.Option(
             "--crop",
+            min=8,
             help="Crop side in pixels, a multiple of 8 (images mode default 512; "
             "frames mode default: whole frames).",
         ),
     ] = None,
     stride: Annotated[
-        int, typer.Option("--stride", help="Step between crops (images mode).")
+        int, typer.Option("--stride", min=1, help="Step between crops (images mode).")
     ] = 384,
     per_crop: Annotated[
-        int, typer.Option("--per-crop", help="Differently blurred samples per crop (images mode).")
+        int,
+        typer.Option(
+            "--per-crop", min=1, help="Differently blurred samples per crop (images mode)."
+        ),
     ] = 1,
     seed: Annotated[
         int, typer.Option("--seed", help="Run seed; every sample's randomness derives from it.")
@@ -71,19 +75,23 @@ def synth(
     workers: Annotated[
         int,
         typer.Option(
-            "--workers", "-j", help="Worker processes (the output does not depend on it)."
+            "--workers", "-j", min=1, help="Worker processes (the output does not depend on it)."
         ),
     ] = 1,
     limit: Annotated[
         int | None,
         typer.Option(
-            "--limit", help="Make at most this many pairs (the first ones in manifest order)."
+            "--limit",
+            min=1,
+            help="Make at most this many pairs (the first ones in manifest order).",
         ),
     ] = None,
     n_min: Annotated[
         int,
         typer.Option(
-            "--n-min", help="Fewest frames averaged per pair (frames mode; odd counts are used)."
+            "--n-min",
+            min=1,
+            help="Fewest frames averaged per pair (frames mode; odd counts are used).",
         ),
     ] = 7,
     n_max: Annotated[
@@ -93,12 +101,15 @@ def synth(
         int | None,
         typer.Option(
             "--frame-step",
+            min=1,
             help="Frames between the starts of consecutive windows (frames mode; default --n-max).",
         ),
     ] = None,
     max_kernel: Annotated[
         int,
-        typer.Option("--max-kernel", help="Largest blur-kernel side in pixels (odd; images mode)."),
+        typer.Option(
+            "--max-kernel", min=3, help="Largest blur-kernel side in pixels (odd; images mode)."
+        ),
     ] = 65,
     noise: Annotated[
         bool,
@@ -111,6 +122,8 @@ def synth(
         float,
         typer.Option(
             "--jpeg-prob",
+            min=0.0,
+            max=1.0,
             help="Probability of JPEG re-compression of a blurred image (images mode).",
         ),
     ] = 0.0,
@@ -118,32 +131,14 @@ def synth(
     """Make synthetic blurred/sharp training pairs."""
     if (src is None) == (frames is None):
         raise typer.BadParameter("give exactly one of --src (photos) or --frames (video frames)")
-    if crop is not None and (crop < 8 or crop % 8):
-        raise typer.BadParameter(
-            f"--crop must be a multiple of 8 and >= 8, got {crop}", param_hint="--crop"
-        )
-    for name, value in (
-        ("--stride", stride),
-        ("--per-crop", per_crop),
-        ("--workers", workers),
-        ("--n-min", n_min),
-    ):
-        if value < 1:
-            raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=name)
-    if limit is not None and limit < 1:
-        raise typer.BadParameter(f"must be >= 1, got {limit}", param_hint="--limit")
-    if frame_step is not None and frame_step < 1:
-        raise typer.BadParameter(f"must be >= 1, got {frame_step}", param_hint="--frame-step")
+    if crop is not None and crop % 8:
+        raise typer.BadParameter(f"must be a multiple of 8, got {crop}", param_hint="--crop")
     if n_max < n_min or not any(n % 2 for n in range(n_min, n_max + 1)):
         raise typer.BadParameter(
             f"--n-min..--n-max ({n_min}..{n_max}) must contain an odd number", param_hint="--n-max"
         )
-    if max_kernel < 3 or max_kernel % 2 == 0:
-        raise typer.BadParameter(
-            f"must be odd and >= 3, got {max_kernel}", param_hint="--max-kernel"
-        )
-    if not 0.0 <= jpeg_prob <= 1.0:
-        raise typer.BadParameter(f"must be in [0, 1], got {jpeg_prob}", param_hint="--jpeg-prob")
+    if max_kernel % 2 == 0:
+        raise typer.BadParameter(f"must be odd, got {max_kernel}", param_hint="--max-kernel")
 
     from dataclasses import replace
 

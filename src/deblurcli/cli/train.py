@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Annotated, Any, Optional
 
 import typer
 
+from deblurcli.cli import options as opt
 from deblurcli.train import config as cfg
 
 VAE_HELP = (
@@ -39,71 +41,6 @@ DIFFUSION_HELP = (
     "      --random-evae -o runs/t2   # a smoke test: untrained eVAE"
 )
 
-# ----------------------------------------------------------------------------- shared options
-_O = typer.Option
-CONFIG = _O(None, "--config", help="TOML / YAML / JSON file of settings (flags override it).")
-DATA = _O(None, "--data",
-    help="Dataset: a GoPro root, a synth output folder or a RealBlur list file.")
-LAYOUT = _O(None, "--layout", help="Layout of --data: auto, gopro, realblur, synth or folders.")
-SPLIT = _O(None, "--split", help="GoPro split folder to use (default train).")
-DATA_ROOT = _O(None, "--data-root",
-    help="Root the RealBlur list paths are relative to (default: the list's folder).")
-BLUR = _O(None, "--blur", help="Folder of blurry images (paired with --sharp by relative path).")
-SHARP = _O(None, "--sharp", help="Folder of sharp images (paired with --blur).")
-SHARP_PHOTOS = _O(None, "--sharp-photos",
-    help="Folder of sharp photos blurred on the fly (trajectory kernels).")
-FRAMES = _O(None, "--frames",
-    help="Folder of video frames (or clip sub-folders) averaged on the fly.")
-FRAMES_PER_BLUR = _O(None, "--frames-per-blur",
-    help="Frames averaged per blurry image with --frames (odd; default 7).")
-REAL_FRACTION = _O(None, "--real-fraction",
-    help="With --frames and another source: share of samples made from the frames (default "
-         "0.25).")
-DEVICE_DATA = _O(None, "--device-data/--host-data",
-    help="Keep --sharp-photos/--frames in GPU memory and blur every batch there (no step waits "
-         "for disk or CPU decoding); --workers then draw kernels ahead.")
-TIME_BUDGET = _O(None, "--time-budget",
-    help="Wall-clock seconds for this run: it plans the steps that fit, then checkpoints and "
-         "writes its model (0 = no limit).")
-CROP = _O(None, "--crop", help="Training crop side in pixels, a multiple of 8 (default 256).")
-AUGMENT = _O(None, "--augment/--no-augment", help="Random flips and 90° rotations (default on).")
-VAL_DATA = _O(None, "--val-data", help="Held-out dataset for validation (same forms as --data).")
-VAL_COUNT = _O(None, "--val-count",
-    help="Without --val-data: hold out this many training pairs (default 0).")
-VAL_SIZE = _O(None, "--val-size", help="Centre-crop side of validation images (default 256).")
-WORKERS = _O(None, "--workers", help="Data-loading worker processes (default 0).")
-OUTPUT = _O(None, "--output", "-o",
-    help="Run folder: checkpoints/, model/, train_log.csv, validation/.")
-MAX_STEPS = _O(None, "--max-steps", help="Optimiser steps to train for (total, resume included).")
-BATCH = _O(None, "--batch-size", help="Pairs per micro-batch and process (default 4).")
-LR = _O(None, "--lr", help="Learning rate (default 5e-5).")
-WARMUP = _O(None, "--warmup-steps", help="Linear LR warm-up steps (default 0).")
-LR_SCHEDULE = _O(None, "--lr-schedule",
-    help="LR after the warm-up: constant (default) or cosine (decays to 0 at --max-steps).")
-SEED = _O(None, "--seed", help="Seed of data order, crops, augmentation and initial weights.")
-ACCUM = _O(None, "--grad-accum", help="Micro-batches accumulated per optimiser step.")
-MIXED = _O(None, "--mixed-precision",
-    help="no, fp16 or bf16 (computation; weights stay float32). GPU, or bf16 on a CPU with "
-         "bfloat16 units (Intel AMX / AVX512-BF16).")
-GCKPT = _O(None, "--grad-checkpointing/--no-grad-checkpointing", help="Trade compute for memory.")
-CKPT_EVERY = _O(None, "--checkpoint-every", help="Save a checkpoint every N steps (default 500).")
-KEEP = _O(None, "--keep-checkpoints", help="Keep the newest N checkpoints (0: all; default 2).")
-VAL_EVERY = _O(None, "--validate-every", help="Validate every N steps (default 500).")
-LOG_EVERY = _O(None, "--log-every", help="Write a CSV/TensorBoard row every N steps (default 10).")
-PERCEPTUAL = _O(None, "--perceptual",
-    help="Perceptual loss: dists, lpips, stlpips or none (default stlpips).")
-PERC_FB = _O(None, "--perceptual-fallback",
-    help="Back-end to use when the --perceptual weights are missing.")
-RESUME = _O(None, "--resume",
-    help="'latest' (newest checkpoint in --output) or a checkpoint folder.")
-CPU = _O(None, "--cpu/--no-cpu", help="Train on the CPU even when a GPU exists.")
-BASE = _O(None, "--base-model",
-    help="Stable Diffusion 2.1(-base): a diffusers folder or a hub id already in the local "
-         "Hugging Face cache (for train-vae, also a VAE folder or VAE hub id).")
-PRESET = _O(None, "--preset",
-    help="Built-in architecture with random weights: compact, sd21 or tiny.")
-QUIET = _O(False, "--quiet", "-q", help="No progress bar.")
-
 _CHOICES = {
     "layout": cfg.LAYOUT_CHOICES,
     "mixed_precision": cfg.MIXED_PRECISION_CHOICES,
@@ -114,38 +51,21 @@ _CHOICES = {
     "adapter": cfg.ADAPTER_CHOICES,
     "mode": cfg.VAE_MODES,
 }
-_POSITIVE = ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "validate_every",
-             "log_every", "frames_per_blur", "progressive_steps")
 
 
 def _check(values: dict[str, Any]) -> None:
-    """Raise ``typer.BadParameter`` for bad flag values (exit status 2)."""
+    """Raise ``typer.BadParameter`` (exit status 2) for what Typer's ranges cannot say: names
+    outside their choices, sizes that are not multiples of 8, a learning rate of 0."""
     for key, allowed in _CHOICES.items():
         value = values.get(key)
         if value is not None and value not in allowed:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}",
                                      param_hint="--" + key.replace("_", "-"))
-    for key in _POSITIVE:
-        value = values.get(key)
-        if value is not None and value < 1:
-            raise typer.BadParameter(f"must be >= 1, got {value}",
-                                     param_hint="--" + key.replace("_", "-"))
     for key in ("crop", "val_size"):
         value = values.get(key)
-        if value is not None and (value < 8 or value % 8):
-            raise typer.BadParameter(f"must be a multiple of 8 and >= 8, got {value}",
+        if value is not None and value % 8:
+            raise typer.BadParameter(f"must be a multiple of 8, got {value}",
                                      param_hint="--" + key.replace("_", "-"))
-    for key in ("alpha", "latent_weight", "blurry_decode_weight", "lambda1", "lambda2"):
-        value = values.get(key)
-        if value is not None and value < 0:
-            raise typer.BadParameter(f"must be >= 0, got {value}",
-                                     param_hint="--" + key.replace("_", "-"))
-    value = values.get("real_fraction")
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise typer.BadParameter(f"must be in [0, 1], got {value}", param_hint="--real-fraction")
-    value = values.get("time_budget")
-    if value is not None and value < 0:
-        raise typer.BadParameter(f"must be >= 0, got {value}", param_hint="--time-budget")
     for key in ("lr", "disc_lr"):
         value = values.get(key)
         if value is not None and value <= 0:
@@ -191,14 +111,15 @@ def _with_validation_lines(progress, console):
     return callback
 
 
-def _run(kind: str, config_file: str | None, values: dict[str, Any], quiet: bool,
-         random_evae: bool = False) -> None:
-    """Resolve the config, train with a progress bar, print the summary."""
+def _run(kind: str, values: dict[str, Any], random_evae: bool = False) -> None:
+    """Check the flags' ``values``, resolve the config, train with a progress bar, print the
+    summary."""
     import os
 
     from deblurcli.cli.console import rich_progress, stderr_console, stdout_console, warn
-    from deblurcli.train import config as cfg
 
+    config_file, quiet = values.pop("config"), values.pop("quiet")
+    _check(values)
     if kind == "vae":
         from deblurcli.train.vae import train_vae as train
 
@@ -241,119 +162,83 @@ def _run(kind: str, config_file: str | None, values: dict[str, Any], quiet: bool
     out.print(f"model folder: {result.model_folder}", highlight=False)
 
 
+_vae = functools.partial(opt.training_option, config=cfg.VaeTrainConfig)
+_diffusion = functools.partial(opt.training_option, config=cfg.DiffusionTrainConfig)
+
+
+@opt.with_training_options
 def train_vae(
-    config: str | None = CONFIG, data: str | None = DATA, layout: str | None = LAYOUT,
-    split: str | None = SPLIT, data_root: str | None = DATA_ROOT,
-    blur: str | None = BLUR, sharp: str | None = SHARP,
-    sharp_photos: str | None = SHARP_PHOTOS, frames: str | None = FRAMES,
-    frames_per_blur: int | None = FRAMES_PER_BLUR, real_fraction: float | None = REAL_FRACTION,
-    device_data: bool | None = DEVICE_DATA, time_budget: float | None = TIME_BUDGET,
-    crop: int | None = CROP,
-    augment: bool | None = AUGMENT, val_data: str | None = VAL_DATA,
-    val_count: int | None = VAL_COUNT, val_size: int | None = VAL_SIZE,
-    workers: int | None = WORKERS, output: str | None = OUTPUT,
-    max_steps: int | None = MAX_STEPS, batch_size: int | None = BATCH,
-    lr: float | None = LR, warmup_steps: int | None = WARMUP,
-    lr_schedule: str | None = LR_SCHEDULE, seed: int | None = SEED,
-    grad_accum: int | None = ACCUM, mixed_precision: str | None = MIXED,
-    grad_checkpointing: bool | None = GCKPT, checkpoint_every: int | None = CKPT_EVERY,
-    keep_checkpoints: int | None = KEEP, validate_every: int | None = VAL_EVERY,
-    log_every: int | None = LOG_EVERY, perceptual: str | None = PERCEPTUAL,
-    perceptual_fallback: str | None = PERC_FB, resume: str | None = RESUME,
-    cpu: bool | None = CPU, base_model: str | None = BASE,
-    preset: str | None = PRESET,
-    evae_config: str | None = _O(None, "--evae-config",
-        help="JSON file of eVAE (AutoencoderKL) settings, for training from scratch."),
-    mode: str | None = _O(None, "--mode",
-        help="joint (eVAE3, default), freeze-e2 (eVAE2) or no-skips."),
-    freeze_e2: bool = _O(False, "--freeze-e2",
-        help="Keep E2 frozen (eVAE2); same as --mode freeze-e2."),
-    no_skips: bool = _O(False, "--no-skips",
-        help="Plain VAE fine-tuning without skips (ablation baseline)."),
-    alpha: float | None = _O(None, "--alpha", help="Weight of the perceptual term (default 1)."),
-    pixel_loss: str | None = _O(None, "--pixel-loss",
-        help="l1 (the paper's, default) or l2 (mean squared error, aims at PSNR)."),
-    latent_weight: float | None = _O(None, "--latent-weight",
-        help="Weight of ||E1(blurry) - E2(sharp)||^2 (default 0; for eVAEs trained from scratch)."),
-    blurry_decode_weight: float | None = _O(None, "--blurry-decode-weight",
-        help="Weight of the pixel loss of decoder(E1(blurry), skips) vs sharp (default 0; "
-             "for eVAEs trained from scratch)."),
-    quiet: bool = QUIET,
+    evae_config: Annotated[Optional[str], _vae("--evae-config",
+        help="JSON file of eVAE (AutoencoderKL) settings, for training from scratch.")] = None,
+    mode: Annotated[Optional[str], _vae("--mode",
+        help="joint (eVAE3), freeze-e2 (eVAE2) or no-skips.")] = None,
+    freeze_e2: Annotated[bool, _vae("--freeze-e2",
+        help="Keep E2 frozen (eVAE2); same as --mode freeze-e2.")] = False,
+    no_skips: Annotated[bool, _vae("--no-skips",
+        help="Plain VAE fine-tuning without skips (ablation baseline).")] = False,
+    alpha: Annotated[Optional[float], _vae("--alpha", min=0.0,
+        help="Weight of the perceptual term.")] = None,
+    pixel_loss: Annotated[Optional[str], _vae("--pixel-loss",
+        help="l1 (the paper's) or l2 (mean squared error, aims at PSNR).")] = None,
+    latent_weight: Annotated[Optional[float], _vae("--latent-weight", min=0.0,
+        help="Weight of ||E1(blurry) - E2(sharp)||^2 (for eVAEs trained from scratch).")] = None,
+    blurry_decode_weight: Annotated[Optional[float], _vae("--blurry-decode-weight", min=0.0,
+        help="Weight of the pixel loss of decoder(E1(blurry), skips) vs sharp (for eVAEs "
+             "trained from scratch).")] = None,
+    **shared: Any,
 ) -> None:
     """Stage 1: train the eVAE."""
     values = dict(locals())
-    config_file = values.pop("config")
-    values.pop("quiet")
+    values.update(values.pop("shared"))
     if values.pop("freeze_e2"):
         values["mode"] = "freeze-e2"
     if values.pop("no_skips"):
         if values["mode"] == "freeze-e2":
             raise typer.BadParameter("--freeze-e2 and --no-skips exclude each other")
         values["mode"] = "no-skips"
-    _check(values)
-    _run("vae", config_file, values, quiet)
+    _run("vae", values)
 
 
+@opt.with_training_options
 def train_diffusion(
-    config: str | None = CONFIG, data: str | None = DATA, layout: str | None = LAYOUT,
-    split: str | None = SPLIT, data_root: str | None = DATA_ROOT,
-    blur: str | None = BLUR, sharp: str | None = SHARP,
-    sharp_photos: str | None = SHARP_PHOTOS, frames: str | None = FRAMES,
-    frames_per_blur: int | None = FRAMES_PER_BLUR, real_fraction: float | None = REAL_FRACTION,
-    device_data: bool | None = DEVICE_DATA, time_budget: float | None = TIME_BUDGET,
-    crop: int | None = CROP,
-    augment: bool | None = AUGMENT, val_data: str | None = VAL_DATA,
-    val_count: int | None = VAL_COUNT, val_size: int | None = VAL_SIZE,
-    workers: int | None = WORKERS, output: str | None = OUTPUT,
-    max_steps: int | None = MAX_STEPS, batch_size: int | None = BATCH,
-    lr: float | None = LR, warmup_steps: int | None = WARMUP,
-    lr_schedule: str | None = LR_SCHEDULE, seed: int | None = SEED,
-    grad_accum: int | None = ACCUM, mixed_precision: str | None = MIXED,
-    grad_checkpointing: bool | None = GCKPT, checkpoint_every: int | None = CKPT_EVERY,
-    keep_checkpoints: int | None = KEEP, validate_every: int | None = VAL_EVERY,
-    log_every: int | None = LOG_EVERY, perceptual: str | None = PERCEPTUAL,
-    perceptual_fallback: str | None = PERC_FB, resume: str | None = RESUME,
-    cpu: bool | None = CPU, base_model: str | None = BASE,
-    preset: str | None = PRESET,
-    evae: str | None = _O(None, "--evae",
-        help="Stage-1 output folder (train-vae's OUTPUT/model) or a model folder."),
-    init: str | None = _O(None, "--init",
-        help="Existing model folder to start from (its other adapter is carried over)."),
-    full: bool | None = _O(None, "--full/--lora",
-        help="Train every UNet weight (compact models) instead of one LoRA."),
-    train_encoder: bool | None = _O(None, "--train-encoder/--frozen-encoder",
+    evae: Annotated[Optional[str], _diffusion("--evae",
+        help="Stage-1 output folder (train-vae's OUTPUT/model) or a model folder.")] = None,
+    init: Annotated[Optional[str], _diffusion("--init",
+        help="Existing model folder to start from (its other adapter is carried over).")] = None,
+    full: Annotated[Optional[bool], _diffusion("--full/--lora",
+        help="Train every UNet weight (compact models) instead of one LoRA.")] = None,
+    train_encoder: Annotated[Optional[bool], _diffusion("--train-encoder/--frozen-encoder",
         help="With --full: also train the eVAE's blurry encoder E1 and its skip blocks "
-             "(default: the whole eVAE stays frozen)."),
-    adapter: str | None = _O(None, "--adapter", help="LoRA to train: synthetic (default) or real."),
-    lora_rank: int | None = _O(None, "--lora-rank",
-        help="Rank of new LoRA adapters (default: the preset's; 4 with --base-model)."),
-    lambda1: float | None = _O(None, "--lambda1",
-        help="Weight of the edge-aware perceptual loss (default 1)."),
-    lambda2: float | None = _O(None, "--lambda2",
-        help="Weight of the latent GAN loss (default 1; 0 disables the discriminator)."),
-    latent_weight: float | None = _O(None, "--latent-weight",
-        help="Weight of ||z_h - E2(sharp)||^2, a direct latent target (default 0; for models "
-             "trained from scratch)."),
-    disc_lr: float | None = _O(None, "--disc-lr",
-        help="Discriminator learning rate (default: --lr)."),
-    gan_start: int | None = _O(None, "--gan-start",
-        help="Step at which the GAN terms start (default 0)."),
-    progressive: bool | None = _O(None, "--progressive/--no-progressive",
-        help="Paper schedule: crops 160,192,256,320,384,448,512."),
-    progressive_steps: int | None = _O(None, "--progressive-steps",
-        help="Steps per progressive size (default 10000)."),
-    random_evae: bool = _O(False, "--random-evae",
+             "(frozen: the whole eVAE stays frozen).")] = None,
+    adapter: Annotated[Optional[str], _diffusion("--adapter",
+        help="LoRA to train: synthetic or real.")] = None,
+    lora_rank: Annotated[Optional[int], _diffusion("--lora-rank", min=1,
+        help="Rank of new LoRA adapters (default: the preset's; 4 with --base-model).")] = None,
+    lambda1: Annotated[Optional[float], _diffusion("--lambda1", min=0.0,
+        help="Weight of the edge-aware perceptual loss.")] = None,
+    lambda2: Annotated[Optional[float], _diffusion("--lambda2", min=0.0,
+        help="Weight of the latent GAN loss (0 disables the discriminator).")] = None,
+    latent_weight: Annotated[Optional[float], _diffusion("--latent-weight", min=0.0,
+        help="Weight of ||z_h - E2(sharp)||^2, a direct latent target (for models trained "
+             "from scratch).")] = None,
+    disc_lr: Annotated[Optional[float], _diffusion("--disc-lr",
+        help="Discriminator learning rate (default: --lr).")] = None,
+    gan_start: Annotated[Optional[int], _diffusion("--gan-start", min=0,
+        help="Step at which the GAN terms start.")] = None,
+    progressive: Annotated[Optional[bool], _diffusion("--progressive/--no-progressive",
+        help="Paper schedule: crops 160,192,256,320,384,448,512.")] = None,
+    progressive_steps: Annotated[Optional[int], _diffusion("--progressive-steps", min=1,
+        help="Steps per progressive size.")] = None,
+    random_evae: Annotated[bool, _diffusion("--random-evae",
         help="Allow --preset without --evae/--init/--base-model: train on an untrained eVAE "
-             "(smoke tests only)."),
-    quiet: bool = QUIET,
+             "(smoke tests only).")] = False,
+    **shared: Any,
 ) -> None:
     """Stage 2: train the one-step UNet."""
     values = dict(locals())
-    config_file = values.pop("config")
-    values.pop("quiet")
+    values.update(values.pop("shared"))
     random_evae = values.pop("random_evae")
-    _check(values)
-    _run("diffusion", config_file, values, quiet, random_evae)
+    _run("diffusion", values, random_evae)
 
 
 def register(app: typer.Typer) -> None:

@@ -27,7 +27,7 @@ import hashlib
 import os
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from deblurcli.errors import WeightsError
@@ -40,8 +40,6 @@ CLIP_URLS = {
                "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
 }
 TIMEOUT_S = 60.0  # per network read: a blocked network fails instead of hanging
-
-Fetcher = Callable[[WeightFile | HFFile], Path]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME_HASH = re.compile(r"-([0-9a-f]{8,64})\.")  # torch hub: NAME-<sha256 prefix>.EXT

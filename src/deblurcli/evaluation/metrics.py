@@ -18,6 +18,9 @@ reported by name with the command that fetches it) instead of being downloaded b
 pyiqa is an optional dependency (``pip install 'deblurcli[eval]'``), imported only here.
 
 PSNR is computed with ``eps=0``: identical images give ``inf`` (see :func:`summarise`).
+
+:func:`psnr` and :func:`ssim` score without pyiqa (training's validation, ``scripts/``,
+``benchmarks/``, the lab): the same definitions, for images in ``[0, 1]``.
 """
 
 from __future__ import annotations
@@ -449,3 +452,47 @@ def fetch_metric_weights(names: Sequence[str], fetcher, weights_dir: Path | None
             check, reason = fetch_missing(spec, check, fetcher, weights_dir, note)
         result[name] = None if check.ok else (reason or "; ".join(check.missing))
     return result
+
+
+# ----------------------------------------------------------------------------- without pyiqa
+def _numpy(image) -> np.ndarray:
+    """A numpy float64 copy of an array or a torch tensor (on any device)."""
+    if hasattr(image, "detach"):
+        image = image.detach().float().cpu().numpy()
+    return np.asarray(image, dtype=np.float64)
+
+
+def psnr(pred, ref) -> float:
+    """PSNR in dB of two images in ``[0, 1]`` of the same shape (numpy arrays or torch tensors,
+    any layout), computed in float64; ``inf`` for identical images, as ``eval`` reports them."""
+    mse = float(np.mean((_numpy(pred) - _numpy(ref)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def ssim(pred, ref) -> float:
+    """Mean SSIM of two images in ``[0, 1]``: an 11×11 Gaussian window (σ = 1.5), valid
+    positions only, averaged over the channels (Wang et al. 2004, the usual constants).
+
+    Torch tensors are ``(N, C, H, W)`` (computed on their device); numpy arrays ``(H, W, C)``.
+    """
+    import torch
+
+    def batch(image) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            return image.float()
+        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32).transpose(2, 0, 1))[None]
+
+    x, y = batch(pred), batch(ref)
+    coords = torch.arange(11, dtype=torch.float32) - 5
+    g = torch.exp(-(coords ** 2) / (2 * 1.5 ** 2))
+    g = (g / g.sum()).to(x.device)
+    window = (g[:, None] * g[None, :]).expand(x.shape[1], 1, 11, 11)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, window, groups=t.shape[1])
+
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    value = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return float(value.mean().item())

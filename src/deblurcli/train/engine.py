@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import functools
 import math
-import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from deblurcli.errors import DeblurcliError
+from deblurcli.images import atomic_folder, atomic_write
 from deblurcli.progress import ProgressFn, report
 from deblurcli.train import checkpoint as ckpt
 from deblurcli.train import data as dt
@@ -76,12 +75,6 @@ def effective_mixed_precision(config: CommonConfig) -> str:
     if mixed == "no" or (not config.cpu and torch.cuda.is_available()):
         return mixed
     return "bf16" if mixed == "bf16" and cpu_has_fast_bf16() else "no"
-
-
-def weight_dtype(accelerator) -> torch.dtype:
-    """dtype for frozen weights under the accelerator's mixed precision."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
-                                                               torch.float32)
 
 
 def optimizer_step(accelerator, loss: torch.Tensor, optimizer, scheduler, *,
@@ -201,32 +194,6 @@ def batch_stream(data: DataBundle, config: CommonConfig, *, rank: int, world: in
                                             persistent_workers=config.workers > 0))
 
 
-# ----------------------------------------------------------------------------- metrics
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of images in ``[-1, 1]`` (computed on ``[0, 1]``)."""
-    mse = torch.mean(((pred.clamp(-1, 1) - target) * 0.5) ** 2).item()
-    return 100.0 if mse <= 1e-12 else 10.0 * math.log10(1.0 / mse)
-
-
-def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean SSIM (11×11 Gaussian window, σ = 1.5, on ``[0, 1]``, averaged over RGB)."""
-    x = ((pred.clamp(-1, 1) + 1) * 0.5).float()
-    y = ((target + 1) * 0.5).float()
-    coords = torch.arange(11, dtype=torch.float32) - 5
-    g = torch.exp(-(coords ** 2) / (2 * 1.5 ** 2))
-    g = (g / g.sum()).to(x.device)
-    window = (g[:, None] * g[None, :]).expand(x.shape[1], 1, 11, 11)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.conv2d(t, window, groups=t.shape[1])
-
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    mx, my = blur(x), blur(y)
-    sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    value = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
-    return float(value.mean().item())
-
-
 # ----------------------------------------------------------------------------- logging
 class RunLog:
     """CSV log (``OUTPUT/train_log.csv``) plus TensorBoard when it is installed."""
@@ -250,16 +217,19 @@ class RunLog:
     def _truncate_after(self, step: int) -> None:
         with self.path.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
-        keep = [r for r in rows if int(float(r.get("step", 0) or 0)) <= step]
-        fields = list(rows[0].keys()) if rows else None
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
-            if fields:
-                writer = csv.DictWriter(fh, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(keep)
-        os.replace(tmp, self.path)
-        self.fields = fields
+        self.fields = list(rows[0].keys()) if rows else None
+        self._rewrite([r for r in rows if int(float(r.get("step", 0) or 0)) <= step])
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        """Replace the file (atomically) by ``rows`` under the header ``self.fields``."""
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="", encoding="utf-8") as fh:
+                if self.fields:
+                    writer = csv.DictWriter(fh, fieldnames=self.fields)
+                    writer.writeheader()
+                    writer.writerows(rows)
+
+        atomic_write(self.path, write)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         """Append one row; a value with a new name rewrites the file with a wider header."""
@@ -273,12 +243,7 @@ class RunLog:
             with self.path.open(newline="", encoding="utf-8") as fh:
                 rows = list(csv.DictReader(fh))
             self.fields = self.fields + new_keys
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with tmp.open("w", newline="", encoding="utf-8") as fh:
-                writer = csv.DictWriter(fh, fieldnames=self.fields)
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(tmp, self.path)
+            self._rewrite(rows)
         elif new_keys:
             self.fields = self.fields + new_keys
         new_file = not self.path.is_file() or self.path.stat().st_size == 0
@@ -387,6 +352,7 @@ def restore(stage: Stage, state: ckpt.Checkpoint, unwrap: Callable[[nn.Module], 
 
 def _validate(stage: Stage, val: dt.ValidationDataset, output: Path, step: int,
               device: torch.device, autocast) -> dict[str, float]:
+    from deblurcli.evaluation.metrics import psnr, ssim
     from deblurcli.images import write_image
 
     for module in stage.trained:
@@ -398,12 +364,13 @@ def _validate(stage: Stage, val: dt.ValidationDataset, output: Path, step: int,
             blur = sample["blur"][None].to(device)
             sharp = sample["sharp"][None].to(device)
             pred = stage.predict(blur, sharp).float().clamp(-1, 1)
+            blur, pred, sharp = ((t.float() + 1) * 0.5 for t in (blur, pred, sharp))  # [0, 1]
             psnrs.append(psnr(pred, sharp))
             ssims.append(ssim(pred, sharp))
-            input_psnrs.append(psnr(blur.float(), sharp.float()))  # the baseline to beat
+            input_psnrs.append(psnr(blur, sharp))  # the baseline to beat
             if index < 4:
-                row = torch.cat([blur[0].float(), pred[0], sharp[0].float()], dim=2)
-                rows.append(((row + 1) * 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+                row = torch.cat([blur[0], pred[0], sharp[0]], dim=2)
+                rows.append(row.clamp(0, 1).permute(1, 2, 0).cpu().numpy())
     for module in stage.trained:
         module.train()
     if rows:
@@ -597,14 +564,9 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
         accelerator.wait_for_everyone()
         if main:
             model_folder = output / "model"
-            tmp = output / ".model.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            stage.save_output(tmp)
-            ckpt.write_json_atomic(tmp / "training.json", {**resolved, "steps": step})
-            if model_folder.exists():
-                shutil.rmtree(model_folder)
-            os.replace(tmp, model_folder)
+            with atomic_folder(model_folder, replace=True) as tmp:
+                stage.save_output(tmp)
+                ckpt.write_json_atomic(tmp / "training.json", {**resolved, "steps": step})
         accelerator.wait_for_everyone()
     return TrainResult(step=step, output=output, model_folder=model_folder, checkpoint=last_ckpt,
                        interrupted=interrupted, out_of_time=out_of_time,

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deblurcli.errors import WeightsError
-
-from deblurcli.train.config import PERCEPTUAL_CHOICES  # re-exported
+from deblurcli.train.config import PERCEPTUAL_CHOICES
 
 _SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 _LUMA = (0.299, 0.587, 0.114)

@@ -37,10 +37,9 @@ from torch import nn
 from deblurcli.errors import DeblurcliError, WeightsError
 from deblurcli.progress import ProgressFn
 from deblurcli.train import engine
-from deblurcli.train.config import PIXEL_LOSS_CHOICES, VaeTrainConfig, validate_common
+from deblurcli.train.config import (PIXEL_LOSS_CHOICES, VAE_MODES, VaeTrainConfig,
+                                    validate_common)
 from deblurcli.train.losses import build_perceptual
-
-from deblurcli.train.config import VAE_MODES  # re-exported
 
 
 def evae_presets() -> dict[str, dict]:

@@ -6,39 +6,34 @@ of the model's output, and the latent gap to the sharp latent E2(sharp) -- mean 
 disagree: a UNet may close much of the latent gap in directions the decoder ignores (measured in
 docs/default-model.md), so judge a run by the PSNR.
 
-Usage: python scripts/probe_stage2.py RUN_DIR BLUR_DIR SHARP_DIR [--every 4] [--crop 256]
+Usage: python lab/probe_stage2.py RUN_DIR BLUR_DIR SHARP_DIR [--every 4] [--crop 256]
 RUN_DIR is a train-diffusion output folder: its newest checkpoint is used, so this works while
 the run trains (with its adapters at the γ the run trains them: γ plays no part with --full).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from probe_common import crops, parse_args, psnr, to_pixels, to_tensor
+from probe_common import crops, parse_args, to_pixels, to_tensor
+
+from deblurcli.evaluation.metrics import psnr
 
 
 def load(path: Path) -> torch.nn.Module:
     """The run's :class:`GeneratorStep` with the weights of its newest checkpoint."""
     from deblurcli.train import checkpoint as ckpt
-    from deblurcli.train.config import DiffusionTrainConfig, config_from_dict
-    from deblurcli.train.diffusion import GeneratorStep, build_model, set_trainable
+    from deblurcli.train.diffusion import GeneratorStep
+    from deblurcli.train.export import checkpoint_model
 
     checkpoints = ckpt.list_checkpoints(path)
     if not checkpoints:
         raise SystemExit(f"no checkpoint in {path}")
-    saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    config = config_from_dict(DiffusionTrainConfig, saved)
-    model = build_model(config)
-    set_trainable(model, config)
-    step = GeneratorStep(model)
-    ckpt.load_trainable_state(step, ckpt.load_checkpoint(checkpoints[-1][1]).weights["unet"])
     print(f"{checkpoints[-1][1].name} of {path}")
-    return step.eval()
+    return GeneratorStep(checkpoint_model(checkpoints[-1][1]).model).eval()
 
 
 def main() -> None:

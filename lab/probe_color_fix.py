@@ -7,7 +7,7 @@ model once per sigma. Motion blur leaves the lowest frequencies of a photo nearl
 when the last numbers beat the output's, the model drifts in colour or brightness rather than
 (only) missing detail.
 
-Usage: python scripts/probe_color_fix.py MODEL_DIR BLUR_DIR SHARP_DIR [--gamma 1] [--every 1]
+Usage: python lab/probe_color_fix.py MODEL_DIR BLUR_DIR SHARP_DIR [--gamma 1] [--every 1]
        [--sigmas 2,4,8,16]
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from probe_common import psnr
+from deblurcli.evaluation.metrics import psnr
 
 
 def main() -> None:

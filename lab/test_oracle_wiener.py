@@ -1,4 +1,4 @@
-"""scripts/oracle_wiener.py: the issue-6 reference ceilings (non-blind Wiener, one global filter)."""
+"""lab/oracle_wiener.py: the issue-6 reference ceilings (non-blind Wiener, one global filter)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from deblurcli.synth.blur import blur_image
 
 pytestmark = pytest.mark.lab
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "oracle_wiener.py"
+SCRIPT = Path(__file__).resolve().parent / "oracle_wiener.py"
 
 
 @pytest.fixture(scope="module")

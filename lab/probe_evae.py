@@ -8,7 +8,7 @@ For blurry/sharp pairs it prints the mean PSNR (dB, on the top-left crop) of
     nothing), the lower end of stage 2.
 The gap between the last two is the work left to the one-step UNet.
 
-Usage: python scripts/probe_evae.py RUN_OR_MODEL_DIR BLUR_DIR SHARP_DIR [--every 4] [--crop 256]
+Usage: python lab/probe_evae.py RUN_OR_MODEL_DIR BLUR_DIR SHARP_DIR [--every 4] [--crop 256]
 RUN_OR_MODEL_DIR is a train-vae output folder (its newest checkpoint is used, so this works while
 training runs) or a train-vae model folder.
 """
@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from probe_common import crops, parse_args, psnr, to_pixels, to_tensor
+from probe_common import crops, parse_args, to_pixels, to_tensor
 
+from deblurcli.evaluation.metrics import psnr
 from deblurcli.models.evae import EVAE
 
 

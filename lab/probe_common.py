@@ -1,4 +1,4 @@
-"""What scripts/probe_evae.py and probe_stage2.py share: arguments, held-out crops, PSNR."""
+"""What lab/probe_evae.py and probe_stage2.py share: arguments, held-out crops, tensors."""
 
 from __future__ import annotations
 
@@ -39,7 +39,3 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 def to_pixels(x: torch.Tensor) -> np.ndarray:
     return ((x[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(1.0 / np.mean((a - b) ** 2)))

@@ -7,10 +7,10 @@ prints held-out PSNR as it goes. If even this model cannot raise the held-out se
 margin within a session, no compact latent model trained the same way will (it spends more compute
 per pixel on a harder problem); docs/default-model.md records the result.
 
-Usage: python scripts/calibrate_pixel_cnn.py TRAIN_DIR TEST_DIR [--minutes 40] [--width 32]
+Usage: python lab/calibrate_pixel_cnn.py TRAIN_DIR TEST_DIR [--minutes 40] [--width 32]
     [--batch 8] [--crop 128] [--lr 1e-3] [--cosine] [--every-steps 250] [--max-steps N] [--seed 0]
 TRAIN_DIR and TEST_DIR hold blur/ and sharp/ (as `deblurcli synth` writes them). Progress is
-PSNR on the probe crops (every 4th test pair, top-left 256², as scripts/probe_stage2.py); at the
+PSNR on the probe crops (every 4th test pair, top-left 256², as lab/probe_stage2.py); at the
 end the whole test set is measured at full size.
 """
 
@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from deblurcli.evaluation.metrics import psnr
 from deblurcli.train.data import PairedDataset, synth_pairs
-from probe_common import crops, psnr, to_pixels, to_tensor
+from probe_common import crops, to_pixels, to_tensor
 
 
 def block(c_in: int, c_out: int) -> nn.Sequential:

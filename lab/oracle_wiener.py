@@ -16,7 +16,7 @@ mean PSNR (dB) of
 Together they calibrate a quality bar: a blind model that must beat the input by B dB needs a
 gain comparable to these oracles'.
 
-Usage: python scripts/oracle_wiener.py SYNTH_DIR [--nsr 1e-4,...,1e-1] [--radius 5]
+Usage: python lab/oracle_wiener.py SYNTH_DIR [--nsr 1e-4,...,1e-1] [--radius 5]
 """
 
 from __future__ import annotations
@@ -26,11 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR (dB) of two images in ``[0, 1]``."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+from deblurcli.evaluation.metrics import psnr
 
 
 def wiener(blurry_linear: np.ndarray, kernel: np.ndarray, nsr: float) -> np.ndarray:

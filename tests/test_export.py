@@ -1,0 +1,125 @@
+"""``deblurcli export RUN -o MODEL``: a model folder from a finished or running train-diffusion run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deblurcli.cli.app import app
+from deblurcli.modelfolder import load_model_folder, read_discriminator
+from deblurcli.train.config import DiffusionTrainConfig
+from deblurcli.train.diffusion import train_diffusion
+
+
+@pytest.fixture(scope="module")
+def run(pairs: Path, tmp_path_factory) -> Path:
+    """A finished two-step LoRA run (tiny preset, GAN on) with a checkpoint at each step."""
+    out = tmp_path_factory.mktemp("export") / "run"
+    train_diffusion(DiffusionTrainConfig(
+        data=str(pairs), output=str(out), max_steps=2, preset="tiny", crop=32, batch_size=2,
+        cpu=True, perceptual="none", lr=1e-2, gan_start=0, checkpoint_every=1,
+        keep_checkpoints=0, validate_every=100))
+    return out
+
+
+def _export(*args: str):
+    return CliRunner().invoke(app, ["export", *map(str, args)])
+
+
+def _states(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    model = load_model_folder(folder, fuse=False, gamma=0.5)
+    return {"unet": model.unet.state_dict(), "evae": model.evae.state_dict(),
+            "prompt": {"p": model.denoiser.prompt_embeds.detach()}}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(a[part].keys() == b[part].keys() and
+               all(torch.equal(a[part][k], b[part][k]) for k in a[part]) for part in a)
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def test_a_finished_run_exports_its_model_for_inference(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    result = _export(run, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert f"from {run / 'model'} (step 2)" in result.stdout
+    model = load_model_folder(out, gamma=0.7)
+    assert model.evae.encoder_sharp is None and read_discriminator(out) is None
+    reference = load_model_folder(run / "model", gamma=0.7)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model.latent_step(x)[1], reference.latent_step(x)[1],
+                                   atol=2e-2, rtol=2e-2)  # float16 storage
+    kept = tmp_path / "kept"
+    assert _export(run, "-o", kept, "--keep-training-state").exit_code == 0
+    assert _same(_states(kept), _states(run / "model"))  # float32: the same weights
+    assert read_discriminator(kept).keys() == read_discriminator(run / "model").keys()
+    assert _size(out) < 0.6 * _size(kept)
+
+
+def test_a_checkpoint_exports_the_model_the_run_held_at_that_step(run: Path,
+                                                                   tmp_path: Path) -> None:
+    from deblurcli.train.export import export_run
+
+    last = export_run(run, tmp_path / "step2", checkpoint="2", keep_training_state=True)
+    assert last.is_checkpoint and last.step == 2
+    assert _same(_states(tmp_path / "step2"), _states(run / "model"))
+    for name, value in read_discriminator(run / "model").items():
+        assert torch.equal(read_discriminator(tmp_path / "step2")[name], value), name
+    first = export_run(run, tmp_path / "step1", checkpoint="1", storage_dtype=torch.float32)
+    assert first.step == 1
+    assert not _same(_states(tmp_path / "step1"), _states(run / "model"))
+
+
+def test_while_a_run_trains_the_newest_checkpoint_is_exported(run: Path, tmp_path: Path) -> None:
+    running = tmp_path / "running"
+    shutil.copytree(run, running, ignore=shutil.ignore_patterns("model"))
+    result = _export(running, "-o", tmp_path / "mid")
+    assert result.exit_code == 0, result.output
+    assert "step-000000002 (step 2)" in result.stdout
+    assert load_model_folder(tmp_path / "mid").evae.encoder_sharp is None
+    for bad, words in ((["--checkpoint", "7"], "no checkpoint of step 7"),
+                       (["--checkpoint", "soon"], "not 'latest', a step number")):
+        result = _export(running, "-o", tmp_path / "bad", *bad)
+        assert result.exit_code == 1 and words in result.stderr, result.output
+
+
+def test_export_never_overwrites_by_surprise_nor_leaves_half_a_folder(run: Path, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = _export(run, "-o", out)
+    assert result.exit_code == 1 and "--force" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert _export(run, "-o", out, "--force").exit_code == 0
+    assert not (out / "notes.txt").exists() and load_model_folder(out) is not None
+
+    def crash(folder, *args, **kwargs):
+        (Path(folder) / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("deblurcli.modelfolder.save_model_folder", crash)
+    result = _export(run, "-o", tmp_path / "new", "--checkpoint", "latest")
+    assert result.exit_code == 1 and "disk full" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no half-written folder
+    assert _export(run, "-o", run.parent, "--force").exit_code == 1  # never over the run
+
+
+def test_export_takes_only_train_diffusion_runs(tmp_path: Path) -> None:
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text(json.dumps({"kind": "VaeTrainConfig"}))
+    result = _export(vae, "-o", tmp_path / "m")
+    assert result.exit_code == 1 and "train-vae run" in result.stderr
+    result = _export(tmp_path / "nowhere", "-o", tmp_path / "m")
+    assert result.exit_code == 1 and "not a train-diffusion output folder" in result.stderr
+    assert not (tmp_path / "m").exists()
