@@ -43,7 +43,8 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir())
+    """Bytes of the weight files (configs and checksums aside)."""
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
 def test_a_finished_run_exports_its_model_for_inference(run: Path, tmp_path: Path) -> None:

@@ -28,16 +28,18 @@ import shutil
 from collections.abc import Callable, Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from deblurcli.errors import WeightsError
 from deblurcli.models import adapters as ad
-from deblurcli.models.evae import EVAE
-from deblurcli.models.onestep import OneStepDenoiser, OneStepPrompt
-from deblurcli.models.osdd import OSDDModel
+
+if TYPE_CHECKING:
+    from deblurcli.models.evae import EVAE
+    from deblurcli.models.onestep import OneStepPrompt
+    from deblurcli.models.osdd import OSDDModel
 
 INDEX_FILE = "model_index.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' SAFETENSORS_WEIGHTS_NAME
@@ -303,6 +305,9 @@ def load_components(folder: PathLike, *, verify: bool = True
     adapters (the record names their files). ``verify``: check ``checksums.sha256`` first."""
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
+    from deblurcli.models.evae import EVAE
+    from deblurcli.models.onestep import OneStepPrompt
+
     folder = Path(folder)
     index = read_model_index(folder)
     if verify:
@@ -339,6 +344,9 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
     Raises:
         WeightsError: missing/corrupt files, shape mismatches, or no default model installed.
     """
+    from deblurcli.models.onestep import OneStepDenoiser
+    from deblurcli.models.osdd import OSDDModel
+
     folder = resolve_model(folder, offline=offline)
     evae, unet, prompt, record = load_components(folder, verify=verify)
     fused_gamma = record.get("fused_gamma")
@@ -422,6 +430,26 @@ def _merge_without_peft(folder: Path, unet: nn.Module, adapters: Mapping[str, st
     return g
 
 
+def fixed_gamma(folder: PathLike, lora: PathLike | None = None) -> float | None:
+    """The γ a run of ``folder`` holds whatever ``--gamma`` says: the folder's fused γ, or that
+    recorded in the blend file ``lora``; ``None`` when γ is free."""
+    fused = read_model_index(folder)[RECORD_KEY].get("fused_gamma")
+    if lora is not None:
+        if fused is not None:  # as OSDDModel.fuse_adapter_file says it
+            raise WeightsError(f"this model's adapters are already fused (gamma={fused:g}); an "
+                               "adapter file needs an unfused model folder")
+        _, _, metadata = ad.read_lora_file(lora)
+        return ad.blend_gamma(metadata, lora)
+    return None if fused is None else float(fused)
+
+
+def gamma_ignored(fixed: float, gamma: float) -> str | None:
+    """The note for a requested ``gamma`` that a fused model (at ``fixed``) ignores, or None."""
+    if abs(float(gamma) - fixed) <= 1e-9:
+        return None
+    return f"this model's adapters are fused at gamma={fixed:g}; gamma={float(gamma):g} is ignored"
+
+
 def ready_model(model: OSDDModel, *, gamma: float, fuse: bool = True,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 vae_dtype: torch.dtype | None = None,
@@ -435,9 +463,9 @@ def ready_model(model: OSDDModel, *, gamma: float, fuse: bool = True,
     """
     if model.fused_gamma is not None:
         model.gamma = model.fused_gamma
-        if warn is not None and abs(float(gamma) - model.fused_gamma) > 1e-9:
-            warn(f"this model's adapters are fused at gamma={model.fused_gamma:g}; "
-                 f"gamma={float(gamma):g} is ignored")
+        note = gamma_ignored(model.fused_gamma, gamma)
+        if warn is not None and note:
+            warn(note)
     elif model.has_dual_adapters:
         if fuse:
             model.fuse(gamma)

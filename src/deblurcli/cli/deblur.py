@@ -79,6 +79,10 @@ def deblur(
         "--vae-fp32", help="Run the VAE in fp32 while the UNet uses half precision.")] = False,
     threads: Annotated[int, typer.Option(
         "--threads", help="CPU threads for torch (0 = all usable cores).")] = 0,
+    backend: Annotated[str, typer.Option(
+        "--backend", help="auto | torch | onnx. onnx: ONNX Runtime on the CPU (the onnx extra; "
+        "float32, fused, tiles up to 512 px; the model is exported once and cached beside it). "
+        "auto: onnx where it can run, else torch.")] = "auto",
     compile_model: Annotated[bool, typer.Option(
         "--compile", help="Compile the network with torch.compile (slow first image; may "
         "speed up large batches on a GPU; needs a C++ compiler on the CPU).")] = False,
@@ -110,6 +114,11 @@ def deblur(
     """Remove motion blur from a photo or a folder of photos."""
     if not 0.0 <= gamma <= 1.0:
         raise typer.BadParameter(f"must be in [0, 1], got {gamma}", param_hint="--gamma")
+    from deblurcli.onnx_backend import BACKENDS
+
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"use one of {', '.join(BACKENDS)}; got {backend!r}",
+                                 param_hint="--backend")
     check_color_fix(color_fix)
     check_tiling(tile, tile_overlap)
     for name, value in (("--batch-size", batch_size),):
@@ -150,7 +159,7 @@ def deblur(
     _run(input_path, output, options, gamma=gamma, weights=weights, lora=lora,
          fuse=not no_fuse, tile=tile, overlap=tile_overlap, batch_size=batch_size,
          device_name=device, dtype_name=dtype_name, vae_fp32=vae_fp32, threads=threads,
-         compile_model=compile_model, color_fix=color_fix)
+         compile_model=compile_model, color_fix=color_fix, backend=backend)
 
 
 def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Optional[Path],
@@ -158,12 +167,11 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
          lora: Optional[Path] = None,
          batch_size: Optional[int],
          device_name: str, dtype_name: str, vae_fp32: bool, threads: int,
-         compile_model: bool = False, color_fix: float = 0.0) -> None:
+         compile_model: bool = False, color_fix: float = 0.0, backend: str = "auto") -> None:
     import torch
     from rich.markup import escape
 
     from deblurcli.batch import check_output_folder, needs_processing, plan_jobs, run_jobs
-    from deblurcli.cli.app import running_as_command
     from deblurcli.cli.console import rich_progress, stderr_console, stdout_console, warn
     from deblurcli.device import resolve_device, resolve_dtype, set_cpu_threads
 
@@ -180,15 +188,9 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
                   f"{output} (use --overwrite to redo them)", highlight=False, markup=False)
         return
     check_output_folder(output)  # a read-only OUTPUT stops the run here, before the model loads
-    if (fuse or lora is not None) and running_as_command():
-        # no live adapters in this process: import only the diffusers modules the model runs
-        from deblurcli.models.runtime_imports import import_diffusers_for_inference
-
-        import_diffusers_for_inference()
-    from deblurcli.modelfolder import default_weights_dir, load_model_folder
-    from deblurcli.pipeline import DeblurPipeline, default_batch_size, prepare_model
-
     from deblurcli.distributed import cpu_threads_share, deblur_video_split, split_jobs
+    from deblurcli.modelfolder import default_weights_dir, resolve_model
+    from deblurcli.pipeline import DeblurPipeline, default_batch_size
 
     device = (group.device if group is not None and device_name in ("auto", "cuda")
               else resolve_device(device_name))
@@ -197,16 +199,16 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     if device.type == "cpu" or threads:
         # 0: every core this process may use (sched_getaffinity), shared among launched processes
         set_cpu_threads(threads or cpu_threads_share(group))
-    model = load_model_folder(weights if weights is not None else default_weights_dir(),
-                              device=device, dtype=dtype, gamma=gamma, fuse=fuse,
-                              vae_dtype=vae_dtype, lora=lora,
-                              warn=lambda m: warn(err, escape(m)))
-    # a fused folder keeps its own γ (load_model_folder warned if --gamma differs): report that one
-    gamma_text = (f"gamma={model.fused_gamma:g} (fused)" if model.fused_gamma is not None
-                  else f"gamma={gamma:g}")
-    runner = prepare_model(model, channels_last=True, compile=compile_model)
+    folder = resolve_model(weights if weights is not None else default_weights_dir())
+    runner, fixed, backend_name = _load_runner(
+        folder, backend=backend, device=device, dtype=dtype, vae_dtype=vae_dtype, gamma=gamma,
+        fuse=fuse, lora=lora, tile=tile, compile_model=compile_model,
+        warn=lambda m: warn(err, escape(m)),
+        note=lambda m: err.print(m, highlight=False, markup=False))
+    # a fused model keeps its own γ (a note said so if --gamma differs): report that one
+    gamma_text = f"gamma={fixed:g} (fused)" if fixed is not None else f"gamma={gamma:g}"
     pipeline = DeblurPipeline(runner, device=device, dtype=vae_dtype or dtype, tile=tile,
-                              overlap=overlap, channels_last=True,
+                              overlap=overlap, channels_last=backend_name == "torch",
                               batch_size=batch_size or default_batch_size(device),
                               color_fix=color_fix)
     # under a launcher every process takes a part of each video, and a share of the other files
@@ -217,7 +219,8 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
         what = f"{len(videos)} video(s) split by frames among {group.count} processes" + \
             (f" and {what}" if jobs else "")
     err.print(f"deblurring {what}{share} on {device} ({str(dtype).replace('torch.', '')}"
-              f"{', VAE float32' if vae_fp32 else ''}), {gamma_text}, "
+              f"{', VAE float32' if vae_fp32 else ''}"
+              f"{', ONNX Runtime' if backend_name == 'onnx' else ''}), {gamma_text}, "
               f"tile={tile or 'whole image'}"
               f"{f', colour fix sigma={color_fix:g}' if color_fix else ''}", highlight=False)
 
@@ -253,6 +256,51 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
             group.wait()
         return
     _report(out, summary, len(all_jobs), output)
+
+
+def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma: float,
+                 fuse: bool, lora: Optional[Path], tile: int, compile_model: bool, warn, note):
+    """``(model callable, fixed γ or None, "torch" | "onnx")`` for this run.
+
+    ``--backend auto`` takes ONNX Runtime where it can run (docs/performance.md), else torch;
+    an explicit ``onnx`` that cannot run is an error of one line.
+    """
+    import torch
+
+    from deblurcli import onnx_backend
+    from deblurcli.cli.app import running_as_command
+    from deblurcli.errors import DeblurcliError
+    from deblurcli.modelfolder import fixed_gamma, gamma_ignored, load_model_folder
+    from deblurcli.pipeline import prepare_model
+
+    fp32 = dtype == torch.float32 and vae_dtype in (None, torch.float32)
+    reason = onnx_backend.unsupported(device_type=device.type, fp32=fp32, fuse=fuse,
+                                      compile=compile_model, tile=tile) \
+        if backend != "torch" else "not asked for"
+    if backend == "onnx" and reason is not None:
+        raise DeblurcliError(f"--backend onnx cannot run here: {reason}")
+
+    def torch_model(run_dtype=dtype, run_vae_dtype=vae_dtype):
+        if (fuse or lora is not None) and running_as_command():
+            # no live adapters in this process: import only the diffusers modules it runs
+            from deblurcli.models.runtime_imports import import_diffusers_for_inference
+
+            import_diffusers_for_inference()
+        return load_model_folder(folder, device=device, dtype=run_dtype, gamma=gamma, fuse=fuse,
+                                 vae_dtype=run_vae_dtype, lora=lora, warn=warn)
+
+    if reason is None:
+        fixed = fixed_gamma(folder, lora)  # a bad folder or blend file fails here, as with torch
+        if fixed is not None and gamma_ignored(fixed, gamma):
+            warn(gamma_ignored(fixed, gamma))
+        runner = onnx_backend.load(folder, gamma=gamma, lora=lora,
+                                   threads=torch.get_num_threads(),
+                                   load_model=lambda: torch_model(torch.float32, None),
+                                   note=note)
+        return runner, fixed, "onnx"
+    model = torch_model()
+    return prepare_model(model, channels_last=True, compile=compile_model), \
+        fixed_gamma(folder, lora), "torch"
 
 
 def _process_group(device_name: str):

@@ -1,0 +1,154 @@
+"""The ONNX Runtime back-end (``--backend onnx``): the same outputs as PyTorch, exported once
+per model and γ and cached beside the model (or in the user's cache), rebuilt when unreadable,
+and one clear line where it cannot run."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deblurcli import onnx_backend
+from deblurcli.cli.app import app
+from deblurcli.images import read_image, write_image
+from deblurcli.modelfolder import load_model_folder
+from deblurcli.pipeline import DeblurPipeline
+
+pytestmark = pytest.mark.skipif(not onnx_backend.available(),
+                                reason="the onnx extra is not installed")
+runner = CliRunner()
+
+
+def photo(tmp_path: Path, size=(40, 56)) -> Path:
+    path = tmp_path / "in" / "photo.png"
+    path.parent.mkdir(exist_ok=True)
+    write_image(path, np.random.default_rng(0).random((*size, 3), dtype=np.float32))
+    return path
+
+
+def deblur(*args):
+    return runner.invoke(app, ["deblur", *map(str, args)])
+
+
+def test_outputs_match_pytorch_within_1e3(tiny_model_folder, tmp_path):
+    model = load_model_folder(tiny_model_folder, gamma=0.3)
+    onnx_backend.export(model, tmp_path / "m.onnx")
+    image = np.random.default_rng(1).random((72, 100, 3), dtype=np.float32)
+    reference = DeblurPipeline(model, tile=48, overlap=16, batch_size=2)(image)
+    onnx = onnx_backend.OnnxModel(tmp_path / "m.onnx", threads=2)
+    out = DeblurPipeline(onnx, tile=48, overlap=16, batch_size=2, channels_last=False)(image)
+    assert out.shape == image.shape and np.abs(out - reference).max() < 1e-3
+    whole = DeblurPipeline(onnx, tile=0, channels_last=False)(image)  # any shape: dynamic axes
+    assert np.abs(whole - DeblurPipeline(model, tile=0)(image)).max() < 1e-3
+
+
+def test_exported_once_per_model_and_gamma(tiny_model_folder, tmp_path):
+    source = photo(tmp_path)
+    first = deblur(source, tmp_path / "a", "-w", tiny_model_folder, "--backend", "onnx",
+                   "--gamma", "0.3")
+    assert first.exit_code == 0, first.output
+    assert "exporting the model for ONNX Runtime" in first.output and "ONNX Runtime)" in first.output
+    cached = sorted((tiny_model_folder / ".onnx").glob("*.onnx"))
+    assert len(cached) == 1
+    again = deblur(source, tmp_path / "b", "-w", tiny_model_folder, "--backend", "onnx",
+                   "--gamma", "0.3")
+    assert again.exit_code == 0 and "exporting" not in again.output
+    assert np.array_equal(read_image(tmp_path / "a" / "photo.png").pixels,
+                          read_image(tmp_path / "b" / "photo.png").pixels)
+    torch_run = deblur(source, tmp_path / "t", "-w", tiny_model_folder, "--backend", "torch",
+                       "--gamma", "0.3")
+    assert torch_run.exit_code == 0 and "ONNX" not in torch_run.output
+    diff = np.abs(read_image(tmp_path / "a" / "photo.png").pixels -
+                  read_image(tmp_path / "t" / "photo.png").pixels)
+    assert diff.max() <= 1 / 255 + 1e-6  # at most one 8-bit level
+    other = deblur(source, tmp_path / "c", "-w", tiny_model_folder, "--backend", "onnx",
+                   "--gamma", "0.9")
+    assert other.exit_code == 0 and "exporting" in other.output
+    assert len(list((tiny_model_folder / ".onnx").glob("*.onnx"))) == 2
+
+
+def test_an_unreadable_cached_file_is_rebuilt(tiny_model_folder, tmp_path):
+    key = onnx_backend.model_key(tiny_model_folder, gamma=0.7, lora=None)
+    path = onnx_backend.cache_file(tiny_model_folder, key)
+    path.parent.mkdir()
+    path.write_bytes(b"not an onnx file")
+    result = deblur(photo(tmp_path), tmp_path / "o", "-w", tiny_model_folder, "--backend", "onnx")
+    assert result.exit_code == 0 and "exporting" in result.output
+    assert path.stat().st_size > 1000
+
+
+def test_a_read_only_model_folder_caches_in_the_user_cache(tiny_model_folder, tmp_path,
+                                                           monkeypatch):
+    if os.geteuid() == 0:  # root writes anywhere: the folder says it is read-only instead
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: (
+            mode != os.W_OK or not str(path).startswith(str(tiny_model_folder)))
+            and real(path, mode))
+    else:
+        tiny_model_folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    try:
+        result = deblur(photo(tmp_path), tmp_path / "o", "-w", tiny_model_folder,
+                        "--backend", "onnx")
+    finally:
+        tiny_model_folder.chmod(0o755)
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "cache" / "deblurcli" / "onnx").glob("*.onnx"))) == 1
+    assert not (tiny_model_folder / ".onnx").exists()
+
+
+@pytest.mark.parametrize("flags,reason", [(["--no-fuse"], "fused adapters only"),
+                                          (["--tile", "0"], "tiles of at most 512"),
+                                          (["--dtype", "bf16"], "float32 only")])
+def test_onnx_where_it_cannot_run_is_one_line(tiny_model_folder, tmp_path, flags, reason):
+    result = deblur(photo(tmp_path), tmp_path / "o", "-w", tiny_model_folder,
+                    "--backend", "onnx", *flags)
+    assert result.exit_code == 1 and reason in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o" / "photo.png").exists()
+
+
+def test_unknown_backend_is_a_usage_error(tiny_model_folder, tmp_path):
+    result = deblur(photo(tmp_path), tmp_path / "o", "-w", tiny_model_folder,
+                    "--backend", "tensorrt")
+    assert result.exit_code == 2 and "--backend" in result.output
+
+
+def test_the_blend_file_and_fused_gamma_key_the_cache(tiny_model_folder, tmp_path):
+    from deblurcli.models.adapters import blend_adapter_files
+
+    blend = tmp_path / "blend.safetensors"
+    blend_adapter_files(tiny_model_folder / "lora_real.safetensors",
+                        tiny_model_folder / "lora_synthetic.safetensors", 0.4, blend)
+    keys = {onnx_backend.model_key(tiny_model_folder, gamma=g, lora=None) for g in (0.3, 0.4)}
+    keys.add(onnx_backend.model_key(tiny_model_folder, gamma=0.3, lora=blend))
+    assert len(keys) == 3
+    result = deblur(photo(tmp_path), tmp_path / "o", "-w", tiny_model_folder, "--backend", "onnx",
+                    "--lora", blend)
+    assert result.exit_code == 0 and "gamma=0.4 (fused)" in result.output
+
+
+def test_a_cached_export_starts_without_diffusers(tiny_model_folder, tmp_path):
+    """The point of the back-end: with the export cached, a deblur process imports neither
+    diffusers nor peft/transformers (what the start-up time goes to)."""
+    import json
+    import subprocess
+    import sys
+
+    from test_startup_imports import SCRIPT
+
+    source = photo(tmp_path)
+    assert deblur(source, tmp_path / "a", "-w", tiny_model_folder).exit_code == 0  # exports
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, "deblur", str(source),
+                           str(tmp_path / "b"), "--weights", str(tiny_model_folder)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["code"] in (0, None) and "ONNX Runtime" in proc.stderr
+    found = [name for name in ("diffusers", "peft", "transformers") if name in result["modules"]]
+    assert found == [], f"a cached ONNX run imported {found}"
+    assert np.array_equal(read_image(tmp_path / "a" / "photo.png").pixels,
+                          read_image(tmp_path / "b" / "photo.png").pixels)
