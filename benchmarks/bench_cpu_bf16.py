@@ -1,5 +1,5 @@
-"""fp32 against bfloat16 on the CPU, in one process: speed (alternating runs, medians) and how far
-the bf16 output is from the fp32 one (issue 24).
+"""fp32 against bfloat16 and against ONNX Runtime on the CPU, in one process: speed (alternating
+runs, medians) and how far each output is from the PyTorch fp32 one (issue 24).
 
 A freshly built model is nearly the identity (the eVAE skips' last convolutions and the LoRA B
 factors start at zero), which would hide precision loss; so every all-zero weight tensor is
@@ -12,13 +12,15 @@ then carries signal at a realistic scale. The model is written to a temporary mo
 * ``bf16-unet``: UNet bfloat16, eVAE float32 (``--vae-fp32``);
 * ``autocast``: float32 weights, run under ``torch.autocast("cpu", torch.bfloat16)`` (matrix
   products and convolutions in bf16, normalisations and softmax in float32; how training uses
-  bf16 on the CPU).
+  bf16 on the CPU);
+* ``onnx``: the fused float32 model exported to ONNX and run by ONNX Runtime
+  (``deblur --backend onnx``; needs the ``onnx`` extra).
 
 The pipeline blends tiles, applies the colour fix and converts the output in float32 in every
 variant. Differences are measured on the pipeline outputs in [0, 1] (max, mean and PSNR against
 the fp32 output) for one image: ``--image FILE`` (resized to ``--size``) or a synthetic one.
 
-    python benchmarks/bench_cpu_bf16.py --size 1280x720 --repeats 5
+    python benchmarks/bench_cpu_bf16.py --size 1280x720 --repeats 5 --variants fp32,bf16,onnx
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import cpu_model, environment, parse_size  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "bf16-unet", "autocast")
+VARIANTS = ("fp32", "bf16", "bf16-unet", "autocast", "onnx")
 
 
 def cpu_flags() -> list[str]:
@@ -99,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="compact")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant")
     parser.add_argument("--threads", type=int, default=0, help="0 = all usable cores")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    from deblurcli import onnx_backend
+
+    defaults = [v for v in VARIANTS if v != "onnx" or onnx_backend.available()]
+    parser.add_argument("--variants", default=",".join(defaults))
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if any(v not in VARIANTS for v in variants) or "fp32" not in variants:
@@ -133,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
             dtype = torch.bfloat16 if name in ("bf16", "bf16-unet") else torch.float32
             vae = torch.bfloat16 if name == "bf16" else torch.float32
             loaded = load_model_folder(Path(tmp) / "m", dtype=dtype, vae_dtype=vae, gamma=0.7)
+            if name == "onnx":
+                from deblurcli import onnx_backend
+
+                onnx_backend.export(loaded, Path(tmp) / "m.onnx")
+                runner = onnx_backend.OnnxModel(Path(tmp) / "m.onnx", threads)
+                pipes[name] = DeblurPipeline(runner, batch_size=1, channels_last=False)
+                continue
             runner = prepare_model(loaded)
             if name == "autocast":
                 runner = _autocast(runner)

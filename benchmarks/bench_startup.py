@@ -5,13 +5,16 @@ Every measurement is a fresh Python process, and the variants alternate (A, B, A
 that background load hits them alike; medians over ``--repeats`` rounds. Variants:
 
 * ``cli``: ``python -m deblurcli deblur PHOTO OUT --weights MODEL --overwrite``, the command
-  itself (wall clock of the whole process);
+  itself with its defaults (wall clock of the whole process; with the ``onnx`` extra installed
+  that is ONNX Runtime, its export cached by an uncounted first run);
+* ``cli-torch``: the same with ``--backend torch``;
 * ``cli-full-import``: the same command through the app without ``deblurcli``'s ``main()``, so
   diffusers is imported whole, peft and transformers included (the import before issue 24);
 * ``split`` / ``split-full-import``: a process that times its phases: *import* (deblurcli's
   model, pipeline and image code, torch and diffusers), *load* (``load_model_folder`` with the
   γ-blend fused + ``prepare_model``), *compute* (read the photo, ``DeblurPipeline``, write it);
-  *total* is the wall clock of the process, interpreter start-up included.
+  *total* is the wall clock of the process, interpreter start-up included;
+* ``split-onnx``: the same phases with ONNX Runtime (*load*: the cached export's session).
 
 The model is the ``compact`` preset with random weights (speed does not depend on their
 values), stored in float16 like an exported model, unless ``--weights DIR``; the photo is a
@@ -37,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import cpu_model  # noqa: E402
 from bench_cpu_bf16 import cpu_flags, test_image  # noqa: E402
 
-VARIANTS = ("cli", "cli-full-import", "split", "split-full-import")
+VARIANTS = ("cli", "cli-torch", "cli-full-import", "split", "split-full-import", "split-onnx")
 
 CHILD = r"""
 import json, sys, time
@@ -58,6 +61,29 @@ set_cpu_threads(0)
 model = load_model_folder(weights, device=device, dtype=dt, gamma=0.7)
 pipe = DeblurPipeline(prepare_model(model), device=device, dtype=dt,
                       batch_size=default_batch_size(device))
+t2 = time.perf_counter()
+image = read_image(photo)
+write_image(out, pipe(image.pixels))
+t3 = time.perf_counter()
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "compute": t3 - t2,
+                  "peft": "peft" in sys.modules, "transformers": "transformers" in sys.modules}))
+"""
+
+
+CHILD_ONNX = r"""
+import json, sys, time
+from pathlib import Path
+t0 = time.perf_counter()
+weights, photo, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+import torch
+from deblurcli import onnx_backend
+from deblurcli.device import set_cpu_threads
+from deblurcli.images import read_image, write_image
+from deblurcli.pipeline import DeblurPipeline
+t1 = time.perf_counter()
+threads = set_cpu_threads(0)
+path = onnx_backend.cache_file(weights, onnx_backend.model_key(weights, gamma=0.7, lora=None))
+pipe = DeblurPipeline(onnx_backend.OnnxModel(path, threads), batch_size=1, channels_last=False)
 t2 = time.perf_counter()
 image = read_image(photo)
 write_image(out, pipe(image.pixels))
@@ -116,14 +142,18 @@ def main(argv: list[str] | None = None) -> int:
                   "--overwrite", "--dtype", args.dtype]
         commands = {
             "cli": [py, "-m", "deblurcli", *deblur],
+            "cli-torch": [py, "-m", "deblurcli", *deblur, "--backend", "torch"],
             "cli-full-import": [py, "-c", "import sys; from deblurcli.cli.app import app; "
                                 "app(sys.argv[1:], prog_name='deblurcli')", *deblur],
             "split": [py, "-c", CHILD, "lean", weights, str(photo), str(tmp / "s.png"),
                       args.dtype],
             "split-full-import": [py, "-c", CHILD, "full", weights, str(photo),
                                   str(tmp / "s.png"), args.dtype],
+            "split-onnx": [py, "-c", CHILD_ONNX, weights, str(photo), str(tmp / "s.png")],
         }
-        _run(commands["cli"])  # warm the file cache once (not counted)
+        _run(commands["cli"])  # warm the file cache (and make the ONNX export) once: not counted
+        if "split-onnx" in variants:
+            _run([*commands["cli"], "--backend", "onnx"])
         walls: dict[str, list[float]] = {v: [] for v in variants}
         phases: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
         flags: dict[str, dict] = {}

@@ -36,5 +36,9 @@ def test_runs_on_the_tiny_preset(bench, capsys):
                        "1"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "dB" in line]
-    assert [row.split(" | ")[0] for row in rows] == ["| fp32", "| bf16", "| bf16-unet", "| autocast"]
+    from deblurcli import onnx_backend
+
+    expected = ["| fp32", "| bf16", "| bf16-unet", "| autocast"]
+    assert [row.split(" | ")[0] for row in rows] == \
+        expected + (["| onnx"] if onnx_backend.available() else [])
     assert rows[0].endswith("| 0.00e+00 | 0.00e+00 | inf dB |")
