@@ -202,6 +202,16 @@ def atomic_write_bytes(path: PathLike, data: bytes, *,
     atomic_write(path, lambda tmp: tmp.write_bytes(data), before_replace=before_replace)
 
 
+def atomic_save_safetensors(path: PathLike, tensors, metadata: dict[str, str] | None = None
+                            ) -> None:
+    """Save a ``{name: torch.Tensor}`` mapping as a safetensors file (contiguous CPU copies),
+    atomically (see :func:`atomic_write`)."""
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+
+
 # --------------------------------------------------------------------------------------------
 # opening only regular files
 

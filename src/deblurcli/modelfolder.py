@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from deblurcli.errors import WeightsError
+from deblurcli.images import atomic_save_safetensors
 from deblurcli.models import adapters as ad
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ def _write_component(folder: Path, module: nn.Module, state: Mapping[str, Tensor
     config.update(config_changes)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    ad.save_safetensors_atomic(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
+    atomic_save_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
 
 
 def _base_unet_state(unet: nn.Module) -> dict[str, Tensor]:
@@ -186,9 +187,9 @@ def _write_folder(tmp: Path, model: OSDDModel, *, extra, storage_dtype, include_
         adapters[name] = lora_file(name)
     if discriminator is not None:
         (tmp / DISCRIMINATOR_FILE).parent.mkdir()
-        ad.save_safetensors_atomic(tmp / DISCRIMINATOR_FILE,
-                                   {k: v.detach().float() for k, v in discriminator.items()},
-                                   {"format": "pt"})
+        atomic_save_safetensors(tmp / DISCRIMINATOR_FILE,
+                                {k: v.detach().float() for k, v in discriminator.items()},
+                                {"format": "pt"})
     from diffusers import __version__ as diffusers_version
 
     index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers_version,

@@ -23,13 +23,14 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from deblurcli.errors import WeightsError
+from deblurcli.images import atomic_save_safetensors
 
 REAL = "real"
 SYNTHETIC = "synthetic"
@@ -65,25 +66,6 @@ class LoraSpec:
         self.target_modules = tuple(self.target_modules)
         if int(self.rank) < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict."""
-        out = asdict(self)
-        out["target_modules"] = list(self.target_modules)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> LoraSpec:
-        """Inverse of :meth:`to_dict` (unknown keys are a ``ValueError``: a file written by a
-        newer deblurcli must not load with settings silently dropped)."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown LoRA settings {unknown}")
-        return cls(rank=int(data["rank"]), alpha=float(data["alpha"]),
-                   target_modules=tuple(data["target_modules"]),
-                   rank_pattern={k: int(v) for k, v in dict(data.get("rank_pattern", {})).items()},
-                   alpha_pattern={k: float(v)
-                                  for k, v in dict(data.get("alpha_pattern", {})).items()})
 
     def lora_config(self):
         """The equivalent ``peft.LoraConfig`` (B initialised to zero: a new adapter is a no-op)."""
@@ -140,14 +122,6 @@ def add_adapter(unet: nn.Module, name: str, spec: LoraSpec) -> None:
     with warnings.catch_warnings():  # peft warns that a second adapter is being added: intended
         warnings.filterwarnings("ignore", message=".*peft_config.*")
         unet.add_adapter(spec.lora_config(), adapter_name=name)
-
-
-def add_dual_adapters(unet: nn.Module, real: LoraSpec, synthetic: LoraSpec,
-                      gamma: float = 0.5) -> None:
-    """Add the ``real`` and ``synthetic`` adapters and activate both with blend weight ``gamma``."""
-    add_adapter(unet, REAL, real)
-    add_adapter(unet, SYNTHETIC, synthetic)
-    set_gamma(unet, gamma)
 
 
 def _lora_params(layer: nn.Module, name: str) -> list[nn.Parameter]:
@@ -341,17 +315,6 @@ def merge_adapters_into(unet: nn.Module,
 
 
 # ---------------------------------------------------------------------------- adapter files
-def save_safetensors_atomic(path: Path, state: Mapping[str, Tensor],
-                            metadata: Mapping[str, str]) -> None:
-    """Save ``state`` as a safetensors file, atomically (:func:`deblurcli.images.atomic_write`)."""
-    from safetensors.torch import save_file
-
-    from deblurcli.images import atomic_write
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata)))
-
-
 def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of a safetensors file; WeightsError if missing or unreadable."""
     from safetensors import safe_open
@@ -418,7 +381,7 @@ def write_lora_file(path: str | Path, state: Mapping[str, Tensor], config: LoraS
     metadata = {"format": "pt", LORA_METADATA_KEY: lora_metadata(config)}
     if blend is not None:
         metadata[BLEND_METADATA_KEY] = json.dumps(blend, sort_keys=True)
-    save_safetensors_atomic(Path(path), state, metadata)
+    atomic_save_safetensors(path, state, metadata)
 
 
 def blend_gamma(metadata: Mapping[str, str], path: str | Path) -> float:

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from deblurcli.errors import DeblurcliError
-from deblurcli.images import atomic_write, atomic_write_bytes, fsync_folder
+from deblurcli.images import atomic_save_safetensors, atomic_write_bytes, fsync_folder
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -55,13 +55,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def save_tensors_atomic(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Save tensors (contiguous CPU copies) as safetensors, atomically and durably
-    (:func:`deblurcli.images.atomic_write`)."""
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, str(tmp)))
 
 
 # ----------------------------------------------------------------------------- optimizer state
@@ -179,14 +172,14 @@ def save_checkpoint(output: str | Path, step: int, *,
         shutil.rmtree(tmp)
     tmp.mkdir()
     for name, tensors in weights.items():
-        save_tensors_atomic(tmp / f"weights-{name}.safetensors", tensors)
+        atomic_save_safetensors(tmp / f"weights-{name}.safetensors", tensors)
     optim_meta = {}
     for name, optimizer in optimizers.items():
         tensors, meta = optimizer_state_to_tensors(optimizer.state_dict())
-        save_tensors_atomic(tmp / f"optim-{name}.safetensors", tensors)
+        atomic_save_safetensors(tmp / f"optim-{name}.safetensors", tensors)
         optim_meta[name] = meta
     rng_tensors, rng_meta = capture_rng_state()
-    save_tensors_atomic(tmp / "rng.safetensors", rng_tensors)
+    atomic_save_safetensors(tmp / "rng.safetensors", rng_tensors)
     state = {
         "version": STATE_VERSION,
         "step": int(step),
