@@ -66,7 +66,7 @@ def deblur(
     tile_overlap: Annotated[int, typer.Option(
         "--tile-overlap", help="Pixels shared by neighbouring tiles (blending band).")] = DEFAULT_OVERLAP,
     batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", "-b", help="Tiles per network call (default: 1 on the CPU, where "
+        "--batch-size", "-b", min=1, help="Tiles per network call (default: 1 on the CPU, where "
         "single tiles run faster, 4 on a GPU).")] = None,
     device: Annotated[str, typer.Option(
         "--device", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU).")]
@@ -78,7 +78,7 @@ def deblur(
     vae_fp32: Annotated[bool, typer.Option(
         "--vae-fp32", help="Run the VAE in fp32 while the UNet uses half precision.")] = False,
     threads: Annotated[int, typer.Option(
-        "--threads", help="CPU threads for torch (0 = all usable cores).")] = 0,
+        "--threads", min=0, help="CPU threads (0 = all usable cores).")] = 0,
     backend: Annotated[str, typer.Option(
         "--backend", help="auto | torch | onnx. onnx: ONNX Runtime on the CPU (the onnx extra; "
         "float32, fused, tiles up to 512 px; the model is exported once and cached beside it). "
@@ -92,7 +92,7 @@ def deblur(
         "--ext", help="Output format: auto (same as input) | png | jpg (jpeg) | webp | "
         "tif (tiff).")] = "auto",
     quality: Annotated[int, typer.Option(
-        "--quality", help="JPEG/WebP quality (1-100).")] = 95,
+        "--quality", min=1, max=100, help="JPEG/WebP quality.")] = 95,
     crf: Annotated[int, typer.Option(
         "--crf", help="Video quality: constant rate factor, lower is better (0-51 for "
         "x264/x265, 0-63 for VP9/AV1).")] = 18,
@@ -107,7 +107,7 @@ def deblur(
         "--shard", help="Process only part i/n of the sorted file list (0-based: 0/2 and 1/2 "
         "split a folder between two GPUs or machines).")] = None,
     max_pixels: Annotated[int, typer.Option(
-        "--max-pixels", metavar="N", help="Largest input image (width x height) to decode; "
+        "--max-pixels", metavar="N", min=1, help="Largest input image (width x height) to decode; "
         "larger files fail with a message (a guard against decompression bombs).")]
     = DEFAULT_MAX_PIXELS,
 ) -> None:
@@ -121,15 +121,6 @@ def deblur(
                                  param_hint="--backend")
     check_color_fix(color_fix)
     check_tiling(tile, tile_overlap)
-    for name, value in (("--batch-size", batch_size),):
-        if value is not None and value < 1:
-            raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=name)
-    if threads < 0:
-        raise typer.BadParameter(f"must be >= 0, got {threads}", param_hint="--threads")
-    if max_pixels < 1:
-        raise typer.BadParameter(f"must be >= 1, got {max_pixels}", param_hint="--max-pixels")
-    if not 1 <= quality <= 100:
-        raise typer.BadParameter(f"must be in 1..100, got {quality}", param_hint="--quality")
     _check_video_options(codec, crf)
     from deblurcli.batch import EXT_CHOICES
 
