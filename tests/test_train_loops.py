@@ -107,6 +107,11 @@ def test_diffusion_stage_writes_loadable_model_folder(pairs: Path, evae_run: Pat
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    from deblurcli.models.osdd_pipeline import OSDDPipeline
+
+    pipe = OSDDPipeline.from_pretrained(run / "model", gamma=0.3, fuse=True)
+    with torch.no_grad():
+        assert torch.equal(pipe(torch.zeros(1, 3, 32, 32)), out)
     trained_skips = load_evae(evae_run / "model").skip_blocks[0][2].weight
     assert torch.equal(model.evae.skip_blocks[0][2].weight, trained_skips)  # eVAE stayed frozen
     from deblurcli.cli.app import app
