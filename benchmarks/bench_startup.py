@@ -42,6 +42,15 @@ from bench_cpu_bf16 import cpu_flags, test_image  # noqa: E402
 
 VARIANTS = ("cli", "cli-torch", "cli-full-import", "split", "split-full-import", "split-onnx")
 
+# both timed children end alike: read, deblur and write the photo, print the phases
+_CHILD_END = r"""
+image = read_image(photo)
+write_image(out, pipe(image.pixels))
+t3 = time.perf_counter()
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "compute": t3 - t2,
+                  "peft": "peft" in sys.modules, "transformers": "transformers" in sys.modules}))
+"""
+
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
@@ -62,12 +71,7 @@ model = load_model_folder(weights, device=device, dtype=dt, gamma=0.7)
 pipe = DeblurPipeline(prepare_model(model), device=device, dtype=dt,
                       batch_size=default_batch_size(device))
 t2 = time.perf_counter()
-image = read_image(photo)
-write_image(out, pipe(image.pixels))
-t3 = time.perf_counter()
-print(json.dumps({"import": t1 - t0, "load": t2 - t1, "compute": t3 - t2,
-                  "peft": "peft" in sys.modules, "transformers": "transformers" in sys.modules}))
-"""
+""" + _CHILD_END
 
 
 CHILD_ONNX = r"""
@@ -85,12 +89,7 @@ threads = set_cpu_threads(0)
 path = onnx_backend.cache_file(weights, onnx_backend.model_key(weights, gamma=0.7, lora=None))
 pipe = DeblurPipeline(onnx_backend.OnnxModel(path, threads), batch_size=1, channels_last=False)
 t2 = time.perf_counter()
-image = read_image(photo)
-write_image(out, pipe(image.pixels))
-t3 = time.perf_counter()
-print(json.dumps({"import": t1 - t0, "load": t2 - t1, "compute": t3 - t2,
-                  "peft": "peft" in sys.modules, "transformers": "transformers" in sys.modules}))
-"""
+""" + _CHILD_END
 
 
 def _run(cmd: list[str]) -> tuple[float, str]:

@@ -152,3 +152,19 @@ def test_a_cached_export_starts_without_diffusers(tiny_model_folder, tmp_path):
     assert found == [], f"a cached ONNX run imported {found}"
     assert np.array_equal(read_image(tmp_path / "a" / "photo.png").pixels,
                           read_image(tmp_path / "b" / "photo.png").pixels)
+
+
+def test_a_failed_export_falls_back_to_pytorch_unless_onnx_was_asked_for(tiny_model_folder,
+                                                                         tmp_path, monkeypatch):
+    def broken(model, path):
+        raise RuntimeError("exporter gave up")
+
+    monkeypatch.setattr(onnx_backend, "export", broken)
+    source = photo(tmp_path)
+    auto = deblur(source, tmp_path / "a", "-w", tiny_model_folder)
+    assert auto.exit_code == 0, auto.output
+    assert "the ONNX export failed (RuntimeError: exporter gave up); running with PyTorch" \
+        in auto.output and (tmp_path / "a" / "photo.png").is_file()
+    asked = deblur(source, tmp_path / "b", "-w", tiny_model_folder, "--backend", "onnx")
+    assert asked.exit_code == 1 and "exporter gave up" in asked.output
+    assert "Traceback" not in asked.output and not (tmp_path / "b" / "photo.png").exists()

@@ -284,11 +284,19 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
         fixed = fixed_gamma(folder, lora)  # a bad folder or blend file fails here, as with torch
         if fixed is not None and gamma_ignored(fixed, gamma):
             warn(gamma_ignored(fixed, gamma))
-        runner = onnx_backend.load(folder, gamma=gamma, lora=lora,
-                                   threads=torch.get_num_threads(),
-                                   load_model=lambda: torch_model(torch.float32, None),
-                                   note=note)
-        return runner, fixed, "onnx"
+        try:
+            runner = onnx_backend.load(folder, gamma=gamma, lora=lora,
+                                       threads=torch.get_num_threads(),
+                                       load_model=lambda: torch_model(torch.float32, None),
+                                       note=note)
+            return runner, fixed, "onnx"
+        except DeblurcliError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the exporter's and ONNX Runtime's many kinds
+            why = f"the ONNX export failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+            if backend == "onnx":
+                raise DeblurcliError(f"--backend onnx: {why}") from None
+            note(f"{why}; running with PyTorch")
     model = torch_model()
     return prepare_model(model, channels_last=True, compile=compile_model), \
         fixed_gamma(folder, lora), "torch"
