@@ -13,8 +13,7 @@ The result equals running the model with --gamma G; every adapted layer computes
 W x + G * Delta_real x + (1 - G) * Delta_synthetic x.
 
 \b
-Without --fuse: write ONE adapter file (rank r_real + r_synthetic) with the blend,
-a diffusers LoRA file.
+Without --fuse: write ONE diffusers LoRA file (rank r_real + r_synthetic).
 With --fuse: write a model folder whose UNet already contains the blend
 (no LoRA layers, fastest inference; its gamma is fixed).
 
