@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "onnx":
                 from deblurcli import onnx_backend
 
-                onnx_backend.export(loaded, Path(tmp) / "m.onnx")
-                runner = onnx_backend.OnnxModel(Path(tmp) / "m.onnx", threads)
+                onnx_backend.export(loaded, Path(tmp) / "onnx")
+                runner = onnx_backend.OnnxModel(Path(tmp) / "onnx" / "model.onnx", threads)
                 pipes[name] = DeblurPipeline(runner, batch_size=1, channels_last=False)
                 continue
             runner = prepare_model(loaded)

@@ -86,7 +86,8 @@ from deblurcli.images import read_image, write_image
 from deblurcli.pipeline import DeblurPipeline
 t1 = time.perf_counter()
 threads = set_cpu_threads(0)
-path = onnx_backend.cache_file(weights, onnx_backend.model_key(weights, gamma=0.7, lora=None))
+key = onnx_backend.model_key(weights, gamma=0.7, lora=None)
+path = onnx_backend.cache_dir(weights, key) / onnx_backend.MODEL_FILE
 pipe = DeblurPipeline(onnx_backend.OnnxModel(path, threads), batch_size=1, channels_last=False)
 t2 = time.perf_counter()
 """ + _CHILD_END

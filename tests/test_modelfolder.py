@@ -239,10 +239,19 @@ def test_saving_replaces_a_model_folder_whole_and_refuses_other_folders(tiny_osd
     other = tmp_path / "photos"
     other.mkdir()
     (other / "a.jpg").write_bytes(b"x")
-    with pytest.raises(WeightsError, match="not a model folder"):
+    with pytest.raises(WeightsError, match="not a deblurcli model folder"):
         save_model_folder(other, tiny_osdd(seed=0))
     assert sorted(p.name for p in other.iterdir()) == ["a.jpg"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "photos"]
+    # folders that merely look like models: a project with a config.json, another pipeline
+    (other / "config.json").write_text("{}")
+    sd = tmp_path / "sd"
+    sd.mkdir()
+    (sd / INDEX_FILE).write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    for folder in (other, sd):
+        with pytest.raises(WeightsError, match="not a deblurcli model folder"):
+            save_model_folder(folder, tiny_osdd(seed=0))
+    assert sorted(p.name for p in other.iterdir()) == ["a.jpg", "config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "photos", "sd"]
 
 
 def test_model_folder_files_get_normal_permissions(tiny_model_folder, tmp_path):
@@ -279,3 +288,16 @@ def test_a_hub_id_is_read_from_the_local_cache(tiny_model_folder, tmp_path, monk
     assert model.fused_gamma == 0.3
     with pytest.raises(WeightsError, match="not in the Hugging Face cache.*offline"):
         load_model_folder("someone/absent")
+
+
+def test_a_checksum_file_must_list_the_index_and_every_component(tiny_model_folder):
+    (tiny_model_folder / CHECKSUM_FILE).write_text("")
+    with pytest.raises(WeightsError, match="does not list model_index.json"):
+        load_model_folder(tiny_model_folder)
+
+
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(WeightsError, match="model folder not found: runs/model"):
+        load_model_folder("runs/model")

@@ -36,10 +36,11 @@ def deblur(*args):
 
 def test_outputs_match_pytorch_within_1e3(tiny_model_folder, tmp_path):
     model = load_model_folder(tiny_model_folder, gamma=0.3)
-    onnx_backend.export(model, tmp_path / "m.onnx")
+    onnx_backend.export(model, tmp_path / "exports" / "m")
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == ["m"]  # no temporary left
     image = np.random.default_rng(1).random((72, 100, 3), dtype=np.float32)
     reference = DeblurPipeline(model, tile=48, overlap=16, batch_size=2)(image)
-    onnx = onnx_backend.OnnxModel(tmp_path / "m.onnx", threads=2)
+    onnx = onnx_backend.OnnxModel(tmp_path / "exports" / "m" / "model.onnx", threads=2)
     out = DeblurPipeline(onnx, tile=48, overlap=16, batch_size=2, channels_last=False)(image)
     assert out.shape == image.shape and np.abs(out - reference).max() < 1e-3
     whole = DeblurPipeline(onnx, tile=0, channels_last=False)(image)  # any shape: dynamic axes
@@ -52,7 +53,7 @@ def test_exported_once_per_model_and_gamma(tiny_model_folder, tmp_path):
                    "--gamma", "0.3")
     assert first.exit_code == 0, first.output
     assert "exporting the model for ONNX Runtime" in first.output and "ONNX Runtime)" in first.output
-    cached = sorted((tiny_model_folder / ".onnx").glob("*.onnx"))
+    cached = sorted((tiny_model_folder / ".onnx").glob("*/model.onnx"))
     assert len(cached) == 1
     again = deblur(source, tmp_path / "b", "-w", tiny_model_folder, "--backend", "onnx",
                    "--gamma", "0.3")
@@ -68,13 +69,13 @@ def test_exported_once_per_model_and_gamma(tiny_model_folder, tmp_path):
     other = deblur(source, tmp_path / "c", "-w", tiny_model_folder, "--backend", "onnx",
                    "--gamma", "0.9")
     assert other.exit_code == 0 and "exporting" in other.output
-    assert len(list((tiny_model_folder / ".onnx").glob("*.onnx"))) == 2
+    assert len(list((tiny_model_folder / ".onnx").glob("*/model.onnx"))) == 2
 
 
 def test_an_unreadable_cached_file_is_rebuilt(tiny_model_folder, tmp_path):
     key = onnx_backend.model_key(tiny_model_folder, gamma=0.7, lora=None)
-    path = onnx_backend.cache_file(tiny_model_folder, key)
-    path.parent.mkdir()
+    path = onnx_backend.cache_dir(tiny_model_folder, key) / "model.onnx"
+    path.parent.mkdir(parents=True)
     path.write_bytes(b"not an onnx file")
     result = deblur(photo(tmp_path), tmp_path / "o", "-w", tiny_model_folder, "--backend", "onnx")
     assert result.exit_code == 0 and "exporting" in result.output
@@ -97,7 +98,7 @@ def test_a_read_only_model_folder_caches_in_the_user_cache(tiny_model_folder, tm
     finally:
         tiny_model_folder.chmod(0o755)
     assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "cache" / "deblurcli" / "onnx").glob("*.onnx"))) == 1
+    assert len(list((tmp_path / "cache" / "deblurcli" / "onnx").glob("*/model.onnx"))) == 1
     assert not (tiny_model_folder / ".onnx").exists()
 
 
@@ -126,6 +127,11 @@ def test_the_blend_file_and_fused_gamma_key_the_cache(tiny_model_folder, tmp_pat
     keys = {onnx_backend.model_key(tiny_model_folder, gamma=g, lora=None) for g in (0.3, 0.4)}
     keys.add(onnx_backend.model_key(tiny_model_folder, gamma=0.3, lora=blend))
     assert len(keys) == 3
+    from deblurcli.modelfolder import fuse_model_folder
+
+    fuse_model_folder(tiny_model_folder, tmp_path / "fused", 0.4)  # its γ is fixed: one key
+    assert len({onnx_backend.model_key(tmp_path / "fused", gamma=g, lora=None)
+                for g in (0.3, 0.4)}) == 1
     result = deblur(photo(tmp_path), tmp_path / "o", "-w", tiny_model_folder, "--backend", "onnx",
                     "--lora", blend)
     assert result.exit_code == 0 and "gamma=0.4 (fused)" in result.output
@@ -168,3 +174,15 @@ def test_a_failed_export_falls_back_to_pytorch_unless_onnx_was_asked_for(tiny_mo
     asked = deblur(source, tmp_path / "b", "-w", tiny_model_folder, "--backend", "onnx")
     assert asked.exit_code == 1 and "exporter gave up" in asked.output
     assert "Traceback" not in asked.output and not (tmp_path / "b" / "photo.png").exists()
+
+
+def test_models_in_the_hugging_face_cache_are_exported_to_the_users_cache(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    snapshot = tmp_path / "hub" / "models--someone--osdd" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    assert onnx_backend.cache_dir(snapshot, "k") == tmp_path / "cache" / "deblurcli" / "onnx" / "k"
+    own = tmp_path / "mine"
+    own.mkdir()
+    assert onnx_backend.cache_dir(own, "k") == own / ".onnx" / "k"

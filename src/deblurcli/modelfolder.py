@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from deblurcli.errors import WeightsError
-from deblurcli.images import atomic_save_safetensors
+from deblurcli.images import atomic_save_safetensors, atomic_write_bytes, fsync_folder
 from deblurcli.models import adapters as ad
 
 if TYPE_CHECKING:
@@ -106,7 +106,8 @@ def _write_component(folder: Path, module: nn.Module, state: Mapping[str, Tensor
     folder.mkdir(parents=True)
     config = json.loads(module.to_json_string())
     config.update(config_changes)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(folder / "config.json",
+                       (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     atomic_save_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
 
@@ -118,24 +119,37 @@ def _base_unet_state(unet: nn.Module) -> dict[str, Tensor]:
 
 
 def _is_model_folder(folder: Path) -> bool:
-    return (folder / INDEX_FILE).is_file() or (folder / "config.json").is_file()
+    """A folder deblurcli wrote: an OSDDPipeline folder, or one of deblurcli 0.1's format."""
+    try:
+        index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+        return isinstance(index, dict) and index.get("_class_name") == PIPELINE_CLASS
+    except (OSError, ValueError, UnicodeDecodeError):
+        return (folder / "config.json").is_file() and (folder / "evae.safetensors").is_file()
+
+
+def _check_replaceable(folder: Path) -> None:
+    """WeightsError unless ``folder`` is absent, empty or a model folder deblurcli wrote."""
+    if folder.exists() and not folder.is_dir():
+        raise WeightsError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not _is_model_folder(folder):
+        raise WeightsError(f"{folder} exists and is not a deblurcli model folder; choose a new "
+                           "or empty folder")
 
 
 def _replace_folder(tmp: Path, folder: Path) -> None:
     """Move the finished ``tmp`` to ``folder``; a previous model folder there is replaced."""
-    if folder.exists() and any(folder.iterdir()):
-        if not _is_model_folder(folder):
-            raise WeightsError(f"{folder} exists and is not a model folder; choose a new or "
-                               "empty folder")
+    _check_replaceable(folder)
+    if folder.is_dir() and any(folder.iterdir()):
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
-        return
-    if folder.exists():
-        folder.rmdir()
-    os.replace(tmp, folder)
+    else:
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    fsync_folder(folder.parent)
 
 
 def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None = None,
@@ -154,7 +168,8 @@ def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None 
         discriminator: the latent discriminator's weights, kept (float32) so that
             ``train-diffusion --init`` continues its GAN term instead of restarting it.
     """
-    folder = Path(folder)
+    folder = Path(folder).resolve()
+    _check_replaceable(folder)  # before any work: a user's own folder is never touched
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -198,10 +213,10 @@ def _write_folder(tmp: Path, model: OSDDModel, *, extra, storage_dtype, include_
                           "fused_gamma": model.fused_gamma,
                           "storage_dtype": _dtype_name(storage_dtype),
                           "versions": _versions(), "extra": extra or {}}}
-    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    atomic_write_bytes(tmp / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
     files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     lines = "".join(f"{sha256_file(tmp / name)}  {name}\n" for name in files)
-    (tmp / CHECKSUM_FILE).write_text(lines)
+    atomic_write_bytes(tmp / CHECKSUM_FILE, lines.encode())
 
 
 # ----------------------------------------------------------------------------- checking
@@ -213,7 +228,8 @@ def resolve_model(source: PathLike, *, offline: bool = False) -> Path:
         return path
     from deblurcli.models.pretrained import hf_download_command, looks_like_hub_id
 
-    if not looks_like_hub_id(str(source)):
+    if not looks_like_hub_id(str(source)) or path.parent.is_dir():
+        # ("runs/model" with a runs/ folder here is a mistyped path, not a hub id)
         raise WeightsError(f"model folder not found: {source}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -287,6 +303,11 @@ def verify_checksums(folder: PathLike) -> list[str]:
         if sha256_file(folder / name) != digest.lower():
             raise WeightsError(f"{name} in {folder} is corrupt (sha256 checksum mismatch)")
         names.append(name)
+    required = [INDEX_FILE] + [f"{c}/{WEIGHTS_FILE}" for c in COMPONENTS] \
+        if (folder / INDEX_FILE).is_file() else []
+    unlisted = [name for name in required if name not in names]
+    if unlisted:
+        raise WeightsError(f"{CHECKSUM_FILE} in {folder} does not list {unlisted[0]}")
     return names
 
 

@@ -1,9 +1,10 @@
 """ONNX Runtime as a CPU back-end of ``deblurcli deblur`` (the ``onnx`` extra).
 
 The fused network (γ-blend merged, float32) is exported once with ``torch.onnx.export``, with
-dynamic batch, height and width, and cached as ``MODEL/.onnx/KEY.onnx`` (in the user's cache
-folder when the model folder is read-only). ``KEY`` hashes the folder's ``checksums.sha256``,
-γ (or the ``--lora`` blend file) and the deblurcli version, so a changed model gets a new file.
+dynamic batch, height and width, and cached as ``MODEL/.onnx/KEY/model.onnx`` (in the user's
+cache folder for a read-only, packaged or Hugging Face cached model). ``KEY`` hashes the
+folder's ``checksums.sha256``, γ (or the ``--lora`` blend file) and the deblurcli version, so a
+changed model gets a new export.
 A later run finds the file and starts without diffusers or the model's own loading.
 
 The same :class:`~deblurcli.pipeline.DeblurPipeline` runs around it (:class:`OnnxModel` is its
@@ -67,22 +68,47 @@ def model_key(folder: Path, *, gamma: float, lora: Path | None) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cache_file(folder: Path, key: str) -> Path:
-    """``folder/.onnx/KEY.onnx`` when ``folder`` is writable, else the user's cache folder
-    (``$XDG_CACHE_HOME/deblurcli/onnx``, default ``~/.cache``)."""
+MODEL_FILE = "model.onnx"
+
+
+def _hub_cache() -> Path:
+    """The Hugging Face hub cache folder (``HF_HUB_CACHE``, ``HF_HOME/hub`` or the default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME")
+                                             or Path.home() / ".cache") / "huggingface"
+    return Path(home) / "hub"
+
+
+def cache_dir(folder: Path, key: str) -> Path:
+    """The folder of one export: ``folder/.onnx/KEY/`` for a writable model folder of the
+    user's own, else ``$XDG_CACHE_HOME/deblurcli/onnx/KEY/`` (default ``~/.cache``), so that
+    the Hugging Face cache, the packaged model and read-only folders stay as they are.
+
+    One folder per export: a model over 2 GB is exported as ``model.onnx`` plus weight files
+    whose names the exporter chooses, and two exports must never share those."""
+    from deblurcli.modelfolder import default_weights_dir
+
+    resolved = folder.resolve()
+    shared = resolved == default_weights_dir() or \
+        resolved.is_relative_to(_hub_cache().resolve())
     beside = folder / ".onnx"
-    if os.access(beside if beside.is_dir() else folder, os.W_OK):
-        return beside / f"{key}.onnx"
+    if not shared and os.access(beside if beside.is_dir() else folder, os.W_OK):
+        return beside / key
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "deblurcli" / "onnx" / f"{key}.onnx"
+    return cache / "deblurcli" / "onnx" / key
 
 
-def export(model, path: Path) -> None:
-    """Write the float32 network ``model`` (an ``OSDDModel`` with fused adapters) to ``path`` as
-    ONNX, atomically; batch, height and width stay dynamic."""
+def export(model, folder: Path) -> None:
+    """Export the float32 network ``model`` (an ``OSDDModel`` with fused adapters) to
+    ``folder/model.onnx`` (with its weight files when over 2 GB): written in a temporary
+    sibling folder and renamed, so the folder appears whole or not at all; batch, height and
+    width stay dynamic."""
+    import shutil
+
     import torch
 
-    from deblurcli.images import atomic_write
+    from deblurcli.images import fsync_folder
 
     class Forward(torch.nn.Module):  # the exporter calls forward(x) positionally
         def __init__(self) -> None:
@@ -96,15 +122,27 @@ def export(model, path: Path) -> None:
     # path that sizes each upsampling from its skip tensor, which every input size needs
     sample = torch.zeros(1, 3, 72, 72)
     axes = {0: "batch", 2: "height", 3: "width"}
-
-    def write(tmp: Path) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's tracer warnings
-            torch.onnx.export(Forward().eval(), (sample,), str(tmp), dynamo=False,
+            torch.onnx.export(Forward().eval(), (sample,), str(tmp / MODEL_FILE), dynamo=False,
                               opset_version=OPSET, input_names=["x"], output_names=["y"],
                               dynamic_axes={"x": axes, "y": axes})
-
-    atomic_write(path, write)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
+        shutil.rmtree(folder, ignore_errors=True)  # an unreadable earlier export
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same export first: keep that one
+            if not (folder / MODEL_FILE).is_file():
+                raise
+        fsync_folder(folder.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class OnnxModel:
@@ -132,13 +170,13 @@ def load(folder: Path, *, gamma: float, lora: Path | None, threads: int, load_mo
          note=None) -> OnnxModel:
     """The cached ONNX model of ``folder`` (exported first from ``load_model()``, a fused float32
     ``OSDDModel``, when there is none or it does not open); ``note`` gets one line then."""
-    path = cache_file(folder, model_key(folder, gamma=gamma, lora=lora))
-    if path.is_file():
+    where = cache_dir(folder, model_key(folder, gamma=gamma, lora=lora))
+    if (where / MODEL_FILE).is_file():
         try:
-            return OnnxModel(path, threads)
-        except Exception:  # noqa: BLE001 - ORT's error kinds; an unreadable file is rebuilt
-            path.unlink(missing_ok=True)
+            return OnnxModel(where / MODEL_FILE, threads)
+        except Exception:  # noqa: BLE001 - ORT's error kinds; an unreadable export is redone
+            pass
     if note is not None:
-        note(f"exporting the model for ONNX Runtime (once; cached in {path.parent})")
-    export(load_model(), path)
-    return OnnxModel(path, threads)
+        note(f"exporting the model for ONNX Runtime (once; cached in {where})")
+    export(load_model(), where)
+    return OnnxModel(where / MODEL_FILE, threads)

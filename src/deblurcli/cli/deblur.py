@@ -271,7 +271,7 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
     if backend == "onnx" and reason is not None:
         raise DeblurcliError(f"--backend onnx cannot run here: {reason}")
 
-    def torch_model(run_dtype=dtype, run_vae_dtype=vae_dtype):
+    def torch_model(run_dtype=dtype, run_vae_dtype=vae_dtype, warn=warn):
         if (fuse or lora is not None) and running_as_command():
             # no live adapters in this process: import only the diffusers modules it runs
             from deblurcli.models.runtime_imports import import_diffusers_for_inference
@@ -287,7 +287,8 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
         try:
             runner = onnx_backend.load(folder, gamma=gamma, lora=lora,
                                        threads=torch.get_num_threads(),
-                                       load_model=lambda: torch_model(torch.float32, None),
+                                       load_model=lambda: torch_model(torch.float32, None,
+                                                                      warn=None),
                                        note=note)
             return runner, fixed, "onnx"
         except DeblurcliError:
@@ -297,6 +298,8 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
             if backend == "onnx":
                 raise DeblurcliError(f"--backend onnx: {why}") from None
             note(f"{why}; running with PyTorch")
+            model = torch_model(warn=None)  # the γ note, if any, is out already
+            return prepare_model(model, channels_last=True, compile=compile_model), fixed, "torch"
     model = torch_model()
     return prepare_model(model, channels_last=True, compile=compile_model), \
         fixed_gamma(folder, lora), "torch"

@@ -285,16 +285,16 @@ def check_lora_state(unet: nn.Module, spec: LoraSpec, state: Mapping[str, Tensor
 def merge_adapters_into(unet: nn.Module,
                         adapters: list[tuple[LoraSpec, Mapping[str, Tensor], float | None, str]]
                         ) -> bool:
-    """Merge ``sum_a weight_a * Delta_a`` into the UNet's own weights, in float32, without peft:
-    the result of :func:`add_adapter` + :func:`load_adapter_state_dict` +
+    """Merge ``sum_a weight_a * Delta_a`` into the UNet's own weights without peft, one adapter
+    after the other in the weights' dtype: the result of diffusers' ``load_lora_adapter`` +
     :func:`merge_and_unload`, for a run that never needs live adapters (and so never imports
     peft).
 
     ``adapters`` are ``(spec, state, weight, source)``, ``state`` keyed as in
-    :func:`adapter_state_dict`. Every adapter is first checked against the UNet like
-    :func:`load_adapter_state_dict` (WeightsError naming ``source``); one whose weight is
-    ``None`` is only checked. Returns ``False``, changing nothing, when an adapter targets a
-    layer kind this merge does not handle (the caller then goes through peft).
+    :func:`adapter_state_dict`. Every adapter is first checked against the UNet
+    (:func:`check_lora_state`: WeightsError naming ``source``); one whose weight is ``None`` is
+    only checked. Returns ``False``, changing nothing, when an adapter targets a layer kind this
+    merge does not handle (the caller then goes through peft).
     """
     plans = []
     for spec, state, weight, source in adapters:

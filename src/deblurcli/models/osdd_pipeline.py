@@ -37,8 +37,6 @@ from deblurcli.models.osdd import OSDDModel
 class OSDDPipeline(DiffusionPipeline):
     """Blurry image -> eVAE E1 -> one UNet step at the fixed timestep -> eVAE decoder."""
 
-    model_cpu_offload_seq = "evae->unet->evae"
-
     def __init__(self, evae: EVAE, unet, prompt: OneStepPrompt) -> None:
         super().__init__()
         self.register_modules(evae=evae, unet=unet, prompt=prompt)
@@ -55,7 +53,7 @@ class OSDDPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, gamma: float = 0.7,
                         fuse: bool = False, torch_dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", verify: bool = True,
-                        offline: bool = False, **_ignored) -> OSDDPipeline:
+                        offline: bool = False) -> OSDDPipeline:
         """Load a model folder written by ``save_pretrained`` or ``train-diffusion`` (or a hub
         id: from the local cache, fetched once unless ``offline`` / ``HF_HUB_OFFLINE=1``).
 
@@ -71,7 +69,7 @@ class OSDDPipeline(DiffusionPipeline):
 
     def save_pretrained(self, save_directory: str | Path, *,
                         storage_dtype: torch.dtype = torch.float32,
-                        include_sharp_encoder: bool = True, **_ignored) -> None:
+                        include_sharp_encoder: bool = True) -> None:
         """Write the standard folder (``model_index.json``, ``evae/``, ``unet/``, ``prompt/``,
         the LoRA files, ``checksums.sha256``); see :mod:`deblurcli.modelfolder`."""
         from deblurcli.modelfolder import save_model_folder
