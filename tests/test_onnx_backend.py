@@ -171,9 +171,16 @@ def test_a_failed_export_falls_back_to_pytorch_unless_onnx_was_asked_for(tiny_mo
     assert auto.exit_code == 0, auto.output
     assert "the ONNX export failed (RuntimeError: exporter gave up); running with PyTorch" \
         in auto.output and (tmp_path / "a" / "photo.png").is_file()
+    again = deblur(source, tmp_path / "a2", "-w", tiny_model_folder)  # no second attempt
+    assert again.exit_code == 0 and "exporting" not in again.output
+    assert "failed in an earlier run (RuntimeError: exporter gave up" in again.output
     asked = deblur(source, tmp_path / "b", "-w", tiny_model_folder, "--backend", "onnx")
-    assert asked.exit_code == 1 and "exporter gave up" in asked.output
+    assert asked.exit_code == 1 and "exporter gave up" in asked.output  # asked: tried again
     assert "Traceback" not in asked.output and not (tmp_path / "b" / "photo.png").exists()
+    monkeypatch.undo()
+    fixed = deblur(source, tmp_path / "c", "-w", tiny_model_folder, "--backend", "onnx")
+    assert fixed.exit_code == 0 and "exporting" in fixed.output
+    assert not list((tiny_model_folder / ".onnx").glob("*.failed"))
 
 
 def test_models_in_the_hugging_face_cache_are_exported_to_the_users_cache(tmp_path,

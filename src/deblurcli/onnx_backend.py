@@ -166,17 +166,38 @@ class OnnxModel:
         return torch.from_numpy(y)
 
 
+class ExportFailedBefore(RuntimeError):
+    """This model's export failed in an earlier run (its ``KEY.failed`` note says why)."""
+
+
 def load(folder: Path, *, gamma: float, lora: Path | None, threads: int, load_model,
-         note=None) -> OnnxModel:
+         note=None, retry: bool = True) -> OnnxModel:
     """The cached ONNX model of ``folder`` (exported first from ``load_model()``, a fused float32
-    ``OSDDModel``, when there is none or it does not open); ``note`` gets one line then."""
+    ``OSDDModel``, when there is none or it does not open); ``note`` gets one line then.
+
+    A failed export leaves ``KEY.failed`` beside the export folder; with ``retry=False`` a later
+    call raises :class:`ExportFailedBefore` at once instead of loading and exporting again.
+    """
     where = cache_dir(folder, model_key(folder, gamma=gamma, lora=lora))
+    failed = where.with_name(f"{where.name}.failed")
     if (where / MODEL_FILE).is_file():
         try:
             return OnnxModel(where / MODEL_FILE, threads)
         except Exception:  # noqa: BLE001 - ORT's error kinds; an unreadable export is redone
             pass
+    if failed.is_file() and not retry:
+        raise ExportFailedBefore(f"it failed in an earlier run ({failed.read_text().strip()}; "
+                                 "--backend onnx tries again)")
     if note is not None:
         note(f"exporting the model for ONNX Runtime (once; cached in {where})")
-    export(load_model(), where)
-    return OnnxModel(where / MODEL_FILE, threads)
+    try:
+        export(load_model(), where)
+        model = OnnxModel(where / MODEL_FILE, threads)
+    except Exception as exc:
+        from deblurcli.images import atomic_write_bytes
+
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+        atomic_write_bytes(failed, (reason + "\n").encode())
+        raise
+    failed.unlink(missing_ok=True)
+    return model

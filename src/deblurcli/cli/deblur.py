@@ -289,12 +289,14 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
                                        threads=torch.get_num_threads(),
                                        load_model=lambda: torch_model(torch.float32, None,
                                                                       warn=None),
-                                       note=note)
+                                       note=note, retry=backend == "onnx")
             return runner, fixed, "onnx"
         except DeblurcliError:
             raise
         except Exception as exc:  # noqa: BLE001 - the exporter's and ONNX Runtime's many kinds
-            why = f"the ONNX export failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+            why = f"the ONNX export failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})" \
+                if not isinstance(exc, onnx_backend.ExportFailedBefore) else \
+                f"not using ONNX Runtime for this model: {exc}"
             if backend == "onnx":
                 raise DeblurcliError(f"--backend onnx: {why}") from None
             note(f"{why}; running with PyTorch")
