@@ -8,6 +8,7 @@ import pytest
 from deblurcli.tiles import (
     axis_windows,
     pad_to_multiple,
+    fit_tile,
     plan_tiles,
     ramp_width,
     round_up,
@@ -114,3 +115,23 @@ def test_every_tile_has_the_same_size_and_stays_inside():
         assert 0 <= t.y <= plan.height - plan.tile_h and 0 <= t.x <= plan.width - plan.tile_w
         assert t.window().shape == (plan.tile_h, plan.tile_w)
         assert t.window().dtype == np.float32
+
+
+@pytest.mark.parametrize("length,tile,overlap", [
+    (720, 448, 32), (1280, 448, 32), (3000, 448, 32), (4000, 512, 64), (64, 24, 8), (200, 64, 16),
+    (448, 448, 32), (456, 448, 32), (96, 48, 40),
+])
+def test_fit_tile_keeps_the_tile_count_with_the_smallest_side(length, tile, overlap):
+    side = fit_tile(length, tile, overlap)
+    full = len(tile_starts(length, tile, min(overlap, tile - 8)))
+    assert side % 8 == 0 and side <= tile
+    starts = tile_starts(length, side, min(overlap, side - 8))
+    assert len(starts) == full
+    if side > 8:  # one step smaller needs more tiles
+        assert len(tile_starts(length, side - 8, min(overlap, side - 16))) > full
+
+
+def test_plan_tiles_fits_1280x720_in_six_tiles_of_376x448():
+    plan = plan_tiles(720, 1280, 448, 32)
+    assert (len(plan.tiles), plan.tile_h, plan.tile_w) == (6, 376, 448)
+    assert fit_tile(720, 1024, 32) == 720  # one tile: the whole side

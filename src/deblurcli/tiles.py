@@ -1,9 +1,12 @@
 """Tile planning, smooth blending windows and padding to multiples of 8 (pure numpy functions).
 
 Geometry: the image is padded at the bottom/right to a multiple of 8, then covered by a grid of
-equally sized tiles (each side a multiple of 8, so a batch of tiles stacks into one tensor). Tile
-starts are evenly spaced, snapped to multiples of 8 (so every tile's latent grid lines up with its
-neighbours'), the first tile starts at 0 and the last one ends flush with the border.
+equally sized tiles (each side a multiple of 8, so a batch of tiles stacks into one tensor). The
+requested tile side is a maximum: along each axis the tiles are shrunk to the smallest side that
+covers the image with as many tiles as the maximum needs (1280x720 at 448/32: 6 tiles of 376x448
+instead of 6 of 448x448, 16 % fewer pixels to run). Tile starts are evenly spaced, snapped to
+multiples of 8 (so every tile's latent grid lines up with its neighbours'), the first tile starts
+at 0 and the last one ends flush with the border.
 
 Blending: each tile gets a separable window ``wy(y) * wx(x)``. Along an axis, in the middle of the
 band two neighbouring tiles share, one tile's window falls as a raised cosine (``cos²``) while the
@@ -85,6 +88,26 @@ def tile_starts(length: int, tile: int, overlap: int, multiple: int = MULTIPLE) 
         count += 1
 
 
+def fit_tile(length: int, tile: int, overlap: int, multiple: int = MULTIPLE) -> int:
+    """The tile side to use along an axis of ``length`` px for tiles of at most ``tile`` px.
+
+    Tiles of the full ``tile`` side usually overshoot: 720 px in 448 px tiles overlapping by 32
+    takes 2 tiles that share 176 px. This returns the smallest side (a multiple of ``multiple``,
+    at most ``tile``) whose :func:`tile_starts` needs no more tiles than ``tile`` itself does, so
+    neighbours share about ``overlap`` px (376 px for that axis): fewer pixels to run, and the
+    same number of tiles. Sides and overlap as in :func:`tile_starts` (``overlap`` is clamped to
+    ``side - multiple``); a ``tile`` of at least ``length`` gives ``length``.
+    """
+    if tile >= length:
+        return length
+    count = len(tile_starts(length, tile, min(overlap, tile - multiple), multiple))
+    side = max(multiple, round_up(-(-(length + (count - 1) * overlap) // count), multiple))
+    while side < tile and len(tile_starts(length, side, min(overlap, side - multiple),
+                                          multiple)) > count:
+        side += multiple
+    return min(side, tile)
+
+
 def ramp_width(starts: list[int], tile: int) -> int:
     """Width of the blending ramps along an axis: the narrowest band shared by two neighbouring
     tiles, but no wider than the smallest stride (so two ramps never meet). 0 for one tile."""
@@ -154,7 +177,8 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int,
     """Plan the tile grid for a padded image (sides multiples of ``multiple``).
 
     ``tile=0`` (or a tile at least as large as the image) gives a single tile per axis covering
-    it. ``tile`` is rounded up to a multiple of ``multiple``; ``overlap`` is clamped to
+    it. ``tile`` is rounded up to a multiple of ``multiple`` and is the largest side: each axis
+    gets the smallest side that needs no more tiles (:func:`fit_tile`). ``overlap`` is clamped to
     ``tile - multiple`` (tile starts sit on multiples of ``multiple``).
     """
     if height % multiple or width % multiple or height <= 0 or width <= 0:
@@ -162,7 +186,8 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int,
     if tile < 0 or overlap < 0:
         raise ValueError("tile and overlap must be >= 0")
     size = round_up(tile, multiple) if tile else max(height, width)
-    tile_h, tile_w = min(size, height), min(size, width)
+    tile_h, tile_w = fit_tile(height, size, overlap, multiple), fit_tile(width, size, overlap,
+                                                                           multiple)
     ys = tile_starts(height, tile_h, min(overlap, tile_h - multiple), multiple)
     xs = tile_starts(width, tile_w, min(overlap, tile_w - multiple), multiple)
     wys, wxs = axis_windows(ys, tile_h), axis_windows(xs, tile_w)

@@ -62,7 +62,7 @@ def deblur(
     no_fuse: Annotated[bool, typer.Option(
         "--no-fuse", help="Keep the LoRA adapters unfused (slower; for debugging).")] = False,
     tile: Annotated[int, typer.Option(
-        "--tile", help="Tile side in pixels (multiple of 8; 0 = whole image at once).")] = DEFAULT_TILE,
+        "--tile", help="Largest tile side in pixels (multiple of 8; tiles shrink to cover the image evenly; 0 = whole image at once).")] = DEFAULT_TILE,
     tile_overlap: Annotated[int, typer.Option(
         "--tile-overlap", help="Pixels shared by neighbouring tiles (blending band).")] = DEFAULT_OVERLAP,
     batch_size: Annotated[Optional[int], typer.Option(
