@@ -111,3 +111,21 @@ def test_threads():
             dev.set_cpu_threads(-1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_surely_cpu_only_when_no_gpu_can_be_there(monkeypatch):
+    from deblurcli import device as dev
+
+    monkeypatch.setattr(dev.sys, "platform", "linux")
+    monkeypatch.setattr(dev.glob, "glob", lambda pattern: [])
+    assert dev.surely_cpu("auto") and dev.surely_cpu("CPU") and dev.surely_cpu(" cpu ")
+    assert not dev.surely_cpu("cuda") and not dev.surely_cpu("mps") and not dev.surely_cpu("tpu")
+    seen = []
+    monkeypatch.setattr(dev.glob, "glob",
+                        lambda pattern: seen.append(pattern) or (["/dev/nvidia0"]
+                                                                 if "nvidia" in pattern else []))
+    assert not dev.surely_cpu("auto") and dev.surely_cpu("cpu")  # a GPU: torch decides
+    assert "/dev/nvidia*" in seen
+    monkeypatch.setattr(dev.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(dev.sys, "platform", "darwin")  # MPS may be there
+    assert not dev.surely_cpu("auto")

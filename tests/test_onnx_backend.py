@@ -137,24 +137,29 @@ def test_the_blend_file_and_fused_gamma_key_the_cache(tiny_model_folder, tmp_pat
     assert result.exit_code == 0 and "gamma=0.4 (fused)" in result.output
 
 
-def test_a_cached_export_starts_without_diffusers(tiny_model_folder, tmp_path):
-    """The point of the back-end: with the export cached, a deblur process imports neither
-    diffusers nor peft/transformers (what the start-up time goes to)."""
+@pytest.mark.parametrize("flags", [["--device", "cpu"], []])
+def test_a_cached_export_starts_without_torch(tiny_model_folder, tmp_path, flags):
+    """The point of the back-end: with the export cached, a deblur process on the CPU imports
+    neither torch nor diffusers, peft or transformers (what the start-up time goes to)."""
     import json
     import subprocess
     import sys
 
     from test_startup_imports import SCRIPT
 
+    from deblurcli.device import surely_cpu
+
     source = photo(tmp_path)
     assert deblur(source, tmp_path / "a", "-w", tiny_model_folder).exit_code == 0  # exports
     proc = subprocess.run([sys.executable, "-c", SCRIPT, "deblur", str(source),
-                           str(tmp_path / "b"), "--weights", str(tiny_model_folder)],
+                           str(tmp_path / "b"), "--weights", str(tiny_model_folder), *flags],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["code"] in (0, None) and "ONNX Runtime" in proc.stderr
-    found = [name for name in ("diffusers", "peft", "transformers") if name in result["modules"]]
+    unwanted = ("torch", "diffusers", "peft", "transformers") if flags or surely_cpu("auto") \
+        else ("diffusers", "peft", "transformers")  # a GPU machine: torch picks the device
+    found = [name for name in unwanted if name in result["modules"]]
     assert found == [], f"a cached ONNX run imported {found}"
     assert np.array_equal(read_image(tmp_path / "a" / "photo.png").pixels,
                           read_image(tmp_path / "b" / "photo.png").pixels)

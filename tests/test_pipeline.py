@@ -162,3 +162,28 @@ def test_color_fix_removes_a_colour_cast_and_keeps_the_models_detail():
     for bad in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="color_fix"):
             DeblurPipeline(identity, color_fix=bad)
+
+
+class ArrayConv:
+    """The 3x3 conv of :func:`make_conv` as an array model: numpy arrays in and out."""
+
+    takes_arrays = True
+
+    def __init__(self) -> None:
+        self.conv, self.seen = make_conv(seed=3), []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.seen.append((type(x), x.dtype, x.shape, x.flags["C_CONTIGUOUS"]))
+        return self.conv(torch.from_numpy(x)).numpy()
+
+
+def test_an_array_model_gets_numpy_and_gives_the_tensor_models_result():
+    img = _image(50, 70, seed=4)
+    model = ArrayConv()
+    arrays = DeblurPipeline(model, tile=24, overlap=8, batch_size=2, channels_last=True)(img)
+    tensors = DeblurPipeline(model.conv, tile=24, overlap=8, batch_size=2,
+                             channels_last=False)(img)
+    assert arrays.shape == img.shape and arrays.dtype == np.float32
+    np.testing.assert_allclose(arrays, tensors, rtol=0, atol=1e-6)
+    assert {seen[:2] for seen in model.seen} == {(np.ndarray, np.dtype(np.float32))}
+    assert all(seen[3] and seen[2][1] == 3 for seen in model.seen)  # (B, 3, h, w), C order

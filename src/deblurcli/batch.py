@@ -465,7 +465,8 @@ def run_jobs(jobs: list[Job], deblur: DeblurFn, options: BatchOptions,
 
 
 def _release_cuda_cache() -> None:
-    import torch
+    import sys
 
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")  # a run without torch (ONNX Runtime) holds no CUDA cache
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -18,8 +18,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 TRUNCATE = 4.0  # kernel radius in sigmas (as scipy.ndimage.gaussian_filter)
 
@@ -43,6 +41,9 @@ def lowpass(pixels: np.ndarray, sigma: float) -> np.ndarray:
     """
     if pixels.ndim != 3:
         raise ValueError(f"expected an (H, W, C) array, got shape {pixels.shape}")
+    import torch
+    import torch.nn.functional as F
+
     kernel = gaussian_kernel1d(sigma)
     radius = len(kernel) // 2
     padded = np.pad(np.asarray(pixels, dtype=np.float32),

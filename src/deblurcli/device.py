@@ -12,22 +12,29 @@
   matrix units (:func:`cpu_has_fast_bf16`: Intel AMX or AVX512-BF16), where it measured 1.48x
   faster per stage-2 step (docs/training.md, ``benchmarks/bench_train_step.py``).
 * :func:`set_cpu_threads` sets torch's intra-op thread count to the cores this process may use.
+* :func:`surely_cpu` tells, without importing torch (2 s), whether a run can only use the CPU:
+  the ONNX Runtime back-end then starts without torch.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import re
+import sys
 from collections.abc import Callable
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from deblurcli.errors import DeblurcliError
 
+if TYPE_CHECKING:
+    import torch
+
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch attribute names
+#: Device files without which torch finds no GPU on Linux: NVIDIA, WSL's GPU, AMD ROCm.
+GPU_DEVICE_FILES = ("/dev/nvidia*", "/dev/dxg", "/dev/kfd")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(?::(\d+))?)$")
 
 WarnFn = Callable[[str], None]
@@ -42,7 +49,23 @@ def check_device_name(name: str) -> str:
     return norm
 
 
+def surely_cpu(name: str) -> bool:
+    """True when ``--device name`` can only be the CPU on this machine, decided without torch:
+    ``cpu``, or ``auto`` on Linux with none of :data:`GPU_DEVICE_FILES` (torch would find no
+    GPU either). False when unsure: :func:`resolve_device` then asks torch."""
+    try:
+        norm = check_device_name(name)
+    except ValueError:
+        return False
+    if norm == "cpu":
+        return True
+    return norm == "auto" and sys.platform.startswith("linux") and \
+        not any(glob.glob(pattern) for pattern in GPU_DEVICE_FILES)
+
+
 def _mps_available() -> bool:
+    import torch
+
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
 
@@ -53,6 +76,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     Raises:
         DeblurcliError: the name is unknown or the device is not available here.
     """
+    import torch
+
     try:
         norm = check_device_name(name)
     except ValueError as exc:
@@ -85,6 +110,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 def _bf16_supported(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
+    import torch
+
     try:
         with torch.cuda.device(device):
             return bool(torch.cuda.is_bf16_supported())
@@ -109,6 +136,8 @@ def resolve_dtype(name: str, device: torch.device, warn: Optional[WarnFn] = None
     Raises:
         DeblurcliError: the name is not one of auto, fp32, fp16, bf16.
     """
+    import torch
+
     norm = name.strip().lower()
     if norm not in DTYPE_CHOICES:
         raise DeblurcliError(f"unknown dtype {name!r}; use auto, fp32, fp16 or bf16")
@@ -118,7 +147,7 @@ def resolve_dtype(name: str, device: torch.device, warn: Optional[WarnFn] = None
         if device.type == "mps":
             return torch.float16
         return torch.float32
-    dtype = _DTYPES[norm]
+    dtype = getattr(torch, _DTYPES[norm])
     if device.type == "cpu" and dtype != torch.float32:
         if dtype == torch.bfloat16 and cpu_has_fast_bf16():
             return dtype
@@ -134,6 +163,8 @@ def resolve_dtype(name: str, device: torch.device, warn: Optional[WarnFn] = None
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU computes bfloat16 matrix products natively (Intel AMX tiles or
     AVX512-BF16), so that bf16 autocast speeds training up rather than slowing it down."""
+    import torch
+
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     for name in probes:
         probe = getattr(torch.cpu, name, None)  # private torch helpers: absent in some versions
@@ -160,6 +191,8 @@ def set_cpu_threads(threads: int = 0) -> int:
     """
     if threads < 0:
         raise ValueError("threads must be >= 0 (0 = all usable cores)")
+    import torch
+
     count = threads or usable_cpu_count()
     torch.set_num_threads(count)
     return count

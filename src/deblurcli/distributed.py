@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-
 from deblurcli.progress import ProgressEvent, ProgressFn
 
 if TYPE_CHECKING:
+    import torch
+
     from deblurcli.batch import BatchOptions, DeblurFn, FileResult, Job
 
 POLL_S = 0.2  # how often a process that waits for the others asks whether they have arrived
@@ -98,6 +98,7 @@ def process_group(cpu: bool) -> Optional[ProcessGroup]:
     """
     if launched_processes() <= 1:
         return None
+    import torch
     from accelerate import PartialState
 
     state = PartialState(cpu=cpu)

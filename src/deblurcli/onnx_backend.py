@@ -56,7 +56,7 @@ def unsupported(*, device_type: str, fp32: bool, fuse: bool, compile: bool,
 def model_key(folder: Path, *, gamma: float, lora: Path | None) -> str:
     """The cache key of the fused network of model folder ``folder`` at ``gamma`` (or with the
     blend file ``lora``)."""
-    from deblurcli.modelfolder import CHECKSUM_FILE, RECORD_KEY, read_model_index, sha256_file
+    from deblurcli.modelindex import CHECKSUM_FILE, RECORD_KEY, read_model_index, sha256_file
 
     record = read_model_index(folder)[RECORD_KEY]
     parts: dict = {"checksums": sha256_file(folder / CHECKSUM_FILE), "opset": OPSET,
@@ -87,7 +87,7 @@ def cache_dir(folder: Path, key: str) -> Path:
 
     One folder per export: a model over 2 GB is exported as ``model.onnx`` plus weight files
     whose names the exporter chooses, and two exports must never share those."""
-    from deblurcli.modelfolder import default_weights_dir
+    from deblurcli.modelindex import default_weights_dir
 
     resolved = folder.resolve()
     shared = resolved == default_weights_dir() or \
@@ -146,8 +146,10 @@ def export(model, folder: Path) -> None:
 
 
 class OnnxModel:
-    """An ONNX Runtime session as the model callable of ``DeblurPipeline``: ``(B, 3, h, w)``
-    float32 tensor in ``[-1, 1]`` -> same shape (give the pipeline ``channels_last=False``)."""
+    """An ONNX Runtime session as the model of ``DeblurPipeline``, an array model: ``(B, 3, h, w)``
+    float32 numpy array in ``[-1, 1]`` -> same shape; no torch involved."""
+
+    takes_arrays = True  # DeblurPipeline passes numpy arrays (deblurcli.pipeline)
 
     def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort
@@ -160,10 +162,20 @@ class OnnxModel:
                                             providers=["CPUExecutionProvider"])
 
     def __call__(self, x):
-        import torch
+        return self.session.run(None, {"x": x})[0]
 
-        y = self.session.run(None, {"x": x.detach().cpu().contiguous().numpy()})[0]
-        return torch.from_numpy(y)
+
+def cached(folder: Path, *, gamma: float, lora: Path | None = None,
+           threads: int) -> OnnxModel | None:
+    """The cached export of ``folder`` at ``gamma`` (or with the blend file ``lora``) opened
+    with ONNX Runtime, or None when there is none or it does not open; imports no torch."""
+    path = cache_dir(folder, model_key(folder, gamma=gamma, lora=lora)) / MODEL_FILE
+    if not path.is_file():
+        return None
+    try:
+        return OnnxModel(path, threads)
+    except Exception:  # noqa: BLE001 - ORT's error kinds; an unreadable export is redone
+        return None
 
 
 class ExportFailedBefore(RuntimeError):
@@ -178,13 +190,11 @@ def load(folder: Path, *, gamma: float, lora: Path | None, threads: int, load_mo
     A failed export leaves ``KEY.failed`` beside the export folder; with ``retry=False`` a later
     call raises :class:`ExportFailedBefore` at once instead of loading and exporting again.
     """
+    model = cached(folder, gamma=gamma, lora=lora, threads=threads)
+    if model is not None:
+        return model
     where = cache_dir(folder, model_key(folder, gamma=gamma, lora=lora))
     failed = where.with_name(f"{where.name}.failed")
-    if (where / MODEL_FILE).is_file():
-        try:
-            return OnnxModel(where / MODEL_FILE, threads)
-        except Exception:  # noqa: BLE001 - ORT's error kinds; an unreadable export is redone
-            pass
     if failed.is_file() and not retry:
         raise ExportFailedBefore(f"it failed in an earlier run ({failed.read_text().strip()}; "
                                  "--backend onnx tries again)")

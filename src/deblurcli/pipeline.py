@@ -4,33 +4,40 @@ The eVAE decoder needs the skip features of the *same* tile, so tiling happens i
 around the whole encode -> one-step UNet -> decode chain (the ``model`` callable). Memory is bounded
 by the tile and the batch size, not by the image: outputs are accumulated into preallocated
 float32 numpy buffers and only one batch of tiles exists as tensors at a time.
+
+The model is a torch callable (tensors in, tensors out) or an *array model*, whose attribute
+``takes_arrays`` is true: numpy arrays in and out, as the ONNX Runtime back-end
+(:class:`deblurcli.onnx_backend.OnnxModel`) is. With an array model nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
 
 from deblurcli import colorfix
 from deblurcli.errors import DeblurcliError
 from deblurcli.progress import ProgressFn, report
 from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE, TilePlan, pad_to_multiple, plan_tiles
 
-ModelFn = Callable[[torch.Tensor], torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+ModelFn = Callable[[Any], Any]  # (B, 3, h, w) in [-1, 1] -> the same: tensors, or numpy arrays
 
 
 class NonFiniteOutputError(DeblurcliError):
     """The model returned NaN or infinite values (typically fp16 overflow in the VAE)."""
 
 
-def default_batch_size(device: torch.device) -> int:
+def default_batch_size(device: torch.device | str) -> int:
     """Tiles per network call when the user gives none: 1 on the CPU (single tiles measured 1.19x
     faster than batches of 4 there, docs/performance.md), 4 on accelerators."""
-    return 1 if torch.device(device).type == "cpu" else 4
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    return 1 if kind == "cpu" else 4
 
 
 def prepare_model(model: torch.nn.Module, *, channels_last: bool = True,
@@ -46,6 +53,8 @@ def prepare_model(model: torch.nn.Module, *, channels_last: bool = True,
 
     The model is changed in place (``requires_grad``, memory format).
     """
+    import torch
+
     model.requires_grad_(False)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -71,9 +80,12 @@ class DeblurPipeline:
 
     Args:
         model: any callable mapping ``(B, 3, h, w)`` in ``[-1, 1]`` to the same shape (an
-            :class:`~deblurcli.models.osdd.OSDDModel`, or a plain function in tests).
+            :class:`~deblurcli.models.osdd.OSDDModel`, or a plain function in tests); an array
+            model (``model.takes_arrays`` true) gets and returns C-contiguous float32 numpy
+            arrays instead of tensors, and ignores ``device``, ``dtype`` and ``channels_last``.
         device: where input tensors are sent (the model must already live there).
-        dtype: dtype of the input tensors (the dtype of the model's first layer, i.e. of the VAE).
+        dtype: dtype of the input tensors (the dtype of the model's first layer, i.e. of the VAE;
+            default float32).
         tile: tile side in pixels (rounded up to a multiple of 8); 0 = the whole image at once.
         overlap: pixels shared by neighbouring tiles (the blending band).
         batch_size: tiles per model call.
@@ -82,8 +94,8 @@ class DeblurPipeline:
         color_fix: Gaussian sigma in pixels for step 6; 0 turns the colour fix off.
     """
 
-    def __init__(self, model: ModelFn, *, device: Union[str, torch.device] = "cpu",
-                 dtype: torch.dtype = torch.float32, tile: int = DEFAULT_TILE,
+    def __init__(self, model: ModelFn, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, tile: int = DEFAULT_TILE,
                  overlap: int = DEFAULT_OVERLAP,
                  batch_size: int = 4, channels_last: bool = True,
                  color_fix: float = 0.0) -> None:
@@ -98,13 +110,19 @@ class DeblurPipeline:
         if not (math.isfinite(color_fix) and color_fix >= 0):
             raise ValueError(f"color_fix must be >= 0 (0 = off), got {color_fix}")
         self.model = model
-        self.device = torch.device(device)
-        self.dtype = dtype
+        self.takes_arrays = bool(getattr(model, "takes_arrays", False))
         self.tile = tile
         self.overlap = overlap
         self.batch_size = batch_size
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.color_fix = color_fix
+        if self.takes_arrays:
+            self.device, self.dtype, self.memory_format = "cpu", None, None
+            return
+        import torch
+
+        self.device = torch.device(device)
+        self.dtype = dtype if dtype is not None else torch.float32
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def plan(self, height: int, width: int) -> TilePlan:
         """The tile plan used for an image of ``height`` x ``width`` pixels (after padding)."""
@@ -131,35 +149,26 @@ class DeblurPipeline:
         report(progress, "tiles", 0, total)
         # one host buffer for the tiles of a batch, reused by every batch
         batch_buf = np.empty((min(self.batch_size, total), th, tw, 3), dtype=np.float32)
-        with torch.inference_mode():
-            for first in range(0, total, self.batch_size):
-                group = plan.tiles[first:first + self.batch_size]
-                # 3. to tensor [-1, 1] -> model -> back
-                batch = batch_buf[:len(group)]
-                for i, t in enumerate(group):
-                    batch[i] = padded[t.y:t.y + th, t.x:t.x + tw]
-                batch *= 2.0
-                batch -= 1.0
-                # (B, h, w, 3) memory seen as (B, 3, h, w): already channels_last
-                x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
-                x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
-                y = self.model(x)
-                if tuple(y.shape) != tuple(x.shape):
-                    raise RuntimeError(f"model returned shape {tuple(y.shape)} for input "
-                                       f"{tuple(x.shape)}")
-                result = y.float().add(1.0).mul_(0.5).permute(0, 2, 3, 1).cpu().numpy()
-                del x, y
-                if not np.isfinite(result).all():
-                    raise NonFiniteOutputError(
-                        "the network produced NaN/inf values (half-precision overflow); "
-                        "use --vae-fp32, --dtype bf16 or --fp32")
-                # 4. blend into the accumulators
-                for t, tile_out in zip(group, result, strict=True):
-                    win = t.window()
-                    tile_out *= win[:, :, None]  # in place: no per-tile temporary
-                    out[t.y:t.y + th, t.x:t.x + tw] += tile_out
-                    weight[t.y:t.y + th, t.x:t.x + tw] += win
-                report(progress, "tiles", first + len(group), total)
+        for first in range(0, total, self.batch_size):
+            group = plan.tiles[first:first + self.batch_size]
+            # 3. [-1, 1] -> model -> [0, 1]
+            batch = batch_buf[:len(group)]
+            for i, t in enumerate(group):
+                batch[i] = padded[t.y:t.y + th, t.x:t.x + tw]
+            batch *= 2.0
+            batch -= 1.0
+            result = self._run_arrays(batch) if self.takes_arrays else self._run_tensors(batch)
+            if not np.isfinite(result).all():
+                raise NonFiniteOutputError(
+                    "the network produced NaN/inf values (half-precision overflow); "
+                    "use --vae-fp32, --dtype bf16 or --fp32")
+            # 4. blend into the accumulators
+            for t, tile_out in zip(group, result, strict=True):
+                win = t.window()
+                tile_out *= win[:, :, None]  # in place: no per-tile temporary
+                out[t.y:t.y + th, t.x:t.x + tw] += tile_out
+                weight[t.y:t.y + th, t.x:t.x + tw] += win
+            report(progress, "tiles", first + len(group), total)
         # 5. normalise, crop, clip
         out = out[:height, :width]
         out /= weight[:height, :width, None]
@@ -168,3 +177,30 @@ class DeblurPipeline:
         if self.color_fix > 0:
             return colorfix.color_fix(out, pixels, self.color_fix)
         return np.ascontiguousarray(out)
+
+    def _run_tensors(self, batch: np.ndarray) -> np.ndarray:
+        """Step 3 with a torch model: ``(B, h, w, 3)`` in ``[-1, 1]`` -> ``(B, h, w, 3)`` float32
+        numpy in ``[0, 1]`` (a new array)."""
+        import torch
+
+        with torch.inference_mode():
+            # (B, h, w, 3) memory seen as (B, 3, h, w): already channels_last
+            x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
+            x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
+            y = self.model(x)
+            _check_shape(tuple(y.shape), tuple(x.shape))
+            return y.float().add(1.0).mul_(0.5).permute(0, 2, 3, 1).cpu().numpy()
+
+    def _run_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """Step 3 with an array model (numpy in and out, no torch)."""
+        x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+        y = np.asarray(self.model(x), dtype=np.float32)
+        _check_shape(y.shape, x.shape)
+        y += 1.0
+        y *= 0.5
+        return y.transpose(0, 2, 3, 1)
+
+
+def _check_shape(got: tuple, expected: tuple) -> None:
+    if tuple(got) != tuple(expected):
+        raise RuntimeError(f"model returned shape {tuple(got)} for input {tuple(expected)}")

@@ -62,7 +62,8 @@ def deblur(
     no_fuse: Annotated[bool, typer.Option(
         "--no-fuse", help="Keep the LoRA adapters unfused (slower; for debugging).")] = False,
     tile: Annotated[int, typer.Option(
-        "--tile", help="Largest tile side in pixels (multiple of 8; tiles shrink to cover the image evenly; 0 = whole image at once).")] = DEFAULT_TILE,
+        "--tile", help="Largest tile side in pixels (multiple of 8; tiles shrink to cover the "
+        "image evenly; 0 = whole image at once).")] = DEFAULT_TILE,
     tile_overlap: Annotated[int, typer.Option(
         "--tile-overlap", help="Pixels shared by neighbouring tiles (blending band).")] = DEFAULT_OVERLAP,
     batch_size: Annotated[Optional[int], typer.Option(
@@ -159,12 +160,10 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
          batch_size: Optional[int],
          device_name: str, dtype_name: str, vae_fp32: bool, threads: int,
          compile_model: bool = False, color_fix: float = 0.0, backend: str = "auto") -> None:
-    import torch
     from rich.markup import escape
 
     from deblurcli.batch import check_output_folder, needs_processing, plan_jobs, run_jobs
     from deblurcli.cli.console import rich_progress, stderr_console, stdout_console, warn
-    from deblurcli.device import resolve_device, resolve_dtype, set_cpu_threads
 
     err, out = stderr_console(), stdout_console()
     # under `accelerate launch` / torchrun: this process's share of the files (deblurcli.distributed)
@@ -180,22 +179,36 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
         return
     check_output_folder(output)  # a read-only OUTPUT stops the run here, before the model loads
     from deblurcli.distributed import cpu_threads_share, deblur_video_split, split_jobs
-    from deblurcli.modelfolder import default_weights_dir, resolve_model
+    from deblurcli.modelindex import default_weights_dir, resolve_model
     from deblurcli.pipeline import DeblurPipeline, default_batch_size
 
-    device = (group.device if group is not None and device_name in ("auto", "cuda")
-              else resolve_device(device_name))
-    dtype = resolve_dtype(dtype_name, device, warn=lambda m: warn(err, escape(m)))
-    vae_dtype = torch.float32 if vae_fp32 else None
-    if device.type == "cpu" or threads:
-        # 0: every core this process may use (sched_getaffinity), shared among launched processes
-        set_cpu_threads(threads or cpu_threads_share(group))
-    folder = resolve_model(weights if weights is not None else default_weights_dir())
-    runner, fixed, backend_name = _load_runner(
-        folder, backend=backend, device=device, dtype=dtype, vae_dtype=vae_dtype, gamma=gamma,
-        fuse=fuse, lora=lora, tile=tile, compile_model=compile_model,
-        warn=lambda m: warn(err, escape(m)),
-        note=lambda m: err.print(m, highlight=False, markup=False))
+    cached = _cached_onnx_runner(
+        weights, group=group, backend=backend, device_name=device_name, dtype_name=dtype_name,
+        gamma=gamma, fuse=fuse, lora=lora, tile=tile, compile_model=compile_model,
+        threads=threads or cpu_threads_share(group), warn=lambda m: warn(err, escape(m)))
+    if cached is not None:  # no torch in this process
+        (runner, fixed), backend_name, device, dtype, vae_dtype = cached, "onnx", "cpu", None, None
+        dtype_text = "float32"
+    else:
+        import torch
+
+        from deblurcli.device import resolve_device, resolve_dtype, set_cpu_threads
+
+        device = (group.device if group is not None and device_name in ("auto", "cuda")
+                  else resolve_device(device_name))
+        dtype = resolve_dtype(dtype_name, device, warn=lambda m: warn(err, escape(m)))
+        vae_dtype = torch.float32 if vae_fp32 else None
+        dtype_text = str(dtype).replace("torch.", "")
+        if device.type == "cpu" or threads:
+            # 0: every core this process may use (sched_getaffinity), shared among launched
+            # processes
+            set_cpu_threads(threads or cpu_threads_share(group))
+        folder = resolve_model(weights if weights is not None else default_weights_dir())
+        runner, fixed, backend_name = _load_runner(
+            folder, backend=backend, device=device, dtype=dtype, vae_dtype=vae_dtype,
+            gamma=gamma, fuse=fuse, lora=lora, tile=tile, compile_model=compile_model,
+            warn=lambda m: warn(err, escape(m)),
+            note=lambda m: err.print(m, highlight=False, markup=False))
     # a fused model keeps its own γ (a note said so if --gamma differs): report that one
     gamma_text = f"gamma={fixed:g} (fused)" if fixed is not None else f"gamma={gamma:g}"
     pipeline = DeblurPipeline(runner, device=device, dtype=vae_dtype or dtype, tile=tile,
@@ -209,7 +222,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     if videos:
         what = f"{len(videos)} video(s) split by frames among {group.count} processes" + \
             (f" and {what}" if jobs else "")
-    err.print(f"deblurring {what}{share} on {device} ({str(dtype).replace('torch.', '')}"
+    err.print(f"deblurring {what}{share} on {device} ({dtype_text}"
               f"{', VAE float32' if vae_fp32 else ''}"
               f"{', ONNX Runtime' if backend_name == 'onnx' else ''}), {gamma_text}, "
               f"tile={tile or 'whole image'}"
@@ -247,6 +260,34 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
             group.wait()
         return
     _report(out, summary, len(all_jobs), output)
+
+
+def _cached_onnx_runner(weights: Optional[Path], *, group, backend: str, device_name: str,
+                        dtype_name: str, gamma: float, fuse: bool, lora: Optional[Path],
+                        tile: int, compile_model: bool, threads: int, warn):
+    """``(model, fixed γ or None)`` when this run can take an already exported ONNX model
+    without importing torch (2 s of a one-photo run): one process, surely the CPU
+    (:func:`deblurcli.device.surely_cpu`), float32, fused adapters of the folder itself and an
+    export in the cache. None otherwise: :func:`_load_runner` then decides with torch.
+    """
+    from deblurcli import onnx_backend
+    from deblurcli.device import surely_cpu
+    from deblurcli.modelindex import default_weights_dir, fixed_gamma, gamma_ignored, \
+        resolve_model
+
+    if group is not None or backend == "torch" or lora is not None or \
+            dtype_name.strip().lower() not in ("auto", "fp32") or not surely_cpu(device_name) or \
+            onnx_backend.unsupported(device_type="cpu", fp32=True, fuse=fuse,
+                                     compile=compile_model, tile=tile) is not None:
+        return None
+    folder = resolve_model(weights if weights is not None else default_weights_dir())
+    model = onnx_backend.cached(folder, gamma=gamma, threads=threads)
+    if model is None:
+        return None
+    fixed = fixed_gamma(folder)
+    if fixed is not None and gamma_ignored(fixed, gamma):
+        warn(gamma_ignored(fixed, gamma))
+    return model, fixed
 
 
 def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma: float,

@@ -26,7 +26,8 @@ Device = Annotated[str, typer.Option(
 Dtype = Annotated[str, typer.Option(
     "--dtype", help="auto | fp32 | fp16 | bf16 (auto: bf16/fp16 on GPU, fp32 on CPU).")]
 Tile = Annotated[int, typer.Option(
-    "--tile", help="Largest tile side in pixels (multiple of 8; tiles shrink to cover the image evenly; 0 = whole image at once).")]
+    "--tile", help="Largest tile side in pixels (multiple of 8; tiles shrink to cover the "
+        "image evenly; 0 = whole image at once).")]
 TileOverlap = Annotated[int, typer.Option(
     "--tile-overlap", help="Pixels shared by neighbouring tiles (at most --tile minus 8).")]
 BatchSize = Annotated[Optional[int], typer.Option(

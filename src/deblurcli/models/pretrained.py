@@ -17,10 +17,12 @@ Only safetensors weights are read (``use_safetensors=True``): a part that has on
 from __future__ import annotations
 
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from deblurcli.errors import WeightsError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def load_part(cls: type, source: str | Path, subfolder: str, what: str) -> nn.Module:

@@ -1,0 +1,164 @@
+"""A model folder's record, read without torch: its files, ``model_index.json`` and checksums.
+
+What a run needs to know about a model folder before (or instead of) loading any weights: where
+the folder is (a path, the packaged ``weights/`` folder or a Hugging Face hub id), whether it is
+one (``model_index.json`` with deblurcli's record), whether its files are intact
+(``checksums.sha256``) and the γ a fused folder holds. The ONNX Runtime back-end starts from here
+without importing torch; :mod:`deblurcli.modelfolder` (the weights) builds on it. The layout is
+described in :mod:`deblurcli.modelfolder`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from deblurcli.errors import WeightsError
+
+INDEX_FILE = "model_index.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' SAFETENSORS_WEIGHTS_NAME
+DISCRIMINATOR_FILE = "training/discriminator.safetensors"
+CHECKSUM_FILE = "checksums.sha256"
+PIPELINE_CLASS = "OSDDPipeline"
+RECORD_KEY = "_deblurcli"  # diffusers ignores model_index keys that start with "_"
+FORMAT_VERSION = 2
+#: component -> (library, class) as diffusers' ``register_modules`` writes them.
+COMPONENTS = {
+    "evae": ("deblurcli.models.evae", "EVAE"),
+    "prompt": ("deblurcli.models.onestep", "OneStepPrompt"),
+    "unet": ("diffusers", "UNet2DConditionModel"),
+}
+NO_DEFAULT_MODEL = ("no default model is installed yet; pass --weights MODEL_DIR, a model folder "
+                    "written by deblurcli train-diffusion (see docs/training.md)")
+
+PathLike = str | Path
+
+
+def default_weights_dir() -> Path:
+    """The packaged weights folder (``deblurcli/weights``); it may not exist yet."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_model(source: PathLike, *, offline: bool = False) -> Path:
+    """The local folder of ``source``: a folder, or a Hugging Face hub id (read from the local
+    cache; fetched once -- model files only -- unless ``offline`` or ``HF_HUB_OFFLINE=1``)."""
+    path = Path(source)
+    if path.exists() or path.resolve() == default_weights_dir():
+        return path
+    from deblurcli.models.pretrained import hf_download_command, looks_like_hub_id
+
+    if not looks_like_hub_id(str(source)) or path.parent.is_dir():
+        # ("runs/model" with a runs/ folder here is a mistyped path, not a hub id)
+        raise WeightsError(f"model folder not found: {source}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false")
+    try:
+        return Path(snapshot_download(str(source), local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        if offline:
+            raise WeightsError(f"{source} is not in the Hugging Face cache and the run is "
+                               f"offline; fetch it once with "
+                               f"`{hf_download_command(str(source))}`") from None
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=[
+            "*.json", "*.safetensors", CHECKSUM_FILE, "*.md"]))
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise WeightsError(f"cannot fetch model {source}: {' '.join(str(exc).split())[:160]}"
+                           ) from None
+
+
+def read_model_index(folder: PathLike) -> dict[str, Any]:
+    """``model_index.json`` of a model folder with its record, checked (WeightsError)."""
+    folder = Path(folder)
+    if folder.resolve() == default_weights_dir() and not (folder / INDEX_FILE).is_file():
+        raise WeightsError(NO_DEFAULT_MODEL)
+    if not folder.is_dir():
+        raise WeightsError(f"model folder not found: {folder}")
+    path = folder / INDEX_FILE
+    if not path.is_file():
+        if (folder / "config.json").is_file() and (folder / "evae.safetensors").is_file():
+            raise WeightsError(f"{folder} is a model folder of deblurcli 0.1, before the "
+                               "diffusers format; retrain or re-export it with this version")
+        raise WeightsError(f"{folder} is not a deblurcli model folder (missing {INDEX_FILE})")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{INDEX_FILE} in {folder} is not valid JSON ({exc})") from None
+    if not isinstance(index, dict) or index.get("_class_name") != PIPELINE_CLASS:
+        raise WeightsError(f"{path} is not an {PIPELINE_CLASS} (its _class_name is "
+                           f"{index.get('_class_name') if isinstance(index, dict) else None})")
+    record = index.get(RECORD_KEY)
+    if not isinstance(record, dict) or not isinstance(record.get("format_version"), int):
+        raise WeightsError(f"{path} lacks its '{RECORD_KEY}' record")
+    if record["format_version"] > FORMAT_VERSION:
+        raise WeightsError(f"{folder} uses model format version {record['format_version']}; "
+                           f"this deblurcli reads up to {FORMAT_VERSION} (upgrade deblurcli)")
+    for name in COMPONENTS:
+        if not (folder / name / "config.json").is_file():
+            raise WeightsError(f"missing file {name}/config.json in {folder}")
+    return index
+
+
+def verify_checksums(folder: PathLike) -> list[str]:
+    """Check every file listed in ``checksums.sha256``; return the listed names (WeightsError)."""
+    folder = Path(folder)
+    path = folder / CHECKSUM_FILE
+    if not path.is_file():
+        raise WeightsError(f"missing file {CHECKSUM_FILE} in {folder}")
+    names = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        digest, sep, name = line.partition("  ")
+        name = name.strip().lstrip("*")
+        parts = name.split("/")
+        if not sep or len(digest) != 64 or not name or name.startswith("/") or \
+                any(part in ("", ".", "..") for part in parts):
+            raise WeightsError(f"{CHECKSUM_FILE} in {folder} is malformed at line {number}")
+        if not (folder / name).is_file():
+            raise WeightsError(f"missing file {name} in {folder}")
+        if sha256_file(folder / name) != digest.lower():
+            raise WeightsError(f"{name} in {folder} is corrupt (sha256 checksum mismatch)")
+        names.append(name)
+    required = [INDEX_FILE] + [f"{c}/{WEIGHTS_FILE}" for c in COMPONENTS] \
+        if (folder / INDEX_FILE).is_file() else []
+    unlisted = [name for name in required if name not in names]
+    if unlisted:
+        raise WeightsError(f"{CHECKSUM_FILE} in {folder} does not list {unlisted[0]}")
+    return names
+
+
+def fixed_gamma(folder: PathLike, lora: PathLike | None = None) -> float | None:
+    """The γ a run of ``folder`` holds whatever ``--gamma`` says: the folder's fused γ, or that
+    recorded in the blend file ``lora``; ``None`` when γ is free."""
+    fused = read_model_index(folder)[RECORD_KEY].get("fused_gamma")
+    if lora is not None:
+        if fused is not None:  # as OSDDModel.fuse_adapter_file says it
+            raise WeightsError(f"this model's adapters are already fused (gamma={fused:g}); an "
+                               "adapter file needs an unfused model folder")
+        from deblurcli.models import adapters as ad
+
+        _, _, metadata = ad.read_lora_file(lora)
+        return ad.blend_gamma(metadata, lora)
+    return None if fused is None else float(fused)
+
+
+def gamma_ignored(fixed: float, gamma: float) -> str | None:
+    """The note for a requested ``gamma`` that a fused model (at ``fixed``) ignores, or None."""
+    if abs(float(gamma) - fixed) <= 1e-9:
+        return None
+    return f"this model's adapters are fused at gamma={fixed:g}; gamma={float(gamma):g} is ignored"
