@@ -14,7 +14,8 @@ that background load hits them alike; medians over ``--repeats`` rounds. Variant
   model, pipeline and image code, torch and diffusers), *load* (``load_model_folder`` with the
   γ-blend fused + ``prepare_model``), *compute* (read the photo, ``DeblurPipeline``, write it);
   *total* is the wall clock of the process, interpreter start-up included;
-* ``split-onnx``: the same phases with ONNX Runtime (*load*: the cached export's session).
+* ``split-onnx``: the same phases with ONNX Runtime (*load*: the cached export's session), as
+  ``deblur`` runs it: without torch.
 
 The model is the ``compact`` preset with random weights (speed does not depend on their
 values), stored in float16 like an exported model, unless ``--weights DIR``; the photo is a
@@ -48,7 +49,8 @@ image = read_image(photo)
 write_image(out, pipe(image.pixels))
 t3 = time.perf_counter()
 print(json.dumps({"import": t1 - t0, "load": t2 - t1, "compute": t3 - t2,
-                  "peft": "peft" in sys.modules, "transformers": "transformers" in sys.modules}))
+                  "peft": "peft" in sys.modules, "transformers": "transformers" in sys.modules,
+                  "torch": "torch" in sys.modules}))
 """
 
 CHILD = r"""
@@ -79,13 +81,12 @@ import json, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
 weights, photo, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-import torch
 from deblurcli import onnx_backend
-from deblurcli.device import set_cpu_threads
+from deblurcli.device import usable_cpu_count
 from deblurcli.images import read_image, write_image
 from deblurcli.pipeline import DeblurPipeline
 t1 = time.perf_counter()
-threads = set_cpu_threads(0)
+threads = usable_cpu_count()
 key = onnx_backend.model_key(weights, gamma=0.7, lora=None)
 path = onnx_backend.cache_dir(weights, key) / onnx_backend.MODEL_FILE
 pipe = DeblurPipeline(onnx_backend.OnnxModel(path, threads), batch_size=1, channels_last=False)
@@ -165,18 +166,18 @@ def main(argv: list[str] | None = None) -> int:
                     info = json.loads(stdout.strip().splitlines()[-1])
                     for key in ("import", "load", "compute"):
                         phases[name].setdefault(key, []).append(info[key])
-                    flags[name] = {k: info[k] for k in ("peft", "transformers")}
+                    flags[name] = {k: info[k] for k in ("torch", "peft", "transformers")}
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     print()
-    print("| variant | total s, median (min-max) | import s | load s | compute s | peft / "
-          "transformers imported |")
+    print("| variant | total s, median (min-max) | import s | load s | compute s | torch / peft "
+          "/ transformers imported |")
     print("|---|---|---|---|---|---|")
     for name in variants:
         w = walls[name]
         med = {k: f"{statistics.median(v):.2f}" for k, v in phases[name].items()}
         imported = flags.get(name)
         imported = "-" if imported is None else \
-            f"{imported['peft']} / {imported['transformers']}"
+            f"{imported['torch']} / {imported['peft']} / {imported['transformers']}"
         print(f"| {name} | {statistics.median(w):.2f} ({min(w):.2f}-{max(w):.2f}) | "
               f"{med.get('import', '-')} | {med.get('load', '-')} | {med.get('compute', '-')} "
               f"| {imported} |")

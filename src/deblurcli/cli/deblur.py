@@ -178,6 +178,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
                   f"{output} (use --overwrite to redo them)", highlight=False, markup=False)
         return
     check_output_folder(output)  # a read-only OUTPUT stops the run here, before the model loads
+    from deblurcli.device import usable_cpu_count
     from deblurcli.distributed import cpu_threads_share, deblur_video_split, split_jobs
     from deblurcli.modelindex import default_weights_dir, resolve_model
     from deblurcli.pipeline import DeblurPipeline, default_batch_size
@@ -185,7 +186,8 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     cached = _cached_onnx_runner(
         weights, group=group, backend=backend, device_name=device_name, dtype_name=dtype_name,
         gamma=gamma, fuse=fuse, lora=lora, tile=tile, compile_model=compile_model,
-        threads=threads or cpu_threads_share(group), warn=lambda m: warn(err, escape(m)))
+        threads=threads or cpu_threads_share(group) or usable_cpu_count(),
+        warn=lambda m: warn(err, escape(m)))
     if cached is not None:  # no torch in this process
         (runner, fixed), backend_name, device, dtype, vae_dtype = cached, "onnx", "cpu", None, None
         dtype_text = "float32"
@@ -207,7 +209,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
         runner, fixed, backend_name = _load_runner(
             folder, backend=backend, device=device, dtype=dtype, vae_dtype=vae_dtype,
             gamma=gamma, fuse=fuse, lora=lora, tile=tile, compile_model=compile_model,
-            warn=lambda m: warn(err, escape(m)),
+            group=group, warn=lambda m: warn(err, escape(m)),
             note=lambda m: err.print(m, highlight=False, markup=False))
     # a fused model keeps its own γ (a note said so if --gamma differs): report that one
     gamma_text = f"gamma={fixed:g} (fused)" if fixed is not None else f"gamma={gamma:g}"
@@ -291,11 +293,14 @@ def _cached_onnx_runner(weights: Optional[Path], *, group, backend: str, device_
 
 
 def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma: float,
-                 fuse: bool, lora: Optional[Path], tile: int, compile_model: bool, warn, note):
+                 fuse: bool, lora: Optional[Path], tile: int, compile_model: bool, warn, note,
+                 group=None):
     """``(model callable, fixed γ or None, "torch" | "onnx")`` for this run.
 
     ``--backend auto`` takes ONNX Runtime where it can run (docs/performance.md), else torch;
-    an explicit ``onnx`` that cannot run is an error of one line.
+    an explicit ``onnx`` that cannot run is an error of one line. Under a launcher (``group``)
+    the main process exports first and the others then open its export (or see that it failed),
+    so that the model is not exported by every process at once.
     """
     import torch
 
@@ -325,12 +330,24 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
         fixed = fixed_gamma(folder, lora)  # a bad folder or blend file fails here, as with torch
         if fixed is not None and gamma_ignored(fixed, gamma):
             warn(gamma_ignored(fixed, gamma))
+        def load_onnx():
+            return onnx_backend.load(folder, gamma=gamma, lora=lora,
+                                     threads=torch.get_num_threads(),
+                                     load_model=lambda: torch_model(torch.float32, None,
+                                                                    warn=None),
+                                     note=note, retry=backend == "onnx")
+
         try:
-            runner = onnx_backend.load(folder, gamma=gamma, lora=lora,
-                                       threads=torch.get_num_threads(),
-                                       load_model=lambda: torch_model(torch.float32, None,
-                                                                      warn=None),
-                                       note=note, retry=backend == "onnx")
+            if group is None:
+                runner = load_onnx()
+            elif group.is_main:
+                try:
+                    runner = load_onnx()
+                finally:
+                    group.wait()  # the export is in the cache (or its failure noted)
+            else:
+                group.wait()
+                runner = load_onnx()
             return runner, fixed, "onnx"
         except DeblurcliError:
             raise
