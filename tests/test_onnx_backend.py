@@ -198,3 +198,66 @@ def test_models_in_the_hugging_face_cache_are_exported_to_the_users_cache(tmp_pa
     own = tmp_path / "mine"
     own.mkdir()
     assert onnx_backend.cache_dir(own, "k") == own / ".onnx" / "k"
+
+
+def _attention_modules(model):
+    from diffusers.models.attention_processor import Attention
+
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def test_unet_attention_exports_as_multi_head_attention(tiny_model_folder, tmp_path):
+    """The UNet's attention is ONNX Runtime's flash-style ``MultiHeadAttention`` in the export
+    (the eVAE's 4-D, group-normed attention keeps its MatMul-Softmax-MatMul), with the same
+    outputs; the model's own processors are back after the export."""
+    import onnx
+    import torch
+
+    model = load_model_folder(tiny_model_folder, gamma=0.3)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for param in model.parameters():  # zero-initialised layers would hide attention errors
+            if param.ndim >= 2 and not param.any():
+                torch.nn.init.normal_(param, std=0.2)
+    unet_attention = _attention_modules(model.denoiser.unet)
+    evae_attention = _attention_modules(model.evae)
+    processors = [m.processor for m in unet_attention + evae_attention]
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        before = model(x)
+    onnx_backend.export(model, tmp_path / "m")
+    assert [m.processor for m in unet_attention + evae_attention] == processors
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    nodes = onnx.load(str(tmp_path / "m" / "model.onnx")).graph.node
+    ops = [(node.domain, node.op_type) for node in nodes]
+    assert unet_attention and ops.count(("com.microsoft", "MultiHeadAttention")) == \
+        len(unet_attention)
+    softmax = [node.name for node in nodes if node.op_type == "Softmax"]  # the eVAE's
+    assert softmax and not [name for name in softmax if "unet" in name]
+    runner = onnx_backend.OnnxModel(tmp_path / "m" / "model.onnx", threads=2)
+    for shape in ((2, 3, 64, 96), (1, 3, 72, 40)):
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(3)) * 2 - 1
+        with torch.no_grad():
+            assert (runner(x) - model(x)).abs().max() < 1e-4
+
+
+def test_a_failed_export_restores_the_attention_processors(tiny_model_folder, tmp_path,
+                                                           monkeypatch):
+    import torch
+
+    model = load_model_folder(tiny_model_folder, gamma=0.3)
+    modules = _attention_modules(model)
+    processors = [m.processor for m in modules]
+    seen = []
+
+    def broken(module, *args, **kwargs):
+        seen.extend(type(m.processor).__name__ for m in modules)
+        raise RuntimeError("exporter gave up")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="exporter gave up"):
+        onnx_backend.export(model, tmp_path / "m")
+    assert "_ExportProcessor" in seen  # swapped in during the export...
+    assert [m.processor for m in modules] == processors  # ...and back after the error
+    assert not (tmp_path / "m").exists()

@@ -60,7 +60,7 @@ def model_key(folder: Path, *, gamma: float, lora: Path | None) -> str:
 
     record = read_model_index(folder)[RECORD_KEY]
     parts: dict = {"checksums": sha256_file(folder / CHECKSUM_FILE), "opset": OPSET,
-                   "deblurcli": __version__}
+                   "deblurcli": __version__, "attention": "mha"}
     if lora is not None:
         parts["lora"] = sha256_file(lora)
     elif record.get("fused_gamma") is None:
@@ -109,6 +109,7 @@ def export(model, folder: Path) -> None:
     import torch
 
     from deblurcli.images import fsync_folder
+    from deblurcli.onnx_attention import DOMAIN, multi_head_attention
 
     class Forward(torch.nn.Module):  # the exporter calls forward(x) positionally
         def __init__(self) -> None:
@@ -127,11 +128,12 @@ def export(model, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), multi_head_attention(model):
             warnings.simplefilter("ignore")  # the exporter's tracer warnings
             torch.onnx.export(Forward().eval(), (sample,), str(tmp / MODEL_FILE), dynamo=False,
                               opset_version=OPSET, input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": axes, "y": axes})
+                              dynamic_axes={"x": axes, "y": axes},
+                              custom_opsets={DOMAIN: 1})
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
         shutil.rmtree(folder, ignore_errors=True)  # an unreadable earlier export
