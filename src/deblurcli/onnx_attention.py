@@ -60,8 +60,11 @@ class _ExportProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
                                  temb, *args, **kwargs)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        out = _MultiHeadAttention.apply(attn.to_q(hidden_states), attn.to_k(context),
-                                        attn.to_v(context), int(attn.heads))
+        query = attn.to_q(hidden_states)
+        if attn.scale != (query.shape[-1] // attn.heads) ** -0.5:  # scale_qk=False: not SDPA's
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        out = _MultiHeadAttention.apply(query, attn.to_k(context), attn.to_v(context),
+                                        int(attn.heads))
         out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
         if attn.residual_connection:
             out = out + hidden_states
