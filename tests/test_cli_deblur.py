@@ -145,9 +145,9 @@ def test_missing_or_corrupt_weights_exit_1(photos, tiny_model_folder, tmp_path, 
 
 
 def test_no_weights_and_no_default_model_exits_1(photos, tmp_path, monkeypatch):
-    import deblurcli.modelfolder as mf
+    import deblurcli.modelindex as mi
 
-    monkeypatch.setattr(mf, "default_weights_dir", lambda: tmp_path / "packaged-weights")
+    monkeypatch.setattr(mi, "default_weights_dir", lambda: tmp_path / "packaged-weights")
     result = run(photos / "rgb.png", tmp_path / "o")
     assert result.exit_code == 1
     assert "no default model" in result.output and "--weights" in result.output

@@ -52,3 +52,11 @@ def test_color_fix_rejects_bad_arguments():
     for sigma in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="sigma"):
             color_fix(_image(8, 8), _image(8, 8), sigma)
+
+
+def test_lowpass_filters_any_number_of_channels():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    image = np.random.default_rng(5).random((16, 20, 5), dtype=np.float32)
+    expected = ndimage.gaussian_filter(image.astype(np.float64), (1.5, 1.5, 0), mode="reflect",
+                                       truncate=4.0)
+    np.testing.assert_allclose(lowpass(image, 1.5), expected, atol=2e-6)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from deblurcli.batch import BatchOptions, plan_jobs
+from deblurcli import onnx_backend
 from deblurcli.distributed import cpu_threads_share, deblur_video_split, launched_processes
 from deblurcli.errors import DeblurcliError
 from deblurcli.images import write_image
@@ -155,8 +156,12 @@ def test_two_processes_deblur_every_file_once_with_one_summary(tiny_model_folder
     (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     out = tmp_path / "out"
     res = _launch(["deblur", src, out, "--weights", tiny_model_folder, "--device", "cpu",
-                   "--tile", "0", "--threads", "1"], cwd=tmp_path)
+                   "--threads", "1"], cwd=tmp_path)
     assert res.returncode == 1, res.stdout + res.stderr  # bad.png failed in one process
+    if onnx_backend.available():  # the main process exports, the other opens its export
+        assert res.stderr.count("exporting the model for ONNX Runtime") == 1, res.stderr
+        assert res.stderr.count("ONNX Runtime), gamma") == 2, res.stderr
+        assert len(list((tiny_model_folder / ".onnx").glob("*/model.onnx"))) == 1
     # one summary for both processes: every file counted once, the failure listed once
     assert re.findall(r"processed \d+, skipped \d+, failed \d+", res.stdout) == \
         ["processed 5, skipped 0, failed 1"], res.stdout

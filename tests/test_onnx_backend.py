@@ -261,3 +261,33 @@ def test_a_failed_export_restores_the_attention_processors(tiny_model_folder, tm
     assert "_ExportProcessor" in seen  # swapped in during the export...
     assert [m.processor for m in modules] == processors  # ...and back after the error
     assert not (tmp_path / "m").exists()
+
+
+def test_a_damaged_folder_with_a_cached_export_gets_the_usual_error(tiny_model_folder, tmp_path):
+    """The torch-free start gives way to the normal loading, which names what is wrong."""
+    source = photo(tmp_path)
+    assert deblur(source, tmp_path / "a", "-w", tiny_model_folder).exit_code == 0  # exports
+    (tiny_model_folder / "checksums.sha256").unlink()
+    result = deblur(source, tmp_path / "b", "-w", tiny_model_folder, "--device", "cpu")
+    assert result.exit_code == 1
+    assert "missing file checksums.sha256" in result.output and "Traceback" not in result.output
+
+
+def test_a_failed_optimisation_keeps_the_raw_export(tiny_model_folder, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+
+    def session(path, options=None, **kwargs):
+        if options is not None and options.optimized_model_filepath:
+            raise RuntimeError("cannot save the optimised graph")
+        return real(path, options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    model = load_model_folder(tiny_model_folder, gamma=0.3)
+    onnx_backend.export(model, tmp_path / "m")
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["model.onnx"]
+    image = np.random.default_rng(2).random((40, 48, 3), dtype=np.float32)
+    out = DeblurPipeline(onnx_backend.OnnxModel(tmp_path / "m" / "model.onnx", threads=1),
+                         tile=0)(image)
+    assert np.abs(out - DeblurPipeline(model, tile=0)(image)).max() < 1e-3

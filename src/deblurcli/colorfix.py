@@ -37,23 +37,26 @@ def lowpass(pixels: np.ndarray, sigma: float) -> np.ndarray:
 
     Borders are mirrored with the edge pixel repeated (numpy's ``symmetric``, scipy's
     ``reflect``), so the result equals ``scipy.ndimage.gaussian_filter(pixels, (s, s, 0))``.
-    Runs as two 1-D convolutions in torch on the CPU.
+    Runs as one separable float32 filter in OpenCV over the padded array (no torch: the ONNX
+    Runtime path imports none).
     """
+    import cv2
+
     if pixels.ndim != 3:
         raise ValueError(f"expected an (H, W, C) array, got shape {pixels.shape}")
-    import torch
-    import torch.nn.functional as F
-
     kernel = gaussian_kernel1d(sigma)
     radius = len(kernel) // 2
+    height, width, channels = pixels.shape
     padded = np.pad(np.asarray(pixels, dtype=np.float32),
                     ((radius, radius), (radius, radius), (0, 0)), mode="symmetric")
-    channels = pixels.shape[2]
-    x = torch.from_numpy(padded).permute(2, 0, 1).unsqueeze(0)  # (1, C, H + 2r, W + 2r)
-    k = torch.from_numpy(kernel)
-    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    return np.ascontiguousarray(x[0].permute(1, 2, 0).numpy())
+    out = np.empty_like(padded)
+    for c in range(0, channels, 4):  # OpenCV filters up to 4 channels at a time
+        part = np.ascontiguousarray(padded[:, :, c:c + 4])
+        filtered = cv2.sepFilter2D(part, cv2.CV_32F, kernel, kernel,
+                                   borderType=cv2.BORDER_REFLECT)
+        out[:, :, c:c + 4] = filtered.reshape(part.shape)
+    # the padding holds every tap of the interior: the border mode never reaches it
+    return np.ascontiguousarray(out[radius:radius + height, radius:radius + width])
 
 
 def color_fix(output: np.ndarray, source: np.ndarray, sigma: float) -> np.ndarray:

@@ -33,8 +33,10 @@ if TYPE_CHECKING:
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch attribute names
-#: Device files without which torch finds no GPU on Linux: NVIDIA, WSL's GPU, AMD ROCm.
-GPU_DEVICE_FILES = ("/dev/nvidia*", "/dev/dxg", "/dev/kfd")
+#: Device files without which torch finds no GPU on Linux: NVIDIA (and Jetson's integrated
+#: GPUs), WSL's GPU, AMD ROCm.
+GPU_DEVICE_FILES = ("/dev/nvidia*", "/dev/nvhost-*", "/dev/nvmap", "/dev/nvgpu*", "/dev/dxg",
+                    "/dev/kfd")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(?::(\d+))?)$")
 
 WarnFn = Callable[[str], None]

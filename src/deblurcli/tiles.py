@@ -26,11 +26,12 @@ import numpy as np
 
 MULTIPLE = 8
 
-#: Default tile side and overlap of ``deblur``/``eval`` and :class:`DeblurPipeline`. 448/32 tiles
-#: cover 1280x720 with 1.31x its pixels where 512/64 need 1.71x (both 2 x 3 tiles): 1.46x faster on
-#: the 2-core CPU. On a trained compact model it moved the output about as much as 512/64, with no
-#: peaks at the tile bands and no loss against the ground truth (docs/performance.md, "Tile
-#: settings and quality").
+#: Default largest tile side and overlap of ``deblur``/``eval`` and :class:`DeblurPipeline`.
+#: Fitted (:func:`fit_tile`), 448/32 covers 1280x720 with 6 tiles of 376x448, 1.10x its pixels.
+#: Chosen before tiles were fitted, as full squares: 448/32 (1.31x) against 512/64 (1.71x) ran
+#: 1.46x faster on the 2-core CPU and, on a trained compact model, moved the output about as much,
+#: with no peaks at the tile bands and no loss against the ground truth (docs/performance.md,
+#: "Tile settings and quality").
 DEFAULT_TILE = 448
 DEFAULT_OVERLAP = 32
 

@@ -283,7 +283,10 @@ def _cached_onnx_runner(weights: Optional[Path], *, group, backend: str, device_
                                      compile=compile_model, tile=tile) is not None:
         return None
     folder = resolve_model(weights if weights is not None else default_weights_dir())
-    model = onnx_backend.cached(folder, gamma=gamma, threads=threads)
+    try:
+        model = onnx_backend.cached(folder, gamma=gamma, threads=threads)
+    except Exception:  # noqa: BLE001 - e.g. a damaged folder: the torch path reports it
+        return None
     if model is None:
         return None
     fixed = fixed_gamma(folder)
@@ -299,8 +302,8 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
 
     ``--backend auto`` takes ONNX Runtime where it can run (docs/performance.md), else torch;
     an explicit ``onnx`` that cannot run is an error of one line. Under a launcher (``group``)
-    the main process exports first and the others then open its export (or see that it failed),
-    so that the model is not exported by every process at once.
+    the main process exports first and the others then open its export, or see that it failed
+    and run torch, so that the model is never exported by every process at once.
     """
     import torch
 
@@ -335,7 +338,8 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
                                      threads=torch.get_num_threads(),
                                      load_model=lambda: torch_model(torch.float32, None,
                                                                     warn=None),
-                                     note=note, retry=backend == "onnx")
+                                     note=note, retry=backend == "onnx" and (
+                                         group is None or group.is_main))
 
         try:
             if group is None:
