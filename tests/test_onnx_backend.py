@@ -167,7 +167,7 @@ def test_a_cached_export_starts_without_torch(tiny_model_folder, tmp_path, flags
 
 def test_a_failed_export_falls_back_to_pytorch_unless_onnx_was_asked_for(tiny_model_folder,
                                                                          tmp_path, monkeypatch):
-    def broken(model, path):
+    def broken(model, path, parts=None):
         raise RuntimeError("exporter gave up")
 
     monkeypatch.setattr(onnx_backend, "export", broken)
@@ -291,3 +291,26 @@ def test_a_failed_optimisation_keeps_the_raw_export(tiny_model_folder, tmp_path,
     out = DeblurPipeline(onnx_backend.OnnxModel(tmp_path / "m" / "model.onnx", threads=1),
                          tile=0)(image)
     assert np.abs(out - DeblurPipeline(model, tile=0)(image)).max() < 1e-3
+
+
+def test_an_export_prunes_the_exports_no_run_can_use(tiny_model_folder, tmp_path):
+    import json
+    import shutil
+
+    source = photo(tmp_path)
+    assert deblur(source, tmp_path / "a", "-w", tiny_model_folder, "--gamma", "0.3").exit_code == 0
+    cache = tiny_model_folder / ".onnx"
+    (kept,) = [p for p in cache.iterdir() if p.is_dir()]
+    parts = json.loads((kept / "key.json").read_text())
+    assert parts["gamma"] == 0.3 and parts["onnxruntime"] and parts["attention"] == "mha"
+    old_version = shutil.copytree(kept, cache / "old-version")
+    (old_version / "key.json").write_text(json.dumps({**parts, "deblurcli": "0.0.1"}))
+    old_contents = shutil.copytree(kept, cache / "old-contents")
+    (old_contents / "key.json").write_text(json.dumps({**parts, "checksums": "0" * 64}))
+    no_record = shutil.copytree(kept, cache / "no-record")
+    (no_record / "key.json").unlink()
+    assert deblur(source, tmp_path / "b", "-w", tiny_model_folder, "--gamma", "0.9").exit_code == 0
+    left = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert len(left) == 2 and kept.name in left  # the two γ values of this model and version
+    # the user's cache holds many models' exports: only other versions go there
+    assert onnx_backend.prune(cache, beside=False, checksums="x") == []

@@ -54,23 +54,36 @@ def unsupported(*, device_type: str, fp32: bool, fuse: bool, compile: bool,
     return None
 
 
-def model_key(folder: Path, *, gamma: float, lora: Path | None) -> str:
-    """The cache key of the fused network of model folder ``folder`` at ``gamma`` (or with the
-    blend file ``lora``)."""
+def key_parts(folder: Path, *, gamma: float, lora: Path | None) -> dict:
+    """What an export of model folder ``folder`` at ``gamma`` (or with the blend file ``lora``)
+    depends on: the folder's checksums, γ or the blend file, and the versions that export and
+    optimise it. Stored beside each export as ``key.json``."""
     from deblurcli.modelindex import CHECKSUM_FILE, RECORD_KEY, read_model_index, sha256_file
 
     record = read_model_index(folder)[RECORD_KEY]
-    parts: dict = {"checksums": sha256_file(folder / CHECKSUM_FILE), "opset": OPSET,
-                   "deblurcli": __version__, "attention": "mha",
-                   "onnxruntime": _runtime_version()}
+    parts: dict = {"checksums": sha256_file(folder / CHECKSUM_FILE), **_runtime_parts()}
     if lora is not None:
         parts["lora"] = sha256_file(lora)
     elif record.get("fused_gamma") is None:
         parts["gamma"] = round(float(gamma), 9)
+    return parts
+
+
+def _runtime_parts() -> dict:
+    """The key parts that are the same for every model with this installation."""
+    return {"opset": OPSET, "deblurcli": __version__, "attention": "mha",
+            "onnxruntime": _runtime_version()}
+
+
+def model_key(folder: Path, *, gamma: float, lora: Path | None) -> str:
+    """The cache key of the fused network of model folder ``folder`` at ``gamma`` (or with the
+    blend file ``lora``): a hash of :func:`key_parts`."""
+    parts = key_parts(folder, gamma=gamma, lora=lora)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
 MODEL_FILE = "model.onnx"
+KEY_FILE = "key.json"
 
 
 def _runtime_version() -> str:
@@ -109,11 +122,11 @@ def cache_dir(folder: Path, key: str) -> Path:
     return cache / "deblurcli" / "onnx" / key
 
 
-def export(model, folder: Path) -> None:
+def export(model, folder: Path, parts: dict | None = None) -> None:
     """Export the float32 network ``model`` (an ``OSDDModel`` with fused adapters) to
-    ``folder/model.onnx`` (with its weight files when over 2 GB): written in a temporary
-    sibling folder and renamed, so the folder appears whole or not at all; batch, height and
-    width stay dynamic."""
+    ``folder/model.onnx`` (with its weight files when over 2 GB; ``parts``, its
+    :func:`key_parts`, as ``key.json``): written in a temporary sibling folder and renamed, so
+    the folder appears whole or not at all; batch, height and width stay dynamic."""
     import shutil
 
     import torch
@@ -146,6 +159,8 @@ def export(model, folder: Path) -> None:
                               custom_opsets={DOMAIN: 1})
         if [path.name for path in tmp.iterdir()] == [MODEL_FILE]:  # one file: under 2 GB
             _optimize(tmp / MODEL_FILE)
+        if parts is not None:
+            (tmp / KEY_FILE).write_text(json.dumps(parts, sort_keys=True) + "\n")
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
         shutil.rmtree(folder, ignore_errors=True)  # an unreadable earlier export
@@ -226,6 +241,7 @@ def load(folder: Path, *, gamma: float, lora: Path | None, threads: int, load_mo
     model = cached(folder, gamma=gamma, lora=lora, threads=threads)
     if model is not None:
         return model
+    parts = key_parts(folder, gamma=gamma, lora=lora)
     where = cache_dir(folder, model_key(folder, gamma=gamma, lora=lora))
     failed = where.with_name(f"{where.name}.failed")
     if failed.is_file() and not retry:
@@ -234,7 +250,7 @@ def load(folder: Path, *, gamma: float, lora: Path | None, threads: int, load_mo
     if note is not None:
         note(f"exporting the model for ONNX Runtime (once; cached in {where})")
     try:
-        export(load_model(), where)
+        export(load_model(), where, parts)
         model = OnnxModel(where / MODEL_FILE, threads)
     except Exception as exc:
         from deblurcli.images import atomic_write_bytes
@@ -243,4 +259,29 @@ def load(folder: Path, *, gamma: float, lora: Path | None, threads: int, load_mo
         atomic_write_bytes(failed, (reason + "\n").encode())
         raise
     failed.unlink(missing_ok=True)
+    prune(where.parent, beside=where.parent == folder / ".onnx", checksums=parts["checksums"])
     return model
+
+
+def prune(cache: Path, *, beside: bool, checksums: str) -> list[Path]:
+    """Remove the exports in ``cache`` that no run of this installation can use again: those
+    of other deblurcli, ONNX Runtime or export versions (and older ones, without ``key.json``);
+    in a model's own ``.onnx`` folder (``beside``) also those of earlier contents of the folder
+    (other ``checksums``). Exports of other γ values stay. Returns the folders removed."""
+    import shutil
+
+    current = _runtime_parts()
+    removed = []
+    for entry in cache.iterdir() if cache.is_dir() else ():
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue  # another process's export in progress, or a note
+        try:
+            parts = json.loads((entry / KEY_FILE).read_text())
+            stale = any(parts.get(k) != v for k, v in current.items()) or \
+                (beside and parts.get("checksums") != checksums)
+        except (OSError, ValueError, AttributeError):
+            stale = (entry / MODEL_FILE).is_file()  # an export from before key.json
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
