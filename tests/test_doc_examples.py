@@ -84,7 +84,7 @@ def _parse(command: str) -> None:
 def test_examples_were_found():
     sources = {source for source, _ in EXAMPLES}
     assert {"README.md", "docs/deblur.md", "docs/evaluation.md", "--help"} <= sources
-    # the README's first set-up command: pip install . && deblurcli deblur examples/ out/ ...
+    # the README's first set-up command: pip install '.[onnx]' && deblurcli deblur examples/ out/ ...
     assert any(source == "README.md" and command.startswith("deblurcli deblur examples/")
                for source, command in EXAMPLES)
     assert len(EXAMPLES) > 40
