@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from deblurcli.cli.options import check_color_fix, check_device, check_tiling, dtype_option
+from deblurcli.cli.options import (BatchSize, ColorFix, Tile, TileOverlap, check_color_fix,
+                                   check_device, check_tiling, dtype_option)
 from deblurcli.images import DEFAULT_MAX_PIXELS
 from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE
 
@@ -56,19 +57,12 @@ def deblur(
         "--lora", metavar="FILE", help="Adapter file written by 'deblurcli blend' (e.g. "
         "blend.safetensors): run it instead of the --weights folder's own adapters (its gamma "
         "is fixed).")] = None,
-    color_fix: Annotated[float, typer.Option(
-        "--color-fix", metavar="SIGMA", help="Take the output's lowest frequencies (Gaussian "
-        "SIGMA px, e.g. 2) from the input, against colour/brightness drift; 0 = off.")] = 0.0,
+    color_fix: ColorFix = 0.0,
     no_fuse: Annotated[bool, typer.Option(
         "--no-fuse", help="Keep the LoRA adapters unfused (slower; for debugging).")] = False,
-    tile: Annotated[int, typer.Option(
-        "--tile", help="Largest tile side in pixels (multiple of 8; tiles shrink to cover the "
-        "image evenly; 0 = whole image at once).")] = DEFAULT_TILE,
-    tile_overlap: Annotated[int, typer.Option(
-        "--tile-overlap", help="Pixels shared by neighbouring tiles (blending band).")] = DEFAULT_OVERLAP,
-    batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", "-b", min=1, help="Tiles per network call (default: 1 on the CPU, where "
-        "single tiles run faster, 4 on a GPU).")] = None,
+    tile: Tile = DEFAULT_TILE,
+    tile_overlap: TileOverlap = DEFAULT_OVERLAP,
+    batch_size: BatchSize = None,
     device: Annotated[str, typer.Option(
         "--device", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU).")]
     = "auto",
