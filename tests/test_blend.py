@@ -76,3 +76,38 @@ def test_missing_inputs_exit_1_with_one_line(tmp_path):
     result = runner.invoke(app, ["blend", "--fuse", "--weights", str(tmp_path / "nope"),
                                  "--gamma", "0.5", "-o", str(tmp_path / "out")])
     assert result.exit_code == 1 and "model folder not found" in result.output
+
+
+def test_an_input_adapter_is_never_the_output(tiny_model_folder, tmp_path):
+    real = tiny_model_folder / "lora_real.safetensors"
+    synth = tiny_model_folder / "lora_synthetic.safetensors"
+    link = tmp_path / "link.safetensors"
+    link.hardlink_to(synth)
+    before = {p: p.read_bytes() for p in (real, synth)}
+    for args in (["--weights", str(tiny_model_folder), "-o", str(real)],
+                 [str(real), str(synth), "-o", str(synth), "--force"],
+                 [str(real), str(synth), "-o", str(link), "--force"]):
+        result = runner.invoke(app, ["blend", "--gamma", "0.5", *args])
+        assert result.exit_code == 2, result.output
+        assert "one of the adapters being blended" in result.output
+    assert {p: p.read_bytes() for p in (real, synth)} == before
+
+
+def test_an_existing_output_is_replaced_only_with_force(tiny_model_folder, tmp_path):
+    out = tmp_path / "blend.safetensors"
+    out.write_bytes(b"mine")
+    args = ["blend", "--weights", str(tiny_model_folder), "--gamma", "0.5", "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--force" in result.output
+    assert out.read_bytes() == b"mine"
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0
+    assert ad.read_lora_file(out)[0].rank == 4  # the blend, not my file
+    fused = tmp_path / "fused"
+    args = ["blend", "--fuse", "--weights", str(tiny_model_folder), "--gamma", "0.5"]
+    assert runner.invoke(app, [*args, "-o", str(fused)]).exit_code == 0
+    result = runner.invoke(app, [*args, "-o", str(fused)])
+    assert result.exit_code == 2 and "--force" in result.output
+    assert runner.invoke(app, [*args, "-o", str(fused), "--force"]).exit_code == 0
+    for inside in (tiny_model_folder / "g0.5", tiny_model_folder.parent):
+        result = runner.invoke(app, [*args, "-o", str(inside), "--force"])
+        assert result.exit_code == 2 and "outside" in result.output, result.output

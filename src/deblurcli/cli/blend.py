@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,7 @@ W x + G * Delta_real x + (1 - G) * Delta_synthetic x.
 Without --fuse: write ONE diffusers LoRA file (rank r_real + r_synthetic).
 With --fuse: write a model folder whose UNet already contains the blend
 (no LoRA layers, fastest inference; its gamma is fixed).
+An existing output is replaced only with --force; an input never is.
 
 \b
 Examples:
@@ -45,17 +47,31 @@ def register(app: typer.Typer) -> None:
         weights: Annotated[Path | None, typer.Option(
             "--weights", "-w", help="Model folder to take the adapters (or model) from.")] = None,
         fp16: Annotated[bool, typer.Option("--fp16", help="Store the output in float16.")] = False,
+        force: Annotated[bool, typer.Option(
+            "--force", help="Replace an existing output file or model folder.")] = False,
     ) -> None:
         if not 0.0 <= gamma <= 1.0:
             raise typer.BadParameter(f"must be between 0 and 1, got {gamma}", param_hint="--gamma")
         if fuse:
-            _fuse(lora_real, lora_synthetic, gamma, output, weights, fp16)
+            _fuse(lora_real, lora_synthetic, gamma, output, weights, fp16, force)
         else:
-            _blend_files(lora_real, lora_synthetic, gamma, output, weights, fp16)
+            _blend_files(lora_real, lora_synthetic, gamma, output, weights, fp16, force)
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # also through links
+    except OSError:
+        return False
 
 
 def _fuse(lora_real: Path | None, lora_synthetic: Path | None, gamma: float, output: Path,
-          weights: Path | None, fp16: bool) -> None:
+          weights: Path | None, fp16: bool, force: bool) -> None:
     if lora_real is not None or lora_synthetic is not None:
         raise typer.BadParameter("--fuse takes a model folder (--weights DIR), not adapter files")
     if output.exists() and not output.is_dir():
@@ -67,15 +83,18 @@ def _fuse(lora_real: Path | None, lora_synthetic: Path | None, gamma: float, out
     from deblurcli.modelfolder import default_weights_dir, fuse_model_folder
 
     src = weights if weights is not None else default_weights_dir()
-    if output.resolve() == src.resolve():
-        raise typer.BadParameter("the output folder must differ from --weights",
+    if _is_within(output, src) or _is_within(src, output):
+        raise typer.BadParameter(f"the output folder must be outside {src} (and not hold it)",
+                                 param_hint="--output")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise typer.BadParameter(f"{output} already exists (add --force to replace it)",
                                  param_hint="--output")
     fuse_model_folder(src, output, gamma, storage_dtype=torch.float16 if fp16 else None)
     stdout_console().print(f"wrote fused model folder {output} (gamma={gamma:g})", highlight=False)
 
 
 def _blend_files(lora_real: Path | None, lora_synthetic: Path | None, gamma: float,
-                 output: Path, weights: Path | None, fp16: bool) -> None:
+                 output: Path, weights: Path | None, fp16: bool, force: bool) -> None:
     if lora_real is None and weights is not None:
         from deblurcli.modelfolder import lora_file
 
@@ -87,6 +106,13 @@ def _blend_files(lora_real: Path | None, lora_synthetic: Path | None, gamma: flo
     if output.is_dir():
         raise typer.BadParameter(f"{output} is a folder; give a .safetensors file name "
                                  "(or use --fuse to write a model folder)", param_hint="--output")
+    if output.exists():
+        if any(_same_file(output, src) for src in (lora_real, lora_synthetic)):
+            raise typer.BadParameter(f"{output} is one of the adapters being blended; "
+                                     "give another file name", param_hint="--output")
+        if not force:
+            raise typer.BadParameter(f"{output} already exists (add --force to replace it)",
+                                     param_hint="--output")
 
     from deblurcli.cli.console import stdout_console
     from deblurcli.models.adapters import blend_adapter_files
