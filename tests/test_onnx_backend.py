@@ -273,6 +273,22 @@ def test_a_damaged_folder_with_a_cached_export_gets_the_usual_error(tiny_model_f
     assert "missing file checksums.sha256" in result.output and "Traceback" not in result.output
 
 
+def test_a_damaged_weight_file_is_not_run_under_its_old_export(tiny_model_folder, tmp_path):
+    """The cache key holds the checksum list, not the files: the files are checked as well."""
+    source = photo(tmp_path)
+    assert deblur(source, tmp_path / "a", "-w", tiny_model_folder).exit_code == 0  # exports
+    weights = tiny_model_folder / "lora_real.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    for backend in ("auto", "onnx"):
+        result = deblur(source, tmp_path / backend, "-w", tiny_model_folder, "--device", "cpu",
+                        "--backend", backend)
+        assert result.exit_code == 1, result.output
+        assert "lora_real.safetensors" in result.output and "corrupt" in result.output
+        assert "Traceback" not in result.output and not (tmp_path / backend).exists()
+
+
 def test_a_failed_optimisation_keeps_the_raw_export(tiny_model_folder, tmp_path, monkeypatch):
     import onnxruntime as ort
 

@@ -216,10 +216,17 @@ class OnnxModel:
 def cached(folder: Path, *, gamma: float, lora: Path | None = None,
            threads: int) -> OnnxModel | None:
     """The cached export of ``folder`` at ``gamma`` (or with the blend file ``lora``) opened
-    with ONNX Runtime, or None when there is none or it does not open; imports no torch."""
+    with ONNX Runtime, or None when there is none or it does not open; imports no torch.
+
+    The folder's files are checked against ``checksums.sha256`` first (WeightsError), as the
+    PyTorch path checks them: the key holds that list, not the files, so a damaged weight file
+    would otherwise run on unnoticed under its old export."""
+    from deblurcli.modelindex import verify_checksums
+
     path = cache_dir(folder, model_key(folder, gamma=gamma, lora=lora)) / MODEL_FILE
     if not path.is_file():
         return None
+    verify_checksums(folder)
     try:
         return OnnxModel(path, threads)
     except Exception:  # noqa: BLE001 - ORT's error kinds; an unreadable export is redone
