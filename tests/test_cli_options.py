@@ -3,6 +3,8 @@ training commands share their flags, declared once."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -49,6 +51,28 @@ def test_deblur_eval_and_library_share_the_tile_defaults():
                                                                          DEFAULT_OVERLAP)
     fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     assert (fields["tile"], fields["overlap"]) == (DEFAULT_TILE, DEFAULT_OVERLAP)
+
+
+def test_deblur_and_eval_take_the_run_options_declared_once():
+    import ast
+    import collections
+
+    import typer.main
+
+    import deblurcli.cli.options as options
+
+    tree = ast.parse(Path(options.__file__).read_text(encoding="utf-8"))
+    names = collections.Counter(t.id for node in tree.body if isinstance(node, ast.Assign)
+                                for t in node.targets if isinstance(t, ast.Name))
+    assert not [n for n, count in names.items() if count > 1]  # a second alias hides the first
+    command = typer.main.get_command(app)
+    deblur, evaluate = ({p.name: p for p in command.commands[name].params}
+                        for name in ("deblur", "eval"))
+    for name in ("device", "dtype", "tile", "tile_overlap", "batch_size", "color_fix"):
+        assert (deblur[name].opts, deblur[name].help) == (evaluate[name].opts,
+                                                          evaluate[name].help), name
+    assert deblur["batch_size"].opts == ["--batch-size", "-b"]
+    assert deblur["batch_size"].help.startswith("Tiles per network call")
 
 
 def test_both_training_commands_take_the_shared_flags_with_the_configs_defaults():

@@ -137,7 +137,7 @@ Output = Annotated[Optional[str], _o("--output", "-o",
     help="Run folder: checkpoints/, model/, train_log.csv, validation/.")]
 MaxSteps = Annotated[Optional[int], _o("--max-steps", min=1,
     help="Optimiser steps to train for (total, resume included).")]
-BatchSize = Annotated[Optional[int], _o("--batch-size", min=1,
+TrainBatchSize = Annotated[Optional[int], _o("--batch-size", min=1,
     help="Pairs per micro-batch and process.")]
 Lr = Annotated[Optional[float], _o("--lr", help="Learning rate (> 0).")]
 WarmupSteps = Annotated[Optional[int], _o("--warmup-steps", min=0,
@@ -184,7 +184,7 @@ def training_options(
     device_data: DeviceData = None, time_budget: TimeBudget = None, crop: Crop = None,
     augment: Augment = None, val_data: ValData = None, val_count: ValCount = None,
     val_size: ValSize = None, workers: Workers = None, output: Output = None,
-    max_steps: MaxSteps = None, batch_size: BatchSize = None, lr: Lr = None,
+    max_steps: MaxSteps = None, batch_size: TrainBatchSize = None, lr: Lr = None,
     warmup_steps: WarmupSteps = None, lr_schedule: LrSchedule = None, seed: Seed = None,
     grad_accum: GradAccum = None, mixed_precision: MixedPrecision = None,
     grad_checkpointing: GradCheckpointing = None, checkpoint_every: CheckpointEvery = None,
