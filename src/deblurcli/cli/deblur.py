@@ -17,7 +17,7 @@ HELP = """Remove motion blur from a photo, a video or a folder of both.
 INPUT is an image or video file or a folder; OUTPUT is always a folder
 (created if missing). Outputs keep the input's relative path, name, alpha,
 grey-ness and 16-bit depth (PNG/TIFF). Videos (.mp4 .mov .mkv .webm .avi
-.m4v; needs pip install 'deblurcli[video]') are deblurred frame by frame
+.m4v; needs pip install 'deblurcli\\[video]') are deblurred frame by frame
 and keep their container, frame timing, size, rotation and audio (copied).
 Existing outputs are skipped unless --overwrite; inputs are never
 overwritten. Large frames are processed in overlapping, smoothly blended

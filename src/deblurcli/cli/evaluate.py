@@ -24,7 +24,7 @@ at each --gamma). Metric weights are read from --metric-weights DIR or pyiqa's c
 ($TORCH_HOME/hub/pyiqa, .../checkpoints, .../clip); a missing file is fetched once into that
 cache and checked by SHA-256, unless --offline or HF_HUB_OFFLINE=1: then the metrics without
 their weights are skipped, one line each, and the others run. PSNR of identical images is inf:
-means are over finite values, with the inf count shown. Needs pip install 'deblurcli[eval]';
+means are over finite values, with the inf count shown. Needs pip install 'deblurcli\\[eval]';
 pyiqa is licensed PolyForm-Noncommercial. See docs/evaluation.md.
 
 \b
