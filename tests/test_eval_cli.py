@@ -48,6 +48,17 @@ def test_list_metrics(empty_torch_home):
     assert "deblurcli eval --fetch-metrics lpips,dists,niqe,musiq,clipiqa,maniqa" in res.stdout
 
 
+def test_list_metrics_without_pyiqa_lists_none_as_available(empty_torch_home, monkeypatch):
+    from deblurcli.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "pyiqa_installed", lambda: False)
+    res = _eval("--list-metrics")
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.stdout.splitlines() if " psnr " in line)
+    assert "no" in row.split("↑")[1].split("PSNR")[0] and "yes" not in row.split("↑")[1]
+    assert "no metric can run: pyiqa is not installed (pip install 'deblurcli[eval]')" in res.stdout
+
+
 def test_pred_mode_writes_table_csv_and_json(folders):
     out = folders / "report"
     res = _eval("--blur", str(folders / "blur"), "--sharp", str(folders / "sharp"),

@@ -70,7 +70,7 @@ def _list_metrics(metric_weights: Path | None) -> None:
     table = Table(title="metrics (deblurcli eval --metrics a,b,c)")
     for col in ("name", "kind", "better", "needs weights", "available", "description"):
         table.add_column(col)
-    from deblurcli.evaluation.metrics import fetch_command
+    from deblurcli.evaluation.metrics import fetch_command, pyiqa_installed
 
     missing_lines, missing_names = [], []
     for info in list_metrics(metric_weights):
@@ -80,6 +80,9 @@ def _list_metrics(metric_weights: Path | None) -> None:
         missing_names += [info.name] if info.missing else []
     con = stdout_console()
     con.print(table)
+    if not pyiqa_installed():
+        con.print("no metric can run: pyiqa is not installed (pip install 'deblurcli[eval]')",
+                  highlight=False, markup=False)
     if missing_lines:
         con.print("missing weight files:", highlight=False, markup=False)
         for line in missing_lines:

@@ -238,13 +238,22 @@ class MetricInfo:
 
 
 def list_metrics(weights_dir: Path | None = None) -> list[MetricInfo]:
-    """Every metric with its kind, direction and whether its weights are available now."""
+    """Every metric with its kind, direction and whether it can run now: its weights are
+    there and pyiqa, which computes every metric, is installed."""
+    installed = pyiqa_installed()
     rows = []
     for spec in METRICS.values():
         check = check_weights(spec, weights_dir)
-        rows.append(MetricInfo(spec.name, spec.kind, spec.arrow, spec.needs_weights, check.ok,
-                               spec.description, tuple(check.missing)))
+        rows.append(MetricInfo(spec.name, spec.kind, spec.arrow, spec.needs_weights,
+                               check.ok and installed, spec.description, tuple(check.missing)))
     return rows
+
+
+def pyiqa_installed() -> bool:
+    """Whether pyiqa can be imported (found without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("pyiqa") is not None
 
 
 @contextlib.contextmanager
