@@ -33,7 +33,8 @@ def photo(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("ext, written", [("jpeg", "photo.jpg"), ("JPEG", "photo.jpg"),
-                                          ("tiff", "photo.tif"), ("jpg", "photo.jpg")])
+                                          ("tiff", "photo.tif"), ("jpg", "photo.jpg"),
+                                          (".webp", "photo.webp")])
 def test_ext_accepts_jpeg_and_tiff_spellings(photo, tiny_model_folder, tmp_path, ext, written):
     result = run(photo, tmp_path / "out", "--weights", tiny_model_folder, "--ext", ext,
                  "--tile", "0")

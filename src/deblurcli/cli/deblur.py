@@ -119,7 +119,8 @@ def deblur(
     _check_video_options(codec, crf)
     from deblurcli.batch import EXT_CHOICES
 
-    ext = EXT_ALIASES.get(ext.lower(), ext.lower())
+    ext = ext.lower().removeprefix(".")  # '.png' as users often write it
+    ext = EXT_ALIASES.get(ext, ext)
     if ext not in EXT_CHOICES:
         raise typer.BadParameter(f"use one of {', '.join(EXT_CHOICES)} (or jpeg, tiff); got {ext!r}",
                                  param_hint="--ext")
@@ -137,7 +138,7 @@ def deblur(
             raise typer.BadParameter(str(exc), param_hint="--shard") from None
     check_device(device)
 
-    options = BatchOptions(suffix=suffix, ext=ext.lower(), overwrite=overwrite,
+    options = BatchOptions(suffix=suffix, ext=ext, overwrite=overwrite,
                            recursive=recursive, shard=shard_spec, quality=quality,
                            max_pixels=max_pixels, codec=codec, crf=crf)
     if lora is not None and not lora.is_file():
