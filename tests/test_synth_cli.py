@@ -214,3 +214,26 @@ def test_sources_whose_names_collide_get_distinct_outputs(tmp_path):
     names = [r["name"] for r in records]
     assert len(records) == 4 and len(set(names)) == 4, names
     assert len(list((out / "blur").glob("*.png"))) == 4
+
+
+def test_a_run_that_makes_no_pair_fails_and_leaves_no_output(tmp_path):
+    for i in range(7):  # frames of two sizes: the one window cannot be averaged
+        write_image(tmp_path / "frames" / f"{i:03d}.png",
+                    data.astronaut()[: 32 + 8 * (i % 2), :32] / 255.0)
+    res = _synth("--frames", str(tmp_path / "frames"), "--out", str(tmp_path / "new" / "s7"))
+    assert res.exit_code == 1 and "no pairs could be made" in res.stderr
+    assert "frames differ in size" in res.stderr.splitlines()[-1]
+    assert not (tmp_path / "new").exists()
+
+    kept = tmp_path / "kept"  # a folder the user made is kept, as empty as it was
+    kept.mkdir()
+    assert _synth("--frames", str(tmp_path / "frames"), "--out", str(kept)).exit_code == 1
+    assert list(kept.iterdir()) == []
+
+    # --src: a PNG whose header reads but whose pixels do not
+    write_image(tmp_path / "src" / "cut.png", data.astronaut()[:64, :64] / 255.0)
+    whole = (tmp_path / "src" / "cut.png").read_bytes()
+    (tmp_path / "src" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    res = _synth("--src", str(tmp_path / "src"), "--out", str(tmp_path / "s8"), "--crop", "32")
+    assert res.exit_code == 1 and "cut.png" in res.stderr.splitlines()[-1]
+    assert not (tmp_path / "s8").exists()

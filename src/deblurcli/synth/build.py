@@ -572,8 +572,10 @@ def run_synth(
 ) -> SynthResult:
     """Run a ``synth`` job (see the module docstring for the layout and guarantees).
 
-    Raises :class:`DatasetError` for a missing/empty source or an output folder made with other
-    settings. Unreadable images are reported through ``warn`` and listed in the result.
+    Raises :class:`DatasetError` for a missing/empty source, an output folder made with other
+    settings, or a job that makes no pair at all (nor found any made before): the output files
+    and folders it created are then removed again. Unreadable images are reported through
+    ``warn`` and listed in the result.
     """
     warn = warn or (lambda _msg: None)
     started = time.perf_counter()
@@ -592,9 +594,11 @@ def run_synth(
         specs = specs[: max(0, int(cfg.limit))]
     result.planned = len(specs)
 
+    new_folders = _missing_folders(cfg.out)
+    manifest, settings = cfg.out / "manifest.jsonl", cfg.out / "synth.json"
+    new_files = [p for p in (manifest, settings) if not p.exists()]
     cfg.out.mkdir(parents=True, exist_ok=True)
     _check_settings(cfg)
-    manifest = cfg.out / "manifest.jsonl"
     done: dict[str, dict] = {}
     for rec in _read_manifest(manifest):
         if _files_exist(cfg.out, rec):
@@ -649,6 +653,34 @@ def run_synth(
                     for fut in futures:
                         fut.cancel()
                     raise
+    if not done:  # not one pair, now or before: no output, and leave none of it behind
+        _remove_new(new_files, new_folders)
+        source = cfg.src if cfg.mode == "images" else cfg.frames
+        why = f": {result.unreadable[0]}" if result.unreadable else ""
+        more = f" (and {len(result.unreadable) - 1} more)" if len(result.unreadable) > 1 else ""
+        raise DatasetError(f"no pairs could be made from {source}{why}{more}")
     _write_manifest(manifest, done.values())
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and not folder.is_symlink() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_new(files: list[Path], folders: list[Path]) -> None:
+    """Undo a job that made nothing: remove the ``files`` it created (its settings and an empty
+    manifest), then the ``folders`` it created (innermost first) as far as they are empty."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for folder in folders:
+        for sub in ("blur", "sharp", "kernels"):
+            if (folder / sub).is_dir() and not any((folder / sub).iterdir()):
+                (folder / sub).rmdir()
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
