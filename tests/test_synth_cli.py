@@ -237,3 +237,25 @@ def test_a_run_that_makes_no_pair_fails_and_leaves_no_output(tmp_path):
     res = _synth("--src", str(tmp_path / "src"), "--out", str(tmp_path / "s8"), "--crop", "32")
     assert res.exit_code == 1 and "cut.png" in res.stderr.splitlines()[-1]
     assert not (tmp_path / "s8").exists()
+
+
+def test_out_must_not_be_the_source_nor_hold_it(photos, tmp_path):
+    before = _tree(photos)
+    res = _synth("--src", str(photos), "--out", str(photos), "--crop", "48")
+    assert res.exit_code == 1 and "--out must differ from --src" in res.stderr
+    res = _synth("--src", str(photos / "sub"), "--out", str(photos), "--crop", "48")
+    assert res.exit_code == 1 and "--out must not hold --src" in res.stderr
+    res = _synth("--frames", str(photos), "--out", str(photos))
+    assert res.exit_code == 1 and "--out must differ from --frames" in res.stderr
+    assert _tree(photos) == before
+
+
+def test_frames_mode_does_not_read_its_output_inside_the_frames_folder(tmp_path):
+    frames = tmp_path / "frames"
+    for i in range(9):
+        write_image(frames / f"{i:04d}.png", np.roll(data.astronaut()[:32, :32], i, axis=1) / 255.0)
+    args = ["--frames", str(frames), "--out", str(frames / "pairs"), "--n-min", "3", "--n-max",
+            "3", "--frame-step", "1"]
+    assert _synth(*args).exit_code == 0  # 7 pairs: pairs/blur and pairs/sharp hold 7 frames each
+    res = _synth(*args)
+    assert res.exit_code == 0 and "wrote 0 pairs" in res.stdout and "7 planned" in res.stdout

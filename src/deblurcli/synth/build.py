@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deblurcli.errors import DatasetError, ImageReadError
+from deblurcli.errors import DatasetError, DeblurcliError, ImageReadError
 from deblurcli.images import (
     IMAGE_SUFFIXES,
     atomic_write_bytes,
@@ -454,16 +454,19 @@ def _plan_images(cfg: SynthConfig, src: Path, warn: WarnFn, result: SynthResult)
     return specs
 
 
-def _sequences(root: Path, warn: WarnFn) -> list[tuple[str, list[Path] | Path]]:
+def _sequences(root: Path, warn: WarnFn, out: Path) -> list[tuple[str, list[Path] | Path]]:
     """Every sequence under ``root``: ``(relative path, frame files)`` for each folder that holds
-    frames, ``(relative path, video file)`` for each video file (``root`` itself may be one)."""
+    frames, ``(relative path, video file)`` for each video file (``root`` itself may be one).
+    The output folder ``out``, when inside ``root``, is not read."""
     if root.is_file():
         return [(".", root)]
+    out_abs = out.resolve()
     folders = [root] + sorted(
         (
             d
             for d in root.rglob("*")
             if d.is_dir() and not any(s.startswith(".") for s in d.relative_to(root).parts)
+            and not d.resolve().is_relative_to(out_abs)
         ),
         key=lambda d: d.relative_to(root).parts,
     )
@@ -491,7 +494,7 @@ def _stem(rel: str, source: list[Path] | Path, root: Path) -> str:
 
 
 def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
-    seqs = _sequences(root, warn)
+    seqs = _sequences(root, warn, Path(cfg.out))
     if not seqs:
         raise DatasetError(
             f"no frames found in {root} (expected a folder of consecutive frames "
@@ -550,6 +553,21 @@ def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
 # the job
 
 
+def _check_out(cfg: SynthConfig) -> None:
+    """Refuse an output folder that is the source or holds it: every image of the source would
+    then be skipped as an output (see :func:`_plan_images`), and pairs could be written among the
+    inputs. An output inside the source is fine: it is never read as input."""
+    out = Path(cfg.out)
+    flag, source = ("--src", cfg.src) if cfg.mode == "images" else ("--frames", cfg.frames)
+    where, inside = Path(source).resolve(), out.resolve()
+    if where == inside:
+        raise DeblurcliError(f"--out must differ from {flag}, but both are {out}; write the pairs "
+                             "to another folder")
+    if where.is_relative_to(inside):
+        raise DeblurcliError(f"--out must not hold {flag}, but {source} is inside {out}; write "
+                             "the pairs to another folder")
+
+
 def _check_settings(cfg: SynthConfig) -> None:
     settings = cfg.out / "synth.json"
     fp = cfg.fingerprint()
@@ -587,8 +605,10 @@ def run_synth(
             )
         if not cfg.crop:
             raise DatasetError("images mode needs a crop size")
+        _check_out(cfg)
         specs = _plan_images(cfg, Path(cfg.src), warn, result)
     else:
+        _check_out(cfg)
         specs = _plan_frames(cfg, Path(cfg.frames), warn)
     if cfg.limit is not None:
         specs = specs[: max(0, int(cfg.limit))]
