@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -259,3 +260,22 @@ def test_frames_mode_does_not_read_its_output_inside_the_frames_folder(tmp_path)
     assert _synth(*args).exit_code == 0  # 7 pairs: pairs/blur and pairs/sharp hold 7 frames each
     res = _synth(*args)
     assert res.exit_code == 0 and "wrote 0 pairs" in res.stdout and "7 planned" in res.stdout
+
+
+def test_out_that_is_a_file_or_a_full_disk_is_one_line_naming_the_path(photos, tmp_path,
+                                                                        monkeypatch):
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"mine")
+    res = _synth("--src", str(photos), "--out", str(taken), "--crop", "48")
+    assert res.exit_code == 1 and taken.read_bytes() == b"mine"
+    assert res.stderr.strip() == f"error: --out must be a folder, but {taken} is a file"
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("deblurcli.synth.build.write_image", full)
+    out = tmp_path / "out"
+    res = _synth("--src", str(photos), "--out", str(out), "--crop", "48")
+    assert res.exit_code == 1
+    assert res.stderr.strip().splitlines()[-1] == \
+        f"error: cannot write {out / 'sharp' / 'astro_c000_k0.png'}: No space left on device"

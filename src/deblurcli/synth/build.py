@@ -38,6 +38,7 @@ from deblurcli.images import (
     read_image,
     scan_folder,
     write_image,
+    writing,
 )
 from deblurcli.progress import ProgressFn, report
 from deblurcli.synth.blur import BlurParams, blur_region, degrade, sample_kernel, srgb_to_linear
@@ -284,9 +285,11 @@ def _save_pair(
     if kernel is not None:
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(kernel, dtype=np.float32), allow_pickle=False)
-        atomic_write_bytes(out / "kernels" / f"{name}.npy", buf.getvalue())
-    write_image(out / "sharp" / f"{name}.png", sharp, compress_level=PNG_LEVEL)
-    write_image(out / "blur" / f"{name}.png", blurred, compress_level=PNG_LEVEL)
+        with writing(path := out / "kernels" / f"{name}.npy"):
+            atomic_write_bytes(path, buf.getvalue())
+    for folder, pixels in (("sharp", sharp), ("blur", blurred)):
+        with writing(path := out / folder / f"{name}.png"):
+            write_image(path, pixels, compress_level=PNG_LEVEL)
 
 
 def run_image_task(out: str, path: str, specs: list[dict], blur: BlurParams) -> dict:
@@ -554,10 +557,12 @@ def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
 
 
 def _check_out(cfg: SynthConfig) -> None:
-    """Refuse an output folder that is the source or holds it: every image of the source would
-    then be skipped as an output (see :func:`_plan_images`), and pairs could be written among the
-    inputs. An output inside the source is fine: it is never read as input."""
+    """Refuse an output folder that is a file, or that is the source or holds it: every image of
+    the source would then be skipped as an output (see :func:`_plan_images`), and pairs could be
+    written among the inputs. An output inside the source is fine: it is never read as input."""
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise DeblurcliError(f"--out must be a folder, but {out} is a file")
     flag, source = ("--src", cfg.src) if cfg.mode == "images" else ("--frames", cfg.frames)
     where, inside = Path(source).resolve(), out.resolve()
     if where == inside:
@@ -617,15 +622,18 @@ def run_synth(
     new_folders = _missing_folders(cfg.out)
     manifest, settings = cfg.out / "manifest.jsonl", cfg.out / "synth.json"
     new_files = [p for p in (manifest, settings) if not p.exists()]
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    _check_settings(cfg)
+    with writing(cfg.out):
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    with writing(settings):
+        _check_settings(cfg)
     done: dict[str, dict] = {}
     for rec in _read_manifest(manifest):
         if _files_exist(cfg.out, rec):
             done[rec["name"]] = rec
     todo = [s for s in specs if s["name"] not in done]
     result.already_done = len(specs) - len(todo)
-    _write_manifest(manifest, done.values())  # drop broken lines / duplicates before appending
+    with writing(manifest):  # drop broken lines / duplicates before appending
+        _write_manifest(manifest, done.values())
 
     if cfg.mode == "images":
         groups: dict[str, list[dict]] = {}
@@ -643,12 +651,15 @@ def run_synth(
         tasks += [(run_video_task, (str(cfg.out), path, g, cfg.crop)) for path, g in videos.items()]
 
     report(progress, "pairs", 0, len(todo))
-    with open(manifest, "a", encoding="utf-8") as mf:
+    with writing(manifest):
+        mf = open(manifest, "a", encoding="utf-8")
+    with mf:
 
         def consume(res: dict) -> None:
             for rec in res["records"]:
-                mf.write(_dumps(rec) + "\n")
-                mf.flush()
+                with writing(manifest):
+                    mf.write(_dumps(rec) + "\n")
+                    mf.flush()
                 done[rec["name"]] = rec
                 result.written += 1
             if res["error"]:
@@ -679,7 +690,8 @@ def run_synth(
         why = f": {result.unreadable[0]}" if result.unreadable else ""
         more = f" (and {len(result.unreadable) - 1} more)" if len(result.unreadable) > 1 else ""
         raise DatasetError(f"no pairs could be made from {source}{why}{more}")
-    _write_manifest(manifest, done.values())
+    with writing(manifest):
+        _write_manifest(manifest, done.values())
     result.seconds = time.perf_counter() - started
     return result
 
