@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 from pathlib import Path
@@ -220,3 +221,23 @@ def test_bad_model_folder_fails_before_scoring(folders, tmp_path):
                 "--weights", str(tmp_path / "no-such-model"), "--metrics", "psnr", "-q")
     assert res.exit_code == 1
     assert "model folder not found" in res.stderr and "input" not in res.stdout
+
+
+def test_out_that_is_a_file_or_a_full_disk_is_one_line_naming_the_path(folders, monkeypatch):
+    args = ["--blur", str(folders / "blur"), "--sharp", str(folders / "sharp"), "--pred",
+            str(folders / "pred"), "--metrics", "psnr", "--device", "cpu", "-q"]
+    taken = folders / "report.txt"
+    taken.write_text("mine")
+    res = _eval(*args, "--out", str(taken))
+    assert res.exit_code == 1 and taken.read_text() == "mine"
+    assert res.stderr.strip() == f"error: --out must be a folder, but {taken} is a file"
+    assert "psnr" not in res.stdout  # refused before scoring
+
+    def full(path, data, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("deblurcli.evaluation.report.atomic_write_bytes", full)
+    res = _eval(*args, "--out", str(folders / "report"))
+    assert res.exit_code == 1
+    assert res.stderr.strip() == \
+        f"error: cannot write {folders / 'report' / 'per_image.csv'}: No space left on device"

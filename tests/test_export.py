@@ -115,6 +115,29 @@ def test_export_never_overwrites_by_surprise_nor_leaves_half_a_folder(run: Path,
     assert _export(run, "-o", run.parent, "--force").exit_code == 1  # never over the run
 
 
+def test_export_never_writes_over_what_it_reads(run: Path, tmp_path: Path) -> None:
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert Path("model/training.json") in before
+    for out, words in ((run / "model", "is inside the run"),
+                       (run / "exports" / "m", "is inside the run"),
+                       (run.parent, "holds the run")):
+        result = _export(run, "-o", out, "--force")
+        assert result.exit_code == 1 and words in result.stderr, result.output
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+    # a checkpoint folder given by path, and the model a checkpoint is rebuilt from
+    step = tmp_path / "saved" / "step-000000002"
+    shutil.copytree(run / "checkpoints" / "step-000000002", step)
+    result = _export(run, "-o", step.parent, "--checkpoint", step, "--force")
+    assert result.exit_code == 1 and "holds the exported state" in result.stderr, result.output
+    evae = tmp_path / "evae"
+    evae.mkdir()
+    config = json.loads((step / "config.json").read_text())
+    (step / "config.json").write_text(json.dumps({**config, "evae": str(evae)}))
+    result = _export(run, "-o", evae, "--checkpoint", step, "--force")
+    assert result.exit_code == 1 and "is the run's --evae" in result.stderr, result.output
+
+
 def test_export_takes_only_train_diffusion_runs(tmp_path: Path) -> None:
     vae = tmp_path / "vae"
     vae.mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -214,3 +215,67 @@ def test_sources_whose_names_collide_get_distinct_outputs(tmp_path):
     names = [r["name"] for r in records]
     assert len(records) == 4 and len(set(names)) == 4, names
     assert len(list((out / "blur").glob("*.png"))) == 4
+
+
+def test_a_run_that_makes_no_pair_fails_and_leaves_no_output(tmp_path):
+    for i in range(7):  # frames of two sizes: the one window cannot be averaged
+        write_image(tmp_path / "frames" / f"{i:03d}.png",
+                    data.astronaut()[: 32 + 8 * (i % 2), :32] / 255.0)
+    res = _synth("--frames", str(tmp_path / "frames"), "--out", str(tmp_path / "new" / "s7"))
+    assert res.exit_code == 1 and "no pairs could be made" in res.stderr
+    assert "frames differ in size" in res.stderr.splitlines()[-1]
+    assert not (tmp_path / "new").exists()
+
+    kept = tmp_path / "kept"  # a folder the user made is kept, as empty as it was
+    kept.mkdir()
+    assert _synth("--frames", str(tmp_path / "frames"), "--out", str(kept)).exit_code == 1
+    assert list(kept.iterdir()) == []
+
+    # --src: a PNG whose header reads but whose pixels do not
+    write_image(tmp_path / "src" / "cut.png", data.astronaut()[:64, :64] / 255.0)
+    whole = (tmp_path / "src" / "cut.png").read_bytes()
+    (tmp_path / "src" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    res = _synth("--src", str(tmp_path / "src"), "--out", str(tmp_path / "s8"), "--crop", "32")
+    assert res.exit_code == 1 and "cut.png" in res.stderr.splitlines()[-1]
+    assert not (tmp_path / "s8").exists()
+
+
+def test_out_must_not_be_the_source_nor_hold_it(photos, tmp_path):
+    before = _tree(photos)
+    res = _synth("--src", str(photos), "--out", str(photos), "--crop", "48")
+    assert res.exit_code == 1 and "--out must differ from --src" in res.stderr
+    res = _synth("--src", str(photos / "sub"), "--out", str(photos), "--crop", "48")
+    assert res.exit_code == 1 and "--out must not hold --src" in res.stderr
+    res = _synth("--frames", str(photos), "--out", str(photos))
+    assert res.exit_code == 1 and "--out must differ from --frames" in res.stderr
+    assert _tree(photos) == before
+
+
+def test_frames_mode_does_not_read_its_output_inside_the_frames_folder(tmp_path):
+    frames = tmp_path / "frames"
+    for i in range(9):
+        write_image(frames / f"{i:04d}.png", np.roll(data.astronaut()[:32, :32], i, axis=1) / 255.0)
+    args = ["--frames", str(frames), "--out", str(frames / "pairs"), "--n-min", "3", "--n-max",
+            "3", "--frame-step", "1"]
+    assert _synth(*args).exit_code == 0  # 7 pairs: pairs/blur and pairs/sharp hold 7 frames each
+    res = _synth(*args)
+    assert res.exit_code == 0 and "wrote 0 pairs" in res.stdout and "7 planned" in res.stdout
+
+
+def test_out_that_is_a_file_or_a_full_disk_is_one_line_naming_the_path(photos, tmp_path,
+                                                                        monkeypatch):
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"mine")
+    res = _synth("--src", str(photos), "--out", str(taken), "--crop", "48")
+    assert res.exit_code == 1 and taken.read_bytes() == b"mine"
+    assert res.stderr.strip() == f"error: --out must be a folder, but {taken} is a file"
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("deblurcli.synth.build.write_image", full)
+    out = tmp_path / "out"
+    res = _synth("--src", str(photos), "--out", str(out), "--crop", "48")
+    assert res.exit_code == 1
+    assert res.stderr.strip().splitlines()[-1] == \
+        f"error: cannot write {out / 'sharp' / 'astro_c000_k0.png'}: No space left on device"

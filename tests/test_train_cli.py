@@ -53,3 +53,21 @@ def test_training_progress_reaches_a_log(pairs, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert re.search(r"^training 2/2 \(100%\) [\d.]+ (it/s|s/it) .*loss=", result.stderr, flags=re.M), \
         result.stderr
+
+
+@pytest.mark.parametrize("command, extra, words", [
+    ("train-diffusion", ["--preset", "huge", "--random-evae"], "unknown model preset 'huge'"),
+    ("train-diffusion", ["--preset", "tiny", "--evae", "nope"], "no eVAE in nope"),
+    ("train-vae", ["--preset", "huge"], "unknown eVAE preset 'huge'"),
+])
+def test_a_run_that_fails_on_its_settings_leaves_no_output_folder(pairs, tmp_path, command,
+                                                                  extra, words):
+    data = ["--blur", str(pairs / "blur"), "--sharp", str(pairs / "sharp"), "--cpu", "-q", *extra]
+    result = CliRunner().invoke(app, [command, *data, "-o", str(tmp_path / "new" / "run")])
+    assert result.exit_code == 1 and words in result.stderr, result.output
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"  # a folder that was there before keeps what it held
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert CliRunner().invoke(app, [command, *data, "-o", str(mine)]).exit_code == 1
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

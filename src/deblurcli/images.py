@@ -196,6 +196,17 @@ def fsync_folder(path: PathLike) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def writing(path: PathLike) -> Iterator[None]:
+    """Turn an ``OSError`` raised inside (a full disk, a read-only folder, a file where a folder
+    should be) into a :class:`DeblurcliError` of one line that names ``path``, the file or
+    folder being written."""
+    try:
+        yield
+    except OSError as exc:
+        raise DeblurcliError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def atomic_write_bytes(path: PathLike, data: bytes, *,
                        before_replace: Callable[[Path], None] | None = None) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""

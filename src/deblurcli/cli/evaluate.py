@@ -209,11 +209,13 @@ def evaluate(
 
     from deblurcli.cli.console import rich_progress, stderr_console, stdout_console, warn
     from deblurcli.evaluation.datasets import build_set
-    from deblurcli.evaluation.report import results_table, write_outputs
+    from deblurcli.evaluation.report import check_out_dir, results_table, write_outputs
     from deblurcli.evaluation.runner import EvalConfig, ModelConfig, run_evaluation
 
     from rich.markup import escape
 
+    if out is not None:
+        check_out_dir(out)
     err = stderr_console()
     eval_set = build_set(dataset.lower() if dataset else None, root, blur, sharp)
     model = None

@@ -16,7 +16,8 @@ from typing import Any
 
 from deblurcli.evaluation.metrics import METRICS
 from deblurcli.evaluation.runner import EvalResult, RowResult
-from deblurcli.images import atomic_write_bytes
+from deblurcli.errors import DeblurcliError
+from deblurcli.images import atomic_write_bytes, writing
 
 CSV_NAME = "per_image.csv"
 JSON_NAME = "summary.json"
@@ -103,7 +104,8 @@ def summary_dict(result: EvalResult, command: str | None = None,
 
 def write_json(path: Path, data: dict) -> None:
     """Write ``data`` as indented JSON, atomically."""
-    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+    with writing(path):
+        atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
 def write_csv(path: Path, result: EvalResult) -> None:
@@ -120,7 +122,8 @@ def write_csv(path: Path, result: EvalResult) -> None:
                 "" if im.model_seconds is None else f"{im.model_seconds:.4f}",
                 "" if im.shift is None else im.shift[0], "" if im.shift is None else im.shift[1],
             ])
-    atomic_write_bytes(path, buf.getvalue().encode())
+    with writing(path):
+        atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def plot_sweep(path: Path, result: EvalResult) -> bool:
@@ -155,15 +158,28 @@ def plot_sweep(path: Path, result: EvalResult) -> bool:
     fig.suptitle(f"{result.dataset}: metrics vs γ")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path, buf.getvalue())
+    with writing(path):
+        atomic_write_bytes(path, buf.getvalue())
     return True
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` that is an existing file (before the evaluation, not after it)."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise DeblurcliError(f"--out must be a folder, but {out_dir} is a file")
 
 
 def write_outputs(out_dir: Path, result: EvalResult, command: str | None = None,
                   args: dict | None = None) -> list[Path]:
-    """Write the CSV, JSON and (for a γ sweep) the plot into ``out_dir``; return the paths."""
+    """Write the CSV, JSON and (for a γ sweep) the plot into ``out_dir``; return the paths.
+
+    Raises:
+        DeblurcliError: ``out_dir`` is a file, or a file cannot be written (one line naming it).
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out_dir)
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / CSV_NAME, out_dir / JSON_NAME]
     write_csv(written[0], result)
     write_json(written[1], summary_dict(result, command, args))

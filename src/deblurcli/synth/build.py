@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deblurcli.errors import DatasetError, ImageReadError
+from deblurcli.errors import DatasetError, DeblurcliError, ImageReadError
 from deblurcli.images import (
     IMAGE_SUFFIXES,
     atomic_write_bytes,
@@ -38,6 +38,7 @@ from deblurcli.images import (
     read_image,
     scan_folder,
     write_image,
+    writing,
 )
 from deblurcli.progress import ProgressFn, report
 from deblurcli.synth.blur import BlurParams, blur_region, degrade, sample_kernel, srgb_to_linear
@@ -284,9 +285,11 @@ def _save_pair(
     if kernel is not None:
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(kernel, dtype=np.float32), allow_pickle=False)
-        atomic_write_bytes(out / "kernels" / f"{name}.npy", buf.getvalue())
-    write_image(out / "sharp" / f"{name}.png", sharp, compress_level=PNG_LEVEL)
-    write_image(out / "blur" / f"{name}.png", blurred, compress_level=PNG_LEVEL)
+        with writing(path := out / "kernels" / f"{name}.npy"):
+            atomic_write_bytes(path, buf.getvalue())
+    for folder, pixels in (("sharp", sharp), ("blur", blurred)):
+        with writing(path := out / folder / f"{name}.png"):
+            write_image(path, pixels, compress_level=PNG_LEVEL)
 
 
 def run_image_task(out: str, path: str, specs: list[dict], blur: BlurParams) -> dict:
@@ -454,16 +457,19 @@ def _plan_images(cfg: SynthConfig, src: Path, warn: WarnFn, result: SynthResult)
     return specs
 
 
-def _sequences(root: Path, warn: WarnFn) -> list[tuple[str, list[Path] | Path]]:
+def _sequences(root: Path, warn: WarnFn, out: Path) -> list[tuple[str, list[Path] | Path]]:
     """Every sequence under ``root``: ``(relative path, frame files)`` for each folder that holds
-    frames, ``(relative path, video file)`` for each video file (``root`` itself may be one)."""
+    frames, ``(relative path, video file)`` for each video file (``root`` itself may be one).
+    The output folder ``out``, when inside ``root``, is not read."""
     if root.is_file():
         return [(".", root)]
+    out_abs = out.resolve()
     folders = [root] + sorted(
         (
             d
             for d in root.rglob("*")
             if d.is_dir() and not any(s.startswith(".") for s in d.relative_to(root).parts)
+            and not d.resolve().is_relative_to(out_abs)
         ),
         key=lambda d: d.relative_to(root).parts,
     )
@@ -491,7 +497,7 @@ def _stem(rel: str, source: list[Path] | Path, root: Path) -> str:
 
 
 def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
-    seqs = _sequences(root, warn)
+    seqs = _sequences(root, warn, Path(cfg.out))
     if not seqs:
         raise DatasetError(
             f"no frames found in {root} (expected a folder of consecutive frames "
@@ -550,6 +556,23 @@ def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
 # the job
 
 
+def _check_out(cfg: SynthConfig) -> None:
+    """Refuse an output folder that is a file, or that is the source or holds it: every image of
+    the source would then be skipped as an output (see :func:`_plan_images`), and pairs could be
+    written among the inputs. An output inside the source is fine: it is never read as input."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise DeblurcliError(f"--out must be a folder, but {out} is a file")
+    flag, source = ("--src", cfg.src) if cfg.mode == "images" else ("--frames", cfg.frames)
+    where, inside = Path(source).resolve(), out.resolve()
+    if where == inside:
+        raise DeblurcliError(f"--out must differ from {flag}, but both are {out}; write the pairs "
+                             "to another folder")
+    if where.is_relative_to(inside):
+        raise DeblurcliError(f"--out must not hold {flag}, but {source} is inside {out}; write "
+                             "the pairs to another folder")
+
+
 def _check_settings(cfg: SynthConfig) -> None:
     settings = cfg.out / "synth.json"
     fp = cfg.fingerprint()
@@ -572,8 +595,10 @@ def run_synth(
 ) -> SynthResult:
     """Run a ``synth`` job (see the module docstring for the layout and guarantees).
 
-    Raises :class:`DatasetError` for a missing/empty source or an output folder made with other
-    settings. Unreadable images are reported through ``warn`` and listed in the result.
+    Raises :class:`DatasetError` for a missing/empty source, an output folder made with other
+    settings, or a job that makes no pair at all (nor found any made before): the output files
+    and folders it created are then removed again. Unreadable images are reported through
+    ``warn`` and listed in the result.
     """
     warn = warn or (lambda _msg: None)
     started = time.perf_counter()
@@ -585,23 +610,30 @@ def run_synth(
             )
         if not cfg.crop:
             raise DatasetError("images mode needs a crop size")
+        _check_out(cfg)
         specs = _plan_images(cfg, Path(cfg.src), warn, result)
     else:
+        _check_out(cfg)
         specs = _plan_frames(cfg, Path(cfg.frames), warn)
     if cfg.limit is not None:
         specs = specs[: max(0, int(cfg.limit))]
     result.planned = len(specs)
 
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    _check_settings(cfg)
-    manifest = cfg.out / "manifest.jsonl"
+    new_folders = _missing_folders(cfg.out)
+    manifest, settings = cfg.out / "manifest.jsonl", cfg.out / "synth.json"
+    new_files = [p for p in (manifest, settings) if not p.exists()]
+    with writing(cfg.out):
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    with writing(settings):
+        _check_settings(cfg)
     done: dict[str, dict] = {}
     for rec in _read_manifest(manifest):
         if _files_exist(cfg.out, rec):
             done[rec["name"]] = rec
     todo = [s for s in specs if s["name"] not in done]
     result.already_done = len(specs) - len(todo)
-    _write_manifest(manifest, done.values())  # drop broken lines / duplicates before appending
+    with writing(manifest):  # drop broken lines / duplicates before appending
+        _write_manifest(manifest, done.values())
 
     if cfg.mode == "images":
         groups: dict[str, list[dict]] = {}
@@ -619,12 +651,15 @@ def run_synth(
         tasks += [(run_video_task, (str(cfg.out), path, g, cfg.crop)) for path, g in videos.items()]
 
     report(progress, "pairs", 0, len(todo))
-    with open(manifest, "a", encoding="utf-8") as mf:
+    with writing(manifest):
+        mf = open(manifest, "a", encoding="utf-8")
+    with mf:
 
         def consume(res: dict) -> None:
             for rec in res["records"]:
-                mf.write(_dumps(rec) + "\n")
-                mf.flush()
+                with writing(manifest):
+                    mf.write(_dumps(rec) + "\n")
+                    mf.flush()
                 done[rec["name"]] = rec
                 result.written += 1
             if res["error"]:
@@ -649,6 +684,35 @@ def run_synth(
                     for fut in futures:
                         fut.cancel()
                     raise
-    _write_manifest(manifest, done.values())
+    if not done:  # not one pair, now or before: no output, and leave none of it behind
+        _remove_new(new_files, new_folders)
+        source = cfg.src if cfg.mode == "images" else cfg.frames
+        why = f": {result.unreadable[0]}" if result.unreadable else ""
+        more = f" (and {len(result.unreadable) - 1} more)" if len(result.unreadable) > 1 else ""
+        raise DatasetError(f"no pairs could be made from {source}{why}{more}")
+    with writing(manifest):
+        _write_manifest(manifest, done.values())
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and not folder.is_symlink() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_new(files: list[Path], folders: list[Path]) -> None:
+    """Undo a job that made nothing: remove the ``files`` it created (its settings and an empty
+    manifest), then the ``folders`` it created (innermost first) as far as they are empty."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for folder in folders:
+        for sub in ("blur", "sharp", "kernels"):
+            if (folder / sub).is_dir() and not any((folder / sub).iterdir()):
+                (folder / sub).rmdir()
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()

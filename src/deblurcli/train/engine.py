@@ -305,14 +305,19 @@ class TrainResult:
 
 
 def prepare_output(config: CommonConfig) -> tuple[Path, ckpt.Checkpoint | None]:
-    """Create the output folder and load the checkpoint to resume from (if any)."""
+    """Check the output folder and load the checkpoint to resume from (if any).
+
+    The folder itself is made by :func:`run`, once the model is built: a run that fails on its
+    settings (an unknown preset, a missing eVAE) leaves no empty folder behind.
+    """
     output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise DeblurcliError(f"--output must be a folder, but {output} is a file")
     resume_path = ckpt.resolve_resume(config.resume, output)
     state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
     if state is None and ckpt.list_checkpoints(output):
         raise DeblurcliError(f"{output} already holds checkpoints; continue with --resume latest "
                              "or choose another --output")
-    output.mkdir(parents=True, exist_ok=True)
     return output, state
 
 
@@ -471,6 +476,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
     if state is not None:
         restore(stage, state, accelerator.unwrap_model)
     main = accelerator.is_main_process
+    output.mkdir(parents=True, exist_ok=True)
     log = RunLog(output, start, enabled=main)
     resolved = with_absolute_paths(config_to_dict(config))
     if main:

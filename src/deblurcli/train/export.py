@@ -147,19 +147,20 @@ def export_run(run: str | Path, out: str | Path, *, checkpoint: str | None = Non
     is replaced only with ``force``. Returns the state that was exported.
 
     Raises:
-        DeblurcliError: see :func:`choose_state` and :func:`checkpoint_model`; ``out`` exists.
+        DeblurcliError: see :func:`choose_state` and :func:`checkpoint_model`; ``out`` exists,
+            or is, holds or lies inside a folder the export reads (:func:`_check_apart`).
     """
     from deblurcli.images import atomic_folder
     from deblurcli.modelfolder import export_model_folder, save_model_folder
 
     run, out = Path(run), Path(out)
+    state = choose_state(run, checkpoint)
+    _check_apart(out, [("the run", run), ("the exported state", state.path),
+                       *(_rebuilt_from(state.path) if state.is_checkpoint else [])])
     if out.exists() and not out.is_dir():
         raise DeblurcliError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DeblurcliError(f"{out} exists and is not empty; pass --force to replace it")
-    if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
-        raise DeblurcliError(f"{out} holds the run {run}; write the model elsewhere")
-    state = choose_state(run, checkpoint)
     if storage_dtype is None:
         storage_dtype = torch.float32 if keep_training_state else torch.float16
     with atomic_folder(out, replace=True) as tmp:
@@ -175,3 +176,30 @@ def export_run(run: str | Path, out: str | Path, *, checkpoint: str | None = Non
                           include_sharp_encoder=keep_training_state,
                           discriminator=loaded.discriminator if keep_training_state else None)
     return replace(state, step=loaded.step)
+
+
+def _rebuilt_from(checkpoint: Path) -> list[tuple[str, Path]]:
+    """The local folders a checkpoint's model is rebuilt from (its run's ``--init``, ``--evae``,
+    ``--base-model``), as ``(what, folder)``; none when its settings cannot be read (then
+    :func:`checkpoint_model` says why)."""
+    try:
+        config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [(f"the run's --{key.replace('_', '-')}", Path(config[key]))
+            for key in ("init", "evae", "base_model")
+            if isinstance(config.get(key), str) and Path(config[key]).is_dir()]
+
+
+def _check_apart(out: Path, sources: list[tuple[str, Path]]) -> None:
+    """Refuse an ``out`` that is, holds or lies inside a folder the export reads: replacing it
+    would destroy what the model comes from (``RUN/model`` with the ``training/`` state that
+    ``train-diffusion --init`` needs, the checkpoints, the model a checkpoint is rebuilt from)."""
+    target = out.resolve()
+    for what, source in sources:
+        folder = source.resolve()
+        if target == folder or target.is_relative_to(folder) or folder.is_relative_to(target):
+            how = "is" if target == folder else "is inside" if target.is_relative_to(folder) \
+                else "holds"
+            raise DeblurcliError(f"-o {out} {how} {what} ({source}), which export reads; write "
+                                 "the model elsewhere")
