@@ -101,12 +101,17 @@ def test_unknown_dtype():
         dev.resolve_dtype("fp64", torch.device("cpu"))
 
 
-def test_threads():
+def test_threads(monkeypatch):
     before = torch.get_num_threads()
     try:
         assert dev.usable_cpu_count() >= 1
         assert dev.set_cpu_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         assert dev.set_cpu_threads(0) == dev.usable_cpu_count()
+        for value, expected in (("1", 1), ("3", 3), ("0", dev.usable_cpu_count()),
+                                ("many", dev.usable_cpu_count())):
+            monkeypatch.setenv("OMP_NUM_THREADS", value)
+            assert dev.set_cpu_threads(0) == expected and torch.get_num_threads() == expected
         with pytest.raises(ValueError):
             dev.set_cpu_threads(-1)
     finally:

@@ -186,15 +186,22 @@ def usable_cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def default_cpu_threads() -> int:
+    """The CPU threads of a run that names none: ``OMP_NUM_THREADS`` when it is set to a
+    positive number (as OpenMP and PyTorch read it), else every usable core."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else usable_cpu_count()
+
+
 def set_cpu_threads(threads: int = 0) -> int:
     """Set torch's intra-op CPU thread count and return it.
 
-    ``threads=0`` means every usable core (:func:`usable_cpu_count`). Negative values are invalid.
+    ``threads=0`` means :func:`default_cpu_threads`. Negative values are invalid.
     """
     if threads < 0:
-        raise ValueError("threads must be >= 0 (0 = all usable cores)")
+        raise ValueError("threads must be >= 0 (0 = OMP_NUM_THREADS or all usable cores)")
     import torch
 
-    count = threads or usable_cpu_count()
+    count = threads or default_cpu_threads()
     torch.set_num_threads(count)
     return count

@@ -73,7 +73,8 @@ def deblur(
     vae_fp32: Annotated[bool, typer.Option(
         "--vae-fp32", help="Run the VAE in fp32 while the UNet uses half precision.")] = False,
     threads: Annotated[int, typer.Option(
-        "--threads", min=0, help="CPU threads (0 = all usable cores).")] = 0,
+        "--threads", min=0, help="CPU threads (0 = $OMP_NUM_THREADS if set, else all usable "
+        "cores).")] = 0,
     backend: Annotated[str, typer.Option(
         "--backend", help="auto | torch | onnx. onnx: ONNX Runtime on the CPU (the onnx extra; "
         "float32, fused, tiles up to 512 px; the model is exported once and cached beside it). "
@@ -173,7 +174,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
                   f"{output} (use --overwrite to redo them)", highlight=False, markup=False)
         return
     check_output_folder(output)  # a read-only OUTPUT stops the run here, before the model loads
-    from deblurcli.device import usable_cpu_count
+    from deblurcli.device import default_cpu_threads
     from deblurcli.distributed import cpu_threads_share, deblur_video_split, split_jobs
     from deblurcli.modelindex import default_weights_dir, resolve_model
     from deblurcli.pipeline import DeblurPipeline, default_batch_size
@@ -181,7 +182,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     cached = _cached_onnx_runner(
         weights, group=group, backend=backend, device_name=device_name, dtype_name=dtype_name,
         gamma=gamma, fuse=fuse, lora=lora, tile=tile, compile_model=compile_model,
-        threads=threads or cpu_threads_share(group) or usable_cpu_count(),
+        threads=threads or cpu_threads_share(group) or default_cpu_threads(),
         warn=lambda m: warn(err, escape(m)))
     if cached is not None:  # no torch in this process
         (runner, fixed), backend_name, device, dtype, vae_dtype = cached, "onnx", "cpu", None, None
