@@ -251,6 +251,20 @@ def test_out_must_not_be_the_source_nor_hold_it(photos, tmp_path):
     assert _tree(photos) == before
 
 
+def test_frames_mode_may_write_beside_its_frames_but_not_among_them(tmp_path):
+    data_dir = tmp_path / "data"
+    for i in range(9):
+        write_image(data_dir / "clip" / f"{i:04d}.png",
+                    np.roll(data.astronaut()[:32, :32], i, axis=1) / 255.0)
+    args = ["--n-min", "3", "--n-max", "3", "--frame-step", "1"]
+    res = _synth("--frames", str(data_dir / "clip"), "--out", str(data_dir), *args)
+    assert res.exit_code == 0 and "wrote 7 pairs" in res.stdout, res.output
+    before = _tree(data_dir)
+    res = _synth("--frames", str(data_dir / "sharp"), "--out", str(data_dir), *args)
+    assert res.exit_code == 1 and "lies in a folder of pairs" in res.stderr
+    assert _tree(data_dir) == before
+
+
 def test_frames_mode_does_not_read_its_output_inside_the_frames_folder(tmp_path):
     frames = tmp_path / "frames"
     for i in range(9):
@@ -279,3 +293,4 @@ def test_out_that_is_a_file_or_a_full_disk_is_one_line_naming_the_path(photos, t
     assert res.exit_code == 1
     assert res.stderr.strip().splitlines()[-1] == \
         f"error: cannot write {out / 'sharp' / 'astro_c000_k0.png'}: No space left on device"
+    assert not out.exists()  # the kernel file of the unfinished pair went with the folder

@@ -464,12 +464,13 @@ def _sequences(root: Path, warn: WarnFn, out: Path) -> list[tuple[str, list[Path
     if root.is_file():
         return [(".", root)]
     out_abs = out.resolve()
+    skip_out = out_abs.is_relative_to(root.resolve())
     folders = [root] + sorted(
         (
             d
             for d in root.rglob("*")
             if d.is_dir() and not any(s.startswith(".") for s in d.relative_to(root).parts)
-            and not d.resolve().is_relative_to(out_abs)
+            and not (skip_out and d.resolve().is_relative_to(out_abs))
         ),
         key=lambda d: d.relative_to(root).parts,
     )
@@ -557,9 +558,10 @@ def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
 
 
 def _check_out(cfg: SynthConfig) -> None:
-    """Refuse an output folder that is a file, or that is the source or holds it: every image of
-    the source would then be skipped as an output (see :func:`_plan_images`), and pairs could be
-    written among the inputs. An output inside the source is fine: it is never read as input."""
+    """Refuse an output folder that is a file or the source itself; in images mode also one
+    that holds the source (every photo would then be skipped as an output, see
+    :func:`_plan_images`), in frames mode frames inside the output's pair folders (pairs would
+    be written among them). An output inside the source is fine: it is never read as input."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise DeblurcliError(f"--out must be a folder, but {out} is a file")
@@ -568,9 +570,13 @@ def _check_out(cfg: SynthConfig) -> None:
     if where == inside:
         raise DeblurcliError(f"--out must differ from {flag}, but both are {out}; write the pairs "
                              "to another folder")
-    if where.is_relative_to(inside):
+    if cfg.mode == "images" and where.is_relative_to(inside):
         raise DeblurcliError(f"--out must not hold {flag}, but {source} is inside {out}; write "
                              "the pairs to another folder")
+    pair_folders = [inside / sub for sub in ("blur", "sharp", "kernels")]
+    if cfg.mode != "images" and any(where.is_relative_to(f) for f in pair_folders):
+        raise DeblurcliError(f"{flag} {source} lies in a folder of pairs that --out {out} "
+                             "writes (blur/, sharp/, kernels/); write the pairs to another folder")
 
 
 def _check_settings(cfg: SynthConfig) -> None:
@@ -622,68 +628,73 @@ def run_synth(
     new_folders = _missing_folders(cfg.out)
     manifest, settings = cfg.out / "manifest.jsonl", cfg.out / "synth.json"
     new_files = [p for p in (manifest, settings) if not p.exists()]
-    with writing(cfg.out):
-        cfg.out.mkdir(parents=True, exist_ok=True)
-    with writing(settings):
-        _check_settings(cfg)
     done: dict[str, dict] = {}
-    for rec in _read_manifest(manifest):
-        if _files_exist(cfg.out, rec):
-            done[rec["name"]] = rec
-    todo = [s for s in specs if s["name"] not in done]
-    result.already_done = len(specs) - len(todo)
-    with writing(manifest):  # drop broken lines / duplicates before appending
-        _write_manifest(manifest, done.values())
-
-    if cfg.mode == "images":
-        groups: dict[str, list[dict]] = {}
-        for s in todo:
-            groups.setdefault(s["path"], []).append(s)
-        tasks = [(run_image_task, (str(cfg.out), path, g, cfg.blur)) for path, g in groups.items()]
-    else:
-        videos: dict[str, list[dict]] = {}
-        tasks = []
-        for s in todo:
-            if "video_path" in s:
-                videos.setdefault(s["video_path"], []).append(s)
-            else:
-                tasks.append((run_frames_task, (str(cfg.out), s, cfg.crop)))
-        tasks += [(run_video_task, (str(cfg.out), path, g, cfg.crop)) for path, g in videos.items()]
-
-    report(progress, "pairs", 0, len(todo))
-    with writing(manifest):
-        mf = open(manifest, "a", encoding="utf-8")
-    with mf:
-
-        def consume(res: dict) -> None:
-            for rec in res["records"]:
-                with writing(manifest):
-                    mf.write(_dumps(rec) + "\n")
-                    mf.flush()
+    try:
+        with writing(cfg.out):
+            cfg.out.mkdir(parents=True, exist_ok=True)
+        with writing(settings):
+            _check_settings(cfg)
+        for rec in _read_manifest(manifest):
+            if _files_exist(cfg.out, rec):
                 done[rec["name"]] = rec
-                result.written += 1
-            if res["error"]:
-                warn(res["error"])
-                result.unreadable.append(res["error"])
-            report(progress, "pairs", result.written, len(todo))
+        todo = [s for s in specs if s["name"] not in done]
+        result.already_done = len(specs) - len(todo)
+        with writing(manifest):  # drop broken lines / duplicates before appending
+            _write_manifest(manifest, done.values())
 
-        if cfg.workers <= 1 or len(tasks) <= 1:
-            for fn, args in tasks:
-                consume(fn(*args))
+        if cfg.mode == "images":
+            groups: dict[str, list[dict]] = {}
+            for s in todo:
+                groups.setdefault(s["path"], []).append(s)
+            tasks = [(run_image_task, (str(cfg.out), path, g, cfg.blur)) for path, g in groups.items()]
         else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            videos: dict[str, list[dict]] = {}
+            tasks = []
+            for s in todo:
+                if "video_path" in s:
+                    videos.setdefault(s["video_path"], []).append(s)
+                else:
+                    tasks.append((run_frames_task, (str(cfg.out), s, cfg.crop)))
+            tasks += [(run_video_task, (str(cfg.out), path, g, cfg.crop)) for path, g in videos.items()]
 
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
-                futures = [pool.submit(fn, *args) for fn, args in tasks]
-                try:
-                    for fut in futures:  # submission order: deterministic manifest appends
-                        consume(fut.result())
-                except BaseException:
-                    for fut in futures:
-                        fut.cancel()
-                    raise
+        report(progress, "pairs", 0, len(todo))
+        with writing(manifest):
+            mf = open(manifest, "a", encoding="utf-8")
+        with mf:
+
+            def consume(res: dict) -> None:
+                for rec in res["records"]:
+                    with writing(manifest):
+                        mf.write(_dumps(rec) + "\n")
+                        mf.flush()
+                    done[rec["name"]] = rec
+                    result.written += 1
+                if res["error"]:
+                    warn(res["error"])
+                    result.unreadable.append(res["error"])
+                report(progress, "pairs", result.written, len(todo))
+
+            if cfg.workers <= 1 or len(tasks) <= 1:
+                for fn, args in tasks:
+                    consume(fn(*args))
+            else:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                ctx = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
+                    futures = [pool.submit(fn, *args) for fn, args in tasks]
+                    try:
+                        for fut in futures:  # submission order: deterministic manifest appends
+                            consume(fut.result())
+                    except BaseException:
+                        for fut in futures:
+                            fut.cancel()
+                        raise
+    except BaseException:  # a failed write, Ctrl-C: as below when not one pair exists
+        if not done:
+            _remove_new(new_files, new_folders)
+        raise
     if not done:  # not one pair, now or before: no output, and leave none of it behind
         _remove_new(new_files, new_folders)
         source = cfg.src if cfg.mode == "images" else cfg.frames
@@ -706,13 +717,18 @@ def _missing_folders(folder: Path) -> list[Path]:
 
 
 def _remove_new(files: list[Path], folders: list[Path]) -> None:
-    """Undo a job that made nothing: remove the ``files`` it created (its settings and an empty
-    manifest), then the ``folders`` it created (innermost first) as far as they are empty."""
+    """Undo a job that made no pair: remove the ``files`` it created (its settings and an empty
+    manifest), the ``blur/``, ``sharp/`` and ``kernels/`` of the ``folders`` it created (what
+    they hold is this job's: the parts of a pair it did not finish), then those folders
+    (innermost first) as far as they are empty. Nothing in a folder that existed before the job
+    but its settings and manifest is touched."""
+    import shutil
+
     for path in files:
         path.unlink(missing_ok=True)
     for folder in folders:
         for sub in ("blur", "sharp", "kernels"):
-            if (folder / sub).is_dir() and not any((folder / sub).iterdir()):
-                (folder / sub).rmdir()
+            if (folder / sub).is_dir() and not (folder / sub).is_symlink():
+                shutil.rmtree(folder / sub, ignore_errors=True)
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
