@@ -120,11 +120,11 @@ def deblur(
     _check_video_options(codec, crf)
     from deblurcli.batch import EXT_CHOICES
 
-    ext = ext.lower().removeprefix(".")  # '.png' as users often write it
+    given, ext = ext, ext.lower().removeprefix(".")  # '.png' as users often write it
     ext = EXT_ALIASES.get(ext, ext)
     if ext not in EXT_CHOICES:
-        raise typer.BadParameter(f"use one of {', '.join(EXT_CHOICES)} (or jpeg, tiff); got {ext!r}",
-                                 param_hint="--ext")
+        raise typer.BadParameter(f"use one of {', '.join(EXT_CHOICES)} (or jpeg, tiff); "
+                                 f"got {given!r}", param_hint="--ext")
     if "/" in suffix or "\\" in suffix:
         raise typer.BadParameter("must not contain a path separator", param_hint="--suffix")
     dtype_name = dtype_option(dtype, fp32)
