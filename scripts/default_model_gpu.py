@@ -24,6 +24,13 @@ checkpoints and hands its model to the next, so a complete model always comes ba
 receives ``run.log`` and ``results.json`` as the stages finish, then ``model.tar.NN`` parts
 (each under ``--part-mib``) with ``model.sha256``.
 
+``pack --init MODEL_DIR`` makes a later window continue a model (one exported with its
+training state, as the recipe exports it; the shipped ``src/deblurcli/weights`` is one) instead
+of starting from scratch: ``run`` then skips the eVAE stage, gives its time to the base UNet and
+scales every stage's rate by ``continue_lr_scale``. The model travels in the pack (or, when git
+tracks it, with the source tree); the photos then left out for room are a random subset drawn
+with ``--subset-seed``.
+
 ``rejoin`` concatenates the parts, checks them, unpacks the model folder and verifies its
 checksums.
 """
@@ -65,6 +72,10 @@ RECIPE = {
     "lora_s": dict(batch_size=32, lr=5e-4, warmup_steps=20, lr_schedule="cosine",
                    adapter="synthetic", perceptual="stlpips", lambda1=0.2, lambda2=0.005),
     "shares": {"vae": 0.17, "base": 0.50, "lora_r": 0.10, "lora_s": 0.10},
+    # continuing a model (pack --init): no eVAE stage, its time goes to the base UNet, and every
+    # stage's peak rate is scaled (a guess: no continued run has been measured yet)
+    "continue_shares": {"vae": 0.0, "base": 0.67, "lora_r": 0.10, "lora_s": 0.10},
+    "continue_lr_scale": 0.5,
 }
 
 
@@ -99,10 +110,11 @@ def _encode(image, quality: int, scale: float = 1.0, crop: float = 1.0,
 
 
 def _fit(sources: list[tuple[Path, str]], budget: int, quality: int, shrink: str,
-         min_side: int = 0) -> dict:
+         min_side: int = 0, subset_seed: int | None = None) -> dict:
     """Encode ``(source, name)`` pairs; shrink every image alike (``scale`` or ``crop``, by the
     square root of the overshoot, never below ``min_side``) and, once shrinking no longer
-    helps, lower the JPEG quality (down to 70) until the total fits ``budget`` bytes."""
+    helps, lower the JPEG quality (down to 70) until the total fits ``budget`` bytes. Then,
+    with a ``subset_seed``, keep the largest random subset (drawn with that seed) that fits."""
     images = [(_load(src), name) for src, name in sources]
     factor, previous, pinned = 1.0, None, False
     for _ in range(24):
@@ -111,7 +123,7 @@ def _fit(sources: list[tuple[Path, str]], budget: int, quality: int, shrink: str
         total = sum(len(b) for b in encoded.values())
         if total <= budget or not sources:
             return {"files": encoded, "bytes": total, shrink: round(factor, 4),
-                    "quality": quality}
+                    "quality": quality, "kept": len(encoded)}
         pinned = pinned or (previous is not None and total > 0.98 * previous)
         if not pinned:  # shrinking still pays
             factor *= 0.98 * (budget / total) ** 0.5
@@ -120,6 +132,18 @@ def _fit(sources: list[tuple[Path, str]], budget: int, quality: int, shrink: str
         else:
             break
         previous = total
+    if subset_seed is not None:
+        import random
+
+        order = sorted(encoded)
+        random.Random(subset_seed).shuffle(order)
+        kept, size = {}, 0
+        for name in order:
+            if size + len(encoded[name]) <= budget:
+                kept[name], size = encoded[name], size + len(encoded[name])
+        if kept:
+            return {"files": dict(sorted(kept.items())), "bytes": size, shrink: round(factor, 4),
+                    "quality": quality, "kept": len(kept)}
     raise SystemExit(f"cannot fit {len(sources)} images in {budget / MIB:.1f} MiB")
 
 
@@ -176,15 +200,19 @@ def pack(args: argparse.Namespace) -> None:
               "machine without them", file=sys.stderr)
     used += report["wheel_bytes"]
 
+    if args.init:
+        report["init"] = _pack_init(Path(args.init), out)
+        used += report["init"]["bytes"]
+
     def group(name: str, sources: list[tuple[Path, str]], budget: int, quality: int,
-              shrink: str, min_side: int = 0) -> None:
+              shrink: str, min_side: int = 0, subset_seed: int | None = None) -> None:
         nonlocal used
-        fitted = _fit(sources, budget, quality, shrink, min_side)
+        fitted = _fit(sources, budget, quality, shrink, min_side, subset_seed)
         for rel, blob in fitted["files"].items():
             (out / name / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / name / rel).write_bytes(blob)
         used += fitted["bytes"]
-        report[name] = {"images": len(sources), "bytes": fitted["bytes"],
+        report[name] = {"images": fitted["kept"], "of": len(sources), "bytes": fitted["bytes"],
                         "quality": fitted["quality"], shrink: fitted[shrink],
                         "min_side": min_side}
 
@@ -210,7 +238,7 @@ def pack(args: argparse.Namespace) -> None:
         raise SystemExit(f"the tree, wheels and held-out sets already take {used / MIB:.1f} MiB")
     frame_share = int(left * args.frames_share) if photos else left
     group("frames", frames, frame_share, args.quality, "crop", args.min_side)
-    group("sharp", photos, limit - used, args.quality, "scale", args.min_side)
+    group("sharp", photos, limit - used, args.quality, "scale", args.min_side, args.subset_seed)
     report["total_bytes"] = used
     report["max_pack_bytes"] = limit
     files = sorted(p for p in out.rglob("*") if p.is_file())
@@ -221,6 +249,32 @@ def pack(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=1))
     print(f"pack {out}: {used / MIB:.1f} MiB with the working tree, limit "
           f"{args.max_pack_mib:g} MiB")
+
+
+def _pack_init(model: Path, out: Path) -> dict:
+    """Make the model folder ``model`` the run's starting point: checked (checksums, training
+    state kept), then named by its path in the source tree when git tracks it (the tree travels
+    anyway: the shipped ``src/deblurcli/weights``) or else copied into ``out/init``. Returns its
+    manifest entry, ``bytes`` being what it adds to the pack."""
+    from deblurcli.modelfolder import DISCRIMINATOR_FILE, verify_checksums
+
+    names = verify_checksums(model)
+    evae = json.loads((model / "evae" / "config.json").read_text(encoding="utf-8"))
+    if not evae.get("sharp_encoder") or not (model / DISCRIMINATOR_FILE).is_file():
+        raise SystemExit(f"--init {model}: no training state (E2 and the latent discriminator); "
+                         "export it with --keep-training-state, as the recipe does")
+    listed = subprocess.run(["git", "ls-files", "--error-unmatch", "--", *names],
+                            cwd=model.resolve(), capture_output=True)
+    status = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=model.resolve(),
+                            capture_output=True, text=True)
+    if model.resolve().is_relative_to(ROOT) and listed.returncode == 0 and \
+            status.returncode == 0 and not status.stdout.strip():
+        return {"tree": model.resolve().relative_to(ROOT).as_posix(), "bytes": 0}
+    for name in names + ["checksums.sha256"]:
+        (out / "init" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model / name, out / "init" / name)
+    return {"pack": "init",
+            "bytes": sum(p.stat().st_size for p in (out / "init").rglob("*") if p.is_file())}
 
 
 # ----------------------------------------------------------------------------- run
@@ -280,6 +334,8 @@ def _stage_config(kind: str, args, work: Path, name: str, budget: float, **extra
         validate_every=10_000_000, log_every=10, seed=args.seed, output=str(work / name),
         mixed_precision="no" if args.device == "cpu" else "bf16", cpu=args.device == "cpu")
     common.update(RECIPE[name])
+    if getattr(args, "init", None) is not None:
+        common["lr"] = common["lr"] * RECIPE["continue_lr_scale"]
     if args.batch_size:
         common["batch_size"] = args.batch_size
     common.update(extra)
@@ -449,15 +505,24 @@ def run(args: argparse.Namespace) -> None:
                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     part_bytes = int(args.part_mib * MIB)
 
+    args.init = _init_folder(args.pack)
+    if args.init is not None:
+        log.record("init", folder=str(args.init), checksums=hashlib.sha256(
+            (args.init / "checksums.sha256").read_bytes()).hexdigest(), status="ok")
+        log.line(f"continuing from {args.init} (no eVAE stage)")
+
     # 1. preflight: two real steps of each kind of stage, then export and split
     t0 = log.elapsed()
     pre = work / "preflight"
     tiny = dict(max_steps=2, time_budget=0.0, batch_size=min(args.batch_size or 4, 4))
-    vae = _train("vae", _stage_config("vae", args, pre, "vae", 0, preset=args.preset, **tiny),
-                 log, "preflight_vae")
-    base = _train("diffusion", _stage_config("diffusion", args, pre, "base", 0,
-                                             preset=args.preset, evae=str(vae),
-                                             gan_start=0, **tiny), log, "preflight_base")
+    if args.init is None:
+        vae = _train("vae", _stage_config("vae", args, pre, "vae", 0, preset=args.preset,
+                                          **tiny), log, "preflight_vae")
+        start = dict(preset=args.preset, evae=str(vae))
+    else:
+        start = dict(init=str(args.init))
+    base = _train("diffusion", _stage_config("diffusion", args, pre, "base", 0, gan_start=0,
+                                             **start, **tiny), log, "preflight_base")
     lora = _train("diffusion", _stage_config("diffusion", args, pre, "lora_r", 0,
                                              init=str(base), sharp_photos=None, **tiny),
                   log, "preflight_lora")
@@ -469,15 +534,17 @@ def run(args: argparse.Namespace) -> None:
     # 2.-5. the stages, each with its share of the time left (at least a step each)
     reserve = args.reserve  # export, evaluation
     left = deadline - time.monotonic() - reserve
-    budgets = {name: max(0.0, left * share) for name, share in RECIPE["shares"].items()}
+    shares = RECIPE["shares" if args.init is None else "continue_shares"]
+    budgets = {name: max(0.0, left * share) for name, share in shares.items()}
     for name, seconds in (args.stage_budget or []):
         budgets[name] = seconds
     log.record("budgets", **{k: round(v, 1) for k, v in budgets.items()})
-    vae = _train("vae", _stage_config("vae", args, work, "vae", budgets["vae"],
-                                      preset=args.preset), log, "vae")
+    if args.init is None:
+        vae = _train("vae", _stage_config("vae", args, work, "vae", budgets["vae"],
+                                          preset=args.preset), log, "vae")
+        start = dict(preset=args.preset, evae=str(vae))
     base = _train("diffusion", _stage_config("diffusion", args, work, "base", budgets["base"],
-                                             preset=args.preset, evae=str(vae),
-                                             gan_start=args.gan_start), log, "base")
+                                             gan_start=args.gan_start, **start), log, "base")
     lora_r = _train("diffusion", _stage_config("diffusion", args, work, "lora_r",
                                                budgets["lora_r"], init=str(base),
                                                sharp_photos=None), log, "lora_r")
@@ -498,6 +565,19 @@ def run(args: argparse.Namespace) -> None:
     if args.device != "cpu" and not args.no_bench:
         _benchmark(out, deadline - time.monotonic() - 5, log)
     log.line(f"done in {log.elapsed():.1f} s")
+
+
+def _init_folder(pack_dir: Path) -> Path | None:
+    """The model folder the pack continues from (``pack --init``), or None: from scratch."""
+    manifest = json.loads((pack_dir / "manifest.json").read_text(encoding="utf-8"))
+    init = manifest.get("init")
+    if not init:
+        return None
+    folder = ROOT / init["tree"] if "tree" in init else pack_dir / init["pack"]
+    from deblurcli.modelfolder import verify_checksums
+
+    verify_checksums(folder)
+    return folder
 
 
 # ----------------------------------------------------------------------------- rejoin
@@ -553,6 +633,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-side", type=int, default=320,
                    help="photos and frames keep at least this short side (the run's crop plus "
                         "its kernel margin)")
+    p.add_argument("--init", metavar="MODEL_DIR",
+                   help="continue from this model folder (kept training state, e.g. the shipped "
+                        "src/deblurcli/weights) instead of training from scratch")
+    p.add_argument("--subset-seed", type=int, default=0,
+                   help="when the photos do not fit even at quality 70, the seed of the random "
+                        "subset that is packed (another seed, another subset)")
     p.set_defaults(func=pack)
 
     r = sub.add_parser("run", help="the whole recipe (on the GPU machine)")

@@ -106,15 +106,33 @@ def test_pack_fits_the_limit_and_holds_out_kodak24(pack: Path) -> None:
         assert hashlib.sha256((pack / rel).read_bytes()).hexdigest() == digest
 
 
-@pytest.mark.slow
-def test_the_gpu_recipe_rehearsed_on_the_cpu(pack: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    done = _script("run", "--pack", str(pack), "--out", str(out), "--work", str(tmp_path / "w"),
+def _rehearse(pack: Path, out: Path, work: Path) -> None:
+    done = _script("run", "--pack", str(pack), "--out", str(out), "--work", str(work),
                    "--device", "cpu", "--preset", "tiny", "--crop", "32", "--batch-size", "2",
                    "--workers", "0", "--budget", "30", "--reserve", "6", "--eval-seconds", "8",
                    "--stage-budget", "lora_r=0", "--gan-start", "0", "--part-mib", "0.25",
                    "--data-batches", "2")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_photos_that_do_not_fit_at_the_lowest_quality_are_subsampled(data: Path) -> None:
+    import runpy
+
+    fit = runpy.run_path(str(SCRIPT))["_fit"]
+    sources = [(p, p.name) for p in sorted((data / "sharp").rglob("*.*"))]
+    whole = fit(sources, 1 << 30, 70, "scale", 48)["bytes"]
+    with pytest.raises(SystemExit, match="cannot fit"):
+        fit(sources, whole // 2, 90, "scale", 9999)  # min_side pins the size: only quality
+    kept = fit(sources, whole // 2, 90, "scale", 9999, subset_seed=3)
+    assert 0 < kept["kept"] < len(sources) and kept["bytes"] <= whole // 2
+    assert kept["quality"] == 70
+    assert fit(sources, whole // 2, 90, "scale", 9999, subset_seed=3)["files"] == kept["files"]
+
+
+@pytest.mark.slow
+def test_the_gpu_recipe_rehearsed_on_the_cpu(pack: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _rehearse(pack, out, tmp_path / "w")
     results = json.loads((out / "results.json").read_text())["stages"]
     for stage in ("preflight", "data_path", "vae", "base", "lora_r", "lora_s", "export",
                   "evaluation"):
@@ -149,3 +167,35 @@ def test_the_gpu_recipe_rehearsed_on_the_cpu(pack: Path, tmp_path: Path) -> None
     with pytest.raises(SystemExit, match="model.sha256"):
         _rejoin(str(out), "-o", str(tmp_path / "other"))
     assert not (tmp_path / "other").exists()
+
+    # a later window continues from that model: no eVAE stage, the model packed along
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _fake_wheel(wheels)
+    pack2 = tmp_path / "pack2"
+    done = _script("pack", "--data", str(data), "--out", str(pack2), "--wheels", str(wheels),
+                   "--min-side", "48", "--init", str(model_dir))
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((pack2 / "manifest.json").read_text())
+    assert manifest["init"]["pack"] == "init" and manifest["init"]["bytes"] > 0
+    out2 = tmp_path / "out2"
+    _rehearse(pack2, out2, tmp_path / "w2")
+    results = json.loads((out2 / "results.json").read_text())["stages"]
+    assert results["init"]["status"] == "ok" and "vae" not in results
+    assert "preflight_vae" not in results and results["budgets"]["vae"] == 0
+    for stage in ("preflight", "base", "lora_r", "lora_s", "export", "evaluation"):
+        assert results[stage]["status"] == "ok", stage
+    _rejoin(str(out2), "-o", str(tmp_path / "model2"))
+    continued = load_model_folder(tmp_path / "model2", gamma=0.7)
+    import torch
+
+    assert torch.equal(continued.evae.decoder.conv_out.weight, model.evae.decoder.conv_out.weight)
+    assert not torch.equal(continued.unet.conv_in.weight, model.unet.conv_in.weight)
+
+    # a folder without training state cannot be continued
+    from deblurcli.modelfolder import export_model_folder
+
+    export_model_folder(model_dir, tmp_path / "inference")
+    done = _script("pack", "--data", str(data), "--out", str(tmp_path / "pack3"), "--wheels",
+                   str(wheels), "--min-side", "48", "--init", str(tmp_path / "inference"))
+    assert done.returncode != 0 and "--keep-training-state" in done.stderr
