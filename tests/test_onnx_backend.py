@@ -105,11 +105,23 @@ def test_a_read_only_model_folder_caches_in_the_user_cache(tiny_model_folder, tm
 @pytest.mark.parametrize("flags,reason", [(["--no-fuse"], "fused adapters only"),
                                           (["--tile", "0"], "tiles of at most 512"),
                                           (["--dtype", "bf16"], "float32 only")])
-def test_onnx_where_it_cannot_run_is_one_line(tiny_model_folder, tmp_path, flags, reason):
+def test_onnx_where_it_cannot_run_is_one_line(tiny_model_folder, tmp_path, flags, reason,
+                                              monkeypatch):
+    # bf16 is kept only on a CPU with bfloat16 units (deblurcli.device.resolve_dtype)
+    monkeypatch.setattr("deblurcli.device.cpu_has_fast_bf16", lambda: True)
     result = deblur(photo(tmp_path), tmp_path / "o", "-w", tiny_model_folder,
                     "--backend", "onnx", *flags)
     assert result.exit_code == 1 and reason in result.output
     assert "Traceback" not in result.output and not (tmp_path / "o" / "photo.png").exists()
+
+
+def test_bf16_on_a_cpu_without_bf16_units_runs_onnx_in_float32(tiny_model_folder, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setattr("deblurcli.device.cpu_has_fast_bf16", lambda: False)
+    result = deblur(photo(tmp_path), tmp_path / "o", "-w", tiny_model_folder,
+                    "--backend", "onnx", "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    assert "using fp32" in result.output and (tmp_path / "o" / "photo.png").exists()
 
 
 def test_unknown_backend_is_a_usage_error(tiny_model_folder, tmp_path):
