@@ -125,6 +125,10 @@ def _error_app() -> typer.Typer:
         raise RuntimeError("boom\nsecond line")
 
     @sub.command()
+    def reader_gone() -> None:  # `deblurcli … | head`: stdout's reader has left
+        raise BrokenPipeError(32, "Broken pipe")
+
+    @sub.command()
     def bad_value(gamma: float = typer.Option(0.7)) -> None:
         raise typer.BadParameter("must be in [0, 1]", param_hint="--gamma")
 
@@ -147,6 +151,12 @@ def test_unexpected_error_is_one_line_and_mentions_debug(monkeypatch):
     assert len(lines) == 1
     assert "RuntimeError: boom second line" in lines[0]
     assert "DEBLURCLI_DEBUG=1" in lines[0]
+
+
+def test_a_reader_that_leaves_early_is_no_error(monkeypatch):
+    monkeypatch.delenv("DEBLURCLI_DEBUG", raising=False)
+    result = runner.invoke(_error_app(), ["reader-gone"])
+    assert result.exit_code == 1 and result.stderr == ""
 
 
 def test_debug_env_reraises(monkeypatch):

@@ -110,6 +110,8 @@ class DeblurcliGroup(TyperGroup):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # the reader of stdout has gone (`deblurcli … | head`):
+            raise  # click's main leaves quietly with status 1, as its own commands do
         except MemoryError:
             if debug_enabled():
                 raise
