@@ -72,6 +72,8 @@ class BatchOptions:
         max_pixels: largest input image (width x height) that is decoded; larger ones fail.
         codec: video encoder (``auto``: libx264 where PyAV has it, see :mod:`deblurcli.video`).
         crf: video constant rate factor.
+        metadata: write each photo's ICC profile, EXIF and XMP into its output
+            (:mod:`deblurcli.imagemeta`).
     """
 
     suffix: str = ""
@@ -83,6 +85,7 @@ class BatchOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     codec: str = "auto"
     crf: int = DEFAULT_CRF
+    metadata: bool = True
 
 
 @dataclass(frozen=True)
@@ -386,7 +389,8 @@ def _is_oom(exc: BaseException) -> bool:
 def process_file(job: Job, deblur: DeblurFn, options: BatchOptions,
                  progress: Optional[ProgressFn] = None) -> int:
     """Read ``job.source``, deblur it and write ``job.target`` keeping alpha, grey and bit depth
-    (16 bits only where the output format stores them: PNG, TIFF); a video is deblurred frame by
+    (16 bits only where the output format stores them: PNG, TIFF) and, unless
+    ``options.metadata`` is off, the ICC profile, EXIF and XMP; a video is deblurred frame by
     frame (:func:`deblurcli.video.deblur_video`). Returns the video frames written (0 for an
     image)."""
     record = ledger_hook(job)
@@ -398,7 +402,8 @@ def process_file(job: Job, deblur: DeblurFn, options: BatchOptions,
     result = deblur(image.pixels, progress)
     bit_depth = image.bit_depth if job.target.suffix.lower() in SIXTEEN_BIT_SUFFIXES else 8
     write_image(job.target, result, alpha=image.alpha, grayscale=image.grayscale,
-                bit_depth=bit_depth, quality=options.quality, before_replace=record)
+                bit_depth=bit_depth, quality=options.quality, before_replace=record,
+                metadata=image.metadata if options.metadata else None)
     return 0
 
 

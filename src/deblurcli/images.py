@@ -2,8 +2,9 @@
 
 Reading returns :class:`ImageData`: ``pixels`` are float32 ``(H, W, 3)`` RGB in ``[0, 1]`` (grey
 images are repeated to three channels), with the alpha channel, the grey-ness and the bit depth
-(8 or 16) kept so that :func:`write_image` can write the result back in the same kind of file.
-EXIF orientation is applied on reading.
+(8 or 16) kept so that :func:`write_image` can write the result back in the same kind of file,
+and the ICC profile, EXIF and XMP with it (:mod:`deblurcli.imagemeta`). EXIF orientation is
+applied on reading.
 
 Back-ends: Pillow for JPEG, WebP, BMP and 8-bit PNG; tifffile for TIFF; OpenCV (``cv2``, the
 ``opencv-python-headless`` dependency) for 16-bit PNG, because Pillow reduces 16-bit colour PNGs
@@ -36,6 +37,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from deblurcli.errors import DeblurcliError, ImageReadError
+from deblurcli.imagemeta import ImageMetadata
 
 PathLike = str | os.PathLike
 
@@ -73,6 +75,8 @@ class ImageData:
         grayscale: the file was single-channel (or grey + alpha).
         bit_depth: 8 or 16 (bits per channel of the file; float TIFFs count as 16).
         format: ``"png" | "jpeg" | "tiff" | "webp" | "bmp"``.
+        metadata: the file's ICC profile, EXIF and XMP (:mod:`deblurcli.imagemeta`), or
+            ``None`` when it has none.
     """
 
     pixels: np.ndarray
@@ -80,6 +84,7 @@ class ImageData:
     grayscale: bool
     bit_depth: int
     format: str
+    metadata: ImageMetadata | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +405,8 @@ def _split_channels(
 
 
 def _finish(
-    arr: np.ndarray, fmt: str, orientation: int, grey_file: bool | None = None
+    arr: np.ndarray, fmt: str, orientation: int, grey_file: bool | None = None,
+    metadata: ImageMetadata | None = None,
 ) -> ImageData:
     arr = apply_orientation(arr, orientation)
     colour, alpha, grey = _split_channels(arr, grey_file)
@@ -414,6 +420,7 @@ def _finish(
         grayscale=grey,
         bit_depth=depth,
         format=fmt,
+        metadata=metadata or None,
     )
 
 
@@ -466,6 +473,7 @@ def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageDat
         _check_pixels(path, *im.size, max_pixels)  # header only: nothing decoded yet
         im.load()
     orientation = _pillow_orientation(im)
+    metadata = _pillow_metadata(im, data, fmt)
     mode = im.mode
     if mode in ("1", "L"):
         arr = np.asarray(im.convert("L"))
@@ -482,7 +490,18 @@ def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageDat
         arr = np.asarray(im.convert("RGBA"))
     else:  # RGB, CMYK, YCbCr, LAB, HSV, ...
         arr = np.asarray(im.convert("RGB"))
-    return _finish(arr, fmt, orientation)
+    return _finish(arr, fmt, orientation, metadata=metadata)
+
+
+def _pillow_metadata(im, data: bytes, fmt: str) -> ImageMetadata | None:
+    from deblurcli import imagemeta
+
+    try:
+        if fmt == "png":
+            return imagemeta.from_png(data)
+        return imagemeta.from_pillow(im) if fmt in ("jpeg", "webp") else None
+    except Exception:  # noqa: BLE001 - metadata is best effort (deblurcli.imagemeta)
+        return None
 
 
 def _read_png16(data: bytes) -> ImageData:
@@ -501,7 +520,8 @@ def _read_png16(data: bytes) -> ImageData:
     if arr.ndim == 3 and arr.shape[2] >= 3:
         arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
     orientation = _png_orientation(io.BytesIO(data))
-    return _finish(arr, "png", orientation, grey_file=colour_type in (0, 4))
+    return _finish(arr, "png", orientation, grey_file=colour_type in (0, 4),
+                   metadata=_pillow_metadata(None, data, "png"))
 
 
 def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
@@ -524,12 +544,14 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
         arr = page.asarray()
         tag = page.tags.get(274)
         orientation = int(tag.value) if tag is not None else 1
+        icc = page.tags.get(34675)  # InterColorProfile
+        icc = bytes(icc.value) if icc is not None and isinstance(icc.value, bytes) else None
         photometric = int(page.photometric)
     if arr.ndim == 3 and arr.shape[2] > 4:
         raise ValueError(f"unsupported TIFF with {arr.shape[2]} channels")
     if photometric == 0 and np.issubdtype(arr.dtype, np.integer):  # MINISWHITE: invert
         arr = np.iinfo(arr.dtype).max - arr
-    return _finish(arr, "tiff", orientation)
+    return _finish(arr, "tiff", orientation, metadata=ImageMetadata(icc=icc))
 
 
 def read_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageData:
@@ -646,6 +668,7 @@ def encode_image(
     bit_depth: int = 8,
     quality: int = 95,
     compress_level: int = 6,
+    metadata: ImageMetadata | None = None,
 ) -> bytes:
     """Encode pixels as the bytes of an image file of format ``fmt`` (``"png"``, ``"jpeg"``,
     ``"tiff"``, ``"webp"`` or ``"bmp"``).
@@ -657,7 +680,11 @@ def encode_image(
         bit_depth: 8 or 16; 16 is kept for PNG and TIFF, other formats are written with 8 bits.
         quality: JPEG/WebP quality (1-100).
         compress_level: zlib level (0-9) for 8-bit PNG; 1 is ~3x faster than 6 and ~20% larger.
+        metadata: ICC profile, EXIF and XMP to write where the format holds them, made true of
+            these pixels first (:func:`deblurcli.imagemeta.for_output`).
     """
+    from deblurcli import imagemeta
+
     pixels = np.asarray(pixels, dtype=np.float32)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
@@ -682,19 +709,23 @@ def encode_image(
     channels = arr.shape[2]
     if channels == 1:
         arr = arr[..., 0]
+    metadata = imagemeta.for_output(metadata, width=arr.shape[1], height=arr.shape[0],
+                                    grayscale=channels in (1, 2)) if fmt != "bmp" else None
 
     if fmt == "tiff":
         import tifffile
 
         buf = io.BytesIO()
         kwargs = {"extrasamples": ["unassalpha"]} if alpha is not None else {}
+        if metadata is not None and metadata.icc:
+            kwargs["iccprofile"] = metadata.icc
         photometric = "minisblack" if channels in (1, 2) else "rgb"
         tifffile.imwrite(buf, arr, photometric=photometric, compression="zlib", **kwargs)
         return buf.getvalue()
     if fmt == "png" and bit_depth == 16:
         if channels == 2:  # grey + alpha: OpenCV cannot write it
-            return _png16_grey_alpha(arr)
-        return _png16_bytes(arr)
+            return imagemeta.add_to_png(_png16_grey_alpha(arr), metadata)
+        return imagemeta.add_to_png(_png16_bytes(arr), metadata)
 
     from PIL import Image
 
@@ -705,12 +736,13 @@ def encode_image(
     if im.mode != mode:  # pragma: no cover - Pillow infers the mode from the array shape
         raise ValueError(f"unexpected Pillow mode {im.mode} for {mode}")
     buf = io.BytesIO()
+    meta = imagemeta.pillow_save_options(metadata, fmt)
     if fmt == "png":
-        im.save(buf, format="PNG", compress_level=int(compress_level))
+        im.save(buf, format="PNG", compress_level=int(compress_level), **meta)
     elif fmt == "jpeg":
-        im.save(buf, format="JPEG", quality=int(quality))
+        im.save(buf, format="JPEG", quality=int(quality), **meta)
     elif fmt == "webp":
-        im.save(buf, format="WEBP", quality=int(quality))
+        im.save(buf, format="WEBP", quality=int(quality), **meta)
     elif fmt == "bmp":
         im.save(buf, format="BMP")
     else:
@@ -749,7 +781,7 @@ def write_image(path: PathLike, pixels: np.ndarray, *,
     (``.png .jpg .jpeg .tif .tiff .webp .bmp``). Parent folders are created.
 
     ``options`` are :func:`encode_image`'s (``alpha``, ``grayscale``, ``bit_depth``, ``quality``,
-    ``compress_level``); ``before_replace`` is :func:`atomic_write`'s.
+    ``compress_level``, ``metadata``); ``before_replace`` is :func:`atomic_write`'s.
     """
     path = Path(path)
     fmt = _FORMAT_BY_SUFFIX.get(path.suffix.lower())

@@ -89,6 +89,9 @@ def deblur(
         "tif (tiff).")] = "auto",
     quality: Annotated[int, typer.Option(
         "--quality", min=1, max=100, help="JPEG/WebP quality.")] = 95,
+    strip_metadata: Annotated[bool, typer.Option(
+        "--strip-metadata", help="Write photos without the input's metadata (kept by default: "
+        "ICC colour profile, EXIF with date, camera and GPS, XMP).")] = False,
     crf: Annotated[int, typer.Option(
         "--crf", help="Video quality: constant rate factor, lower is better (0-51 for "
         "x264/x265, 0-63 for VP9/AV1).")] = 18,
@@ -141,7 +144,8 @@ def deblur(
 
     options = BatchOptions(suffix=suffix, ext=ext, overwrite=overwrite,
                            recursive=recursive, shard=shard_spec, quality=quality,
-                           max_pixels=max_pixels, codec=codec, crf=crf)
+                           max_pixels=max_pixels, codec=codec, crf=crf,
+                           metadata=not strip_metadata)
     if lora is not None and not lora.is_file():
         raise typer.BadParameter(f"no such adapter file: {lora}", param_hint="--lora")
     _run(input_path, output, options, gamma=gamma, weights=weights, lora=lora,

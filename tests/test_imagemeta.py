@@ -1,0 +1,157 @@
+"""A photo's ICC profile, EXIF and XMP reach its deblurred output, made true of the pixels
+written (orientation 1, the output's size, no thumbnail), in every format that holds them."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+from typer.testing import CliRunner
+
+from deblurcli import imagemeta
+from deblurcli.cli.app import app
+from deblurcli.images import read_image, write_image
+
+XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def profile(space: bytes) -> bytes:
+    """An ICC profile claiming colour space ``space`` (only the header's signature differs)."""
+    return SRGB[:16] + space + SRGB[20:]
+
+
+def camera_exif(orientation=6, width=80, height=60) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "Canon"
+    sub = exif.get_ifd(0x8769)
+    sub[0x9003] = "2025:12:31 09:00:00"  # DateTimeOriginal
+    sub[0xA002], sub[0xA003] = width, height  # PixelXDimension, PixelYDimension
+    exif.get_ifd(0x8825)[2] = (52.0, 31.0, 12.0)  # GPSLatitude
+    return exif
+
+
+def camera_jpeg(path: Path, *, icc=SRGB, mode="RGB") -> Path:
+    pixels = (np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path, "JPEG", exif=camera_exif(), icc_profile=icc,
+                                               xmp=XMP)
+    return path
+
+
+def read_back(path: Path):
+    im = Image.open(path)
+    im.load()
+    return im
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp"])
+def test_icc_exif_and_xmp_reach_the_output(tmp_path, suffix):
+    image = read_image(camera_jpeg(tmp_path / "in.jpg"))
+    assert image.pixels.shape == (80, 60, 3)  # orientation 6 applied: portrait
+    out = tmp_path / f"out{suffix}"
+    write_image(out, image.pixels, metadata=image.metadata)
+    im = read_back(out)
+    assert im.info["icc_profile"] == SRGB
+    exif = im.getexif()
+    assert exif[0x010F] == "Canon" and exif[0x0112] == 1  # the pixels are upright now
+    sub = exif.get_ifd(0x8769)
+    assert sub[0x9003] == "2025:12:31 09:00:00"
+    assert (sub[0xA002], sub[0xA003]) == (60, 80)  # the output's width and height
+    assert exif.get_ifd(0x8825)[2] == (52.0, 31.0, 12.0)
+    assert read_image(out).metadata.xmp == XMP
+
+
+def test_a_16_bit_png_keeps_them_too(tmp_path):
+    image = read_image(camera_jpeg(tmp_path / "in.jpg"))
+    out = tmp_path / "out.png"
+    write_image(out, image.pixels, bit_depth=16, metadata=image.metadata)
+    again = read_image(out)
+    assert again.bit_depth == 16 and again.pixels.shape == (80, 60, 3)
+    assert again.metadata.icc == SRGB and again.metadata.xmp == XMP
+    assert imagemeta.exif_orientation(again.metadata) == 1
+    written = Image.Exif()
+    written.load(b"Exif\x00\x00" + again.metadata.exif)
+    assert written[0x010F] == "Canon"
+
+
+def test_tiff_keeps_the_profile_and_bmp_nothing(tmp_path):
+    image = read_image(camera_jpeg(tmp_path / "in.jpg"))
+    write_image(tmp_path / "out.tif", image.pixels, metadata=image.metadata)
+    assert read_image(tmp_path / "out.tif").metadata.icc == SRGB
+    write_image(tmp_path / "out.bmp", image.pixels, metadata=image.metadata)
+    assert read_image(tmp_path / "out.bmp").metadata is None
+
+
+def test_a_profile_is_written_only_over_its_own_colour_space(tmp_path):
+    cmyk = read_image(camera_jpeg(tmp_path / "cmyk.jpg", icc=profile(b"CMYK"), mode="CMYK"))
+    assert cmyk.metadata.icc[16:20] == b"CMYK"  # read, but decoded to RGB without it
+    write_image(tmp_path / "out.jpg", cmyk.pixels, metadata=cmyk.metadata)
+    out = read_back(tmp_path / "out.jpg")
+    assert "icc_profile" not in out.info and out.getexif()[0x010F] == "Canon"
+
+    grey = np.full((8, 8), 0.5, np.float32)
+    for icc, kept in ((SRGB, False), (profile(b"GRAY"), True)):
+        path = tmp_path / f"grey-{kept}.png"
+        write_image(path, grey, grayscale=True, metadata=imagemeta.ImageMetadata(icc=icc))
+        assert ("icc_profile" in read_back(path).info) is kept
+
+
+def test_broken_metadata_never_stops_an_image(tmp_path):
+    bad = imagemeta.ImageMetadata(exif=b"II*\x00\xff\xff\xff\xff garbage", icc=b"short")
+    path = tmp_path / "out.jpg"
+    write_image(path, np.zeros((8, 8, 3), np.float32), metadata=bad)
+    assert read_image(path).metadata is None
+
+
+def test_the_exif_thumbnail_is_left_out():
+    thumb = b"\xff\xd8THUMBNAIL\xff\xd9"
+    entry = struct.Struct("<HHI4s")
+    ifd0 = struct.pack("<H", 1) + entry.pack(0x010F, 2, 6, struct.pack("<I", 26)) + \
+        struct.pack("<I", 34)  # Make at 26; IFD1 at 34
+    ifd1 = struct.pack("<H", 2) + entry.pack(0x0201, 4, 1, struct.pack("<I", 64)) + \
+        entry.pack(0x0202, 4, 1, struct.pack("<I", len(thumb))) + struct.pack("<I", 0)
+    blob = b"II*\x00" + struct.pack("<I", 8) + ifd0 + b"Canon\x00\x00\x00" + ifd1 + thumb
+    out = imagemeta.for_output(imagemeta.ImageMetadata(exif=blob), width=4, height=4,
+                               grayscale=False)
+    assert b"Canon" in out.exif and b"THUMBNAIL" not in out.exif
+
+
+def test_a_large_exif_is_left_out_of_a_jpeg_only(tmp_path):
+    exif = Image.Exif()
+    exif[0x010F] = "Canon"
+    exif[0x927C] = b"\x00" * 70_000  # MakerNote: more than one JPEG segment holds
+    meta = imagemeta.ImageMetadata(exif=exif.tobytes()[6:], icc=SRGB)
+    pixels = np.zeros((8, 8, 3), np.float32)
+    write_image(tmp_path / "out.jpg", pixels, metadata=meta)
+    write_image(tmp_path / "out.png", pixels, metadata=meta)
+    assert read_image(tmp_path / "out.jpg").metadata == imagemeta.ImageMetadata(icc=SRGB)
+    assert read_back(tmp_path / "out.png").getexif()[0x010F] == "Canon"
+
+
+def test_deblur_keeps_metadata_unless_told_to_strip_it(tiny_model_folder, tmp_path):
+    (tmp_path / "in").mkdir()
+    source = camera_jpeg(tmp_path / "in" / "photo.jpg")
+    runner = CliRunner()
+    for flags, kept in (([], True), (["--strip-metadata"], False)):
+        out = tmp_path / f"out-{kept}"
+        result = runner.invoke(app, ["deblur", str(source), str(out), "-w",
+                                     str(tiny_model_folder), "--backend", "torch", *flags])
+        assert result.exit_code == 0, result.output
+        im = read_back(out / "photo.jpg")
+        assert im.size == (60, 80)
+        assert ("icc_profile" in im.info, 0x010F in im.getexif(), "xmp" in im.info) == \
+            (kept, kept, kept)
+
+
+def test_pillow_reads_what_add_to_png_writes():
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, "PNG")
+    meta = imagemeta.ImageMetadata(icc=SRGB, xmp=XMP)
+    im = Image.open(io.BytesIO(imagemeta.add_to_png(png.getvalue(), meta)))
+    im.load()
+    assert im.info["icc_profile"] == SRGB and XMP.decode() in im.info["XML:com.adobe.xmp"]
