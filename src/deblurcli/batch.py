@@ -52,6 +52,13 @@ SIXTEEN_BIT_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
 OOM_ADVICE = "out of memory; lower --tile (e.g. --tile 256) or --batch-size"
 LEDGER_NAME = ".deblurcli-outputs.jsonl"
 INPUT_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES  # what deblur reads from a folder
+#: Photo and video formats a folder may hold that deblur does not read (it says so rather than
+#: pass them over in silence): phone HEIF/AVIF, camera raw files, and others.
+UNREAD_MEDIA_SUFFIXES = frozenset({
+    ".heic", ".heif", ".avif", ".jxl", ".jp2", ".gif", ".psd", ".exr", ".hdr", ".tga", ".ppm",
+    ".pgm", ".pnm", ".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2",
+    ".orf", ".rw2", ".raf", ".pef", ".srw", ".x3f", ".3fp", ".iiq", ".mts", ".m2ts", ".wmv",
+    ".flv", ".3gp", ".mpg", ".mpeg"})
 _LEDGER_MAX_BYTES = 256 << 20
 
 DeblurFn = Callable[[np.ndarray, Optional[ProgressFn]], np.ndarray]
@@ -204,9 +211,10 @@ def _path_key(path: Path) -> str:
 
 def _list_inputs(source: Path, recursive: bool
                  ) -> tuple[list[tuple[Path, Path, os.stat_result]], list[tuple[Path, Path, str]],
-                            set[Identity]]:
+                            set[Identity], list[Path]]:
     """Every input entry: ``(path, relative path, stat)`` of the readable image files, ``(path,
-    relative path, reason)`` of the entries that cannot be read, and the folders listed."""
+    relative path, reason)`` of the entries that cannot be read, the folders listed and the
+    files passed over (no image or video suffix)."""
     try:
         info = os.stat(source)
     except FileNotFoundError:
@@ -223,15 +231,19 @@ def _list_inputs(source: Path, recursive: bool
         problems = [(p, p.relative_to(source), why) for p, why in listing.problems]
         if not files and not problems:
             where = "or its sub-folders " if recursive else ""
+            unread = sorted({p.suffix.lower() for p in listing.others
+                             if p.suffix.lower() in UNREAD_MEDIA_SUFFIXES})
+            found = f"; it holds {', '.join(unread)} files, which deblurcli does not read " \
+                "(convert them to JPEG, PNG or TIFF)" if unread else ""
             raise ImageReadError(f"no images or videos found in {source} {where}"
-                                 f"(looked for {', '.join(sorted(INPUT_SUFFIXES))})")
-        return files, problems, listing.folders
+                                 f"(looked for {', '.join(sorted(INPUT_SUFFIXES))}){found}")
+        return files, problems, listing.folders, listing.others
     reason = not_regular_reason(info.st_mode)
     if reason:
         raise ImageReadError(f"cannot read {source}: {reason}")
     if source.suffix.lower() not in INPUT_SUFFIXES:
         raise ImageReadError(f"{source} is not an image or video file (suffix {source.suffix!r})")
-    return [(source, Path(source.name), info)], [], set()
+    return [(source, Path(source.name), info)], [], set(), []
 
 
 def _inside_listed_folder(folder: Path, listed: set[Identity]) -> bool:
@@ -294,8 +306,12 @@ def _recorded(ledger: dict[str, tuple[int, int, int]], rel: Path, info: os.stat_
     return entry == (info.st_size, info.st_mtime_ns, info.st_ino)
 
 
-def plan_jobs(source: Path, out_dir: Path, options: BatchOptions) -> list[Job]:
+def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
+              on_unread: Optional[Callable[[list[Path]], None]] = None) -> list[Job]:
     """Map the input file or folder to output files under ``out_dir`` (see the module docstring).
+
+    ``on_unread`` gets the files of the input folder in photo or video formats that are not read
+    (:data:`UNREAD_MEDIA_SUFFIXES`: HEIC, camera raw, ...), when there are any.
 
     The input guard sees the complete input list, before sharding and before any output is
     skipped: an output may not be an input file, compared by identity (the same path, a hard
@@ -313,7 +329,10 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions) -> list[Job]:
     out_info = _stat_or_none(out_dir)
     if out_info is not None and not os.path.isdir(out_dir):
         raise DeblurcliError(f"OUTPUT must be a folder, but {out_dir} is a file")
-    files, problems, listed = _list_inputs(source, options.recursive)
+    files, problems, listed, others = _list_inputs(source, options.recursive)
+    unread = [path for path in others if path.suffix.lower() in UNREAD_MEDIA_SUFFIXES]
+    if unread and on_unread is not None:
+        on_unread(unread)
     inside = _inside_listed_folder(out_dir, listed)
     ledger_path = out_dir / LEDGER_NAME
     ledger = read_ledger(ledger_path) if inside else {}

@@ -170,7 +170,12 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     group = _process_group(device_name)
     if group is not None and not group.is_main:
         out = _quiet_console()  # one summary, the main process's
-    jobs = plan_jobs(input_path, output, options)  # input problems surface before model loading
+    def unread(paths) -> None:
+        if group is None or group.is_main:
+            warn(err, escape(unread_line(paths)))
+
+    # input problems surface before model loading
+    jobs = plan_jobs(input_path, output, options, on_unread=unread)
     if not any(needs_processing(job, options) for job in jobs):
         if any(job.problem for job in jobs):  # unreadable entries to report; no model needed
             return _report(out, run_jobs(jobs, _no_model, options), len(jobs), output)
@@ -379,6 +384,16 @@ def _process_group(device_name: str):
 
     return process_group(cpu=device_name == "cpu" or (device_name == "auto"
                                                      and not torch.cuda.is_available()))
+
+
+def unread_line(paths) -> str:
+    """One line on the files of an input folder in formats deblur does not read."""
+    from collections import Counter
+
+    counts = Counter(path.suffix.lower() for path in paths)
+    kinds = ", ".join(f"{suffix} ({n})" for suffix, n in sorted(counts.items()))
+    return (f"passing over {len(paths)} file(s) in formats deblurcli does not read: {kinds}; "
+            "convert them to JPEG, PNG or TIFF to deblur them")
 
 
 def _quiet_console():
