@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,7 @@ def test_a_16_bit_png_keeps_them_too(tmp_path):
     written = Image.Exif()
     written.load(b"Exif\x00\x00" + again.metadata.exif)
     assert written[0x010F] == "Canon"
+    assert (written.get_ifd(0x8769)[0xA002], written.get_ifd(0x8769)[0xA003]) == (60, 80)
 
 
 def test_tiff_keeps_the_profile_and_bmp_nothing(tmp_path):
@@ -155,3 +157,77 @@ def test_pillow_reads_what_add_to_png_writes():
     im = Image.open(io.BytesIO(imagemeta.add_to_png(png.getvalue(), meta)))
     im.load()
     assert im.info["icc_profile"] == SRGB and XMP.decode() in im.info["XML:com.adobe.xmp"]
+
+
+def test_an_orientation_held_in_the_xmp_is_applied_once(tmp_path):
+    """Pillow (and photo managers) read XMP's tiff:Orientation where EXIF has none: the output
+    must say 1 there too, or every run through deblur would turn the photo again."""
+    pixels = (np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6"/>' \
+        b'</x:xmpmeta>'
+    Image.fromarray(pixels).save(tmp_path / "in.jpg", xmp=xmp)
+    image = read_image(tmp_path / "in.jpg")
+    assert image.pixels.shape == (80, 60, 3)
+    for suffix in (".jpg", ".png", ".webp"):
+        out = tmp_path / f"out{suffix}"
+        write_image(out, image.pixels, metadata=image.metadata)
+        again = read_image(out)
+        assert again.pixels.shape == (80, 60, 3), suffix
+        assert b'tiff:Orientation="1"' in again.metadata.xmp
+
+
+def test_maker_notes_keep_their_offsets():
+    """The EXIF block is patched in place: maker notes that point at absolute offsets stay
+    valid (Pillow's own re-serialisation moves them)."""
+    entry = struct.Struct("<HHI4s")
+    note = b"MAKERNOTE" + bytes(100)
+    ifd0 = struct.pack("<H", 2) + entry.pack(0x0112, 3, 1, struct.pack("<HH", 8, 0)) + \
+        entry.pack(0x8769, 4, 1, struct.pack("<I", 38)) + struct.pack("<I", 0)  # 8..38
+    sub = struct.pack("<H", 1) + entry.pack(0x927C, 7, len(note), struct.pack("<I", 300)) + \
+        struct.pack("<I", 0)  # 38..56; the maker note at 300, after a gap
+    body = b"II*\x00" + struct.pack("<I", 8) + ifd0 + sub
+    body += bytes(300 - len(body)) + note
+    out = imagemeta.for_output(imagemeta.ImageMetadata(exif=body), width=4, height=4,
+                               grayscale=False).exif
+    assert len(out) == len(body) and out.index(b"MAKERNOTE") == body.index(b"MAKERNOTE")
+    assert imagemeta.exif_orientation(imagemeta.ImageMetadata(exif=out)) == 1
+
+
+def test_a_large_xmp_is_left_out_of_a_jpeg_only(tmp_path):
+    xmp = b"<x:xmpmeta>" + b" " * 70_000 + b"</x:xmpmeta>"
+    meta = imagemeta.ImageMetadata(xmp=xmp, icc=SRGB)
+    pixels = np.zeros((8, 8, 3), np.float32)
+    write_image(tmp_path / "out.jpg", pixels, metadata=meta)
+    write_image(tmp_path / "out.webp", pixels, metadata=meta)
+    assert read_image(tmp_path / "out.jpg").metadata == imagemeta.ImageMetadata(icc=SRGB)
+    assert read_image(tmp_path / "out.webp").metadata.xmp == xmp
+
+
+def test_a_png_profile_that_inflates_too_far_is_dropped(tmp_path):
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, "PNG")
+    bomb = imagemeta._chunk(b"iCCP", b"ICC profile\x00\x00" +
+                            zlib.compress(bytes(imagemeta.MAX_INFLATED_BYTES + 1), 9))
+    data = png.getvalue()[:33] + bomb + png.getvalue()[33:]
+    assert imagemeta.from_png(data).icc is None
+
+
+def test_a_grey_photo_written_as_webp_gets_no_grey_profile(tmp_path):
+    """WebP stores grey pixels as RGB: a GRAY profile would not describe them."""
+    grey = np.full((8, 8), 0.5, np.float32)
+    path = tmp_path / "out.webp"
+    write_image(path, grey, grayscale=True,
+                metadata=imagemeta.ImageMetadata(icc=profile(b"GRAY"), xmp=XMP))
+    assert read_image(path).metadata == imagemeta.ImageMetadata(xmp=XMP)
+
+
+def test_xmp_in_png_text_chunks_is_read():
+    from PIL import PngImagePlugin
+
+    for zip_ in (False, True):  # a tEXt and a zTXt chunk
+        info = PngImagePlugin.PngInfo()
+        info.add_text("XML:com.adobe.xmp", XMP.decode(), zip=zip_)
+        png = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(png, "PNG", pnginfo=info)
+        assert (b"zTXt" if zip_ else b"tEXt") in png.getvalue()
+        assert imagemeta.from_png(png.getvalue()).xmp == XMP, zip_

@@ -2,41 +2,51 @@
 
 Kept: the **ICC colour profile** (without it a colour-managed viewer shows a wide-gamut photo, a
 Display P3 phone picture say, washed out), **EXIF** (date taken, camera, exposure, GPS) and
-**XMP** (ratings, keywords, captions of photo managers). The EXIF is brought in line with the
-pixels written: its orientation tag says 1 (reading applied the rotation), its pixel dimensions
-are the output's, and its embedded thumbnail (a picture of the blurry photo) is left out.
+**XMP** (ratings, keywords, captions of photo managers). They are made true of the pixels
+written: the orientation says 1 in EXIF and XMP (reading applied the rotation), the EXIF pixel
+dimensions are the output's, and the EXIF thumbnail (a picture of the blurry photo) is cut off.
+The EXIF block is patched in place, never re-laid out, so that maker notes that point at
+absolute offsets stay readable.
 
-Where each lives, per format (what a format cannot hold is left out):
+What each format gets:
 
-=========  ===================================  =========================================
+=========  ===================================  ==============================================
 format     read                                 written
-=========  ===================================  =========================================
-JPEG/WebP  ICC, EXIF, XMP (Pillow)              ICC, EXIF (up to 64 kB in JPEG), XMP
-PNG        iCCP, eXIf, iTXt ``XML:com.adobe.xmp``  the same chunks (8 and 16 bits)
+=========  ===================================  ==============================================
+JPEG       ICC, EXIF, XMP (Pillow)              ICC; EXIF and XMP when each fits one segment
+WebP       ICC, EXIF, XMP (Pillow)              ICC, EXIF, XMP
+PNG        iCCP, eXIf; XMP from iTXt/tEXt/zTXt  iCCP, eXIf, iTXt ``XML:com.adobe.xmp``
 TIFF       ICC (tag 34675)                      ICC
 BMP        nothing                              nothing
-=========  ===================================  =========================================
+=========  ===================================  ==============================================
 
 An ICC profile is written only over pixels of its colour space (an RGB profile over RGB, a grey
 one over grey): a CMYK JPEG is decoded to RGB without colour management, so its CMYK profile
-would describe the output wrongly. Metadata is best effort: a block that cannot be parsed is
-dropped, and never stops the image being read or written.
+would describe the output wrongly. Metadata is best effort: a block that cannot be parsed, or
+that inflates beyond :data:`MAX_INFLATED_BYTES`, is dropped and never stops an image.
 """
 
 from __future__ import annotations
 
+import re
 import struct
-import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-_ORIENTATION = 0x0112
-_EXIF_IFD = 0x8769
-_PIXEL_X, _PIXEL_Y = 0xA002, 0xA003
+MAX_INFLATED_BYTES = 16 << 20
+"""Largest compressed PNG metadata block (ICC profile, XMP) that is inflated; a larger one is
+dropped (a few kB of file could otherwise ask for gigabytes)."""
+
 _EXIF_PREFIX = b"Exif\x00\x00"
 _XMP_KEY = b"XML:com.adobe.xmp"
-_JPEG_EXIF_MAX = 65533 - 2  # one APP1 segment, less its length field
+_JPEG_MARKER_BYTES = 65533  # the data of one JPEG segment, as Pillow counts it
+_JPEG_XMP_HEADER = len(b"http://ns.adobe.com/xap/1.0/\x00")
+_ORIENTATION, _WIDTH, _LENGTH = 0x0112, 0x0100, 0x0101
+_EXIF_IFD, _PIXEL_X, _PIXEL_Y = 0x8769, 0xA002, 0xA003
+_SHORT, _LONG = 3, 4
+_XMP_ORIENTATION = re.compile(
+    rb'(tiff:Orientation\s*=\s*["\'])[0-9]+(["\'])|(<tiff:Orientation>)\s*[0-9]+\s*(</tiff:Orientation>)')
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,16 @@ def _exif_body(data: bytes | None) -> bytes | None:
     return data[len(_EXIF_PREFIX):] if data.startswith(_EXIF_PREFIX) else data
 
 
+def _inflate(data: bytes) -> bytes | None:
+    """``data`` decompressed, or None when it is not zlib data or inflates beyond the limit."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, MAX_INFLATED_BYTES)
+    except zlib.error:
+        return None
+    return None if inflater.unconsumed_tail else out
+
+
 def from_pillow(im: Any) -> ImageMetadata:
     """The metadata of an opened Pillow image (JPEG, WebP)."""
     info = im.info
@@ -75,67 +95,143 @@ def from_pillow(im: Any) -> ImageMetadata:
 
 
 def png_chunks(data: bytes) -> dict[bytes, list[bytes]]:
-    """The bodies of a PNG's ``iCCP``, ``eXIf`` and ``iTXt`` chunks, by type; the pixel data is
-    skipped over, not read."""
+    """The bodies of a PNG's metadata chunks (``iCCP``, ``eXIf``, ``iTXt``, ``tEXt``,
+    ``zTXt``) by type; the pixel data is skipped over, not read."""
     found: dict[bytes, list[bytes]] = {}
     pos = 8  # signature
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I", data[pos:pos + 4])[0], data[pos + 4:pos + 8]
         if kind == b"IEND":
             break
-        if kind in (b"iCCP", b"eXIf", b"iTXt"):
+        if kind in (b"iCCP", b"eXIf", b"iTXt", b"tEXt", b"zTXt"):
             found.setdefault(kind, []).append(data[pos + 8:pos + 8 + length])
         pos += 12 + length  # length, type, body, CRC
     return found
 
 
+def _png_xmp(chunks: dict[bytes, list[bytes]]) -> bytes | None:
+    for kind in (b"iTXt", b"zTXt", b"tEXt"):
+        for body in chunks.get(kind, []):
+            key, _, rest = body.partition(b"\x00")
+            if key != _XMP_KEY:
+                continue
+            if kind == b"tEXt":
+                return rest or None
+            if kind == b"zTXt":  # compression method, compressed text
+                return _inflate(rest[1:]) or None
+            if len(rest) < 2:
+                continue
+            # compression flag, method, language tag NUL, translated keyword NUL, text
+            compressed, text = rest[0], rest[2:].split(b"\x00", 2)[-1]
+            return (_inflate(text) if compressed else text) or None
+    return None
+
+
 def from_png(data: bytes) -> ImageMetadata:
     """The metadata of a PNG file's bytes (any bit depth)."""
     chunks = png_chunks(data)
-    icc = exif = xmp = None
-    for body in chunks.get(b"iCCP", [])[:1]:
-        try:  # profile name, NUL, compression method (0: zlib), compressed profile
-            icc = zlib.decompress(body[body.index(b"\x00") + 2:])
-        except (ValueError, zlib.error):
-            icc = None
-    for body in chunks.get(b"eXIf", [])[:1]:
-        exif = _exif_body(body)
-    for body in chunks.get(b"iTXt", []):
-        key, _, rest = body.partition(b"\x00")
-        if key != _XMP_KEY or len(rest) < 2:
-            continue
-        compressed, text = rest[0], rest[2:]
-        text = text.split(b"\x00", 2)[-1]  # language tag, NUL, translated keyword, NUL, text
-        try:
-            xmp = zlib.decompress(text) if compressed else text
-        except zlib.error:
-            xmp = None
-        break
-    return ImageMetadata(icc=icc, exif=exif, xmp=xmp)
+    icc = None
+    for body in chunks.get(b"iCCP", [])[:1]:  # profile name, NUL, method (0: zlib), profile
+        name_end = body.find(b"\x00")
+        icc = _inflate(body[name_end + 2:]) if name_end >= 0 else None
+    exif = _exif_body(chunks.get(b"eXIf", [None])[0])
+    return ImageMetadata(icc=icc or None, exif=exif, xmp=_png_xmp(chunks))
 
 
-def exif_orientation(meta: ImageMetadata) -> int:
+# --------------------------------------------------------------------------------------------
+# EXIF: a TIFF structure, read and patched in place
+
+
+def _ifd_entries(exif: bytes, offset: int, order: str):
+    """``(position of the entry, tag, type, count)`` of each entry of the IFD at ``offset``."""
+    (count,) = struct.unpack_from(order + "H", exif, offset)
+    for i in range(count):
+        at = offset + 2 + 12 * i
+        tag, kind, n = struct.unpack_from(order + "HHI", exif, at)
+        yield at, tag, kind, n
+
+
+def _exif_layout(exif: bytes):
+    """``(byte order, IFD0 offset)`` of an EXIF block; ValueError when it is not one."""
+    order = {b"II": "<", b"MM": ">"}.get(exif[:2])
+    if order is None or struct.unpack_from(order + "H", exif, 2)[0] != 42:
+        raise ValueError("not a TIFF structure")
+    return order, struct.unpack_from(order + "I", exif, 4)[0]
+
+
+def exif_orientation(meta: ImageMetadata | None) -> int:
     """The EXIF orientation code (1..8) of ``meta``; 1 when there is none or it cannot be read."""
-    exif = _load_exif(meta.exif)
-    try:
-        return int(exif.get(_ORIENTATION, 1)) if exif is not None else 1
-    except (TypeError, ValueError):
+    if not meta or not meta.exif:
         return 1
-
-
-def _load_exif(body: bytes | None):
-    if not body:
-        return None
-    from PIL import Image
-
-    exif = Image.Exif()
     try:
-        with warnings.catch_warnings():  # Pillow warns of what it skips; the result tells
-            warnings.simplefilter("ignore")
-            exif.load(_EXIF_PREFIX + body)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is dropped, never fatal
+        order, ifd0 = _exif_layout(meta.exif)
+        for at, tag, kind, n in _ifd_entries(meta.exif, ifd0, order):
+            if tag == _ORIENTATION and kind == _SHORT and n == 1:
+                value = struct.unpack_from(order + "H", meta.exif, at + 8)[0]
+                return value if 1 <= value <= 8 else 1
+    except (struct.error, ValueError):
+        pass
+    return 1
+
+
+def _patched_exif(exif: bytes, width: int, height: int) -> bytes | None:
+    """``exif`` with orientation 1, the pixel size ``width`` x ``height`` and no thumbnail
+    (IFD0's link to IFD1 cut); every other byte where it was. None when it is no EXIF block."""
+    try:
+        order, ifd0 = _exif_layout(exif)
+        out = bytearray(exif)
+        sizes = {_WIDTH: width, _LENGTH: height, _PIXEL_X: width, _PIXEL_Y: height}
+
+        def patch(offset: int, tags: set[int]) -> int | None:
+            """Patch the IFD at ``offset``; return its Exif sub-IFD offset, if it has one."""
+            sub = None
+            entries = list(_ifd_entries(exif, offset, order))
+            for at, tag, kind, n in entries:
+                if n != 1 or tag not in tags | {_EXIF_IFD}:
+                    continue
+                if tag == _EXIF_IFD and kind == _LONG:
+                    sub = struct.unpack_from(order + "I", exif, at + 8)[0]
+                elif tag == _ORIENTATION and kind == _SHORT:
+                    struct.pack_into(order + "H", out, at + 8, 1)
+                elif tag in sizes and kind == _LONG:
+                    struct.pack_into(order + "I", out, at + 8, sizes[tag])
+                elif tag in sizes and kind == _SHORT and sizes[tag] <= 0xFFFF:
+                    struct.pack_into(order + "H", out, at + 8, sizes[tag])
+            if offset == ifd0:  # cut the link to IFD1 and blank the thumbnail it points at
+                link = offset + 2 + 12 * len(entries)
+                ifd1 = struct.unpack_from(order + "I", exif, link)[0]
+                struct.pack_into(order + "I", out, link, 0)
+                if 8 <= ifd1 < len(exif):
+                    _blank_thumbnail(exif, out, ifd1, order)
+            return sub
+
+        sub = patch(ifd0, {_ORIENTATION, _WIDTH, _LENGTH})
+        if sub is not None and 8 <= sub < len(exif):
+            patch(sub, {_PIXEL_X, _PIXEL_Y})
+        return bytes(out)
+    except (struct.error, ValueError):
         return None
-    return exif if len(exif) else None
+
+
+def _blank_thumbnail(exif: bytes, out: bytearray, ifd1: int, order: str) -> None:
+    """Zero the JPEG thumbnail that IFD1 at ``ifd1`` points at (dropped from the end)."""
+    where = {tag: struct.unpack_from(order + "I", exif, at + 8)[0]
+             for at, tag, kind, n in _ifd_entries(exif, ifd1, order)
+             if tag in (0x0201, 0x0202) and kind == _LONG and n == 1}
+    start, size = where.get(0x0201, 0), where.get(0x0202, 0)
+    if 8 <= start and size and start + size <= len(out):
+        out[start:start + size] = bytes(size)
+        if start + size == len(out):
+            del out[start:]
+
+
+def _upright_xmp(xmp: bytes) -> bytes:
+    """``xmp`` with ``tiff:Orientation`` set to 1 (Pillow and photo managers read it too)."""
+    def one(match: re.Match) -> bytes:
+        return (match.group(1) + b"1" + match.group(2)) if match.group(1) is not None else \
+            (match.group(3) + b"1" + match.group(4))
+
+    return _XMP_ORIENTATION.sub(one, xmp)
 
 
 def _icc_space(icc: bytes) -> bytes | None:
@@ -145,37 +241,36 @@ def _icc_space(icc: bytes) -> bytes | None:
 
 def for_output(meta: ImageMetadata | None, *, width: int, height: int,
                grayscale: bool) -> ImageMetadata | None:
-    """``meta`` made true of the pixels written: an ICC profile only over its own colour space;
-    EXIF with orientation 1, the output's pixel dimensions and no thumbnail."""
+    """``meta`` made true of the ``width`` x ``height`` pixels written (grey or RGB): an ICC
+    profile only over its own colour space; orientation 1 in EXIF and XMP; the EXIF pixel size
+    of the output and no thumbnail."""
     if not meta:
         return None
     icc = meta.icc if meta.icc and _icc_space(meta.icc) == (
         b"GRAY" if grayscale else b"RGB ") else None
-    exif = None
-    loaded = _load_exif(meta.exif)
-    if loaded is not None:
-        try:
-            if _ORIENTATION in loaded:
-                loaded[_ORIENTATION] = 1
-            sub = loaded.get_ifd(_EXIF_IFD) if _EXIF_IFD in loaded else {}
-            if _PIXEL_X in sub or _PIXEL_Y in sub:
-                sub[_PIXEL_X], sub[_PIXEL_Y] = width, height
-            exif = _exif_body(loaded.tobytes()) or None  # IFD0 and its sub-IFDs, no IFD1
-        except Exception:  # noqa: BLE001 - as _load_exif
-            exif = None
-    out = ImageMetadata(icc=icc, exif=exif, xmp=meta.xmp)
+    exif = _patched_exif(meta.exif, width, height) if meta.exif else None
+    xmp = _upright_xmp(meta.xmp) if meta.xmp else None
+    out = ImageMetadata(icc=icc, exif=exif, xmp=xmp)
     return out if out else None
 
 
 def pillow_save_options(meta: ImageMetadata | None, fmt: str) -> dict[str, Any]:
     """Keyword arguments for Pillow's ``Image.save`` in format ``fmt`` (``"jpeg"``, ``"webp"``,
-    ``"png"``) that write ``meta`` (already passed through :func:`for_output`)."""
+    ``"png"``) that write ``meta`` (already passed through :func:`for_output`). In a JPEG, an
+    EXIF or XMP block larger than one segment holds is left out."""
     if not meta or fmt not in ("jpeg", "webp", "png"):
         return {}
+    if fmt == "jpeg":
+        meta = replace(
+            meta,
+            exif=meta.exif if meta.exif and len(_EXIF_PREFIX + meta.exif) <= _JPEG_MARKER_BYTES
+            else None,
+            xmp=meta.xmp if meta.xmp and len(meta.xmp) <= _JPEG_MARKER_BYTES - _JPEG_XMP_HEADER
+            else None)
     options: dict[str, Any] = {}
     if meta.icc:
         options["icc_profile"] = meta.icc
-    if meta.exif and not (fmt == "jpeg" and len(_EXIF_PREFIX + meta.exif) > _JPEG_EXIF_MAX):
+    if meta.exif:
         options["exif"] = _EXIF_PREFIX + meta.exif
     if meta.xmp:
         if fmt == "png":
@@ -203,7 +298,7 @@ def add_to_png(png: bytes, meta: ImageMetadata | None) -> bytes:
         extra += _chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(meta.icc))
     if meta.exif:
         extra += _chunk(b"eXIf", meta.exif)
-    if meta.xmp:
+    if meta.xmp:  # keyword NUL, not compressed, method 0, no language NUL, no translation NUL
         extra += _chunk(b"iTXt", _XMP_KEY + b"\x00\x00\x00\x00\x00" + meta.xmp)
     ihdr_end = 8 + 12 + struct.unpack(">I", png[8:12])[0]
     return png[:ihdr_end] + extra + png[ihdr_end:]

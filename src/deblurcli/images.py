@@ -709,8 +709,10 @@ def encode_image(
     channels = arr.shape[2]
     if channels == 1:
         arr = arr[..., 0]
+    # WebP has no grey mode: Pillow writes grey pixels as RGB
     metadata = imagemeta.for_output(metadata, width=arr.shape[1], height=arr.shape[0],
-                                    grayscale=channels in (1, 2)) if fmt != "bmp" else None
+                                    grayscale=channels in (1, 2) and fmt != "webp") \
+        if fmt != "bmp" else None
 
     if fmt == "tiff":
         import tifffile
@@ -735,18 +737,19 @@ def encode_image(
     im = Image.fromarray(np.ascontiguousarray(arr))
     if im.mode != mode:  # pragma: no cover - Pillow infers the mode from the array shape
         raise ValueError(f"unexpected Pillow mode {im.mode} for {mode}")
-    buf = io.BytesIO()
-    meta = imagemeta.pillow_save_options(metadata, fmt)
-    if fmt == "png":
-        im.save(buf, format="PNG", compress_level=int(compress_level), **meta)
-    elif fmt == "jpeg":
-        im.save(buf, format="JPEG", quality=int(quality), **meta)
-    elif fmt == "webp":
-        im.save(buf, format="WEBP", quality=int(quality), **meta)
-    elif fmt == "bmp":
-        im.save(buf, format="BMP")
-    else:
+    options = {"png": {"compress_level": int(compress_level)}, "jpeg": {"quality": int(quality)},
+               "webp": {"quality": int(quality)}, "bmp": {}}.get(fmt)
+    if options is None:
         raise ValueError(f"unknown image format {fmt!r}")
+    meta = imagemeta.pillow_save_options(metadata, fmt)
+    buf = io.BytesIO()
+    try:
+        im.save(buf, format=fmt.upper(), **options, **meta)
+    except ValueError:  # metadata Pillow refuses (it is best effort): the pixels without it
+        if not meta:
+            raise
+        buf = io.BytesIO()
+        im.save(buf, format=fmt.upper(), **options)
     return buf.getvalue()
 
 
