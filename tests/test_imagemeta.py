@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from deblurcli import imagemeta
 from deblurcli.cli.app import app
-from deblurcli.images import read_image, write_image
+from deblurcli.images import _png16_bytes as _png16
+from deblurcli.images import image_size, read_image, write_image
 
 XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -168,12 +169,29 @@ def test_an_orientation_held_in_the_xmp_is_applied_once(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "in.jpg", xmp=xmp)
     image = read_image(tmp_path / "in.jpg")
     assert image.pixels.shape == (80, 60, 3)
-    for suffix in (".jpg", ".png", ".webp"):
-        out = tmp_path / f"out{suffix}"
-        write_image(out, image.pixels, metadata=image.metadata)
+    for suffix, bits in ((".jpg", 8), (".png", 8), (".png", 16), (".webp", 8)):
+        out = tmp_path / f"out{bits}{suffix}"
+        write_image(out, image.pixels, metadata=image.metadata, bit_depth=bits)
         again = read_image(out)
         assert again.pixels.shape == (80, 60, 3), suffix
         assert b'tiff:Orientation="1"' in again.metadata.xmp
+    turned = imagemeta.add_to_png(imagemeta.add_to_png(  # 16-bit, orientation in XMP only
+        _png16(np.zeros((6, 4, 3), np.uint16)), None), imagemeta.ImageMetadata(xmp=xmp))
+    (tmp_path / "turned16.png").write_bytes(turned)
+    assert read_image(tmp_path / "turned16.png").pixels.shape == (4, 6, 3)
+    Image.fromarray(pixels).save(tmp_path / "turned8.png", pnginfo=_xmp_info(xmp))
+    for name in ("in.jpg", "turned8.png", "turned16.png"):  # the header-only size agrees
+        path = tmp_path / name
+        assert image_size(path) == read_image(path).pixels.shape[:2], name
+    assert read_image(tmp_path / "turned8.png").pixels.shape == (80, 60, 3)
+
+
+def _xmp_info(xmp: bytes):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp.decode())
+    return info
 
 
 def test_maker_notes_keep_their_offsets():

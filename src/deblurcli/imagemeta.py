@@ -28,11 +28,12 @@ that inflates beyond :data:`MAX_INFLATED_BYTES`, is dropped and never stops an i
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 import zlib
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, BinaryIO
 
 MAX_INFLATED_BYTES = 16 << 20
 """Largest compressed PNG metadata block (ICC profile, XMP) that is inflated; a larger one is
@@ -45,8 +46,9 @@ _JPEG_XMP_HEADER = len(b"http://ns.adobe.com/xap/1.0/\x00")
 _ORIENTATION, _WIDTH, _LENGTH = 0x0112, 0x0100, 0x0101
 _EXIF_IFD, _PIXEL_X, _PIXEL_Y = 0x8769, 0xA002, 0xA003
 _SHORT, _LONG = 3, 4
-_XMP_ORIENTATION = re.compile(
-    rb'(tiff:Orientation\s*=\s*["\'])[0-9]+(["\'])|(<tiff:Orientation>)\s*[0-9]+\s*(</tiff:Orientation>)')
+_XMP_ORIENTATION = re.compile(  # an attribute or an element
+    rb'(?P<a>tiff:Orientation\s*=\s*["\'])(?P<av>[0-9]+)(?P<a_end>["\'])'
+    rb'|(?P<e><tiff:Orientation>)\s*(?P<ev>[0-9]+)\s*(?P<e_end></tiff:Orientation>)')
 
 
 @dataclass(frozen=True)
@@ -94,18 +96,25 @@ def from_pillow(im: Any) -> ImageMetadata:
                          xmp=xmp or None)
 
 
-def png_chunks(data: bytes) -> dict[bytes, list[bytes]]:
-    """The bodies of a PNG's metadata chunks (``iCCP``, ``eXIf``, ``iTXt``, ``tEXt``,
-    ``zTXt``) by type; the pixel data is skipped over, not read."""
+def png_chunks(fh: BinaryIO) -> dict[bytes, list[bytes]]:
+    """The bodies of the metadata chunks (``iCCP``, ``eXIf``, ``iTXt``, ``tEXt``, ``zTXt``) of
+    the PNG file ``fh``, by type; the pixel data is skipped over, not read, and so is a chunk
+    larger than :data:`MAX_INFLATED_BYTES`."""
     found: dict[bytes, list[bytes]] = {}
-    pos = 8  # signature
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I", data[pos:pos + 4])[0], data[pos + 4:pos + 8]
+    fh.seek(8)  # signature
+    while True:
+        header = fh.read(8)
+        if len(header) < 8:
+            break
+        length, kind = struct.unpack(">I", header[:4])[0], header[4:]
         if kind == b"IEND":
             break
-        if kind in (b"iCCP", b"eXIf", b"iTXt", b"tEXt", b"zTXt"):
-            found.setdefault(kind, []).append(data[pos + 8:pos + 8 + length])
-        pos += 12 + length  # length, type, body, CRC
+        if kind in (b"iCCP", b"eXIf", b"iTXt", b"tEXt", b"zTXt") and \
+                length <= MAX_INFLATED_BYTES:
+            found.setdefault(kind, []).append(fh.read(length))
+            fh.seek(4, 1)  # CRC
+        else:
+            fh.seek(length + 4, 1)
     return found
 
 
@@ -127,9 +136,9 @@ def _png_xmp(chunks: dict[bytes, list[bytes]]) -> bytes | None:
     return None
 
 
-def from_png(data: bytes) -> ImageMetadata:
-    """The metadata of a PNG file's bytes (any bit depth)."""
-    chunks = png_chunks(data)
+def from_png(source: bytes | BinaryIO) -> ImageMetadata:
+    """The metadata of a PNG file (any bit depth): its bytes or the open file."""
+    chunks = png_chunks(io.BytesIO(source) if isinstance(source, bytes) else source)
     icc = None
     for body in chunks.get(b"iCCP", [])[:1]:  # profile name, NUL, method (0: zlib), profile
         name_end = body.find(b"\x00")
@@ -160,17 +169,22 @@ def _exif_layout(exif: bytes):
 
 
 def exif_orientation(meta: ImageMetadata | None) -> int:
-    """The EXIF orientation code (1..8) of ``meta``; 1 when there is none or it cannot be read."""
-    if not meta or not meta.exif:
+    """The orientation code (1..8) of ``meta``: EXIF's, else XMP's ``tiff:Orientation`` (as
+    Pillow reads it); 1 when there is none or it cannot be read."""
+    if not meta:
         return 1
     try:
-        order, ifd0 = _exif_layout(meta.exif)
+        order, ifd0 = _exif_layout(meta.exif or b"")
         for at, tag, kind, n in _ifd_entries(meta.exif, ifd0, order):
             if tag == _ORIENTATION and kind == _SHORT and n == 1:
                 value = struct.unpack_from(order + "H", meta.exif, at + 8)[0]
                 return value if 1 <= value <= 8 else 1
     except (struct.error, ValueError):
         pass
+    found = _XMP_ORIENTATION.search(meta.xmp or b"")
+    if found is not None:
+        value = int(found["av"] or found["ev"])
+        return value if 1 <= value <= 8 else 1
     return 1
 
 
@@ -228,8 +242,8 @@ def _blank_thumbnail(exif: bytes, out: bytearray, ifd1: int, order: str) -> None
 def _upright_xmp(xmp: bytes) -> bytes:
     """``xmp`` with ``tiff:Orientation`` set to 1 (Pillow and photo managers read it too)."""
     def one(match: re.Match) -> bytes:
-        return (match.group(1) + b"1" + match.group(2)) if match.group(1) is not None else \
-            (match.group(3) + b"1" + match.group(4))
+        return match["a"] + b"1" + match["a_end"] if match["a"] is not None else \
+            match["e"] + b"1" + match["e_end"]
 
     return _XMP_ORIENTATION.sub(one, xmp)
 

@@ -432,26 +432,14 @@ def _pillow_orientation(im) -> int:
 
 
 def _png_orientation(fh: BinaryIO) -> int:
-    """EXIF orientation of a PNG from its eXIf chunk, found by skipping over chunk data (Pillow's
-    ``getexif()`` decodes every pixel to reach an eXIf chunk placed after IDAT)."""
-    from PIL import Image
+    """Orientation of a PNG from its eXIf (or XMP) chunk, found by skipping over chunk data
+    (Pillow's ``getexif()`` decodes every pixel to reach an eXIf chunk placed after IDAT)."""
+    from deblurcli import imagemeta
 
-    fh.seek(8)  # signature
-    while True:
-        header = fh.read(8)
-        if len(header) < 8:
-            return 1
-        length, kind = int.from_bytes(header[:4], "big"), header[4:]
-        if kind == b"eXIf":
-            exif = Image.Exif()
-            try:
-                exif.load(fh.read(length))
-                return int(exif.get(_EXIF_ORIENTATION, 1))
-            except Exception:  # noqa: BLE001 - as _pillow_orientation
-                return 1
-        if kind == b"IEND":
-            return 1
-        fh.seek(length + 4, 1)  # data + CRC
+    try:
+        return imagemeta.exif_orientation(imagemeta.from_png(fh))
+    except Exception:  # noqa: BLE001 - as _pillow_orientation
+        return 1
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -472,8 +460,9 @@ def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageDat
                                  f"{max_pixels:,} (raise it with --max-pixels)") from None
         _check_pixels(path, *im.size, max_pixels)  # header only: nothing decoded yet
         im.load()
-    orientation = _pillow_orientation(im)
     metadata = _pillow_metadata(im, data, fmt)
+    orientation = _png_orientation(io.BytesIO(data)) if fmt == "png" else \
+        _pillow_orientation(im)
     mode = im.mode
     if mode in ("1", "L"):
         arr = np.asarray(im.convert("L"))
@@ -519,9 +508,8 @@ def _read_png16(data: bytes) -> ImageData:
         raise ValueError("OpenCV could not decode the PNG")
     if arr.ndim == 3 and arr.shape[2] >= 3:
         arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
-    orientation = _png_orientation(io.BytesIO(data))
-    return _finish(arr, "png", orientation, grey_file=colour_type in (0, 4),
-                   metadata=_pillow_metadata(None, data, "png"))
+    return _finish(arr, "png", _png_orientation(io.BytesIO(data)),
+                   grey_file=colour_type in (0, 4), metadata=_pillow_metadata(None, data, "png"))
 
 
 def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
