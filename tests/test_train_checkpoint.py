@@ -89,6 +89,31 @@ def test_config_layers(tmp_path: Path) -> None:
         cfg.read_config_file(tmp_path / "missing.toml")
 
 
+@pytest.mark.parametrize("line,message", [
+    ('augment = "false"', "augment must be true or false, got 'false'"),
+    ('max-steps = "2"', "max-steps must be a whole number, got '2'"),
+    ("max-steps = 2.5", "max-steps must be a whole number, got 2.5"),
+    ("lr = true", "lr must be a number, got True"),
+    ("output = 5", "output must be a string, got 5"),
+    ('progressive-sizes = [64, "x"]', "progressive-sizes must be a whole number, got 'x'"),
+])
+def test_config_values_of_the_wrong_type_are_one_line(tmp_path: Path, line, message) -> None:
+    """A quoted "false" used to switch a setting on, a quoted number to fail deep in training."""
+    toml = tmp_path / "run.toml"
+    toml.write_text(line + "\n")
+    with pytest.raises(DeblurcliError, match=f"invalid setting in the config file: {message}"):
+        cfg.resolve_config(cfg.DiffusionTrainConfig, str(toml), {})
+
+
+def test_config_numbers_and_lists_of_the_right_type_pass(tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text("lr = 1\naugment = false\nprogressive-sizes = [64, 96]\nlora-rank = 8\n")
+    config = cfg.resolve_config(cfg.DiffusionTrainConfig, str(toml), {})
+    assert (config.lr, config.augment, config.progressive_sizes, config.lora_rank) == \
+        (1.0, False, [64, 96], 8)
+    assert isinstance(config.lr, float)
+
+
 def test_checkpoint_files_and_folder_are_flushed_to_disk(tmp_path: Path, monkeypatch) -> None:
     """Every file of a checkpoint is fsync-ed before it takes its name, and the checkpoints
     folder after the new step folder takes its own (issue 20: durable checkpoints)."""

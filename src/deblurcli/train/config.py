@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,39 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return flat
 
 
+def _typed(key: str, value: Any, kind: Any) -> Any:
+    """A config file's ``value`` for the setting ``key`` of type ``kind`` (``int``, ``float``,
+    ``bool``, ``str``, ``X | None``, ``list[int]``); a whole number is taken as a float.
+
+    Raises:
+        DeblurcliError: a value of another type (``"false"`` for a switch, ``"2"`` for a
+            number), which would otherwise run silently wrong or fail deep inside training.
+    """
+    args = typing.get_args(kind)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        kind = next(arg for arg in args if arg is not type(None))
+    what = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    if typing.get_origin(kind) is list:
+        if isinstance(value, (list, tuple)):
+            return [_typed(key, item, typing.get_args(kind)[0]) for item in value]
+        expected = "a list of " + {int: "whole numbers", float: "numbers", str: "strings"}.get(
+            typing.get_args(kind)[0], "values")
+    elif kind is bool and isinstance(value, bool):
+        return value
+    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif kind is str and isinstance(value, str):
+        return value
+    else:
+        expected = what.get(kind, getattr(kind, "__name__", str(kind)))
+    raise DeblurcliError(f"invalid setting in the config file: {key.replace('_', '-')} must be "
+                         f"{expected}, got {value!r}")
+
+
 def build_config(cls: type[C], file_values: Mapping[str, Any] | None = None,
                  overrides: Mapping[str, Any] | None = None) -> C:
     """Defaults ← ``file_values`` ← ``overrides`` (``None`` overrides are ignored).
@@ -209,12 +243,13 @@ def build_config(cls: type[C], file_values: Mapping[str, Any] | None = None,
         DeblurcliError: an unknown key in the config file.
     """
     names = {f.name for f in dataclasses.fields(cls)}
+    types = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for key, value in (file_values or {}).items():
         if key not in names:
             raise DeblurcliError(f"unknown setting {key!r} in the config file; "
                                  f"known: {', '.join(sorted(names))}")
-        values[key] = value
+        values[key] = _typed(key, value, types[key])
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
