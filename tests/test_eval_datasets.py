@@ -215,3 +215,31 @@ def test_size_mismatch_is_reported(tmp_path):
     write_image(tmp_path / "sharp" / "a.png", _crop(0, 16, 24))
     with pytest.raises(DatasetError, match="a: output is 16x16 but the ground truth is 24x16"):
         run_evaluation(folder_set(tmp_path / "blur", tmp_path / "sharp"), _config())
+
+
+def test_a_metric_that_cannot_score_an_image_leaves_the_others(tmp_path, monkeypatch):
+    """NIQE on a 64x64 image raised from inside pyiqa and stopped the whole evaluation, PSNR and
+    SSIM included; now that image gets nan for that metric alone, with one warning."""
+    from deblurcli.evaluation import metrics
+
+    real_call = metrics.Metric.__call__
+
+    def small_fails(self, pred, ref=None):
+        if self.name == "ssim" and pred.shape[0] < 32:
+            raise RuntimeError("Expected 3D or 4D (batch mode) tensor, got: [1, 1, 0, 0]")
+        return real_call(self, pred, ref)
+
+    monkeypatch.setattr(metrics.Metric, "__call__", small_fails)
+    for name, size in (("big", (48, 64)), ("small", (16, 16))):
+        write_image(tmp_path / "sharp" / f"{name}.png", _crop(0, *size))
+        write_image(tmp_path / "blur" / f"{name}.png", _blur(_crop(0, *size)))
+    warnings: list[str] = []
+    result = run_evaluation(folder_set(tmp_path / "blur", tmp_path / "sharp"), _config(),
+                            warn=warnings.append)
+    row = result.rows[0]
+    scores = {im.key: im.scores for im in row.images}
+    assert math.isnan(scores["small"]["ssim"]) and math.isfinite(scores["small"]["psnr"])
+    assert row.summary["ssim"].mean == pytest.approx(scores["big"]["ssim"])
+    assert warnings == ["ssim could not score 1 of 2 image(s) of input (e.g. small: Expected 3D "
+                        "or 4D (batch mode) tensor, got: [1, 1, 0, 0]); they are left out of its "
+                        "mean"]

@@ -223,3 +223,17 @@ def test_psnr_and_ssim_without_pyiqa_match_scikit_image(pair):
     assert psnr(*as_tensor) == pytest.approx(psnr(pred, sharp), abs=1e-6)
     assert ssim(*as_tensor) == pytest.approx(ssim(pred, sharp), abs=1e-6)
     assert math.isinf(psnr(sharp, sharp)) and ssim(sharp, sharp) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_niqe_says_its_smallest_image_before_pyiqa_fails_on_it():
+    import numpy as np
+
+    from deblurcli.evaluation.metrics import METRICS, Metric
+
+    def never(*args):
+        raise AssertionError("the network must not see the image")
+
+    metric = Metric(METRICS["niqe"], never, "cpu")
+    with pytest.raises(ValueError, match="niqe needs images of at least 96x96 pixels, this one "
+                                         "is 128x95"):
+        metric(np.zeros((95, 128, 3), np.float32))

@@ -75,6 +75,7 @@ class MetricSpec:
     description: str
     weights: tuple[WeightFile, ...] = ()
     hf_files: tuple[HFFile, ...] = ()
+    min_side: int = 1  # smallest image side it can score
 
     @property
     def kind(self) -> str:
@@ -109,6 +110,7 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec(
             "niqe", "niqe", False, True, "NIQE (natural scene statistics)",
             weights=(WeightFile("pyiqa", "niqe_modelparameters.mat", "option"),),
+            min_side=96,  # its statistics come from 96x96 blocks
         ),
         MetricSpec(
             "musiq", "musiq", False, False, "MUSIQ trained on KonIQ-10k",
@@ -301,6 +303,11 @@ class Metric:
     def __call__(self, pred: np.ndarray, ref: np.ndarray | None = None) -> float:
         """Score ``pred`` (against ``ref`` for full-reference metrics)."""
         import torch
+
+        if min(pred.shape[:2]) < self.spec.min_side:
+            raise ValueError(f"{self.name} needs images of at least {self.spec.min_side}x"
+                             f"{self.spec.min_side} pixels, this one is {pred.shape[1]}x"
+                             f"{pred.shape[0]}")
 
         if self.spec.full_reference:
             if ref is None:

@@ -140,8 +140,13 @@ def _read(path: Path) -> np.ndarray:
 
 
 def score_image(metrics: Sequence[Metric], pred: np.ndarray, ref: np.ndarray | None, *,
-                align: bool = False, max_shift: int = 10, key: str = "") -> ImageScore:
-    """Score one image with every metric (aligning it to ``ref`` first when asked)."""
+                align: bool = False, max_shift: int = 10, key: str = "",
+                failures: dict[str, list[tuple[str, str]]] | None = None) -> ImageScore:
+    """Score one image with every metric (aligning it to ``ref`` first when asked).
+
+    With ``failures``, a metric that cannot score this image (NIQE on an image smaller than its
+    96-pixel blocks, say) gives ``nan``, left out of its mean, and ``(key, reason)`` is added to
+    ``failures[metric name]``; without it, the metric's error is raised."""
     shift = None
     fr_pred, fr_ref = pred, ref
     if ref is not None:
@@ -152,11 +157,26 @@ def score_image(metrics: Sequence[Metric], pred: np.ndarray, ref: np.ndarray | N
             aligned = align_to_reference(pred, ref, max_shift)
             fr_pred, fr_ref, shift = aligned.pred, aligned.ref, (aligned.dy, aligned.dx)
     # full-reference metrics see the aligned pair; no-reference ones the image as it is
-    scores = {m.name: m(fr_pred, fr_ref) if m.spec.full_reference else m(pred) for m in metrics}
+    scores = {}
+    for m in metrics:
+        try:
+            scores[m.name] = m(fr_pred, fr_ref) if m.spec.full_reference else m(pred)
+        except Exception as exc:  # noqa: BLE001 - pyiqa's errors on images it cannot score
+            if failures is None or type(exc).__name__ == "OutOfMemoryError":
+                raise
+            failures.setdefault(m.name, []).append(
+                (key, " ".join(str(exc).split()) or type(exc).__name__))
+            scores[m.name] = float("nan")
     return ImageScore(key=key, scores=scores, shift=shift)
 
 
-def _finish_row(row: RowResult, names: Sequence[str], score_seconds: float, device) -> RowResult:
+def _finish_row(row: RowResult, names: Sequence[str], score_seconds: float, device,
+                failures: dict[str, list[tuple[str, str]]], warn: WarnFn | None) -> RowResult:
+    for name, failed in failures.items():
+        if warn is not None:
+            key, reason = failed[0]
+            warn(f"{name} could not score {len(failed)} of {len(row.images)} image(s) of "
+                 f"{row.label} (e.g. {key}: {reason}); they are left out of its mean")
     row.summary = {n: summarise([im.scores[n] for im in row.images]) for n in names}
     count = max(len(row.images), 1)
     row.score_seconds_per_image = score_seconds / count
@@ -190,8 +210,10 @@ def _sync(device) -> None:
 
 
 def _score_files(label: str, eval_set: EvalSet, sources: Sequence[Path], metrics: Sequence[Metric],
-                 config: EvalConfig, device, progress: ProgressFn | None) -> RowResult:
+                 config: EvalConfig, device, progress: ProgressFn | None,
+                 warn: WarnFn | None = None) -> RowResult:
     row = RowResult(label=label, gamma=None)
+    failures: dict[str, list[tuple[str, str]]] = {}
     _reset_cuda_peak(device)
     total = len(eval_set.pairs)
     report(progress, label, 0, total)
@@ -201,10 +223,11 @@ def _score_files(label: str, eval_set: EvalSet, sources: Sequence[Path], metrics
         ref = _read(pair.sharp) if pair.sharp is not None else None
         start = time.perf_counter()
         row.images.append(score_image(metrics, pred, ref, align=config.align,
-                                      max_shift=config.max_shift, key=pair.key))
+                                      max_shift=config.max_shift, key=pair.key,
+                                      failures=failures))
         elapsed += time.perf_counter() - start
         report(progress, label, i + 1, total)
-    return _finish_row(row, [m.name for m in metrics], elapsed, device)
+    return _finish_row(row, [m.name for m in metrics], elapsed, device, failures, warn)
 
 
 def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None):
@@ -256,6 +279,7 @@ def _model_rows(eval_set: EvalSet, metrics: Sequence[Metric], config: EvalConfig
                               batch_size=mc.batch_size or default_batch_size(device),
                               color_fix=mc.color_fix)
         row = RowResult(label=label, gamma=gamma, load_seconds=load_seconds)
+        failures: dict[str, list[tuple[str, str]]] = {}
         _reset_cuda_peak(device)
         total = len(eval_set.pairs)
         report(progress, label, 0, total)
@@ -270,12 +294,13 @@ def _model_rows(eval_set: EvalSet, metrics: Sequence[Metric], config: EvalConfig
             ref = _read(pair.sharp) if pair.sharp is not None else None
             t1 = time.perf_counter()
             score = score_image(metrics, np.asarray(output, dtype=np.float32), ref,
-                                align=config.align, max_shift=config.max_shift, key=pair.key)
+                                align=config.align, max_shift=config.max_shift, key=pair.key,
+                                failures=failures)
             scoring += time.perf_counter() - t1
             score.model_seconds = model_seconds
             row.images.append(score)
             report(progress, label, i + 1, total)
-        rows.append(_finish_row(row, [m.name for m in metrics], scoring, device))
+        rows.append(_finish_row(row, [m.name for m in metrics], scoring, device, failures, warn))
         del pipe, model
     return rows
 
@@ -320,9 +345,10 @@ def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
     rows: list[RowResult] = []
     if config.include_input or (pred_files is None and config.model is None):
         rows.append(_score_files("input", eval_set, [p.blur for p in eval_set.pairs], metrics,
-                                 config, device, progress))
+                                 config, device, progress, warn))
     if pred_files is not None:
-        rows.append(_score_files("pred", eval_set, pred_files, metrics, config, device, progress))
+        rows.append(_score_files("pred", eval_set, pred_files, metrics, config, device, progress,
+                                 warn))
     if config.model is not None:
         rows += _model_rows(eval_set, metrics, config, device, progress, warn)
     return EvalResult(dataset=eval_set.name, n_images=len(eval_set.pairs),
