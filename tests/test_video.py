@@ -211,7 +211,15 @@ def test_bad_video_options_exit_2(tmp_path):
     assert bad_codec.exit_code == 2 and "no-such-codec" in bad_codec.output
     bad_crf = run(clip, tmp_path / "out", "--crf", "70")
     assert bad_crf.exit_code == 2 and "--crf" in bad_crf.output
+    audio = run(clip, tmp_path / "out", "--codec", "aac")  # an encoder, but not of video
+    assert audio.exit_code == 2 and "no video encoder 'aac'" in audio.output
+    # --codec auto: --crf is checked against the encoder auto picks, before the model loads
+    # (no --weights: the run would otherwise stop on the missing model, exit 1)
+    auto = run(clip, tmp_path / "out", "--crf", "60")
+    assert auto.exit_code == 2 and "0..51" in auto.output, auto.output
     assert not (tmp_path / "out").exists()
+    # encoders without a rate factor take any --crf (it does not apply to them)
+    assert "--crf" not in run(clip, tmp_path / "out", "--codec", "mpeg4", "--crf", "60").output
 
 
 def test_probe_reports_what_the_clip_holds(tmp_path):

@@ -82,10 +82,12 @@ def import_av() -> Any:
 
 
 def has_encoder(name: str) -> bool:
-    """Whether this PyAV build can encode with the codec ``name``."""
+    """Whether this PyAV build can encode video with the codec ``name`` (an audio or subtitle
+    encoder such as ``aac`` does not count)."""
     av = import_av()
     try:
-        return bool(av.codec.Codec(name, "w").is_encoder)
+        codec = av.codec.Codec(name, "w")
+        return bool(codec.is_encoder) and codec.type == "video"
     except Exception:  # noqa: BLE001 - PyAV raises several types for an unknown codec
         return False
 
@@ -99,8 +101,8 @@ def choose_codec(codec: str, suffix: str) -> str:
     """
     if codec != "auto":
         if not has_encoder(codec):
-            raise DeblurcliError(f"this PyAV build has no {codec!r} encoder; leave --codec at auto "
-                                 "or pick one of: " + ", ".join(available_codecs()))
+            raise DeblurcliError(f"this PyAV build has no video encoder {codec!r}; leave --codec "
+                                 "at auto or pick one of: " + ", ".join(available_codecs()))
         return codec
     for name in (_AUTO_WEBM if suffix.lower() == ".webm" else _AUTO_CODECS):
         if has_encoder(name):
@@ -115,7 +117,10 @@ def available_codecs() -> list[str]:
 
 
 def check_crf(codec: str, crf: int) -> None:
-    """``crf`` must be in 0..51 (x264/x265) or 0..63 (VP9, AV1); raises ``ValueError``."""
+    """``crf`` must be in 0..51 (x264/x265) or 0..63 (VP9, VP8, AV1); raises ``ValueError``.
+    Encoders without a constant rate factor (mpeg4, ffv1, ...) ignore it: any value passes."""
+    if codec not in _CRF_CODECS:
+        return
     top = _CRF_MAX.get(codec, 51)
     if not 0 <= crf <= top:
         raise ValueError(f"--crf must be in 0..{top} for {codec}, got {crf}")
@@ -515,11 +520,10 @@ def _prepare(source: Path, target: Path, codec: str, crf: int,
         raise DeblurcliError(f"cannot write {target}: unknown video container "
                              f"{target.suffix!r} (use one of {', '.join(sorted(_MUXER))})")
     codec_name = choose_codec(codec, target.suffix)
-    if codec_name in _CRF_CODECS:
-        try:
-            check_crf(codec_name, crf)
-        except ValueError as exc:
-            raise DeblurcliError(str(exc)) from None
+    try:
+        check_crf(codec_name, crf)
+    except ValueError as exc:
+        raise DeblurcliError(str(exc)) from None
     info = probe_video(source)
     pixels = info.width * info.height
     if pixels > max_pixels:

@@ -170,12 +170,14 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     group = _process_group(device_name)
     if group is not None and not group.is_main:
         out = _quiet_console()  # one summary, the main process's
+
     def unread(paths) -> None:
         if group is None or group.is_main:
             warn(err, escape(unread_line(paths)))
 
     # input problems surface before model loading
     jobs = plan_jobs(input_path, output, options, on_unread=unread)
+    _check_auto_codec_crf(jobs, options)
     if not any(needs_processing(job, options) for job in jobs):
         if any(job.problem for job in jobs):  # unreadable entries to report; no model needed
             return _report(out, run_jobs(jobs, _no_model, options), len(jobs), output)
@@ -414,12 +416,37 @@ def _check_video_options(codec: str, crf: int) -> None:
     from deblurcli.video import available_codecs, check_crf, has_encoder
 
     if not has_encoder(codec):  # without PyAV: DeblurcliError, one line and exit 1
-        raise typer.BadParameter(f"this PyAV build has no {codec!r} encoder; use auto or one of "
-                                 f"{', '.join(available_codecs())}", param_hint="--codec")
+        raise typer.BadParameter(f"this PyAV build has no video encoder {codec!r}; use auto or "
+                                 f"one of {', '.join(available_codecs())}", param_hint="--codec")
     try:
         check_crf(codec, crf)
     except ValueError as exc:
         raise typer.BadParameter(str(exc).removeprefix("--crf "), param_hint="--crf") from None
+
+
+def _check_auto_codec_crf(jobs, options) -> None:
+    """With ``--codec auto``, ``--crf`` checked against the encoder each video will get, before
+    the model loads (exit 2, as for a named codec). Without PyAV nothing is checked here: each
+    video then fails alone, saying how to install it."""
+    from deblurcli.video import is_video
+
+    suffixes = {job.target.suffix.lower() for job in jobs
+                if not job.problem and is_video(job.source)}
+    if options.codec != "auto" or not suffixes:
+        return
+    from deblurcli.errors import DeblurcliError
+    from deblurcli.video import check_crf, choose_codec
+
+    for suffix in sorted(suffixes):
+        try:
+            codec = choose_codec("auto", suffix)
+        except DeblurcliError:
+            return
+        try:
+            check_crf(codec, options.crf)
+        except ValueError as exc:
+            raise typer.BadParameter(f"{str(exc).removeprefix('--crf ')} (the encoder --codec "
+                                     f"auto picks for {suffix})", param_hint="--crf") from None
 
 
 def _no_model(pixels, progress=None):
