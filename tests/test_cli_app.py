@@ -62,6 +62,28 @@ def test_a_user_error_is_one_line_on_stderr_even_after_heavy_imports(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_sigterm_cleans_up_like_ctrl_c_and_exits_143(tmp_path):
+    """`kill PID` in the middle of an atomic write: the temporary file is removed (as on Ctrl-C)
+    and the command says so and exits 143; by default Python would die leaving it behind."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from deblurcli.cli import app as cli\n"
+        "from deblurcli.images import atomic_write\n"
+        "@cli.app.command('slow-write')\n"
+        "def slow_write(path: str) -> None:\n"
+        "    def write(tmp):\n"
+        "        tmp.write_bytes(b'half')\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+        "    atomic_write(path, write)\n"
+        "cli.main(['slow-write', sys.argv[1]])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.png")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143 and proc.stderr.strip() == "terminated", proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_command_is_usage_error():
     result = runner.invoke(app, ["no-such-command"])
     assert result.exit_code == 2

@@ -554,3 +554,17 @@ def test_cpu_bf16_training_autocasts_the_forward_pass(pairs: Path, tmp_path: Pat
     assert all(np.isfinite(_losses(run)))
     model = load_model_folder(run / "model")
     assert model.unet_dtype == torch.float32
+
+
+def test_sigterm_stops_training_like_a_first_ctrl_c() -> None:
+    """A batch scheduler's pre-emption (SIGTERM) ends the run after the step in progress, with a
+    checkpoint, as the first Ctrl-C does; the handlers are put back afterwards."""
+    from deblurcli.train.engine import _InterruptFlag
+
+    before = signal.getsignal(signal.SIGTERM)
+    with _InterruptFlag() as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.hit
+        with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -107,9 +107,10 @@ class DeblurcliGroup(TyperGroup):
                 raise
             typer.echo(f"error: {_one_line(exc)}", err=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            typer.echo("terminated" if terminated else "interrupted", err=True)
+            raise typer.Exit(143 if terminated else 130) from None
         except BrokenPipeError:  # the reader of stdout has gone (`deblurcli … | head`):
             raise  # click's main leaves quietly with status 1, as its own commands do
         except MemoryError:
@@ -203,16 +204,31 @@ def running_as_command() -> bool:
     return _COMMAND_PROCESS
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in a command process, raised like Ctrl-C's ``KeyboardInterrupt`` so that the
+    same clean-up runs (no temporary file is left; training saves a checkpoint) and the
+    command exits with 143."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point."""
+    import signal
+
     global _COMMAND_PROCESS
     _COMMAND_PROCESS = True
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     if debug_enabled():
         os.environ.setdefault("TYPER_STANDARD_TRACEBACK", "1")
     else:
         _quiet_dependency_logs()
     try:
         app(args=argv, prog_name="deblurcli")
-    except KeyboardInterrupt:  # pragma: no cover - interrupt outside a command
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # pragma: no cover - interrupt outside a command
+        terminated = isinstance(exc, Terminated)
+        typer.echo("terminated" if terminated else "interrupted", err=True)
+        sys.exit(143 if terminated else 130)

@@ -390,17 +390,21 @@ def _validate(stage: Stage, val: dt.ValidationDataset, output: Path, step: int,
 
 
 class _InterruptFlag:
-    """Turns SIGINT into a flag checked between steps (second Ctrl-C interrupts at once)."""
+    """Turns SIGINT (Ctrl-C) and SIGTERM (``kill``, a batch scheduler's pre-emption) into a flag
+    checked between steps; a second signal interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.hit = False
-        self.previous = None
+        self.previous: dict[int, object] = {}
 
     def __enter__(self) -> _InterruptFlag:  # noqa: PYI034
         try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave the default handler
-            self.previous = None
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread: leave the default handlers
+            pass
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -409,8 +413,8 @@ class _InterruptFlag:
         self.hit = True
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 class StepBudget:
@@ -462,8 +466,8 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
         state: ckpt.Checkpoint | None, progress: ProgressFn | None = None) -> TrainResult:
     """The step loop: train until ``max_steps``, checkpoint, validate, log; Ctrl-C saves and stops.
 
-    The first SIGINT (Ctrl-C) stops after the step in progress, saves a checkpoint and returns
-    with ``interrupted=True``. A second one, or a ``KeyboardInterrupt`` raised inside a step,
+    The first SIGINT (Ctrl-C) or SIGTERM stops after the step in progress, saves a checkpoint
+    and returns with ``interrupted=True``. A second one, or a ``KeyboardInterrupt`` raised inside a step,
     stops at once *without* saving: the weights may hold part of an unfinished step, so
     ``--resume`` goes back to the last checkpoint written before it.
 
