@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import random
 from pathlib import Path
 
@@ -112,6 +114,25 @@ def test_config_numbers_and_lists_of_the_right_type_pass(tmp_path: Path) -> None
     assert (config.lr, config.augment, config.progressive_sizes, config.lora_rank) == \
         (1.0, False, [64, 96], 8)
     assert isinstance(config.lr, float)
+
+
+def test_what_shapes_the_model_cannot_change_on_resume(tmp_path: Path) -> None:
+    """--lora-rank 8 on a resumed rank-2 run was written into its config.json while the
+    weights stayed rank 2."""
+    step = tmp_path / "checkpoints" / "step-000000002"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text("{}")
+    saved = cfg.config_to_dict(cfg.DiffusionTrainConfig(output=str(tmp_path), lora_rank=2,
+                                                        preset="tiny", adapter="real"))
+    (step / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(DeblurcliError, match="--lora-rank cannot change when a run resumes "
+                                             "\\(it was 2"):
+        cfg.resolve_config(cfg.DiffusionTrainConfig, None,
+                           {"resume": str(step), "output": str(tmp_path), "lora_rank": 8})
+    same = cfg.resolve_config(cfg.DiffusionTrainConfig, None,  # the same value, or a new length
+                              {"resume": str(step), "lora_rank": 2, "max_steps": 9,
+                               "output": str(tmp_path)})
+    assert (same.lora_rank, same.adapter, same.max_steps) == (2, "real", 9)
 
 
 def test_checkpoint_files_and_folder_are_flushed_to_disk(tmp_path: Path, monkeypatch) -> None:

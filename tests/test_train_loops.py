@@ -243,6 +243,16 @@ def test_init_carries_over_the_other_adapter(pairs: Path, tiny_model_folder: Pat
                        load_file(str(run / "model" / prompt))["prompt_embeds"])
 
 
+def test_init_refuses_a_new_lora_rank(tiny_model_folder: Path, tmp_path: Path) -> None:
+    """--init brings its adapters; a --lora-rank beside it was silently ignored."""
+    from deblurcli.errors import DeblurcliError
+    from deblurcli.train.diffusion import build_model
+
+    with pytest.raises(DeblurcliError, match="--lora-rank sets the rank of new adapters"):
+        build_model(DiffusionTrainConfig(output=str(tmp_path), init=str(tiny_model_folder),
+                                         lora_rank=8))
+
+
 def test_cli_reports_bad_dataset_in_one_line(pairs: Path, tmp_path: Path) -> None:
     from deblurcli.cli.app import app
 

@@ -323,6 +323,10 @@ def with_absolute_paths(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Settings that shape the model or what is trained: a resumed run keeps the checkpoint's.
+FIXED_ON_RESUME = ("preset", "lora_rank", "full", "adapter", "train_encoder", "mode")
+
+
 def resolve_config(cls: type[C], config_file: str | None = None,
                    overrides: Mapping[str, Any] | None = None) -> C:
     """Defaults ← (the resumed checkpoint's config) ← ``config_file`` ← ``overrides``.
@@ -352,7 +356,13 @@ def resolve_config(cls: type[C], config_file: str | None = None,
                              f"{commands.get(cls.__name__, cls.__name__)}")
     base = config_from_dict(cls, saved)
     merged = dataclasses.asdict(base)
-    merged.update(file_values)
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    given = {**file_values, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    for key in FIXED_ON_RESUME:
+        if key in given and key in merged and given[key] != merged[key]:
+            flag = key.replace("_", "-")
+            raise DeblurcliError(f"--{flag} cannot change when a run resumes (it was "
+                                 f"{merged[key]!r}, the checkpoint's model is built that way); "
+                                 f"leave --{flag} out, or start a new run with --init")
+    merged.update(given)
     merged["resume"] = str(path)
     return cls(**merged)

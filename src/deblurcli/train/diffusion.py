@@ -75,6 +75,11 @@ def build_model(config: DiffusionTrainConfig):
     if config.init:
         from deblurcli.modelfolder import load_model_folder
 
+        if config.lora_rank is not None:
+            raise DeblurcliError(f"--lora-rank sets the rank of new adapters; --init "
+                                 f"{config.init} brings its own, whose rank stays: leave "
+                                 "--lora-rank out")
+
         model = load_model_folder(config.init, fuse=False, gamma=0.5)
         if not model.has_dual_adapters:
             raise DeblurcliError(f"--init {config.init}: needs an unfused model folder with "
