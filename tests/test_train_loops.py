@@ -578,3 +578,28 @@ def test_sigterm_stops_training_like_a_first_ctrl_c() -> None:
         with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
             os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_evae_is_found_in_a_run_folder_and_must_fit_the_preset(tiny_model_folder: Path,
+                                                                tmp_path: Path) -> None:
+    """--evae RUN (train-vae's -o) was refused although it holds RUN/model; a tiny eVAE under
+    --preset compact failed in the first step with a raw channel error, after the run's folder
+    was made."""
+    import shutil
+
+    from deblurcli.errors import DeblurcliError
+    from deblurcli.train.diffusion import build_model
+    from deblurcli.train.vae import load_evae
+
+    run = tmp_path / "vae-run"
+    shutil.copytree(tiny_model_folder / "evae", run / "model")
+    (run / "config.json").write_text("{}")  # the run's training settings
+    assert load_evae(run).config.latent_channels == load_evae(run / "model").config.latent_channels
+    trained = tmp_path / "diffusion-run"  # a train-diffusion run: RUN/model/evae
+    shutil.copytree(tiny_model_folder, trained / "model")
+    assert load_evae(trained) is not None
+    with pytest.raises(DeblurcliError, match="makes 4-channel latents but --preset compact "
+                                             "takes 16"):
+        build_model(DiffusionTrainConfig(output=str(tmp_path / "o"), preset="compact",
+                                         evae=str(run)))
+    assert not (tmp_path / "o").exists()

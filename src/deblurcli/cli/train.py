@@ -202,7 +202,8 @@ def train_vae(
 @opt.with_training_options
 def train_diffusion(
     evae: Annotated[Optional[str], _diffusion("--evae",
-        help="Stage-1 output folder (train-vae's OUTPUT/model) or a model folder.")] = None,
+        help="Stage-1 output folder (train-vae's OUTPUT or OUTPUT/model) or a model "
+             "folder.")] = None,
     init: Annotated[Optional[str], _diffusion("--init",
         help="Existing model folder to start from (its other adapter is carried over).")] = None,
     full: Annotated[Optional[bool], _diffusion("--full/--lora",

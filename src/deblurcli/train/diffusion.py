@@ -104,7 +104,14 @@ def build_model(config: DiffusionTrainConfig):
     if config.evae:
         from deblurcli.train.vae import load_evae
 
-        model.evae = load_evae(config.evae)
+        evae = load_evae(config.evae)
+        latent, unet = evae.config.latent_channels, model.unet.config
+        if latent != unet.in_channels or latent != unet.out_channels:
+            source = f"--preset {config.preset}" if config.preset else "the UNet"
+            raise DeblurcliError(f"--evae {config.evae} makes {latent}-channel latents but "
+                                 f"{source} takes {unet.in_channels}: train the eVAE with the "
+                                 "same --preset")
+        model.evae = evae
     return model
 
 

@@ -88,8 +88,8 @@ def build_evae(config: VaeTrainConfig):
 
 
 def load_evae(path: str | Path):
-    """Load an eVAE from a stage-1 output folder (``train-vae``'s ``RUN/model``) or from the
-    ``evae/`` component of a model folder: both are ``EVAE.save_pretrained`` folders.
+    """Load an eVAE from a stage-1 run (``train-vae``'s ``RUN`` or its ``RUN/model``) or from
+    the ``evae/`` component of a model folder: all hold ``EVAE.save_pretrained`` folders.
 
     Raises:
         WeightsError: no eVAE there, or the weights do not fit.
@@ -97,11 +97,19 @@ def load_evae(path: str | Path):
     from deblurcli.models.evae import EVAE
 
     path = Path(path)
-    if (path / "evae" / "config.json").is_file():
-        path = path / "evae"
+    for _ in range(2):  # a run's finished model, then a model folder's component
+        inner = next((path / name for name in ("evae", "model")
+                      if any((path / name / index).is_file()
+                             for index in ("config.json", "model_index.json"))), None)
+        if inner is None:
+            break
+        path = inner
     if not (path / "diffusion_pytorch_model.safetensors").is_file():
-        raise WeightsError(f"no eVAE in {path} (expected a train-vae output folder or a model "
-                           "folder)")
+        run = (path / "checkpoints").is_dir()
+        raise WeightsError(f"no eVAE in {path} (expected train-vae's output folder, its "
+                           "model/ or a model folder" +
+                           ("; this run has not finished: export one with deblurcli export "
+                            "RUN -o DIR" if run else "") + ")")
     try:
         return EVAE.from_pretrained(path, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as exc:
