@@ -603,3 +603,14 @@ def test_evae_is_found_in_a_run_folder_and_must_fit_the_preset(tiny_model_folder
         build_model(DiffusionTrainConfig(output=str(tmp_path / "o"), preset="compact",
                                          evae=str(run)))
     assert not (tmp_path / "o").exists()
+
+
+def test_val_count_that_leaves_nothing_to_train_on_is_refused() -> None:
+    from deblurcli.errors import DatasetError
+    from deblurcli.train.data import split_validation
+
+    items = list(range(36))
+    train, val = split_validation(items, 6, seed=0)
+    assert len(train) == 30 and len(val) == 6 and sorted(train + val) == items
+    with pytest.raises(DatasetError, match="--val-count 100 holds out every one of the 36"):
+        split_validation(items, 100, seed=0)

@@ -300,11 +300,19 @@ def validate_items(items: Sequence[Item], problems: Sequence[str] = (), *, min_s
 
 
 def split_validation(items: Sequence[Item], count: int, seed: int) -> tuple[list[Item], list[Item]]:
-    """Hold out ``count`` items (seeded choice; at least one item stays for training)."""
+    """Hold out ``count`` items (seeded choice).
+
+    Raises:
+        DatasetError: ``count`` leaves no item to train on (``--val-count`` at least the number
+            of items).
+    """
     items = list(items)
-    count = min(max(count, 0), len(items) - 1)
     if count <= 0:
         return items, []
+    if count >= len(items):
+        raise DatasetError(f"--val-count {count} holds out every one of the {len(items)} "
+                           f"training pair(s); hold out at most {len(items) - 1}, or give "
+                           "--val-data")
     order = np.random.default_rng([seed, 7]).permutation(len(items))
     held = {int(i) for i in order[:count]}
     train = [it for i, it in enumerate(items) if i not in held]
