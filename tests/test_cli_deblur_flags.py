@@ -53,6 +53,12 @@ def test_a_fused_model_reports_the_gamma_it_runs_at(photo, tiny_model_folder, tm
     text = " ".join(result.stderr.split())
     assert "fused at gamma=0.3; gamma=1 is ignored" in text
     assert "gamma=0.3 (fused)" in text and "gamma=1," not in text
+    # no --gamma: nothing was asked for, so nothing is ignored (it used to say 0.7 was)
+    for backend in ("torch", "onnx"):
+        quiet = run(photo, tmp_path / f"out-{backend}", "--weights", fused, "--tile", "64",
+                    "--backend", backend)
+        assert quiet.exit_code == 0, quiet.output
+        assert "ignored" not in quiet.stderr and "gamma=0.3 (fused)" in quiet.stderr, backend
 
 
 def test_progress_reaches_a_log_when_stderr_is_not_a_terminal(photo, tiny_model_folder, tmp_path):

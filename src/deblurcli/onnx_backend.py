@@ -50,7 +50,7 @@ def unsupported(*, device_type: str, fp32: bool, fuse: bool, compile: bool,
     if compile:
         return "--compile is a torch option"
     if not 0 < tile <= MAX_TILE:
-        return f"it runs tiles of at most {MAX_TILE} px (--tile 1..{MAX_TILE})"
+        return f"it runs tiles of at most {MAX_TILE} px (--tile 8..{MAX_TILE}, a multiple of 8)"
     return None
 
 

@@ -12,6 +12,8 @@ from deblurcli.cli.options import (BatchSize, ColorFix, Tile, TileOverlap, check
 from deblurcli.images import DEFAULT_MAX_PIXELS
 from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE
 
+DEFAULT_GAMMA = 0.7  # the paper's γ between fidelity (1) and perceptual detail (0)
+
 HELP = """Remove motion blur from a photo, a video or a folder of both.
 
 INPUT is an image or video file or a folder; OUTPUT is always a folder
@@ -45,9 +47,10 @@ def deblur(
                                                help="An image or video file, or a folder.")],
     output: Annotated[Path, typer.Argument(metavar="OUTPUT",
                                            help="Output folder (created if missing).")],
-    gamma: Annotated[float, typer.Option(
-        "--gamma", help="Dual-adapter blend in [0, 1]: 1 = the 'real' adapter only, "
-        "0 = the 'synthetic' adapter only.")] = 0.7,
+    gamma: Annotated[Optional[float], typer.Option(
+        "--gamma", show_default=str(DEFAULT_GAMMA),
+        help="Dual-adapter blend in [0, 1]: 1 = the 'real' adapter only, "
+        "0 = the 'synthetic' adapter only (a fused model keeps its own).")] = None,
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", "-w", metavar="MODEL", help="Model folder (model_index.json + safetensors) "
         "from train-diffusion, export or blend --fuse, or a Hugging Face hub id (cached; fetched "
@@ -111,7 +114,7 @@ def deblur(
     = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Remove motion blur from a photo or a folder of photos."""
-    if not 0.0 <= gamma <= 1.0:
+    if gamma is not None and not 0.0 <= gamma <= 1.0:
         raise typer.BadParameter(f"must be in [0, 1], got {gamma}", param_hint="--gamma")
     from deblurcli.onnx_backend import BACKENDS
 
@@ -154,7 +157,8 @@ def deblur(
          compile_model=compile_model, color_fix=color_fix, backend=backend)
 
 
-def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Optional[Path],
+def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
+         weights: Optional[Path],
          fuse: bool, tile: int, overlap: int,
          lora: Optional[Path] = None,
          batch_size: Optional[int],
@@ -190,6 +194,8 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
     from deblurcli.modelindex import default_weights_dir, resolve_model
     from deblurcli.pipeline import DeblurPipeline, default_batch_size
 
+    if gamma is None:  # not given: a fused model runs at its own γ, without a note
+        gamma = _unasked_gamma(weights, lora)
     cached = _cached_onnx_runner(
         weights, group=group, backend=backend, device_name=device_name, dtype_name=dtype_name,
         gamma=gamma, fuse=fuse, lora=lora, tile=tile, compile_model=compile_model,
@@ -269,6 +275,20 @@ def _run(input_path: Path, output: Path, options, *, gamma: float, weights: Opti
             group.wait()
         return
     _report(out, summary, len(all_jobs), output)
+
+
+def _unasked_gamma(weights: Optional[Path], lora: Optional[Path]) -> float:
+    """The γ of a run that names none: the model's fused γ (or its blend file's), else
+    :data:`DEFAULT_GAMMA`. Reads only ``model_index.json``; a bad folder is reported later."""
+    from deblurcli.modelindex import default_weights_dir, fixed_gamma, resolve_model
+
+    try:
+        folder = resolve_model(weights if weights is not None else default_weights_dir(),
+                               offline=True)
+        fixed = fixed_gamma(folder, lora)
+    except Exception:  # noqa: BLE001 - the model loader says what is wrong, once
+        return DEFAULT_GAMMA
+    return DEFAULT_GAMMA if fixed is None else fixed
 
 
 def _cached_onnx_runner(weights: Optional[Path], *, group, backend: str, device_name: str,
