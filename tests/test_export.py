@@ -88,7 +88,10 @@ def test_while_a_run_trains_the_newest_checkpoint_is_exported(run: Path, tmp_pat
     assert "step-000000002 (step 2)" in result.stdout
     assert load_model_folder(tmp_path / "mid").evae.encoder_sharp is None
     for bad, words in ((["--checkpoint", "7"], "no checkpoint of step 7"),
-                       (["--checkpoint", "soon"], "not 'latest', a step number")):
+                       (["--checkpoint", "soon"], "not 'latest', a step number"),
+                       # another run's checkpoint: the folder would name this run
+                       (["--checkpoint", run / "checkpoints" / "step-000000002"],
+                        f"is not a checkpoint of {running}")):
         result = _export(running, "-o", tmp_path / "bad", *bad)
         assert result.exit_code == 1 and words in result.stderr, result.output
 

@@ -91,6 +91,12 @@ def choose_state(run: str | Path, checkpoint: str | None = None) -> RunState:
         if not (path / "state.json").is_file():
             raise DeblurcliError(f"--checkpoint {checkpoint}: not 'latest', a step number or a "
                                  "checkpoint folder")
+        folder = path.resolve().parent
+        if folder.name == ckpt.CHECKPOINT_DIR and folder != ckpt.checkpoint_root(run).resolve():
+            owner = folder.parent  # another run's checkpoint
+            raise DeblurcliError(f"--checkpoint {checkpoint} is not a checkpoint of {run} (the "
+                                 "model folder would name the wrong run); export it from its "
+                                 f"own run: deblurcli export {owner} --checkpoint {path.name}")
         return RunState(path, -1, True)
     model = run / "model"
     newest = found[-1] if found else None
