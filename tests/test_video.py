@@ -363,3 +363,18 @@ def test_video_deblurred_in_parts_and_joined_equals_one_run(tmp_path, suffix, x2
     # the segment files are left to the caller (who removes them)
     assert sorted(p.name for p in target.parent.iterdir()) == \
         [f".clip{suffix}.segment{i:04d}.part" for i in range(3)] + [f"clip{suffix}"]
+
+
+@pytest.mark.parametrize("codec,suffix,noise", [("libx265", ".mp4", "x265 [info]"),
+                                                ("libsvtav1", ".mkv", "Svt[info]")])
+def test_encoders_keep_their_settings_off_stderr(tmp_path, capfd, monkeypatch, codec, suffix,
+                                                 noise):
+    """x265 and SVT-AV1 printed ~25 lines of settings on every video."""
+    from deblurcli.video import deblur_video, has_encoder
+
+    if not has_encoder(codec):
+        pytest.skip(f"this PyAV build has no {codec}")
+    monkeypatch.delenv("SVT_LOG", raising=False)
+    clip = make_clip(tmp_path / "clip.mp4", frames=2, audio=False)
+    deblur_video(clip, tmp_path / f"out{suffix}", lambda x, p: x, codec=codec, crf=30)
+    assert noise not in capfd.readouterr().err

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -60,8 +61,9 @@ _MUXER = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".web
 _AUTO_CODECS = ("libx264", "libx265", "libvpx-vp9", "mpeg4")
 _AUTO_WEBM = ("libvpx-vp9", "libsvtav1", "libvpx")
 # encoders that take a constant rate factor, and the extra options each needs for it
-_CRF_CODECS = {"libx264": {}, "libx264rgb": {}, "libx265": {}, "libvpx-vp9": {"b": "0"},
-               "libvpx": {"b": "0"}, "libsvtav1": {}}
+# (x265 prints its settings on stderr unless told to keep to errors; SVT-AV1: see _transcode)
+_CRF_CODECS = {"libx264": {}, "libx264rgb": {}, "libx265": {"x265-params": "log-level=error"},
+               "libvpx-vp9": {"b": "0"}, "libvpx": {"b": "0"}, "libsvtav1": {}}
 _CRF_MAX = {"libvpx-vp9": 63, "libvpx": 63, "libsvtav1": 63}
 
 DeblurFn = Callable[[np.ndarray, Optional[ProgressFn]], np.ndarray]
@@ -556,6 +558,8 @@ def _transcode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, cr
         if codec_name in ("mpeg4", "mjpeg"):
             pix_fmt = "yuv420p" if codec_name == "mpeg4" else "yuvj420p"
         options = {}
+        if codec_name == "libsvtav1":  # its log level comes from the environment only
+            os.environ.setdefault("SVT_LOG", "1")  # errors (a value the user set is kept)
         if codec_name in _CRF_CODECS:
             options = {"crf": str(crf), **_CRF_CODECS[codec_name]}
         vout = out.add_stream(codec_name, rate=info.rate or Fraction(30), options=options)
