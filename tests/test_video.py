@@ -18,7 +18,7 @@ av = pytest.importorskip("av")
 
 from deblurcli.batch import BatchOptions, plan_jobs, run_jobs  # noqa: E402
 from deblurcli.cli.app import app  # noqa: E402
-from deblurcli.errors import DeblurcliError  # noqa: E402
+from deblurcli.errors import DeblurcliError, ImageReadError  # noqa: E402
 from deblurcli.images import read_image, write_image  # noqa: E402
 from deblurcli.video import (  # noqa: E402
     INSTALL_HINT,
@@ -220,6 +220,16 @@ def test_bad_video_options_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
     # encoders without a rate factor take any --crf (it does not apply to them)
     assert "--crf" not in run(clip, tmp_path / "out", "--codec", "mpeg4", "--crf", "60").output
+
+
+def test_a_file_that_is_no_video_is_one_plain_line(tmp_path):
+    from deblurcli.video import probe_video
+
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(np.random.default_rng(0).bytes(3000))
+    with pytest.raises(ImageReadError) as caught:
+        probe_video(fake)
+    assert str(caught.value) == f"cannot read {fake}: Invalid data found when processing input"
 
 
 def test_probe_reports_what_the_clip_holds(tmp_path):

@@ -206,7 +206,13 @@ def probe_video(path: Path) -> VideoInfo:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """The exception as one line; for FFmpeg's errors only their message (PyAV's text adds
+    the error number and the name it gave the open file)."""
+    text = str(exc)
+    strerror = getattr(exc, "strerror", None)
+    if strerror and type(exc).__module__.startswith("av"):
+        text = strerror
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def deblur_video(source: Path, target: Path, deblur: DeblurFn, *, codec: str = "auto",
