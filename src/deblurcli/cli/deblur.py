@@ -477,19 +477,23 @@ def _report(out, summary, total: int, output: Path) -> None:
     """Print the run's summary and every failure; raise (exit 1) if any job failed."""
     from deblurcli.errors import DeblurcliError
 
+    from deblurcli.video import is_video
+
     videos = sum(r.status == "done" and r.frames > 0 for r in summary.results)
-    rates = [f"mean {summary.mean_seconds:.2f} s/image"] if summary.count("done") > videos or \
-        not videos else []
+    rates = [f"mean {summary.mean_seconds:.2f} s/image"] \
+        if summary.count("done") > videos else []  # photos were deblurred
     if summary.frames:
         rates.append(f"{summary.frames} video frame(s), {summary.seconds_per_frame:.2f} s/frame")
     out.print(f"processed {summary.count('done')}, skipped {summary.count('skipped')}, "
-              f"failed {summary.count('failed')}; {'; '.join(rates)}; output in {output}",
-              highlight=False, markup=False)
+              f"failed {summary.count('failed')}; {''.join(r + '; ' for r in rates)}"
+              f"output in {output}", highlight=False, markup=False)
     if summary.failed:
         for result in summary.failed:
             out.print(f"failed: {result.job.source}: {result.error}", highlight=False,
                       markup=False)
-        raise DeblurcliError(f"{len(summary.failed)} of {total} image(s) failed")
+        kinds = {is_video(r.job.source) for r in summary.results} or {False}
+        noun = "file(s)" if len(kinds) > 1 else "video(s)" if kinds == {True} else "image(s)"
+        raise DeblurcliError(f"{len(summary.failed)} of {total} {noun} failed")
 
 
 def register(app: typer.Typer) -> None:
