@@ -182,7 +182,7 @@ def test_not_a_model_folder(tmp_path):
     old.mkdir()
     (old / "config.json").write_text("{}")
     (old / "evae.safetensors").write_bytes(b"")
-    with pytest.raises(WeightsError, match="deblurcli 0.1"):
+    with pytest.raises(WeightsError, match="early development version of deblurcli"):
         load_model_folder(old)
 
 

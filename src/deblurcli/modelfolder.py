@@ -91,7 +91,7 @@ def _base_unet_state(unet: nn.Module) -> dict[str, Tensor]:
 
 
 def _is_model_folder(folder: Path) -> bool:
-    """A folder deblurcli wrote: an OSDDPipeline folder, or one of deblurcli 0.1's format."""
+    """A folder deblurcli wrote: an OSDDPipeline folder, or one of an early development format."""
     try:
         index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
         return isinstance(index, dict) and index.get("_class_name") == PIPELINE_CLASS

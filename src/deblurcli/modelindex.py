@@ -91,8 +91,9 @@ def read_model_index(folder: PathLike) -> dict[str, Any]:
     path = folder / INDEX_FILE
     if not path.is_file():
         if (folder / "config.json").is_file() and (folder / "evae.safetensors").is_file():
-            raise WeightsError(f"{folder} is a model folder of deblurcli 0.1, before the "
-                               "diffusers format; retrain or re-export it with this version")
+            raise WeightsError(f"{folder} is a model folder of an early development version "
+                               "of deblurcli, before the diffusers format; retrain or re-export "
+                               "it with this version")
         raise WeightsError(f"{folder} is not a deblurcli model folder (missing {INDEX_FILE})")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
