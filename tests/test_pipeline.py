@@ -187,3 +187,16 @@ def test_an_array_model_gets_numpy_and_gives_the_tensor_models_result():
     np.testing.assert_allclose(arrays, tensors, rtol=0, atol=1e-6)
     assert {seen[:2] for seen in model.seen} == {(np.ndarray, np.dtype(np.float32))}
     assert all(seen[3] and seen[2][1] == 3 for seen in model.seen)  # (B, 3, h, w), C order
+
+
+def test_integer_or_non_finite_input_is_refused_with_what_to_do():
+    """A uint8 photo ran silently as values in [0, 255]; a NaN pixel was blamed on half
+    precision."""
+    pipe = DeblurPipeline(identity, tile=16, overlap=8)
+    with pytest.raises(ValueError, match="expected float values in \\[0, 1\\], got uint8"):
+        pipe((_image(8, 8) * 255).astype(np.uint8))
+    broken = _image(8, 8)
+    broken[3, 3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        pipe(broken)
+    assert pipe(_image(8, 8).astype(np.float64)).dtype == np.float32

@@ -137,6 +137,11 @@ class DeblurPipeline:
         """
         if pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) array, got shape {pixels.shape}")
+        if not np.issubdtype(pixels.dtype, np.floating):
+            raise ValueError(f"expected float values in [0, 1], got {pixels.dtype} (divide 8-bit "
+                             "pixels by 255; deblurcli.images.read_image returns floats)")
+        if not np.isfinite(pixels).all():
+            raise ValueError("the image holds NaN or infinite values")
         height, width = pixels.shape[:2]
         # 1. pad
         padded = pad_to_multiple(np.asarray(pixels, dtype=np.float32))
