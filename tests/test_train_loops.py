@@ -267,6 +267,9 @@ def test_cli_reports_bad_dataset_in_one_line(pairs: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "out").exists()
     result = CliRunner().invoke(app, ["train-vae", "--data", str(pairs), "--crop", "30"])
     assert result.exit_code == 2
+    result = CliRunner().invoke(app, ["train-diffusion", "--frames", str(pairs),
+                                      "--frames-per-blur", "4", "-o", str(tmp_path / "f")])
+    assert result.exit_code == 2 and "must be odd, got 4" in result.output
 
 
 def test_cli_train_vae_runs(pairs: Path, tmp_path: Path) -> None:

@@ -71,6 +71,9 @@ def _check(values: dict[str, Any]) -> None:
         if value is not None and value <= 0:
             raise typer.BadParameter(f"must be > 0, got {value}",
                                      param_hint="--" + key.replace("_", "-"))
+    frames = values.get("frames_per_blur")
+    if frames is not None and frames % 2 == 0:  # the middle frame is the sharp image
+        raise typer.BadParameter(f"must be odd, got {frames}", param_hint="--frames-per-blur")
 
 
 RANDOM_EVAE = ("--preset {preset} alone trains on a random, untrained eVAE; give --evae DIR "
