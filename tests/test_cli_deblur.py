@@ -125,18 +125,18 @@ def test_output_equal_to_input_is_refused_even_with_overwrite(photos, tiny_model
 
 
 def test_photos_in_formats_it_does_not_read_are_named_not_passed_over(photos, tmp_path):
-    for name in ("IMG_1.HEIC", "IMG_2.heic", "raw.cr2", "notes.txt"):
+    for name in ("IMG_1.DNG", "IMG_2.dng", "raw.cr2", "notes.txt"):
         (photos / name).write_bytes(b"x")
     result = run(photos, tmp_path / "o", "--weights", tmp_path / "no-model")
-    assert "passing over 3 file(s) in formats deblurcli does not read: .cr2 (1), .heic (2)" in \
+    assert "passing over 3 file(s) in formats deblurcli does not read: .cr2 (1), .dng (2)" in \
         " ".join(result.output.split())
     assert "notes.txt" not in result.output
 
-    only = tmp_path / "phone"
+    only = tmp_path / "camera"
     only.mkdir()
-    (only / "IMG_1.HEIC").write_bytes(b"x")
+    (only / "IMG_1.NEF").write_bytes(b"x")
     result = run(only, tmp_path / "o2", "--weights", tmp_path / "no-model")
-    assert result.exit_code == 1 and "it holds .heic files, which deblurcli does not read" in \
+    assert result.exit_code == 1 and "it holds .nef files, which deblurcli does not read" in \
         " ".join(result.output.split())
 
 

@@ -47,15 +47,15 @@ from deblurcli.images import (
 from deblurcli.progress import ProgressFn, report
 from deblurcli.video import DEFAULT_CRF, VIDEO_SUFFIXES, deblur_video, is_video
 
-EXT_CHOICES = ("auto", "png", "jpg", "webp", "tif")
+EXT_CHOICES = ("auto", "png", "jpg", "webp", "tif", "avif", "heic")
 SIXTEEN_BIT_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
 OOM_ADVICE = "out of memory; lower --tile (e.g. --tile 256) or --batch-size"
 LEDGER_NAME = ".deblurcli-outputs.jsonl"
 INPUT_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES  # what deblur reads from a folder
 #: Photo and video formats a folder may hold that deblur does not read (it says so rather than
-#: pass them over in silence): phone HEIF/AVIF, camera raw files, and others.
+#: pass them over in silence): camera raw files, JPEG XL, GIF and others.
 UNREAD_MEDIA_SUFFIXES = frozenset({
-    ".heic", ".heif", ".avif", ".jxl", ".jp2", ".gif", ".psd", ".exr", ".hdr", ".tga", ".ppm",
+    ".jxl", ".jp2", ".gif", ".psd", ".exr", ".hdr", ".tga", ".ppm",
     ".pgm", ".pnm", ".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2",
     ".orf", ".rw2", ".raf", ".pef", ".srw", ".x3f", ".3fp", ".iiq", ".mts", ".m2ts", ".wmv",
     ".flv", ".3gp", ".mpg", ".mpeg"})
@@ -311,7 +311,7 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
     """Map the input file or folder to output files under ``out_dir`` (see the module docstring).
 
     ``on_unread`` gets the files of the input folder in photo or video formats that are not read
-    (:data:`UNREAD_MEDIA_SUFFIXES`: HEIC, camera raw, ...), when there are any.
+    (:data:`UNREAD_MEDIA_SUFFIXES`: camera raw, JPEG XL, ...), when there are any.
 
     The input guard sees the complete input list, before sharding and before any output is
     skipped: an output may not be an input file, compared by identity (the same path, a hard

@@ -270,9 +270,10 @@ def for_output(meta: ImageMetadata | None, *, width: int, height: int,
 
 def pillow_save_options(meta: ImageMetadata | None, fmt: str) -> dict[str, Any]:
     """Keyword arguments for Pillow's ``Image.save`` in format ``fmt`` (``"jpeg"``, ``"webp"``,
-    ``"png"``) that write ``meta`` (already passed through :func:`for_output`). In a JPEG, an
-    EXIF or XMP block larger than one segment holds is left out."""
-    if not meta or fmt not in ("jpeg", "webp", "png"):
+    ``"png"``, ``"avif"``, ``"heif"``) that write ``meta`` (already passed through
+    :func:`for_output`). In a JPEG, an EXIF or XMP block larger than one segment holds is left
+    out."""
+    if not meta or fmt not in ("jpeg", "webp", "png", "avif", "heif"):
         return {}
     if fmt == "jpeg":
         meta = replace(

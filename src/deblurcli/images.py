@@ -42,8 +42,11 @@ from deblurcli.imagemeta import ImageMetadata
 PathLike = str | os.PathLike
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"}
+    {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".avif", ".heic", ".heif"}
 )
+KINDS = "PNG, JPEG, TIFF, WebP, BMP, AVIF or HEIC"  # the formats read, for messages
+HEIF_HINT = "HEIC/HEIF photos need pillow-heif: pip install 'deblurcli[heif]'"
+AVIF_HINT = "AVIF needs a Pillow built with AVIF (11.3 or newer): pip install -U pillow"
 
 _FORMAT_BY_SUFFIX = {
     ".png": "png",
@@ -53,7 +56,14 @@ _FORMAT_BY_SUFFIX = {
     ".tiff": "tiff",
     ".webp": "webp",
     ".bmp": "bmp",
+    ".avif": "avif",
+    ".heic": "heif",
+    ".heif": "heif",
 }
+# ISO base media (HEIF) brands in an ``ftyp`` box: AVIF first (an AVIF file lists mif1 too)
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1",
+                          b"msf1"})
 _EXIF_ORIENTATION = 0x0112
 
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -344,6 +354,31 @@ def _sniff_format(head: bytes) -> str | None:
         return "webp"
     if head.startswith(b"BM"):
         return "bmp"
+    if head[4:8] == b"ftyp":  # ISO base media: the major brand, then the compatible ones
+        size = min(int.from_bytes(head[:4], "big"), len(head))
+        brands = {head[8:12], *(head[i:i + 4] for i in range(16, size - 3, 4))}
+        if brands & _AVIF_BRANDS:
+            return "avif"
+        if brands & _HEIF_BRANDS:
+            return "heif"
+    return None
+
+
+def pillow_plugin(fmt: str) -> str | None:
+    """Make Pillow able to read and write ``fmt``; the reason it cannot, or None when it can.
+    HEIC/HEIF comes from the optional pillow-heif (the ``heif`` extra); AVIF is Pillow's own
+    where it was built with it."""
+    if fmt == "heif":
+        try:
+            import pillow_heif
+        except ImportError:
+            return HEIF_HINT
+        pillow_heif.register_heif_opener()
+    elif fmt == "avif":
+        from PIL import features
+
+        if not features.check("avif"):
+            return AVIF_HINT
     return None
 
 
@@ -452,6 +487,9 @@ def _png_size(data: bytes) -> tuple[int, int]:
 def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageData:
     from PIL import Image
 
+    missing = pillow_plugin(fmt)
+    if missing:
+        raise ImageReadError(f"cannot read {path}: {missing}")
     with _pillow_limit(max_pixels):
         try:
             im = Image.open(io.BytesIO(data))
@@ -488,7 +526,7 @@ def _pillow_metadata(im, data: bytes, fmt: str) -> ImageMetadata | None:
     try:
         if fmt == "png":
             return imagemeta.from_png(data)
-        return imagemeta.from_pillow(im) if fmt in ("jpeg", "webp") else None
+        return imagemeta.from_pillow(im) if fmt in ("jpeg", "webp", "avif", "heif") else None
     except Exception:  # noqa: BLE001 - metadata is best effort (deblurcli.imagemeta)
         return None
 
@@ -543,7 +581,7 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
 
 
 def read_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageData:
-    """Read an image file (PNG, JPEG, TIFF, WebP, BMP) as :class:`ImageData`.
+    """Read an image file (PNG, JPEG, TIFF, WebP, BMP, AVIF, HEIC) as :class:`ImageData`.
 
     The format is recognised from the file's content, not its suffix. EXIF orientation is applied.
     Only regular files are opened; an image of more than ``max_pixels`` pixels (width x height,
@@ -555,12 +593,12 @@ def read_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     path = Path(path)
     with open_regular(path) as fh:
         try:
-            head = fh.read(32)
+            head = fh.read(64)
         except OSError as exc:
             raise ImageReadError(f"cannot read {path}: {exc.strerror or exc}") from None
-        fmt = _sniff_format(head[:16])
+        fmt = _sniff_format(head)
         if fmt is None:
-            raise ImageReadError(f"cannot read {path}: not a PNG, JPEG, TIFF, WebP or BMP image")
+            raise ImageReadError(f"cannot read {path}: not a {KINDS} image")
         try:
             if fmt == "tiff":
                 fh.seek(0)
@@ -595,11 +633,13 @@ def image_size(path: PathLike) -> tuple[int, int]:
     path = Path(path)
     try:
         with open_regular(path) as fh:
-            head = fh.read(16)
+            head = fh.read(64)
             fmt = _sniff_format(head)
             if fmt is None:
-                raise ImageReadError(
-                    f"cannot read {path}: not a PNG, JPEG, TIFF, WebP or BMP image")
+                raise ImageReadError(f"cannot read {path}: not a {KINDS} image")
+            missing = pillow_plugin(fmt)
+            if missing:
+                raise ImageReadError(f"cannot read {path}: {missing}")
             fh.seek(0)
             if fmt == "tiff":
                 import tifffile
@@ -659,14 +699,14 @@ def encode_image(
     metadata: ImageMetadata | None = None,
 ) -> bytes:
     """Encode pixels as the bytes of an image file of format ``fmt`` (``"png"``, ``"jpeg"``,
-    ``"tiff"``, ``"webp"`` or ``"bmp"``).
+    ``"tiff"``, ``"webp"``, ``"bmp"``, ``"avif"`` or ``"heif"``).
 
     Args:
         pixels: float ``(H, W, 3)`` RGB (or ``(H, W)`` grey) in ``[0, 1]``; values are clipped.
         alpha: optional ``(H, W)`` alpha in ``[0, 1]``; JPEG cannot store it and drops it.
         grayscale: write a single-channel file (the mean of the three channels).
         bit_depth: 8 or 16; 16 is kept for PNG and TIFF, other formats are written with 8 bits.
-        quality: JPEG/WebP quality (1-100).
+        quality: JPEG/WebP/AVIF/HEIC quality (1-100).
         compress_level: zlib level (0-9) for 8-bit PNG; 1 is ~3x faster than 6 and ~20% larger.
         metadata: ICC profile, EXIF and XMP to write where the format holds them, made true of
             these pixels first (:func:`deblurcli.imagemeta.for_output`).
@@ -726,9 +766,13 @@ def encode_image(
     if im.mode != mode:  # pragma: no cover - Pillow infers the mode from the array shape
         raise ValueError(f"unexpected Pillow mode {im.mode} for {mode}")
     options = {"png": {"compress_level": int(compress_level)}, "jpeg": {"quality": int(quality)},
-               "webp": {"quality": int(quality)}, "bmp": {}}.get(fmt)
+               "webp": {"quality": int(quality)}, "bmp": {}, "avif": {"quality": int(quality)},
+               "heif": {"quality": int(quality)}}.get(fmt)
     if options is None:
         raise ValueError(f"unknown image format {fmt!r}")
+    missing = pillow_plugin(fmt)
+    if missing:
+        raise DeblurcliError(f"cannot write {fmt.upper()}: {missing}")
     meta = imagemeta.pillow_save_options(metadata, fmt)
     buf = io.BytesIO()
     try:

@@ -38,7 +38,7 @@ Examples:
 """
 
 # --ext spellings accepted besides batch.EXT_CHOICES, and the format each one means
-EXT_ALIASES = {"jpeg": "jpg", "tiff": "tif"}
+EXT_ALIASES = {"jpeg": "jpg", "tiff": "tif", "heif": "heic"}
 
 
 
@@ -89,9 +89,9 @@ def deblur(
         "--suffix", help="Added to output file names (photo.jpg -> photo{suffix}.jpg).")] = "",
     ext: Annotated[str, typer.Option(
         "--ext", help="Output format: auto (same as input) | png | jpg (jpeg) | webp | "
-        "tif (tiff).")] = "auto",
+        "tif (tiff) | avif | heic (heif).")] = "auto",
     quality: Annotated[int, typer.Option(
-        "--quality", min=1, max=100, help="JPEG/WebP quality.")] = 95,
+        "--quality", min=1, max=100, help="JPEG/WebP/AVIF/HEIC quality.")] = 95,
     strip_metadata: Annotated[bool, typer.Option(
         "--strip-metadata", help="Write photos without the input's metadata (kept by default: "
         "ICC colour profile, EXIF with date, camera and GPS, XMP).")] = False,
@@ -129,7 +129,7 @@ def deblur(
     given, ext = ext, ext.lower().removeprefix(".")  # '.png' as users often write it
     ext = EXT_ALIASES.get(ext, ext)
     if ext not in EXT_CHOICES:
-        raise typer.BadParameter(f"use one of {', '.join(EXT_CHOICES)} (or jpeg, tiff); "
+        raise typer.BadParameter(f"use one of {', '.join(EXT_CHOICES)} (or jpeg, tiff, heif); "
                                  f"got {given!r}", param_hint="--ext")
     if "/" in suffix or "\\" in suffix:
         raise typer.BadParameter("must not contain a path separator", param_hint="--suffix")
