@@ -193,3 +193,32 @@ def test_bad_parameter_is_exit_2():
     assert result.exit_code == 2
     assert result.stderr.strip() == ("error: Invalid value for --gamma: must be in [0, 1] "
                                      "(see root bad-value --help)")
+
+
+def test_main_called_from_a_thread_runs_and_leaves_no_handler_behind():
+    import signal
+    import threading
+
+    from deblurcli.cli.app import main
+
+    before = signal.getsignal(signal.SIGTERM)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            main(["--version"])
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                errors.append(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join(60)
+    assert errors == []
+    try:
+        main(["--version"])
+    except SystemExit:
+        pass
+    assert signal.getsignal(signal.SIGTERM) is before

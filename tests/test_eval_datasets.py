@@ -243,3 +243,17 @@ def test_a_metric_that_cannot_score_an_image_leaves_the_others(tmp_path, monkeyp
     assert warnings == ["ssim could not score 1 of 2 image(s) of input (e.g. small: Expected 3D "
                         "or 4D (batch mode) tensor, got: [1, 1, 0, 0]); they are left out of its "
                         "mean"]
+
+
+def test_running_out_of_memory_is_not_blamed_on_the_image(tmp_path, monkeypatch):
+    from deblurcli.evaluation import metrics
+
+    def no_memory(self, pred, ref=None):
+        raise MemoryError
+
+    monkeypatch.setattr(metrics.Metric, "__call__", no_memory)
+    write_image(tmp_path / "sharp" / "a.png", _crop(0))
+    write_image(tmp_path / "blur" / "a.png", _blur(_crop(0)))
+    with pytest.raises(MemoryError):
+        run_evaluation(folder_set(tmp_path / "blur", tmp_path / "sharp"), _config(),
+                       warn=lambda m: None)

@@ -107,6 +107,18 @@ def test_config_values_of_the_wrong_type_are_one_line(tmp_path: Path, line, mess
         cfg.resolve_config(cfg.DiffusionTrainConfig, str(toml), {})
 
 
+def test_yaml_exponents_are_numbers(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads `lr: 1e-4` as the string '1e-4'."""
+    pytest.importorskip("yaml")
+    run = tmp_path / "run.yaml"
+    run.write_text("lr: 1e-4\nlambda2: 5e-3\n")
+    config = cfg.resolve_config(cfg.DiffusionTrainConfig, str(run), {})
+    assert (config.lr, config.lambda2) == (1e-4, 5e-3)
+    run.write_text("lr: fast\n")
+    with pytest.raises(DeblurcliError, match="lr must be a number, got 'fast'"):
+        cfg.resolve_config(cfg.DiffusionTrainConfig, str(run), {})
+
+
 def test_config_numbers_and_lists_of_the_right_type_pass(tmp_path: Path) -> None:
     toml = tmp_path / "run.toml"
     toml.write_text("lr = 1\naugment = false\nprogressive-sizes = [64, 96]\nlora-rank = 8\n")

@@ -5,6 +5,8 @@ Clips are made here with PyAV (64x48, 10 frames, with an AAC track), so the test
 
 from __future__ import annotations
 
+import os
+
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -397,3 +399,4 @@ def test_encoders_keep_their_settings_off_stderr(tmp_path, capfd, monkeypatch, c
     clip = make_clip(tmp_path / "clip.mp4", frames=8, audio=False)
     deblur_video(clip, tmp_path / f"out{suffix}", lambda x, p: x, codec=codec, crf=30)
     assert noise not in capfd.readouterr().err
+    assert "SVT_LOG" not in os.environ  # set only while SVT-AV1 encodes

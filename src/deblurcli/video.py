@@ -541,9 +541,32 @@ def _prepare(source: Path, target: Path, codec: str, crf: int,
     return av, muxer, codec_name, info
 
 
+@contextlib.contextmanager
+def _quiet_encoder(codec_name: str) -> Iterator[None]:
+    """SVT-AV1 takes its log level from the environment only: errors alone while it encodes
+    (``SVT_LOG`` put back afterwards; a value the user set is kept)."""
+    if codec_name != "libsvtav1" or "SVT_LOG" in os.environ:
+        yield
+        return
+    os.environ["SVT_LOG"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("SVT_LOG", None)
+
+
 def _transcode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: int,
                info: VideoInfo, deblur: DeblurFn, progress: Optional[ProgressFn],
                span: Optional[FrameSpan] = None, seek: bool = False) -> tuple[int, int, int]:
+    """:func:`_encode` with the encoder's own log kept to errors."""
+    with _quiet_encoder(codec_name):
+        return _encode(av, source, tmp, muxer, codec_name, crf, info, deblur, progress, span,
+                       seek)
+
+
+def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: int,
+            info: VideoInfo, deblur: DeblurFn, progress: Optional[ProgressFn],
+            span: Optional[FrameSpan] = None, seek: bool = False) -> tuple[int, int, int]:
     """Deblur the frames of ``span`` (all of them, with the audio, when None) into ``tmp``;
     returns ``(frames written, shift, origin)``: the time-base ticks taken off their timestamps
     so that the first written frame has the video's first timestamp, ``origin`` (``shift`` is 0
@@ -564,8 +587,6 @@ def _transcode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, cr
         if codec_name in ("mpeg4", "mjpeg"):
             pix_fmt = "yuv420p" if codec_name == "mpeg4" else "yuvj420p"
         options = {}
-        if codec_name == "libsvtav1":  # its log level comes from the environment only
-            os.environ.setdefault("SVT_LOG", "1")  # errors (a value the user set is kept)
         if codec_name in _CRF_CODECS:
             options = {"crf": str(crf), **_CRF_CODECS[codec_name]}
         vout = out.add_stream(codec_name, rate=info.rate or Fraction(30), options=options)

@@ -220,8 +220,20 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     global _COMMAND_PROCESS
     _COMMAND_PROCESS = True
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = None
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (main() called by other code): leave it
+        pass
+    try:
+        _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Optional[list[str]]) -> None:
     if debug_enabled():
         os.environ.setdefault("TYPER_STANDARD_TRACEBACK", "1")
     else:

@@ -283,8 +283,8 @@ def _unasked_gamma(weights: Optional[Path], lora: Optional[Path]) -> float:
     from deblurcli.modelindex import default_weights_dir, fixed_gamma, resolve_model
 
     try:
-        folder = resolve_model(weights if weights is not None else default_weights_dir(),
-                               offline=True)
+        # (a hub id is fetched here, once, as the loader would: its γ is known from the start)
+        folder = resolve_model(weights if weights is not None else default_weights_dir())
         fixed = fixed_gamma(folder, lora)
     except Exception:  # noqa: BLE001 - the model loader says what is wrong, once
         return DEFAULT_GAMMA

@@ -145,17 +145,19 @@ def _run(kind: str, values: dict[str, Any], random_evae: bool = False) -> None:
     with rich_progress(err, labels={"steps": "training"}, unit="it",
                        enabled=not quiet and main_rank) as progress:
         result = train(config, progress=_with_validation_lines(progress, err))
+    stopped = 143 if result.terminated else 130  # SIGTERM or Ctrl-C
     if not result.main_process:  # accelerate launch: only the main process reports
         if result.interrupted:
-            raise typer.Exit(130)
+            raise typer.Exit(stopped)
         return
     out = stdout_console()
     losses = " ".join(f"{k}={v:.4g}" for k, v in result.last_losses.items())
     val = " ".join(f"{k}={v:.4g}" for k, v in result.validation.items())
     if result.interrupted:
-        err.print(f"interrupted at step {result.step}; checkpoint saved to {result.checkpoint}; "
+        err.print(f"{'terminated' if result.terminated else 'interrupted'} at step "
+                  f"{result.step}; checkpoint saved to {result.checkpoint}; "
                   f"continue with: --resume latest -o {result.output}", highlight=False)
-        raise typer.Exit(130)
+        raise typer.Exit(stopped)
     done = result.step - result.start_step
     since = f" (resumed at {result.start_step})" if result.start_step else ""
     if result.out_of_time:

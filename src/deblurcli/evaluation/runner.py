@@ -161,8 +161,9 @@ def score_image(metrics: Sequence[Metric], pred: np.ndarray, ref: np.ndarray | N
     for m in metrics:
         try:
             scores[m.name] = m(fr_pred, fr_ref) if m.spec.full_reference else m(pred)
-        except Exception as exc:  # noqa: BLE001 - pyiqa's errors on images it cannot score
-            if failures is None or type(exc).__name__ == "OutOfMemoryError":
+        except (ValueError, RuntimeError) as exc:  # pyiqa's errors on images it cannot score
+            if failures is None or type(exc).__name__ == "OutOfMemoryError" or \
+                    "out of memory" in str(exc).lower():  # memory is not the image's fault
                 raise
             failures.setdefault(m.name, []).append(
                 (key, " ".join(str(exc).split()) or type(exc).__name__))

@@ -202,6 +202,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return flat
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
+
+
 def _typed(key: str, value: Any, kind: Any) -> Any:
     """A config file's ``value`` for the setting ``key`` of type ``kind`` (``int``, ``float``,
     ``bool``, ``str``, ``X | None``, ``list[int]``); a whole number is taken as a float.
@@ -227,6 +235,8 @@ def _typed(key: str, value: Any, kind: Any) -> Any:
         return value
     elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    elif kind is float and isinstance(value, str) and _is_number(value):
+        return float(value)  # YAML 1.1 (PyYAML) reads 1e-4, without a dot, as a string
     elif kind is str and isinstance(value, str):
         return value
     else:

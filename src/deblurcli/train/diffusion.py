@@ -75,11 +75,6 @@ def build_model(config: DiffusionTrainConfig):
     if config.init:
         from deblurcli.modelfolder import load_model_folder
 
-        if config.lora_rank is not None:
-            raise DeblurcliError(f"--lora-rank sets the rank of new adapters; --init "
-                                 f"{config.init} brings its own, whose rank stays: leave "
-                                 "--lora-rank out")
-
         model = load_model_folder(config.init, fuse=False, gamma=0.5)
         if not model.has_dual_adapters:
             raise DeblurcliError(f"--init {config.init}: needs an unfused model folder with "
@@ -173,6 +168,10 @@ def train_diffusion(config: DiffusionTrainConfig,
         raise DeblurcliError("--train-encoder needs --full (a LoRA run keeps the eVAE frozen)")
     if config.progressive and any(s % 8 for s in config.progressive_sizes):
         raise DeblurcliError("progressive sizes must be multiples of 8")
+    if config.init and config.lora_rank is not None and not config.resume:
+        # (a run resumed or exported from before this check keeps its recorded, unused rank)
+        raise DeblurcliError(f"--lora-rank sets the rank of new adapters; --init {config.init} "
+                             "brings its own, whose rank stays: leave --lora-rank out")
     validate_common(config)
     accelerator = engine.make_accelerator(config)
     progressive = (tuple(config.progressive_sizes), config.progressive_steps) \

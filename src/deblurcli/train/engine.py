@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -296,6 +297,7 @@ class TrainResult:
     model_folder: Path | None
     checkpoint: Path | None
     interrupted: bool = False
+    terminated: bool = False  # interrupted by SIGTERM (kill, a scheduler), not Ctrl-C
     out_of_time: bool = False
     last_losses: dict[str, float] = field(default_factory=dict)
     validation: dict[str, float] = field(default_factory=dict)
@@ -397,12 +399,14 @@ class _InterruptFlag:
 
     def __init__(self) -> None:
         self.hit = False
+        self.signum: int | None = None  # the first signal received
         self.previous: dict[int, object] = {}
 
     def __enter__(self) -> _InterruptFlag:  # noqa: PYI034
         try:
             for signum in self.SIGNALS:
-                self.previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # (nohup, `cmd &` in a script)
+                    self.previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread: leave the default handlers
             pass
         return self
@@ -410,7 +414,14 @@ class _InterruptFlag:
     def _handle(self, signum, frame) -> None:
         if self.hit:
             raise KeyboardInterrupt
-        self.hit = True
+        self.hit, self.signum = True, signum
+
+    def pass_on_sigterm(self) -> None:
+        """After the run has saved: a SIGTERM that would have ended a process without a handler
+        of its own (a library caller's) ends it now, as it would have without us."""
+        if self.signum == signal.SIGTERM and \
+                self.previous.get(signal.SIGTERM) in (signal.SIG_DFL, None):
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def __exit__(self, *exc) -> None:
         for signum, previous in self.previous.items():
@@ -518,7 +529,12 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
     with _InterruptFlag() as flag:
         try:
             while step < target and not flag.hit:
-                batch = next(batches)
+                try:
+                    batch = next(batches)
+                except Exception:  # noqa: BLE001
+                    if not flag.hit:
+                        raise
+                    break  # a signal to the process group ended the data workers too
                 batch = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v)
                          for k, v in batch.items()}
                 values = stage.train_step(batch, step)
@@ -568,7 +584,12 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                 last_ckpt = save(step)
     log.close()
     if hasattr(batches, "close"):  # a device stream's worker processes end here, not at GC
-        batches.close()
+        try:
+            batches.close()
+        except Exception:  # noqa: BLE001 - workers a signal already ended
+            if not flag.hit:
+                raise
+    flag.pass_on_sigterm()
     model_folder = None
     if not interrupted:
         accelerator.wait_for_everyone()
@@ -580,6 +601,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
         accelerator.wait_for_everyone()
     return TrainResult(step=step, output=output, model_folder=model_folder, checkpoint=last_ckpt,
                        interrupted=interrupted, out_of_time=out_of_time,
+                       terminated=interrupted and flag.signum == signal.SIGTERM,
                        last_losses=losses, validation=validation,
                        seconds=time.perf_counter() - began, main_process=main,
                        start_step=start)
