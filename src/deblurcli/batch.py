@@ -55,7 +55,7 @@ INPUT_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES  # what deblur reads from a fol
 #: Photo and video formats a folder may hold that deblur does not read (it says so rather than
 #: pass them over in silence): camera raw files, JPEG XL, GIF and others.
 UNREAD_MEDIA_SUFFIXES = frozenset({
-    ".jxl", ".jp2", ".gif", ".psd", ".exr", ".hdr", ".tga", ".ppm",
+    ".jxl", ".heics", ".avifs", ".jp2", ".gif", ".psd", ".exr", ".hdr", ".tga", ".ppm",
     ".pgm", ".pnm", ".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2",
     ".orf", ".rw2", ".raf", ".pef", ".srw", ".x3f", ".3fp", ".iiq", ".mts", ".m2ts", ".wmv",
     ".flv", ".3gp", ".mpg", ".mpeg"})

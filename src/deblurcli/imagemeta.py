@@ -15,6 +15,7 @@ format     read                                 written
 =========  ===================================  ==============================================
 JPEG       ICC, EXIF, XMP (Pillow)              ICC; EXIF and XMP when each fits one segment
 WebP       ICC, EXIF, XMP (Pillow)              ICC, EXIF, XMP
+AVIF/HEIC  ICC, EXIF, XMP (Pillow/pillow-heif)  ICC, EXIF, XMP
 PNG        iCCP, eXIf; XMP from iTXt/tEXt/zTXt  iCCP, eXIf, iTXt ``XML:com.adobe.xmp``
 TIFF       ICC (tag 34675)                      ICC
 BMP        nothing                              nothing

@@ -42,7 +42,7 @@ from deblurcli.imagemeta import ImageMetadata
 PathLike = str | os.PathLike
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".avif", ".heic", ".heif"}
+    {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".avif", ".heic", ".heif", ".hif"}
 )
 KINDS = "PNG, JPEG, TIFF, WebP, BMP, AVIF or HEIC"  # the formats read, for messages
 HEIF_HINT = "HEIC/HEIF photos need pillow-heif: pip install 'deblurcli[heif]'"
@@ -59,6 +59,7 @@ _FORMAT_BY_SUFFIX = {
     ".avif": "avif",
     ".heic": "heif",
     ".heif": "heif",
+    ".hif": "heif",  # the HEIF suffix of Canon, Fujifilm and Sony cameras
 }
 # ISO base media (HEIF) brands in an ``ftyp`` box: AVIF first (an AVIF file lists mif1 too)
 _AVIF_BRANDS = frozenset({b"avif", b"avis"})
@@ -364,22 +365,39 @@ def _sniff_format(head: bytes) -> str | None:
     return None
 
 
-def pillow_plugin(fmt: str) -> str | None:
-    """Make Pillow able to read and write ``fmt``; the reason it cannot, or None when it can.
-    HEIC/HEIF comes from the optional pillow-heif (the ``heif`` extra); AVIF is Pillow's own
-    where it was built with it."""
+def _read_head(fh: BinaryIO) -> bytes:
+    """The first bytes of a file, enough to tell its format: 64, or the whole ``ftyp`` box of
+    an ISO base media file (up to 4 kB), whose brands may run past them."""
+    head = fh.read(64)
+    if head[4:8] == b"ftyp" and int.from_bytes(head[:4], "big") > len(head):
+        head += fh.read(min(int.from_bytes(head[:4], "big"), 4096) - len(head))
+    return head
+
+
+def pillow_plugin(fmt: str, *, write: bool = False) -> str | None:
+    """Make Pillow able to read (and with ``write``, write) ``fmt``; the reason it cannot, or
+    None when it can. HEIC/HEIF comes from the optional pillow-heif (the ``heif`` extra); AVIF
+    is Pillow's own where it was built with it (11.3 or newer)."""
+    from PIL import Image, features
+
     if fmt == "heif":
         try:
             import pillow_heif
         except ImportError:
             return HEIF_HINT
         pillow_heif.register_heif_opener()
+        if write and "HEIF" not in Image.SAVE:  # a libheif built without an HEVC encoder
+            return "this pillow-heif cannot write HEIC (its libheif has no HEVC encoder)"
     elif fmt == "avif":
-        from PIL import features
-
-        if not features.check("avif"):
+        if "avif" not in features.modules or not features.check_module("avif"):
             return AVIF_HINT
     return None
+
+
+def _pillow_formats(fmt: str) -> list[str] | None:
+    """The one Pillow plugin to open ``fmt`` with, where another could claim the file (the HEIF
+    plugin takes AVIF files under a mif1 brand, then fails without an AV1 decoder)."""
+    return [fmt.upper()] if fmt in ("avif", "heif") else None
 
 
 def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
@@ -459,8 +477,17 @@ def _finish(
     )
 
 
-def _pillow_orientation(im) -> int:
+def _pillow_orientation(im, fmt: str = "") -> int:
+    """The orientation to apply. In AVIF only the EXIF's counts (Pillow keeps it in step with
+    the irot/imir boxes; an XMP tiff:Orientation, which getexif() would fall back to, is
+    not the format's); pillow-heif turns HEIC photos upright itself and reports 1."""
     try:
+        if fmt == "avif":
+            from deblurcli.imagemeta import ImageMetadata, exif_orientation
+
+            body = im.info.get("exif") or b""
+            body = body[6:] if body.startswith(b"Exif\x00\x00") else body
+            return exif_orientation(ImageMetadata(exif=body or None))
         return int(im.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - a broken EXIF block must not stop reading pixels
         return 1
@@ -492,7 +519,7 @@ def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageDat
         raise ImageReadError(f"cannot read {path}: {missing}")
     with _pillow_limit(max_pixels):
         try:
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=_pillow_formats(fmt))
         except Image.DecompressionBombError:
             raise ImageReadError(f"cannot read {path}: more pixels than the limit of "
                                  f"{max_pixels:,} (raise it with --max-pixels)") from None
@@ -500,7 +527,7 @@ def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageDat
         im.load()
     metadata = _pillow_metadata(im, data, fmt)
     orientation = _png_orientation(io.BytesIO(data)) if fmt == "png" else \
-        _pillow_orientation(im)
+        _pillow_orientation(im, fmt)
     mode = im.mode
     if mode in ("1", "L"):
         arr = np.asarray(im.convert("L"))
@@ -593,7 +620,7 @@ def read_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     path = Path(path)
     with open_regular(path) as fh:
         try:
-            head = fh.read(64)
+            head = _read_head(fh)
         except OSError as exc:
             raise ImageReadError(f"cannot read {path}: {exc.strerror or exc}") from None
         fmt = _sniff_format(head)
@@ -633,7 +660,7 @@ def image_size(path: PathLike) -> tuple[int, int]:
     path = Path(path)
     try:
         with open_regular(path) as fh:
-            head = fh.read(64)
+            head = _read_head(fh)
             fmt = _sniff_format(head)
             if fmt is None:
                 raise ImageReadError(f"cannot read {path}: not a {KINDS} image")
@@ -652,10 +679,10 @@ def image_size(path: PathLike) -> tuple[int, int]:
             else:
                 from PIL import Image
 
-                with Image.open(fh) as im:
+                with Image.open(fh, formats=_pillow_formats(fmt)) as im:
                     w, h = im.size
                     orientation = (_png_orientation(fh) if fmt == "png"
-                                   else _pillow_orientation(im))
+                                   else _pillow_orientation(im, fmt))
     except ImageReadError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -737,10 +764,10 @@ def encode_image(
     channels = arr.shape[2]
     if channels == 1:
         arr = arr[..., 0]
-    # WebP has no grey mode: Pillow writes grey pixels as RGB
+    # WebP has no grey mode, AVIF and HEIC none with alpha: Pillow writes them as RGB(A)
+    grey_written = channels == 1 and fmt != "webp" or channels == 2 and fmt in ("png", "tiff")
     metadata = imagemeta.for_output(metadata, width=arr.shape[1], height=arr.shape[0],
-                                    grayscale=channels in (1, 2) and fmt != "webp") \
-        if fmt != "bmp" else None
+                                    grayscale=grey_written) if fmt != "bmp" else None
 
     if fmt == "tiff":
         import tifffile
@@ -770,9 +797,10 @@ def encode_image(
                "heif": {"quality": int(quality)}}.get(fmt)
     if options is None:
         raise ValueError(f"unknown image format {fmt!r}")
-    missing = pillow_plugin(fmt)
+    missing = pillow_plugin(fmt, write=True)
     if missing:
-        raise DeblurcliError(f"cannot write {fmt.upper()}: {missing}")
+        raise DeblurcliError(f"cannot write {'HEIC' if fmt == 'heif' else fmt.upper()}: "
+                             f"{missing}")
     meta = imagemeta.pillow_save_options(metadata, fmt)
     buf = io.BytesIO()
     try:

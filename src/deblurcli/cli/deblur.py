@@ -131,6 +131,12 @@ def deblur(
     if ext not in EXT_CHOICES:
         raise typer.BadParameter(f"use one of {', '.join(EXT_CHOICES)} (or jpeg, tiff, heif); "
                                  f"got {given!r}", param_hint="--ext")
+    if ext in ("avif", "heic"):  # before the model runs, not at each photo's write
+        from deblurcli.images import pillow_plugin
+
+        missing = pillow_plugin("heif" if ext == "heic" else "avif", write=True)
+        if missing:
+            raise typer.BadParameter(f"cannot write {ext}: {missing}", param_hint="--ext")
     if "/" in suffix or "\\" in suffix:
         raise typer.BadParameter("must not contain a path separator", param_hint="--suffix")
     dtype_name = dtype_option(dtype, fp32)
