@@ -417,3 +417,26 @@ def test_tiff_samples_and_sample_size_count_against_the_limit(tmp_path, monkeypa
         read_image(many)
     with pytest.raises(ImageReadError, match="bytes, more than the limit"):
         read_image(wide, max_pixels=2400 * 2400)
+
+
+def test_tiffs_of_every_common_kind_read_as_the_photo(tmp_path):
+    """CMYK came out as RGB + a transparent 'alpha', palette as grey indices, planar as 120
+    channels, and LZW/JPEG-compressed TIFFs (Photoshop's) needed the imagecodecs package."""
+    import tifffile
+    from PIL import Image
+
+    y, x = np.mgrid[0:60, 0:80]
+    rgb = np.stack([x * 3, y * 4, 255 - (x + y) * 1.5], 2).clip(0, 255).astype(np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.tif")
+    Image.fromarray(rgb).save(tmp_path / "lzw.tif", compression="tiff_lzw")
+    Image.fromarray(rgb).save(tmp_path / "jpeg.tif", compression="jpeg", quality=95)
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb, -1, 0), photometric="rgb",
+                     planarconfig="separate")
+    palette = Image.fromarray(rgb).quantize(64)
+    palette.save(tmp_path / "palette.tif")
+    for name, expected, tolerance in (("cmyk", rgb, 0.5), ("lzw", rgb, 0.5), ("jpeg", rgb, 2),
+                                      ("planar", rgb, 0.5),
+                                      ("palette", np.asarray(palette.convert("RGB")), 0.5)):
+        image = read_image(tmp_path / f"{name}.tif")
+        assert image.alpha is None and image.pixels.shape == (60, 80, 3), name
+        assert np.abs(image.pixels * 255 - expected).mean() < tolerance, name

@@ -553,7 +553,8 @@ def _pillow_metadata(im, data: bytes, fmt: str) -> ImageMetadata | None:
     try:
         if fmt == "png":
             return imagemeta.from_png(data)
-        return imagemeta.from_pillow(im) if fmt in ("jpeg", "webp", "avif", "heif") else None
+        return imagemeta.from_pillow(im) if fmt in ("jpeg", "webp", "avif", "heif", "tiff") \
+            else None
     except Exception:  # noqa: BLE001 - metadata is best effort (deblurcli.imagemeta)
         return None
 
@@ -594,12 +595,29 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
             raise ImageReadError(f"cannot read {path}: its pixels take {int(page.nbytes):,} "
                                  f"bytes, more than the limit of {max_file_bytes(max_pixels):,} "
                                  "(raise --max-pixels if the file is trusted)")
-        arr = page.asarray()
+        photometric = int(page.photometric)
+        arr = None
+        if photometric in (0, 1, 2):  # grey or RGB; CMYK, palette, YCbCr, Lab: Pillow below
+            try:
+                arr = page.asarray()
+            except Exception:  # noqa: BLE001 - e.g. LZW/JPEG without the imagecodecs package
+                arr = None
         tag = page.tags.get(274)
         orientation = int(tag.value) if tag is not None else 1
         icc = page.tags.get(34675)  # InterColorProfile
         icc = bytes(icc.value) if icc is not None and isinstance(icc.value, bytes) else None
-        photometric = int(page.photometric)
+        separate = int(getattr(page, "planarconfig", 1)) == 2  # one plane per sample
+        samples = int(page.samplesperpixel)
+    if arr is None:  # Pillow converts these kinds (and decodes LZW, JPEG, ...) to RGB(A)
+        size = os.fstat(fh.fileno()).st_size
+        if size > max_file_bytes(max_pixels):
+            raise ImageReadError(f"cannot read {path}: {size:,} bytes is more than an image "
+                                 f"within the pixel limit of {max_pixels:,} needs (raise it with "
+                                 "--max-pixels)")
+        fh.seek(0)
+        return _read_pillow(fh.read(size + 1), "tiff", path, max_pixels)
+    if separate and samples > 1 and arr.ndim == 3 and arr.shape[0] == samples:
+        arr = np.moveaxis(arr, 0, -1)  # (samples, height, width) -> (height, width, samples)
     if arr.ndim == 3 and arr.shape[2] > 4:
         raise ValueError(f"unsupported TIFF with {arr.shape[2]} channels")
     if photometric == 0 and np.issubdtype(arr.dtype, np.integer):  # MINISWHITE: invert
