@@ -161,6 +161,32 @@ def test_outputs_of_an_earlier_run_inside_the_input_are_recognised(folder, out_n
     assert plan_jobs(folder, out, options) == first
 
 
+@pytest.mark.parametrize("out_name,first,second", [
+    (".", BatchOptions(suffix="_sharp", recursive=True),
+     BatchOptions(suffix="_v2", recursive=True)),
+    ("out", BatchOptions(recursive=True), BatchOptions(recursive=True, ext="jpg"))])
+def test_earlier_outputs_are_no_inputs_whatever_suffix_or_format_came_next(folder, out_name,
+                                                                           first, second):
+    """A second run in place with another --suffix or --ext deblurred the first run's outputs
+    again (p_sharp_v2.png, out/out/p.jpg): recorded outputs are never inputs."""
+    out = folder / out_name
+    done = run_jobs(plan_jobs(folder, out, first), invert, first)
+    assert done.count("done") == 4
+    jobs = plan_jobs(folder, out, second)
+    assert len(jobs) == 4 and not [j for j in jobs if "_sharp" in j.source.name
+                                   or "out" in j.source.parts[len(folder.parts):-1]]
+
+
+def test_a_one_photo_run_into_its_own_folder_is_recorded(folder):
+    """`deblur dir/a.jpg dir --suffix _s`, then `deblur dir dir --suffix _s`: the second run
+    refused a_s.jpg as 'an input file' although deblurcli had written it."""
+    options = BatchOptions(suffix="_s")
+    assert run_jobs(plan_jobs(folder / "a.jpg", folder, options), invert, options).count(
+        "done") == 1
+    jobs = plan_jobs(folder, folder, options)
+    assert len(jobs) == 3 and all(not j.source.stem.endswith("_s") for j in jobs)
+
+
 def test_a_file_in_place_of_an_earlier_output_is_an_input(folder):
     """Only the ledger's word makes a file at an output path an earlier output: a file the user
     put there, or an output edited since, is an input and stops the run."""

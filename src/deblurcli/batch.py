@@ -243,7 +243,10 @@ def _list_inputs(source: Path, recursive: bool
         raise ImageReadError(f"cannot read {source}: {reason}")
     if source.suffix.lower() not in INPUT_SUFFIXES:
         raise ImageReadError(f"{source} is not an image or video file (suffix {source.suffix!r})")
-    return [(source, Path(source.name), info)], [], set(), []
+    # its folder counts as listed: an OUTPUT there is inside the input's tree, and recorded
+    parent = _stat_or_none(source.parent if str(source.parent) else Path("."))
+    return [(source, Path(source.name), info)], [], \
+        {_identity(parent)} if parent is not None else set(), []
 
 
 def _inside_listed_folder(folder: Path, listed: set[Identity]) -> bool:
@@ -301,6 +304,14 @@ def record_output(ledger: Path, target: Path, written: Path) -> None:
         os.close(fd)
 
 
+def _earlier_output(ledger: dict[str, tuple[int, int, int]], out_dir: Path, path: Path,
+                   info: os.stat_result) -> bool:
+    """Whether the input file ``path`` is an output the ledger of ``out_dir`` records, unchanged
+    since it was written."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(out_dir))
+    return not rel.startswith(os.pardir) and _recorded(ledger, Path(rel), info)
+
+
 def _recorded(ledger: dict[str, tuple[int, int, int]], rel: Path, info: os.stat_result) -> bool:
     entry = ledger.get(os.path.normcase(rel.as_posix()))
     return entry == (info.st_size, info.st_mtime_ns, info.st_ino)
@@ -336,6 +347,9 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
     inside = _inside_listed_folder(out_dir, listed)
     ledger_path = out_dir / LEDGER_NAME
     ledger = read_ledger(ledger_path) if inside else {}
+    if ledger:  # outputs of earlier runs, whatever --suffix or --ext made them, are no inputs
+        files = [(p, rel, info) for p, rel, info in files
+                 if not _earlier_output(ledger, out_dir, p, info)]
 
     def target_of(rel: Path) -> Path:
         return out_dir / rel.parent / output_name(rel, options.suffix, options.ext)
