@@ -222,3 +222,25 @@ def test_main_called_from_a_thread_runs_and_leaves_no_handler_behind():
     except SystemExit:
         pass
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_signal_while_the_options_are_read_exits_like_one_during_the_run():
+    from deblurcli.cli.app import Terminated
+
+    sub = typer.Typer(cls=DeblurcliGroup)
+
+    def stop(value):
+        if value:
+            raise Terminated
+        return value
+
+    @sub.command()
+    def slow(flag: bool = typer.Option(False, "--flag", callback=stop)) -> None:
+        pass
+
+    @sub.command()
+    def other() -> None:
+        pass
+
+    result = runner.invoke(sub, ["slow", "--flag"])
+    assert result.exit_code == 143 and result.stderr.strip() == "terminated"

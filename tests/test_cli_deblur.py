@@ -113,6 +113,14 @@ def test_bad_flags_exit_2(photos, tmp_path, args):
     assert result.exit_code == 2, result.output
 
 
+def test_an_empty_shard_says_so(photos, tmp_path):
+    """--shard 29/30 of 5 files said 'every output already exists' in a folder never made."""
+    result = run(photos, tmp_path / "o", "--shard", "29/30", "--weights", tmp_path / "none")
+    assert result.exit_code == 0
+    assert "shard 29/30 holds no file of" in result.stdout and "already exists" not in \
+        result.stdout
+
+
 def test_missing_input_exits_1(tmp_path):
     result = run(tmp_path / "nope.png", tmp_path / "o")
     assert result.exit_code == 1 and "input not found" in result.output
@@ -131,6 +139,10 @@ def test_photos_in_formats_it_does_not_read_are_named_not_passed_over(photos, tm
     assert "passing over 3 file(s) in formats deblurcli does not read: .cr2 (1), .dng (2)" in \
         " ".join(result.output.split())
     assert "notes.txt" not in result.output
+
+    single = run(photos / "raw.cr2", tmp_path / "o3", "--weights", tmp_path / "no-model")
+    assert single.exit_code == 1 and "convert them to JPEG, PNG or TIFF first" in \
+        " ".join(single.output.split())
 
     only = tmp_path / "camera"
     only.mkdir()

@@ -242,7 +242,10 @@ def _list_inputs(source: Path, recursive: bool
     if reason:
         raise ImageReadError(f"cannot read {source}: {reason}")
     if source.suffix.lower() not in INPUT_SUFFIXES:
-        raise ImageReadError(f"{source} is not an image or video file (suffix {source.suffix!r})")
+        hint = f"; deblurcli does not read {source.suffix.lower()} files: convert them to JPEG, " \
+            "PNG or TIFF first" if source.suffix.lower() in UNREAD_MEDIA_SUFFIXES else ""
+        raise ImageReadError(f"{source} is not an image or video file (suffix "
+                             f"{source.suffix!r}){hint}")
     # its folder counts as listed: an OUTPUT there is inside the input's tree, and recorded
     parent = _stat_or_none(source.parent if str(source.parent) else Path("."))
     return [(source, Path(source.name), info)], [], \

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -86,6 +86,8 @@ class DeblurcliGroup(TyperGroup):
     def make_context(self, info_name: Any, args: Any, parent: Any = None, **extra: Any) -> Any:
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
+        except KeyboardInterrupt as exc:  # while the options are read
+            _stopped(exc)
         except Exception as exc:
             if _is_usage_error(exc) and not debug_enabled():
                 typer.echo(_usage_error_line(exc), err=True)
@@ -108,9 +110,7 @@ class DeblurcliGroup(TyperGroup):
             typer.echo(f"error: {_one_line(exc)}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
-            terminated = isinstance(exc, Terminated)
-            typer.echo("terminated" if terminated else "interrupted", err=True)
-            raise typer.Exit(143 if terminated else 130) from None
+            _stopped(exc)
         except BrokenPipeError:  # the reader of stdout has gone (`deblurcli … | head`):
             raise  # click's main leaves quietly with status 1, as its own commands do
         except MemoryError:
@@ -202,6 +202,13 @@ def running_as_command() -> bool:
     ``python -m deblurcli``): a command may then change process-wide state such as how
     diffusers is imported. False when other code (a test, a notebook) calls the app."""
     return _COMMAND_PROCESS
+
+
+def _stopped(exc: KeyboardInterrupt) -> NoReturn:
+    """Ctrl-C (exit 130) or SIGTERM (:class:`Terminated`, exit 143): one word on stderr."""
+    terminated = isinstance(exc, Terminated)
+    typer.echo("terminated" if terminated else "interrupted", err=True)
+    raise typer.Exit(143 if terminated else 130) from None
 
 
 class Terminated(KeyboardInterrupt):

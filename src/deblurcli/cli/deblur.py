@@ -188,6 +188,11 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
     # input problems surface before model loading
     jobs = plan_jobs(input_path, output, options, on_unread=unread)
     _check_auto_codec_crf(jobs, options)
+    if not jobs:  # a shard of a short list
+        where = f"shard {options.shard[0]}/{options.shard[1]}" if options.shard else "it"
+        out.print(f"processed 0, skipped 0, failed 0: {where} holds no file of {input_path}",
+                  highlight=False, markup=False)
+        return
     if not any(needs_processing(job, options) for job in jobs):
         if any(job.problem for job in jobs):  # unreadable entries to report; no model needed
             return _report(out, run_jobs(jobs, _no_model, options), len(jobs), output)
