@@ -52,6 +52,7 @@ def test_end_to_end_folder(photos, tiny_model_folder, tmp_path):
     assert result.exit_code == 1, result.output  # bad.png failed, the others were processed
     assert "processed 4, skipped 0, failed 1" in result.stdout
     assert "bad.png" in result.stdout and "1 of 5 image(s) failed" in result.output
+    assert f"failed: {photos / 'bad.png'}: cannot read it: corrupt" in result.stdout
     rgb = read_image(out / "rgb.png")
     assert rgb.pixels.shape == (37, 45, 3) and np.isfinite(rgb.pixels).all()
     rgba = read_image(out / "rgba16.png")
@@ -111,6 +112,17 @@ def test_color_fix_is_the_plain_output_with_the_inputs_low_frequencies(photos, t
 def test_bad_flags_exit_2(photos, tmp_path, args):
     result = run(photos, tmp_path / "o", *args)
     assert result.exit_code == 2, result.output
+
+
+def test_the_start_line_counts_what_is_left_to_do(tiny_model_folder, tmp_path):
+    src = tmp_path / "few"
+    for name in ("a.png", "b.png", "c.png"):
+        write_image(src / name, np.random.default_rng(0).random((16, 16, 3), dtype=np.float32))
+    out = tmp_path / "o"
+    assert run(src / "a.png", out, "--weights", tiny_model_folder).exit_code == 0
+    result = run(src, out, "--weights", tiny_model_folder)
+    assert result.exit_code == 0, result.output
+    assert "deblurring 2 file(s) (1 already done)" in result.stderr
 
 
 def test_an_empty_shard_says_so(photos, tmp_path):

@@ -244,7 +244,8 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
     # under a launcher every process takes a part of each video, and a share of the other files
     all_jobs, (videos, jobs) = jobs, split_jobs(jobs, options, group)
     share = f" (process {group.index + 1}/{group.count})" if group is not None else ""
-    what = f"{len(jobs)} file(s)"
+    done = sum(not needs_processing(job, options) for job in jobs)  # skipped: outputs exist
+    what = f"{len(jobs) - done} file(s)" + (f" ({done} already done)" if done else "")
     if videos:
         what = f"{len(videos)} video(s) split by frames among {group.count} processes" + \
             (f" and {what}" if jobs else "")
@@ -256,7 +257,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
 
     def on_result(result) -> None:
         if result.status == "failed":
-            warn(err, escape(f"failed: {result.job.source}: {result.error}"))
+            warn(err, escape(failure_line(result)))
 
     # without a terminal (a log, CI) rich_progress prints a plain line every ~10 s instead
     with rich_progress(err, labels={"images": "images", "frames": "frames", "tiles": "tiles"},
@@ -419,6 +420,15 @@ def _process_group(device_name: str):
                                                      and not torch.cuda.is_available()))
 
 
+def failure_line(result) -> str:
+    """``failed: PATH: reason``, without the path a second time where the reason starts with
+    it (``cannot read PATH: ...``)."""
+    source, error = str(result.job.source), str(result.error)
+    error = error.replace(f"cannot read {source}: ", "cannot read it: ", 1) \
+        if error.startswith(f"cannot read {source}: ") else error
+    return f"failed: {source}: {error}"
+
+
 def unread_line(paths) -> str:
     """One line on the files of an input folder in formats deblur does not read."""
     from collections import Counter
@@ -500,7 +510,7 @@ def _report(out, summary, total: int, output: Path) -> None:
               f"output in {output}", highlight=False, markup=False)
     if summary.failed:
         for result in summary.failed:
-            out.print(f"failed: {result.job.source}: {result.error}", highlight=False,
+            out.print(failure_line(result), highlight=False,
                       markup=False)
         kinds = {is_video(r.job.source) for r in summary.results} or {False}
         noun = "file(s)" if len(kinds) > 1 else "video(s)" if kinds == {True} else "image(s)"

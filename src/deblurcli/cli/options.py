@@ -45,8 +45,8 @@ def check_tiling(tile: int, overlap: int) -> None:
         raise typer.BadParameter(f"must be 0 or a positive multiple of 8, got {tile}",
                                  param_hint="--tile")
     if overlap < 0 or (tile and overlap > tile - 8):
-        raise typer.BadParameter(f"must be >= 0 and at most --tile minus 8, got {overlap}",
-                                 param_hint="--tile-overlap")
+        raise typer.BadParameter(f"must be >= 0 and at most --tile minus 8 ({max(tile - 8, 0)} "
+                                 f"for --tile {tile}), got {overlap}", param_hint="--tile-overlap")
 
 
 def check_device(device: str) -> None:
