@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from deblurcli.errors import DeblurcliError, ImageReadError
-from deblurcli.imagemeta import ImageMetadata
+from deblurcli.imagemeta import ImageMetadata, exif_orientation
 
 PathLike = str | os.PathLike
 
@@ -526,8 +526,7 @@ def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageDat
         _check_pixels(path, *im.size, max_pixels)  # header only: nothing decoded yet
         im.load()
     metadata = _pillow_metadata(im, data, fmt)
-    orientation = _png_orientation(io.BytesIO(data)) if fmt == "png" else \
-        _pillow_orientation(im, fmt)
+    orientation = exif_orientation(metadata) if fmt == "png" else _pillow_orientation(im, fmt)
     mode = im.mode
     if mode in ("1", "L"):
         arr = np.asarray(im.convert("L"))
@@ -574,8 +573,9 @@ def _read_png16(data: bytes) -> ImageData:
         raise ValueError("OpenCV could not decode the PNG")
     if arr.ndim == 3 and arr.shape[2] >= 3:
         arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
-    return _finish(arr, "png", _png_orientation(io.BytesIO(data)),
-                   grey_file=colour_type in (0, 4), metadata=_pillow_metadata(None, data, "png"))
+    metadata = _pillow_metadata(None, data, "png")  # its chunks walked once, for both
+    return _finish(arr, "png", exif_orientation(metadata), grey_file=colour_type in (0, 4),
+                   metadata=metadata)
 
 
 def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
