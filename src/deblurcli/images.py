@@ -482,12 +482,10 @@ def _pillow_orientation(im, fmt: str = "") -> int:
     the irot/imir boxes; an XMP tiff:Orientation, which getexif() would fall back to, is
     not the format's); pillow-heif turns HEIC photos upright itself and reports 1."""
     try:
-        if fmt == "avif":
-            from deblurcli.imagemeta import ImageMetadata, exif_orientation
+        if fmt == "avif":  # the EXIF block alone, without the XMP from_pillow also reads
+            from deblurcli.imagemeta import from_pillow
 
-            body = im.info.get("exif") or b""
-            body = body[6:] if body.startswith(b"Exif\x00\x00") else body
-            return exif_orientation(ImageMetadata(exif=body or None))
+            return exif_orientation(ImageMetadata(exif=from_pillow(im).exif))
         return int(im.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - a broken EXIF block must not stop reading pixels
         return 1

@@ -424,8 +424,9 @@ def failure_line(result) -> str:
     """``failed: PATH: reason``, without the path a second time where the reason starts with
     it (``cannot read PATH: ...``)."""
     source, error = str(result.job.source), str(result.error)
-    error = error.replace(f"cannot read {source}: ", "cannot read it: ", 1) \
-        if error.startswith(f"cannot read {source}: ") else error
+    prefix = f"cannot read {source}: "
+    if error.startswith(prefix):
+        error = "cannot read it: " + error[len(prefix):]
     return f"failed: {source}: {error}"
 
 
