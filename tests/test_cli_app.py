@@ -244,3 +244,20 @@ def test_a_signal_while_the_options_are_read_exits_like_one_during_the_run():
 
     result = runner.invoke(sub, ["slow", "--flag"])
     assert result.exit_code == 143 and result.stderr.strip() == "terminated"
+
+
+def test_a_signal_while_the_commands_are_imported_is_one_word(monkeypatch, capsys):
+    """The app is built inside main's own handling, not when the module is imported: Ctrl-C in
+    the first third of a second (the command modules importing numpy and the rest) printed a
+    traceback."""
+    from deblurcli.cli import app as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_APP", None)
+    monkeypatch.setattr(cli, "build_app", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"

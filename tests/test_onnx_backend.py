@@ -342,3 +342,45 @@ def test_an_export_prunes_the_exports_no_run_can_use(tiny_model_folder, tmp_path
     assert len(left) == 2 and kept.name in left  # the two γ values of this model and version
     # the user's cache holds many models' exports: only other versions go there
     assert onnx_backend.prune(cache, beside=False, checksums="x") == []
+
+
+def test_a_signal_during_the_onnx_runtime_import_is_not_lost(monkeypatch):
+    """ONNX Runtime's extension swallows an exception raised by a signal handler while it
+    initialises (a SIGTERM in that window let `deblur` run to the end): the signal is acted on
+    once the import is done. The fake module below swallows like the real one."""
+    import importlib.abc
+    import importlib.util
+    import signal
+    import sys
+
+    class Swallowing(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            return importlib.util.spec_from_loader(name, self) if name == "onnxruntime" else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            try:
+                signal.raise_signal(signal.SIGTERM)
+                sum(range(1000))  # the handler runs here, and its exception goes nowhere
+            except BaseException:  # noqa: BLE001 - the point of the fake
+                pass
+            module.__version__ = "0.0"
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Swallowing(), *sys.meta_path])
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stop):
+            onnx_backend._onnxruntime()
+        assert signal.getsignal(signal.SIGTERM) is stop
+        assert onnx_backend._onnxruntime().__version__ == "0.0"  # imported once, no signal
+    finally:
+        signal.signal(signal.SIGTERM, previous)

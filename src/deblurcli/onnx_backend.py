@@ -89,9 +89,36 @@ KEY_FILE = "key.json"
 def _runtime_version() -> str:
     """ONNX Runtime's version (the module's own: onnxruntime-gpu and other builds install it
     under another package name)."""
-    import onnxruntime
+    return str(_onnxruntime().__version__)
 
-    return str(onnxruntime.__version__)
+
+def _onnxruntime():
+    """The ``onnxruntime`` module, its first import made with Ctrl-C and SIGTERM held back.
+
+    Its compiled extension's initialisation swallows an exception raised by a signal handler
+    while it runs: a Ctrl-C or SIGTERM in that half second was lost and the run went on to the
+    end. Here a Python handler of SIGINT or SIGTERM is swapped, for the import only, for one
+    that notes the signal; the real one is then called with it, in the caller's code."""
+    import signal
+    import sys
+    import threading
+
+    if "onnxruntime" in sys.modules:
+        return sys.modules["onnxruntime"]
+    noted: list[int] = []
+    swapped: dict = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if callable(signal.getsignal(signum)):  # a default action cannot be swallowed
+                swapped[signum] = signal.signal(signum, lambda n, frame: noted.append(n))
+    try:
+        import onnxruntime
+    finally:
+        for signum, handler in swapped.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(noted):
+            swapped[signum](signum, None)
+    return onnxruntime
 
 
 def _hub_cache() -> Path:
@@ -179,8 +206,7 @@ def _optimize(path: Path) -> None:
     level (constant folding, fusions; the CPU-specific layout changes stay to each session): a
     session then opens the compact model in 0.17 s instead of 0.31 s. Where that fails, the
     raw export stays."""
-    import onnxruntime as ort
-
+    ort = _onnxruntime()
     optimized = path.with_name(f"optimized-{path.name}")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -200,8 +226,7 @@ class OnnxModel:
     takes_arrays = True  # DeblurPipeline passes numpy arrays (deblurcli.pipeline)
 
     def __init__(self, path: Path, threads: int) -> None:
-        import onnxruntime as ort
-
+        ort = _onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1

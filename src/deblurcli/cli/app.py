@@ -178,7 +178,22 @@ def build_app() -> typer.Typer:
     return app
 
 
-app = build_app()
+_APP: Optional[typer.Typer] = None
+
+
+def _built_app() -> typer.Typer:
+    global _APP
+    if _APP is None:
+        _APP = build_app()
+    return _APP
+
+
+def __getattr__(name: str) -> Any:
+    """``app``, the root Typer app, built on first use: :func:`main` builds it inside its own
+    Ctrl-C/SIGTERM handling, so that stopping a command while it starts prints one word."""
+    if name == "app":
+        return _built_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # Dependencies whose import-time log warnings are about optional extras deblurcli never uses:
@@ -246,7 +261,7 @@ def _main(argv: Optional[list[str]]) -> None:
     else:
         _quiet_dependency_logs()
     try:
-        app(args=argv, prog_name="deblurcli")
+        _built_app()(args=argv, prog_name="deblurcli")
     except KeyboardInterrupt as exc:  # pragma: no cover - interrupt outside a command
         terminated = isinstance(exc, Terminated)
         typer.echo("terminated" if terminated else "interrupted", err=True)
