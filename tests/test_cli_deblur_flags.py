@@ -66,3 +66,14 @@ def test_progress_reaches_a_log_when_stderr_is_not_a_terminal(photo, tiny_model_
                  "--tile-overlap", "8")
     assert result.exit_code == 0, result.output
     assert "images 1/1 (100%)" in result.stderr and "tiles 6/6 (100%)" in result.stderr
+
+
+def test_minus_zero_gamma_is_zero(photo, tiny_model_folder, tmp_path):
+    """`--gamma -0` ran and printed `gamma=-0`, and keyed an ONNX export of its own."""
+    from deblurcli.cli.evaluate import parse_gammas
+
+    result = run(photo, tmp_path / "out", "--weights", tiny_model_folder, "--gamma", "-0",
+                 "--tile", "0")
+    assert result.exit_code == 0, result.output
+    assert "gamma=0," in " ".join(result.stderr.split())
+    assert [str(g) for g in parse_gammas("-0,0")] == ["0.0"]

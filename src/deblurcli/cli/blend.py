@@ -52,6 +52,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         if not 0.0 <= gamma <= 1.0:
             raise typer.BadParameter(f"must be between 0 and 1, got {gamma}", param_hint="--gamma")
+        gamma += 0.0  # -0 is 0
         if fuse:
             _fuse(lora_real, lora_synthetic, gamma, output, weights, fp16, force)
         else:

@@ -116,6 +116,8 @@ def deblur(
     """Remove motion blur from a photo or a folder of photos."""
     if gamma is not None and not 0.0 <= gamma <= 1.0:
         raise typer.BadParameter(f"must be in [0, 1], got {gamma}", param_hint="--gamma")
+    if gamma is not None:
+        gamma += 0.0  # -0 is 0: printed and keyed as 0
     from deblurcli.onnx_backend import BACKENDS
 
     if backend not in BACKENDS:

@@ -48,7 +48,7 @@ def parse_gammas(text: str) -> tuple[float, ...]:
         if not part:
             continue
         try:
-            value = float(part)
+            value = float(part) + 0.0  # -0 is 0
         except ValueError:
             raise typer.BadParameter(f"not a number: {part!r}", param_hint="--gamma") from None
         if not 0.0 <= value <= 1.0:
