@@ -5,6 +5,7 @@ and one clear line where it cannot run."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -299,6 +300,9 @@ def test_a_damaged_weight_file_is_not_run_under_its_old_export(tiny_model_folder
         assert result.exit_code == 1, result.output
         assert "lora_real.safetensors" in result.output and "corrupt" in result.output
         assert "Traceback" not in result.output and not (tmp_path / backend).exists()
+    shutil.rmtree(tiny_model_folder / ".onnx")  # no export yet: the error comes alone
+    result = deblur(source, tmp_path / "fresh", "-w", tiny_model_folder, "--device", "cpu")
+    assert result.exit_code == 1 and "exporting" not in result.output, result.output
 
 
 def test_a_failed_optimisation_keeps_the_raw_export(tiny_model_folder, tmp_path, monkeypatch):

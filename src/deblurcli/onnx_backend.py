@@ -279,10 +279,11 @@ def load(folder: Path, *, gamma: float, lora: Path | None, threads: int, load_mo
     if failed.is_file() and not retry:
         raise ExportFailedBefore(f"it failed in an earlier run ({failed.read_text().strip()}; "
                                  "--backend onnx tries again)")
+    torch_model = load_model()  # a damaged folder says so here, before the note below
     if note is not None:
         note(f"exporting the model for ONNX Runtime (once; cached in {where})")
     try:
-        export(load_model(), where, parts)
+        export(torch_model, where, parts)
         model = OnnxModel(where / MODEL_FILE, threads)
     except Exception as exc:
         from deblurcli.images import atomic_write_bytes
