@@ -440,3 +440,21 @@ def test_tiffs_of_every_common_kind_read_as_the_photo(tmp_path):
         image = read_image(tmp_path / f"{name}.tif")
         assert image.alpha is None and image.pixels.shape == (60, 80, 3), name
         assert np.abs(image.pixels * 255 - expected).mean() < tolerance, name
+
+
+def test_a_tiff_with_premultiplied_alpha_reads_as_its_colours(tmp_path):
+    """ExtraSamples = associated alpha: the colour is stored multiplied by alpha. Read as it
+    was, it came back darker wherever the photo is partly transparent (and was written so)."""
+    import tifffile
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1] = 200, 60
+    alpha = np.tile(np.linspace(0, 255, 8).round().astype(np.uint8), (8, 1))
+    stored = (rgb * (alpha[..., None] / 255.0)).round().astype(np.uint8)
+    path = tmp_path / "assoc.tif"
+    tifffile.imwrite(path, np.dstack([stored, alpha]), photometric="rgb",
+                     extrasamples=["assocalpha"])
+    image = read_image(path)
+    assert np.allclose(image.alpha * 255, alpha)
+    seen = alpha >= 64  # where rounding of the stored colour leaves a good estimate
+    assert np.abs(image.pixels[seen] * 255 - rgb[seen]).max() < 3

@@ -606,6 +606,8 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
         icc = bytes(icc.value) if icc is not None and isinstance(icc.value, bytes) else None
         separate = int(getattr(page, "planarconfig", 1)) == 2  # one plane per sample
         samples = int(page.samplesperpixel)
+        # ExtraSamples 1: colour premultiplied by alpha (Pillow's reading below undoes it itself)
+        associated = [int(v) for v in (getattr(page, "extrasamples", None) or ())][:1] == [1]
     if arr is None:  # Pillow converts these kinds (and decodes LZW, JPEG, ...) to RGB(A)
         size = os.fstat(fh.fileno()).st_size
         if size > max_file_bytes(max_pixels):
@@ -620,7 +622,12 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
         raise ValueError(f"unsupported TIFF with {arr.shape[2]} channels")
     if photometric == 0 and np.issubdtype(arr.dtype, np.integer):  # MINISWHITE: invert
         arr = np.iinfo(arr.dtype).max - arr
-    return _finish(arr, "tiff", orientation, metadata=ImageMetadata(icc=icc))
+    image = _finish(arr, "tiff", orientation, metadata=ImageMetadata(icc=icc))
+    if associated and image.alpha is not None:  # as every other file: colour not premultiplied
+        alpha = image.alpha[..., None]
+        image.pixels = np.where(alpha > 0, np.clip(image.pixels / np.maximum(alpha, 1e-12),
+                                                   0.0, 1.0), 0.0).astype(np.float32)
+    return image
 
 
 def read_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageData:
