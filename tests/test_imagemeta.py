@@ -82,12 +82,42 @@ def test_a_16_bit_png_keeps_them_too(tmp_path):
     assert (written.get_ifd(0x8769)[0xA002], written.get_ifd(0x8769)[0xA003]) == (60, 80)
 
 
-def test_tiff_keeps_the_profile_and_bmp_nothing(tmp_path):
+def test_bmp_keeps_nothing(tmp_path):
     image = read_image(camera_jpeg(tmp_path / "in.jpg"))
-    write_image(tmp_path / "out.tif", image.pixels, metadata=image.metadata)
-    assert read_image(tmp_path / "out.tif").metadata.icc == SRGB
     write_image(tmp_path / "out.bmp", image.pixels, metadata=image.metadata)
     assert read_image(tmp_path / "out.bmp").metadata is None
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_a_tiff_keeps_exif_and_xmp_as_tags_of_its_own(tmp_path, bit_depth):
+    """TIFF outputs kept only the profile. A TIFF holds EXIF as its own tags: the descriptive
+    ones in its first directory, Exif and GPS directories beside; the maker notes stay out
+    (their inner offsets would point astray). And a TIFF's EXIF reaches a JPEG made from it."""
+    import tifffile
+
+    exif = camera_exif()
+    exif.get_ifd(0x8769)[0x927C] = b"maker notes"
+    pixels = (np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in.jpg", exif=exif, icc_profile=SRGB, xmp=XMP)
+    image = read_image(tmp_path / "in.jpg")
+    out = tmp_path / "out.tif"
+    write_image(out, image.pixels, metadata=image.metadata, bit_depth=bit_depth,
+                alpha=np.ones((80, 60), np.float32))
+    with tifffile.TiffFile(out) as tif:
+        tags = tif.pages[0].tags
+        assert tags["Make"].value == "Canon" and "Orientation" not in tags
+        assert tags["XMP"].value == XMP and tags["InterColorProfile"].value == SRGB
+        sub = tags["ExifTag"].value
+        assert sub["DateTimeOriginal"] == "2025:12:31 09:00:00" and "MakerNote" not in sub
+        assert (sub["PixelXDimension"], sub["PixelYDimension"]) == (60, 80)
+        assert tags["GPSTag"].value["GPSLatitude"] == (52, 1, 31, 1, 12, 1)
+    again = read_image(out)
+    assert again.bit_depth == bit_depth and again.metadata.xmp == XMP
+    write_image(tmp_path / "out.jpg", again.pixels, metadata=again.metadata)
+    exif = read_back(tmp_path / "out.jpg").getexif()
+    assert exif[0x010F] == "Canon"
+    assert exif.get_ifd(0x8769)[0x9003] == "2025:12:31 09:00:00"
+    assert exif.get_ifd(0x8825)[2] == (52.0, 31.0, 12.0)
 
 
 def test_a_profile_is_written_only_over_its_own_colour_space(tmp_path):
@@ -249,3 +279,15 @@ def test_xmp_in_png_text_chunks_is_read():
         Image.new("RGB", (4, 4)).save(png, "PNG", pnginfo=info)
         assert (b"zTXt" if zip_ else b"tEXt") in png.getvalue()
         assert imagemeta.from_png(png.getvalue()).xmp == XMP, zip_
+
+
+def test_a_tiff_pillow_cannot_open_keeps_its_profile(tmp_path):
+    """The EXIF of a TIFF is read through Pillow, which cannot open float RGB: the profile
+    and XMP still come from tifffile's reading."""
+    import tifffile
+
+    path = tmp_path / "float.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).random((8, 8, 3), dtype=np.float32),
+                     photometric="rgb", iccprofile=SRGB, extratags=[(700, "B", len(XMP), XMP)])
+    meta = read_image(path).metadata
+    assert meta.icc == SRGB and meta.xmp == XMP

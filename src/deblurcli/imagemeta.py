@@ -17,7 +17,7 @@ JPEG       ICC, EXIF, XMP (Pillow)              ICC; EXIF and XMP when each fits
 WebP       ICC, EXIF, XMP (Pillow)              ICC, EXIF, XMP
 AVIF/HEIC  ICC, EXIF, XMP (Pillow/pillow-heif)  ICC, EXIF, XMP
 PNG        iCCP, eXIf; XMP from iTXt/tEXt/zTXt  iCCP, eXIf, iTXt ``XML:com.adobe.xmp``
-TIFF       ICC (tag 34675)                      ICC
+TIFF       ICC, XMP, EXIF (its own tags)        ICC, XMP, EXIF (maker notes dropped)
 BMP        nothing                              nothing
 =========  ===================================  ==============================================
 
@@ -25,6 +25,11 @@ An ICC profile is written only over pixels of its colour space (an RGB profile o
 one over grey): a CMYK JPEG is decoded to RGB without colour management, so its CMYK profile
 would describe the output wrongly. Metadata is best effort: a block that cannot be parsed, or
 that inflates beyond :data:`MAX_INFLATED_BYTES`, is dropped and never stops an image.
+
+A TIFF file holds its EXIF as tags of its own: the descriptive ones of its first directory
+(camera, date, artist, copyright, description), an Exif and a GPS sub-directory. Reading one
+gathers them into an EXIF block; writing one lays that block's tags out in the file (Pillow
+serialises them), without the maker notes, whose inner offsets would point astray there.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ _JPEG_MARKER_BYTES = 65533  # the data of one JPEG segment, as Pillow counts it
 _JPEG_XMP_HEADER = len(b"http://ns.adobe.com/xap/1.0/\x00")
 _ORIENTATION, _WIDTH, _LENGTH = 0x0112, 0x0100, 0x0101
 _EXIF_IFD, _PIXEL_X, _PIXEL_Y = 0x8769, 0xA002, 0xA003
+_GPS_IFD, _INTEROP_IFD, _MAKER_NOTE, _TIFF_XMP = 0x8825, 0xA005, 0x927C, 700
+#: Descriptive tags of a TIFF's first directory carried with EXIF: ImageDescription, Make,
+#: Model, Orientation, DateTime, Artist, Copyright.
+_TIFF_IFD0_TAGS = (0x010E, 0x010F, 0x0110, _ORIENTATION, 0x0132, 0x013B, 0x8298)
 _SHORT, _LONG = 3, 4
 _XMP_ORIENTATION = re.compile(  # an attribute or an element
     rb'(?P<a>tiff:Orientation\s*=\s*["\'])(?P<av>[0-9]+)(?P<a_end>["\'])'
@@ -95,6 +104,44 @@ def from_pillow(im: Any) -> ImageMetadata:
         xmp = xmp.encode("utf-8")
     return ImageMetadata(icc=info.get("icc_profile") or None, exif=_exif_body(info.get("exif")),
                          xmp=xmp or None)
+
+
+def _sub_ifds(exif: Any) -> dict[int, dict]:
+    """The Exif and GPS directories of a Pillow ``Image.Exif`` as ``{tag: value}`` (the Exif
+    one with its Interop directory as a dict too), the empty ones left out."""
+    found: dict[int, dict] = {}
+    for tag in (_EXIF_IFD, _GPS_IFD):
+        if tag not in exif:
+            continue
+        ifd = dict(exif.get_ifd(tag))
+        if tag == _EXIF_IFD and _INTEROP_IFD in ifd:
+            interop = dict(exif.get_ifd(_INTEROP_IFD))
+            ifd[_INTEROP_IFD] = interop
+            if not interop:
+                del ifd[_INTEROP_IFD]
+        if ifd:
+            found[tag] = ifd
+    return found
+
+
+def from_tiff(im: Any) -> ImageMetadata:
+    """The metadata of a TIFF opened by Pillow: its ICC profile, XMP (tag 700) and an EXIF block
+    made of its descriptive tags and its Exif and GPS directories (None when it has none)."""
+    from PIL import Image
+
+    tags = im.getexif()
+    exif = Image.Exif()
+    for tag in _TIFF_IFD0_TAGS:
+        if tag in tags:
+            exif[tag] = tags[tag]
+    for tag, ifd in _sub_ifds(tags).items():
+        exif[tag] = ifd
+    xmp = im.tag_v2.get(_TIFF_XMP)
+    if isinstance(xmp, str):
+        xmp = xmp.encode("utf-8")
+    return ImageMetadata(icc=im.info.get("icc_profile") or None,
+                         exif=_exif_body(exif.tobytes()) if len(exif) else None,
+                         xmp=bytes(xmp) if isinstance(xmp, (bytes, bytearray)) and xmp else None)
 
 
 def png_chunks(fh: BinaryIO) -> dict[bytes, list[bytes]]:
@@ -318,3 +365,79 @@ def add_to_png(png: bytes, meta: ImageMetadata | None) -> bytes:
         extra += _chunk(b"iTXt", _XMP_KEY + b"\x00\x00\x00\x00\x00" + meta.xmp)
     ihdr_end = 8 + 12 + struct.unpack(">I", png[8:12])[0]
     return png[:ihdr_end] + extra + png[ihdr_end:]
+
+
+# --------------------------------------------------------------------------------------------
+# TIFF output: the EXIF block as tags of the file
+
+
+def _tiff_directories(exif: bytes) -> dict[int, dict]:
+    """The Exif and GPS directories of ``exif`` that a TIFF file gets, maker notes left out,
+    each one checked to serialise."""
+    from PIL import Image
+
+    tags = Image.Exif()
+    tags.load(_EXIF_PREFIX + exif)
+    found = _sub_ifds(tags)
+    found.get(_EXIF_IFD, {}).pop(_MAKER_NOTE, None)
+    for tag in [tag for tag, values in found.items() if not values]:
+        del found[tag]
+    for values in found.values():
+        _directory_bytes(values, b"II*\x00", 8)  # raises for a value Pillow cannot write
+    return found
+
+
+def _directory_bytes(values: dict, head: bytes, offset: int) -> bytes:
+    """An image file directory holding ``values`` and its data, to sit at ``offset`` of a file
+    starting with ``head`` (its byte order)."""
+    from PIL import TiffImagePlugin
+
+    order = "<" if head[:2] == b"II" else ">"
+    ifd = TiffImagePlugin.ImageFileDirectory_v2(ifh=head[:4] + struct.pack(order + "I", 8))
+    for tag, value in values.items():
+        ifd[tag] = value
+    return ifd.tobytes(offset)
+
+
+def tiff_tags(meta: ImageMetadata | None) -> list[tuple]:
+    """tifffile ``extratags`` writing ``meta`` (passed through :func:`for_output`) but for its
+    ICC profile: XMP, the descriptive EXIF tags, and a place for each Exif and GPS directory
+    that :func:`add_tiff_directories` fills once the file is written. tifffile writes no entry
+    of those two tags itself, so the places are entries of the unused tags just below them
+    (34664, 34852): renamed, the entries stay in the order of their tags."""
+    if not meta:
+        return []
+    extra: list[tuple] = []
+    if meta.xmp:
+        extra.append((_TIFF_XMP, "B", len(meta.xmp), meta.xmp, True))
+    if meta.exif:
+        from PIL import Image
+
+        try:
+            tags = Image.Exif()
+            tags.load(_EXIF_PREFIX + meta.exif)
+            described = [(tag, "s", 0, tags[tag], True) for tag in _TIFF_IFD0_TAGS
+                         if tag != _ORIENTATION and isinstance(tags.get(tag), str)
+                         and tags[tag].isascii() and tags[tag]]
+            places = [(tag - 1, "I", 1, 0, True) for tag in _tiff_directories(meta.exif)]
+            extra += described + places
+        except Exception:  # noqa: BLE001 - metadata is best effort
+            pass
+    return extra
+
+
+def add_tiff_directories(tiff: bytes, meta: ImageMetadata | None) -> bytes:
+    """``tiff`` (written with :func:`tiff_tags`) with ``meta``'s Exif and GPS directories
+    appended and its first directory's entries for them pointed there."""
+    if not meta or not meta.exif or tiff[:4] not in (b"II*\x00", b"MM\x00*"):
+        return tiff  # no EXIF, or a BigTIFF (over 4 GB: tifffile's choice, no place kept)
+    order, ifd0 = _exif_layout(tiff)
+    wanted = _tiff_directories(meta.exif)  # as tiff_tags found them: serialisable
+    out = bytearray(tiff)
+    for at, place, kind, n in _ifd_entries(tiff, ifd0, order):
+        tag = place + 1
+        if tag in wanted and kind == _LONG and n == 1:
+            out += bytes(len(out) % 2)  # a directory starts on a word boundary
+            struct.pack_into(order + "HHII", out, at, tag, _LONG, 1, len(out))
+            out += _directory_bytes(wanted[tag], tiff[:4], len(out))
+    return bytes(out)

@@ -550,8 +550,9 @@ def _pillow_metadata(im, data: bytes, fmt: str) -> ImageMetadata | None:
     try:
         if fmt == "png":
             return imagemeta.from_png(data)
-        return imagemeta.from_pillow(im) if fmt in ("jpeg", "webp", "avif", "heif", "tiff") \
-            else None
+        if fmt == "tiff":
+            return imagemeta.from_tiff(im)
+        return imagemeta.from_pillow(im) if fmt in ("jpeg", "webp", "avif", "heif") else None
     except Exception:  # noqa: BLE001 - metadata is best effort (deblurcli.imagemeta)
         return None
 
@@ -574,6 +575,21 @@ def _read_png16(data: bytes) -> ImageData:
     metadata = _pillow_metadata(None, data, "png")  # its chunks walked once, for both
     return _finish(arr, "png", exif_orientation(metadata), grey_file=colour_type in (0, 4),
                    metadata=metadata)
+
+
+def _tiff_metadata(fh: BinaryIO, max_pixels: int, plain: ImageMetadata) -> ImageMetadata | None:
+    """The ICC profile, EXIF and XMP of the TIFF file ``fh`` (Pillow reads its tags only), or
+    ``plain`` where Pillow cannot open it (a float RGB TIFF, say)."""
+    from PIL import Image
+
+    from deblurcli import imagemeta
+
+    try:
+        fh.seek(0)
+        with _pillow_limit(max_pixels), Image.open(fh, formats=["TIFF"]) as im:
+            return imagemeta.from_tiff(im) or None
+    except Exception:  # noqa: BLE001 - metadata is best effort (deblurcli.imagemeta)
+        return plain or None
 
 
 def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
@@ -602,8 +618,10 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
                 arr = None
         tag = page.tags.get(274)
         orientation = int(tag.value) if tag is not None else 1
-        icc = page.tags.get(34675)  # InterColorProfile
-        icc = bytes(icc.value) if icc is not None and isinstance(icc.value, bytes) else None
+        # the profile and XMP as tifffile reads them, for a file Pillow cannot open
+        icc, xmp = (page.tags.get(code) for code in (34675, 700))
+        plain = ImageMetadata(**{name: bytes(tag.value) for name, tag in (("icc", icc), ("xmp", xmp))
+                                 if tag is not None and isinstance(tag.value, bytes)})
         separate = int(getattr(page, "planarconfig", 1)) == 2  # one plane per sample
         samples = int(page.samplesperpixel)
         # ExtraSamples 1: colour premultiplied by alpha (Pillow's reading below undoes it itself)
@@ -622,7 +640,7 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
         raise ValueError(f"unsupported TIFF with {arr.shape[2]} channels")
     if photometric == 0 and np.issubdtype(arr.dtype, np.integer):  # MINISWHITE: invert
         arr = np.iinfo(arr.dtype).max - arr
-    image = _finish(arr, "tiff", orientation, metadata=ImageMetadata(icc=icc))
+    image = _finish(arr, "tiff", orientation, metadata=_tiff_metadata(fh, max_pixels, plain))
     if associated and image.alpha is not None:  # as every other file: colour not premultiplied
         alpha = image.alpha[..., None]
         image.pixels = np.where(alpha > 0, np.clip(image.pixels / np.maximum(alpha, 1e-12),
@@ -800,8 +818,9 @@ def encode_image(
         if metadata is not None and metadata.icc:
             kwargs["iccprofile"] = metadata.icc
         photometric = "minisblack" if channels in (1, 2) else "rgb"
-        tifffile.imwrite(buf, arr, photometric=photometric, compression="zlib", **kwargs)
-        return buf.getvalue()
+        tifffile.imwrite(buf, arr, photometric=photometric, compression="zlib", metadata=None,
+                         extratags=imagemeta.tiff_tags(metadata), **kwargs)
+        return imagemeta.add_tiff_directories(buf.getvalue(), metadata)
     if fmt == "png" and bit_depth == 16:
         if channels == 2:  # grey + alpha: OpenCV cannot write it
             return imagemeta.add_to_png(_png16_grey_alpha(arr), metadata)
