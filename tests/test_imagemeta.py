@@ -106,6 +106,7 @@ def test_a_tiff_keeps_exif_and_xmp_as_tags_of_its_own(tmp_path, bit_depth):
     with tifffile.TiffFile(out) as tif:
         tags = tif.pages[0].tags
         assert tags["Make"].value == "Canon" and "Orientation" not in tags
+        assert tags["Software"].value.startswith("deblurcli ") and "ImageDescription" not in tags
         assert tags["XMP"].value == XMP and tags["InterColorProfile"].value == SRGB
         sub = tags["ExifTag"].value
         assert sub["DateTimeOriginal"] == "2025:12:31 09:00:00" and "MakerNote" not in sub
@@ -291,3 +292,9 @@ def test_a_tiff_pillow_cannot_open_keeps_its_profile(tmp_path):
                      photometric="rgb", iccprofile=SRGB, extratags=[(700, "B", len(XMP), XMP)])
     meta = read_image(path).metadata
     assert meta.icc == SRGB and meta.xmp == XMP
+    # one Pillow opens, written by tifffile with its array shape as description: no caption
+    tifffile.imwrite(path, np.zeros((8, 8, 3), np.uint8), photometric="rgb",
+                     extratags=[(271, "s", 0, "Canon", True)])
+    exif = Image.Exif()
+    exif.load(b"Exif\x00\x00" + read_image(path).metadata.exif)
+    assert dict(exif) == {271: "Canon"}

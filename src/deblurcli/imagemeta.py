@@ -134,6 +134,8 @@ def from_tiff(im: Any) -> ImageMetadata:
     for tag in _TIFF_IFD0_TAGS:
         if tag in tags:
             exif[tag] = tags[tag]
+    if str(exif.get(0x010E, "")).startswith('{"shape":'):  # tifffile's array shape, no caption
+        del exif[0x010E]
     for tag, ifd in _sub_ifds(tags).items():
         exif[tag] = ifd
     xmp = im.tag_v2.get(_TIFF_XMP)

@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from deblurcli._version import __version__
 from deblurcli.errors import DeblurcliError, ImageReadError
 from deblurcli.imagemeta import ImageMetadata, exif_orientation
 
@@ -819,6 +820,7 @@ def encode_image(
             kwargs["iccprofile"] = metadata.icc
         photometric = "minisblack" if channels in (1, 2) else "rgb"
         tifffile.imwrite(buf, arr, photometric=photometric, compression="zlib", metadata=None,
+                         software=f"deblurcli {__version__}",
                          extratags=imagemeta.tiff_tags(metadata), **kwargs)
         return imagemeta.add_tiff_directories(buf.getvalue(), metadata)
     if fmt == "png" and bit_depth == 16:
