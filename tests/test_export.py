@@ -150,3 +150,27 @@ def test_export_takes_only_train_diffusion_runs(tmp_path: Path) -> None:
     result = _export(tmp_path / "nowhere", "-o", tmp_path / "m")
     assert result.exit_code == 1 and "not a train-diffusion output folder" in result.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_a_checkpoint_is_never_rebuilt_around_a_changed_init_folder(run: Path, pairs: Path,
+                                                                     tmp_path: Path) -> None:
+    """A checkpoint holds only what its run trains; the rest comes from the run's --init.
+    Retrained in place since, that folder made export and --resume rebuild the model around
+    the new base without a word."""
+    base = tmp_path / "base"
+    shutil.copytree(run / "model", base)
+    child = tmp_path / "child"
+    train_diffusion(DiffusionTrainConfig(
+        data=str(pairs), output=str(child), init=str(base), adapter="real", max_steps=1,
+        crop=32, batch_size=2, cpu=True, perceptual="none", checkpoint_every=1,
+        validate_every=100))
+    assert _export(child, "-o", tmp_path / "a", "--checkpoint", "1").exit_code == 0
+    assert _export(run, "-o", base, "--checkpoint", "1", "--force").exit_code == 0  # changed
+    result = _export(child, "-o", tmp_path / "b", "--checkpoint", "1")
+    assert result.exit_code == 1, result.output
+    assert f"--init {base} is not the folder this run started from" in " ".join(
+        result.stderr.split())
+    resumed = CliRunner().invoke(app, ["train-diffusion", "--resume", "latest", "-o", str(child),
+                                       "--max-steps", "2"])
+    assert resumed.exit_code == 1 and "not the folder this run started from" in resumed.stderr
+    assert not (tmp_path / "b").exists()

@@ -508,11 +508,12 @@ def test_a_run_with_relative_paths_resumes_from_another_directory(pairs: Path, t
     from deblurcli.train.config import resolve_config, with_absolute_paths
 
     monkeypatch.chdir(pairs.parent)
-    run = tmp_path / "v"
+    run = pairs.parent / "relative-run"
     train_vae(VaeTrainConfig(blur=f"{pairs.name}/blur", sharp=f"{pairs.name}/sharp",
-                             output=str(run), max_steps=1, **{**FAST, "checkpoint_every": 1}))
+                             output=run.name, max_steps=1, **{**FAST, "checkpoint_every": 1}))
     saved = json.loads((run / "config.json").read_text())
     assert saved["blur"] == str(pairs / "blur") and saved["sharp"] == str(pairs / "sharp")
+    assert saved["output"] == str(run)
     hub = with_absolute_paths({"base_model": "org/model", "init": None})
     assert hub == {"base_model": "org/model", "init": None}  # not a local path: kept
     monkeypatch.chdir(tmp_path)

@@ -9,10 +9,11 @@ import typer
 
 HELP = (
     "Write a model folder from a train-diffusion run (RUN is its --output folder).\n\n"
-    "By default the run's newest state: RUN/model once the run has finished, else its newest "
-    "checkpoint, so a run can be evaluated while it trains. A checkpoint holds only the trained "
-    "tensors; the rest is rebuilt from what the run started from (its --init, --evae or "
-    "--base-model must still be where they were).\n\n"
+    "By default the run's newest state: the newer of RUN/model and its newest checkpoint "
+    "(RUN/model when both hold the same step), so a run can be evaluated while it trains. A "
+    "checkpoint holds only the trained tensors; the rest is rebuilt from what the run started "
+    "from: its --init, --evae or --base-model must still be where they were, and an --init or "
+    "--evae changed since the run started is refused.\n\n"
     "The folder is for inference (no sharp encoder E2, no discriminator; float16) unless "
     "--keep-training-state keeps both, in float32, for train-diffusion --init to continue. "
     "MODEL appears whole or not at all; an existing non-empty MODEL is replaced only with "

@@ -316,7 +316,7 @@ def validate_common(config: CommonConfig) -> None:
 
 #: Settings that name local files or folders (``base_model`` may also be a hub id).
 LOCAL_PATH_KEYS = ("data", "data_root", "blur", "sharp", "sharp_photos", "frames", "val_data",
-                   "evae", "evae_config", "init", "base_model")
+                   "evae", "evae_config", "init", "base_model", "output", "resume")
 
 
 def with_absolute_paths(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -375,4 +375,7 @@ def resolve_config(cls: type[C], config_file: str | None = None,
                                  f"leave --{flag} out, or start a new run with --init")
     merged.update(given)
     merged["resume"] = str(path)
+    from deblurcli.train import sources
+
+    sources.check(saved, merged, doing="--resume")
     return cls(**merged)

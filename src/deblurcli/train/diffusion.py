@@ -37,7 +37,7 @@ from torch import nn
 from deblurcli.errors import DeblurcliError
 from deblurcli.progress import ProgressFn
 from deblurcli.train import engine
-from deblurcli.train.config import DiffusionTrainConfig, validate_common
+from deblurcli.train.config import DiffusionTrainConfig, validate_common, with_absolute_paths
 from deblurcli.train.losses import build_perceptual, discriminator_loss, edge_aware, generator_loss
 
 from deblurcli.train.config import ADAPTER_CHOICES  # re-exported
@@ -255,7 +255,8 @@ def train_diffusion(config: DiffusionTrainConfig,
         net = accelerator.unwrap_model(gen).model
         extra = {"trained_by": "deblurcli train-diffusion",
                  "trained": "full" if config.full else f"adapter:{config.adapter}",
-                 "init": config.init, "evae": config.evae, "base_model": config.base_model}
+                 **with_absolute_paths({"init": config.init, "evae": config.evae,
+                                        "base_model": config.base_model})}
         save_model_folder(folder, net, extra=extra,
                           discriminator=accelerator.unwrap_model(disc).state_dict())
 

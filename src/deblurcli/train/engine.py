@@ -28,6 +28,7 @@ from deblurcli.images import atomic_folder, atomic_write
 from deblurcli.progress import ProgressFn, report
 from deblurcli.train import checkpoint as ckpt
 from deblurcli.train import data as dt
+from deblurcli.train import sources
 from deblurcli.train.config import (CommonConfig, config_to_dict, validate_common,
                                     with_absolute_paths)
 
@@ -494,6 +495,9 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
     output.mkdir(parents=True, exist_ok=True)
     log = RunLog(output, start, enabled=main)
     resolved = with_absolute_paths(config_to_dict(config))
+    fingerprints = sources.digests(resolved)  # what a resume or an export will rebuild from
+    if fingerprints:
+        resolved[sources.RECORD_KEY] = fingerprints
     if main:
         ckpt.write_json_atomic(output / "config.json", resolved)
 

@@ -18,6 +18,7 @@ import torch
 
 from deblurcli.errors import DeblurcliError
 from deblurcli.train import checkpoint as ckpt
+from deblurcli.train import sources
 
 DIFFUSION_KIND = "DiffusionTrainConfig"
 
@@ -122,6 +123,7 @@ def checkpoint_model(path: str | Path) -> CheckpointModel:
     if state.config.get("kind") != DIFFUSION_KIND:
         raise DeblurcliError(f"{path} is not a train-diffusion checkpoint")
     config = config_from_dict(DiffusionTrainConfig, state.config)
+    sources.check(state.config, state.config, doing="export")
     try:
         model = build_model(config)
     except DeblurcliError as exc:

@@ -87,6 +87,20 @@ def build_evae(config: VaeTrainConfig):
     return model
 
 
+def evae_folder(path: str | Path) -> Path:
+    """The folder of the eVAE that ``--evae path`` names: ``RUN/model`` of a train-vae run, the
+    ``evae/`` of a model folder, or ``path`` itself."""
+    path = Path(path)
+    for _ in range(2):  # a run's finished model, then a model folder's component
+        inner = next((path / name for name in ("evae", "model")
+                      if any((path / name / index).is_file()
+                             for index in ("config.json", "model_index.json"))), None)
+        if inner is None:
+            break
+        path = inner
+    return path
+
+
 def load_evae(path: str | Path):
     """Load an eVAE from a stage-1 run (``train-vae``'s ``RUN`` or its ``RUN/model``) or from
     the ``evae/`` component of a model folder: all hold ``EVAE.save_pretrained`` folders.
@@ -96,14 +110,7 @@ def load_evae(path: str | Path):
     """
     from deblurcli.models.evae import EVAE
 
-    path = Path(path)
-    for _ in range(2):  # a run's finished model, then a model folder's component
-        inner = next((path / name for name in ("evae", "model")
-                      if any((path / name / index).is_file()
-                             for index in ("config.json", "model_index.json"))), None)
-        if inner is None:
-            break
-        path = inner
+    path = evae_folder(path)
     if not (path / "diffusion_pytorch_model.safetensors").is_file():
         run = (path / "checkpoints").is_dir()
         raise WeightsError(f"no eVAE in {path} (expected train-vae's output folder, its "
