@@ -174,3 +174,24 @@ def test_a_checkpoint_is_never_rebuilt_around_a_changed_init_folder(run: Path, p
                                        "--max-steps", "2"])
     assert resumed.exit_code == 1 and "not the folder this run started from" in resumed.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_training_from_an_inference_export_says_what_it_lacks(run: Path, pairs: Path,
+                                                              tmp_path: Path) -> None:
+    """An export for inference has no E2 and no discriminator: a run started from it took
+    E1's latent as the latent target and a new discriminator without a word."""
+    def train(init: Path, out: str):
+        return CliRunner().invoke(app, [
+            "train-diffusion", "--data", str(pairs), "--init", str(init), "--adapter", "real",
+            "--cpu", "--crop", "32", "--batch-size", "2", "--perceptual", "none",
+            "--max-steps", "1", "--validate-every", "100", "-q", "-o", str(tmp_path / out)])
+
+    assert _export(run, "-o", tmp_path / "inference").exit_code == 0
+    result = train(tmp_path / "inference", "a")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stderr.split())
+    assert "has no sharp encoder E2" in text and "no latent discriminator" in text
+    assert "--keep-training-state" in text
+    assert _export(run, "-o", tmp_path / "full", "--keep-training-state").exit_code == 0
+    result = train(tmp_path / "full", "b")
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.output

@@ -136,6 +136,12 @@ def _run(kind: str, values: dict[str, Any], random_evae: bool = False) -> None:
     main_rank = os.environ.get("RANK", "0") == "0"  # set by accelerate launch / torchrun
     if config.resume and main_rank:
         err.print(f"resuming from {config.resume}", highlight=False)
+    if kind != "vae" and main_rank:
+        from deblurcli.train.diffusion import missing_training_state
+
+        note = missing_training_state(config)
+        if note:
+            warn(err, note)
     if config.mixed_precision != "no":
         from deblurcli.train.engine import effective_mixed_precision
 

@@ -28,6 +28,7 @@ adapters and the latent discriminator; when one adapter trains, the other one co
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -150,6 +151,31 @@ def sharp_latent(evae: nn.Module, sharp: torch.Tensor) -> torch.Tensor:
     if getattr(evae, "encoder_sharp", None) is not None:
         return evae.encode_sharp(sharp)
     return evae.encode(sharp)[0]
+
+
+def missing_training_state(config: DiffusionTrainConfig) -> str | None:
+    """A note on what the ``--init`` folder of a new run lacks that its losses use: the sharp
+    encoder E2 (the latent term's and the GAN's target; E1's latent stands in) and the latent
+    discriminator (a new one starts). None when nothing is missing or no term uses it."""
+    from deblurcli.modelindex import DISCRIMINATOR_FILE
+
+    if not config.init or config.resume or (config.latent_weight <= 0 and config.lambda2 <= 0):
+        return None
+    folder = Path(config.init)
+    try:
+        evae = json.loads((folder / "evae" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # not a model folder: loading it says what is wrong
+    missing = []
+    if not evae.get("sharp_encoder", True):
+        missing.append("no sharp encoder E2 (E1's latent stands in as the latent target)")
+    if config.lambda2 > 0 and not (folder / DISCRIMINATOR_FILE).is_file():
+        missing.append("no latent discriminator (the GAN term starts with a new one)")
+    if not missing:
+        return None
+    return (f"--init {config.init} has {' and '.join(missing)}: a model folder exported for "
+            "inference has neither; 'deblurcli export RUN -o DIR --keep-training-state' keeps "
+            "both")
 
 
 def train_diffusion(config: DiffusionTrainConfig,
