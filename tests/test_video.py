@@ -400,3 +400,15 @@ def test_encoders_keep_their_settings_off_stderr(tmp_path, capfd, monkeypatch, c
     deblur_video(clip, tmp_path / f"out{suffix}", lambda x, p: x, codec=codec, crf=30)
     assert noise not in capfd.readouterr().err
     assert "SVT_LOG" not in os.environ  # set only while SVT-AV1 encodes
+
+
+def test_without_pyav_a_named_codec_does_not_stop_the_photos(tiny_model_folder, tmp_path,
+                                                             monkeypatch):
+    """`--codec libx264` on a folder of photos failed the whole run when PyAV was missing."""
+    src = tmp_path / "in"
+    write_image(src / "photo.png", np.zeros((8, 8, 3), dtype=np.float32))
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
+    result = run(src, tmp_path / "out", "--weights", tiny_model_folder, "--tile", "0",
+                 "--codec", "libx264", "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "photo.png").is_file()

@@ -452,14 +452,19 @@ def _quiet_console():
 
 def _check_video_options(codec: str, crf: int) -> None:
     """``--crf`` in 0..63 (0..51 for the x264/x265 family); ``--codec`` an encoder PyAV has
-    (checked only when one is named, so that photo runs need no PyAV)."""
+    (checked only when one is named and PyAV is installed, so that photo runs need no PyAV)."""
     if not 0 <= crf <= 63:
         raise typer.BadParameter(f"must be in 0..63, got {crf}", param_hint="--crf")
     if codec == "auto":
         return
+    from deblurcli.errors import DeblurcliError
     from deblurcli.video import available_codecs, check_crf, has_encoder
 
-    if not has_encoder(codec):  # without PyAV: DeblurcliError, one line and exit 1
+    try:
+        known = has_encoder(codec)
+    except DeblurcliError:  # no PyAV: the photos need none; each video fails alone, saying so
+        return
+    if not known:
         raise typer.BadParameter(f"this PyAV build has no video encoder {codec!r}; use auto or "
                                  f"one of {', '.join(available_codecs())}", param_hint="--codec")
     try:
