@@ -66,3 +66,23 @@ def test_gamma_sweep_writes_json_and_plot(tiny_model_folder, tmp_path):
     with_fix = json.loads((fixed / "summary.json").read_text())
     assert with_fix["meta"]["args"]["color_fix"] == 2.0
     assert with_fix["gamma=1"]["psnr"] != summary["gamma=1"]["psnr"]
+
+
+def test_a_fused_model_warns_only_when_it_runs(tiny_model_folder, tmp_path):
+    """A γ sweep of a fused folder warned that γ was ignored and then stopped with an error."""
+    import pytest
+
+    from deblurcli.errors import WeightsError
+    from deblurcli.modelfolder import fuse_model_folder
+
+    fused = tmp_path / "fused"
+    fuse_model_folder(tiny_model_folder, fused, gamma=0.3)
+    notes: list[str] = []
+    with pytest.raises(WeightsError, match="a gamma sweep needs an unfused model folder"):
+        list(_model_for_gammas(ModelConfig(weights=fused, gammas=(1.0, 0.7)),
+                               torch.device("cpu"), torch.float32, notes.append))
+    assert notes == []
+    ran = list(_model_for_gammas(ModelConfig(weights=fused, gammas=(1.0,)),
+                                 torch.device("cpu"), torch.float32, notes.append))
+    assert [gamma for gamma, _, _ in ran] == [0.3]
+    assert notes == ["this model's adapters are fused at gamma=0.3; gamma=1 is ignored"]

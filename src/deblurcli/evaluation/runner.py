@@ -240,11 +240,11 @@ def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None):
     """
     import torch
 
-    from deblurcli.modelfolder import load_model_folder, ready_model
+    from deblurcli.modelfolder import gamma_ignored, load_model_folder, ready_model
 
     start = time.perf_counter()
     base = load_model_folder(mc.weights, device="cpu", dtype=torch.float32, gamma=mc.gammas[0],
-                             fuse=False, warn=warn)
+                             fuse=False)  # a fused model's γ note comes below, if it runs
     base_seconds = time.perf_counter() - start
     gammas = mc.gammas
     if base.fused_gamma is not None or not base.has_dual_adapters:
@@ -253,6 +253,9 @@ def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None):
             state = "none" if fixed is None else f"fused at gamma={fixed:g}"
             raise WeightsError(f"{mc.weights} has no live real/synthetic adapters ({state}); "
                                "a gamma sweep needs an unfused model folder")
+        note = gamma_ignored(fixed, gammas[0]) if fixed is not None else None
+        if note and warn is not None:
+            warn(note)
         gammas = (fixed if fixed is not None else gammas[0],)
     for index, gamma in enumerate(gammas):
         start = time.perf_counter()
