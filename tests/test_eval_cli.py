@@ -242,3 +242,13 @@ def test_out_that_is_a_file_or_a_full_disk_is_one_line_naming_the_path(folders, 
     assert res.exit_code == 1
     assert res.stderr.strip() == \
         f"error: cannot write {folders / 'report' / 'per_image.csv'}: No space left on device"
+
+
+def test_weights_has_the_same_short_flag_in_every_command():
+    """`eval -w MODEL` was "No such option" while deblur and blend took it."""
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    for name in ("deblur", "eval", "blend"):
+        weights = next(p for p in commands[name].params if p.name == "weights")
+        assert weights.opts == ["--weights", "-w"], name

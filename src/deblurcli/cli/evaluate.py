@@ -129,7 +129,7 @@ def evaluate(
         "--pred", help="Score existing outputs in this folder (paired by relative path or unique "
         "name).")] = None,
     weights: Annotated[Optional[Path], typer.Option(
-        "--weights", help="Run the model in this model folder and score its outputs.")] = None,
+        "--weights", "-w", help="Run the model in this model folder and score its outputs.")] = None,
     gamma: Annotated[Optional[str], typer.Option(
         "--gamma", help="γ value(s) for --weights, comma-separated, e.g. 1,0.9,0.8,0.7,0.6.",
         show_default=DEFAULT_GAMMA)] = None,
