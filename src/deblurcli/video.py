@@ -589,6 +589,10 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
         options = {}
         if codec_name in _CRF_CODECS:
             options = {"crf": str(crf), **_CRF_CODECS[codec_name]}
+        if codec_name == "libx265" and total is not None and total < 3:
+            # x265 with B-frames gives the first packet of a 1- or 2-frame stream a garbage
+            # decoding time now and then (1 run in 4 to 8), which the muxer refuses
+            options["x265-params"] += ":bframes=0"
         vout = out.add_stream(codec_name, rate=info.rate or Fraction(30), options=options)
         vout.width, vout.height, vout.pix_fmt = info.width, info.height, pix_fmt
         vout.time_base = info.time_base
