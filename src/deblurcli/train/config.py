@@ -375,7 +375,4 @@ def resolve_config(cls: type[C], config_file: str | None = None,
                                  f"leave --{flag} out, or start a new run with --init")
     merged.update(given)
     merged["resume"] = str(path)
-    from deblurcli.train import sources
-
-    sources.check(saved, merged, doing="--resume")
     return cls(**merged)

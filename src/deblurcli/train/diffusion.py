@@ -37,7 +37,7 @@ from torch import nn
 
 from deblurcli.errors import DeblurcliError
 from deblurcli.progress import ProgressFn
-from deblurcli.train import engine
+from deblurcli.train import engine, sources
 from deblurcli.train.config import DiffusionTrainConfig, validate_common, with_absolute_paths
 from deblurcli.train.losses import build_perceptual, discriminator_loss, edge_aware, generator_loss
 
@@ -207,6 +207,9 @@ def train_diffusion(config: DiffusionTrainConfig,
     output, state = engine.prepare_output(config)
     model = build_model(config)
     params = set_trainable(model, config)
+    if state is not None:
+        sources.check(state.config, model, doing="--resume")
+    frozen = sources.fingerprints(model)  # what a resume or an export must rebuild the same
     if config.grad_checkpointing:
         model.unet.enable_gradient_checkpointing()
         model.evae.enable_gradient_checkpointing()
@@ -289,5 +292,6 @@ def train_diffusion(config: DiffusionTrainConfig,
     stage = engine.Stage(modules={"unet": gen, "disc": disc},
                          optimizers={"unet": opt_g, "disc": opt_d},
                          schedulers={"unet": sched_g, "disc": sched_d}, train_step=train_step,
-                         predict=predict, save_output=save_output, trained=[gen, disc])
+                         predict=predict, save_output=save_output, trained=[gen, disc],
+                         saved={sources.RECORD_KEY: frozen})
     return engine.run(config, accelerator, stage, data, output, state, progress)

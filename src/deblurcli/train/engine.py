@@ -28,7 +28,6 @@ from deblurcli.images import atomic_folder, atomic_write
 from deblurcli.progress import ProgressFn, report
 from deblurcli.train import checkpoint as ckpt
 from deblurcli.train import data as dt
-from deblurcli.train import sources
 from deblurcli.train.config import (CommonConfig, config_to_dict, validate_common,
                                     with_absolute_paths)
 
@@ -278,6 +277,7 @@ class Stage:
             validation (stage 2 ignores ``sharp``; stage 1 needs it for E2).
         save_output: write the final model folder into the given path.
         trained: modules set to ``train()`` during the loop (others stay in ``eval()``).
+        saved: more settings saved with the run's configuration and each checkpoint's.
     """
 
     modules: dict[str, nn.Module]
@@ -287,6 +287,7 @@ class Stage:
     predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     save_output: Callable[[Path], None]
     trained: list[nn.Module] = field(default_factory=list)
+    saved: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -494,10 +495,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
     main = accelerator.is_main_process
     output.mkdir(parents=True, exist_ok=True)
     log = RunLog(output, start, enabled=main)
-    resolved = with_absolute_paths(config_to_dict(config))
-    fingerprints = sources.digests(resolved)  # what a resume or an export will rebuild from
-    if fingerprints:
-        resolved[sources.RECORD_KEY] = fingerprints
+    resolved = {**with_absolute_paths(config_to_dict(config)), **stage.saved}
     if main:
         ckpt.write_json_atomic(output / "config.json", resolved)
 

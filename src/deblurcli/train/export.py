@@ -123,13 +123,13 @@ def checkpoint_model(path: str | Path) -> CheckpointModel:
     if state.config.get("kind") != DIFFUSION_KIND:
         raise DeblurcliError(f"{path} is not a train-diffusion checkpoint")
     config = config_from_dict(DiffusionTrainConfig, state.config)
-    sources.check(state.config, state.config, doing="export")
     try:
         model = build_model(config)
     except DeblurcliError as exc:
         raise DeblurcliError(f"cannot rebuild the model of checkpoint {Path(path).name}: {exc}") \
             from None
     set_trainable(model, config)  # the trained tensors are named as the run saved them
+    sources.check(state.config, model, doing="export")
     ckpt.load_trainable_state(GeneratorStep(model), state.weights["unet"])
     model.requires_grad_(False)
     return CheckpointModel(model.eval(), state.weights.get("disc"), state.config, state.step)

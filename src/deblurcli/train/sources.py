@@ -1,79 +1,74 @@
-"""The folders a train-diffusion run is rebuilt from, fingerprinted when it starts.
+"""What a train-diffusion checkpoint is rebuilt around, fingerprinted when its run starts.
 
-A checkpoint holds only what its run trains (one adapter, say); resuming it, or exporting it,
-rebuilds the rest of the model from the run's ``--init`` model folder and ``--evae``. If that
-folder has been retrained in place since (``--resume`` of the run that wrote it), the rebuilt
-model would mix the new base with adapters trained on the old one, silently. So a run records
-a SHA-256 of each folder in its saved settings (:data:`RECORD_KEY`), and a resume or export
-refuses a folder whose fingerprint differs (:func:`check`). Runs saved before this have no
-record and are not checked.
+A checkpoint holds only the tensors its run trains (one adapter, say); resuming it, or
+exporting it, rebuilds everything else from the run's sources: its ``--init`` model folder (or
+``--base-model``, ``--preset``) and its ``--evae``. If one of them has been retrained in place
+since (``--resume`` of the run that wrote it, say), the rebuilt model would put adapters
+trained on the old weights around the new ones, silently. So a run records a SHA-256 of the
+tensors it does *not* train, the eVAE's apart from the rest, in its saved settings
+(:data:`RECORD_KEY`), and a resume or an export that rebuilds other values refuses
+(:func:`check`). Only values count: a folder written again with the same weights (another
+deblurcli or diffusers version, its own run's adapter replaced) passes. Runs saved before
+this have no record and are not checked.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
 
 from deblurcli.errors import DeblurcliError
 
-#: The settings that name a folder a run is rebuilt from.
-SOURCE_KEYS = ("init", "evae")
 #: Where a run's saved settings (``config.json``) keep the fingerprints.
-RECORD_KEY = "source_digests"
+RECORD_KEY = "frozen_digests"
 
 
-def digest(key: str, path: str | Path) -> str | None:
-    """The fingerprint of the folder ``path`` given as ``--init`` or ``--evae`` (``key``), or
-    None when there is nothing there to fingerprint (the loader then says what is missing).
-
-    ``--init``: the SHA-256 of the model folder's ``checksums.sha256`` (the digest of every
-    file, which loading checks). ``--evae``: the SHA-256 of the eVAE's ``config.json`` and
-    weights."""
-    from deblurcli.modelindex import CHECKSUM_FILE, sha256_file
-
-    if key == "init":
-        listed = Path(path) / CHECKSUM_FILE
-        return sha256_file(listed) if listed.is_file() else None
-    from deblurcli.train.vae import evae_folder
-
-    folder = evae_folder(path)
-    files = [folder / "config.json", folder / "diffusion_pytorch_model.safetensors"]
-    if not all(file.is_file() for file in files):
-        return None
-    return hashlib.sha256("".join(sha256_file(file) for file in files).encode()).hexdigest()
+def _digest(tensors: list[tuple[str, torch.Tensor]]) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
-def digests(values: Mapping[str, Any]) -> dict[str, str]:
-    """The fingerprints of the source folders that the settings ``values`` name."""
-    found = {}
-    for key in SOURCE_KEYS:
-        path = values.get(key)
-        value = digest(key, path) if isinstance(path, str) and path else None
-        if value is not None:
-            found[key] = value
-    return found
+def fingerprints(model: nn.Module) -> dict[str, str]:
+    """SHA-256s of the tensors of ``model`` (an ``OSDDModel`` after ``set_trainable``) that do
+    not train: ``"evae"`` for the eVAE's, ``"rest"`` for the UNet's, the prompt's and the
+    adapters'."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    frozen = sorted((name, t) for name, t in model.state_dict().items() if name not in trained)
+    return {"evae": _digest([(n, t) for n, t in frozen if n.startswith("evae.")]),
+            "rest": _digest([(n, t) for n, t in frozen if not n.startswith("evae.")])}
 
 
-def check(saved: Mapping[str, Any], values: Mapping[str, Any], *, doing: str) -> None:
-    """Refuse to rebuild a run's model (``doing``: ``"--resume"``, ``"export"``) from source
-    folders that differ from those the run recorded in its saved settings ``saved``.
+def check(saved: Mapping[str, Any], model: nn.Module, *, doing: str) -> None:
+    """Refuse to go on (``doing``: ``"--resume"``, ``"export"``) with a model rebuilt from the
+    settings ``saved`` with a checkpoint whose frozen tensors differ from those recorded.
 
     Raises:
-        DeblurcliError: one line naming the folder and what to do.
+        DeblurcliError: one line naming the folder that changed and what to do.
     """
     recorded = saved.get(RECORD_KEY)
     if not isinstance(recorded, Mapping):
         return
-    for key, was in recorded.items():
-        path = values.get(key)
-        if key not in SOURCE_KEYS or not isinstance(path, str) or not path:
+    now = fingerprints(model)
+    for part in ("rest", "evae"):
+        if part not in recorded or recorded[part] == now[part]:
             continue
-        now = digest(key, path)
-        if now is not None and now != was:
+        keys = ("evae", "init", "base_model") if part == "evae" else ("init", "base_model")
+        key = next((key for key in keys if saved.get(key)), None)
+        if key is None:
             raise DeblurcliError(
-                f"--{key} {path} is not the folder this run started from (its weights changed "
-                f"since, retrained in place?): {doing} would rebuild the checkpoint's model "
-                "around other weights than it was trained with; put the original folder back "
-                "there, or start a new run")
+                f"--preset {saved.get('preset')} now builds other weights than this run was "
+                f"trained with (another version of deblurcli?): {doing} would rebuild the "
+                "checkpoint's model around them; use the version that started the run")
+        raise DeblurcliError(
+            f"--{key.replace('_', '-')} {saved[key]} no longer holds the weights this run was "
+            f"trained with (retrained in place since?): {doing} would rebuild the checkpoint's "
+            "model around other weights; put the original folder back there, or start a new "
+            "run")
