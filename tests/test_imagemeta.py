@@ -96,7 +96,8 @@ def test_a_tiff_keeps_exif_and_xmp_as_tags_of_its_own(tmp_path, bit_depth):
     import tifffile
 
     exif = camera_exif()
-    exif.get_ifd(0x8769)[0x927C] = b"maker notes"
+    sub = exif.get_ifd(0x8769)
+    sub[0x927C] = b"maker notes"
     pixels = (np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)
     Image.fromarray(pixels).save(tmp_path / "in.jpg", exif=exif, icc_profile=SRGB, xmp=XMP)
     image = read_image(tmp_path / "in.jpg")
@@ -112,6 +113,56 @@ def test_a_tiff_keeps_exif_and_xmp_as_tags_of_its_own(tmp_path, bit_depth):
         assert sub["DateTimeOriginal"] == "2025:12:31 09:00:00" and "MakerNote" not in sub
         assert (sub["PixelXDimension"], sub["PixelYDimension"]) == (60, 80)
         assert tags["GPSTag"].value["GPSLatitude"] == (52, 1, 31, 1, 12, 1)
+    again = read_image(out)
+    assert again.bit_depth == 16 and again.pixels.shape == (80, 60, 3)
+    assert again.metadata.icc == SRGB and again.metadata.xmp == XMP
+    assert imagemeta.exif_orientation(again.metadata) == 1
+    written = Image.Exif()
+    written.load(b"Exif\x00\x00" + again.metadata.exif)
+    assert written[0x010F] == "Canon"
+    assert (written.get_ifd(0x8769)[0xA002], written.get_ifd(0x8769)[0xA003]) == (60, 80)
+
+
+def test_bmp_keeps_nothing(tmp_path):
+    image = read_image(camera_jpeg(tmp_path / "in.jpg"))
+    write_image(tmp_path / "out.bmp", image.pixels, metadata=image.metadata)
+    assert read_image(tmp_path / "out.bmp").metadata is None
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_a_tiff_keeps_exif_and_xmp_as_tags_of_its_own(tmp_path, bit_depth):
+    """TIFF outputs kept only the profile. A TIFF holds EXIF as its own tags: the descriptive
+    ones in its first directory, Exif and GPS directories beside; the maker notes stay out
+    (their inner offsets would point astray). And a TIFF's EXIF reaches a JPEG made from it."""
+    import tifffile
+
+    exif = camera_exif()
+    sub = exif.get_ifd(0x8769)
+    sub[0x927C] = b"maker notes"
+    pixels = (np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in.jpg", exif=exif, icc_profile=SRGB, xmp=XMP)
+    image = read_image(tmp_path / "in.jpg")
+    out = tmp_path / "out.tif"
+    write_image(out, image.pixels, metadata=image.metadata, bit_depth=bit_depth,
+                alpha=np.ones((80, 60), np.float32))
+    with tifffile.TiffFile(out) as tif:
+        tags = tif.pages[0].tags
+        assert tags["Make"].value == "Canon" and "Orientation" not in tags
+        assert tags["Software"].value.startswith("deblurcli ") and "ImageDescription" not in tags
+        assert tags["XMP"].value == XMP and tags["InterColorProfile"].value == SRGB
+        sub = tags["ExifTag"].value
+        assert sub["DateTimeOriginal"] == "2025:12:31 09:00:00" and "MakerNote" not in sub
+        assert (sub["PixelXDimension"], sub["PixelYDimension"]) == (60, 80)
+        assert tags["GPSTag"].value["GPSLatitude"] == (52, 1, 31, 1, 12, 1)
+        written = {tag: kind for _, tag, kind, _ in
+                   imagemeta._ifd_entries(out.read_bytes(), tags["ExifTag"].valueoffset, "<")}
+    # each entry keeps the type it was stored with (Pillow guessed them: UNDEFINED as BYTE...)
+    source = image.metadata.exif
+    order, ifd0 = imagemeta._exif_layout(source)
+    sub_at = next(struct.unpack_from(order + "I", source, at + 8)[0]
+                  for at, tag, _, _ in imagemeta._ifd_entries(source, ifd0, order) if tag == 0x8769)
+    stored = {tag: kind for _, tag, kind, _ in imagemeta._ifd_entries(source, sub_at, order)}
+    assert written == {tag: kind for tag, kind in stored.items() if tag != 0x927C}
     again = read_image(out)
     assert again.bit_depth == bit_depth and again.metadata.xmp == XMP
     write_image(tmp_path / "out.jpg", again.pixels, metadata=again.metadata)
@@ -298,3 +349,63 @@ def test_a_tiff_pillow_cannot_open_keeps_its_profile(tmp_path):
     exif = Image.Exif()
     exif.load(b"Exif\x00\x00" + read_image(path).metadata.exif)
     assert dict(exif) == {271: "Canon"}
+
+
+def _exif(entries: list[tuple[int, int, int, bytes]], data: bytes = b"") -> bytes:
+    """A little-endian EXIF block: IFD0 pointing at an Exif directory of ``entries`` (tag,
+    type, count, 4-byte value or offset), followed by ``data`` (which starts at 32 + 12 *
+    len(entries))."""
+    ifd0 = struct.pack("<H", 1) + struct.pack("<HHII", 0x8769, 4, 1, 26) + bytes(4)
+    sub = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHI", tag, kind, count) + value for tag, kind, count, value in entries)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd0 + sub + bytes(4) + data
+
+
+def test_a_tiff_output_keeps_the_types_exif_was_stored_with(tmp_path):
+    """Pillow guessed the types of the Exif directory it wrote: UNDEFINED UserComment and
+    FileSource came out as BYTE, an SRATIONAL exposure bias as RATIONAL."""
+    comment = b"ASCII\x00\x00\x00a caption"
+    at = 32 + 12 * 3
+    meta = imagemeta.ImageMetadata(exif=_exif(
+        [(0x9204, 10, 1, struct.pack("<I", at + len(comment))),  # ExposureBiasValue
+         (0x9286, 7, len(comment), struct.pack("<I", at)),  # UserComment
+         (0xA300, 7, 1, b"\x03\x00\x00\x00")],  # FileSource: digital camera
+        comment + struct.pack("<ii", 1, 3)))
+    out = tmp_path / "out.tif"
+    write_image(out, np.zeros((6, 8, 3), np.float32), metadata=meta)
+    data = out.read_bytes()
+    order, ifd0 = imagemeta._exif_layout(data)
+    sub = next(struct.unpack_from("<I", data, at + 8)[0]
+               for at, tag, _, _ in imagemeta._ifd_entries(data, ifd0, order) if tag == 0x8769)
+    assert {tag: kind for _, tag, kind, _ in imagemeta._ifd_entries(data, sub, order)} == \
+        {0x9204: 10, 0x9286: 7, 0xA300: 7}
+    from PIL import Image
+
+    exif = Image.open(out).getexif().get_ifd(0x8769)
+    assert exif[0x9286] == comment and exif[0xA300] == b"\x03"
+
+
+def test_odd_exif_in_a_tiff_output_is_written_without_a_warning(tmp_path):
+    """Pillow warned on the terminal ("Metadata Warning, tag 41730 had too many entries") for
+    EXIF a camera got slightly wrong, here a CFAPattern of two SHORTs."""
+    import warnings
+
+    meta = imagemeta.ImageMetadata(exif=_exif([(0xA302, 3, 2, struct.pack("<HH", 2, 2))]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_image(tmp_path / "out.tif", np.zeros((6, 8, 3), np.float32), metadata=meta)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_a_tiff_inputs_maker_notes_stay_out_of_its_exif(tmp_path):
+    """Laid out anew in the EXIF block of a TIFF input, maker notes would point astray."""
+    from PIL import TiffImagePlugin
+
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[0x010F] = "Canon"
+    info[0x8769] = {0x9003: "2025:12:31 09:00:00", 0x927C: b"maker notes"}
+    Image.new("RGB", (8, 6)).save(tmp_path / "in.tif", tiffinfo=info)
+    exif = Image.Exif()
+    exif.load(b"Exif\x00\x00" + read_image(tmp_path / "in.tif").metadata.exif)
+    assert exif[0x010F] == "Canon"
+    assert exif.get_ifd(0x8769) == {0x9003: "2025:12:31 09:00:00"}

@@ -17,7 +17,8 @@ JPEG       ICC, EXIF, XMP (Pillow)              ICC; EXIF and XMP when each fits
 WebP       ICC, EXIF, XMP (Pillow)              ICC, EXIF, XMP
 AVIF/HEIC  ICC, EXIF, XMP (Pillow/pillow-heif)  ICC, EXIF, XMP
 PNG        iCCP, eXIf; XMP from iTXt/tEXt/zTXt  iCCP, eXIf, iTXt ``XML:com.adobe.xmp``
-TIFF       ICC, XMP, EXIF (its own tags)        ICC, XMP, EXIF (maker notes dropped)
+TIFF       ICC, XMP, EXIF (its own tags; no     ICC, XMP, EXIF (maker notes dropped)
+           maker notes)
 BMP        nothing                              nothing
 =========  ===================================  ==============================================
 
@@ -34,9 +35,11 @@ serialises them), without the maker notes, whose inner offsets would point astra
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
@@ -129,20 +132,23 @@ def from_tiff(im: Any) -> ImageMetadata:
     made of its descriptive tags and its Exif and GPS directories (None when it has none)."""
     from PIL import Image
 
-    tags = im.getexif()
-    exif = Image.Exif()
-    for tag in _TIFF_IFD0_TAGS:
-        if tag in tags:
-            exif[tag] = tags[tag]
-    if str(exif.get(0x010E, "")).startswith('{"shape":'):  # tifffile's array shape, no caption
-        del exif[0x010E]
-    for tag, ifd in _sub_ifds(tags).items():
-        exif[tag] = ifd
+    with _quiet():
+        tags = im.getexif()
+        exif = Image.Exif()
+        for tag in _TIFF_IFD0_TAGS:
+            if tag in tags:
+                exif[tag] = tags[tag]
+        if str(exif.get(0x010E, "")).startswith('{"shape":'):  # tifffile's array shape
+            del exif[0x010E]
+        for tag, ifd in _sub_ifds(tags).items():
+            ifd.pop(_MAKER_NOTE, None)  # laid out anew here: its inner offsets would go astray
+            if ifd:
+                exif[tag] = ifd
+        block = _exif_body(exif.tobytes()) if len(exif) else None
     xmp = im.tag_v2.get(_TIFF_XMP)
-    if isinstance(xmp, str):
-        xmp = xmp.encode("utf-8")
-    return ImageMetadata(icc=im.info.get("icc_profile") or None,
-                         exif=_exif_body(exif.tobytes()) if len(exif) else None,
+    if isinstance(xmp, str):  # stored as ASCII: Pillow decoded the bytes as latin-1
+        xmp = xmp.encode("latin-1", "replace")
+    return ImageMetadata(icc=im.info.get("icc_profile") or None, exif=block,
                          xmp=bytes(xmp) if isinstance(xmp, (bytes, bytearray)) and xmp else None)
 
 
@@ -373,30 +379,52 @@ def add_to_png(png: bytes, meta: ImageMetadata | None) -> bytes:
 # TIFF output: the EXIF block as tags of the file
 
 
-def _tiff_directories(exif: bytes) -> dict[int, dict]:
-    """The Exif and GPS directories of ``exif`` that a TIFF file gets, maker notes left out,
-    each one checked to serialise."""
-    from PIL import Image
+def _tiff_directories(exif: bytes) -> dict[int, tuple[dict, dict]]:
+    """The Exif and GPS directories of ``exif`` that a TIFF file gets, as ``{tag: (values,
+    types)}`` with the types they were stored with; maker notes left out, each directory
+    checked to serialise."""
+    from PIL import TiffImagePlugin
 
-    tags = Image.Exif()
-    tags.load(_EXIF_PREFIX + exif)
-    found = _sub_ifds(tags)
-    found.get(_EXIF_IFD, {}).pop(_MAKER_NOTE, None)
-    for tag in [tag for tag, values in found.items() if not values]:
-        del found[tag]
-    for values in found.values():
-        _directory_bytes(values, b"II*\x00", 8)  # raises for a value Pillow cannot write
+    head, data = exif[:8], io.BytesIO(exif)
+    ifd0 = TiffImagePlugin.ImageFileDirectory_v2(head)
+    data.seek(ifd0.next)
+    ifd0.load(data)
+    found: dict[int, tuple[dict, dict]] = {}
+    for tag in (_EXIF_IFD, _GPS_IFD):
+        offset = ifd0.get(tag)
+        if not isinstance(offset, int) or not 8 <= offset < len(exif):
+            continue
+        ifd = TiffImagePlugin.ImageFileDirectory_v2(head, group=tag)
+        data.seek(offset)
+        ifd.load(data)
+        values = dict(ifd)
+        values.pop(_MAKER_NOTE, None)
+        interop = values.pop(_INTEROP_IFD, None)
+        if tag == _EXIF_IFD and isinstance(interop, int) and 8 <= interop < len(exif):
+            inner = TiffImagePlugin.ImageFileDirectory_v2(head, group=_INTEROP_IFD)
+            data.seek(interop)
+            inner.load(data)
+            if len(inner):
+                values[_INTEROP_IFD] = dict(inner)  # written as a directory, typed by its group
+        if values:
+            types = {key: ifd.tagtype[key] for key in values if key in ifd.tagtype
+                     and key != _INTEROP_IFD}
+            _directory_bytes(tag, values, types, b"II*\x00", 8)  # raises if it cannot be written
+            found[tag] = (values, types)
     return found
 
 
-def _directory_bytes(values: dict, head: bytes, offset: int) -> bytes:
-    """An image file directory holding ``values`` and its data, to sit at ``offset`` of a file
-    starting with ``head`` (its byte order)."""
+def _directory_bytes(group: int, values: dict, types: dict, head: bytes, offset: int) -> bytes:
+    """The directory ``group`` (Exif, GPS) holding ``values`` of ``types`` and its data, to sit
+    at ``offset`` of a file starting with ``head`` (its byte order)."""
     from PIL import TiffImagePlugin
 
     order = "<" if head[:2] == b"II" else ">"
-    ifd = TiffImagePlugin.ImageFileDirectory_v2(ifh=head[:4] + struct.pack(order + "I", 8))
+    ifd = TiffImagePlugin.ImageFileDirectory_v2(ifh=head[:4] + struct.pack(order + "I", 8),
+                                                group=group)
     for tag, value in values.items():
+        if tag in types:
+            ifd.tagtype[tag] = types[tag]
         ifd[tag] = value
     return ifd.tobytes(offset)
 
@@ -416,12 +444,14 @@ def tiff_tags(meta: ImageMetadata | None) -> list[tuple]:
         from PIL import Image
 
         try:
-            tags = Image.Exif()
-            tags.load(_EXIF_PREFIX + meta.exif)
+            with _quiet():
+                tags = Image.Exif()
+                tags.load(_EXIF_PREFIX + meta.exif)
+                directories = _tiff_directories(meta.exif)
             described = [(tag, "s", 0, tags[tag], True) for tag in _TIFF_IFD0_TAGS
                          if tag != _ORIENTATION and isinstance(tags.get(tag), str)
                          and tags[tag].isascii() and tags[tag]]
-            places = [(tag - 1, "I", 1, 0, True) for tag in _tiff_directories(meta.exif)]
+            places = [(tag - 1, "I", 1, 0, True) for tag in directories]
             extra += described + places
         except Exception:  # noqa: BLE001 - metadata is best effort
             pass
@@ -432,14 +462,27 @@ def add_tiff_directories(tiff: bytes, meta: ImageMetadata | None) -> bytes:
     """``tiff`` (written with :func:`tiff_tags`) with ``meta``'s Exif and GPS directories
     appended and its first directory's entries for them pointed there."""
     if not meta or not meta.exif or tiff[:4] not in (b"II*\x00", b"MM\x00*"):
-        return tiff  # no EXIF, or a BigTIFF (over 4 GB: tifffile's choice, no place kept)
-    order, ifd0 = _exif_layout(tiff)
-    wanted = _tiff_directories(meta.exif)  # as tiff_tags found them: serialisable
-    out = bytearray(tiff)
-    for at, place, kind, n in _ifd_entries(tiff, ifd0, order):
-        tag = place + 1
-        if tag in wanted and kind == _LONG and n == 1:
-            out += bytes(len(out) % 2)  # a directory starts on a word boundary
-            struct.pack_into(order + "HHII", out, at, tag, _LONG, 1, len(out))
-            out += _directory_bytes(wanted[tag], tiff[:4], len(out))
-    return bytes(out)
+        return tiff  # no EXIF, or a BigTIFF (tifffile's choice for huge images: left out)
+    try:
+        with _quiet():
+            order, ifd0 = _exif_layout(tiff)
+            wanted = _tiff_directories(meta.exif)  # as tiff_tags found them: serialisable
+            out = bytearray(tiff)
+            for at, place, kind, n in _ifd_entries(tiff, ifd0, order):
+                tag = place + 1
+                if tag in wanted and kind == _LONG and n == 1:
+                    out += bytes(len(out) % 2)  # a directory starts on a word boundary
+                    struct.pack_into(order + "HHII", out, at, tag, _LONG, 1, len(out))
+                    out += _directory_bytes(tag, *wanted[tag], tiff[:4], len(out))
+            return bytes(out)
+    except Exception:  # noqa: BLE001 - best effort: the places stay, as unknown private tags
+        return tiff
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Pillow's warnings about odd EXIF ("Corrupt EXIF data", "too many entries") kept off the
+    user's terminal: metadata is best effort."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
