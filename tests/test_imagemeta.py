@@ -96,8 +96,7 @@ def test_a_tiff_keeps_exif_and_xmp_as_tags_of_its_own(tmp_path, bit_depth):
     import tifffile
 
     exif = camera_exif()
-    sub = exif.get_ifd(0x8769)
-    sub[0x927C] = b"maker notes"
+    exif.get_ifd(0x8769)[0x927C] = b"maker notes"
     pixels = (np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)
     Image.fromarray(pixels).save(tmp_path / "in.jpg", exif=exif, icc_profile=SRGB, xmp=XMP)
     image = read_image(tmp_path / "in.jpg")
@@ -113,56 +112,6 @@ def test_a_tiff_keeps_exif_and_xmp_as_tags_of_its_own(tmp_path, bit_depth):
         assert sub["DateTimeOriginal"] == "2025:12:31 09:00:00" and "MakerNote" not in sub
         assert (sub["PixelXDimension"], sub["PixelYDimension"]) == (60, 80)
         assert tags["GPSTag"].value["GPSLatitude"] == (52, 1, 31, 1, 12, 1)
-    again = read_image(out)
-    assert again.bit_depth == 16 and again.pixels.shape == (80, 60, 3)
-    assert again.metadata.icc == SRGB and again.metadata.xmp == XMP
-    assert imagemeta.exif_orientation(again.metadata) == 1
-    written = Image.Exif()
-    written.load(b"Exif\x00\x00" + again.metadata.exif)
-    assert written[0x010F] == "Canon"
-    assert (written.get_ifd(0x8769)[0xA002], written.get_ifd(0x8769)[0xA003]) == (60, 80)
-
-
-def test_bmp_keeps_nothing(tmp_path):
-    image = read_image(camera_jpeg(tmp_path / "in.jpg"))
-    write_image(tmp_path / "out.bmp", image.pixels, metadata=image.metadata)
-    assert read_image(tmp_path / "out.bmp").metadata is None
-
-
-@pytest.mark.parametrize("bit_depth", [8, 16])
-def test_a_tiff_keeps_exif_and_xmp_as_tags_of_its_own(tmp_path, bit_depth):
-    """TIFF outputs kept only the profile. A TIFF holds EXIF as its own tags: the descriptive
-    ones in its first directory, Exif and GPS directories beside; the maker notes stay out
-    (their inner offsets would point astray). And a TIFF's EXIF reaches a JPEG made from it."""
-    import tifffile
-
-    exif = camera_exif()
-    sub = exif.get_ifd(0x8769)
-    sub[0x927C] = b"maker notes"
-    pixels = (np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)
-    Image.fromarray(pixels).save(tmp_path / "in.jpg", exif=exif, icc_profile=SRGB, xmp=XMP)
-    image = read_image(tmp_path / "in.jpg")
-    out = tmp_path / "out.tif"
-    write_image(out, image.pixels, metadata=image.metadata, bit_depth=bit_depth,
-                alpha=np.ones((80, 60), np.float32))
-    with tifffile.TiffFile(out) as tif:
-        tags = tif.pages[0].tags
-        assert tags["Make"].value == "Canon" and "Orientation" not in tags
-        assert tags["Software"].value.startswith("deblurcli ") and "ImageDescription" not in tags
-        assert tags["XMP"].value == XMP and tags["InterColorProfile"].value == SRGB
-        sub = tags["ExifTag"].value
-        assert sub["DateTimeOriginal"] == "2025:12:31 09:00:00" and "MakerNote" not in sub
-        assert (sub["PixelXDimension"], sub["PixelYDimension"]) == (60, 80)
-        assert tags["GPSTag"].value["GPSLatitude"] == (52, 1, 31, 1, 12, 1)
-        written = {tag: kind for _, tag, kind, _ in
-                   imagemeta._ifd_entries(out.read_bytes(), tags["ExifTag"].valueoffset, "<")}
-    # each entry keeps the type it was stored with (Pillow guessed them: UNDEFINED as BYTE...)
-    source = image.metadata.exif
-    order, ifd0 = imagemeta._exif_layout(source)
-    sub_at = next(struct.unpack_from(order + "I", source, at + 8)[0]
-                  for at, tag, _, _ in imagemeta._ifd_entries(source, ifd0, order) if tag == 0x8769)
-    stored = {tag: kind for _, tag, kind, _ in imagemeta._ifd_entries(source, sub_at, order)}
-    assert written == {tag: kind for tag, kind in stored.items() if tag != 0x927C}
     again = read_image(out)
     assert again.bit_depth == bit_depth and again.metadata.xmp == XMP
     write_image(tmp_path / "out.jpg", again.pixels, metadata=again.metadata)
