@@ -199,6 +199,11 @@ def test_training_from_an_inference_export_says_what_it_lacks(run: Path, pairs: 
     text = " ".join(result.stderr.split())
     assert "has no sharp encoder E2" in text and "no latent discriminator" in text
     assert "--keep-training-state" in text
+    from deblurcli.train.diffusion import missing_training_state
+
+    with_evae = missing_training_state(DiffusionTrainConfig(  # --evae brings its own E2
+        init=str(tmp_path / "inference"), evae=str(run / "model"), adapter="real"))
+    assert "discriminator" in with_evae and "E2" not in with_evae
     assert _export(run, "-o", tmp_path / "full", "--keep-training-state").exit_code == 0
     result = train(tmp_path / "full", "b")
     assert result.exit_code == 0 and "warning" not in result.stderr, result.output

@@ -388,3 +388,8 @@ def test_a_signal_during_the_onnx_runtime_import_is_not_lost(monkeypatch):
         assert onnx_backend._onnxruntime().__version__ == "0.0"  # imported once, no signal
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_minus_zero_gamma_keys_the_export_of_zero(tiny_model_folder):
+    assert onnx_backend.model_key(tiny_model_folder, gamma=-0.0, lora=None) == \
+        onnx_backend.model_key(tiny_model_folder, gamma=0.0, lora=None)

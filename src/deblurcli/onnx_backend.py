@@ -65,7 +65,7 @@ def key_parts(folder: Path, *, gamma: float, lora: Path | None) -> dict:
     if lora is not None:
         parts["lora"] = sha256_file(lora)
     elif record.get("fused_gamma") is None:
-        parts["gamma"] = round(float(gamma), 9)
+        parts["gamma"] = round(float(gamma), 9) + 0.0  # -0 keys as 0
     return parts
 
 
@@ -114,8 +114,16 @@ def _onnxruntime():
     try:
         import onnxruntime
     finally:
-        for signum, handler in swapped.items():
-            signal.signal(signum, handler)
+        # both handlers back before either runs (a Ctrl-C raising from the first one put back
+        # would leave SIGTERM noted only, for the rest of the process)
+        block = getattr(signal, "pthread_sigmask", None)
+        held = block(signal.SIG_BLOCK, set(swapped)) if block and swapped else None
+        try:
+            for signum, handler in swapped.items():
+                signal.signal(signum, handler)
+        finally:
+            if held is not None:
+                block(signal.SIG_SETMASK, held)
         for signum in dict.fromkeys(noted):
             swapped[signum](signum, None)
     return onnxruntime

@@ -161,9 +161,13 @@ def missing_training_state(config: DiffusionTrainConfig) -> str | None:
 
     if not config.init or config.resume or (config.latent_weight <= 0 and config.lambda2 <= 0):
         return None
+    from deblurcli.train.vae import evae_folder
+
     folder = Path(config.init)
+    evae_config = evae_folder(config.evae) / "config.json" if config.evae else \
+        folder / "evae" / "config.json"  # --evae replaces the folder's eVAE
     try:
-        evae = json.loads((folder / "evae" / "config.json").read_text(encoding="utf-8"))
+        evae = json.loads(evae_config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # not a model folder: loading it says what is wrong
     missing = []
