@@ -258,3 +258,14 @@ def test_alpha_grey_and_16_bit_are_kept(tmp_path):
     as_jpg = plan_jobs(src / "rgba16.png", tmp_path / "jpg", BatchOptions(ext="jpg"))
     run_jobs(as_jpg, invert, BatchOptions())
     assert read_image(as_jpg[0].target).bit_depth == 8  # JPEG cannot hold 16 bits
+
+
+def test_a_folder_where_an_output_goes_is_no_finished_output(tmp_path):
+    """It was counted as an existing output: "every output already exists", no photo made."""
+    src = tmp_path / "in"
+    write_image(src / "a.png", np.zeros((4, 4, 3), np.float32))
+    (tmp_path / "out" / "a.png").mkdir(parents=True)
+    summary = run_jobs(plan_jobs(src, tmp_path / "out", BatchOptions()), lambda x, p: x,
+                       BatchOptions())
+    [result] = summary.results
+    assert result.status == "failed" and result.error

@@ -358,3 +358,16 @@ def test_a_tiff_inputs_maker_notes_stay_out_of_its_exif(tmp_path):
     exif.load(b"Exif\x00\x00" + read_image(tmp_path / "in.tif").metadata.exif)
     assert exif[0x010F] == "Canon"
     assert exif.get_ifd(0x8769) == {0x9003: "2025:12:31 09:00:00"}
+
+
+def test_a_jpeg_with_corrupt_exif_reads_without_a_warning(tmp_path):
+    """Pillow's "Corrupt EXIF data" warning reached the terminal, naming no file."""
+    import warnings
+
+    path = tmp_path / "bad.jpg"
+    Image.new("RGB", (8, 6)).save(
+        path, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_image(path).pixels.shape == (6, 8, 3)
+    assert [str(w.message) for w in caught] == []

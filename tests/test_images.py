@@ -458,3 +458,18 @@ def test_a_tiff_with_premultiplied_alpha_reads_as_its_colours(tmp_path):
     assert np.allclose(image.alpha * 255, alpha)
     seen = alpha >= 64  # where rounding of the stored colour leaves a good estimate
     assert np.abs(image.pixels[seen] * 255 - rgb[seen]).max() < 3
+
+
+@pytest.mark.parametrize("mode, key", [("RGB", (0, 255, 0)), ("L", 0)])
+def test_a_png_colour_key_becomes_alpha(tmp_path, mode, key):
+    """A tRNS colour key in an RGB or grey PNG was dropped: the keyed colour showed."""
+    from PIL import Image
+
+    pixels = np.zeros((4, 6, 3 if mode == "RGB" else 1), np.uint8)
+    pixels[:, 3:] = 200
+    if mode == "RGB":
+        pixels[:, :3] = key
+    Image.fromarray(pixels.squeeze()).save(tmp_path / "k.png", transparency=key)
+    image = read_image(tmp_path / "k.png")
+    assert image.alpha is not None and image.grayscale == (mode == "L")
+    assert (image.alpha[:, :3] == 0).all() and (image.alpha[:, 3:] == 1).all()

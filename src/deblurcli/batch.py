@@ -464,8 +464,9 @@ def failure_reason(job: Job, exc: BaseException) -> Optional[str]:
 
 
 def needs_processing(job: Job, options: BatchOptions) -> bool:
-    """Whether :func:`run_jobs` would read and deblur this job (not fail or skip it at once)."""
-    return not job.problem and (options.overwrite or not job.target.exists())
+    """Whether :func:`run_jobs` would read and deblur this job (not fail or skip it at once).
+    Only a file at the target counts as done: a folder there fails the job when it is written."""
+    return not job.problem and (options.overwrite or not job.target.is_file())
 
 
 def run_jobs(jobs: list[Job], deblur: DeblurFn, options: BatchOptions,

@@ -323,12 +323,14 @@ def _pillow_limit(max_pixels: int) -> Iterator[None]:
 
     Pillow refuses images over ``2 * Image.MAX_IMAGE_PIXELS`` and warns above half of that; the
     warning is silenced, and Pillow's limit is lifted (under a lock) only when ``max_pixels``
-    exceeds it.
+    exceeds it. So are Pillow's warnings about a file's metadata ("Corrupt EXIF data"): they
+    name no file, and metadata is best effort.
     """
     from PIL import Image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
         limit = Image.MAX_IMAGE_PIXELS
         if limit is None or max_pixels <= 2 * limit:
             yield
@@ -487,7 +489,9 @@ def _pillow_orientation(im, fmt: str = "") -> int:
             from deblurcli.imagemeta import from_pillow
 
             return exif_orientation(ImageMetadata(exif=from_pillow(im).exif))
-        return int(im.getexif().get(_EXIF_ORIENTATION, 1))
+        with warnings.catch_warnings():  # Pillow's "Corrupt EXIF data" is no news to the user
+            warnings.simplefilter("ignore")
+            return int(im.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - a broken EXIF block must not stop reading pixels
         return 1
 
@@ -527,7 +531,10 @@ def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageDat
     metadata = _pillow_metadata(im, data, fmt)
     orientation = exif_orientation(metadata) if fmt == "png" else _pillow_orientation(im, fmt)
     mode = im.mode
-    if mode in ("1", "L"):
+    keyed = "transparency" in im.info  # a tRNS colour key: transparent where a pixel has it
+    if mode in ("1", "L") and keyed:
+        arr = np.asarray(im.convert("LA"))
+    elif mode in ("1", "L"):
         arr = np.asarray(im.convert("L"))
     elif mode in ("LA", "La"):
         arr = np.asarray(im.convert("LA"))
@@ -538,7 +545,7 @@ def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageDat
     elif mode in ("P", "PA"):
         has_alpha = mode == "PA" or "transparency" in im.info
         arr = np.asarray(im.convert("RGBA" if has_alpha else "RGB"))
-    elif mode in ("RGBA", "RGBa"):
+    elif mode in ("RGBA", "RGBa") or mode == "RGB" and keyed:
         arr = np.asarray(im.convert("RGBA"))
     else:  # RGB, CMYK, YCbCr, LAB, HSV, ...
         arr = np.asarray(im.convert("RGB"))
