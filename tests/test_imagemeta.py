@@ -371,3 +371,28 @@ def test_a_jpeg_with_corrupt_exif_reads_without_a_warning(tmp_path):
         warnings.simplefilter("always")
         assert read_image(path).pixels.shape == (6, 8, 3)
     assert [str(w.message) for w in caught] == []
+
+
+def test_text_in_exif_keeps_its_bytes_through_a_tiff(tmp_path):
+    """Artist, captions and the like written in UTF-8 came out as 'J??rg M??ller' (or were left
+    out) whenever the EXIF passed through a TIFF."""
+    artist, caption, owner = "Jörg Müller".encode(), "Île de Ré".encode(), "Zoë".encode()
+    exif = Image.Exif()
+    exif[0x013B] = artist
+    exif[0x010E] = caption
+    Image.new("RGB", (8, 6)).save(tmp_path / "in.jpg", exif=exif)
+    image = read_image(tmp_path / "in.jpg")
+    write_image(tmp_path / "out.tif", image.pixels, metadata=image.metadata)
+    tif = Image.open(tmp_path / "out.tif")
+    assert tif.tag_v2[0x013B].encode("latin-1") == artist  # Pillow decodes text as latin-1
+    assert tif.tag_v2[0x010E].encode("latin-1") == caption
+    # an ASCII entry of the Exif directory (CameraOwnerName) through a TIFF
+    at = 32 + 12
+    meta = imagemeta.ImageMetadata(exif=_exif(
+        [(0xA430, 2, len(owner) + 1, struct.pack("<I", at))], owner + b"\x00"))
+    write_image(tmp_path / "owner.tif", np.zeros((6, 8, 3), np.float32), metadata=meta)
+    again = read_image(tmp_path / "owner.tif")  # and out of the TIFF, into a JPEG
+    write_image(tmp_path / "out.jpg", again.pixels, metadata=again.metadata)
+    back = Image.Exif()
+    back.load(b"Exif\x00\x00" + read_image(tmp_path / "out.jpg").metadata.exif)
+    assert back.get_ifd(0x8769)[0xA430].encode("latin-1") == owner

@@ -58,7 +58,7 @@ _GPS_IFD, _INTEROP_IFD, _MAKER_NOTE, _TIFF_XMP = 0x8825, 0xA005, 0x927C, 700
 #: Descriptive tags of a TIFF's first directory carried with EXIF: ImageDescription, Make,
 #: Model, Orientation, DateTime, Artist, Copyright.
 _TIFF_IFD0_TAGS = (0x010E, 0x010F, 0x0110, _ORIENTATION, 0x0132, 0x013B, 0x8298)
-_SHORT, _LONG = 3, 4
+_ASCII, _SHORT, _LONG = 2, 3, 4
 _XMP_ORIENTATION = re.compile(  # an attribute or an element
     rb'(?P<a>tiff:Orientation\s*=\s*["\'])(?P<av>[0-9]+)(?P<a_end>["\'])'
     rb'|(?P<e><tiff:Orientation>)\s*(?P<ev>[0-9]+)\s*(?P<e_end></tiff:Orientation>)')
@@ -109,47 +109,48 @@ def from_pillow(im: Any) -> ImageMetadata:
                          xmp=xmp or None)
 
 
-def _sub_ifds(exif: Any) -> dict[int, dict]:
-    """The Exif and GPS directories of a Pillow ``Image.Exif`` as ``{tag: value}`` (the Exif
-    one with its Interop directory as a dict too), the empty ones left out."""
-    found: dict[int, dict] = {}
-    for tag in (_EXIF_IFD, _GPS_IFD):
-        if tag not in exif:
-            continue
-        ifd = dict(exif.get_ifd(tag))
-        if tag == _EXIF_IFD and _INTEROP_IFD in ifd:
-            interop = dict(exif.get_ifd(_INTEROP_IFD))
-            ifd[_INTEROP_IFD] = interop
-            if not interop:
-                del ifd[_INTEROP_IFD]
-        if ifd:
-            found[tag] = ifd
-    return found
-
-
 def from_tiff(im: Any) -> ImageMetadata:
     """The metadata of a TIFF opened by Pillow: its ICC profile, XMP (tag 700) and an EXIF block
-    made of its descriptive tags and its Exif and GPS directories (None when it has none)."""
-    from PIL import Image
-
-    with _quiet():
-        tags = im.getexif()
-        exif = Image.Exif()
-        for tag in _TIFF_IFD0_TAGS:
-            if tag in tags:
-                exif[tag] = tags[tag]
-        if str(exif.get(0x010E, "")).startswith('{"shape":'):  # tifffile's array shape
-            del exif[0x010E]
-        for tag, ifd in _sub_ifds(tags).items():
-            ifd.pop(_MAKER_NOTE, None)  # laid out anew here: its inner offsets would go astray
-            if ifd:
-                exif[tag] = ifd
-        block = _exif_body(exif.tobytes()) if len(exif) else None
-    xmp = im.tag_v2.get(_TIFF_XMP)
+    made of its descriptive tags and its Exif and GPS directories, each entry of the type it
+    was stored with (None when it has none)."""
+    ifd0 = im.tag_v2
+    block = None
+    try:
+        with _quiet():
+            fp = im.fp
+            fp.seek(0, io.SEEK_END)
+            size = fp.tell()
+            head = ifd0.prefix + (b"*\x00" if ifd0.prefix == b"II" else b"\x00*") + bytes(4)
+            values = {tag: ifd0[tag] for tag in _TIFF_IFD0_TAGS if tag in ifd0}
+            if str(values.get(0x010E, "")).startswith('{"shape":'):  # tifffile's array shape
+                del values[0x010E]
+            directories = _directories(fp, head, ifd0, size)
+            if values or directories:
+                block = _exif_block(values, {tag: ifd0.tagtype.get(tag) for tag in values},
+                                    directories)
+    except Exception:  # noqa: BLE001 - metadata is best effort
+        block = None
+    xmp = ifd0.get(_TIFF_XMP)
     if isinstance(xmp, str):  # stored as ASCII: Pillow decoded the bytes as latin-1
         xmp = xmp.encode("latin-1", "replace")
     return ImageMetadata(icc=im.info.get("icc_profile") or None, exif=block,
                          xmp=bytes(xmp) if isinstance(xmp, (bytes, bytearray)) and xmp else None)
+
+
+def _exif_block(values: dict, types: dict, directories: dict[int, tuple[dict, dict]]) -> bytes:
+    """A little-endian EXIF block: a first directory of ``values`` (of ``types``) pointing at
+    ``directories`` (``{Exif or GPS tag: (values, types)}``), appended after it."""
+    head = b"II*\x00" + struct.pack("<I", 8)
+    places = {tag: 0 for tag in directories}
+    block = bytearray(head + _directory_bytes(None, {**values, **places},
+                                              {**types, **{tag: _LONG for tag in places}},
+                                              head, 8))
+    for at, tag, kind, n in list(_ifd_entries(bytes(block), 8, "<")):
+        if tag in directories and kind == _LONG and n == 1:
+            block += bytes(len(block) % 2)
+            struct.pack_into("<I", block, at + 8, len(block))
+            block += _directory_bytes(tag, *directories[tag], head, len(block))
+    return bytes(block)
 
 
 def png_chunks(fh: BinaryIO) -> dict[bytes, list[bytes]]:
@@ -380,19 +381,28 @@ def add_to_png(png: bytes, meta: ImageMetadata | None) -> bytes:
 
 
 def _tiff_directories(exif: bytes) -> dict[int, tuple[dict, dict]]:
-    """The Exif and GPS directories of ``exif`` that a TIFF file gets, as ``{tag: (values,
-    types)}`` with the types they were stored with; maker notes left out, each directory
-    checked to serialise."""
+    """The Exif and GPS directories of the EXIF block ``exif`` (see :func:`_directories`)."""
     from PIL import TiffImagePlugin
 
     head, data = exif[:8], io.BytesIO(exif)
     ifd0 = TiffImagePlugin.ImageFileDirectory_v2(head)
     data.seek(ifd0.next)
     ifd0.load(data)
+    return _directories(data, head, ifd0, len(exif))
+
+
+def _directories(data: BinaryIO, head: bytes, ifd0: Any, size: int) -> dict[int, tuple[dict,
+                                                                                     dict]]:
+    """The Exif and GPS directories that the first directory ``ifd0`` of the TIFF structure
+    ``data`` (``size`` bytes, in the byte order of ``head``) points at, as ``{tag: (values,
+    types)}`` with the types they were stored with; maker notes left out (laid out anew,
+    their inner offsets would point astray), each directory checked to serialise."""
+    from PIL import TiffImagePlugin
+
     found: dict[int, tuple[dict, dict]] = {}
     for tag in (_EXIF_IFD, _GPS_IFD):
         offset = ifd0.get(tag)
-        if not isinstance(offset, int) or not 8 <= offset < len(exif):
+        if not isinstance(offset, int) or not 8 <= offset < size:
             continue
         ifd = TiffImagePlugin.ImageFileDirectory_v2(head, group=tag)
         data.seek(offset)
@@ -400,7 +410,7 @@ def _tiff_directories(exif: bytes) -> dict[int, tuple[dict, dict]]:
         values = dict(ifd)
         values.pop(_MAKER_NOTE, None)
         interop = values.pop(_INTEROP_IFD, None)
-        if tag == _EXIF_IFD and isinstance(interop, int) and 8 <= interop < len(exif):
+        if tag == _EXIF_IFD and isinstance(interop, int) and 8 <= interop < size:
             inner = TiffImagePlugin.ImageFileDirectory_v2(head, group=_INTEROP_IFD)
             data.seek(interop)
             inner.load(data)
@@ -414,17 +424,23 @@ def _tiff_directories(exif: bytes) -> dict[int, tuple[dict, dict]]:
     return found
 
 
-def _directory_bytes(group: int, values: dict, types: dict, head: bytes, offset: int) -> bytes:
-    """The directory ``group`` (Exif, GPS) holding ``values`` of ``types`` and its data, to sit
-    at ``offset`` of a file starting with ``head`` (its byte order)."""
+def _directory_bytes(group: int | None, values: dict, types: dict, head: bytes,
+                     offset: int) -> bytes:
+    """The directory ``group`` (Exif, GPS; None: a first one) holding ``values`` of ``types``
+    and its data, to sit at ``offset`` of a file starting with ``head`` (its byte order). Text
+    goes out as the bytes it was read from (Pillow decodes it as latin-1 and would write
+    anything else as '?')."""
     from PIL import TiffImagePlugin
 
     order = "<" if head[:2] == b"II" else ">"
     ifd = TiffImagePlugin.ImageFileDirectory_v2(ifh=head[:4] + struct.pack(order + "I", 8),
                                                 group=group)
     for tag, value in values.items():
-        if tag in types:
-            ifd.tagtype[tag] = types[tag]
+        kind = types.get(tag)
+        if isinstance(value, str) and kind in (None, _ASCII):
+            kind, value = _ASCII, value.encode("latin-1", "replace")
+        if kind is not None:
+            ifd.tagtype[tag] = kind
         ifd[tag] = value
     return ifd.tobytes(offset)
 
@@ -448,9 +464,9 @@ def tiff_tags(meta: ImageMetadata | None) -> list[tuple]:
                 tags = Image.Exif()
                 tags.load(_EXIF_PREFIX + meta.exif)
                 directories = _tiff_directories(meta.exif)
-            described = [(tag, "s", 0, tags[tag], True) for tag in _TIFF_IFD0_TAGS
-                         if tag != _ORIENTATION and isinstance(tags.get(tag), str)
-                         and tags[tag].isascii() and tags[tag]]
+            described = [(tag, "s", 0, tags[tag].encode("latin-1", "replace"), True)
+                         for tag in _TIFF_IFD0_TAGS  # text as the bytes it was read from
+                         if tag != _ORIENTATION and isinstance(tags.get(tag), str) and tags[tag]]
             places = [(tag - 1, "I", 1, 0, True) for tag in directories]
             extra += described + places
         except Exception:  # noqa: BLE001 - metadata is best effort
