@@ -473,3 +473,35 @@ def test_a_png_colour_key_becomes_alpha(tmp_path, mode, key):
     image = read_image(tmp_path / "k.png")
     assert image.alpha is not None and image.grayscale == (mode == "L")
     assert (image.alpha[:, :3] == 0).all() and (image.alpha[:, 3:] == 1).all()
+
+
+def test_a_16_bit_lzw_tiff_stays_16_bit(tmp_path, monkeypatch):
+    """LZW, Photoshop's and Lightroom's default, needed the imagecodecs package: without it a
+    16-bit photo came back as 8 bits through Pillow, silently. It is a dependency now, and a
+    16-bit TIFF that tifffile cannot decode is an error, never an 8-bit copy."""
+    import tifffile
+
+    photo = (np.random.default_rng(0).random((6, 8, 3)) * 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "lzw.tif", photo, photometric="rgb", compression="lzw")
+    image = read_image(tmp_path / "lzw.tif")
+    assert image.bit_depth == 16 and np.array_equal(
+        np.rint(image.pixels * 65535).astype(np.uint16), photo)
+
+    def no_codec(self, *args, **kwargs):
+        raise ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", no_codec)
+    with pytest.raises(ImageReadError, match="16-bit samples are compressed with LZW"):
+        read_image(tmp_path / "lzw.tif")
+
+
+def test_an_unreadable_file_is_one_plain_line(tmp_path):
+    """Pillow's reason named an object's address ('<_io.BytesIO object at 0x7f...>'), and an
+    empty TIFF said 'index 0 out of range'."""
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
+    (tmp_path / "empty.tif").write_bytes(b"II*\x00" + bytes(20))
+    for name, words in (("bad.jpg", "corrupt or unsupported JPEG"),
+                        ("empty.tif", "corrupt or unsupported TIFF (it holds no image)")):
+        with pytest.raises(ImageReadError) as info:
+            read_image(tmp_path / name)
+        assert words in str(info.value) and " at 0x" not in str(info.value), str(info.value)

@@ -23,6 +23,7 @@ import contextlib
 import errno
 import io
 import os
+import re
 import shutil
 import stat
 import struct
@@ -622,7 +623,14 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
         if photometric in (0, 1, 2):  # grey or RGB; CMYK, palette, YCbCr, Lab: Pillow below
             try:
                 arr = page.asarray()
-            except Exception:  # noqa: BLE001 - e.g. LZW/JPEG without the imagecodecs package
+            except Exception as exc:  # noqa: BLE001 - a codec tifffile lacks: Pillow, if 8-bit
+                if int(page.bitspersample) > 8:  # Pillow would read it as 8 bits, silently
+                    raise ImageReadError(
+                        f"cannot read {path}: its {page.bitspersample}-bit samples are "
+                        f"compressed with {getattr(page.compression, 'name', page.compression)}, "
+                        "which tifffile cannot decode "
+                        f"here ({' '.join(str(exc).split())[:120]}; is imagecodecs installed?)"
+                    ) from None
                 arr = None
         tag = page.tags.get(274)
         orientation = int(tag.value) if tag is not None else 1
@@ -695,10 +703,18 @@ def read_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
         except ImageReadError:
             raise
         except Exception as exc:  # noqa: BLE001 - decoders raise many kinds of errors
-            detail = " ".join(str(exc).split()) or type(exc).__name__
             raise ImageReadError(
-                f"cannot read {path}: corrupt or unsupported {fmt.upper()} ({detail})"
+                f"cannot read {path}: corrupt or unsupported {fmt.upper()} ({_reason(exc, fmt)})"
             ) from None
+
+
+def _reason(exc: BaseException, fmt: str | None = None) -> str:
+    """A decoder's error as one line, without the object addresses some put in it (Pillow's
+    "cannot identify image file <_io.BytesIO object at 0x7f...>")."""
+    if fmt == "tiff" and isinstance(exc, IndexError):  # tifffile: no first page
+        return "it holds no image"
+    text = re.sub(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>", "", " ".join(str(exc).split())).strip()
+    return text or type(exc).__name__
 
 
 def image_size(path: PathLike) -> tuple[int, int]:
@@ -707,6 +723,7 @@ def image_size(path: PathLike) -> tuple[int, int]:
     Raises :class:`~deblurcli.errors.ImageReadError` if the file cannot be opened as an image.
     """
     path = Path(path)
+    fmt = None
     try:
         with open_regular(path) as fh:
             head = _read_head(fh)
@@ -735,9 +752,8 @@ def image_size(path: PathLike) -> tuple[int, int]:
     except ImageReadError:
         raise
     except Exception as exc:  # noqa: BLE001
-        detail = " ".join(str(exc).split()) or type(exc).__name__
         raise ImageReadError(
-            f"cannot read {path}: corrupt or unsupported image ({detail})"
+            f"cannot read {path}: corrupt or unsupported image ({_reason(exc, fmt)})"
         ) from None
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 

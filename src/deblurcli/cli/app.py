@@ -196,10 +196,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# Dependencies whose import-time log warnings are about optional extras deblurcli never uses:
-# bitsandbytes (pulled in by pyiqa, imported by peft) asks for the `kernels` package on CPUs with
-# AVX512-BF16, before every command's own output.
-QUIET_LOGGERS: tuple[str, ...] = ("bitsandbytes",)
+# Dependencies whose log warnings are no news to the user: bitsandbytes (pulled in by pyiqa,
+# imported by peft) asks for the `kernels` package on CPUs with AVX512-BF16, before every
+# command's own output; tifffile logs what it finds odd in a file ("contains no pages"), which
+# the command then reports in its own words when it matters.
+QUIET_LOGGERS: tuple[str, ...] = ("bitsandbytes", "tifffile")
 
 
 def _quiet_dependency_logs() -> None:
