@@ -396,3 +396,33 @@ def test_text_in_exif_keeps_its_bytes_through_a_tiff(tmp_path):
     back = Image.Exif()
     back.load(b"Exif\x00\x00" + read_image(tmp_path / "out.jpg").metadata.exif)
     assert back.get_ifd(0x8769)[0xA430].encode("latin-1") == owner
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".tif"])
+def test_the_print_resolution_reaches_the_output(tmp_path, suffix):
+    """JPEG's JFIF density, PNG's pHYs and a TIFF's resolution were all lost (print workflows
+    use them); turned upright, x and y swap."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (8, 6)).save(tmp_path / "in.jpg", dpi=(300, 200), exif=exif)
+    image = read_image(tmp_path / "in.jpg")
+    assert image.metadata.dpi == (200.0, 300.0) and image.pixels.shape == (8, 6, 3)
+    for depth in (8, 16) if suffix != ".jpg" else (8,):
+        out = tmp_path / f"out{depth}{suffix}"
+        write_image(out, image.pixels, metadata=image.metadata, bit_depth=depth)
+        assert read_image(out).metadata.dpi == (200.0, 300.0), (suffix, depth)
+        assert tuple(round(v) for v in Image.open(out).info["dpi"]) == (200, 300)
+
+
+def test_windows_rating_and_title_reach_a_tiff(tmp_path):
+    import tifffile
+
+    title = "Sunset".encode("utf-16-le") + b"\x00\x00"
+    exif = Image.Exif()
+    exif[0x4746], exif[0x9C9B] = 4, title  # Rating, XPTitle
+    Image.new("RGB", (8, 6)).save(tmp_path / "in.jpg", exif=exif)
+    image = read_image(tmp_path / "in.jpg")
+    write_image(tmp_path / "out.tif", image.pixels, metadata=image.metadata)
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        tags = tif.pages[0].tags
+        assert tags["Rating"].value == 4 and tags["XPTitle"].value == title

@@ -8,6 +8,9 @@ dimensions are the output's, and the EXIF thumbnail (a picture of the blurry pho
 The EXIF block is patched in place, never re-laid out, so that maker notes that point at
 absolute offsets stay readable.
 
+The print resolution (DPI) goes along: JPEG's JFIF density, PNG's pHYs, TIFF's resolution
+tags (WebP, AVIF and HEIC have none of their own).
+
 What each format gets:
 
 =========  ===================================  ==============================================
@@ -56,8 +59,10 @@ _ORIENTATION, _WIDTH, _LENGTH = 0x0112, 0x0100, 0x0101
 _EXIF_IFD, _PIXEL_X, _PIXEL_Y = 0x8769, 0xA002, 0xA003
 _GPS_IFD, _INTEROP_IFD, _MAKER_NOTE, _TIFF_XMP = 0x8825, 0xA005, 0x927C, 700
 #: Descriptive tags of a TIFF's first directory carried with EXIF: ImageDescription, Make,
-#: Model, Orientation, DateTime, Artist, Copyright.
-_TIFF_IFD0_TAGS = (0x010E, 0x010F, 0x0110, _ORIENTATION, 0x0132, 0x013B, 0x8298)
+#: Model, Orientation, DateTime, Artist, Copyright; Windows' Rating, RatingPercent and
+#: XPTitle, XPComment, XPAuthor, XPKeywords, XPSubject.
+_TIFF_IFD0_TAGS = (0x010E, 0x010F, 0x0110, _ORIENTATION, 0x0132, 0x013B, 0x8298, 0x4746, 0x4749,
+                   0x9C9B, 0x9C9C, 0x9C9D, 0x9C9E, 0x9C9F)
 _ASCII, _SHORT, _LONG = 2, 3, 4
 _XMP_ORIENTATION = re.compile(  # an attribute or an element
     rb'(?P<a>tiff:Orientation\s*=\s*["\'])(?P<av>[0-9]+)(?P<a_end>["\'])'
@@ -73,14 +78,21 @@ class ImageMetadata:
         exif: the EXIF block as a TIFF structure (``II*``/``MM*``), without the ``Exif\\0\\0``
             prefix JPEG files put before it.
         xmp: the XMP packet (UTF-8 XML).
+        dpi: the print resolution ``(x, y)`` in pixels per inch: JPEG's JFIF density, PNG's
+            pHYs, a TIFF's resolution tags.
     """
 
     icc: bytes | None = None
     exif: bytes | None = None
     xmp: bytes | None = None
+    dpi: tuple[float, float] | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.icc or self.exif or self.xmp)
+        return bool(self.icc or self.exif or self.xmp or self.dpi)
+
+    def turned(self) -> ImageMetadata:
+        """The metadata of the photo turned by a quarter: the resolution's x and y swapped."""
+        return replace(self, dpi=self.dpi[::-1]) if self.dpi else self
 
 
 def _exif_body(data: bytes | None) -> bytes | None:
@@ -99,6 +111,15 @@ def _inflate(data: bytes) -> bytes | None:
     return None if inflater.unconsumed_tail else out
 
 
+def _dpi(value: Any) -> tuple[float, float] | None:
+    """A resolution ``(x, y)`` in pixels per inch, or None when it is missing or unusable."""
+    try:
+        x, y = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return (round(x, 2), round(y, 2)) if 0 < x < 1e6 and 0 < y < 1e6 else None
+
+
 def from_pillow(im: Any) -> ImageMetadata:
     """The metadata of an opened Pillow image (JPEG, WebP)."""
     info = im.info
@@ -106,7 +127,7 @@ def from_pillow(im: Any) -> ImageMetadata:
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8")
     return ImageMetadata(icc=info.get("icc_profile") or None, exif=_exif_body(info.get("exif")),
-                         xmp=xmp or None)
+                         xmp=xmp or None, dpi=_dpi(info.get("dpi")))
 
 
 def from_tiff(im: Any) -> ImageMetadata:
@@ -134,7 +155,8 @@ def from_tiff(im: Any) -> ImageMetadata:
     if isinstance(xmp, str):  # stored as ASCII: Pillow decoded the bytes as latin-1
         xmp = xmp.encode("latin-1", "replace")
     return ImageMetadata(icc=im.info.get("icc_profile") or None, exif=block,
-                         xmp=bytes(xmp) if isinstance(xmp, (bytes, bytearray)) and xmp else None)
+                         xmp=bytes(xmp) if isinstance(xmp, (bytes, bytearray)) and xmp else None,
+                         dpi=_dpi(im.info.get("dpi")))
 
 
 def _exif_block(values: dict, types: dict, directories: dict[int, tuple[dict, dict]]) -> bytes:
@@ -154,7 +176,8 @@ def _exif_block(values: dict, types: dict, directories: dict[int, tuple[dict, di
 
 
 def png_chunks(fh: BinaryIO) -> dict[bytes, list[bytes]]:
-    """The bodies of the metadata chunks (``iCCP``, ``eXIf``, ``iTXt``, ``tEXt``, ``zTXt``) of
+    """The bodies of the metadata chunks (``iCCP``, ``eXIf``, ``iTXt``, ``tEXt``, ``zTXt``,
+    ``pHYs``) of
     the PNG file ``fh``, by type; the pixel data is skipped over, not read, and so is a chunk
     larger than :data:`MAX_INFLATED_BYTES`."""
     found: dict[bytes, list[bytes]] = {}
@@ -166,7 +189,7 @@ def png_chunks(fh: BinaryIO) -> dict[bytes, list[bytes]]:
         length, kind = struct.unpack(">I", header[:4])[0], header[4:]
         if kind == b"IEND":
             break
-        if kind in (b"iCCP", b"eXIf", b"iTXt", b"tEXt", b"zTXt") and \
+        if kind in (b"iCCP", b"eXIf", b"iTXt", b"tEXt", b"zTXt", b"pHYs") and \
                 length <= MAX_INFLATED_BYTES:
             found.setdefault(kind, []).append(fh.read(length))
             fh.seek(4, 1)  # CRC
@@ -201,7 +224,11 @@ def from_png(source: bytes | BinaryIO) -> ImageMetadata:
         name_end = body.find(b"\x00")
         icc = _inflate(body[name_end + 2:]) if name_end >= 0 else None
     exif = _exif_body(chunks.get(b"eXIf", [None])[0])
-    return ImageMetadata(icc=icc or None, exif=exif, xmp=_png_xmp(chunks))
+    dpi = None
+    for body in chunks.get(b"pHYs", [])[:1]:  # pixels per unit x, y; unit 1: the metre
+        if len(body) == 9 and body[8] == 1:
+            dpi = _dpi(v * 0.0254 for v in struct.unpack(">II", body[:8]))
+    return ImageMetadata(icc=icc or None, exif=exif, xmp=_png_xmp(chunks), dpi=dpi)
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +348,7 @@ def for_output(meta: ImageMetadata | None, *, width: int, height: int,
         b"GRAY" if grayscale else b"RGB ") else None
     exif = _patched_exif(meta.exif, width, height) if meta.exif else None
     xmp = _upright_xmp(meta.xmp) if meta.xmp else None
-    out = ImageMetadata(icc=icc, exif=exif, xmp=xmp)
+    out = ImageMetadata(icc=icc, exif=exif, xmp=xmp, dpi=meta.dpi)
     return out if out else None
 
 
@@ -340,6 +367,8 @@ def pillow_save_options(meta: ImageMetadata | None, fmt: str) -> dict[str, Any]:
             xmp=meta.xmp if meta.xmp and len(meta.xmp) <= _JPEG_MARKER_BYTES - _JPEG_XMP_HEADER
             else None)
     options: dict[str, Any] = {}
+    if meta.dpi and fmt in ("jpeg", "png"):
+        options["dpi"] = meta.dpi
     if meta.icc:
         options["icc_profile"] = meta.icc
     if meta.exif:
@@ -372,6 +401,8 @@ def add_to_png(png: bytes, meta: ImageMetadata | None) -> bytes:
         extra += _chunk(b"eXIf", meta.exif)
     if meta.xmp:  # keyword NUL, not compressed, method 0, no language NUL, no translation NUL
         extra += _chunk(b"iTXt", _XMP_KEY + b"\x00\x00\x00\x00\x00" + meta.xmp)
+    if meta.dpi:  # pixels per metre, unit 1
+        extra += _chunk(b"pHYs", struct.pack(">IIB", *(round(v / 0.0254) for v in meta.dpi), 1))
     ihdr_end = 8 + 12 + struct.unpack(">I", png[8:12])[0]
     return png[:ihdr_end] + extra + png[ihdr_end:]
 
@@ -464,14 +495,26 @@ def tiff_tags(meta: ImageMetadata | None) -> list[tuple]:
                 tags = Image.Exif()
                 tags.load(_EXIF_PREFIX + meta.exif)
                 directories = _tiff_directories(meta.exif)
-            described = [(tag, "s", 0, tags[tag].encode("latin-1", "replace"), True)
-                         for tag in _TIFF_IFD0_TAGS  # text as the bytes it was read from
-                         if tag != _ORIENTATION and isinstance(tags.get(tag), str) and tags[tag]]
+            described = [entry for tag in _TIFF_IFD0_TAGS if tag != _ORIENTATION
+                         for entry in [_tiff_entry(tag, tags.get(tag))] if entry]
             places = [(tag - 1, "I", 1, 0, True) for tag in directories]
             extra += described + places
         except Exception:  # noqa: BLE001 - metadata is best effort
             pass
     return extra
+
+
+def _tiff_entry(tag: int, value: Any) -> tuple | None:
+    """A tifffile ``extratags`` entry of a first-directory EXIF tag: text as the bytes it was
+    read from (Pillow decodes it as latin-1), a number as a SHORT, bytes (the XP tags) as
+    BYTEs; None for anything else."""
+    if isinstance(value, str) and value:
+        return (tag, "s", 0, value.encode("latin-1", "replace"), True)
+    if isinstance(value, int) and 0 <= value <= 0xFFFF:
+        return (tag, "H", 1, value, True)
+    if isinstance(value, bytes) and value:
+        return (tag, "B", len(value), value, True)
+    return None
 
 
 def add_tiff_directories(tiff: bytes, meta: ImageMetadata | None) -> bytes:

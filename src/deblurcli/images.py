@@ -466,6 +466,8 @@ def _finish(
     metadata: ImageMetadata | None = None,
 ) -> ImageData:
     arr = apply_orientation(arr, orientation)
+    if metadata and orientation in (5, 6, 7, 8):  # turned by a quarter: so is the resolution
+        metadata = metadata.turned()
     colour, alpha, grey = _split_channels(arr, grey_file)
     pix, depth = _to_unit_float(colour)
     if pix.shape[2] == 1:
@@ -841,6 +843,8 @@ def encode_image(
         kwargs = {"extrasamples": ["unassalpha"]} if alpha is not None else {}
         if metadata is not None and metadata.icc:
             kwargs["iccprofile"] = metadata.icc
+        if metadata is not None and metadata.dpi:
+            kwargs.update(resolution=metadata.dpi, resolutionunit="INCH")
         photometric = "minisblack" if channels in (1, 2) else "rgb"
         tifffile.imwrite(buf, arr, photometric=photometric, compression="zlib", metadata=None,
                          software=f"deblurcli {__version__}",
