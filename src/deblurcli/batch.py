@@ -435,7 +435,7 @@ def process_file(job: Job, deblur: DeblurFn, options: BatchOptions,
                  progress: Optional[ProgressFn] = None) -> int:
     """Read ``job.source``, deblur it and write ``job.target`` keeping alpha, grey and bit depth
     (16 bits only where the output format stores them: PNG, TIFF) and, unless
-    ``options.metadata`` is off, the ICC profile, EXIF and XMP; a video is deblurred frame by
+    ``options.metadata`` is off, the ICC profile, EXIF, XMP and DPI; a video is deblurred frame by
     frame (:func:`deblurcli.video.deblur_video`). Returns the video frames written (0 for an
     image)."""
     record = ledger_hook(job)

@@ -94,7 +94,7 @@ def deblur(
         "--quality", min=1, max=100, help="JPEG/WebP/AVIF/HEIC quality.")] = 95,
     strip_metadata: Annotated[bool, typer.Option(
         "--strip-metadata", help="Write photos without the input's metadata (kept by default: "
-        "ICC colour profile, EXIF with date, camera and GPS, XMP).")] = False,
+        "ICC colour profile, EXIF with date, camera and GPS, XMP, print resolution).")] = False,
     crf: Annotated[int, typer.Option(
         "--crf", help="Video quality: constant rate factor, lower is better (0-51 for "
         "x264/x265, 0-63 for VP9/AV1).")] = 18,
