@@ -269,18 +269,3 @@ def test_a_folder_where_an_output_goes_is_no_finished_output(tmp_path):
                        BatchOptions())
     [result] = summary.results
     assert result.status == "failed" and result.error
-
-
-def test_outputs_recorded_in_an_input_folder_are_no_inputs_of_a_later_run(tmp_path):
-    """`deblur photos photos --suffix _sharp` then `deblur photos photos/out -r` deblurred the
-    _sharp outputs again: only OUTPUT's record of earlier outputs was read."""
-    photos = tmp_path / "photos"
-    write_image(photos / "a.png", np.zeros((4, 4, 3), np.float32))
-    write_image(photos / "sub" / "b.png", np.zeros((4, 4, 3), np.float32))
-    first = BatchOptions(suffix="_sharp", recursive=True)
-    assert run_jobs(plan_jobs(photos, photos, first), invert, first).count("done") == 2
-    later = BatchOptions(recursive=True)
-    jobs = plan_jobs(photos, photos / "out", later)
-    assert sorted(job.source.name for job in jobs) == ["a.png", "b.png"]
-    (photos / "a_sharp.png").touch()  # changed since: a photo of the user's now
-    assert "a_sharp.png" in [job.source.name for job in plan_jobs(photos, tmp_path / "o", later)]

@@ -353,15 +353,6 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
     if ledger:  # outputs of earlier runs, whatever --suffix or --ext made them, are no inputs
         files = [(p, rel, info) for p, rel, info in files
                  if not _earlier_output(ledger, out_dir, p, info)]
-    # nor are the outputs that the ledger of an input folder records (an earlier run with that
-    # folder as its OUTPUT: `deblur photos photos --suffix _sharp`, then `deblur photos out -r`)
-    folders = {source / parent for _, rel, _ in files for parent in rel.parents}
-    others_ledgers = [(folder, recorded) for folder in sorted(folders)
-                      if folder != out_dir and (recorded := read_ledger(folder / LEDGER_NAME))]
-    if others_ledgers:
-        files = [(p, rel, info) for p, rel, info in files
-                 if not any(_earlier_output(recorded, folder, p, info)
-                            for folder, recorded in others_ledgers)]
 
     def target_of(rel: Path) -> Path:
         return out_dir / rel.parent / output_name(rel, options.suffix, options.ext)
