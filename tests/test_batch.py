@@ -269,3 +269,9 @@ def test_a_folder_where_an_output_goes_is_no_finished_output(tmp_path):
                        BatchOptions())
     [result] = summary.results
     assert result.status == "failed" and result.error
+    # anything else there is left alone without --overwrite: a link to a folder, a pipe
+    (tmp_path / "out" / "a.png").rmdir()
+    (tmp_path / "out" / "a.png").symlink_to(tmp_path / "in")
+    summary = run_jobs(plan_jobs(src, tmp_path / "out", BatchOptions()), lambda x, p: x,
+                       BatchOptions())
+    assert summary.results[0].status == "skipped" and (tmp_path / "out" / "a.png").is_symlink()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -465,8 +466,16 @@ def failure_reason(job: Job, exc: BaseException) -> Optional[str]:
 
 def needs_processing(job: Job, options: BatchOptions) -> bool:
     """Whether :func:`run_jobs` would read and deblur this job (not fail or skip it at once).
-    Only a file at the target counts as done: a folder there fails the job when it is written."""
-    return not job.problem and (options.overwrite or not job.target.is_file())
+    Anything at the target counts as done but a real folder, which fails the job when it is
+    written (a link, a pipe is never replaced without ``--overwrite``)."""
+    if job.problem:
+        return False
+    if options.overwrite:
+        return True
+    try:
+        return stat.S_ISDIR(os.lstat(job.target).st_mode)
+    except OSError:  # nothing there (or nothing that can be looked at): write it
+        return True
 
 
 def run_jobs(jobs: list[Job], deblur: DeblurFn, options: BatchOptions,
