@@ -426,3 +426,44 @@ def test_windows_rating_and_title_reach_a_tiff(tmp_path):
     with tifffile.TiffFile(tmp_path / "out.tif") as tif:
         tags = tif.pages[0].tags
         assert tags["Rating"].value == 4 and tags["XPTitle"].value == title
+
+
+def test_a_tiff_pillow_decodes_keeps_its_exif_and_turns_its_resolution(tmp_path):
+    """A CMYK TIFF (read through Pillow) lost its EXIF, as Pillow lets go of the file once it
+    has loaded it; and Pillow turns the pixels upright itself, so the resolution was not."""
+    from PIL import TiffImagePlugin
+
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[0x010F], info[0x0112] = "Canon", 6
+    info[0x8769] = {0x9003: "2025:12:31 09:00:00"}
+    Image.new("CMYK", (40, 30)).save(tmp_path / "in.tif", tiffinfo=info, dpi=(300, 150))
+    image = read_image(tmp_path / "in.tif")
+    assert image.pixels.shape == (40, 30, 3) and image.metadata.dpi == (150.0, 300.0)
+    write_image(tmp_path / "out.jpg", image.pixels, metadata=image.metadata)
+    exif = read_back(tmp_path / "out.jpg").getexif()
+    assert exif[0x010F] == "Canon" and exif[0x0112] == 1
+    assert exif.get_ifd(0x8769)[0x9003] == "2025:12:31 09:00:00"
+
+
+def test_an_orientation_stored_as_a_long_is_made_1_too(tmp_path):
+    """Kept with its stored type, an Orientation LONG of 6 survived into the output of the
+    turned pixels: viewers turned the photo twice."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "in.tif", np.zeros((30, 40, 3), np.uint8), photometric="rgb",
+                     extratags=[(0x0112, "I", 1, 6, True)])
+    image = read_image(tmp_path / "in.tif")
+    assert image.pixels.shape == (40, 30, 3)
+    write_image(tmp_path / "out.jpg", image.pixels, metadata=image.metadata)
+    assert read_back(tmp_path / "out.jpg").getexif()[0x0112] == 1
+
+
+def test_a_jpeg_that_states_no_density_gets_no_resolution(tmp_path):
+    """Pillow reports 72 dpi for a JPEG that states none: outputs gained a density the photo
+    never had."""
+    exif = Image.Exif()
+    exif[0x010F] = "Canon"
+    Image.new("RGB", (8, 6)).save(tmp_path / "plain.jpg", exif=exif)
+    Image.new("RGB", (8, 6)).save(tmp_path / "dense.jpg", dpi=(300, 300))
+    assert read_image(tmp_path / "plain.jpg").metadata.dpi is None
+    assert read_image(tmp_path / "dense.jpg").metadata.dpi == (300.0, 300.0)

@@ -117,7 +117,10 @@ def _dpi(value: Any) -> tuple[float, float] | None:
         x, y = (float(v) for v in value)
     except (TypeError, ValueError):
         return None
-    return (round(x, 2), round(y, 2)) if 0 < x < 1e6 and 0 < y < 1e6 else None
+    if not (0 < x < 1e6 and 0 < y < 1e6):
+        return None
+    # PNG stores pixels per metre: 300 dpi reads back as 299.9994, 72 as 72.009
+    return tuple(float(round(v)) if abs(v - round(v)) < 0.02 else round(v, 2) for v in (x, y))
 
 
 def from_pillow(im: Any) -> ImageMetadata:
@@ -126,8 +129,10 @@ def from_pillow(im: Any) -> ImageMetadata:
     xmp = info.get("xmp") or info.get(_XMP_KEY.decode())
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8")
+    # JPEG: a JFIF density in inches or cm (Pillow also fills "dpi" from EXIF, or with 72)
+    stated = info.get("jfif_unit") in (1, 2) if im.format == "JPEG" else True
     return ImageMetadata(icc=info.get("icc_profile") or None, exif=_exif_body(info.get("exif")),
-                         xmp=xmp or None, dpi=_dpi(info.get("dpi")))
+                         xmp=xmp or None, dpi=_dpi(info.get("dpi")) if stated else None)
 
 
 def from_tiff(im: Any) -> ImageMetadata:
@@ -141,7 +146,9 @@ def from_tiff(im: Any) -> ImageMetadata:
             fp = im.fp
             fp.seek(0, io.SEEK_END)
             size = fp.tell()
-            head = ifd0.prefix + (b"*\x00" if ifd0.prefix == b"II" else b"\x00*") + bytes(4)
+            fp.seek(0)
+            head = fp.read(16)  # a BigTIFF's 16 bytes, a classic TIFF's 8
+            head = head if head[2:4] in (b"+\x00", b"\x00+") else head[:8]
             values = {tag: ifd0[tag] for tag in _TIFF_IFD0_TAGS if tag in ifd0}
             if str(values.get(0x010E, "")).startswith('{"shape":'):  # tifffile's array shape
                 del values[0x010E]
@@ -260,8 +267,9 @@ def exif_orientation(meta: ImageMetadata | None) -> int:
     try:
         order, ifd0 = _exif_layout(meta.exif or b"")
         for at, tag, kind, n in _ifd_entries(meta.exif, ifd0, order):
-            if tag == _ORIENTATION and kind == _SHORT and n == 1:
-                value = struct.unpack_from(order + "H", meta.exif, at + 8)[0]
+            if tag == _ORIENTATION and kind in (_SHORT, _LONG) and n == 1:
+                value = struct.unpack_from(order + ("H" if kind == _SHORT else "I"), meta.exif,
+                                           at + 8)[0]
                 return value if 1 <= value <= 8 else 1
     except (struct.error, ValueError):
         pass
@@ -289,8 +297,8 @@ def _patched_exif(exif: bytes, width: int, height: int) -> bytes | None:
                     continue
                 if tag == _EXIF_IFD and kind == _LONG:
                     sub = struct.unpack_from(order + "I", exif, at + 8)[0]
-                elif tag == _ORIENTATION and kind == _SHORT:
-                    struct.pack_into(order + "H", out, at + 8, 1)
+                elif tag == _ORIENTATION and kind in (_SHORT, _LONG):
+                    struct.pack_into(order + ("H" if kind == _SHORT else "I"), out, at + 8, 1)
                 elif tag in sizes and kind == _LONG:
                     struct.pack_into(order + "I", out, at + 8, sizes[tag])
                 elif tag in sizes and kind == _SHORT and sizes[tag] <= 0xFFFF:
@@ -367,8 +375,8 @@ def pillow_save_options(meta: ImageMetadata | None, fmt: str) -> dict[str, Any]:
             xmp=meta.xmp if meta.xmp and len(meta.xmp) <= _JPEG_MARKER_BYTES - _JPEG_XMP_HEADER
             else None)
     options: dict[str, Any] = {}
-    if meta.dpi and fmt in ("jpeg", "png"):
-        options["dpi"] = meta.dpi
+    if meta.dpi and (fmt == "png" or fmt == "jpeg" and max(meta.dpi) <= 0xFFFF):
+        options["dpi"] = meta.dpi  # (JFIF holds 16 bits)
     if meta.icc:
         options["icc_profile"] = meta.icc
     if meta.exif:

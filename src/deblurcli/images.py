@@ -530,11 +530,20 @@ def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageDat
             raise ImageReadError(f"cannot read {path}: more pixels than the limit of "
                                  f"{max_pixels:,} (raise it with --max-pixels)") from None
         _check_pixels(path, *im.size, max_pixels)  # header only: nothing decoded yet
+        # a TIFF's metadata before load(), which turns it upright and lets go of its file
+        turned = fmt == "tiff" and im.tag_v2.get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
+        metadata = _pillow_metadata(im, data, fmt) if fmt == "tiff" else None
         im.load()
-    metadata = _pillow_metadata(im, data, fmt)
+    if fmt != "tiff":
+        metadata = _pillow_metadata(im, data, fmt)
+    elif turned and metadata:  # Pillow turned the pixels itself: _finish sees orientation 1
+        metadata = metadata.turned()
     orientation = exif_orientation(metadata) if fmt == "png" else _pillow_orientation(im, fmt)
     mode = im.mode
     keyed = "transparency" in im.info  # a tRNS colour key: transparent where a pixel has it
+    if keyed and fmt == "png" and mode == "L" and len(data) > 24 and data[24] in (1, 2, 4):
+        # Pillow keeps a 1/2/4-bit grey key on its own scale but its pixels on 0..255
+        im.info["transparency"] = int(im.info["transparency"]) * (255 // (2 ** data[24] - 1))
     if mode in ("1", "L") and keyed:
         arr = np.asarray(im.convert("LA"))
     elif mode in ("1", "L"):
