@@ -275,3 +275,26 @@ def test_a_folder_where_an_output_goes_is_no_finished_output(tmp_path):
     summary = run_jobs(plan_jobs(src, tmp_path / "out", BatchOptions()), lambda x, p: x,
                        BatchOptions())
     assert summary.results[0].status == "skipped" and (tmp_path / "out" / "a.png").is_symlink()
+
+
+def test_outputs_of_these_inputs_recorded_in_input_are_no_inputs_of_a_later_run(tmp_path):
+    """`deblur photos photos --suffix _sharp`, then `deblur photos out -r` read the _sharp
+    outputs again as photos. Outputs made from files outside INPUT stay inputs: `deblur photos
+    photos/out`, then `deblur photos/out final` deblurs what photos/out holds."""
+    photos = tmp_path / "photos"
+    write_image(photos / "a.png", np.zeros((4, 4, 3), np.float32))
+    write_image(photos / "sub" / "b.png", np.zeros((4, 4, 3), np.float32))
+    first = BatchOptions(suffix="_sharp", recursive=True)
+    assert run_jobs(plan_jobs(photos, photos, first), invert, first).count("done") == 2
+    later = BatchOptions(recursive=True)
+    jobs = plan_jobs(photos, tmp_path / "elsewhere", later)
+    assert sorted(job.source.name for job in jobs) == ["a.png", "b.png"]
+    (photos / "a_sharp.png").touch()  # changed since: a photo of the user's now
+    assert "a_sharp.png" in [job.source.name for job in plan_jobs(photos, tmp_path / "o", later)]
+
+    other = tmp_path / "other"
+    write_image(other / "c.png", np.zeros((4, 4, 3), np.float32))
+    plain = BatchOptions()
+    assert run_jobs(plan_jobs(other, other / "out", plain), invert, plain).count("done") == 1
+    assert [job.source.name for job in plan_jobs(other / "out", tmp_path / "final", plain)] \
+        == ["c.png"]

@@ -287,14 +287,38 @@ def read_ledger(path: Path) -> dict[str, tuple[int, int, int]]:
     return entries
 
 
-def record_output(ledger: Path, target: Path, written: Path) -> None:
+def _ledger_sources(path: Path) -> dict[str, str]:
+    """The input each output of a ledger was made from (relative to the ledger's folder), for
+    the lines that say (written since they do)."""
+    sources: dict[str, str] = {}
+    try:
+        with open_regular(path) as fh:
+            text = fh.read(_LEDGER_MAX_BYTES).decode("utf-8", errors="replace")
+    except (ImageReadError, OSError):
+        return sources
+    for line in text.splitlines():
+        try:
+            item = json.loads(line)
+            if isinstance(item.get("source"), str):
+                sources[os.path.normcase(item["path"])] = item["source"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return sources
+
+
+def record_output(ledger: Path, target: Path, written: Path,
+                  source: Optional[Path] = None) -> None:
     """Append ``target`` (relative to the ledger's folder) with the size, modification time and
-    inode of ``written`` (the finished file, under its final or temporary name) to ``ledger``,
-    flushed to disk."""
+    inode of ``written`` (the finished file, under its final or temporary name), and the input
+    ``source`` it was made from, to ``ledger``, flushed to disk."""
     info = os.stat(written)
-    rel = os.path.relpath(os.path.abspath(target), os.path.abspath(ledger.parent))
-    line = json.dumps({"path": Path(rel).as_posix(), "size": info.st_size,
-                       "mtime_ns": info.st_mtime_ns, "inode": info.st_ino}) + "\n"
+    folder = os.path.abspath(ledger.parent)
+    rel = os.path.relpath(os.path.abspath(target), folder)
+    entry = {"path": Path(rel).as_posix(), "size": info.st_size, "mtime_ns": info.st_mtime_ns,
+             "inode": info.st_ino}
+    if source is not None:
+        entry["source"] = Path(os.path.relpath(os.path.abspath(source), folder)).as_posix()
+    line = json.dumps(entry) + "\n"
     # never through a symlink planted in OUTPUT: the line would land in another file
     fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0)
                  | getattr(os, "O_NOFOLLOW", 0), 0o666)
@@ -319,6 +343,41 @@ def _earlier_output(ledger: dict[str, tuple[int, int, int]], out_dir: Path, path
 def _recorded(ledger: dict[str, tuple[int, int, int]], rel: Path, info: os.stat_result) -> bool:
     entry = ledger.get(os.path.normcase(rel.as_posix()))
     return entry == (info.st_size, info.st_mtime_ns, info.st_ino)
+
+
+def _without_outputs_of_these_inputs(source: Path, files: list) -> list:
+    """``files`` of the input folder ``source`` without those that the ledger of a folder of it
+    records as outputs made from an input of ``source`` (unchanged since): after ``deblur DIR
+    DIR --suffix _sharp``, ``deblur DIR out/`` reads the photos, not their outputs again. An
+    output made from a file outside ``source`` (``deblur photos photos/out``, then ``deblur
+    photos/out final/``) is an input like any other."""
+    if not source.is_dir():
+        return files
+    top = os.path.abspath(source)
+    ledgers: dict[Path, tuple[dict, dict[str, str]]] = {}
+    for folder in {parent for _, rel, _ in files for parent in rel.parents}:
+        recorded = read_ledger(source / folder / LEDGER_NAME)
+        sources = _ledger_sources(source / folder / LEDGER_NAME) if recorded else {}
+        if sources:
+            ledgers[folder] = (recorded, sources)
+    if not ledgers:
+        return files
+
+    def made_here(rel: Path, info: os.stat_result) -> bool:
+        for folder in rel.parents:
+            if folder not in ledgers:
+                continue
+            recorded, sources = ledgers[folder]
+            inner = rel.relative_to(folder)
+            made_from = sources.get(os.path.normcase(inner.as_posix()))
+            if made_from is None or not _recorded(recorded, inner, info):
+                continue
+            origin = os.path.normpath(os.path.join(top, folder, made_from))
+            if origin == top or origin.startswith(top + os.sep):
+                return True
+        return False
+
+    return [(p, rel, info) for p, rel, info in files if not made_here(rel, info)]
 
 
 def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
@@ -354,6 +413,7 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
     if ledger:  # outputs of earlier runs, whatever --suffix or --ext made them, are no inputs
         files = [(p, rel, info) for p, rel, info in files
                  if not _earlier_output(ledger, out_dir, p, info)]
+    files = _without_outputs_of_these_inputs(source, files)
 
     def target_of(rel: Path) -> Path:
         return out_dir / rel.parent / output_name(rel, options.suffix, options.ext)
@@ -448,7 +508,8 @@ def ledger_hook(job: Job) -> Optional[Callable[[Path], None]]:
     """The ``before_replace`` hook that records ``job.target`` in its ledger (None when the
     output lies outside the input tree)."""
     ledger = job.ledger
-    return None if ledger is None else (lambda tmp: record_output(ledger, job.target, tmp))
+    return None if ledger is None else (
+        lambda tmp: record_output(ledger, job.target, tmp, job.source))
 
 
 def failure_reason(job: Job, exc: BaseException) -> Optional[str]:
