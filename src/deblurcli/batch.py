@@ -267,19 +267,29 @@ def _inside_listed_folder(folder: Path, listed: set[Identity]) -> bool:
     return False
 
 
-def read_ledger(path: Path) -> dict[str, tuple[int, int, int]]:
-    """The outputs recorded in a ledger: output path relative to its folder (as
-    :func:`_path_key` spells it) -> ``(size, mtime_ns, inode)``. Torn or foreign lines are
-    ignored; a missing or unreadable ledger records nothing."""
-    entries: dict[str, tuple[int, int, int]] = {}
+def _ledger_items(path: Path) -> list[dict]:
+    """The lines of a ledger, parsed; a missing or unreadable ledger has none, torn or foreign
+    lines are left out."""
     try:
         with open_regular(path) as fh:
             text = fh.read(_LEDGER_MAX_BYTES).decode("utf-8", errors="replace")
     except (ImageReadError, OSError):
-        return entries
+        return []
+    items = []
     for line in text.splitlines():
         try:
             item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict) and isinstance(item.get("path"), str):
+            items.append(item)
+    return items
+
+
+def _recorded_outputs(items: list[dict]) -> dict[str, tuple[int, int, int]]:
+    entries: dict[str, tuple[int, int, int]] = {}
+    for item in items:
+        try:
             entries[os.path.normcase(item["path"])] = (int(item["size"]), int(item["mtime_ns"]),
                                                        int(item["inode"]))
         except (ValueError, KeyError, TypeError):
@@ -287,23 +297,11 @@ def read_ledger(path: Path) -> dict[str, tuple[int, int, int]]:
     return entries
 
 
-def _ledger_sources(path: Path) -> dict[str, str]:
-    """The input each output of a ledger was made from (relative to the ledger's folder), for
-    the lines that say (written since they do)."""
-    sources: dict[str, str] = {}
-    try:
-        with open_regular(path) as fh:
-            text = fh.read(_LEDGER_MAX_BYTES).decode("utf-8", errors="replace")
-    except (ImageReadError, OSError):
-        return sources
-    for line in text.splitlines():
-        try:
-            item = json.loads(line)
-            if isinstance(item.get("source"), str):
-                sources[os.path.normcase(item["path"])] = item["source"]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue
-    return sources
+def read_ledger(path: Path) -> dict[str, tuple[int, int, int]]:
+    """The outputs recorded in a ledger: output path relative to its folder (as
+    :func:`_path_key` spells it) -> ``(size, mtime_ns, inode)``. Torn or foreign lines are
+    ignored; a missing or unreadable ledger records nothing."""
+    return _recorded_outputs(_ledger_items(path))
 
 
 def record_output(ledger: Path, target: Path, written: Path,
@@ -356,10 +354,11 @@ def _without_outputs_of_these_inputs(source: Path, files: list) -> list:
     top = os.path.abspath(source)
     ledgers: dict[Path, tuple[dict, dict[str, str]]] = {}
     for folder in {parent for _, rel, _ in files for parent in rel.parents}:
-        recorded = read_ledger(source / folder / LEDGER_NAME)
-        sources = _ledger_sources(source / folder / LEDGER_NAME) if recorded else {}
+        items = _ledger_items(source / folder / LEDGER_NAME)
+        sources = {os.path.normcase(item["path"]): item["source"] for item in items
+                   if isinstance(item.get("source"), str)}  # lines written since they say
         if sources:
-            ledgers[folder] = (recorded, sources)
+            ledgers[folder] = (_recorded_outputs(items), sources)
     if not ledgers:
         return files
 
