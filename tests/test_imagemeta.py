@@ -403,7 +403,7 @@ def test_the_print_resolution_reaches_the_output(tmp_path, suffix):
     """JPEG's JFIF density, PNG's pHYs and a TIFF's resolution were all lost (print workflows
     use them); turned upright, x and y swap."""
     exif = Image.Exif()
-    exif[0x0112] = 6
+    exif[0x0112], exif[0x011A], exif[0x011B] = 6, 300, 200  # EXIF's resolution too
     Image.new("RGB", (8, 6)).save(tmp_path / "in.jpg", dpi=(300, 200), exif=exif)
     image = read_image(tmp_path / "in.jpg")
     assert image.metadata.dpi == (200.0, 300.0) and image.pixels.shape == (8, 6, 3)
@@ -411,7 +411,10 @@ def test_the_print_resolution_reaches_the_output(tmp_path, suffix):
         out = tmp_path / f"out{depth}{suffix}"
         write_image(out, image.pixels, metadata=image.metadata, bit_depth=depth)
         assert read_image(out).metadata.dpi == (200.0, 300.0), (suffix, depth)
-        assert tuple(round(v) for v in Image.open(out).info["dpi"]) == (200, 300)
+        with Image.open(out) as im:
+            assert tuple(round(v) for v in im.info["dpi"]) == (200, 300)
+            if suffix != ".tif":  # a TIFF's own resolution tags are the dpi above
+                assert (im.getexif()[0x011A], im.getexif()[0x011B]) == (200, 300), depth
 
 
 def test_windows_rating_and_title_reach_a_tiff(tmp_path):

@@ -56,6 +56,7 @@ _XMP_KEY = b"XML:com.adobe.xmp"
 _JPEG_MARKER_BYTES = 65533  # the data of one JPEG segment, as Pillow counts it
 _JPEG_XMP_HEADER = len(b"http://ns.adobe.com/xap/1.0/\x00")
 _ORIENTATION, _WIDTH, _LENGTH = 0x0112, 0x0100, 0x0101
+_X_RESOLUTION, _Y_RESOLUTION = 0x011A, 0x011B
 _EXIF_IFD, _PIXEL_X, _PIXEL_Y = 0x8769, 0xA002, 0xA003
 _GPS_IFD, _INTEROP_IFD, _MAKER_NOTE, _TIFF_XMP = 0x8825, 0xA005, 0x927C, 700
 #: Descriptive tags of a TIFF's first directory carried with EXIF: ImageDescription, Make,
@@ -91,8 +92,10 @@ class ImageMetadata:
         return bool(self.icc or self.exif or self.xmp or self.dpi)
 
     def turned(self) -> ImageMetadata:
-        """The metadata of the photo turned by a quarter: the resolution's x and y swapped."""
-        return replace(self, dpi=self.dpi[::-1]) if self.dpi else self
+        """The metadata of the photo turned by a quarter: the resolution's x and y swapped (the
+        print resolution and EXIF's XResolution and YResolution)."""
+        return replace(self, dpi=self.dpi[::-1] if self.dpi else None,
+                       exif=_turned_exif(self.exif) if self.exif else self.exif)
 
 
 def _exif_body(data: bytes | None) -> bytes | None:
@@ -278,6 +281,23 @@ def exif_orientation(meta: ImageMetadata | None) -> int:
         value = int(found["av"] or found["ev"])
         return value if 1 <= value <= 8 else 1
     return 1
+
+
+def _turned_exif(exif: bytes) -> bytes:
+    """``exif`` with IFD0's XResolution and YResolution swapped (each entry points at its
+    value: the two pointers trade places); ``exif`` itself when it has not both or is no EXIF."""
+    try:
+        order, ifd0 = _exif_layout(exif)
+        at = {tag: (at, kind, n) for at, tag, kind, n in _ifd_entries(exif, ifd0, order)
+              if tag in (_X_RESOLUTION, _Y_RESOLUTION)}
+        if len(at) != 2 or at[_X_RESOLUTION][1:] != at[_Y_RESOLUTION][1:]:
+            return exif
+        out = bytearray(exif)
+        x, y = at[_X_RESOLUTION][0] + 8, at[_Y_RESOLUTION][0] + 8
+        out[x:x + 4], out[y:y + 4] = exif[y:y + 4], exif[x:x + 4]
+        return bytes(out)
+    except (struct.error, ValueError):
+        return exif
 
 
 def _patched_exif(exif: bytes, width: int, height: int) -> bytes | None:
