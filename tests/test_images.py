@@ -507,9 +507,10 @@ def test_an_unreadable_file_is_one_plain_line(tmp_path):
         assert words in str(info.value) and " at 0x" not in str(info.value), str(info.value)
 
 
-def test_a_2_bit_grey_png_key_becomes_alpha(tmp_path):
+@pytest.mark.parametrize("depth", [2, 16])
+def test_a_2_or_16_bit_grey_png_key_becomes_alpha(tmp_path, depth):
     """Pillow keeps a 1/2/4-bit grey key on its own scale (3) and the pixels on 0..255: nothing
-    became transparent."""
+    became transparent; OpenCV, which reads 16-bit PNGs, leaves a grey key out."""
     import struct
     import zlib
 
@@ -517,11 +518,14 @@ def test_a_2_bit_grey_png_key_becomes_alpha(tmp_path):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(
             ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
-    rows = b"".join(b"\x00" + bytes([0b11110000]) for _ in range(2))  # 4 px: 3, 3, 0, 0
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 2, 2, 0, 0, 0, 0))
+    row = bytes([0b11110000]) if depth == 2 else struct.pack(">4H", 3, 3, 0, 0)  # 3, 3, 0, 0
+    rows = b"".join(b"\x00" + row for _ in range(2))
+    png = (b"\x89PNG\r\n\x1a\n"
+           + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 2, depth, 0, 0, 0, 0))
            + chunk(b"tRNS", struct.pack(">H", 3)) + chunk(b"IDAT", zlib.compress(rows))
            + chunk(b"IEND", b""))
-    (tmp_path / "g2.png").write_bytes(png)
-    image = read_image(tmp_path / "g2.png")
-    assert image.alpha is not None
+    (tmp_path / "g.png").write_bytes(png)
+    image = read_image(tmp_path / "g.png")
+    assert image.alpha is not None and image.grayscale
+    assert image.bit_depth == (16 if depth == 16 else 8)
     assert image.alpha[:, :2].max() == 0 and image.alpha[:, 2:].min() == 1

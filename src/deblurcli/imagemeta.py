@@ -185,11 +185,14 @@ def _exif_block(values: dict, types: dict, directories: dict[int, tuple[dict, di
     return bytes(block)
 
 
-def png_chunks(fh: BinaryIO) -> dict[bytes, list[bytes]]:
-    """The bodies of the metadata chunks (``iCCP``, ``eXIf``, ``iTXt``, ``tEXt``, ``zTXt``,
-    ``pHYs``) of
-    the PNG file ``fh``, by type; the pixel data is skipped over, not read, and so is a chunk
-    larger than :data:`MAX_INFLATED_BYTES`."""
+_PNG_METADATA = (b"iCCP", b"eXIf", b"iTXt", b"tEXt", b"zTXt", b"pHYs")
+
+
+def png_chunks(fh: BinaryIO, kinds: tuple[bytes, ...] = _PNG_METADATA) -> dict[bytes,
+                                                                               list[bytes]]:
+    """The bodies of the chunks of the types ``kinds`` (by default the metadata: ``iCCP``,
+    ``eXIf``, ``iTXt``, ``tEXt``, ``zTXt``, ``pHYs``) of the PNG file ``fh``, by type; the pixel
+    data is skipped over, not read, and so is a chunk larger than :data:`MAX_INFLATED_BYTES`."""
     found: dict[bytes, list[bytes]] = {}
     fh.seek(8)  # signature
     while True:
@@ -199,8 +202,7 @@ def png_chunks(fh: BinaryIO) -> dict[bytes, list[bytes]]:
         length, kind = struct.unpack(">I", header[:4])[0], header[4:]
         if kind == b"IEND":
             break
-        if kind in (b"iCCP", b"eXIf", b"iTXt", b"tEXt", b"zTXt", b"pHYs") and \
-                length <= MAX_INFLATED_BYTES:
+        if kind in kinds and length <= MAX_INFLATED_BYTES:
             found.setdefault(kind, []).append(fh.read(length))
             fh.seek(4, 1)  # CRC
         else:

@@ -592,6 +592,13 @@ def _read_png16(data: bytes) -> ImageData:
         raise ValueError("OpenCV could not decode the PNG")
     if arr.ndim == 3 and arr.shape[2] >= 3:
         arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
+    if colour_type == 0 and arr.ndim == 2:  # OpenCV leaves a grey colour key out
+        from deblurcli.imagemeta import png_chunks
+
+        key = png_chunks(io.BytesIO(data), (b"tRNS",)).get(b"tRNS", [b""])[0]
+        if len(key) == 2:
+            alpha = np.where(arr == struct.unpack(">H", key)[0], 0, 65535).astype(np.uint16)
+            arr = np.stack([arr, alpha], axis=-1)
     metadata = _pillow_metadata(None, data, "png")  # its chunks walked once, for both
     return _finish(arr, "png", exif_orientation(metadata), grey_file=colour_type in (0, 4),
                    metadata=metadata)
