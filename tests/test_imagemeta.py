@@ -470,3 +470,23 @@ def test_a_jpeg_that_states_no_density_gets_no_resolution(tmp_path):
     Image.new("RGB", (8, 6)).save(tmp_path / "dense.jpg", dpi=(300, 300))
     assert read_image(tmp_path / "plain.jpg").metadata.dpi is None
     assert read_image(tmp_path / "dense.jpg").metadata.dpi == (300.0, 300.0)
+
+
+@pytest.mark.parametrize("unit, stated, dpi", [(2, 300, (300.0, 300.0)), (3, 118.11, (300.0,
+                                                300.0)), (None, 240, (240.0, 240.0)),
+                                               (1, 300, None)])
+def test_a_camera_jpeg_keeps_the_resolution_its_exif_states(tmp_path, unit, stated, dpi):
+    """Cameras state the density in EXIF, with no JFIF one: it was dropped with Pillow's 72-dpi
+    guess. In cm it is converted; absent, the unit is the inch; unit 1 is no absolute one."""
+    from fractions import Fraction
+
+    exif = Image.Exif()
+    exif[0x011A] = exif[0x011B] = Fraction(stated).limit_denominator(100)
+    if unit is not None:
+        exif[0x0128] = unit
+    Image.new("RGB", (8, 6)).save(tmp_path / "camera.jpg", exif=exif)
+    image = read_image(tmp_path / "camera.jpg")
+    assert image.metadata.dpi == dpi
+    if dpi is not None:
+        write_image(tmp_path / "out.png", image.pixels, metadata=image.metadata)
+        assert read_image(tmp_path / "out.png").metadata.dpi == dpi

@@ -132,10 +132,29 @@ def from_pillow(im: Any) -> ImageMetadata:
     xmp = info.get("xmp") or info.get(_XMP_KEY.decode())
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8")
-    # JPEG: a JFIF density in inches or cm (Pillow also fills "dpi" from EXIF, or with 72)
-    stated = info.get("jfif_unit") in (1, 2) if im.format == "JPEG" else True
+    dpi = _dpi(info.get("dpi"))
+    if im.format == "JPEG" and info.get("jfif_unit") not in (1, 2):
+        # no JFIF density in inches or cm: EXIF's resolution, as cameras state it (Pillow fills
+        # "dpi" with EXIF's x for both, or with 72 where EXIF states none)
+        dpi = _exif_dpi(im)
     return ImageMetadata(icc=info.get("icc_profile") or None, exif=_exif_body(info.get("exif")),
-                         xmp=xmp or None, dpi=_dpi(info.get("dpi")) if stated else None)
+                         xmp=xmp or None, dpi=dpi)
+
+
+def _exif_dpi(im: Any) -> tuple[float, float] | None:
+    """The resolution EXIF's first directory states (XResolution, YResolution, in inches or
+    cm by ResolutionUnit, inches where it is absent), in pixels per inch; None without one."""
+    try:
+        with _quiet():
+            tags = im.getexif()
+            unit, x = tags.get(0x0128, 2), tags.get(0x011A)
+            y = tags.get(0x011B, x)
+            if x is None or unit not in (2, 3):  # 1: no absolute unit
+                return None
+            scale = 2.54 if unit == 3 else 1.0
+            return _dpi((float(x) * scale, float(y) * scale))
+    except Exception:  # noqa: BLE001 - metadata is best effort
+        return None
 
 
 def from_tiff(im: Any) -> ImageMetadata:
