@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deblurcli.batch import (
+    LEDGER_NAME,
     BatchOptions,
     Job,
     output_name,
@@ -298,3 +299,34 @@ def test_outputs_of_these_inputs_recorded_in_input_are_no_inputs_of_a_later_run(
     assert run_jobs(plan_jobs(other, other / "out", plain), invert, plain).count("done") == 1
     assert [job.source.name for job in plan_jobs(other / "out", tmp_path / "final", plain)] \
         == ["c.png"]
+
+
+def test_outputs_count_as_made_from_these_inputs_only_where_those_photos_are(tmp_path):
+    """The check was a path prefix: outputs whose photos were deleted, or whose folder was moved
+    away from them, were left out of every later run (the only copies, never deblurred); a
+    root folder INPUT matched nothing; an OUTPUT spelt through a link was missed; a ledger line
+    nested past the parser's depth stopped the plan."""
+    first, later = BatchOptions(suffix="_sharp"), BatchOptions(recursive=True)
+    kept = tmp_path / "kept"
+    _img(kept / "a.png")
+    _img(kept / "b.png")
+    run_jobs(plan_jobs(kept, kept / "sharp", first), invert, first)
+    assert [j.source.name for j in plan_jobs(kept, tmp_path / "o1", later)] == ["a.png", "b.png"]
+    (kept / "a.png").unlink()  # its output is now the only copy
+    assert sorted(j.source.name for j in plan_jobs(kept, tmp_path / "o2", later)) == [
+        "a_sharp.png", "b.png"]
+
+    album = tmp_path / "album"
+    album.mkdir()
+    (kept / "sharp").rename(album / "sharp")  # away from its photos
+    assert len(plan_jobs(album, tmp_path / "o3", later)) == 2
+
+    real = tmp_path / "real"
+    _img(real / "c.png")
+    (tmp_path / "link").symlink_to(real)
+    run_jobs(plan_jobs(real, tmp_path / "link" / "sharp", first), invert, first)
+    assert [j.source.name for j in plan_jobs(tmp_path / "link", tmp_path / "o4", later)] == [
+        "c.png"]
+    with open(real / "sharp" / LEDGER_NAME, "a") as fh:
+        fh.write("[" * 200_000 + "\n")
+    assert [j.source.name for j in plan_jobs(real, tmp_path / "o5", later)] == ["c.png"]

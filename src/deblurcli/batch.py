@@ -15,9 +15,10 @@
   written in the input's container whatever ``--ext`` says.
 
 Outputs written inside the input tree (OUTPUT equal to or inside INPUT) are recorded in a hidden
-ledger, ``OUTPUT/.deblurcli-outputs.jsonl`` (path, size, modification time, inode), so that a later
-run recognises them as its own outputs and not as inputs; a file there that the ledger does not
-vouch for is an input like any other and is never replaced.
+ledger, ``OUTPUT/.deblurcli-outputs.jsonl`` (path, size, modification time, inode, and the input it
+was made from), so that a later run recognises them as its own outputs and not as inputs, and a
+run over the whole tree leaves out the outputs of photos it reads anyway; a file there that the
+ledger does not vouch for is an input like any other and is never replaced.
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ def _ledger_items(path: Path) -> list[dict]:
     for line in text.splitlines():
         try:
             item = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # torn, foreign, or nested beyond parsing
             continue
         if isinstance(item, dict) and isinstance(item.get("path"), str):
             items.append(item)
@@ -314,8 +315,12 @@ def record_output(ledger: Path, target: Path, written: Path,
     rel = os.path.relpath(os.path.abspath(target), folder)
     entry = {"path": Path(rel).as_posix(), "size": info.st_size, "mtime_ns": info.st_mtime_ns,
              "inode": info.st_ino}
-    if source is not None:
-        entry["source"] = Path(os.path.relpath(os.path.abspath(source), folder)).as_posix()
+    if source is not None:  # relative to the real folder, as the OS resolves ".." after links
+        try:
+            origin = os.path.relpath(os.path.realpath(source), os.path.realpath(folder))
+        except ValueError:  # another drive (Windows)
+            origin = os.path.realpath(source)
+        entry["source"] = Path(origin).as_posix()
     line = json.dumps(entry) + "\n"
     # never through a symlink planted in OUTPUT: the line would land in another file
     fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0)
@@ -345,13 +350,12 @@ def _recorded(ledger: dict[str, tuple[int, int, int]], rel: Path, info: os.stat_
 
 def _without_outputs_of_these_inputs(source: Path, files: list) -> list:
     """``files`` of the input folder ``source`` without those that the ledger of a folder of it
-    records as outputs made from an input of ``source`` (unchanged since): after ``deblur DIR
-    DIR --suffix _sharp``, ``deblur DIR out/`` reads the photos, not their outputs again. An
-    output made from a file outside ``source`` (``deblur photos photos/out``, then ``deblur
-    photos/out final/``) is an input like any other."""
+    records as outputs made from another of ``files`` (unchanged since), compared by identity:
+    after ``deblur DIR DIR --suffix _sharp``, ``deblur DIR out/`` reads the photos, not their
+    outputs again. An output whose photo is gone, or lies outside ``source`` (``deblur photos
+    photos/out``, then ``deblur photos/out final/``), is an input like any other."""
     if not source.is_dir():
         return files
-    top = os.path.abspath(source)
     ledgers: dict[Path, tuple[dict, dict[str, str]]] = {}
     for folder in {parent for _, rel, _ in files for parent in rel.parents}:
         items = _ledger_items(source / folder / LEDGER_NAME)
@@ -361,6 +365,7 @@ def _without_outputs_of_these_inputs(source: Path, files: list) -> list:
             ledgers[folder] = (_recorded_outputs(items), sources)
     if not ledgers:
         return files
+    inputs = {_identity(info) for _, _, info in files}
 
     def made_here(rel: Path, info: os.stat_result) -> bool:
         for folder in rel.parents:
@@ -371,9 +376,13 @@ def _without_outputs_of_these_inputs(source: Path, files: list) -> list:
             made_from = sources.get(os.path.normcase(inner.as_posix()))
             if made_from is None or not _recorded(recorded, inner, info):
                 continue
-            origin = os.path.normpath(os.path.join(top, folder, made_from))
-            if origin == top or origin.startswith(top + os.sep):
-                return True
+            where = os.path.join(source, folder, made_from)
+            # as written, ".." resolved by the OS after links; as older lines meant it, lexically
+            for spelling in (where, os.path.normpath(where)):
+                origin = _stat_or_none(Path(spelling))
+                if origin is not None and _identity(origin) != _identity(info) and \
+                        _identity(origin) in inputs:
+                    return True
         return False
 
     return [(p, rel, info) for p, rel, info in files if not made_here(rel, info)]
