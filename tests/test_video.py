@@ -426,3 +426,76 @@ def test_without_pyav_a_named_codec_does_not_stop_the_photos(tiny_model_folder, 
                  "--codec", "libx264", "--backend", "torch")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "photo.png").is_file()
+
+
+def test_an_avi_keeps_its_frames_in_order_and_in_their_places(tmp_path):
+    """AVI stores no timestamps, only a place per frame: FFmpeg guesses them, one frame late for
+    H.264 and out of order with B-frames. Frames were written with those times (shuffled, and
+    every run made the video longer); now a frame's place counts, a dropped frame's place stays
+    empty, and outputs have no B-frames."""
+    clip = make_clip(tmp_path / "clip.avi", frames=10, audio=False)  # x264 with B-frames
+    gappy = tmp_path / "gappy.avi"  # MPEG-4 Part 2, the frame at place 2 dropped
+    with av.open(str(gappy), "w") as c:
+        v = c.add_stream("mpeg4", rate=FPS)
+        v.width, v.height, v.pix_fmt = W, H, "yuv420p"
+        for i in (0, 1, 3, 4, 5):
+            f = av.VideoFrame.from_ndarray(np.full((H, W, 3), 40 * i, np.uint8), format="rgb24")
+            f.pts, f.time_base = i, Fraction(1, FPS)
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+
+    def places(path):
+        with av.open(str(path)) as c:
+            return [p.dts for p in c.demux(c.streams.video[0]) if p.size]
+
+    for source, expected in ((clip, list(range(10))), (gappy, [0, 1, 3, 4, 5])):
+        assert places(source) == expected
+        once, twice = tmp_path / "1" / source.name, tmp_path / "2" / source.name
+        deblur_video(source, once, lambda x, p: x, crf=0)
+        deblur_video(once, twice, lambda x, p: x, crf=0)
+        assert places(once) == places(twice) == expected, source.name
+        blues = [round(float(rgb[..., 2].mean())) for rgb in streams(twice)["rgb"]]
+        assert blues == sorted(blues) and len(set(blues)) == len(expected), source.name
+
+
+def test_a_codec_its_container_cannot_hold_is_refused_before_the_model_loads(tmp_path):
+    """x264 in WebM stopped a folder run half-way with 'ValueError: 'webm' format does not
+    support 'libx264' codec', after the model had loaded and other videos were written."""
+    from deblurcli.video import check_container
+
+    folder = tmp_path / "clips"
+    make_clip(folder / "a.mp4", frames=2, audio=False)
+    deblur_video(folder / "a.mp4", folder / "b.webm", lambda x, p: x)  # auto: VP9
+    result = run(folder, tmp_path / "out", "--codec", "libx264")  # no --weights: exit 2 first
+    assert result.exit_code == 2 and "a .webm file cannot hold libx264 video" in result.output
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DeblurcliError, match="cannot hold libx264 video; leave --codec at auto"):
+        deblur_video(folder / "a.mp4", tmp_path / "c.webm", lambda x, p: x, codec="libx264")
+    check_container("libx264", ".mkv")  # no error
+
+
+def test_each_encoder_gets_a_pixel_format_it_takes(tmp_path, monkeypatch):
+    """ProRes (10-bit 4:2:2 only) and x264rgb failed with 'Invalid argument', and so did
+    SVT-AV1 on an odd size, which it cannot encode: that is said now, before any frame."""
+    from deblurcli import video
+
+    assert video.pixel_format("libx264", 64, 48) == "yuv420p"
+    assert video.pixel_format("libx264", 65, 47) == "yuv444p"
+    assert video.pixel_format("mjpeg", 64, 48) == "yuvj420p"
+    assert video.pixel_format("mpeg4", 65, 47) == "yuv420p"
+    if video.has_encoder("libx264rgb"):
+        assert video.pixel_format("libx264rgb", 64, 48) == "bgr0"
+    if video.has_encoder("prores_ks"):
+        assert video.pixel_format("prores_ks", 64, 48) == "yuv422p10le"
+        clip = make_clip(tmp_path / "clip.mp4", frames=3, audio=False)
+        assert deblur_video(clip, tmp_path / "pro.mov", lambda x, p: x, codec="prores_ks") == 3
+    if video.has_encoder("libsvtav1"):
+        odd = make_clip(tmp_path / "odd.mp4", frames=2, width=65, height=47, audio=False)
+        with pytest.raises(DeblurcliError, match="cannot encode frames of 65x47"):
+            deblur_video(odd, tmp_path / "odd.mkv", lambda x, p: x, codec="libsvtav1")
+    # an encoder that refuses its frames all the same is named, with what it was given
+    if video.has_encoder("libvpx"):
+        monkeypatch.setattr(video, "pixel_format", lambda *args: "yuv444p")  # VP8: 4:2:0 only
+        clip = make_clip(tmp_path / "vp8.mp4", frames=2, audio=False)
+        with pytest.raises(DeblurcliError, match="the libvpx encoder refused its 64x48 yuv444p"):
+            deblur_video(clip, tmp_path / "vp8.webm", lambda x, p: x, codec="libvpx")

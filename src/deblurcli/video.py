@@ -31,8 +31,11 @@ without it the error says how to install it. Nothing here prints.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import heapq
+import io
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -110,6 +113,25 @@ def choose_codec(codec: str, suffix: str) -> str:
         if has_encoder(name):
             return name
     raise DeblurcliError("this PyAV build has no suitable video encoder; use --codec NAME")
+
+
+def check_container(codec_name: str, suffix: str) -> None:
+    """Raise :class:`DeblurcliError` when the container of ``suffix`` (``.webm``, ...) cannot
+    hold video of the encoder ``codec_name`` (x264 in WebM, x265 in AVI)."""
+    muxer = _MUXER.get(suffix.lower())
+    if muxer is None or codec_name in _held(muxer):
+        return
+    fits = [name for name in available_codecs() if name in _held(muxer)]
+    raise DeblurcliError(f"a {suffix.lower()} file cannot hold {codec_name} video; leave --codec "
+                         f"at auto or pick one of: {', '.join(fits)}")
+
+
+@functools.cache
+def _held(muxer: str) -> frozenset[str]:
+    """The codecs (and encoders) FFmpeg's ``muxer`` can store."""
+    av = import_av()
+    with av.open(io.BytesIO(), "w", format=muxer) as container:
+        return frozenset(container.supported_codecs)
 
 
 def available_codecs() -> list[str]:
@@ -308,6 +330,8 @@ def plan_spans(path: Path, parts: int) -> list[FrameSpan]:
     with _video_stream(path) as (container, stream):
         timestamps = [packet.pts for packet in container.demux(stream)
                       if packet.size and not packet.is_discard]
+        if _timed_by_index(container):  # by frame number: timestamps are FFmpeg's guesses
+            timestamps = [None] * len(timestamps)
     if not timestamps:
         raise ImageReadError(f"cannot read {path}: no video frame could be decoded")
     return frame_spans(timestamps, parts)
@@ -528,6 +552,7 @@ def _prepare(source: Path, target: Path, codec: str, crf: int,
         raise DeblurcliError(f"cannot write {target}: unknown video container "
                              f"{target.suffix!r} (use one of {', '.join(sorted(_MUXER))})")
     codec_name = choose_codec(codec, target.suffix)
+    check_container(codec_name, target.suffix)
     try:
         check_crf(codec_name, crf)
     except ValueError as exc:
@@ -538,6 +563,7 @@ def _prepare(source: Path, target: Path, codec: str, crf: int,
         raise ImageReadError(f"cannot read {source}: frames of {info.width}x{info.height} are "
                              f"{pixels:,} pixels, more than the limit of {max_pixels:,} (raise "
                              "it with --max-pixels if the file is trusted)")
+    pixel_format(codec_name, info.width, info.height)  # an encoder that takes none fails here
     return av, muxer, codec_name, info
 
 
@@ -582,17 +608,17 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
         vin = inp.streams.video[0]
         vin.thread_type = "AUTO"
         ctx_in = vin.codec_context
-        even = info.width % 2 == 0 and info.height % 2 == 0
-        pix_fmt = "yuv420p" if even else "yuv444p"
-        if codec_name in ("mpeg4", "mjpeg"):
-            pix_fmt = "yuv420p" if codec_name == "mpeg4" else "yuvj420p"
+        pix_fmt = pixel_format(codec_name, info.width, info.height)
         options = {}
         if codec_name in _CRF_CODECS:
             options = {"crf": str(crf), **_CRF_CODECS[codec_name]}
-        if codec_name == "libx265" and total is not None and total < 3:
-            # x265 with B-frames gives the first packet of a 1- or 2-frame stream a garbage
-            # decoding time now and then (1 run in 4 to 8), which the muxer refuses
-            options["x265-params"] += ":bframes=0"
+        if muxer == "avi" or codec_name == "libx265" and total is not None and total < 3:
+            # AVI stores no presentation times: frames reordered for B-frames come out in
+            # decoding order, their times shifted. x265 with B-frames gives the first packet of
+            # a 1- or 2-frame stream a garbage decoding time now and then (1 run in 4 to 8)
+            options["bf"] = "0"
+            if codec_name == "libx265":
+                options["x265-params"] += ":bframes=0"
         vout = out.add_stream(codec_name, rate=info.rate or Fraction(30), options=options)
         vout.width, vout.height, vout.pix_fmt = info.width, info.height, pix_fmt
         vout.time_base = info.time_base
@@ -622,6 +648,8 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
         done, index, last_pts, shift = 0, 0, None, 0
         origin = None if span is None else span.origin
         step = _pts_step(info)
+        by_index = _timed_by_index(inp)
+        slots: collections.deque[int] = collections.deque()  # see _timed_by_index
         for packet in inp.demux(vin, *audio):
             if packet.stream.type == "audio":
                 if packet.dts is None:  # the demuxer's final empty packet
@@ -629,11 +657,16 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
                 packet.stream = audio[packet.stream]
                 out.mux(packet)
                 continue
+            if by_index and packet.dts is not None and packet.size:
+                slots.append(packet.dts)  # the frame's place (a dropped one's is skipped)
             for frame in packet.decode():
                 if seeked and index == 0 and not (frame.key_frame and frame.pts is not None
                                                   and frame.pts <= span.lo):
                     raise _SeekMissed()  # e.g. intra refresh: no clean start at that keyframe
-                pts = frame.pts if frame.pts is not None else (index * step)
+                if by_index:
+                    pts = slots.popleft() if slots else index * step
+                else:
+                    pts = frame.pts if frame.pts is not None else index * step
                 if last_pts is not None and pts <= last_pts:
                     pts = last_pts + 1  # the encoder needs increasing timestamps
                 last_pts = pts
@@ -663,16 +696,59 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
                     new.color_range = frame.color_range
                 new = new.reformat(format=pix_fmt)
                 new.pts, new.time_base = pts - shift, info.time_base
-                out.mux(vout.encode(new))
+                out.mux(_encoded(av, vout, new, source, pix_fmt))
                 done += 1
                 report(progress, "frames", done, total)
             else:
                 continue
             break  # past the span
-        out.mux(vout.encode(None))
+        out.mux(_encoded(av, vout, None, source, pix_fmt))
     if seeked and done != span.frames:  # a frame of the span was not decoded after the seek
         raise _SeekMissed()
     return done, shift, origin or 0
+
+
+#: pixel formats for frames of even sizes, and of an odd width or height (4:2:0 and 4:2:2 halve
+#: the chroma of a side), best first; the first one an encoder takes is used
+_EVEN_FORMATS = ("yuv420p", "yuv422p", "yuv444p", "yuv422p10le", "yuv444p10le", "yuv420p10le",
+                 "gbrp", "bgr0", "rgb24", "bgr24")
+_ODD_FORMATS = ("yuv444p", "yuv444p10le", "gbrp", "bgr0", "rgb24", "bgr24")
+
+
+def pixel_format(codec_name: str, width: int, height: int) -> str:
+    """The pixel format frames of ``width`` x ``height`` are encoded in with ``codec_name``:
+    4:2:0 where the encoder takes it and both sides are even, else 4:4:4 (or the encoder's
+    closest); MJPEG's full-range formats; MPEG-4 Part 2 always 4:2:0 (it pads odd sizes).
+
+    Raises:
+        DeblurcliError: the encoder takes no format for this size (SVT-AV1 and VP8 only
+            4:2:0, which needs even sizes).
+    """
+    if codec_name == "mpeg4":
+        return "yuv420p"
+    av = import_av()
+    formats = {f.name for f in (av.codec.Codec(codec_name, "w").video_formats or ())}
+    even = width % 2 == 0 and height % 2 == 0
+    wanted = _EVEN_FORMATS if even else _ODD_FORMATS
+    if codec_name == "mjpeg":
+        wanted = tuple(name.replace("yuv", "yuvj") for name in wanted[:3])
+    for name in wanted:
+        if name in formats or not formats:
+            return name
+    raise DeblurcliError(f"{codec_name} cannot encode frames of {width}x{height} (it needs even "
+                         "sizes); pick another --codec, e.g. libx264")
+
+
+def _encoded(av: Any, stream: Any, frame: Any, source: Path, pix_fmt: str) -> list:
+    """``stream.encode(frame)``; an encoder's refusal (FFmpeg says only "Invalid argument")
+    named, with the frames it was given."""
+    try:
+        return stream.encode(frame)
+    except av.error.FFmpegError as exc:
+        ctx = stream.codec_context
+        raise DeblurcliError(f"cannot deblur {source}: the {ctx.name} encoder refused its "
+                             f"{ctx.width}x{ctx.height} {pix_fmt} frames ({_one_line(exc)}); "
+                             "pick another --codec") from None
 
 
 def _where(span: Optional[FrameSpan], index: int, pts: int) -> int:
@@ -692,6 +768,14 @@ class _SeekMissed(Exception):
 
 class _EmptySpan(Exception):
     """No frame of the video lies in the span: no segment file."""
+
+
+def _timed_by_index(container: Any) -> bool:
+    """Whether a video's frames are timed by their place, not by timestamps: AVI stores none,
+    only the frame rate and a place per frame, skipped for a dropped one (FFmpeg guesses times
+    from the decoding order: one frame late for H.264, out of order with B-frames). The k-th
+    frame decoded then takes the k-th place (decoding time) of a packet that holds one."""
+    return "avi" in container.format.name.split(",")
 
 
 def _pts_step(info: VideoInfo) -> int:

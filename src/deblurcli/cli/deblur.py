@@ -474,23 +474,30 @@ def _check_video_options(codec: str, crf: int) -> None:
 
 
 def _check_auto_codec_crf(jobs, options) -> None:
-    """With ``--codec auto``, ``--crf`` checked against the encoder each video will get, before
-    the model loads (exit 2, as for a named codec). Without PyAV nothing is checked here: each
-    video then fails alone, saying how to install it."""
+    """Each video's encoder checked before the model loads (exit 2, as for a bad ``--codec``):
+    a named one against each video's container (no x264 in WebM), the one ``--codec auto``
+    picks against ``--crf``. Without PyAV nothing is checked here: each video then fails alone,
+    saying how to install it."""
     from deblurcli.video import is_video
 
     suffixes = {job.target.suffix.lower() for job in jobs
                 if not job.problem and is_video(job.source)}
-    if options.codec != "auto" or not suffixes:
+    if not suffixes:
         return
     from deblurcli.errors import DeblurcliError
-    from deblurcli.video import check_crf, choose_codec
+    from deblurcli.video import check_container, check_crf, choose_codec
 
     for suffix in sorted(suffixes):
         try:
-            codec = choose_codec("auto", suffix)
+            codec = choose_codec(options.codec, suffix)
         except DeblurcliError:
             return
+        try:
+            check_container(codec, suffix)
+        except DeblurcliError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--codec") from None
+        if options.codec != "auto":
+            continue
         try:
             check_crf(codec, options.crf)
         except ValueError as exc:
