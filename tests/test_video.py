@@ -499,3 +499,32 @@ def test_each_encoder_gets_a_pixel_format_it_takes(tmp_path, monkeypatch):
         clip = make_clip(tmp_path / "vp8.mp4", frames=2, audio=False)
         with pytest.raises(DeblurcliError, match="the libvpx encoder refused its 64x48 yuv444p"):
             deblur_video(clip, tmp_path / "vp8.webm", lambda x, p: x, codec="libvpx")
+
+
+@pytest.mark.parametrize("suffix", [".mov", ".mkv"])
+def test_container_and_stream_tags_are_kept(tmp_path, suffix):
+    """Creation time and title (phone videos) and each audio track's language were lost; the
+    tags the muxer writes itself are its own, not the input's."""
+    clip = make_clip(tmp_path / f"clip{suffix}", frames=6)
+    tagged = tmp_path / f"tagged{suffix}"
+    with av.open(str(clip)) as inp, av.open(str(tagged), "w") as out:
+        streams_out = [out.add_stream_from_template(s) for s in inp.streams]
+        out.metadata.update({"title": "Holiday", "creation_time": "2024-05-06T07:08:09.000000Z",
+                             "encoder": "OldMuxer 1.0"})
+        streams_out[1].metadata["language"] = "fra"
+        for packet in inp.demux():
+            if packet.size:  # not the demuxer's final empty packets
+                packet.stream = streams_out[packet.stream.index]
+                out.mux(packet)
+    whole, parts = tmp_path / "whole" / tagged.name, tmp_path / "parts" / tagged.name
+    deblur_video(tagged, whole, lambda x, p: x)
+    segments = [deblur_segment(tagged, parts, lambda x, p: x, i, span)
+                for i, span in enumerate(plan_spans(tagged, 2))]
+    join_segments(tagged, segments, parts)
+    for path in (whole, parts):
+        with av.open(str(path)) as c:
+            tags = {k.lower(): v for k, v in c.metadata.items()}
+            assert tags["title"] == "Holiday", path
+            assert tags["creation_time"].startswith("2024-05-06T07:08:09"), path
+            assert "OldMuxer" not in str(tags), path
+            assert c.streams.audio[0].metadata.get("language") == "fra", path

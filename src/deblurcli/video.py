@@ -13,7 +13,8 @@ frames are in memory, whatever the length of the video. What is kept:
 * **rotation**: the input's display matrix (phones store portrait video as rotated landscape) is
   written to the output stream, and the frames are processed as stored;
 * **colour tags** (matrix, range, primaries, transfer) and the colour matrix used to convert;
-* **audio**: every audio stream is copied packet for packet (remuxed, not re-encoded).
+* **audio**: every audio stream is copied packet for packet (remuxed, not re-encoded);
+* **tags** of the container (title, creation time, ...) and of the streams (language, ...).
 
 The output is written to a hidden temporary file next to the target and renamed at the end
 (:func:`deblurcli.images.atomic_write`), so an interrupted or failed run leaves no half-written
@@ -446,6 +447,7 @@ def _join(av: Any, source: Path, parts: list[Segment], tmp: Path, muxer: str,
         vin = inp.streams.video[0]
         vout.codec_context.framerate = vin.average_rate or vin.guessed_rate or Fraction(30)
         audio = {a: out.add_stream_from_template(a) for a in inp.streams.audio}
+        _copy_tags(inp, out, vout, audio)
         video = _segment_packets(av, parts, template, vout, target)
         sound = (p for p in inp.demux(*audio) if p.dts is not None) if audio else iter(())
         # interleaved by decoding time, as a muxer expects
@@ -453,6 +455,28 @@ def _join(av: Any, source: Path, parts: list[Segment], tmp: Path, muxer: str,
             if packet.stream is not vout:
                 packet.stream = audio[packet.stream]
             out.mux(packet)
+
+
+#: tags the muxer writes itself, or that describe the input's encoding or rotation (written as
+#: a display matrix); MKVToolNix's statistics tags (_STATISTICS_...) are left out as well
+_OWN_TAGS = frozenset({"major_brand", "minor_version", "compatible_brands", "encoder",
+                       "duration", "number_of_frames", "number_of_bytes", "bps", "rotate"})
+
+
+def _tags(metadata: Any) -> dict[str, str]:
+    """The tags of a container or stream that the output carries too."""
+    return {key: value for key, value in dict(metadata).items()
+            if key.lower() not in _OWN_TAGS and not key.lower().startswith("_statistics")}
+
+
+def _copy_tags(inp: Any, out: Any, vout: Any, audio: dict) -> None:
+    """The input's container tags (title, creation time, location, ...) and those of its video
+    and audio streams (language, title, handler) onto the output, as FFmpeg's command copies
+    them; the muxer writes those its container has a place for."""
+    out.metadata.update(_tags(inp.metadata))
+    vout.metadata.update(_tags(inp.streams.video[0].metadata))
+    for source, stream in audio.items():
+        stream.metadata.update(_tags(source.metadata))
 
 
 def _stream_params(stream: Any) -> tuple:
@@ -638,6 +662,8 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
         # a part of the video (span) carries no audio: join_segments copies it from the source
         audio = {} if span is not None else \
             {a: out.add_stream_from_template(a) for a in inp.streams.audio}
+        if span is None:
+            _copy_tags(inp, out, vout, audio)
         seeked = seek and span is not None and span.lo is not None
         if seeked:
             try:
