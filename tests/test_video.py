@@ -232,6 +232,11 @@ def test_a_file_that_is_no_video_is_one_plain_line(tmp_path):
     with pytest.raises(ImageReadError) as caught:
         probe_video(fake)
     assert str(caught.value) == f"cannot read {fake}: Invalid data found when processing input"
+    # FFmpeg reads a photo given a video's suffix as a one-frame video: it made a video of it
+    write_image(tmp_path / "photo.png", np.zeros((8, 8, 3), np.float32))
+    (tmp_path / "photo.png").rename(tmp_path / "photo.mp4")
+    with pytest.raises(ImageReadError, match="it is a PNG image, not a video"):
+        probe_video(tmp_path / "photo.mp4")
 
 
 def test_a_failed_video_is_counted_as_a_video(tiny_model_folder, tmp_path):
@@ -528,3 +533,16 @@ def test_container_and_stream_tags_are_kept(tmp_path, suffix):
             assert tags["creation_time"].startswith("2024-05-06T07:08:09"), path
             assert "OldMuxer" not in str(tags), path
             assert c.streams.audio[0].metadata.get("language") == "fra", path
+
+
+def test_a_truncated_video_fails_rather_than_passing_for_whole(tmp_path):
+    """A Matroska file cut in half (an interrupted copy) decoded its first half without an error
+    and was counted as processed, its output half the video."""
+    clip = make_clip(tmp_path / "clip.mkv", frames=60, audio=False)
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ImageReadError, match=r"its video ends at .* s of the 2\.50 s its header"):
+        deblur_video(cut, tmp_path / "out" / "cut.mkv", lambda x, p: x)
+    assert not (tmp_path / "out" / "cut.mkv").exists()
+    assert deblur_video(clip, tmp_path / "out" / "clip.mkv", lambda x, p: x) == 60

@@ -196,6 +196,11 @@ def _video_stream(path: Path) -> Iterator[tuple[Any, Any]]:
     av = import_av()
     try:
         with open_regular(path) as fh, av.open(fh, "r") as container:
+            name = container.format.name
+            if name == "image2" or name.endswith("_pipe"):  # FFmpeg's image readers
+                kind = f"a {name.removesuffix('_pipe').upper()}" if name != "image2" else "an"
+                raise ImageReadError(f"cannot read {path}: it is {kind} image, not a video "
+                                     "(give it its own suffix)")
             if not container.streams.video:
                 raise ImageReadError(f"cannot read {path}: no video stream")
             yield container, container.streams.video[0]
@@ -729,6 +734,13 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
                 continue
             break  # past the span
         out.mux(_encoded(av, vout, None, source, pix_fmt))
+        stated = _stated_seconds(vin) if span is None and done else None
+    if stated is not None:
+        covered = float((last_pts - origin + step) * info.time_base)
+        if covered < 0.9 * stated and stated - covered > 0.5:
+            raise ImageReadError(f"cannot read {source}: its video ends at {covered:.2f} s of "
+                                 f"the {stated:.2f} s its header states (a truncated or "
+                                 "damaged file)")
     if seeked and done != span.frames:  # a frame of the span was not decoded after the seek
         raise _SeekMissed()
     return done, shift, origin or 0
@@ -794,6 +806,19 @@ class _SeekMissed(Exception):
 
 class _EmptySpan(Exception):
     """No frame of the video lies in the span: no segment file."""
+
+
+def _stated_seconds(stream: Any) -> Optional[float]:
+    """The duration a video stream's header states (MP4's track duration, Matroska's DURATION
+    tag), or None."""
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
+    tag = next((v for k, v in dict(stream.metadata).items() if k.upper() == "DURATION"), None)
+    try:
+        hours, minutes, seconds = str(tag).split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
 
 
 def _timed_by_index(container: Any) -> bool:
