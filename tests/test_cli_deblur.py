@@ -163,6 +163,15 @@ def test_photos_in_formats_it_does_not_read_are_named_not_passed_over(photos, tm
     assert result.exit_code == 1 and "it holds .nef files, which deblurcli does not read" in \
         " ".join(result.output.split())
 
+    # videos in formats it does not read get a video's advice, not a photo's
+    (only / "IMG_1.NEF").rename(only / "clip.3gp")
+    clip = " ".join(run(only / "clip.3gp", tmp_path / "o4", "--weights",
+                        tmp_path / "no-model").output.split())
+    assert "does not read .3gp files: convert them to MP4, MOV or MKV first" in clip
+    (only / "IMG_1.NEF").write_bytes(b"x")
+    mixed = " ".join(run(only, tmp_path / "o5", "--weights", tmp_path / "no-model").output.split())
+    assert "convert the photos to JPEG, PNG or TIFF and the videos to MP4, MOV or MKV" in mixed
+
 
 def test_missing_weights_folder_exits_1(photos, tmp_path):
     result = run(photos / "rgb.png", tmp_path / "o", "--weights", tmp_path / "none")

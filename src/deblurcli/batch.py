@@ -56,11 +56,12 @@ LEDGER_NAME = ".deblurcli-outputs.jsonl"
 INPUT_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES  # what deblur reads from a folder
 #: Photo and video formats a folder may hold that deblur does not read (it says so rather than
 #: pass them over in silence): camera raw files, JPEG XL, GIF and others.
+UNREAD_VIDEO_SUFFIXES = frozenset({".mts", ".m2ts", ".wmv", ".asf", ".flv", ".3gp", ".mpg",
+                                   ".mpeg", ".vob", ".ogv"})
 UNREAD_MEDIA_SUFFIXES = frozenset({
     ".jxl", ".heics", ".avifs", ".jp2", ".gif", ".psd", ".exr", ".hdr", ".tga", ".ppm",
     ".pgm", ".pnm", ".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2",
-    ".orf", ".rw2", ".raf", ".pef", ".srw", ".x3f", ".3fp", ".iiq", ".mts", ".m2ts", ".wmv",
-    ".flv", ".3gp", ".mpg", ".mpeg"})
+    ".orf", ".rw2", ".raf", ".pef", ".srw", ".x3f", ".3fp", ".iiq"}) | UNREAD_VIDEO_SUFFIXES
 _LEDGER_MAX_BYTES = 256 << 20
 
 DeblurFn = Callable[[np.ndarray, Optional[ProgressFn]], np.ndarray]
@@ -161,6 +162,17 @@ class BatchSummary:
         return seconds / frames if frames else 0.0
 
 
+def convert_advice(suffixes) -> str:
+    """What to convert files of the unread formats ``suffixes`` to, for deblur to read them."""
+    suffixes = {suffix.lower() for suffix in suffixes}
+    videos = suffixes & UNREAD_VIDEO_SUFFIXES
+    if not videos:
+        return "convert them to JPEG, PNG or TIFF"
+    if videos == suffixes:
+        return "convert them to MP4, MOV or MKV"
+    return "convert the photos to JPEG, PNG or TIFF and the videos to MP4, MOV or MKV"
+
+
 def parse_shard(spec: str) -> tuple[int, int]:
     """Parse ``"i/n"`` (0-based ``i`` in ``0..n-1``, ``n >= 1``); raises ``ValueError``."""
     head, sep, tail = spec.strip().partition("/")
@@ -236,7 +248,7 @@ def _list_inputs(source: Path, recursive: bool
             unread = sorted({p.suffix.lower() for p in listing.others
                              if p.suffix.lower() in UNREAD_MEDIA_SUFFIXES})
             found = f"; it holds {', '.join(unread)} files, which deblurcli does not read " \
-                "(convert them to JPEG, PNG or TIFF)" if unread else ""
+                f"({convert_advice(unread)})" if unread else ""
             raise ImageReadError(f"no images or videos found in {source} {where}"
                                  f"(looked for {', '.join(sorted(INPUT_SUFFIXES))}){found}")
         return files, problems, listing.folders, listing.others
@@ -244,8 +256,9 @@ def _list_inputs(source: Path, recursive: bool
     if reason:
         raise ImageReadError(f"cannot read {source}: {reason}")
     if source.suffix.lower() not in INPUT_SUFFIXES:
-        hint = f"; deblurcli does not read {source.suffix.lower()} files: convert them to JPEG, " \
-            "PNG or TIFF first" if source.suffix.lower() in UNREAD_MEDIA_SUFFIXES else ""
+        hint = f"; deblurcli does not read {source.suffix.lower()} files: " \
+            f"{convert_advice([source.suffix])} first" \
+            if source.suffix.lower() in UNREAD_MEDIA_SUFFIXES else ""
         raise ImageReadError(f"{source} is not an image or video file (suffix "
                              f"{source.suffix!r}){hint}")
     # its folder counts as listed: an OUTPUT there is inside the input's tree, and recorded

@@ -436,10 +436,12 @@ def unread_line(paths) -> str:
     """One line on the files of an input folder in formats deblur does not read."""
     from collections import Counter
 
+    from deblurcli.batch import convert_advice
+
     counts = Counter(path.suffix.lower() for path in paths)
     kinds = ", ".join(f"{suffix} ({n})" for suffix, n in sorted(counts.items()))
     return (f"passing over {len(paths)} file(s) in formats deblurcli does not read: {kinds}; "
-            "convert them to JPEG, PNG or TIFF to deblur them")
+            f"{convert_advice(counts)} to deblur them")
 
 
 def _quiet_console():
