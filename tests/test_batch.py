@@ -213,6 +213,12 @@ def test_run_jobs_skip_overwrite_and_failures(folder, tmp_path):
     assert "bad.png" in summary.failed[0].error and len(seen) == 4
     assert summary.count("done") == 3 and summary.mean_seconds > 0
     assert events[-1].stage == "images" and events[-1].done == events[-1].total == 4
+    # while a file is at work, the bar names it (it named the one before), and the mean time
+    # per photo shows once there is one
+    working = [(e.done, e.info["file"], "s_per_image" in e.info) for e in events
+               if e.stage == "images" and e.info.get("file")]
+    assert working[:3] == [(0, jobs[0].source.name, False), (1, jobs[0].source.name, True),
+                           (1, jobs[1].source.name, True)]
     src = read_image(folder / "b.png").pixels
     np.testing.assert_allclose(read_image(out / "b.png").pixels, 1.0 - src, atol=1 / 255 + 1e-6)
 

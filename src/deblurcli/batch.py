@@ -580,6 +580,7 @@ def run_jobs(jobs: list[Job], deblur: DeblurFn, options: BatchOptions,
         elif not needs_processing(job, options):
             result = FileResult(job, "skipped", error="output exists (use --overwrite)")
         else:
+            report(progress, "images", number - 1, total, **_progress_info(summary, job))
             start = time.perf_counter()
             try:
                 frames = process_file(job, deblur, options, progress)
@@ -592,9 +593,17 @@ def run_jobs(jobs: list[Job], deblur: DeblurFn, options: BatchOptions,
         summary.results.append(result)
         if on_result is not None:
             on_result(result)
-        report(progress, "images", number, total, file=job.source.name,
-               s_per_image=round(summary.mean_seconds, 2))
+        report(progress, "images", number, total, **_progress_info(summary, job))
     return summary
+
+
+def _progress_info(summary: BatchSummary, job: Job) -> dict:
+    """The ``"images"`` event's extras: the file at work (or just done), and the mean seconds
+    per photo once a photo is done."""
+    info: dict = {"file": job.source.name}
+    if summary.mean_seconds:
+        info["s_per_image"] = round(summary.mean_seconds, 2)
+    return info
 
 
 def _release_cuda_cache() -> None:
