@@ -200,3 +200,23 @@ def test_no_weights_and_no_default_model_exits_1(photos, tmp_path, monkeypatch):
     result = run(photos / "rgb.png", tmp_path / "o")
     assert result.exit_code == 1
     assert "no default model" in result.output and "--weights" in result.output
+
+
+def test_dry_run_lists_the_plan_and_touches_nothing(photos, tmp_path):
+    """A line per file (written, skipped as existing, failing), a count, exit 0; no model is
+    needed and OUTPUT is not created. The input guard still refuses as a run would."""
+    out = tmp_path / "out"
+    (photos / "link.png").symlink_to(tmp_path / "nowhere.png")  # a broken link: it would fail
+    result = run(photos, out, "--dry-run", "--weights", tmp_path / "no-model")
+    lines = result.output.splitlines()
+    assert result.exit_code == 0 and not out.exists()
+    assert f"write  {out / 'rgb.png'}  (from {photos / 'rgb.png'})" in lines
+    assert any(line.startswith(f"fail   {photos / 'link.png'}: broken symlink") for line in lines)
+    assert lines[-1] == "dry run: would process 4, skip 0, fail 1; nothing was written"
+    write_image(out / "grey.png", np.zeros((4, 4, 3), np.float32))
+    again = run(photos, out, "-n", "-r").output.splitlines()
+    assert f"skip   {out / 'grey.png'}  (exists; --overwrite replaces it)" in again
+    assert f"write  {out / 'sub' / 'nested.jpg'}  (from {photos / 'sub' / 'nested.jpg'})" in again
+    assert sorted(p.name for p in out.iterdir()) == ["grey.png"]
+    refused = run(photos, photos, "--dry-run")
+    assert refused.exit_code == 1 and "refusing to write" in refused.output

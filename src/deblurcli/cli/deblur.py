@@ -112,6 +112,9 @@ def deblur(
         "--max-pixels", metavar="N", min=1, help="Largest input image (width x height) to decode; "
         "larger files fail with a message (a guard against decompression bombs).")]
     = DEFAULT_MAX_PIXELS,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", "-n", help="List what would be written, skipped or fail, and stop: no "
+        "model is loaded, nothing is written.")] = False,
 ) -> None:
     """Remove motion blur from a photo or a folder of photos."""
     if gamma is not None and not 0.0 <= gamma <= 1.0:
@@ -159,10 +162,36 @@ def deblur(
                            metadata=not strip_metadata)
     if lora is not None and not lora.is_file():
         raise typer.BadParameter(f"no such adapter file: {lora}", param_hint="--lora")
+    if dry_run:
+        return _dry_run(input_path, output, options)
     _run(input_path, output, options, gamma=gamma, weights=weights, lora=lora,
          fuse=not no_fuse, tile=tile, overlap=tile_overlap, batch_size=batch_size,
          device_name=device, dtype_name=dtype_name, vae_fp32=vae_fp32, threads=threads,
          compile_model=compile_model, color_fix=color_fix, backend=backend)
+
+
+def _dry_run(input_path: Path, output: Path, options) -> None:
+    """``--dry-run``: the plan of a run, a line per file on stdout, checked as a run checks it
+    (the input guard, the codecs), then a count; nothing is loaded or written."""
+    from deblurcli.batch import needs_processing, plan_jobs
+    from deblurcli.cli.console import stderr_console, stdout_console, warn
+
+    err, out = stderr_console(), stdout_console()
+    jobs = plan_jobs(input_path, output, options,
+                     on_unread=lambda paths: warn(err, unread_line(paths)))
+    _check_auto_codec_crf(jobs, options)
+    counts = {"write": 0, "skip": 0, "fail": 0}
+    for job in jobs:
+        if job.problem:
+            kind, line = "fail", f"fail   {job.source}: {job.problem}"
+        elif needs_processing(job, options):
+            kind, line = "write", f"write  {job.target}  (from {job.source})"
+        else:
+            kind, line = "skip", f"skip   {job.target}  (exists; --overwrite replaces it)"
+        counts[kind] += 1
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
+    out.print(f"dry run: would process {counts['write']}, skip {counts['skip']}, fail "
+              f"{counts['fail']}; nothing was written", highlight=False, markup=False)
 
 
 def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
