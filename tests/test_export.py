@@ -18,10 +18,12 @@ from deblurcli.train.diffusion import train_diffusion
 
 @pytest.fixture(scope="module")
 def run(pairs: Path, tmp_path_factory) -> Path:
-    """A finished two-step LoRA run (tiny preset, GAN on) with a checkpoint at each step."""
+    """A finished two-step run (tiny preset, the whole UNet, GAN on) with a checkpoint at each
+    step."""
     out = tmp_path_factory.mktemp("export") / "run"
     train_diffusion(DiffusionTrainConfig(
-        data=str(pairs), output=str(out), max_steps=2, preset="tiny", crop=32, batch_size=2,
+        data=str(pairs), output=str(out), max_steps=2, preset="tiny", full=True, crop=32,
+        batch_size=2,
         cpu=True, perceptual="none", lr=1e-2, gan_start=0, checkpoint_every=1,
         keep_checkpoints=0, validate_every=100))
     return out

@@ -57,7 +57,7 @@ def test_training_progress_reaches_a_log(pairs, tmp_path):
 
 @pytest.mark.parametrize("command, extra, words", [
     ("train-diffusion", ["--preset", "huge", "--random-evae"], "unknown model preset 'huge'"),
-    ("train-diffusion", ["--preset", "tiny", "--evae", "nope"], "no eVAE in nope"),
+    ("train-diffusion", ["--preset", "tiny", "--full", "--evae", "nope"], "no eVAE in nope"),
     ("train-vae", ["--preset", "huge"], "unknown eVAE preset 'huge'"),
 ])
 def test_a_run_that_fails_on_its_settings_leaves_no_output_folder(pairs, tmp_path, command,

@@ -96,13 +96,15 @@ def test_vae_overfits_one_batch(one_pair: Path, tmp_path: Path) -> None:
 
 
 def test_diffusion_stage_writes_loadable_model_folder(pairs: Path, evae_run: Path,
+                                                      tiny_model_folder: Path,
                                                       tmp_path: Path) -> None:
     from deblurcli.modelfolder import RECORD_KEY, load_model_folder, read_model_index
 
     run = tmp_path / "lora"
     result = train_diffusion(DiffusionTrainConfig(
         data=str(pairs), output=str(run), max_steps=2, evae=str(evae_run / "model"),
-        adapter="synthetic", val_count=1, **{**FAST, "perceptual": "stlpips"}))
+        init=str(tiny_model_folder), adapter="synthetic", val_count=1,
+        **{**FAST, "perceptual": "stlpips", "lr": 1e-2}))
     assert result.model_folder == run / "model"
     assert set(read_model_index(run / "model")[RECORD_KEY]["adapters"]) == {"real", "synthetic"}
     model = load_model_folder(run / "model", gamma=0.3)
@@ -116,6 +118,15 @@ def test_diffusion_stage_writes_loadable_model_folder(pairs: Path, evae_run: Pat
         assert torch.equal(pipe(torch.zeros(1, 3, 32, 32)), out)
     trained_skips = load_evae(evae_run / "model").skip_blocks[0][2].weight
     assert torch.equal(model.evae.skip_blocks[0][2].weight, trained_skips)  # eVAE stayed frozen
+    from safetensors.torch import load_file
+
+    def lora_b(folder: Path) -> dict:
+        return {k: v for k, v in load_file(str(folder / "lora_synthetic.safetensors")).items()
+                if "lora_B" in k or "lora_up" in k}
+
+    before, after = lora_b(tiny_model_folder), lora_b(run / "model")
+    assert before.keys() == after.keys() and before
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the adapter learned
     from deblurcli.cli.app import app
 
     result = CliRunner().invoke(app, ["deblur", str(pairs / "blur" / "p0.png"), str(tmp_path / "o"),
@@ -137,7 +148,7 @@ def test_progressive_sizes_with_accumulation(pairs: Path, tmp_path: Path, monkey
     seen: list[int] = []
     config = DiffusionTrainConfig(data=str(pairs), output=str(tmp_path / "p"), max_steps=2,
                                   grad_accum=2, progressive=True, progressive_sizes=[16, 24],
-                                  progressive_steps=1, lambda2=0.0, **FAST)
+                                  progressive_steps=1, lambda2=0.0, full=True, **FAST)
     from deblurcli.train import diffusion
 
     original = diffusion.GeneratorStep.forward
@@ -152,10 +163,12 @@ def test_progressive_sizes_with_accumulation(pairs: Path, tmp_path: Path, monkey
     assert len(_losses(tmp_path / "p")) == 2
 
 
-def test_interrupted_then_resumed_matches_uninterrupted(pairs: Path, tmp_path: Path) -> None:
+def test_interrupted_then_resumed_matches_uninterrupted(pairs: Path, tiny_model_folder: Path,
+                                                        tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     common = dict(data=str(pairs), max_steps=4, lr=1e-3, adapter="synthetic",
+                  init=str(tiny_model_folder),
                   **{**FAST, "checkpoint_every": 1})
     train_diffusion(DiffusionTrainConfig(output=str(tmp_path / "a"), **common))
 
@@ -653,7 +666,7 @@ def test_evae_is_found_in_a_run_folder_and_must_fit_the_preset(tiny_model_folder
     with pytest.raises(DeblurcliError, match="makes 4-channel latents but --preset compact "
                                              "takes 16"):
         build_model(DiffusionTrainConfig(output=str(tmp_path / "o"), preset="compact",
-                                         evae=str(run)))
+                                         full=True, evae=str(run)))
     assert not (tmp_path / "o").exists()
 
 
@@ -666,3 +679,15 @@ def test_val_count_that_leaves_nothing_to_train_on_is_refused() -> None:
     assert len(train) == 30 and len(val) == 6 and sorted(train + val) == items
     with pytest.raises(DatasetError, match="--val-count 100 holds out every one of the 36"):
         split_validation(items, 100, seed=0)
+
+
+def test_an_adapter_alone_is_not_trained_on_a_preset(pairs: Path, tmp_path: Path) -> None:
+    """A preset's UNet starts with its output conv at zero: no gradient reached an adapter
+    trained on it, and the run finished with the adapter still at zero, silently."""
+    from deblurcli.errors import DeblurcliError
+
+    with pytest.raises(DeblurcliError, match="--preset tiny builds an untrained UNet, and an "
+                                             "adapter learns nothing on it: train the whole"):
+        train_diffusion(DiffusionTrainConfig(data=str(pairs), output=str(tmp_path / "r"),
+                                             max_steps=1, adapter="real", **FAST))
+    assert not (tmp_path / "r").exists()

@@ -87,8 +87,13 @@ def build_model(config: DiffusionTrainConfig):
                                           lora=ad.dual_lora(config.lora_rank or PAPER_LORA_RANK),
                                           seed=config.seed)
     elif config.preset:
-        model = osdd.build_osdd(preset_osdd_config(config.preset, config.lora_rank),
-                                seed=config.seed)
+        spec = preset_osdd_config(config.preset, config.lora_rank)
+        if not config.full:  # its output conv starts at zero (below): no gradient reaches
+            # anything upstream of it, and an adapter trained alone would stay at zero
+            raise DeblurcliError(f"--preset {config.preset} builds an untrained UNet, and an "
+                                 "adapter learns nothing on it: train the whole UNet with "
+                                 "--full, then the adapters on that model with --init MODEL_DIR")
+        model = osdd.build_osdd(spec, seed=config.seed)
         # No pretrained prior: start from eps = 0, i.e. z_h = z_l / sqrt(abar), so the first
         # predictions are the blurry latent (rescaled) rather than noise from a random UNet.
         with torch.no_grad():
