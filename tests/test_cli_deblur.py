@@ -220,3 +220,6 @@ def test_dry_run_lists_the_plan_and_touches_nothing(photos, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["grey.png"]
     refused = run(photos, photos, "--dry-run")
     assert refused.exit_code == 1 and "refusing to write" in refused.output
+    (tmp_path / "a-file").write_text("")
+    unwritable = run(photos, tmp_path / "a-file" / "out", "--dry-run")  # as a run would stop
+    assert unwritable.exit_code == 1 and "a-file" in unwritable.output

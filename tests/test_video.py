@@ -535,14 +535,98 @@ def test_container_and_stream_tags_are_kept(tmp_path, suffix):
             assert c.streams.audio[0].metadata.get("language") == "fra", path
 
 
-def test_a_truncated_video_fails_rather_than_passing_for_whole(tmp_path):
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4", ".avi"])
+def test_a_truncated_video_fails_rather_than_passing_for_whole(tmp_path, suffix):
     """A Matroska file cut in half (an interrupted copy) decoded its first half without an error
-    and was counted as processed, its output half the video."""
-    clip = make_clip(tmp_path / "clip.mkv", frames=60, audio=False)
+    and was counted as processed, its output half the video; in several processes too. The
+    size the container states for itself tells, not durations (a video may start late or hold
+    its last frame)."""
+    from deblurcli.video import declared_size
+
+    clip = make_clip(tmp_path / f"clip{suffix}", frames=60)
     data = clip.read_bytes()
-    cut = tmp_path / "cut.mkv"
+    assert declared_size(clip) == len(data)
+    cut = tmp_path / f"cut{suffix}"
     cut.write_bytes(data[:len(data) // 2])
-    with pytest.raises(ImageReadError, match=r"its video ends at .* s of the 2\.50 s its header"):
-        deblur_video(cut, tmp_path / "out" / "cut.mkv", lambda x, p: x)
-    assert not (tmp_path / "out" / "cut.mkv").exists()
-    assert deblur_video(clip, tmp_path / "out" / "clip.mkv", lambda x, p: x) == 60
+    words = f"the file ends at {len(data) // 2:,} bytes of the [0-9,]+ its container"
+    with pytest.raises(ImageReadError, match=words):
+        deblur_video(cut, tmp_path / "out" / cut.name, lambda x, p: x)
+    with pytest.raises(ImageReadError, match=words):
+        deblur_segment(cut, tmp_path / "out" / cut.name, lambda x, p: x, 1, plan_spans(clip, 2)[1])
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert deblur_video(clip, tmp_path / "out" / clip.name, lambda x, p: x) == 60
+    # held last frame, late start: still whole
+    held = tmp_path / f"held{suffix}"
+    with av.open(str(held), "w") as c:
+        v = c.add_stream("libx264", rate=FPS)
+        v.width, v.height, v.pix_fmt = W, H, "yuv420p"
+        for pts in (12, 13, 14, 200):  # starts half a second in; the third frame held 7 s
+            f = av.VideoFrame.from_ndarray(np.full((H, W, 3), pts % 256, np.uint8),
+                                           format="rgb24")
+            f.pts, f.time_base = pts, Fraction(1, FPS)
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+    assert deblur_video(held, tmp_path / "out" / held.name, lambda x, p: x) == 4
+
+
+def test_what_a_container_cannot_write_and_sizes_an_encoder_cannot_take_are_said_first(tmp_path):
+    """FFmpeg lists VP8, VP9 and AV1 for MOV but cannot write them there ("Invalid argument"
+    after the model had run); an odd size VP8 cannot encode was sent to libx264, which WebM
+    cannot hold."""
+    from deblurcli import video
+
+    if video.has_encoder("libvpx-vp9"):
+        with pytest.raises(DeblurcliError, match="a .mov file cannot hold libvpx-vp9 video"):
+            video.check_container("libvpx-vp9", ".mov")
+    if video.has_encoder("libvpx"):
+        odd = make_clip(tmp_path / "odd.mp4", frames=2, width=65, height=47, audio=False)
+        with pytest.raises(DeblurcliError) as caught:
+            deblur_video(odd, tmp_path / "odd.webm", lambda x, p: x, codec="libvpx")
+        assert "libvpx cannot encode frames of 65x47" in str(caught.value)
+        assert "libvpx-vp9" in str(caught.value) and "libx264" not in str(caught.value)
+
+
+def test_matroska_statistics_tags_of_the_input_are_not_carried(tmp_path):
+    """mkvmerge writes DURATION-eng, NUMBER_OF_FRAMES-eng, ...: they were copied, so the output
+    claimed the input's length and frame count."""
+    clip = make_clip(tmp_path / "clip.mkv", frames=4, audio=False)
+    tagged = tmp_path / "tagged.mkv"
+    with av.open(str(clip)) as inp, av.open(str(tagged), "w") as out:
+        vout = out.add_stream_from_template(inp.streams.video[0])
+        vout.metadata.update({"DURATION-eng": "00:10:00.000000000", "NUMBER_OF_FRAMES-eng": "9",
+                              "language": "eng"})
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.size:
+                packet.stream = vout
+                out.mux(packet)
+    deblur_video(tagged, tmp_path / "out.mkv", lambda x, p: x)
+    with av.open(str(tmp_path / "out.mkv")) as c:
+        tags = dict(c.streams.video[0].metadata)
+    assert tags.get("language") == "eng"
+    assert not any(key.upper().startswith(("DURATION-", "NUMBER_OF_FRAMES")) for key in tags)
+
+
+def test_an_avi_starting_between_key_frames_keeps_its_frames_in_their_places(tmp_path):
+    """The packets before the first key frame decode to nothing: the k-th decoded frame took
+    the k-th packet's place, and every frame moved earlier."""
+    whole = tmp_path / "whole.avi"
+    with av.open(str(whole), "w") as c:
+        v = c.add_stream("libx264", rate=FPS, options={"bf": "0", "x264-params":
+                                                       "keyint=10:min-keyint=10:scenecut=0"})
+        v.width, v.height, v.pix_fmt = W, H, "yuv420p"
+        for i in range(30):
+            f = av.VideoFrame.from_ndarray(np.full((H, W, 3), i * 8, np.uint8), format="rgb24")
+            f.pts, f.time_base = i, Fraction(1, FPS)
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+    cut = tmp_path / "cut.avi"  # from frame 4 on: the first key frame is frame 10
+    with av.open(str(whole)) as inp, av.open(str(cut), "w") as out:
+        vout = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.size and packet.dts >= 4:
+                packet.stream = vout
+                out.mux(packet)
+    deblur_video(cut, tmp_path / "out.avi", lambda x, p: x, crf=0)
+    with av.open(str(tmp_path / "out.avi")) as c:
+        places = [p.dts for p in c.demux(c.streams.video[0]) if p.size]
+    assert places[-5:] == [25, 26, 27, 28, 29] and len(places) == 20

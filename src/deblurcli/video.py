@@ -127,12 +127,18 @@ def check_container(codec_name: str, suffix: str) -> None:
                          f"at auto or pick one of: {', '.join(fits)}")
 
 
+#: codecs FFmpeg lists for a muxer but does not write there: its MOV muxer takes VP8, VP9 and
+#: AV1 in MP4 mode only ("Invalid argument", "Not yet implemented")
+_NOT_WRITTEN = {"mov": frozenset({"libvpx-vp9", "libvpx", "libsvtav1", "libaom-av1", "librav1e",
+                                  "libdav1d", "vp8", "vp9", "av1"})}
+
+
 @functools.cache
 def _held(muxer: str) -> frozenset[str]:
     """The codecs (and encoders) FFmpeg's ``muxer`` can store."""
     av = import_av()
     with av.open(io.BytesIO(), "w", format=muxer) as container:
-        return frozenset(container.supported_codecs)
+        return frozenset(container.supported_codecs) - _NOT_WRITTEN.get(muxer, frozenset())
 
 
 def available_codecs() -> list[str]:
@@ -231,6 +237,78 @@ def probe_video(path: Path) -> VideoInfo:
                          rotation=int(getattr(first, "rotation", 0) or 0),
                          display_matrix=_display_matrix(first),
                          audio_streams=len(container.streams.audio))
+
+
+def declared_size(path: Path) -> Optional[int]:
+    """The size in bytes a video file's container states for itself: Matroska's and WebM's
+    segment size, the end of the last top-level box of MP4 and MOV, the RIFF chunks of AVI; None
+    where it states none (a live recording's unknown size, a box running to the end)."""
+    with open_regular(path) as fh:
+        head = fh.read(12)
+        if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: its header, then the Segment
+            fh.seek(4)
+            size = _ebml_size(fh)
+            if size is None:
+                return None
+            fh.seek(size, 1)
+            if fh.read(4) != b"\x18\x53\x80\x67":
+                return None
+            size = _ebml_size(fh)
+            return None if size is None else fh.tell() + size
+        if head[:4] == b"RIFF" or head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide",
+                                                b"skip"):
+            riff = head[:4] == b"RIFF"
+            end, total = 0, os.fstat(fh.fileno()).st_size
+            while end < total:  # top-level boxes / RIFF chunks, each sized in its header
+                fh.seek(end)
+                header = fh.read(16)
+                if len(header) < 8:
+                    return None
+                if header[:4] != b"RIFF" if riff else not all(32 <= b < 127
+                                                              for b in header[4:8]):
+                    return end  # bytes after the last chunk or box: not the container's
+                if riff:
+                    size = 8 + int.from_bytes(header[4:8], "little")
+                    size += size % 2  # chunks are word-aligned
+                else:
+                    size = int.from_bytes(header[:4], "big")
+                    if size == 1 and len(header) == 16:
+                        size = int.from_bytes(header[8:16], "big")
+                    elif size == 0:  # to the end of the file
+                        return None
+                    if size < 8:
+                        return None
+                end += size
+            return end
+    return None
+
+
+def _ebml_size(fh: Any) -> Optional[int]:
+    """An EBML element's size (a variable-length integer) read from ``fh``; None for the
+    "unknown" size."""
+    first = fh.read(1)
+    if not first or first[0] == 0:
+        return None
+    length = 9 - first[0].bit_length()
+    rest = fh.read(length - 1)
+    value = first[0] & (0xFF >> length)
+    for byte in rest:
+        value = value << 8 | byte
+    return None if value == (1 << (7 * length)) - 1 else value
+
+
+def check_whole(path: Path) -> None:
+    """Raise :class:`ImageReadError` when ``path`` is shorter than its container states: cut
+    off by an interrupted copy or download, it decodes without an error up to the cut."""
+    try:
+        stated = declared_size(path)
+    except (OSError, ImageReadError):
+        return  # unreadable here: FFmpeg's own error says why
+    size = os.stat(path).st_size
+    if stated is not None and size < stated:
+        raise ImageReadError(f"cannot read {path}: the file ends at {size:,} bytes of the "
+                             f"{stated:,} its container states (truncated: an interrupted copy "
+                             "or download?)")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -465,13 +543,16 @@ def _join(av: Any, source: Path, parts: list[Segment], tmp: Path, muxer: str,
 #: tags the muxer writes itself, or that describe the input's encoding or rotation (written as
 #: a display matrix); MKVToolNix's statistics tags (_STATISTICS_...) are left out as well
 _OWN_TAGS = frozenset({"major_brand", "minor_version", "compatible_brands", "encoder",
-                       "duration", "number_of_frames", "number_of_bytes", "bps", "rotate"})
+                       "duration", "number_of_frames", "number_of_bytes", "bps", "rotate",
+                       "alpha_mode"})
 
 
 def _tags(metadata: Any) -> dict[str, str]:
-    """The tags of a container or stream that the output carries too."""
+    """The tags of a container or stream that the output carries too (Matroska's statistics
+    tags also come with a language: ``DURATION-eng``)."""
     return {key: value for key, value in dict(metadata).items()
-            if key.lower() not in _OWN_TAGS and not key.lower().startswith("_statistics")}
+            if key.lower().split("-")[0] not in _OWN_TAGS
+            and not key.lower().startswith("_statistics")}
 
 
 def _copy_tags(inp: Any, out: Any, vout: Any, audio: dict) -> None:
@@ -586,13 +667,14 @@ def _prepare(source: Path, target: Path, codec: str, crf: int,
         check_crf(codec_name, crf)
     except ValueError as exc:
         raise DeblurcliError(str(exc)) from None
+    check_whole(source)
     info = probe_video(source)
     pixels = info.width * info.height
     if pixels > max_pixels:
         raise ImageReadError(f"cannot read {source}: frames of {info.width}x{info.height} are "
                              f"{pixels:,} pixels, more than the limit of {max_pixels:,} (raise "
                              "it with --max-pixels if the file is trusted)")
-    pixel_format(codec_name, info.width, info.height)  # an encoder that takes none fails here
+    pixel_format(codec_name, info.width, info.height, target.suffix)  # none: it fails here
     return av, muxer, codec_name, info
 
 
@@ -681,6 +763,7 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
         step = _pts_step(info)
         by_index = _timed_by_index(inp)
         slots: collections.deque[int] = collections.deque()  # see _timed_by_index
+        keyed = False
         for packet in inp.demux(vin, *audio):
             if packet.stream.type == "audio":
                 if packet.dts is None:  # the demuxer's final empty packet
@@ -688,8 +771,11 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
                 packet.stream = audio[packet.stream]
                 out.mux(packet)
                 continue
-            if by_index and packet.dts is not None and packet.size:
-                slots.append(packet.dts)  # the frame's place (a dropped one's is skipped)
+            keyed = keyed or packet.is_keyframe
+            if by_index and keyed and packet.dts is not None and packet.size:
+                # the frame's place (a dropped one's is skipped); packets before the first key
+                # frame decode to nothing, so they take none
+                slots.append(packet.dts)
             for frame in packet.decode():
                 if seeked and index == 0 and not (frame.key_frame and frame.pts is not None
                                                   and frame.pts <= span.lo):
@@ -727,20 +813,13 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
                     new.color_range = frame.color_range
                 new = new.reformat(format=pix_fmt)
                 new.pts, new.time_base = pts - shift, info.time_base
-                out.mux(_encoded(av, vout, new, source, pix_fmt))
+                out.mux(_encoded(av, vout, new, source, pix_fmt, first=done == 0))
                 done += 1
                 report(progress, "frames", done, total)
             else:
                 continue
             break  # past the span
         out.mux(_encoded(av, vout, None, source, pix_fmt))
-        stated = _stated_seconds(vin) if span is None and done else None
-    if stated is not None:
-        covered = float((last_pts - origin + step) * info.time_base)
-        if covered < 0.9 * stated and stated - covered > 0.5:
-            raise ImageReadError(f"cannot read {source}: its video ends at {covered:.2f} s of "
-                                 f"the {stated:.2f} s its header states (a truncated or "
-                                 "damaged file)")
     if seeked and done != span.frames:  # a frame of the span was not decoded after the seek
         raise _SeekMissed()
     return done, shift, origin or 0
@@ -753,15 +832,29 @@ _EVEN_FORMATS = ("yuv420p", "yuv422p", "yuv444p", "yuv422p10le", "yuv444p10le", 
 _ODD_FORMATS = ("yuv444p", "yuv444p10le", "gbrp", "bgr0", "rgb24", "bgr24")
 
 
-def pixel_format(codec_name: str, width: int, height: int) -> str:
+def pixel_format(codec_name: str, width: int, height: int, suffix: str = "") -> str:
     """The pixel format frames of ``width`` x ``height`` are encoded in with ``codec_name``:
     4:2:0 where the encoder takes it and both sides are even, else 4:4:4 (or the encoder's
     closest); MJPEG's full-range formats; MPEG-4 Part 2 always 4:2:0 (it pads odd sizes).
 
     Raises:
         DeblurcliError: the encoder takes no format for this size (SVT-AV1 and VP8 only
-            4:2:0, which needs even sizes).
+            4:2:0, which needs even sizes); it names the encoders that can, in a ``suffix``
+            file.
     """
+    chosen = _pixel_format(codec_name, width, height)
+    if chosen is not None:
+        return chosen
+    muxer = _MUXER.get(suffix.lower())
+    others = [name for name in available_codecs() if name != codec_name
+              and (muxer is None or name in _held(muxer))
+              and _pixel_format(name, width, height) is not None]
+    hint = f"pick one of: {', '.join(others)}" if others else "pick another --codec"
+    raise DeblurcliError(f"{codec_name} cannot encode frames of {width}x{height} (it needs even "
+                         f"sizes); {hint}")
+
+
+def _pixel_format(codec_name: str, width: int, height: int) -> Optional[str]:
     if codec_name == "mpeg4":
         return "yuv420p"
     av = import_av()
@@ -770,23 +863,23 @@ def pixel_format(codec_name: str, width: int, height: int) -> str:
     wanted = _EVEN_FORMATS if even else _ODD_FORMATS
     if codec_name == "mjpeg":
         wanted = tuple(name.replace("yuv", "yuvj") for name in wanted[:3])
-    for name in wanted:
-        if name in formats or not formats:
-            return name
-    raise DeblurcliError(f"{codec_name} cannot encode frames of {width}x{height} (it needs even "
-                         "sizes); pick another --codec, e.g. libx264")
+    return next((name for name in wanted if name in formats or not formats), None)
 
 
-def _encoded(av: Any, stream: Any, frame: Any, source: Path, pix_fmt: str) -> list:
-    """``stream.encode(frame)``; an encoder's refusal (FFmpeg says only "Invalid argument")
-    named, with the frames it was given."""
+def _encoded(av: Any, stream: Any, frame: Any, source: Path, pix_fmt: str,
+             first: bool = False) -> list:
+    """``stream.encode(frame)``; an encoder's failure (FFmpeg says only "Invalid argument")
+    named, with the frames it was given; on the ``first`` frame, an encoder that refuses them."""
     try:
         return stream.encode(frame)
     except av.error.FFmpegError as exc:
         ctx = stream.codec_context
-        raise DeblurcliError(f"cannot deblur {source}: the {ctx.name} encoder refused its "
-                             f"{ctx.width}x{ctx.height} {pix_fmt} frames ({_one_line(exc)}); "
-                             "pick another --codec") from None
+        what = f"the {ctx.name} encoder " + (
+            f"refused its {ctx.width}x{ctx.height} {pix_fmt} frames" if first else
+            f"failed on its {ctx.width}x{ctx.height} {pix_fmt} frames")
+        advice = "; pick another --codec" if first else ""
+        raise DeblurcliError(f"cannot deblur {source}: {what} ({_one_line(exc)}){advice}") \
+            from None
 
 
 def _where(span: Optional[FrameSpan], index: int, pts: int) -> int:
@@ -806,19 +899,6 @@ class _SeekMissed(Exception):
 
 class _EmptySpan(Exception):
     """No frame of the video lies in the span: no segment file."""
-
-
-def _stated_seconds(stream: Any) -> Optional[float]:
-    """The duration a video stream's header states (MP4's track duration, Matroska's DURATION
-    tag), or None."""
-    if stream.duration:
-        return float(stream.duration * stream.time_base)
-    tag = next((v for k, v in dict(stream.metadata).items() if k.upper() == "DURATION"), None)
-    try:
-        hours, minutes, seconds = str(tag).split(":")
-        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-    except ValueError:
-        return None
 
 
 def _timed_by_index(container: Any) -> bool:

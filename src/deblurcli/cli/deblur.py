@@ -173,13 +173,15 @@ def deblur(
 def _dry_run(input_path: Path, output: Path, options) -> None:
     """``--dry-run``: the plan of a run, a line per file on stdout, checked as a run checks it
     (the input guard, the codecs), then a count; nothing is loaded or written."""
-    from deblurcli.batch import needs_processing, plan_jobs
+    from deblurcli.batch import check_output_folder, needs_processing, plan_jobs
     from deblurcli.cli.console import stderr_console, stdout_console, warn
 
     err, out = stderr_console(), stdout_console()
     jobs = plan_jobs(input_path, output, options,
                      on_unread=lambda paths: warn(err, unread_line(paths)))
     _check_auto_codec_crf(jobs, options)
+    if any(needs_processing(job, options) for job in jobs):
+        check_output_folder(output)  # a read-only OUTPUT would stop the run: it stops this too
     counts = {"write": 0, "skip": 0, "fail": 0}
     for job in jobs:
         if job.problem:
