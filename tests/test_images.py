@@ -529,3 +529,13 @@ def test_a_2_or_16_bit_grey_png_key_becomes_alpha(tmp_path, depth):
     assert image.alpha is not None and image.grayscale
     assert image.bit_depth == (16 if depth == 16 else 8)
     assert image.alpha[:, :2].max() == 0 and image.alpha[:, 2:].min() == 1
+
+
+def test_integer_pixels_are_refused_by_the_writer(tmp_path):
+    """write_image took a uint8 photo as floats, clipped at 1: an almost white image."""
+    photo = np.full((4, 4, 3), 128, np.uint8)
+    with pytest.raises(ValueError, match="pixels must be floats in \\[0, 1\\], got uint8"):
+        write_image(tmp_path / "o.png", photo)
+    with pytest.raises(ValueError, match="alpha must be floats"):
+        write_image(tmp_path / "o.png", photo / 255.0, alpha=np.ones((4, 4), np.uint16))
+    assert not (tmp_path / "o.png").exists()

@@ -57,3 +57,11 @@ def test_the_python_api_prints_no_third_party_warning():
     res = _run_python(code)
     assert res.returncode == 0, res.stderr
     assert res.stderr == ""
+
+
+def test_the_package_says_it_is_typed():
+    """pyproject ships py.typed, but the file was missing: type checkers saw every deblurcli
+    name as Any."""
+    import deblurcli
+
+    assert (Path(deblurcli.__file__).parent / "py.typed").is_file()

@@ -200,3 +200,9 @@ def test_integer_or_non_finite_input_is_refused_with_what_to_do():
     with pytest.raises(ValueError, match="NaN or infinite"):
         pipe(broken)
     assert pipe(_image(8, 8).astype(np.float64)).dtype == np.float32
+    # 16-bit values were told to be divided by 255; floats of 0..255 (the usual slip with
+    # np.asarray(Image.open(...), dtype=np.float32)) ran as a white image
+    with pytest.raises(ValueError, match="16-bit ones by 65535"):
+        pipe((_image(8, 8) * 65535).astype(np.uint16))
+    with pytest.raises(ValueError, match="got values up to 255 .*divide 8-bit values by 255"):
+        pipe(np.full((8, 8, 3), 255.0, np.float32))

@@ -823,6 +823,11 @@ def encode_image(
     """
     from deblurcli import imagemeta
 
+    for name, values in (("pixels", pixels), ("alpha", alpha)):
+        kind = None if values is None else np.asarray(values).dtype
+        if kind is not None and not np.issubdtype(kind, np.floating):
+            raise ValueError(f"{name} must be floats in [0, 1], got {kind} (divide 8-bit values "
+                             "by 255 and 16-bit ones by 65535)")
     pixels = np.asarray(pixels, dtype=np.float32)
     if pixels.ndim == 2:
         pixels = pixels[..., None]

@@ -63,6 +63,10 @@ def prepare_model(model: torch.nn.Module, *, channels_last: bool = True,
     return model
 
 
+_SCALES = ("divide 8-bit values by 255 and 16-bit ones by 65535; deblurcli.images.read_image "
+           "returns floats in [0, 1]")
+
+
 class DeblurPipeline:
     """Run a model over an image in overlapping, smoothly blended tiles.
 
@@ -138,10 +142,13 @@ class DeblurPipeline:
         if pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) array, got shape {pixels.shape}")
         if not np.issubdtype(pixels.dtype, np.floating):
-            raise ValueError(f"expected float values in [0, 1], got {pixels.dtype} (divide 8-bit "
-                             "pixels by 255; deblurcli.images.read_image returns floats)")
+            raise ValueError(f"expected float values in [0, 1], got {pixels.dtype} ({_SCALES})")
         if not np.isfinite(pixels).all():
             raise ValueError("the image holds NaN or infinite values")
+        top = float(pixels.max(initial=0.0))
+        if top > 1.5:  # 0..255 or 0..65535 floats: the model would see a white image
+            raise ValueError(f"expected float values in [0, 1], got values up to {top:g} "
+                             f"({_SCALES})")
         height, width = pixels.shape[:2]
         # 1. pad
         padded = pad_to_multiple(np.asarray(pixels, dtype=np.float32))
