@@ -539,3 +539,17 @@ def test_integer_pixels_are_refused_by_the_writer(tmp_path):
     with pytest.raises(ValueError, match="alpha must be floats"):
         write_image(tmp_path / "o.png", photo / 255.0, alpha=np.ones((4, 4), np.uint16))
     assert not (tmp_path / "o.png").exists()
+
+
+def test_write_image_like_the_photo_read_keeps_what_it_held(tmp_path):
+    """The README's library example wrote a 16-bit grey photo with alpha as 8-bit opaque RGB:
+    `like=image` gives the writer what read_image found; options given still win."""
+    rng = np.random.default_rng(1)
+    write_image(tmp_path / "in.png", rng.random((6, 8, 3), dtype=np.float32),
+                alpha=rng.random((6, 8), dtype=np.float32), grayscale=True, bit_depth=16)
+    image = read_image(tmp_path / "in.png")
+    write_image(tmp_path / "out.png", 1 - image.pixels, like=image)
+    out = read_image(tmp_path / "out.png")
+    assert out.bit_depth == 16 and out.grayscale and np.allclose(out.alpha, image.alpha)
+    write_image(tmp_path / "eight.png", image.pixels, like=image, bit_depth=8)
+    assert read_image(tmp_path / "eight.png").bit_depth == 8

@@ -930,14 +930,20 @@ def _png16_grey_alpha(arr: np.ndarray) -> bytes:
     )
 
 
-def write_image(path: PathLike, pixels: np.ndarray, *,
+def write_image(path: PathLike, pixels: np.ndarray, *, like: ImageData | None = None,
                 before_replace: Callable[[Path], None] | None = None, **options: Any) -> None:
     """Write float pixels in ``[0, 1]`` to ``path`` atomically; the suffix picks the format
     (``.png .jpg .jpeg .tif .tiff .webp .bmp``). Parent folders are created.
 
     ``options`` are :func:`encode_image`'s (``alpha``, ``grayscale``, ``bit_depth``, ``quality``,
-    ``compress_level``, ``metadata``); ``before_replace`` is :func:`atomic_write`'s.
+    ``compress_level``, ``metadata``); ``like``, the :class:`ImageData` the pixels were made
+    from, gives the ones not given (its alpha, grey-ness, bit depth and metadata), so that
+    ``write_image(out, pipe(image.pixels), like=image)`` writes the photo back as it came.
+    ``before_replace`` is :func:`atomic_write`'s.
     """
+    if like is not None:
+        options = {"alpha": like.alpha, "grayscale": like.grayscale,
+                   "bit_depth": like.bit_depth, "metadata": like.metadata, **options}
     path = Path(path)
     fmt = _FORMAT_BY_SUFFIX.get(path.suffix.lower())
     if fmt is None:
