@@ -301,3 +301,21 @@ def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     with pytest.raises(WeightsError, match="model folder not found: runs/model"):
         load_model_folder("runs/model")
+
+
+def test_the_library_takes_device_names_as_the_cli_does(tiny_model_folder):
+    """device="auto" (the CLI's default) failed with a raw torch error in load_model_folder and
+    DeblurPipeline; "cuda" on a machine without one gave torch's driver message."""
+    import torch
+
+    from deblurcli.device import resolve_device
+    from deblurcli.errors import DeblurcliError
+    from deblurcli.pipeline import DeblurPipeline
+
+    model = load_model_folder(tiny_model_folder, device="auto")
+    assert DeblurPipeline(model, device="auto").device == resolve_device("auto")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeblurcliError, match="device 'cuda' is not available"):
+            DeblurPipeline(model, device="cuda")
+        with pytest.raises(DeblurcliError, match="device 'cuda' is not available"):
+            load_model_folder(tiny_model_folder, device="cuda")

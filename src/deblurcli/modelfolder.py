@@ -231,7 +231,9 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
 
     Args:
         folder: the model folder (see the module docstring) or a hub id.
-        device, dtype: where and in which dtype the UNet (and by default the eVAE) runs.
+        device, dtype: where and in which dtype the UNet (and by default the eVAE) runs;
+            ``device`` as ``--device`` takes it (``"auto"``, ``"cpu"``, ``"cuda:1"``, ...) or a
+            ``torch.device``.
         gamma: dual-adapter blend weight in [0, 1] (ignored, with a ``warn`` note, for a folder
             whose adapters are already fused).
         fuse: merge the blend into the UNet weights (fast); ``False`` keeps LoRA layers live so
@@ -245,10 +247,15 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
 
     Raises:
         WeightsError: missing/corrupt files, shape mismatches, or no default model installed.
+        DeblurcliError: ``device`` is unknown or not available on this machine.
+        ValueError: ``gamma`` outside [0, 1].
     """
+    from deblurcli.device import resolve_device
     from deblurcli.models.onestep import OneStepDenoiser
     from deblurcli.models.osdd import OSDDModel
 
+    if isinstance(device, str):
+        device = resolve_device(device)
     folder = resolve_model(folder, offline=offline)
     evae, unet, prompt, record = load_components(folder, verify=verify)
     fused_gamma = record.get("fused_gamma")

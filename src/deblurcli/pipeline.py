@@ -87,7 +87,8 @@ class DeblurPipeline:
             :class:`~deblurcli.models.osdd.OSDDModel`, or a plain function in tests); an array
             model (``model.takes_arrays`` true) gets and returns C-contiguous float32 numpy
             arrays instead of tensors, and ignores ``device``, ``dtype`` and ``channels_last``.
-        device: where input tensors are sent (the model must already live there).
+        device: where input tensors are sent (the model must already live there): a
+            ``torch.device`` or a name as ``--device`` takes it (``"auto"``, ``"cuda:1"``, ...).
         dtype: dtype of the input tensors (the dtype of the model's first layer, i.e. of the VAE;
             default float32).
         tile: tile side in pixels (rounded up to a multiple of 8); 0 = the whole image at once.
@@ -124,7 +125,9 @@ class DeblurPipeline:
             return
         import torch
 
-        self.device = torch.device(device)
+        from deblurcli.device import resolve_device
+
+        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.dtype = dtype if dtype is not None else torch.float32
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
