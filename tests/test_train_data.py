@@ -133,3 +133,12 @@ def test_on_the_fly_sources(tmp_path: Path) -> None:
     blur, sharp = dt.load_item(items[0], np.random.default_rng(0))
     np.testing.assert_allclose(sharp, np.roll(photo, 2, axis=1), atol=1 / 255)
     assert np.abs(blur - sharp).mean() > 1e-3
+
+
+def test_a_folder_of_pairs_is_no_folder_of_sharp_photos(pairs: Path) -> None:
+    """--sharp-photos pairs/ trained on every image below it, the blurred ones as sharp
+    targets, without a word."""
+    with pytest.raises(dt.DatasetError, match="holds pairs of blurred and sharp images \\(a "
+                                              "synth layout\\): give them as --data"):
+        dt.discover(sharp_photos=str(pairs))
+    assert dt.discover(sharp_photos=str(pairs / "sharp"))[0]  # its sharp half is fine

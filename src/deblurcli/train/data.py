@@ -161,6 +161,14 @@ def sharp_photo_items(folder: str | Path) -> list[SharpItem]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"the sharp-photo folder {folder} does not exist")
+    try:
+        layout = detect_layout(folder)
+    except DatasetError:
+        layout = None
+    if layout in ("synth", "gopro"):  # its blurred images would be trained on as sharp ones
+        raise DatasetError(f"--sharp-photos {folder} holds pairs of blurred and sharp images "
+                           f"(a {layout} layout): give them as --data {folder}, or a folder of "
+                           "sharp photos only")
     return [SharpItem(p) for p in _images(folder)]
 
 
