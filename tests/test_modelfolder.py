@@ -319,3 +319,28 @@ def test_the_library_takes_device_names_as_the_cli_does(tiny_model_folder):
             DeblurPipeline(model, device="cuda")
         with pytest.raises(DeblurcliError, match="device 'cuda' is not available"):
             load_model_folder(tiny_model_folder, device="cuda")
+
+
+def test_a_training_run_given_as_a_model_folder_names_its_model(tiny_model_folder, tmp_path):
+    """deblur/eval/blend --weights RUN and train-diffusion --init RUN said only "not a deblurcli
+    model folder (missing model_index.json)" or "missing weights file"."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from deblurcli.cli.app import app
+
+    import numpy as np
+
+    from deblurcli.images import write_image
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_folder, run / "model")
+    write_image(tmp_path / "photo.png", np.zeros((8, 8, 3), np.float32))
+    words = f"{run} is a training run, not a model folder: its model is {run / 'model'}"
+    for args in (["deblur", str(tmp_path / "photo.png"), str(tmp_path / "o"), "-w", str(run)],
+                 ["blend", "-w", str(run), "-g", "0.5", "-o", str(tmp_path / "b.safetensors")]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1 and words in " ".join(result.output.split()), args
+    with pytest.raises(WeightsError, match="is a training run"):
+        load_model_folder(run)

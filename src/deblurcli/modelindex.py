@@ -94,6 +94,9 @@ def read_model_index(folder: PathLike) -> dict[str, Any]:
             raise WeightsError(f"{folder} is a model folder of an early development version "
                                "of deblurcli, before the diffusers format; retrain or re-export "
                                "it with this version")
+        if (folder / "model" / INDEX_FILE).is_file():  # train-diffusion's -o, the run
+            raise WeightsError(f"{folder} is a training run, not a model folder: its model is "
+                               f"{folder / 'model'}")
         raise WeightsError(f"{folder} is not a deblurcli model folder (missing {INDEX_FILE})")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))

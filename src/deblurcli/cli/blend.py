@@ -97,8 +97,9 @@ def _fuse(lora_real: Path | None, lora_synthetic: Path | None, gamma: float, out
 def _blend_files(lora_real: Path | None, lora_synthetic: Path | None, gamma: float,
                  output: Path, weights: Path | None, fp16: bool, force: bool) -> None:
     if lora_real is None and weights is not None:
-        from deblurcli.modelfolder import lora_file
+        from deblurcli.modelfolder import lora_file, read_model_index
 
+        read_model_index(weights)  # a model folder (not a training run, ...), or one line why
         lora_real, lora_synthetic = weights / lora_file("real"), weights / lora_file("synthetic")
     elif lora_real is None or lora_synthetic is None:
         raise typer.BadParameter("give two adapter files (LORA_REAL LORA_SYNTH) or --weights DIR")
