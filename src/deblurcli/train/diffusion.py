@@ -166,9 +166,16 @@ def missing_training_state(config: DiffusionTrainConfig) -> str | None:
 
     if not config.init or config.resume or (config.latent_weight <= 0 and config.lambda2 <= 0):
         return None
+    from deblurcli.errors import WeightsError
+    from deblurcli.modelindex import RECORD_KEY, read_model_index
     from deblurcli.train.vae import evae_folder
 
     folder = Path(config.init)
+    try:
+        if read_model_index(folder)[RECORD_KEY].get("fused_gamma") is not None:
+            return None  # no adapters to train on: loading it says so, alone
+    except WeightsError:
+        return None  # not a model folder: loading it says what is wrong
     evae_config = evae_folder(config.evae) / "config.json" if config.evae else \
         folder / "evae" / "config.json"  # --evae replaces the folder's eVAE
     try:
