@@ -60,10 +60,12 @@ def test_a_hub_id_is_read_from_the_local_cache(hub_cache):
     assert _same(load_part(AutoencoderKL, "acme/tiny-vae", "vae", "VAE"), vae)
 
 
-def test_a_hub_id_that_is_not_cached_says_how_to_fetch_it(hub_cache):
+def test_a_hub_id_that_is_not_cached_says_how_to_fetch_it(hub_cache, recwarn):
     with pytest.raises(WeightsError, match="hf download acme/absent") as info:
         load_part(UNet2DConditionModel, "acme/absent", "unet", "UNet")
     assert "\n" not in str(info.value)
+    # and only that: diffusers' deprecated huggingface_hub argument was warned about first
+    assert not [w for w in recwarn if "local_dir_use_symlinks" in str(w.message)]
 
 
 def test_the_fetch_command_is_one_the_installed_huggingface_hub_ships():

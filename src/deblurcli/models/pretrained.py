@@ -76,8 +76,16 @@ def looks_like_hub_id(text: str) -> bool:
 
 
 def _load(cls: type, name: str, kwargs: dict, what: str, where: str) -> nn.Module:
+    import warnings
+
     try:
-        return cls.from_pretrained(name, local_files_only=True, use_safetensors=True, **kwargs)
+        with warnings.catch_warnings():
+            # diffusers passes huggingface_hub an argument it has deprecated: its warning,
+            # printed before this function's own error line, says nothing to the user
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks",
+                                    category=UserWarning)
+            return cls.from_pretrained(name, local_files_only=True, use_safetensors=True,
+                                       **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         reason = " ".join(str(exc).split())
         if len(reason) > 300:
