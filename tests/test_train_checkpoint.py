@@ -145,6 +145,11 @@ def test_what_shapes_the_model_cannot_change_on_resume(tmp_path: Path) -> None:
                               {"resume": str(step), "lora_rank": 2, "max_steps": 9,
                                "output": str(tmp_path)})
     assert (same.lora_rank, same.adapter, same.max_steps) == (2, "real", 9)
+    # a value the run never had is said so, not as "None"
+    (step / "config.json").write_text(json.dumps({**saved, "lora_rank": None}))
+    with pytest.raises(DeblurcliError, match="\\(it was not given, the checkpoint's model"):
+        cfg.resolve_config(cfg.DiffusionTrainConfig, None,
+                           {"resume": str(step), "output": str(tmp_path), "lora_rank": 8})
 
 
 def test_checkpoint_files_and_folder_are_flushed_to_disk(tmp_path: Path, monkeypatch) -> None:

@@ -142,3 +142,13 @@ def test_a_folder_of_pairs_is_no_folder_of_sharp_photos(pairs: Path) -> None:
                                               "synth layout\\): give them as --data"):
         dt.discover(sharp_photos=str(pairs))
     assert dt.discover(sharp_photos=str(pairs / "sharp"))[0]  # its sharp half is fine
+
+
+def test_a_missing_validation_set_names_its_flag(pairs: Path, tmp_path: Path) -> None:
+    """"dataset nope does not exist" did not say which of the run's paths it was."""
+    from deblurcli.train import engine
+    from deblurcli.train.config import DiffusionTrainConfig
+
+    config = DiffusionTrainConfig(data=str(pairs), val_data=str(tmp_path / "nope"), cpu=True)
+    with pytest.raises(dt.DatasetError, match="^--val-data: dataset .*nope does not exist"):
+        engine.build_data(config, world=1)

@@ -370,9 +370,10 @@ def resolve_config(cls: type[C], config_file: str | None = None,
     for key in FIXED_ON_RESUME:
         if key in given and key in merged and given[key] != merged[key]:
             flag = key.replace("_", "-")
-            raise DeblurcliError(f"--{flag} cannot change when a run resumes (it was "
-                                 f"{merged[key]!r}, the checkpoint's model is built that way); "
-                                 f"leave --{flag} out, or start a new run with --init")
+            was = "not given" if merged[key] is None else repr(merged[key])
+            raise DeblurcliError(f"--{flag} cannot change when a run resumes (it was {was}, the "
+                                 "checkpoint's model is built that way); leave --"
+                                 f"{flag} out, or start a new run with --init")
     merged.update(given)
     merged["resume"] = str(path)
     return cls(**merged)

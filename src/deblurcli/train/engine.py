@@ -154,8 +154,11 @@ def build_data(config: CommonConfig, *, world: int = 1,
     main = [it for it in items if not isinstance(it, dt.FramesItem)]
     if config.val_data:
         # a GoPro root given as --val-data is read from its test split
-        val_items, val_problems = dt.discover(data=config.val_data, layout="auto", split="test",
-                                              data_root=config.data_root)
+        try:
+            val_items, val_problems = dt.discover(data=config.val_data, layout="auto",
+                                                  split="test", data_root=config.data_root)
+        except dt.DatasetError as exc:
+            raise dt.DatasetError(f"--val-data: {exc}") from None
         dt.validate_items(val_items, val_problems, source=f"validation set {config.val_data}")
     elif main:
         main, val_items = dt.split_validation(main, config.val_count, config.seed)
