@@ -223,3 +223,12 @@ def test_dry_run_lists_the_plan_and_touches_nothing(photos, tmp_path):
     (tmp_path / "a-file").write_text("")
     unwritable = run(photos, tmp_path / "a-file" / "out", "--dry-run")  # as a run would stop
     assert unwritable.exit_code == 1 and "a-file" in unwritable.output
+
+
+def test_quiet_leaves_out_the_progress_lines_only(photos, tiny_model_folder, tmp_path):
+    """train-* and eval took -q; deblur did not."""
+    loud = run(photos / "rgb.png", tmp_path / "a", "--weights", tiny_model_folder)
+    quiet = run(photos / "rgb.png", tmp_path / "b", "--weights", tiny_model_folder, "-q")
+    assert loud.exit_code == quiet.exit_code == 0
+    assert "images 1/1" in loud.stderr and "images" not in quiet.stderr
+    assert "processed 1" in quiet.stdout and "deblurring 1 file(s)" in quiet.stderr

@@ -115,6 +115,9 @@ def deblur(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", "-n", help="List what would be written, skipped or fail, and stop: no "
         "model is loaded, nothing is written.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress bars (notes, warnings and the summary stay).")]
+    = False,
 ) -> None:
     """Remove motion blur from a photo or a folder of photos."""
     if gamma is not None and not 0.0 <= gamma <= 1.0:
@@ -167,7 +170,7 @@ def deblur(
     _run(input_path, output, options, gamma=gamma, weights=weights, lora=lora,
          fuse=not no_fuse, tile=tile, overlap=tile_overlap, batch_size=batch_size,
          device_name=device, dtype_name=dtype_name, vae_fp32=vae_fp32, threads=threads,
-         compile_model=compile_model, color_fix=color_fix, backend=backend)
+         compile_model=compile_model, color_fix=color_fix, backend=backend, quiet=quiet)
 
 
 def _dry_run(input_path: Path, output: Path, options) -> None:
@@ -202,7 +205,8 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
          lora: Optional[Path] = None,
          batch_size: Optional[int],
          device_name: str, dtype_name: str, vae_fp32: bool, threads: int,
-         compile_model: bool = False, color_fix: float = 0.0, backend: str = "auto") -> None:
+         compile_model: bool = False, color_fix: float = 0.0, backend: str = "auto",
+         quiet: bool = False) -> None:
     from rich.markup import escape
 
     from deblurcli.batch import check_output_folder, needs_processing, plan_jobs, run_jobs
@@ -295,7 +299,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
     # without a terminal (a log, CI) rich_progress prints a plain line every ~10 s instead
     with rich_progress(err, labels={"images": "images", "frames": "frames", "tiles": "tiles"},
                        unit={"images": "img", "frames": "frame", "tiles": "tile"},
-                       enabled=group is None or group.is_main) as progress:
+                       enabled=not quiet and (group is None or group.is_main)) as progress:
         split = []
         for job in videos:  # the same result on every process: the main one prints it
             split.append(deblur_video_split(group, job, pipeline, options, progress=progress))
