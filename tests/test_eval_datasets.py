@@ -190,7 +190,8 @@ def test_synth_layout_and_option_errors(tmp_path):
     out = tmp_path / "pairs"
     write_image(out / "blur" / "p0.png", _crop(0, 16, 16))
     write_image(out / "sharp" / "p0.png", _crop(0, 16, 16))
-    assert len(build_set("synth", out, None, None)) == 1
+    synth = build_set("synth", out, None, None)
+    assert len(synth) == 1 and synth.name == "synth"  # it was reported as "folders"
     assert len(build_set(None, None, out / "blur", out / "sharp")) == 1
     no_ref = build_set(None, None, out / "blur", None)
     assert not no_ref.has_reference and no_ref.name == "no-reference"

@@ -187,7 +187,7 @@ def build_set(dataset: str | None, root: Path | None, blur: Path | None,
         if dataset in ("realblur-j", "realblur-r"):
             return realblur_set(root, dataset[-1])
         if dataset == "synth":
-            return folder_set(root / "blur", root / "sharp")
+            return EvalSet("synth", folder_set(root / "blur", root / "sharp").pairs)
         raise DatasetError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASET_CHOICES)}")
     if blur is None:
         if sharp is not None:
