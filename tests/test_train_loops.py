@@ -691,3 +691,18 @@ def test_an_adapter_alone_is_not_trained_on_a_preset(pairs: Path, tmp_path: Path
         train_diffusion(DiffusionTrainConfig(data=str(pairs), output=str(tmp_path / "r"),
                                              max_steps=1, adapter="real", **FAST))
     assert not (tmp_path / "r").exists()
+
+
+def test_a_new_run_into_a_finished_one_is_refused(pairs: Path, tmp_path: Path) -> None:
+    """Without checkpoints left, a second run replaced the first one's model and log and mixed
+    its validation images with the new ones, silently."""
+    from deblurcli.errors import DeblurcliError
+
+    run = tmp_path / "run"
+    config = VaeTrainConfig(data=str(pairs), output=str(run), max_steps=1, **FAST)
+    train_vae(config)
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    before = (run / "train_log.csv").read_bytes()
+    with pytest.raises(DeblurcliError, match="already holds a run \\(model, train_log.csv\\)"):
+        train_vae(config)
+    assert (run / "train_log.csv").read_bytes() == before

@@ -325,6 +325,12 @@ def prepare_output(config: CommonConfig) -> tuple[Path, ckpt.Checkpoint | None]:
     if state is None and ckpt.list_checkpoints(output):
         raise DeblurcliError(f"{output} already holds checkpoints; continue with --resume latest "
                              "or choose another --output")
+    earlier = [name for name in ("model", "train_log.csv") if (output / name).exists()]
+    # (the main process only: under a launcher it may have begun writing the log already)
+    if state is None and earlier and os.environ.get("RANK", "0") == "0":
+        # its model and log would be replaced, its validation images mixed in
+        raise DeblurcliError(f"{output} already holds a run ({', '.join(earlier)}); choose "
+                             "another --output, or delete that one first")
     return output, state
 
 
