@@ -314,6 +314,9 @@ def test_the_library_takes_device_names_as_the_cli_does(tiny_model_folder):
 
     model = load_model_folder(tiny_model_folder, device="auto")
     assert DeblurPipeline(model, device="auto").device == resolve_device("auto")
+    # other names torch reads stay torch's
+    assert DeblurPipeline(model, device="cpu:0").device == torch.device("cpu:0")
+    assert DeblurPipeline(model, device="meta").device.type == "meta"
     if not torch.cuda.is_available():
         with pytest.raises(DeblurcliError, match="device 'cuda' is not available"):
             DeblurPipeline(model, device="cuda")
@@ -344,3 +347,11 @@ def test_a_training_run_given_as_a_model_folder_names_its_model(tiny_model_folde
         assert result.exit_code == 1 and words in " ".join(result.output.split()), args
     with pytest.raises(WeightsError, match="is a training run"):
         load_model_folder(run)
+    # a folder of the two adapter files alone still blends
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    for name in ("lora_real.safetensors", "lora_synthetic.safetensors"):
+        shutil.copyfile(tiny_model_folder / name, adapters / name)
+    result = CliRunner().invoke(app, ["blend", "-w", str(adapters), "-g", "0.5", "-o",
+                                      str(tmp_path / "b.safetensors")])
+    assert result.exit_code == 0, result.output

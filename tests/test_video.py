@@ -555,6 +555,10 @@ def test_a_truncated_video_fails_rather_than_passing_for_whole(tmp_path, suffix)
         deblur_segment(cut, tmp_path / "out" / cut.name, lambda x, p: x, 1, plan_spans(clip, 2)[1])
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     assert deblur_video(clip, tmp_path / "out" / clip.name, lambda x, p: x) == 60
+    # bytes a tool appended (a caption, a log) are no part of the container
+    trailer = tmp_path / f"trailer{suffix}"
+    trailer.write_bytes(data + b"Recorded with MyCam v1.2 serial 12345\n")
+    assert deblur_video(trailer, tmp_path / "out" / trailer.name, lambda x, p: x) == 60
     # held last frame, late start: still whole
     held = tmp_path / f"held{suffix}"
     with av.open(str(held), "w") as c:

@@ -51,6 +51,21 @@ def check_device_name(name: str) -> str:
     return norm
 
 
+def torch_device(device: str | torch.device) -> torch.device:
+    """A library caller's ``device``: a name ``--device`` takes (``auto``, ``cuda:1``, ...)
+    resolved as :func:`resolve_device` does it, any other name or ``torch.device`` as torch
+    reads it (``cpu:0``, ``xpu``, ``meta``)."""
+    import torch
+
+    if isinstance(device, str):
+        try:
+            check_device_name(device)
+        except ValueError:
+            return torch.device(device)
+        return resolve_device(device)
+    return torch.device(device)
+
+
 def surely_cpu(name: str) -> bool:
     """True when ``--device name`` can only be the CPU on this machine, decided without torch:
     ``cpu``, or ``auto`` on Linux with none of :data:`GPU_DEVICE_FILES` (torch would find no

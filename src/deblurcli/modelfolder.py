@@ -250,12 +250,11 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
         DeblurcliError: ``device`` is unknown or not available on this machine.
         ValueError: ``gamma`` outside [0, 1].
     """
-    from deblurcli.device import resolve_device
+    from deblurcli.device import torch_device
     from deblurcli.models.onestep import OneStepDenoiser
     from deblurcli.models.osdd import OSDDModel
 
-    if isinstance(device, str):
-        device = resolve_device(device)
+    device = torch_device(device)
     folder = resolve_model(folder, offline=offline)
     evae, unet, prompt, record = load_components(folder, verify=verify)
     fused_gamma = record.get("fused_gamma")

@@ -125,9 +125,9 @@ class DeblurPipeline:
             return
         import torch
 
-        from deblurcli.device import resolve_device
+        from deblurcli.device import torch_device
 
-        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        self.device = torch_device(device)
         self.dtype = dtype if dtype is not None else torch.float32
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 

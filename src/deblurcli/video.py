@@ -239,12 +239,20 @@ def probe_video(path: Path) -> VideoInfo:
                          audio_streams=len(container.streams.audio))
 
 
+#: top-level boxes of MP4 and QuickTime files: a box of another type after them is bytes a tool
+#: appended (a log, a caption), not part of the container
+_TOP_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"uuid", b"moof",
+                        b"mfra", b"sidx", b"ssix", b"styp", b"meta", b"pdin", b"prft", b"emsg",
+                        b"pnot", b"PICT", b"junk", b"udta"})
+
+
 def declared_size(path: Path) -> Optional[int]:
     """The size in bytes a video file's container states for itself: Matroska's and WebM's
     segment size, the end of the last top-level box of MP4 and MOV, the RIFF chunks of AVI; None
     where it states none (a live recording's unknown size, a box running to the end)."""
     with open_regular(path) as fh:
-        head = fh.read(12)
+        fd, total = fh.fileno(), os.fstat(fh.fileno()).st_size
+        head = os.pread(fd, 12, 0)
         if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: its header, then the Segment
             fh.seek(4)
             size = _ebml_size(fh)
@@ -255,32 +263,29 @@ def declared_size(path: Path) -> Optional[int]:
                 return None
             size = _ebml_size(fh)
             return None if size is None else fh.tell() + size
-        if head[:4] == b"RIFF" or head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide",
-                                                b"skip"):
-            riff = head[:4] == b"RIFF"
-            end, total = 0, os.fstat(fh.fileno()).st_size
-            while end < total:  # top-level boxes / RIFF chunks, each sized in its header
-                fh.seek(end)
-                header = fh.read(16)
-                if len(header) < 8:
+        riff = head[:4] == b"RIFF"
+        if not riff and head[4:8] not in _TOP_BOXES:
+            return None
+        end = 0
+        while end < total:  # top-level boxes / RIFF chunks, each sized in its header
+            header = os.pread(fd, 16, end)  # unbuffered: a long fragmented file has many
+            if len(header) < 8:
+                return None
+            if header[:4] != b"RIFF" if riff else header[4:8] not in _TOP_BOXES:
+                return end  # bytes after the last chunk or box: not the container's
+            if riff:
+                size = 8 + int.from_bytes(header[4:8], "little")
+                size += size % 2  # chunks are word-aligned
+            else:
+                size = int.from_bytes(header[:4], "big")
+                if size == 1 and len(header) == 16:
+                    size = int.from_bytes(header[8:16], "big")
+                elif size == 0:  # to the end of the file
                     return None
-                if header[:4] != b"RIFF" if riff else not all(32 <= b < 127
-                                                              for b in header[4:8]):
-                    return end  # bytes after the last chunk or box: not the container's
-                if riff:
-                    size = 8 + int.from_bytes(header[4:8], "little")
-                    size += size % 2  # chunks are word-aligned
-                else:
-                    size = int.from_bytes(header[:4], "big")
-                    if size == 1 and len(header) == 16:
-                        size = int.from_bytes(header[8:16], "big")
-                    elif size == 0:  # to the end of the file
-                        return None
-                    if size < 8:
-                        return None
-                end += size
-            return end
-    return None
+                if size < 8:
+                    return None
+            end += size
+        return end
 
 
 def _ebml_size(fh: Any) -> Optional[int]:

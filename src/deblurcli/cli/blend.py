@@ -99,8 +99,9 @@ def _blend_files(lora_real: Path | None, lora_synthetic: Path | None, gamma: flo
     if lora_real is None and weights is not None:
         from deblurcli.modelfolder import lora_file, read_model_index
 
-        read_model_index(weights)  # a model folder (not a training run, ...), or one line why
         lora_real, lora_synthetic = weights / lora_file("real"), weights / lora_file("synthetic")
+        if not lora_real.is_file():  # a training run, ...: one line on what the folder is
+            read_model_index(weights)
     elif lora_real is None or lora_synthetic is None:
         raise typer.BadParameter("give two adapter files (LORA_REAL LORA_SYNTH) or --weights DIR")
     elif weights is not None:
