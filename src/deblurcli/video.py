@@ -69,6 +69,15 @@ _AUTO_WEBM = ("libvpx-vp9", "libsvtav1", "libvpx")
 _CRF_CODECS = {"libx264": {}, "libx264rgb": {}, "libx265": {"x265-params": "log-level=error"},
                "libvpx-vp9": {"b": "0"}, "libvpx": {"b": "0"}, "libsvtav1": {}}
 _CRF_MAX = {"libvpx-vp9": 63, "libvpx": 63, "libsvtav1": 63}
+# encoders without a rate factor that take a fixed quantiser instead (FFmpeg's default for them
+# is a 200 kb/s bit rate, far below --crf 18's quality)
+_QSCALE_CODECS = ("mpeg4", "mjpeg")
+
+
+def quantiser(crf: int) -> int:
+    """The fixed quantiser (2..31, lower is better) MPEG-4 Part 2 and MJPEG get for ``--crf``:
+    crf / 6, so 18 gives 3, close to x264's quality at 18."""
+    return min(31, max(2, round(crf / 6)))
 
 DeblurFn = Callable[[np.ndarray, Optional[ProgressFn]], np.ndarray]
 
@@ -149,7 +158,8 @@ def available_codecs() -> list[str]:
 
 def check_crf(codec: str, crf: int) -> None:
     """``crf`` must be in 0..51 (x264/x265) or 0..63 (VP9, VP8, AV1); raises ``ValueError``.
-    Encoders without a constant rate factor (mpeg4, ffv1, ...) ignore it: any value passes."""
+    Encoders without a constant rate factor pass any value: MPEG-4 Part 2 and MJPEG take it as
+    a quantiser (:func:`quantiser`), lossless ones (ffv1) ignore it."""
     if codec not in _CRF_CODECS:
         return
     top = _CRF_MAX.get(codec, 51)
@@ -728,6 +738,9 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
         options = {}
         if codec_name in _CRF_CODECS:
             options = {"crf": str(crf), **_CRF_CODECS[codec_name]}
+        elif codec_name in _QSCALE_CODECS:
+            q = str(quantiser(crf))
+            options = {"flags": "+qscale", "qmin": q, "qmax": q}
         if muxer == "avi" or codec_name == "libx265" and total is not None and total < 3:
             # AVI stores no presentation times: frames reordered for B-frames come out in
             # decoding order, their times shifted. x265 with B-frames gives the first packet of
