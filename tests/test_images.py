@@ -553,3 +553,21 @@ def test_write_image_like_the_photo_read_keeps_what_it_held(tmp_path):
     assert out.bit_depth == 16 and out.grayscale and np.allclose(out.alpha, image.alpha)
     write_image(tmp_path / "eight.png", image.pixels, like=image, bit_depth=8)
     assert read_image(tmp_path / "eight.png").bit_depth == 8
+
+
+def test_float_samples_outside_0_1_or_nan_are_refused_not_clipped(tmp_path):
+    """A float TIFF of 0..255 values was clipped to white without a word (eval scored it
+    3.4 dB, synth wrote white pairs), and NaN became 0. Slight overshoots are still clipped."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tmp_path / "scaled.tif", (rng.random((8, 8, 3)) * 255).astype(np.float32))
+    with pytest.raises(ImageReadError, match="float samples span 0..25[0-9.]+, not 0..1"):
+        read_image(tmp_path / "scaled.tif")
+    holed = rng.random((8, 8, 3)).astype(np.float32)
+    holed[2, 2, 1] = np.nan
+    tifffile.imwrite(tmp_path / "holed.tif", holed)
+    with pytest.raises(ImageReadError, match="NaN or infinite"):
+        read_image(tmp_path / "holed.tif")
+    tifffile.imwrite(tmp_path / "over.tif", (rng.random((8, 8, 3)) * 1.2).astype(np.float32))
+    assert read_image(tmp_path / "over.tif").pixels.max() == 1.0

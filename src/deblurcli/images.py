@@ -423,6 +423,10 @@ def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
     return array
 
 
+class SampleError(ValueError):
+    """Samples deblurcli cannot take as they are (float values far outside 0..1, NaN)."""
+
+
 def _to_unit_float(arr: np.ndarray) -> tuple[np.ndarray, int]:
     """Integer/float samples -> float32 in [0, 1] and the bit depth to write back (8 or 16).
 
@@ -436,7 +440,15 @@ def _to_unit_float(arr: np.ndarray) -> tuple[np.ndarray, int]:
         out = arr.astype(np.float32)
         return np.divide(out, np.float32(65535.0), out=out), 16
     if np.issubdtype(arr.dtype, np.floating):
-        return np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0), 16
+        out = arr.astype(np.float32)
+        if not np.isfinite(out).all():
+            raise SampleError("its float samples hold NaN or infinite values")
+        low, high = float(out.min(initial=0.0)), float(out.max(initial=0.0))
+        if low < -0.5 or high > 1.5:  # 0..255 floats, or HDR: it would be clipped to white
+            raise SampleError(f"its float samples span {low:g}..{high:g}, not 0..1 (deblurcli "
+                              "reads float images as 0..1: scale it, or save it with 16-bit "
+                              "integers)")
+        return np.clip(out, 0.0, 1.0, out=out), 16
     if np.issubdtype(arr.dtype, np.integer):  # e.g. Pillow mode "I" (16-bit grey PNG) or int32 TIFF
         top = 65535.0 if arr.max(initial=0) <= 65535 else float(np.iinfo(arr.dtype).max)
         return np.clip(arr.astype(np.float64) / top, 0.0, 1.0).astype(np.float32), 16
@@ -720,6 +732,8 @@ def read_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
             return _read_pillow(data, fmt, path, max_pixels)
         except ImageReadError:
             raise
+        except SampleError as exc:
+            raise ImageReadError(f"cannot read {path}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - decoders raise many kinds of errors
             raise ImageReadError(
                 f"cannot read {path}: corrupt or unsupported {fmt.upper()} ({_reason(exc, fmt)})"
