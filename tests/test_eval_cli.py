@@ -215,6 +215,30 @@ def test_sweep_plot_and_summary_keys(tmp_path):
     assert summary["input"]["lpips"] == 0.3
     assert not plot_sweep(tmp_path / "none.png", EvalResult("x", 1, ["psnr"], "cpu",
                                                             [_row("gamma=1", 1.0, 30, 0.1)]))
+    # a later run without a sweep into the same folder leaves no figure of the earlier one
+    write_outputs(tmp_path, EvalResult("gopro", 1, ["psnr"], "cpu", [_row("input", None, 25.0,
+                                                                        0.3)]))
+    assert not png.exists()
+
+
+def test_the_summary_says_what_each_mean_covers(folders):
+    """SSIM could score 1 of 5 images (the others under its 11-px window): the JSON said
+    "ssim": 0.988 with n_images 5, and nothing said which versions made the numbers."""
+    small = folders / "small"
+    for name in ("a", "b"):
+        for kind in ("blur", "sharp"):
+            side = 40 if name == "a" else 8
+            write_image(small / kind / f"{name}.png", np.full((side, side, 3), 0.5, np.float32))
+    out = folders / "report"
+    res = _eval("--blur", str(small / "blur"), "--sharp", str(small / "sharp"), "--metrics",
+                "psnr,ssim", "--device", "cpu", "--out", str(out), "-q")
+    assert res.exit_code == 0, res.output
+    assert "ssim needs images of at least 11x11 pixels" in " ".join(res.stderr.split())
+    assert "(1 of 2)" in res.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input"]["ssim_n"] == 1 and summary["input"]["psnr_n"] == 2
+    versions = summary["meta"]["versions"]
+    assert versions["deblurcli"] and versions["pyiqa"] and versions["torch"]
 
 
 def test_bad_model_folder_fails_before_scoring(folders, tmp_path):
@@ -252,3 +276,21 @@ def test_weights_has_the_same_short_flag_in_every_command():
     for name in ("deblur", "eval", "blend"):
         weights = next(p for p in commands[name].params if p.name == "weights")
         assert weights.opts == ["--weights", "-w"], name
+
+
+def test_an_alignment_that_stops_at_max_shift_is_said(folders):
+    """A pair 12 px apart scored with --max-shift 4 reported the shift of the search's edge and
+    a poor score, without a word."""
+    img = data.astronaut().astype(np.float32) / 255
+    shifted = folders / "shifted"
+    write_image(shifted / "sharp" / "a.png", img[100:196, 100:196])
+    write_image(shifted / "blur" / "a.png", img[100:196, 112:208])  # 12 px to the side
+    res = _eval("--blur", str(shifted / "blur"), "--sharp", str(shifted / "sharp"), "--metrics",
+                "psnr", "--align", "--max-shift", "4", "--device", "cpu", "-q")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.stderr.split())
+    assert "the alignment of 1 of 1 image(s) of input stopped at --max-shift 4" in text
+    assert "raise --max-shift" in text
+    wide = _eval("--blur", str(shifted / "blur"), "--sharp", str(shifted / "sharp"),
+                 "--metrics", "psnr", "--align", "--max-shift", "16", "--device", "cpu", "-q")
+    assert "--max-shift" not in wide.stderr

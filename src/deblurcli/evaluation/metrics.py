@@ -443,6 +443,11 @@ class Summary:
     mean: float
     n: int
     n_inf: int
+    n_scored: int = -1  # scores that are not nan (images the metric could score); -1: all n
+
+    def __post_init__(self) -> None:
+        if self.n_scored < 0:
+            object.__setattr__(self, "n_scored", self.n)
 
 
 def summarise(values: Sequence[float]) -> Summary:
@@ -450,7 +455,8 @@ def summarise(values: Sequence[float]) -> Summary:
     finite = [v for v in values if math.isfinite(v)]
     n_inf = sum(1 for v in values if math.isinf(v))
     mean = float(np.mean(np.asarray(finite, dtype=np.float64))) if finite else float("nan")
-    return Summary(mean=mean, n=len(values), n_inf=n_inf)
+    return Summary(mean=mean, n=len(values), n_inf=n_inf,
+                   n_scored=sum(1 for v in values if not math.isnan(v)))
 
 
 def fetch_metric_weights(names: Sequence[str], fetcher, weights_dir: Path | None = None,

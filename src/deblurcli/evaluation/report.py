@@ -42,7 +42,8 @@ def format_score(row: RowResult, name: str) -> str:
     """A table cell: mean with 4 significant decimals, plus the count of infinite scores."""
     s = row.summary[name]
     text = "n/a" if math.isnan(s.mean) else (f"{s.mean:.2f}" if name == "psnr" else f"{s.mean:.4f}")
-    return text + (f" (+{s.n_inf} inf)" if s.n_inf else "")
+    text += f" (+{s.n_inf} inf)" if s.n_inf else ""
+    return text + (f" ({s.n_scored} of {s.n})" if s.n_scored < s.n else "")
 
 
 def results_table(result: EvalResult):
@@ -77,6 +78,7 @@ def summary_dict(result: EvalResult, command: str | None = None,
             entry[name] = _num(s.mean)
             if s.n_inf:
                 entry[f"{name}_inf"] = s.n_inf
+            entry[f"{name}_n"] = s.n_scored  # the images it scored (its mean: the finite ones)
         entry.update(
             gamma=row.gamma,
             n_images=len(row.images),
@@ -95,11 +97,29 @@ def summary_dict(result: EvalResult, command: str | None = None,
         "y_channel": result.y_channel,
         "metrics": {n: {"kind": METRICS[n].kind, "lower_better": METRICS[n].lower_better}
                     for n in result.metrics},
-        "inf_handling": "means over finite values; <metric>_inf counts infinite scores",
+        "inf_handling": "means over finite values; <metric>_inf counts infinite scores, "
+                        "<metric>_n the images scored",
+        "versions": _versions(),
         "command": command,
         "args": args or {},
     }
     return out
+
+
+def _versions() -> dict[str, str | None]:
+    """The versions the scores depend on: deblurcli's, pyiqa's (LPIPS, NIQE, ... change with
+    it), torch's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from deblurcli._version import __version__
+
+    found: dict[str, str | None] = {"deblurcli": __version__}
+    for name in ("pyiqa", "torch"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -185,4 +205,7 @@ def write_outputs(out_dir: Path, result: EvalResult, command: str | None = None,
     write_json(written[1], summary_dict(result, command, args))
     if plot_sweep(out_dir / PLOT_NAME, result):
         written.append(out_dir / PLOT_NAME)
+    else:  # an earlier sweep's figure would sit beside these results as if it were theirs
+        with writing(out_dir / PLOT_NAME):
+            (out_dir / PLOT_NAME).unlink(missing_ok=True)
     return written

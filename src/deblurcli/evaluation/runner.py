@@ -151,8 +151,8 @@ def score_image(metrics: Sequence[Metric], pred: np.ndarray, ref: np.ndarray | N
     fr_pred, fr_ref = pred, ref
     if ref is not None:
         if pred.shape != ref.shape:
-            raise DatasetError(f"{key}: output is {pred.shape[1]}x{pred.shape[0]} but the ground "
-                               f"truth is {ref.shape[1]}x{ref.shape[0]}")
+            raise DatasetError(f"{key}: the image scored is {pred.shape[1]}x{pred.shape[0]} but "
+                               f"its ground truth is {ref.shape[1]}x{ref.shape[0]}")
         if align and any(m.spec.full_reference for m in metrics):
             aligned = align_to_reference(pred, ref, max_shift)
             fr_pred, fr_ref, shift = aligned.pred, aligned.ref, (aligned.dy, aligned.dx)
@@ -172,12 +172,20 @@ def score_image(metrics: Sequence[Metric], pred: np.ndarray, ref: np.ndarray | N
 
 
 def _finish_row(row: RowResult, names: Sequence[str], score_seconds: float, device,
-                failures: dict[str, list[tuple[str, str]]], warn: WarnFn | None) -> RowResult:
+                failures: dict[str, list[tuple[str, str]]], warn: WarnFn | None,
+                max_shift: int | None = None) -> RowResult:
     for name, failed in failures.items():
         if warn is not None:
             key, reason = failed[0]
             warn(f"{name} could not score {len(failed)} of {len(row.images)} image(s) of "
                  f"{row.label} (e.g. {key}: {reason}); they are left out of its mean")
+    at_limit = [im for im in row.images if im.shift is not None and max_shift
+                and max(abs(im.shift[0]), abs(im.shift[1])) >= max_shift]
+    if at_limit and warn is not None:  # the best shift may lie beyond the search
+        first = at_limit[0]
+        warn(f"the alignment of {len(at_limit)} of {len(row.images)} image(s) of {row.label} "
+             f"stopped at --max-shift {max_shift} (e.g. {first.key}: dy={first.shift[0]}, "
+             f"dx={first.shift[1]}); their true shift may be larger: raise --max-shift")
     row.summary = {n: summarise([im.scores[n] for im in row.images]) for n in names}
     count = max(len(row.images), 1)
     row.score_seconds_per_image = score_seconds / count
@@ -228,7 +236,8 @@ def _score_files(label: str, eval_set: EvalSet, sources: Sequence[Path], metrics
                                       failures=failures))
         elapsed += time.perf_counter() - start
         report(progress, label, i + 1, total)
-    return _finish_row(row, [m.name for m in metrics], elapsed, device, failures, warn)
+    return _finish_row(row, [m.name for m in metrics], elapsed, device, failures, warn,
+                       max_shift=config.max_shift)
 
 
 def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None):
@@ -304,7 +313,8 @@ def _model_rows(eval_set: EvalSet, metrics: Sequence[Metric], config: EvalConfig
             score.model_seconds = model_seconds
             row.images.append(score)
             report(progress, label, i + 1, total)
-        rows.append(_finish_row(row, [m.name for m in metrics], scoring, device, failures, warn))
+        rows.append(_finish_row(row, [m.name for m in metrics], scoring, device, failures, warn,
+                                max_shift=config.max_shift))
         del pipe, model
     return rows
 
