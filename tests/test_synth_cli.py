@@ -158,6 +158,14 @@ def test_bad_inputs(tmp_path, monkeypatch):
     assert (
         "wrote 1 pairs" in res.stdout and "broken.png" in res.stdout and "broken.png" in res.stderr
     )
+    # a truncated file whose header reads: its crops were planned, and the count looked short
+    whole = tmp_path / "data" / "CUT" / "whole.png"
+    write_image(whole, data.astronaut()[:80, :80] / 255.0)
+    (whole.parent / "cut.png").write_bytes(whole.read_bytes()[:200])
+    res = _synth("--src", "CUT", "--out", "o3", "--crop", "40")
+    assert res.exit_code == 0, res.output
+    assert "(0 already done, 8 planned, 4 not written: their inputs are skipped below)" in \
+        " ".join(res.stdout.split())
 
 
 def test_frames_mode(tmp_path):

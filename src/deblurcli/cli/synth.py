@@ -176,10 +176,12 @@ def synth(
         result = run_synth(cfg, progress=progress, warn=lambda msg: warn(err, msg))
 
     con = stdout_console()
+    missing = result.planned - result.written - result.already_done
+    lost = f", {missing} not written: their inputs are skipped below" if missing > 0 else ""
     con.print(
         f"synth ({result.mode} mode): wrote {result.written} pairs to {result.out} "
-        f"({result.already_done} already done, {result.planned} planned) in {result.seconds:.1f} s, "
-        f"{result.pairs_per_second:.2f} pairs/s",
+        f"({result.already_done} already done, {result.planned} planned{lost}) in "
+        f"{result.seconds:.1f} s, {result.pairs_per_second:.2f} pairs/s",
         highlight=False,
         markup=False,
     )
