@@ -289,8 +289,15 @@ def test_an_alignment_that_stops_at_max_shift_is_said(folders):
                 "psnr", "--align", "--max-shift", "4", "--device", "cpu", "-q")
     assert res.exit_code == 0, res.output
     text = " ".join(res.stderr.split())
-    assert "the alignment of 1 of 1 image(s) of input stopped at --max-shift 4" in text
-    assert "raise --max-shift" in text
+    assert "the alignment of 1 of 1 image(s) of input stopped at the edge of its search " \
+        "(--max-shift 4" in text
+    # a small image's search is narrower than --max-shift: its edge counts
+    narrow = folders / "narrow"
+    write_image(narrow / "sharp" / "a.png", img[100:118, 100:300])
+    write_image(narrow / "blur" / "a.png", img[100:118, 112:312])
+    res = _eval("--blur", str(narrow / "blur"), "--sharp", str(narrow / "sharp"), "--metrics",
+                "psnr", "--align", "--device", "cpu", "-q")
+    assert "stopped at the edge of its search" in " ".join(res.stderr.split())
     wide = _eval("--blur", str(shifted / "blur"), "--sharp", str(shifted / "sharp"),
                  "--metrics", "psnr", "--align", "--max-shift", "16", "--device", "cpu", "-q")
     assert "--max-shift" not in wide.stderr

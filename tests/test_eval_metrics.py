@@ -77,9 +77,8 @@ def test_scores_follow_the_published_conventions(pair, y_channel):
     psnr, ssim = create_metrics(["psnr", "ssim"], device=CPU, y_channel=y_channel)
 
     def matlab(x):  # what MATLAB's metric code sees: 8-bit values, or rgb2ycbcr's 8-bit Y
-        x = x.astype(np.float64)
-        return np.round(16 + x @ np.array([65.481, 128.553, 24.966])) if y_channel else \
-            np.round(x * 255)
+        x = np.round(x.astype(np.float64) * 255)
+        return np.round(16 + x @ np.array([65.481, 128.553, 24.966]) / 255) if y_channel else x
 
     for image in (pred, poor):
         a, b = matlab(image), matlab(sharp)
@@ -249,3 +248,17 @@ def test_niqe_says_its_smallest_image_before_pyiqa_fails_on_it():
     with pytest.raises(ValueError, match="niqe needs images of at least 96x96 pixels, this one "
                                          "is 128x95"):
         metric(np.zeros((95, 128, 3), np.float32))
+
+
+def test_a_score_given_as_nan_is_warned_about_like_a_failure():
+    """A metric returning nan without an error (NIQE on a flat image) lowered its count
+    without a word."""
+    from deblurcli.evaluation.runner import ImageScore, RowResult, _finish_row
+
+    row = RowResult(label="input", gamma=None)
+    row.images = [ImageScore("a", {"niqe": 4.0}), ImageScore("b", {"niqe": math.nan})]
+    said: list[str] = []
+    _finish_row(row, ["niqe"], 0.1, CPU, {}, said.append)
+    assert said == ["niqe gave no score (nan) for 1 of 2 image(s) of input; they are left out "
+                    "of its mean"]
+    assert row.summary["niqe"].n_scored == 1 and row.summary["niqe"].mean == 4.0

@@ -37,6 +37,7 @@ class Alignment:
     dx: int
     scale: float
     ncc: float
+    radius: int = 0  # the search's bound: max_shift, less for a small image
 
 
 def _grey(img: np.ndarray) -> np.ndarray:
@@ -101,4 +102,5 @@ def align_to_reference(pred: np.ndarray, ref: np.ndarray, max_shift: int = 10) -
     rx0, rx1, px0, px1 = _overlap(w, dx)
     pred_c = np.clip(zs[py0:py1, px0:px1], 0.0, 1.0).astype(np.float32)
     ref_c = ref[ry0:ry1, rx0:rx1].astype(np.float32)
-    return Alignment(pred_c, ref_c, dy, dx, scale, float(ncc) if np.isfinite(ncc) else float("nan"))
+    return Alignment(pred_c, ref_c, dy, dx, scale, float(ncc) if np.isfinite(ncc) else float("nan"),
+                     radius=m)

@@ -539,14 +539,14 @@ def matlab_values(image, y_channel: bool):
     16..235, MATLAB's ``rgb2ycbcr``)."""
     import torch
 
-    image = image.to(torch.float64)
-    if y_channel:
+    if image.device.type == "mps":  # no float64 there
+        image = image.cpu()
+    image = (image.to(torch.float64) * 255.0).round()  # the 8-bit image
+    if y_channel:  # rgb2ycbcr of it, rounded to 8 bits again
         weights = torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64,
-                               device=image.device).view(1, 3, 1, 1)
-        image = 16.0 + (image * weights).sum(dim=1, keepdim=True)
-    else:
-        image = image * 255.0
-    return image.round()
+                               device=image.device).view(1, 3, 1, 1) / 255.0
+        image = (16.0 + (image * weights).sum(dim=1, keepdim=True)).round()
+    return image
 
 
 class StandardSsim:

@@ -16,6 +16,7 @@ memory allocated per row) are recorded with the scores.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -80,6 +81,7 @@ class ImageScore:
     scores: dict[str, float]
     model_seconds: float | None = None
     shift: tuple[int, int] | None = None
+    at_edge: bool = False  # the shift lies on the search's bound (the true one may be beyond)
 
 
 @dataclass
@@ -147,7 +149,7 @@ def score_image(metrics: Sequence[Metric], pred: np.ndarray, ref: np.ndarray | N
     With ``failures``, a metric that cannot score this image (NIQE on an image smaller than its
     96-pixel blocks, say) gives ``nan``, left out of its mean, and ``(key, reason)`` is added to
     ``failures[metric name]``; without it, the metric's error is raised."""
-    shift = None
+    shift, at_edge = None, False
     fr_pred, fr_ref = pred, ref
     if ref is not None:
         if pred.shape != ref.shape:
@@ -156,6 +158,7 @@ def score_image(metrics: Sequence[Metric], pred: np.ndarray, ref: np.ndarray | N
         if align and any(m.spec.full_reference for m in metrics):
             aligned = align_to_reference(pred, ref, max_shift)
             fr_pred, fr_ref, shift = aligned.pred, aligned.ref, (aligned.dy, aligned.dx)
+            at_edge = 0 < aligned.radius <= max(abs(aligned.dy), abs(aligned.dx))
     # full-reference metrics see the aligned pair; no-reference ones the image as it is
     scores = {}
     for m in metrics:
@@ -168,7 +171,7 @@ def score_image(metrics: Sequence[Metric], pred: np.ndarray, ref: np.ndarray | N
             failures.setdefault(m.name, []).append(
                 (key, " ".join(str(exc).split()) or type(exc).__name__))
             scores[m.name] = float("nan")
-    return ImageScore(key=key, scores=scores, shift=shift)
+    return ImageScore(key=key, scores=scores, shift=shift, at_edge=at_edge)
 
 
 def _finish_row(row: RowResult, names: Sequence[str], score_seconds: float, device,
@@ -179,13 +182,19 @@ def _finish_row(row: RowResult, names: Sequence[str], score_seconds: float, devi
             key, reason = failed[0]
             warn(f"{name} could not score {len(failed)} of {len(row.images)} image(s) of "
                  f"{row.label} (e.g. {key}: {reason}); they are left out of its mean")
-    at_limit = [im for im in row.images if im.shift is not None and max_shift
-                and max(abs(im.shift[0]), abs(im.shift[1])) >= max_shift]
+    at_limit = [im for im in row.images if im.at_edge]
     if at_limit and warn is not None:  # the best shift may lie beyond the search
         first = at_limit[0]
         warn(f"the alignment of {len(at_limit)} of {len(row.images)} image(s) of {row.label} "
-             f"stopped at --max-shift {max_shift} (e.g. {first.key}: dy={first.shift[0]}, "
-             f"dx={first.shift[1]}); their true shift may be larger: raise --max-shift")
+             f"stopped at the edge of its search (--max-shift {max_shift}, less for an image "
+             f"under {2 * (max_shift or 0)} px; e.g. {first.key}: dy={first.shift[0]}, "
+             f"dx={first.shift[1]}); their true shift may be larger")
+    for name in names:  # scores a metric gave as nan without an error: left out as well
+        quiet = sum(1 for im in row.images if math.isnan(im.scores[name])) - \
+            len(failures.get(name, ()))
+        if quiet > 0 and warn is not None:
+            warn(f"{name} gave no score (nan) for {quiet} of {len(row.images)} image(s) of "
+                 f"{row.label}; they are left out of its mean")
     row.summary = {n: summarise([im.scores[n] for im in row.images]) for n in names}
     count = max(len(row.images), 1)
     row.score_seconds_per_image = score_seconds / count
