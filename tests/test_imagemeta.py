@@ -490,3 +490,16 @@ def test_a_camera_jpeg_keeps_the_resolution_its_exif_states(tmp_path, unit, stat
     if dpi is not None:
         write_image(tmp_path / "out.png", image.pixels, metadata=image.metadata)
         assert read_image(tmp_path / "out.png").metadata.dpi == dpi
+
+
+def test_a_tiff_that_states_no_resolution_gets_none(tmp_path):
+    """Pillow reports 1 dpi for a TIFF without XResolution: outputs claimed 1 dpi, which print
+    dialogs take as it is."""
+    Image.new("RGB", (8, 6)).save(tmp_path / "scan.tif")
+    image = read_image(tmp_path / "scan.tif")
+    assert image.metadata is None or image.metadata.dpi is None
+    write_image(tmp_path / "out.jpg", image.pixels, metadata=image.metadata)
+    assert read_image(tmp_path / "out.jpg").metadata is None or \
+        read_image(tmp_path / "out.jpg").metadata.dpi is None
+    Image.new("RGB", (8, 6)).save(tmp_path / "dense.tif", dpi=(300, 300))
+    assert read_image(tmp_path / "dense.tif").metadata.dpi == (300.0, 300.0)

@@ -185,7 +185,8 @@ def from_tiff(im: Any) -> ImageMetadata:
         xmp = xmp.encode("latin-1", "replace")
     return ImageMetadata(icc=im.info.get("icc_profile") or None, exif=block,
                          xmp=bytes(xmp) if isinstance(xmp, (bytes, bytearray)) and xmp else None,
-                         dpi=_dpi(im.info.get("dpi")))
+                         # Pillow says 1 dpi where the file states no XResolution at all
+                         dpi=_dpi(im.info.get("dpi")) if _X_RESOLUTION in ifd0 else None)
 
 
 def _exif_block(values: dict, types: dict, directories: dict[int, tuple[dict, dict]]) -> bytes:
