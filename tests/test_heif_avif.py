@@ -137,3 +137,24 @@ def test_a_camera_hif_is_a_heif_photo(tmp_path):
     assert read_image(path).format == "heif"
     buf = io.BytesIO(path.read_bytes())
     assert _sniff_format(buf.read(64)) == "heif"
+
+
+def test_avif_keeps_exif_text_as_its_bytes(tmp_path):
+    """Pillow's AVIF writer takes Orientation out of EXIF by parsing and writing the block anew:
+    an artist 'José Müller' (UTF-8) came out 'Jos?? M??ller'."""
+    import struct
+
+    from deblurcli.images import pillow_plugin
+
+    if pillow_plugin("avif", write=True):
+        pytest.skip("this Pillow writes no AVIF")
+    artist = "José Müller".encode() + b"\x00"
+    entries = struct.pack("<HHII", 0x0112, 3, 1, 6) + struct.pack("<HHII", 0x013B, 2,
+                                                                  len(artist), 38)
+    block = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 2) + entries + bytes(4) + artist
+    Image.new("RGB", (8, 6)).save(tmp_path / "in.jpg", exif=b"Exif\x00\x00" + block)
+    image = read_image(tmp_path / "in.jpg")
+    write_image(tmp_path / "out.avif", image.pixels, metadata=image.metadata)
+    back = read_image(tmp_path / "out.avif")
+    assert artist[:-1] in back.metadata.exif and back.pixels.shape == (8, 6, 3)
+    assert Image.open(tmp_path / "out.avif").getexif().get(0x0112, 1) == 1

@@ -361,6 +361,25 @@ def _patched_exif(exif: bytes, width: int, height: int) -> bytes | None:
         return None
 
 
+def _without_orientation(exif: bytes) -> bytes:
+    """``exif`` without IFD0's Orientation entry: the entries after it move up one place and
+    the link to the next directory with them; no value moves (what is left at the old end of
+    the directory is referenced by nothing). ``exif`` itself when it has none or is no EXIF."""
+    try:
+        order, ifd0 = _exif_layout(exif)
+        entries = list(_ifd_entries(exif, ifd0, order))
+        at = next((at for at, tag, _, _ in entries if tag == _ORIENTATION), None)
+        if at is None:
+            return exif
+        out = bytearray(exif)
+        end = ifd0 + 2 + 12 * len(entries) + 4  # the entries and the link after them
+        out[at:end - 12] = exif[at + 12:end]
+        struct.pack_into(order + "H", out, ifd0, len(entries) - 1)
+        return bytes(out)
+    except (struct.error, ValueError):
+        return exif
+
+
 def _blank_thumbnail(exif: bytes, out: bytearray, ifd1: int, order: str) -> None:
     """Zero the JPEG thumbnail that IFD1 at ``ifd1`` points at (dropped from the end)."""
     where = {tag: struct.unpack_from(order + "I", exif, at + 8)[0]
@@ -422,7 +441,10 @@ def pillow_save_options(meta: ImageMetadata | None, fmt: str) -> dict[str, Any]:
     if meta.icc:
         options["icc_profile"] = meta.icc
     if meta.exif:
-        options["exif"] = _EXIF_PREFIX + meta.exif
+        # Pillow's AVIF writer takes Orientation out of an EXIF block by parsing and writing it
+        # anew (text not ASCII became "?", maker notes moved): the entry is taken out here
+        exif = _without_orientation(meta.exif) if fmt == "avif" else meta.exif
+        options["exif"] = _EXIF_PREFIX + exif
     if meta.xmp:
         if fmt == "png":
             from PIL import PngImagePlugin
