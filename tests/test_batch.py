@@ -336,3 +336,21 @@ def test_outputs_count_as_made_from_these_inputs_only_where_those_photos_are(tmp
     with open(real / "sharp" / LEDGER_NAME, "a") as fh:
         fh.write("[" * 200_000 + "\n")
     assert [j.source.name for j in plan_jobs(real, tmp_path / "o5", later)] == ["c.png"]
+
+
+def test_a_copied_folder_keeps_its_record_of_outputs(tmp_path):
+    """The record compared inodes: after `cp -a photos copy`, `deblur copy copy --suffix
+    _sharp` stopped on its own earlier outputs ("it is an input file"), and an edited output
+    stopped it without saying that it was an output once."""
+    import shutil
+
+    options = BatchOptions(suffix="_sharp")
+    photos = tmp_path / "photos"
+    _img(photos / "a.png")
+    run_jobs(plan_jobs(photos, photos, options), invert, options)
+    copy = tmp_path / "copy"
+    shutil.copytree(photos, copy)  # copies modification times, not inodes
+    assert [j.source.name for j in plan_jobs(copy, copy, options)] == ["a.png"]
+    _img(copy / "a_sharp.png", h=5)  # edited since
+    with pytest.raises(DeblurcliError, match="an earlier run wrote it, but it has changed since"):
+        plan_jobs(copy, copy, options)

@@ -357,8 +357,10 @@ def _earlier_output(ledger: dict[str, tuple[int, int, int]], out_dir: Path, path
 
 
 def _recorded(ledger: dict[str, tuple[int, int, int]], rel: Path, info: os.stat_result) -> bool:
+    """Whether the ledger records ``rel`` as it is: its size and modification time, which a
+    copy (``cp -a``, ``rsync -a``, a backup restored) keeps, unlike the inode."""
     entry = ledger.get(os.path.normcase(rel.as_posix()))
-    return entry == (info.st_size, info.st_mtime_ns, info.st_ino)
+    return entry is not None and entry[:2] == (info.st_size, info.st_mtime_ns)
 
 
 def _without_outputs_of_these_inputs(source: Path, files: list) -> list:
@@ -461,6 +463,9 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
         if (hit is not None and _identity(hit[1]) not in earlier) or key in unreadable:
             other = hit[0] if hit is not None else unreadable[key]
             what = "" if _path_key(other) == key else f" ({other})"
+            if ledger and os.path.normcase(target.relative_to(out_dir).as_posix()) in ledger:
+                what += " (an earlier run wrote it, but it has changed since, so it is taken " \
+                    "for a photo of yours)"
             raise DeblurcliError(f"refusing to write {target}: it is an input file{what}; choose "
                                  "another OUTPUT folder or a --suffix")
         if key in seen:
