@@ -123,6 +123,11 @@ def test_the_start_line_counts_what_is_left_to_do(tiny_model_folder, tmp_path):
     result = run(src, out, "--weights", tiny_model_folder)
     assert result.exit_code == 0, result.output
     assert "deblurring 2 file(s) (1 already done)" in result.stderr
+    # entries that cannot be read are no outputs already done
+    (src / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    write_image(src / "d.png", np.zeros((16, 16, 3), np.float32))
+    result = run(src, out, "--weights", tiny_model_folder)
+    assert "deblurring 1 file(s) (3 already done, 1 unreadable)" in result.stderr, result.stderr
 
 
 def test_an_empty_shard_says_so(photos, tmp_path):

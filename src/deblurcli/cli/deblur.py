@@ -281,8 +281,10 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
     # under a launcher every process takes a part of each video, and a share of the other files
     all_jobs, (videos, jobs) = jobs, split_jobs(jobs, options, group)
     share = f" (process {group.index + 1}/{group.count})" if group is not None else ""
-    done = sum(not needs_processing(job, options) for job in jobs)  # skipped: outputs exist
-    what = f"{len(jobs) - done} file(s)" + (f" ({done} already done)" if done else "")
+    unreadable = sum(bool(job.problem) for job in jobs)  # fail at once, each with its reason
+    done = sum(not needs_processing(job, options) for job in jobs) - unreadable  # outputs exist
+    aside = [f"{done} already done"] * bool(done) + [f"{unreadable} unreadable"] * bool(unreadable)
+    what = f"{len(jobs) - done - unreadable} file(s)" + (f" ({', '.join(aside)})" if aside else "")
     if videos:
         what = f"{len(videos)} video(s) split by frames among {group.count} processes" + \
             (f" and {what}" if jobs else "")
