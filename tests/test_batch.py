@@ -110,7 +110,9 @@ def test_never_plans_to_overwrite_an_input(folder):
 
 def test_colliding_outputs_are_refused(folder):
     _img(folder / "a.png")
-    with pytest.raises(DeblurcliError, match="both be written"):
+    # a --suffix is added to both names alike: it cannot part them, and is not offered
+    with pytest.raises(DeblurcliError, match="both be written .*; use --ext auto \\(each keeps "
+                                             "its own format\\), or rename one of them$"):
         plan_jobs(folder, folder.parent / "o", BatchOptions(ext="png"))
 
 

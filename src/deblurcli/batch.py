@@ -469,8 +469,11 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
             raise DeblurcliError(f"refusing to write {target}: it is an input file{what}; choose "
                                  "another OUTPUT folder or a --suffix")
         if key in seen:
+            # (a --suffix is added to both names alike: it cannot part them)
+            advice = "use --ext auto (each keeps its own format), or rename one of them" \
+                if options.ext != "auto" else "rename one of them"
             raise DeblurcliError(f"{seen[key]} and {path} would both be written to {target}; "
-                                 "use --ext auto or a different --suffix")
+                                 f"{advice}")
         seen[key] = path
         jobs.append((rel, Job(path, target, ledger=ledger_path if inside else None)))
     for path, rel, reason in problems:
