@@ -356,3 +356,17 @@ def test_a_copied_folder_keeps_its_record_of_outputs(tmp_path):
     _img(copy / "a_sharp.png", h=5)  # edited since
     with pytest.raises(DeblurcliError, match="an earlier run wrote it, but it has changed since"):
         plan_jobs(copy, copy, options)
+
+
+def test_a_folder_that_seems_empty_says_where_its_photos_are(tmp_path):
+    """Photos only in sub-folders (without -r), or only under hidden names, gave just "no
+    images or videos found"."""
+    from deblurcli.errors import ImageReadError
+
+    _img(tmp_path / "trip" / "day1" / "a.png")
+    with pytest.raises(ImageReadError, match="its sub-folders hold 1: add -r"):
+        plan_jobs(tmp_path / "trip", tmp_path / "o", BatchOptions())
+    _img(tmp_path / "hid" / ".b.png")
+    with pytest.raises(ImageReadError, match="1 hidden file\\(s\\) \\(names starting with a dot\\) "
+                                             "are passed over"):
+        plan_jobs(tmp_path / "hid", tmp_path / "o", BatchOptions(recursive=True))

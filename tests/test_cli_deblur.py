@@ -208,17 +208,21 @@ def test_no_weights_and_no_default_model_exits_1(photos, tmp_path, monkeypatch):
 
 
 def test_dry_run_lists_the_plan_and_touches_nothing(photos, tmp_path):
-    """A line per file (written, skipped as existing, failing), a count, exit 0; no model is
-    needed and OUTPUT is not created. The input guard still refuses as a run would."""
+    """A line per file (written, skipped as existing, failing), a count, the exit status the
+    run would end with; no model is needed and OUTPUT is not created. The input guard still
+    refuses as a run would."""
     out = tmp_path / "out"
     (photos / "link.png").symlink_to(tmp_path / "nowhere.png")  # a broken link: it would fail
     result = run(photos, out, "--dry-run", "--weights", tmp_path / "no-model")
     lines = result.output.splitlines()
-    assert result.exit_code == 0 and not out.exists()
+    assert result.exit_code == 1 and not out.exists()  # a fail line: exit 1, as the run would
     assert f"write  {out / 'rgb.png'}  (from {photos / 'rgb.png'})" in lines
     assert any(line.startswith(f"fail   {photos / 'link.png'}: broken symlink") for line in lines)
     assert lines[-1] == "dry run: would process 4, skip 0, fail 1; nothing was written"
     write_image(out / "grey.png", np.zeros((4, 4, 3), np.float32))
+    (photos / "link.png").unlink()
+    clean = run(photos, out, "-n")
+    assert clean.exit_code == 0, clean.output
     again = run(photos, out, "-n", "-r").output.splitlines()
     assert f"skip   {out / 'grey.png'}  (exists; --overwrite replaces it)" in again
     assert f"write  {out / 'sub' / 'nested.jpg'}  (from {photos / 'sub' / 'nested.jpg'})" in again
@@ -237,3 +241,10 @@ def test_quiet_leaves_out_the_progress_lines_only(photos, tiny_model_folder, tmp
     assert loud.exit_code == quiet.exit_code == 0
     assert "images 1/1" in loud.stderr and "images" not in quiet.stderr
     assert "processed 1" in quiet.stdout and "deblurring 1 file(s)" in quiet.stderr
+
+
+def test_an_output_named_like_a_photo_is_said_to_be_a_folder(photos, tmp_path):
+    """`deblur photo.jpg sharp.jpg` made a folder sharp.jpg/ without a word."""
+    result = run(photos / "rgb.png", tmp_path / "sharp.png", "-n")
+    assert "sharp.png will be a folder (OUTPUT always is one)" in " ".join(result.stderr.split())
+    assert "will be a folder" not in run(photos / "rgb.png", tmp_path / "out", "-n").stderr

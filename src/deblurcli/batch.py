@@ -250,7 +250,8 @@ def _list_inputs(source: Path, recursive: bool
             found = f"; it holds {', '.join(unread)} files, which deblurcli does not read " \
                 f"({convert_advice(unread)})" if unread else ""
             raise ImageReadError(f"no images or videos found in {source} {where}"
-                                 f"(looked for {', '.join(sorted(INPUT_SUFFIXES))}){found}")
+                                 f"(looked for {', '.join(sorted(INPUT_SUFFIXES))}){found}"
+                                 f"{_elsewhere(source, recursive)}")
         return files, problems, listing.folders, listing.others
     reason = not_regular_reason(info.st_mode)
     if reason:
@@ -265,6 +266,19 @@ def _list_inputs(source: Path, recursive: bool
     parent = _stat_or_none(source.parent if str(source.parent) else Path("."))
     return [(source, Path(source.name), info)], [], \
         {_identity(parent)} if parent is not None else set(), []
+
+
+def _elsewhere(folder: Path, recursive: bool) -> str:
+    """Where the photos of a folder that seems to hold none may be, for its error: in its
+    sub-folders (without ``-r``), or under hidden names, which are passed over."""
+    hidden = 0
+    for entry in folder.rglob(".*") if recursive else folder.glob(".*"):
+        hidden += entry.suffix.lower() in INPUT_SUFFIXES and entry.is_file()
+    deeper = 0 if recursive else len(scan_folder(folder, recursive=True,
+                                                 suffixes=INPUT_SUFFIXES).images)
+    notes = [f"its sub-folders hold {deeper}: add -r"] * bool(deeper) + \
+        [f"{hidden} hidden file(s) (names starting with a dot) are passed over"] * bool(hidden)
+    return "".join(f"; {note}" for note in notes)
 
 
 def _inside_listed_folder(folder: Path, listed: set[Identity]) -> bool:

@@ -165,6 +165,13 @@ def deblur(
                            metadata=not strip_metadata)
     if lora is not None and not lora.is_file():
         raise typer.BadParameter(f"no such adapter file: {lora}", param_hint="--lora")
+    from deblurcli.batch import INPUT_SUFFIXES
+
+    if output.suffix.lower() in INPUT_SUFFIXES and not output.exists():
+        from deblurcli.cli.console import stderr_console, warn
+
+        warn(stderr_console(), f"{output} will be a folder (OUTPUT always is one); the outputs "
+                               "keep their inputs' names inside it")
     if dry_run:
         return _dry_run(input_path, output, options)
     _run(input_path, output, options, gamma=gamma, weights=weights, lora=lora,
@@ -197,6 +204,8 @@ def _dry_run(input_path: Path, output: Path, options) -> None:
         out.print(line, highlight=False, markup=False, soft_wrap=True)
     out.print(f"dry run: would process {counts['write']}, skip {counts['skip']}, fail "
               f"{counts['fail']}; nothing was written", highlight=False, markup=False)
+    if counts["fail"]:
+        raise typer.Exit(1)  # as the run would end
 
 
 def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
