@@ -367,6 +367,7 @@ def test_a_folder_that_seems_empty_says_where_its_photos_are(tmp_path):
     with pytest.raises(ImageReadError, match="its sub-folders hold 1: add -r"):
         plan_jobs(tmp_path / "trip", tmp_path / "o", BatchOptions())
     _img(tmp_path / "hid" / ".b.png")
-    with pytest.raises(ImageReadError, match="1 hidden file\\(s\\) \\(names starting with a dot\\) "
-                                             "are passed over"):
+    _img(tmp_path / "hid" / ".sub" / "c.png")
+    with pytest.raises(ImageReadError, match="2 hidden file\\(s\\) or folder\\(s\\) \\(names "
+                                             "starting with a dot\\) are passed over"):
         plan_jobs(tmp_path / "hid", tmp_path / "o", BatchOptions(recursive=True))

@@ -248,3 +248,5 @@ def test_an_output_named_like_a_photo_is_said_to_be_a_folder(photos, tmp_path):
     result = run(photos / "rgb.png", tmp_path / "sharp.png", "-n")
     assert "sharp.png will be a folder (OUTPUT always is one)" in " ".join(result.stderr.split())
     assert "will be a folder" not in run(photos / "rgb.png", tmp_path / "out", "-n").stderr
+    odd = run(photos / "rgb.png", tmp_path / "x[/].png", "-n")  # Rich markup in the name
+    assert odd.exit_code == 0 and "x[/].png will be a folder" in odd.stderr, odd.output

@@ -503,3 +503,9 @@ def test_a_tiff_that_states_no_resolution_gets_none(tmp_path):
         read_image(tmp_path / "out.jpg").metadata.dpi is None
     Image.new("RGB", (8, 6)).save(tmp_path / "dense.tif", dpi=(300, 300))
     assert read_image(tmp_path / "dense.tif").metadata.dpi == (300.0, 300.0)
+    from PIL import TiffImagePlugin  # XResolution alone: Pillow gives y as 1
+
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[0x011A], info[0x0128] = 300.0, 2
+    Image.new("RGB", (8, 6)).save(tmp_path / "x-only.tif", tiffinfo=info)
+    assert read_image(tmp_path / "x-only.tif").metadata.dpi == (300.0, 300.0)

@@ -270,14 +270,28 @@ def _list_inputs(source: Path, recursive: bool
 
 def _elsewhere(folder: Path, recursive: bool) -> str:
     """Where the photos of a folder that seems to hold none may be, for its error: in its
-    sub-folders (without ``-r``), or under hidden names, which are passed over."""
-    hidden = 0
-    for entry in folder.rglob(".*") if recursive else folder.glob(".*"):
-        hidden += entry.suffix.lower() in INPUT_SUFFIXES and entry.is_file()
-    deeper = 0 if recursive else len(scan_folder(folder, recursive=True,
-                                                 suffixes=INPUT_SUFFIXES).images)
-    notes = [f"its sub-folders hold {deeper}: add -r"] * bool(deeper) + \
-        [f"{hidden} hidden file(s) (names starting with a dot) are passed over"] * bool(hidden)
+    sub-folders (without ``-r``; one level down is looked at), or under hidden names, which
+    are passed over (in the folder itself). Nothing when the folder cannot be looked at."""
+    def wanted(entry: os.DirEntry) -> bool:
+        return os.path.splitext(entry.name)[1].lower() in INPUT_SUFFIXES
+
+    notes = []
+    try:
+        with os.scandir(folder) as entries:
+            top = list(entries)
+        hidden = sum(1 for e in top if e.name.startswith(".") and (wanted(e) or e.is_dir()))
+        deeper = 0
+        if not recursive:
+            for sub in (e for e in top if not e.name.startswith(".") and e.is_dir()):
+                with os.scandir(sub.path) as entries:
+                    deeper += sum(1 for e in entries if not e.name.startswith(".") and wanted(e))
+        if deeper:
+            notes.append(f"its sub-folders hold {deeper}: add -r")
+        if hidden:
+            notes.append(f"{hidden} hidden file(s) or folder(s) (names starting with a dot) are "
+                         "passed over")
+    except OSError:
+        return ""
     return "".join(f"; {note}" for note in notes)
 
 

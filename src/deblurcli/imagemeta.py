@@ -185,8 +185,16 @@ def from_tiff(im: Any) -> ImageMetadata:
         xmp = xmp.encode("latin-1", "replace")
     return ImageMetadata(icc=im.info.get("icc_profile") or None, exif=block,
                          xmp=bytes(xmp) if isinstance(xmp, (bytes, bytearray)) and xmp else None,
-                         # Pillow says 1 dpi where the file states no XResolution at all
-                         dpi=_dpi(im.info.get("dpi")) if _X_RESOLUTION in ifd0 else None)
+                         dpi=_tiff_dpi(im, ifd0))
+
+
+def _tiff_dpi(im: Any, ifd0: Any) -> tuple[float, float] | None:
+    """A TIFF's stated resolution in pixels per inch: Pillow says 1 dpi where the file states
+    no XResolution, and 1 for a missing YResolution (which is then XResolution's)."""
+    if _X_RESOLUTION not in ifd0:
+        return None
+    dpi = _dpi(im.info.get("dpi"))
+    return dpi if dpi is None or _Y_RESOLUTION in ifd0 else (dpi[0], dpi[0])
 
 
 def _exif_block(values: dict, types: dict, directories: dict[int, tuple[dict, dict]]) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -167,11 +169,14 @@ def deblur(
         raise typer.BadParameter(f"no such adapter file: {lora}", param_hint="--lora")
     from deblurcli.batch import INPUT_SUFFIXES
 
-    if output.suffix.lower() in INPUT_SUFFIXES and not output.exists():
+    if output.suffix.lower() in INPUT_SUFFIXES and not output.exists() and \
+            os.environ.get("RANK", "0") == "0":  # (one note under a launcher)
+        from rich.markup import escape
+
         from deblurcli.cli.console import stderr_console, warn
 
-        warn(stderr_console(), f"{output} will be a folder (OUTPUT always is one); the outputs "
-                               "keep their inputs' names inside it")
+        warn(stderr_console(), escape(f"{output} will be a folder (OUTPUT always is one); the "
+                                      "outputs keep their inputs' names inside it"))
     if dry_run:
         return _dry_run(input_path, output, options)
     _run(input_path, output, options, gamma=gamma, weights=weights, lora=lora,
