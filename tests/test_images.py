@@ -562,7 +562,7 @@ def test_float_samples_outside_0_1_or_nan_are_refused_not_clipped(tmp_path):
 
     rng = np.random.default_rng(0)
     tifffile.imwrite(tmp_path / "scaled.tif", (rng.random((8, 8, 3)) * 255).astype(np.float32))
-    with pytest.raises(ImageReadError, match="float samples span 0..25[0-9.]+, not 0..1"):
+    with pytest.raises(ImageReadError, match=r"float samples span [0-9.e-]+\.\.25[0-9.]+, not 0..1"):
         read_image(tmp_path / "scaled.tif")
     holed = rng.random((8, 8, 3)).astype(np.float32)
     holed[2, 2, 1] = np.nan

@@ -50,7 +50,6 @@ from deblurcli.progress import ProgressFn, report
 from deblurcli.video import DEFAULT_CRF, VIDEO_SUFFIXES, deblur_video, is_video
 
 EXT_CHOICES = ("auto", "png", "jpg", "webp", "tif", "avif", "heic")
-SIXTEEN_BIT_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
 OOM_ADVICE = "out of memory; lower --tile (e.g. --tile 256) or --batch-size"
 LEDGER_NAME = ".deblurcli-outputs.jsonl"
 INPUT_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES  # what deblur reads from a folder
@@ -328,21 +327,21 @@ def _ledger_items(path: Path) -> list[dict]:
     return items
 
 
-def _recorded_outputs(items: list[dict]) -> dict[str, tuple[int, int, int]]:
-    entries: dict[str, tuple[int, int, int]] = {}
+def _recorded_outputs(items: list[dict]) -> dict[str, tuple[int, int]]:
+    entries: dict[str, tuple[int, int]] = {}
     for item in items:
         try:
-            entries[os.path.normcase(item["path"])] = (int(item["size"]), int(item["mtime_ns"]),
-                                                       int(item["inode"]))
+            entries[os.path.normcase(item["path"])] = (int(item["size"]), int(item["mtime_ns"]))
         except (ValueError, KeyError, TypeError):
             continue
     return entries
 
 
-def read_ledger(path: Path) -> dict[str, tuple[int, int, int]]:
+def read_ledger(path: Path) -> dict[str, tuple[int, int]]:
     """The outputs recorded in a ledger: output path relative to its folder (as
-    :func:`_path_key` spells it) -> ``(size, mtime_ns, inode)``. Torn or foreign lines are
-    ignored; a missing or unreadable ledger records nothing."""
+    :func:`_path_key` spells it) -> ``(size, mtime_ns)`` (the inode each line also records is
+    not compared: a copy changes it). Torn or foreign lines are ignored; a missing or
+    unreadable ledger records nothing."""
     return _recorded_outputs(_ledger_items(path))
 
 
@@ -376,7 +375,7 @@ def record_output(ledger: Path, target: Path, written: Path,
         os.close(fd)
 
 
-def _earlier_output(ledger: dict[str, tuple[int, int, int]], out_dir: Path, path: Path,
+def _earlier_output(ledger: dict[str, tuple[int, int]], out_dir: Path, path: Path,
                    info: os.stat_result) -> bool:
     """Whether the input file ``path`` is an output the ledger of ``out_dir`` records, unchanged
     since it was written."""
@@ -384,11 +383,10 @@ def _earlier_output(ledger: dict[str, tuple[int, int, int]], out_dir: Path, path
     return not rel.startswith(os.pardir) and _recorded(ledger, Path(rel), info)
 
 
-def _recorded(ledger: dict[str, tuple[int, int, int]], rel: Path, info: os.stat_result) -> bool:
+def _recorded(ledger: dict[str, tuple[int, int]], rel: Path, info: os.stat_result) -> bool:
     """Whether the ledger records ``rel`` as it is: its size and modification time, which a
-    copy (``cp -a``, ``rsync -a``, a backup restored) keeps, unlike the inode."""
-    entry = ledger.get(os.path.normcase(rel.as_posix()))
-    return entry is not None and entry[:2] == (info.st_size, info.st_mtime_ns)
+    copy keeping times to the nanosecond (``cp -a``, ``rsync -a``) keeps, unlike the inode."""
+    return ledger.get(os.path.normcase(rel.as_posix())) == (info.st_size, info.st_mtime_ns)
 
 
 def _without_outputs_of_these_inputs(source: Path, files: list) -> list:
@@ -554,10 +552,9 @@ def process_file(job: Job, deblur: DeblurFn, options: BatchOptions,
                             before_replace=record)
     image = read_image(job.source, max_pixels=options.max_pixels)
     result = deblur(image.pixels, progress)
-    bit_depth = image.bit_depth if job.target.suffix.lower() in SIXTEEN_BIT_SUFFIXES else 8
-    write_image(job.target, result, alpha=image.alpha, grayscale=image.grayscale,
-                bit_depth=bit_depth, quality=options.quality, before_replace=record,
-                metadata=image.metadata if options.metadata else None)
+    stripped = {} if options.metadata else {"metadata": None}
+    write_image(job.target, result, like=image, quality=options.quality, before_replace=record,
+                **stripped)  # (formats without 16 bits get 8: encode_image)
     return 0
 
 

@@ -443,7 +443,7 @@ def _to_unit_float(arr: np.ndarray) -> tuple[np.ndarray, int]:
         out = arr.astype(np.float32)
         if not np.isfinite(out).all():
             raise SampleError("its float samples hold NaN or infinite values")
-        low, high = float(out.min(initial=0.0)), float(out.max(initial=0.0))
+        low, high = (float(out.min()), float(out.max())) if out.size else (0.0, 0.0)
         if low < -0.5 or high > 1.5:  # 0..255 floats, or HDR: it would be clipped to white
             raise SampleError(f"its float samples span {low:g}..{high:g}, not 0..1 (deblurcli "
                               "reads float images as 0..1: scale it, or save it with 16-bit "

@@ -79,6 +79,7 @@ def quantiser(crf: int) -> int:
     crf / 6, so 18 gives 3, close to x264's quality at 18."""
     return min(31, max(2, round(crf / 6)))
 
+
 DeblurFn = Callable[[np.ndarray, Optional[ProgressFn]], np.ndarray]
 
 
