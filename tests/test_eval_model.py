@@ -86,3 +86,59 @@ def test_a_fused_model_warns_only_when_it_runs(tiny_model_folder, tmp_path):
                                  torch.device("cpu"), torch.float32, notes.append))
     assert [gamma for gamma, _, _ in ran] == [0.3]
     assert notes == ["this model's adapters are fused at gamma=0.3; gamma=1 is ignored"]
+
+
+def test_an_interrupted_sweep_reports_the_images_every_row_scored(tiny_model_folder, tmp_path,
+                                                                   monkeypatch):
+    import csv
+
+    from deblurcli.pipeline import DeblurPipeline
+
+    img = data.astronaut().astype(np.float32) / 255
+    for i in range(3):
+        sharp = img[100 + 40 * i: 140 + 40 * i, 200:240]
+        write_image(tmp_path / "sharp" / f"p{i}.png", sharp)
+        write_image(tmp_path / "blur" / f"p{i}.png", (sharp + np.roll(sharp, 2, axis=1)) / 2)
+    real_call, calls = DeblurPipeline.__call__, []
+
+    def ctrl_c_at_the_sixth(self, *args, **kwargs):  # γ=1 runs 3 images, γ=0.5 2 of them
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeblurPipeline, "__call__", ctrl_c_at_the_sixth)
+    out = tmp_path / "report"
+    res = CliRunner().invoke(app, [
+        "eval", "--blur", str(tmp_path / "blur"), "--sharp", str(tmp_path / "sharp"),
+        "--weights", str(tiny_model_folder), "--gamma", "1,0.5", "--metrics", "psnr",
+        "--device", "cpu", "--dtype", "fp32", "--tile", "0", "--out", str(out), "-q"])
+    assert res.exit_code == 130, res.output
+    assert "first 2 of 3 image(s)" in res.stderr and res.stderr.rstrip().endswith("interrupted")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["interrupted"] is True and summary["meta"]["n_planned"] == 3
+    assert summary["meta"]["n_images"] == 2
+    with open(out / "per_image.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert [line["row"] for line in lines] == ["input"] * 3 + ["gamma=1"] * 3 + ["gamma=0.5"] * 2
+    for label in ("input", "gamma=1", "gamma=0.5"):  # every mean is of the same two images
+        assert summary[label]["n_images"] == summary[label]["psnr_n"] == 2
+        first_two = [float(line["psnr"]) for line in lines if line["row"] == label][:2]
+        assert summary[label]["psnr"] == np.mean(first_two)
+
+
+def test_an_interrupt_before_any_score_leaves_no_report(tmp_path, monkeypatch):
+    from deblurcli.evaluation import runner
+
+    write_image(tmp_path / "sharp" / "a.png", np.full((16, 16, 3), 0.5, np.float32))
+    write_image(tmp_path / "blur" / "a.png", np.full((16, 16, 3), 0.4, np.float32))
+
+    def ctrl_c(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_read", ctrl_c)
+    res = CliRunner().invoke(app, [
+        "eval", "--blur", str(tmp_path / "blur"), "--sharp", str(tmp_path / "sharp"),
+        "--metrics", "psnr", "--device", "cpu", "--out", str(tmp_path / "report"), "-q"])
+    assert res.exit_code == 130 and res.stdout == "", res.output
+    assert not (tmp_path / "report").exists()

@@ -230,14 +230,21 @@ def evaluate(
     with rich_progress(err, unit="img", enabled=not quiet) as progress:
         result = run_evaluation(eval_set, config, progress=progress,
                                 warn=lambda msg: warn(err, escape(msg)),
-                                note=lambda msg: err.print(msg, highlight=False, markup=False))
+                                note=lambda msg: err.print(msg, highlight=False, markup=False),
+                                keep_partial=True)
     con = stdout_console()
+    if result.stopped is not None:  # what was scored is reported, then the exit says stopped
+        err.print(f"stopped: the rows are compared over the first {result.n_images} of "
+                  f"{result.n_planned} image(s), which each of them scored",
+                  highlight=False, markup=False)
     con.print(results_table(result))
     if out is not None:
         args = {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items()}
         command = shlex.join(["deblurcli", *sys.argv[1:]]) if sys.argv else None
         for path in write_outputs(out, result, command=command, args=args):
             con.print(f"wrote {path}", highlight=False, markup=False)
+    if result.stopped is not None:
+        raise result.stopped
 
 
 def register(app: typer.Typer) -> None:

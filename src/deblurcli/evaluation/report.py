@@ -51,6 +51,9 @@ def results_table(result: EvalResult):
     from rich.table import Table
 
     title = f"{result.dataset}: {result.n_images} image(s)"
+    if result.stopped is not None:
+        title = (f"{result.dataset}: the first {result.n_images} of {result.n_planned} image(s), "
+                 "interrupted")
     if result.aligned:
         title += ", aligned"
     if result.y_channel:
@@ -95,6 +98,8 @@ def summary_dict(result: EvalResult, command: str | None = None,
         "device": result.device,
         "aligned": result.aligned,
         "y_channel": result.y_channel,
+        **({"interrupted": True, "n_planned": result.n_planned}
+           if result.stopped is not None else {}),
         "metrics": {n: {"kind": METRICS[n].kind, "lower_better": METRICS[n].lower_better}
                     for n in result.metrics},
         "inf_handling": "means over finite values; <metric>_inf counts infinite scores, "
@@ -129,13 +134,14 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_csv(path: Path, result: EvalResult) -> None:
-    """One line per (row, image): scores, model seconds and the alignment shift."""
+    """One line per (row, image): scores, model seconds and the alignment shift (of an
+    interrupted evaluation, every image scored, also those out of the summary)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["row", "gamma", "image", *result.metrics, "model_seconds", "shift_y",
                      "shift_x"])
     for row in result.rows:
-        for im in row.images:
+        for im in [*row.images, *row.unmatched]:
             writer.writerow([
                 row.label, "" if row.gamma is None else row.gamma, im.key,
                 *[repr(float(im.scores[n])) for n in result.metrics],

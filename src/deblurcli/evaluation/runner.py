@@ -11,6 +11,10 @@ Rows of a result:
 
 Timing (model seconds per image, synchronised on CUDA) and memory (peak process RSS, peak CUDA
 memory allocated per row) are recorded with the scores.
+
+An evaluation stopped by Ctrl-C (or SIGTERM) can keep what it scored (``keep_partial``): the rows
+are compared over the first images that every row with any score reached, so that their means
+are of the same images; a row's later scores are kept aside (:attr:`RowResult.unmatched`).
 """
 
 from __future__ import annotations
@@ -91,6 +95,9 @@ class RowResult:
     label: str
     gamma: float | None
     images: list[ImageScore] = field(default_factory=list)
+    # an interrupted evaluation: the images this row scored beyond those every row scored (in
+    # the per-image CSV, out of the summary)
+    unmatched: list[ImageScore] = field(default_factory=list)
     summary: dict[str, Summary] = field(default_factory=dict)
     model_seconds_per_image: float | None = None
     score_seconds_per_image: float | None = None
@@ -110,6 +117,11 @@ class EvalResult:
     rows: list[RowResult]
     aligned: bool = False
     y_channel: bool = False
+    # set when Ctrl-C or SIGTERM stopped it (``keep_partial``): the interrupt, to be raised
+    # again once the partial result is reported; ``n_images`` then counts the images compared
+    # and ``n_planned`` those the evaluation was to score
+    stopped: KeyboardInterrupt | None = None
+    n_planned: int | None = None
 
 
 def choose_metrics(requested: Sequence[str] | None, has_reference: bool) -> list[str]:
@@ -227,26 +239,34 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _score_files(label: str, eval_set: EvalSet, sources: Sequence[Path], metrics: Sequence[Metric],
-                 config: EvalConfig, device, progress: ProgressFn | None,
-                 warn: WarnFn | None = None) -> RowResult:
+def _score_files(rows: list[RowResult], label: str, eval_set: EvalSet, sources: Sequence[Path],
+                 metrics: Sequence[Metric], config: EvalConfig, device,
+                 progress: ProgressFn | None, warn: WarnFn | None = None) -> None:
+    """Score the files ``sources`` (one per pair) as the row ``label``, appended to ``rows``.
+    An interrupt finishes the row with the images scored so far and is raised again."""
     row = RowResult(label=label, gamma=None)
+    rows.append(row)
     failures: dict[str, list[tuple[str, str]]] = {}
     _reset_cuda_peak(device)
     total = len(eval_set.pairs)
     report(progress, label, 0, total)
     elapsed = 0.0
-    for i, (pair, src) in enumerate(zip(eval_set.pairs, sources, strict=True)):
-        pred = _read(src)
-        ref = _read(pair.sharp) if pair.sharp is not None else None
-        start = time.perf_counter()
-        row.images.append(score_image(metrics, pred, ref, align=config.align,
-                                      max_shift=config.max_shift, key=pair.key,
-                                      failures=failures))
-        elapsed += time.perf_counter() - start
-        report(progress, label, i + 1, total)
-    return _finish_row(row, [m.name for m in metrics], elapsed, device, failures, warn,
-                       max_shift=config.max_shift)
+    try:
+        for i, (pair, src) in enumerate(zip(eval_set.pairs, sources, strict=True)):
+            pred = _read(src)
+            ref = _read(pair.sharp) if pair.sharp is not None else None
+            start = time.perf_counter()
+            row.images.append(score_image(metrics, pred, ref, align=config.align,
+                                          max_shift=config.max_shift, key=pair.key,
+                                          failures=failures))
+            elapsed += time.perf_counter() - start
+            report(progress, label, i + 1, total)
+    except KeyboardInterrupt:
+        _finish_row(row, [m.name for m in metrics], elapsed, device, failures, warn,
+                    max_shift=config.max_shift)
+        raise
+    _finish_row(row, [m.name for m in metrics], elapsed, device, failures, warn,
+                max_shift=config.max_shift)
 
 
 def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None):
@@ -285,15 +305,17 @@ def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None):
         del model
 
 
-def _model_rows(eval_set: EvalSet, metrics: Sequence[Metric], config: EvalConfig, device,
-                progress: ProgressFn | None, warn: WarnFn | None) -> list[RowResult]:
+def _model_rows(rows: list[RowResult], eval_set: EvalSet, metrics: Sequence[Metric],
+                config: EvalConfig, device, progress: ProgressFn | None,
+                warn: WarnFn | None) -> None:
+    """Run the model at each γ and score its outputs, a row each appended to ``rows``. An
+    interrupt finishes the row at work with the images scored so far and is raised again."""
     from deblurcli.device import resolve_dtype
     from deblurcli.pipeline import DeblurPipeline, default_batch_size, prepare_model
 
     mc = config.model
     assert mc is not None
     dtype = resolve_dtype(mc.dtype, device, warn=warn)
-    rows = []
     for gamma, model, load_seconds in _model_for_gammas(mc, device, dtype, warn):
         label = f"gamma={gamma:g}"
         pipe = DeblurPipeline(prepare_model(model), device=device, dtype=dtype, tile=mc.tile,
@@ -301,41 +323,52 @@ def _model_rows(eval_set: EvalSet, metrics: Sequence[Metric], config: EvalConfig
                               batch_size=mc.batch_size or default_batch_size(device),
                               color_fix=mc.color_fix)
         row = RowResult(label=label, gamma=gamma, load_seconds=load_seconds)
+        rows.append(row)
         failures: dict[str, list[tuple[str, str]]] = {}
         _reset_cuda_peak(device)
         total = len(eval_set.pairs)
         report(progress, label, 0, total)
         scoring = 0.0
-        for i, pair in enumerate(eval_set.pairs):
-            blurry = _read(pair.blur)
-            _sync(device)
-            t0 = time.perf_counter()
-            output = pipe(blurry)
-            _sync(device)
-            model_seconds = time.perf_counter() - t0
-            ref = _read(pair.sharp) if pair.sharp is not None else None
-            t1 = time.perf_counter()
-            score = score_image(metrics, np.asarray(output, dtype=np.float32), ref,
-                                align=config.align, max_shift=config.max_shift, key=pair.key,
-                                failures=failures)
-            scoring += time.perf_counter() - t1
-            score.model_seconds = model_seconds
-            row.images.append(score)
-            report(progress, label, i + 1, total)
-        rows.append(_finish_row(row, [m.name for m in metrics], scoring, device, failures, warn,
-                                max_shift=config.max_shift))
+        try:
+            for i, pair in enumerate(eval_set.pairs):
+                blurry = _read(pair.blur)
+                _sync(device)
+                t0 = time.perf_counter()
+                output = pipe(blurry)
+                _sync(device)
+                model_seconds = time.perf_counter() - t0
+                ref = _read(pair.sharp) if pair.sharp is not None else None
+                t1 = time.perf_counter()
+                score = score_image(metrics, np.asarray(output, dtype=np.float32), ref,
+                                    align=config.align, max_shift=config.max_shift,
+                                    key=pair.key, failures=failures)
+                scoring += time.perf_counter() - t1
+                score.model_seconds = model_seconds
+                row.images.append(score)
+                report(progress, label, i + 1, total)
+        except KeyboardInterrupt:
+            _finish_row(row, [m.name for m in metrics], scoring, device, failures, warn,
+                        max_shift=config.max_shift)
+            raise
+        _finish_row(row, [m.name for m in metrics], scoring, device, failures, warn,
+                    max_shift=config.max_shift)
         del pipe, model
-    return rows
 
 
 def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
                    progress: ProgressFn | None = None,
-                   warn: WarnFn | None = None, note: WarnFn | None = None) -> EvalResult:
+                   warn: WarnFn | None = None, note: WarnFn | None = None,
+                   keep_partial: bool = False) -> EvalResult:
     """Score the input, ``config.pred`` and/or the model over ``config.model.gammas``.
 
     Metric weights missing from the caches are fetched once (:mod:`.fetch`) unless
     ``config.offline``; a metric that still lacks them is skipped with one ``warn`` line, and
     ``note`` hears of each fetch.
+
+    With ``keep_partial``, a Ctrl-C or SIGTERM (``KeyboardInterrupt``) after the first image
+    was scored returns what was scored (:func:`_partial`), with the interrupt in
+    :attr:`EvalResult.stopped` for the caller to raise once it has reported it; without it, or
+    before any score, the interrupt propagates.
     """
     from deblurcli.device import resolve_device
 
@@ -366,14 +399,37 @@ def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
                              fetcher=None if config.offline else fetch.fetch_file,
                              warn=warn, note=note)
     rows: list[RowResult] = []
-    if config.include_input or (pred_files is None and config.model is None):
-        rows.append(_score_files("input", eval_set, [p.blur for p in eval_set.pairs], metrics,
-                                 config, device, progress, warn))
-    if pred_files is not None:
-        rows.append(_score_files("pred", eval_set, pred_files, metrics, config, device, progress,
-                                 warn))
-    if config.model is not None:
-        rows += _model_rows(eval_set, metrics, config, device, progress, warn)
-    return EvalResult(dataset=eval_set.name, n_images=len(eval_set.pairs),
-                      metrics=[m.name for m in metrics], device=str(device), rows=rows,
-                      aligned=config.align, y_channel=config.y_channel)
+    result = EvalResult(dataset=eval_set.name, n_images=len(eval_set.pairs),
+                        metrics=[m.name for m in metrics], device=str(device), rows=rows,
+                        aligned=config.align, y_channel=config.y_channel)
+    try:
+        if config.include_input or (pred_files is None and config.model is None):
+            _score_files(rows, "input", eval_set, [p.blur for p in eval_set.pairs], metrics,
+                         config, device, progress, warn)
+        if pred_files is not None:
+            _score_files(rows, "pred", eval_set, pred_files, metrics, config, device, progress,
+                         warn)
+        if config.model is not None:
+            _model_rows(rows, eval_set, metrics, config, device, progress, warn)
+    except KeyboardInterrupt as exc:
+        if not keep_partial or not any(row.images for row in rows):
+            raise
+        _partial(result, exc)
+    return result
+
+
+def _partial(result: EvalResult, stopped: KeyboardInterrupt) -> None:
+    """Make ``result`` the report of an evaluation that ``stopped`` interrupted.
+
+    Rows without a score are dropped; the others are compared over the first ``k`` images,
+    ``k`` the fewest any of them scored (every row scores the pairs in the same order), so that
+    each mean is of the same images. A row's scores past ``k`` move to ``unmatched``."""
+    result.rows[:] = [row for row in result.rows if row.images]
+    k = min(len(row.images) for row in result.rows)
+    for row in result.rows:
+        row.images, row.unmatched = row.images[:k], row.images[k:]
+        row.summary = {n: summarise([im.scores[n] for im in row.images])
+                       for n in result.metrics}
+        times = [im.model_seconds for im in row.images if im.model_seconds is not None]
+        row.model_seconds_per_image = float(np.mean(times)) if times else None
+    result.n_planned, result.n_images, result.stopped = result.n_images, k, stopped
