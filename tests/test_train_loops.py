@@ -706,3 +706,20 @@ def test_a_new_run_into_a_finished_one_is_refused(pairs: Path, tmp_path: Path) -
     with pytest.raises(DeblurcliError, match="already holds a run \\(model, train_log.csv\\)"):
         train_vae(config)
     assert (run / "train_log.csv").read_bytes() == before
+
+
+def test_validation_scores_in_float32_under_bf16_autocast(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from skimage import data
+
+    from deblurcli.evaluation.metrics import ssim
+    from deblurcli.train.engine import _validate
+
+    sharp = torch.from_numpy(data.astronaut()[:64, :64].astype(np.float32) / 255).permute(2, 0, 1)
+    blurred = (sharp + torch.roll(sharp, 3, 2)) / 2
+    val = [{"blur": blurred * 2 - 1, "sharp": sharp * 2 - 1}]
+    stage = SimpleNamespace(trained=[], predict=lambda blur, sharp: blur)  # the input as output
+    scores = _validate(stage, val, tmp_path, 1, torch.device("cpu"),
+                       lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert scores["val_ssim"] == pytest.approx(ssim(blurred[None], sharp[None]), abs=1e-6)
