@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -166,8 +168,10 @@ def test_a_time_boxed_device_data_run_writes_its_model(photo_and_frame_folders, 
     with (tmp_path / "run" / "train_log.csv").open() as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("lr")]
     assert int(rows[-1]["step"]) == result.step
-    if not result.out_of_time:  # it ended at the step it planned: the cosine reached ~0
-        assert float(rows[-1]["lr"]) < 0.05 * 1e-3
+    if not result.out_of_time:  # it ended at the step it planned: its cosine's last rate
+        last = result.step
+        assert float(rows[-1]["lr"]) == pytest.approx(
+            1e-3 * 0.5 * (1 + math.cos(math.pi * (last - 1) / last)))
 
 
 def test_host_data_mixes_frames_into_another_source(photo_and_frame_folders) -> None:
@@ -197,3 +201,24 @@ def test_frames_under_a_hidden_folder_are_found(tmp_path) -> None:
     write_image(clip / ".hidden" / "x.png", np.zeros((8, 8, 3), np.float32))
     assert [len(c) for c in dt.frame_clips(tmp_path / ".pack" / "frames")] == [7]
     assert len(dt.frame_items(tmp_path / ".pack" / "frames", 7)) == 1
+
+
+def test_device_clips_leave_out_the_validation_windows(tmp_path) -> None:
+    """Frames alone with --val-count: the held-out windows' frames were trained on, since the
+    device path loaded whole clips."""
+    from deblurcli.images import write_image
+    from deblurcli.train import data as dt
+    from deblurcli.train.config import DiffusionTrainConfig
+    from deblurcli.train.engine import build_data
+
+    for t in range(30):  # frame t is all t/40: its mean tells which it is
+        write_image(tmp_path / "clip" / f"{t:03d}.png", np.full((24, 24, 3), t / 40, np.float32))
+    config = DiffusionTrainConfig(frames=str(tmp_path), frames_per_blur=3, crop=16,
+                                  val_count=2, device_data=True, seed=3)
+    bundle = build_data(config)
+    held = {round(float(dt._read(p).mean()) * 40) for item in bundle.val.items
+            for p in item.frames}
+    trained = [round(float(f.float().mean()) / 255 * 40) for clip in bundle.train.clips
+               for f in clip]
+    assert len(held) == 6 and not held & set(trained)
+    assert len(trained) == len(set(trained)) and len(trained) >= 30 - 6 - 2 * 6

@@ -4,6 +4,7 @@ CLI reports bad data in one line."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import shutil
 import signal
@@ -204,9 +205,10 @@ def test_resume_with_a_new_lr_uses_it(pairs: Path, tmp_path: Path) -> None:
                                                    "max_steps": 4, "lr": 1e-4})
     train_vae(config)
     lrs = _losses(run, "lr")
-    # the rate for the next step is logged: the warm-up position is kept, the base rate is new
-    assert lrs[:2] == pytest.approx([2e-3 / 4, 3e-3 / 4])
-    assert lrs[2:] == pytest.approx([1e-4, 1e-4])
+    # each step's log has the rate its update used: the warm-up position is kept, the base
+    # rate is new
+    assert lrs[:2] == pytest.approx([1e-3 / 4, 2e-3 / 4])
+    assert lrs[2:] == pytest.approx([3e-4 / 4, 1e-4])
 
 
 def test_lr_factor_warms_up_then_holds_or_follows_a_cosine() -> None:
@@ -231,10 +233,8 @@ def test_cosine_schedule_decays_the_logged_lr_across_a_resume(pairs: Path,
     config = resolve_config(VaeTrainConfig, None, {"resume": "latest", "output": str(run),
                                                    "max_steps": 4})
     train_vae(config)
-    lrs = _losses(run, "lr")
-    assert len(lrs) == 4
-    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
-    assert lrs[2] > lrs[3]
+    lrs = _losses(run, "lr")  # the rates the updates used: 2 steps of 2, then 2 more of 4
+    assert lrs == pytest.approx([1e-3, 5e-4, 5e-4, 1e-3 * 0.5 * (1 + math.cos(0.75 * math.pi))])
     with pytest.raises(DeblurcliError, match="lr_schedule"):
         train_vae(VaeTrainConfig(data=str(pairs), output=str(tmp_path / "bad"),
                                  lr_schedule="linear", **FAST))
@@ -723,3 +723,126 @@ def test_validation_scores_in_float32_under_bf16_autocast(tmp_path: Path) -> Non
     scores = _validate(stage, val, tmp_path, 1, torch.device("cpu"),
                        lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     assert scores["val_ssim"] == pytest.approx(ssim(blurred[None], sharp[None]), abs=1e-6)
+
+
+def test_a_time_budget_retargets_every_process_to_the_end_they_agreed_on(
+        pairs: Path, tmp_path: Path, monkeypatch) -> None:
+    """Processes plan by their own clocks; the cosine each one follows must end at the step they
+    all stop at, or their replicas drift apart. Here a second process (stood in for by the
+    reduction) wants to stop after step 5 while this one has time for far more."""
+    from deblurcli.train import engine
+
+    real_make = engine.make_accelerator
+
+    class TwoProcesses:
+        def __init__(self, accelerator) -> None:
+            self._accelerator = accelerator
+
+        def __getattr__(self, name):
+            return getattr(self._accelerator, name)
+
+        num_processes = 2
+
+        def reduce(self, tensor, reduction):
+            if reduction == "sum":  # the interrupt flags: the other process has none
+                return tensor
+            assert reduction == "max"  # of minus the wanted last steps: the other's is 5
+            return torch.maximum(tensor, torch.tensor(-5.0))
+
+    monkeypatch.setattr(engine, "make_accelerator",
+                        lambda *a, **k: TwoProcesses(real_make(*a, **k)))
+    run = tmp_path / "budget"
+    result = train_vae(VaeTrainConfig(data=str(pairs), output=str(run), max_steps=1000, lr=1e-3,
+                                      lr_schedule="cosine", time_budget=3600.0, **FAST))
+    assert result.step == 5
+    lrs = _losses(run, "lr")  # agreed after the first step: from the third on, a cosine of 5
+    assert lrs[2:] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 5))
+                                     for s in (2, 3, 4)])
+
+
+def test_optimiser_settings_given_on_resume_win_over_the_checkpoints(pairs: Path,
+                                                                     tmp_path: Path) -> None:
+    from deblurcli.train.checkpoint import load_checkpoint, resolve_resume
+    from deblurcli.train.config import resolve_config
+
+    run = tmp_path / "wd"
+    train_vae(VaeTrainConfig(data=str(pairs), output=str(run), max_steps=1, lr=1e-3,
+                             weight_decay=0.0, **{**FAST, "checkpoint_every": 1}))
+    train_vae(resolve_config(VaeTrainConfig, None, {"resume": "latest", "output": str(run),
+                                                    "max_steps": 2, "weight_decay": 0.1}))
+    state = load_checkpoint(resolve_resume("latest", run))
+    assert state.step == 2
+    assert state.optimizers["evae"]["param_groups"][0]["weight_decay"] == 0.1
+
+
+def test_the_discriminators_cosine_runs_from_gan_start_to_the_end(pairs: Path,
+                                                                  tiny_model_folder: Path,
+                                                                  tmp_path: Path) -> None:
+    from deblurcli.train.checkpoint import load_checkpoint, resolve_resume
+
+    run = tmp_path / "gan"
+    train_diffusion(DiffusionTrainConfig(
+        data=str(pairs), output=str(run), max_steps=4, lr=1e-3, lr_schedule="cosine",
+        init=str(tiny_model_folder), adapter="real", lambda2=0.1, gan_start=2,
+        **{k: v for k, v in FAST.items() if k != "preset"}))
+    state = load_checkpoint(resolve_resume("latest", run))
+    assert state.step == 4
+    for name in ("unet", "disc"):  # both rates reach the cosine's end with the run
+        assert state.optimizers[name]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_resumed_runs_tensorboard_drops_the_abandoned_steps(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    pytest.importorskip("tensorboard")
+    import torch.utils.tensorboard as tb
+
+    from deblurcli.train.engine import RunLog
+
+    opened: list[dict] = []
+
+    class Writer:
+        def __init__(self, logdir, **kwargs) -> None:
+            opened.append(kwargs)
+
+    monkeypatch.setattr(tb, "SummaryWriter", Writer)
+    RunLog(tmp_path, 0, enabled=True)
+    RunLog(tmp_path, 40, enabled=True)  # resumed at step 40: 41 on are written again
+    assert [kw.get("purge_step") for kw in opened] == [None, 41]
+
+
+def test_a_runs_config_json_starts_a_new_run_with_its_settings(pairs: Path, evae_run: Path,
+                                                               tmp_path: Path) -> None:
+    from deblurcli.train.config import DiffusionTrainConfig, resolve_config
+
+    saved = evae_run / "config.json"
+    config = resolve_config(VaeTrainConfig, str(saved), {"output": str(tmp_path / "again")})
+    assert config.max_steps == 2 and config.resume is None
+    assert config.output == str(tmp_path / "again")
+    with pytest.raises(DeblurcliError, match="holds the settings of a train-vae run, not a "
+                                             "train-diffusion one"):
+        resolve_config(DiffusionTrainConfig, str(saved), {"output": str(tmp_path / "d")})
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_states_aside(pairs: Path,
+                                                                    tmp_path: Path) -> None:
+    """A run resumed at step 2 after it had gone on to 4: the step-4 checkpoint and model were
+    kept by pruning (the highest steps) and taken by --resume latest and export."""
+    from deblurcli.cli.app import app
+    from deblurcli.train.checkpoint import model_step, resolve_resume
+
+    run = tmp_path / "run"
+    train_vae(VaeTrainConfig(data=str(pairs), output=str(run), max_steps=4, lr=1e-3,
+                             val_count=1, **{**FAST, "checkpoint_every": 2, "validate_every": 2}))
+    result = CliRunner().invoke(app, [
+        "train-vae", "--resume", str(run / "checkpoints" / "step-000000002"), "-o", str(run),
+        "--max-steps", "3", "-q"])
+    assert result.exit_code == 0, result.stderr
+    kept = run / "superseded" / "resumed-at-000000002"
+    assert " ".join(result.stderr.split()).startswith(
+        f"resuming from {run / 'checkpoints' / 'step-000000002'} warning: resuming at step 2 "
+        f"replaces what {run} went on to after it: 1 checkpoint(s), model/, 1 validation "
+        f"sheet(s) of later steps move to {run / 'superseded'}")
+    assert (kept / "checkpoints" / "step-000000004" / "state.json").is_file()
+    assert model_step(kept / "model") == 4 and (kept / "validation" / "step-000000004.png").is_file()
+    assert resolve_resume("latest", run).name == "step-000000003"
+    assert model_step(run / "model") == 3

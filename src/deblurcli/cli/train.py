@@ -119,6 +119,8 @@ def _run(kind: str, values: dict[str, Any], random_evae: bool = False) -> None:
     summary."""
     import os
 
+    from rich.markup import escape
+
     from deblurcli.cli.console import rich_progress, stderr_console, stdout_console, warn
 
     config_file, quiet = values.pop("config"), values.pop("quiet")
@@ -135,13 +137,18 @@ def _run(kind: str, values: dict[str, Any], random_evae: bool = False) -> None:
     err = stderr_console()
     main_rank = os.environ.get("RANK", "0") == "0"  # set by accelerate launch / torchrun
     if config.resume and main_rank:
+        from deblurcli.train.checkpoint import superseded_note
+
         err.print(f"resuming from {config.resume}", highlight=False)
+        note = superseded_note(config.output, config.resume)
+        if note:
+            warn(err, escape(note))
     if kind != "vae" and main_rank:
         from deblurcli.train.diffusion import missing_training_state
 
         note = missing_training_state(config)
         if note:
-            warn(err, note)
+            warn(err, escape(note))
     if config.mixed_precision != "no":
         from deblurcli.train.engine import effective_mixed_precision
 

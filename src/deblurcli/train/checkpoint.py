@@ -201,6 +201,73 @@ def save_checkpoint(output: str | Path, step: int, *,
     return final
 
 
+SUPERSEDED_DIR = "superseded"
+
+
+def model_step(model: Path) -> int:
+    """The step a run's ``model`` folder was written at (its ``training.json``; -1 if unknown)."""
+    try:
+        return int(json.loads((model / "training.json").read_text(encoding="utf-8"))["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def later_states(output: str | Path, step: int) -> list[Path]:
+    """What ``output`` holds from beyond ``step``: checkpoints, its ``model`` folder and the
+    validation sheets of later steps, left by a run that went on from there. A run resumed at
+    ``step`` replaces that future, so these would be taken for its own."""
+    output = Path(output)
+    found = [path for at, path in list_checkpoints(output) if at > step]
+    if (output / "model").is_dir() and model_step(output / "model") > step:
+        found.append(output / "model")
+    sheets = output / "validation"
+    if sheets.is_dir():
+        for sheet in sorted(sheets.glob("step-*.png")):
+            match = _STEP_RE.match(sheet.stem)
+            if match and int(match.group(1)) > step:
+                found.append(sheet)
+    return found
+
+
+def superseded_note(output: str | Path, resume: str | Path) -> str | None:
+    """One line for a run about to resume from the checkpoint ``resume`` into ``output`` when
+    that sets :func:`later_states` aside (``None`` when nothing would move)."""
+    try:
+        step = int(json.loads((Path(resume) / "state.json").read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    found = later_states(output, step)
+    if not found:
+        return None
+    kinds = {"checkpoint(s)": sum(p.parent.name == CHECKPOINT_DIR for p in found),
+             "model/": sum(p.name == "model" and p.parent == Path(output) for p in found),
+             "validation sheet(s)": sum(p.suffix == ".png" for p in found)}
+    what = ", ".join(f"{n} {k}" if k != "model/" else k for k, n in kinds.items() if n)
+    return (f"resuming at step {step} replaces what {output} went on to after it: {what} of "
+            f"later steps move to {Path(output) / SUPERSEDED_DIR}")
+
+
+def set_aside_later_states(output: str | Path, step: int) -> Path | None:
+    """Move :func:`later_states` into ``OUTPUT/superseded/resumed-at-STEP[-N]/`` (kept, where
+    ``--resume latest`` and ``export`` no longer see them); return that folder, or ``None`` when
+    there was nothing to move."""
+    output = Path(output)
+    found = later_states(output, step)
+    if not found:
+        return None
+    base = output / SUPERSEDED_DIR / f"resumed-at-{step:09d}"
+    target, n = base, 1
+    while target.exists():
+        n += 1
+        target = base.with_name(f"{base.name}-{n}")
+    for path in found:
+        kept = target / path.relative_to(output)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, kept)
+    fsync_folder(output)
+    return target
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint folder written by :func:`save_checkpoint`.
 

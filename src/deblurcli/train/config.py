@@ -337,6 +337,20 @@ def with_absolute_paths(values: Mapping[str, Any]) -> dict[str, Any]:
 FIXED_ON_RESUME = ("preset", "lora_rank", "full", "adapter", "train_encoder", "mode")
 
 
+# what a run's config.json records besides its settings: how it was started (a new run from
+# those settings starts anew) and the frozen sources' digests (checked on resume)
+RUN_RECORD_KEYS = ("kind", "frozen_digests", "resume")
+
+
+def _check_kind(cls: type, kind: Any, what: str) -> None:
+    """Refuse the saved configuration of the other stage (``kind`` its class name)."""
+    if kind in (None, cls.__name__):
+        return
+    commands = {"VaeTrainConfig": "train-vae", "DiffusionTrainConfig": "train-diffusion"}
+    raise DeblurcliError(f"{what} a {commands.get(str(kind), str(kind))} run, not a "
+                         f"{commands.get(cls.__name__, cls.__name__)} one")
+
+
 def resolve_config(cls: type[C], config_file: str | None = None,
                    overrides: Mapping[str, Any] | None = None) -> C:
     """Defaults ← (the resumed checkpoint's config) ← ``config_file`` ← ``overrides``.
@@ -350,6 +364,9 @@ def resolve_config(cls: type[C], config_file: str | None = None,
     from deblurcli.train.checkpoint import resolve_resume
 
     file_values = read_config_file(config_file) if config_file else {}
+    if config_file and "kind" in file_values:  # a run's config.json: its settings, reused
+        _check_kind(cls, file_values["kind"], f"config file {config_file} holds the settings of")
+        file_values = {k: v for k, v in file_values.items() if k not in RUN_RECORD_KEYS}
     config = build_config(cls, file_values, overrides)
     path = resolve_resume(config.resume, config.output)
     if path is None:
@@ -359,11 +376,7 @@ def resolve_config(cls: type[C], config_file: str | None = None,
     except (OSError, ValueError) as exc:
         raise DeblurcliError(f"cannot read the configuration of checkpoint {path}: {exc}") \
             from None
-    if saved.get("kind") not in (None, cls.__name__):
-        commands = {"VaeTrainConfig": "train-vae", "DiffusionTrainConfig": "train-diffusion"}
-        theirs = commands.get(str(saved.get("kind")), str(saved.get("kind")))
-        raise DeblurcliError(f"checkpoint {path} was written by {theirs}, not "
-                             f"{commands.get(cls.__name__, cls.__name__)}")
+    _check_kind(cls, saved.get("kind"), f"checkpoint {path} was written by")
     base = config_from_dict(cls, saved)
     merged = dataclasses.asdict(base)
     given = {**file_values, **{k: v for k, v in (overrides or {}).items() if v is not None}}

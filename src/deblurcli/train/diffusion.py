@@ -248,8 +248,10 @@ def train_diffusion(config: DiffusionTrainConfig,
                               betas=(0.5, 0.999))
     sched_g = engine.lr_scheduler(opt_g, config.warmup_steps, config.lr_schedule,
                                   config.max_steps)
+    # the discriminator steps from --gan-start on: its warm-up starts there, its cosine ends
+    # with the generator's
     sched_d = engine.lr_scheduler(opt_d, config.warmup_steps, config.lr_schedule,
-                                  config.max_steps)
+                                  max(1, config.max_steps - config.gan_start))
     gen, disc, opt_g, opt_d = accelerator.prepare(gen, disc, opt_g, opt_d)
     perceptual = perceptual.to(accelerator.device)
     use_gan = config.lambda2 > 0
@@ -309,5 +311,6 @@ def train_diffusion(config: DiffusionTrainConfig,
                          optimizers={"unet": opt_g, "disc": opt_d},
                          schedulers={"unet": sched_g, "disc": sched_d}, train_step=train_step,
                          predict=predict, save_output=save_output, trained=[gen, disc],
-                         saved={sources.RECORD_KEY: frozen})
+                         saved={sources.RECORD_KEY: frozen},
+                         schedule_starts={"disc": config.gan_start})
     return engine.run(config, accelerator, stage, data, output, state, progress)

@@ -141,8 +141,8 @@ def build_data(config: CommonConfig, *, world: int = 1,
     """Discover, validate and wrap the data of ``config`` (raises ``DatasetError`` early).
 
     Frame windows (real blur) are mixed with the main source at ``config.real_fraction``. The
-    validation items are held out from the main source when there is one (frame windows share
-    their clips with training).
+    validation items are held out from the main source when there is one, else from the frame
+    windows (whose frames the device data path then cuts out of its clips).
     """
     items, problems = dt.discover(
         data=config.data, layout=config.layout, split=config.split, data_root=config.data_root,
@@ -175,7 +175,7 @@ def build_data(config: CommonConfig, *, world: int = 1,
         from deblurcli.train import ondevice
 
         train = ondevice.source_from_items(main, config, device=device or torch.device("cpu"),
-                                           schedule=schedule)
+                                           schedule=schedule, held_out=val_items)
         return DataBundle(train=train, val=val)
     streams = [dt.PairedDataset(part, crop=config.crop, seed=config.seed,
                                 augment=config.augment, schedule=schedule)
@@ -214,7 +214,9 @@ class RunLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(output / "tensorboard"))
+            # a resumed run's later steps replace the abandoned ones, as in the CSV
+            self.writer = SummaryWriter(str(output / "tensorboard"),
+                                        purge_step=resume_step + 1 if resume_step else None)
         except Exception:  # noqa: BLE001 - TensorBoard is optional
             self.writer = None
 
@@ -281,6 +283,7 @@ class Stage:
         save_output: write the final model folder into the given path.
         trained: modules set to ``train()`` during the loop (others stay in ``eval()``).
         saved: more settings saved with the run's configuration and each checkpoint's.
+        schedule_starts: scheduler name -> the step its count starts at (0 when absent).
     """
 
     modules: dict[str, nn.Module]
@@ -291,6 +294,9 @@ class Stage:
     save_output: Callable[[Path], None]
     trained: list[nn.Module] = field(default_factory=list)
     saved: dict[str, Any] = field(default_factory=dict)
+    # scheduler name -> the step its count starts at (one that steps only from a later step on,
+    # like the discriminator's from --gan-start); a time budget retargets it by that much less
+    schedule_starts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -348,12 +354,15 @@ def restore(stage: Stage, state: ckpt.Checkpoint, unwrap: Callable[[nn.Module], 
     """Load weights, optimizer and scheduler states and RNG from a checkpoint.
 
     ``unwrap`` removes distributed wrappers (``accelerator.unwrap_model``), so parameter names
-    match the ones saved. The learning rates are the ones this run was configured with (``--lr``
-    given on resume wins over the checkpoint's); Adam's moments and the warm-up position are
-    the checkpoint's.
+    match the ones saved. The learning rates and the other optimiser settings (weight decay,
+    betas) are the ones this run was configured with (given on resume, they win over the
+    checkpoint's); Adam's moments and the warm-up position are the checkpoint's.
     """
     configured = {name: [group["initial_lr"] for group in scheduler.optimizer.param_groups]
                   for name, scheduler in stage.schedulers.items()}
+    settings = {name: [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+                       for group in optimizer.param_groups]
+                for name, optimizer in stage.optimizers.items()}
     for name, module in stage.modules.items():
         module = unwrap(module)
         if name not in state.weights:
@@ -362,6 +371,8 @@ def restore(stage: Stage, state: ckpt.Checkpoint, unwrap: Callable[[nn.Module], 
         ckpt.load_trainable_state(module, state.weights[name])
     for name, optimizer in stage.optimizers.items():
         optimizer.load_state_dict(state.optimizers[name])
+        for group, configured_group in zip(optimizer.param_groups, settings[name], strict=True):
+            group.update(configured_group)  # weight decay, betas: this run's (Adam's moments kept)
     for name, scheduler in stage.schedulers.items():
         scheduler.load_state_dict(state.schedulers[name])
         _set_base_lrs(scheduler, configured[name])
@@ -505,6 +516,8 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
         restore(stage, state, accelerator.unwrap_model)
     main = accelerator.is_main_process
     output.mkdir(parents=True, exist_ok=True)
+    if main and state is not None:  # what a run went on to from here is replaced: kept aside
+        ckpt.set_aside_later_states(output, start)
     log = RunLog(output, start, enabled=main)
     resolved = {**with_absolute_paths(config_to_dict(config)), **stage.saved}
     if main:
@@ -550,6 +563,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                     break  # a signal to the process group ended the data workers too
                 batch = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v)
                          for k, v in batch.items()}
+                lr = next(iter(stage.optimizers.values())).param_groups[0]["lr"]  # this update's
                 values = stage.train_step(batch, step)
                 for key, value in values.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
@@ -558,22 +572,26 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                     continue
                 step += 1
                 if budget is not None:
+                    wanted = target
                     planned = budget.plan(step)
-                    if planned is not None and planned <= step:  # no time for another step
+                    if planned is not None:
+                        wanted = min(wanted, max(planned, step))
+                    if budget.expired():
+                        wanted = step
+                    if accelerator.num_processes > 1:
+                        # one end for all: each process plans by its own clock, and replicas
+                        # whose schedules differed would drift apart while their steps agree
+                        agreed = torch.tensor(-float(wanted), device=accelerator.device)
+                        wanted = -int(accelerator.reduce(agreed, reduction="max").item())
+                    if wanted <= step < target:  # no time for another step
                         target, out_of_time = step, True
-                    elif planned is not None and planned < target:
-                        target = planned
-                        for scheduler in stage.schedulers.values():
-                            retarget_lr(scheduler, target)
-                    if budget.expired() and step < target:
-                        target, out_of_time = step, True
-                    if accelerator.num_processes > 1:  # every process ends at the same step
-                        agreed = torch.tensor(-float(target), device=accelerator.device)
-                        target = -int(accelerator.reduce(agreed, reduction="max").item())
+                    elif wanted < target:
+                        target = wanted
+                        for name, scheduler in stage.schedulers.items():
+                            retarget_lr(scheduler, target - stage.schedule_starts.get(name, 0))
                 final = step >= target
                 losses = {k: v / count for k, v in sums.items()}
                 sums, count = {}, 0
-                lr = next(iter(stage.optimizers.values())).param_groups[0]["lr"]
                 if step % config.log_every == 0 or final:
                     log.log(step, {**losses, "lr": lr})
                 if data.val is not None and (step % config.validate_every == 0 or final):

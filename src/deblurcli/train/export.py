@@ -56,14 +56,6 @@ def _run_kind(run: Path) -> None:
         raise DeblurcliError(f"{run} is not a train-diffusion output folder (config kind {kind!r})")
 
 
-def _model_step(model: Path) -> int:
-    """The step ``RUN/model`` was written at (from its ``training.json``; -1 if unknown)."""
-    try:
-        return int(json.loads((model / "training.json").read_text(encoding="utf-8"))["steps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
-
-
 def choose_state(run: str | Path, checkpoint: str | None = None) -> RunState:
     """The state of ``run`` to export.
 
@@ -101,8 +93,8 @@ def choose_state(run: str | Path, checkpoint: str | None = None) -> RunState:
         return RunState(path, -1, True)
     model = run / "model"
     newest = found[-1] if found else None
-    if model.is_dir() and (newest is None or _model_step(model) >= newest[0]):
-        return RunState(model, _model_step(model), False)
+    if model.is_dir() and (newest is None or ckpt.model_step(model) >= newest[0]):
+        return RunState(model, ckpt.model_step(model), False)
     if newest is None:
         raise DeblurcliError(f"{run} has neither a model/ folder nor a checkpoint yet")
     return RunState(newest[1], newest[0], True)

@@ -237,9 +237,23 @@ def load_clip(paths: Sequence, device, threads: int = 8) -> torch.Tensor:
     return _DECODED[key]
 
 
-def source_from_items(items: Sequence, config, *, device, schedule=None) -> DeviceBatchSource:
+def _pieces(frames: Sequence, held: set) -> list[list]:
+    """The runs of consecutive ``frames`` not in ``held``."""
+    pieces: list[list] = [[]]
+    for frame in frames:
+        if frame in held:
+            pieces.append([])
+        else:
+            pieces[-1].append(frame)
+    return [piece for piece in pieces if piece]
+
+
+def source_from_items(items: Sequence, config, *, device, schedule=None,
+                      held_out: Sequence = ()) -> DeviceBatchSource:
     """The :class:`DeviceBatchSource` of a run: its ``--sharp-photos`` items (validation items
-    already removed) and every clip of ``--frames``.
+    already removed) and every clip of ``--frames`` less the frames of the ``held_out`` frame
+    windows (validation): a clip is cut there, and a piece shorter than the smallest window
+    is left out.
 
     Raises:
         DatasetError: stored pairs (they are not made on the device) or clips shorter than the
@@ -259,12 +273,19 @@ def source_from_items(items: Sequence, config, *, device, schedule=None) -> Devi
     threads = min(16, os.cpu_count() or 1)
     photos = load_photos([it.sharp for it in items if isinstance(it, dt.SharpItem)], device,
                          threads)
+    held = {path for item in held_out if isinstance(item, dt.FramesItem) for path in item.frames}
     clips = []
     for frames in (dt.frame_clips(config.frames) if config.frames else []):
         if len(frames) < settings.window[0]:
             raise DatasetError(f"{frames[0].parent} has {len(frames)} frame(s); a real-blur "
                                f"window needs at least {settings.window[0]}")
-        clips.append(load_clip(frames, device, threads))
+        for piece in _pieces(frames, held):
+            if len(piece) >= settings.window[0]:
+                clips.append(load_clip(piece, device, threads))
+    if not photos and not clips:
+        raise DatasetError(f"the validation windows (--val-count) leave no clip of at least "
+                           f"{settings.window[0]} frames to train on; hold out fewer, or give "
+                           "--val-data")
     return DeviceBatchSource(photos, clips, settings=settings, seed=config.seed,
                              workers=config.workers, schedule=schedule,
                              grad_accum=config.grad_accum)
