@@ -111,3 +111,42 @@ def test_an_existing_output_is_replaced_only_with_force(tiny_model_folder, tmp_p
     for inside in (tiny_model_folder / "g0.5", tiny_model_folder.parent):
         result = runner.invoke(app, [*args, "-o", str(inside), "--force"])
         assert result.exit_code == 2 and "outside" in result.output, result.output
+
+
+def test_blend_from_a_folder_checks_it_as_a_run_does(tiny_model_folder, tmp_path):
+    """--weights DIR took the adapter files unchecked: a blend of a damaged adapter went on to
+    pass every later check; a fused folder was reported as a missing file."""
+    real = tiny_model_folder / "lora_real.safetensors"
+    data = bytearray(real.read_bytes())
+    data[-1] ^= 0xFF
+    real.write_bytes(bytes(data))
+    result = runner.invoke(app, ["blend", "--weights", str(tiny_model_folder), "--gamma", "0.5",
+                                 "-o", str(tmp_path / "b.safetensors")])
+    assert result.exit_code == 1 and not (tmp_path / "b.safetensors").exists()
+    assert result.output.strip() == \
+        f"error: lora_real.safetensors in {tiny_model_folder} is corrupt (sha256 checksum mismatch)"
+    data[-1] ^= 0xFF
+    real.write_bytes(bytes(data))
+    fused = tmp_path / "fused"
+    assert runner.invoke(app, ["blend", "--fuse", "--weights", str(tiny_model_folder), "--gamma",
+                               "0.3", "-o", str(fused)]).exit_code == 0
+    result = runner.invoke(app, ["blend", "--weights", str(fused), "--gamma", "0.5",
+                                 "-o", str(tmp_path / "c.safetensors")])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: {fused} has its adapters fused already (gamma=0.3); " \
+        "blend an unfused folder"
+
+
+def test_a_blend_is_not_blended_again_nor_an_adapter_with_itself(tiny_model_folder, tmp_path):
+    real = tiny_model_folder / "lora_real.safetensors"
+    synth = tiny_model_folder / "lora_synthetic.safetensors"
+    first = tmp_path / "b03.safetensors"
+    assert runner.invoke(app, ["blend", str(real), str(synth), "--gamma", "0.3",
+                               "-o", str(first)]).exit_code == 0
+    again = runner.invoke(app, ["blend", str(first), str(synth), "--gamma", "0.5",
+                                "-o", str(tmp_path / "b05.safetensors")])
+    assert again.exit_code == 1 and "b03.safetensors is already a blend" in again.output
+    same = runner.invoke(app, ["blend", str(real), str(real), "--gamma", "0.5",
+                               "-o", str(tmp_path / "same.safetensors")])
+    assert same.exit_code == 2 and "given as both adapters" in same.output
+    assert not list(tmp_path.glob("b05*")) and not list(tmp_path.glob("same*"))

@@ -134,3 +134,18 @@ def test_surely_cpu_only_when_no_gpu_can_be_there(monkeypatch):
     monkeypatch.setattr(dev.glob, "glob", lambda pattern: [])
     monkeypatch.setattr(dev.sys, "platform", "darwin")  # MPS may be there
     assert not dev.surely_cpu("auto")
+
+
+def test_library_callers_may_name_the_dtype(tiny_model_folder):
+    """load_model_folder(dtype="fp16") failed deep in torch with a TypeError."""
+    import torch
+
+    from deblurcli.device import torch_dtype
+    from deblurcli.modelfolder import load_model_folder
+
+    assert [torch_dtype(n) for n in ("fp16", "BF16", "float32", "half", torch.bfloat16)] == \
+        [torch.float16, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16]
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        torch_dtype("int8")
+    model = load_model_folder(tiny_model_folder, dtype="bf16", vae_dtype="fp32")
+    assert model.unet.dtype == torch.bfloat16 and model.evae.dtype == torch.float32

@@ -538,6 +538,13 @@ def test_integer_pixels_are_refused_by_the_writer(tmp_path):
         write_image(tmp_path / "o.png", photo)
     with pytest.raises(ValueError, match="alpha must be floats"):
         write_image(tmp_path / "o.png", photo / 255.0, alpha=np.ones((4, 4), np.uint16))
+    nan = np.full((4, 4, 3), 0.5, np.float32)
+    nan[1, 2, 0] = np.nan  # written as black before
+    with pytest.raises(ValueError, match="pixels hold NaN or infinite values"):
+        write_image(tmp_path / "o.png", nan)
+    with pytest.raises(ValueError, match="alpha hold NaN"):
+        write_image(tmp_path / "o.png", nan[..., 1:2][..., 0] * 0 + 0.5,
+                    alpha=np.full((4, 4), np.inf, np.float32))
     assert not (tmp_path / "o.png").exists()
 
 

@@ -296,6 +296,17 @@ def test_a_checksum_file_must_list_the_index_and_every_component(tiny_model_fold
         load_model_folder(tiny_model_folder)
 
 
+def test_a_checksum_file_must_list_every_file_a_run_reads(tiny_model_folder):
+    """Adapters and configs copied in by hand, unlisted, were loaded unchecked, and the ONNX
+    export cached under the list's hash ran on with the earlier ones."""
+    listed = (tiny_model_folder / CHECKSUM_FILE).read_text().splitlines(keepends=True)
+    for dropped in ("lora_real.safetensors", "prompt/config.json"):
+        (tiny_model_folder / CHECKSUM_FILE).write_text(
+            "".join(line for line in listed if not line.rstrip().endswith(f"  {dropped}")))
+        with pytest.raises(WeightsError, match=f"does not list {dropped}"):
+            load_model_folder(tiny_model_folder)
+
+
 def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()

@@ -393,3 +393,51 @@ def test_a_signal_during_the_onnx_runtime_import_is_not_lost(monkeypatch):
 def test_minus_zero_gamma_keys_the_export_of_zero(tiny_model_folder):
     assert onnx_backend.model_key(tiny_model_folder, gamma=-0.0, lora=None) == \
         onnx_backend.model_key(tiny_model_folder, gamma=0.0, lora=None)
+
+
+def test_a_changed_export_is_made_again(tiny_model_folder, tmp_path):
+    """A damaged or replaced model.onnx ran on: its weights altered silently, a broken one
+    blamed half precision; the export's files are checked against key.json's digests."""
+    import subprocess
+    import sys
+
+    source = photo(tmp_path)
+    assert deblur(source, tmp_path / "a", "-w", tiny_model_folder, "--backend", "onnx").exit_code == 0
+    (export,) = (tiny_model_folder / ".onnx").glob("*/model.onnx")
+    assert onnx_backend.intact(export.parent)
+    data = bytearray(export.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    export.write_bytes(bytes(data))
+    assert not onnx_backend.intact(export.parent)
+    # an export killed half-way leaves its temporary folder: the next export removes it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    abandoned = export.parent.parent / f".{export.parent.name}.tmp-{dead}"
+    running = export.parent.parent / f".{export.parent.name}.tmp-{os.getppid()}"
+    abandoned.mkdir()
+    running.mkdir()
+    result = deblur(source, tmp_path / "b", "-w", tiny_model_folder, "--backend", "onnx")
+    assert result.exit_code == 0 and "exporting" in result.output, result.output
+    assert onnx_backend.intact(export.parent)
+    assert np.array_equal(read_image(tmp_path / "a" / "photo.png").pixels,
+                          read_image(tmp_path / "b" / "photo.png").pixels)
+    assert not abandoned.exists() and running.is_dir()
+
+
+def test_a_copied_export_with_the_same_contents_is_used(tiny_model_folder, tmp_path):
+    source = photo(tmp_path)
+    assert deblur(source, tmp_path / "a", "-w", tiny_model_folder, "--backend", "onnx").exit_code == 0
+    copy = tmp_path / "copied-model"
+    shutil.copytree(tiny_model_folder, copy)  # copytree keeps times; touch them as cp does
+    for path in copy.rglob("*"):
+        os.utime(path)
+    result = deblur(source, tmp_path / "b", "-w", copy, "--backend", "onnx")
+    assert result.exit_code == 0 and "exporting" not in result.output, result.output
+
+
+def test_a_folder_without_its_checksums_is_not_an_export_failure(tiny_model_folder, tmp_path):
+    (tiny_model_folder / "checksums.sha256").unlink()
+    result = deblur(photo(tmp_path), tmp_path / "o", "-w", tiny_model_folder, "--backend", "onnx")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == \
+        f"error: missing file checksums.sha256 in {tiny_model_folder}"

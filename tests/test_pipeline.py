@@ -128,9 +128,23 @@ def test_progress_reports_tiles():
     assert [e.done for e in events] == sorted(e.done for e in events)
 
 
-def test_nan_output_is_a_clear_error():
-    with pytest.raises(NonFiniteOutputError, match="--vae-fp32"):
+def test_nan_output_is_a_clear_error_that_blames_half_precision_only_when_it_ran():
+    import torch
+
+    class Half(torch.nn.Module):
+        def __init__(self, dtype) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones((), dtype=dtype))
+
+        def forward(self, x):
+            return (x / 0.0).float()
+
+    with pytest.raises(NonFiniteOutputError, match="faulty"):  # float32: not an overflow
         DeblurPipeline(lambda x: x / 0.0, tile=0)(_image(8, 8))
+    with pytest.raises(NonFiniteOutputError, match="overflow.*--vae-fp32"):
+        DeblurPipeline(Half(torch.float16), tile=0)(_image(8, 8))
+    with pytest.raises(NonFiniteOutputError, match="in bfloat16; use --fp32"):
+        DeblurPipeline(Half(torch.float32), tile=0, dtype=torch.bfloat16)(_image(8, 8))
 
 
 def test_bad_arguments_and_bad_model_output():

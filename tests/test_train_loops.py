@@ -821,6 +821,15 @@ def test_a_runs_config_json_starts_a_new_run_with_its_settings(pairs: Path, evae
     with pytest.raises(DeblurcliError, match="holds the settings of a train-vae run, not a "
                                              "train-diffusion one"):
         resolve_config(DiffusionTrainConfig, str(saved), {"output": str(tmp_path / "d")})
+    # a train-diffusion run records its frozen sources' digests, a table of its own
+    diffusion = tmp_path / "diffusion"
+    train_diffusion(DiffusionTrainConfig(data=str(pairs), output=str(diffusion), max_steps=1,
+                                         evae=str(evae_run / "model"), full=True, lambda2=0.0,
+                                         **FAST))
+    assert "frozen_digests" in (diffusion / "config.json").read_text()
+    again = resolve_config(DiffusionTrainConfig, str(diffusion / "config.json"),
+                           {"output": str(tmp_path / "again2")})
+    assert again.evae == str((evae_run / "model").resolve()) and again.full
 
 
 def test_resuming_an_earlier_checkpoint_sets_the_later_states_aside(pairs: Path,

@@ -66,6 +66,25 @@ def torch_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A library caller's ``dtype``: a ``torch.dtype``, or a name as ``--dtype`` takes it
+    (``fp32``, ``fp16``, ``bf16``) or torch spells it (``float16``, ``bfloat16``, ``half``).
+
+    Raises:
+        ValueError: any other value (one line naming the choices).
+    """
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {**_DTYPES, "float32": "float32", "float": "float32", "float16": "float16",
+             "half": "float16", "bfloat16": "bfloat16"}
+    if isinstance(dtype, str) and dtype.strip().lower() in names:
+        return getattr(torch, names[dtype.strip().lower()])
+    raise ValueError(f"unknown dtype {dtype!r}: use torch.float32, torch.float16, torch.bfloat16 "
+                     "or their names (fp32, fp16, bf16)")
+
+
 def surely_cpu(name: str) -> bool:
     """True when ``--device name`` can only be the CPU on this machine, decided without torch:
     ``cpu``, or ``auto`` on Linux with none of :data:`GPU_DEVICE_FILES` (torch would find no

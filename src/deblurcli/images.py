@@ -842,6 +842,8 @@ def encode_image(
         if kind is not None and not np.issubdtype(kind, np.floating):
             raise ValueError(f"{name} must be floats in [0, 1], got {kind} (divide 8-bit values "
                              "by 255 and 16-bit ones by 65535)")
+        if kind is not None and not np.isfinite(values).all():  # no pixel value to write
+            raise ValueError(f"{name} hold NaN or infinite values")
     pixels = np.asarray(pixels, dtype=np.float32)
     if pixels.ndim == 2:
         pixels = pixels[..., None]

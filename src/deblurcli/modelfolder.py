@@ -233,7 +233,7 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
         folder: the model folder (see the module docstring) or a hub id.
         device, dtype: where and in which dtype the UNet (and by default the eVAE) runs;
             ``device`` as ``--device`` takes it (``"auto"``, ``"cpu"``, ``"cuda:1"``, ...) or a
-            ``torch.device``.
+            ``torch.device``; ``dtype`` a ``torch.dtype`` or its name (``"fp16"``, ...).
         gamma: dual-adapter blend weight in [0, 1] (ignored, with a ``warn`` note, for a folder
             whose adapters are already fused).
         fuse: merge the blend into the UNet weights (fast); ``False`` keeps LoRA layers live so
@@ -250,11 +250,13 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
         DeblurcliError: ``device`` is unknown or not available on this machine.
         ValueError: ``gamma`` outside [0, 1].
     """
-    from deblurcli.device import torch_device
+    from deblurcli.device import torch_device, torch_dtype
     from deblurcli.models.onestep import OneStepDenoiser
     from deblurcli.models.osdd import OSDDModel
 
     device = torch_device(device)
+    dtype = torch_dtype(dtype)
+    vae_dtype = None if vae_dtype is None else torch_dtype(vae_dtype)
     folder = resolve_model(folder, offline=offline)
     evae, unet, prompt, record = load_components(folder, verify=verify)
     fused_gamma = record.get("fused_gamma")

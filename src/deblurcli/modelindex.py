@@ -22,6 +22,7 @@ INDEX_FILE = "model_index.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' SAFETENSORS_WEIGHTS_NAME
 DISCRIMINATOR_FILE = "training/discriminator.safetensors"
 CHECKSUM_FILE = "checksums.sha256"
+CONFIG_FILE = "config.json"  # a component's settings (diffusers' CONFIG_NAME)
 PIPELINE_CLASS = "OSDDPipeline"
 RECORD_KEY = "_deblurcli"  # diffusers ignores model_index keys that start with "_"
 FORMAT_VERSION = 2
@@ -138,8 +139,13 @@ def verify_checksums(folder: PathLike) -> list[str]:
         if sha256_file(folder / name) != digest.lower():
             raise WeightsError(f"{name} in {folder} is corrupt (sha256 checksum mismatch)")
         names.append(name)
-    required = [INDEX_FILE] + [f"{c}/{WEIGHTS_FILE}" for c in COMPONENTS] \
-        if (folder / INDEX_FILE).is_file() else []
+    # every file a run reads (the ONNX export's cache key holds this list, not the files)
+    required = []
+    if (folder / INDEX_FILE).is_file():
+        adapters = read_model_index(folder)[RECORD_KEY].get("adapters") or {}
+        required = [INDEX_FILE, *(f"{c}/{f}" for c in COMPONENTS for f in (CONFIG_FILE,
+                                                                           WEIGHTS_FILE)),
+                    *(str(file) for file in adapters.values())]
     unlisted = [name for name in required if name not in names]
     if unlisted:
         raise WeightsError(f"{CHECKSUM_FILE} in {folder} does not list {unlisted[0]}")

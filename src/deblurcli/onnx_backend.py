@@ -84,6 +84,40 @@ def model_key(folder: Path, *, gamma: float, lora: Path | None) -> str:
 
 MODEL_FILE = "model.onnx"
 KEY_FILE = "key.json"
+FILES_KEY = "files"  # key.json: {file name: [size, mtime_ns, sha256]} of the export's files
+
+
+def _file_records(folder: Path) -> dict[str, list]:
+    """``{name: [size, mtime_ns, sha256]}`` of the files of export folder ``folder``."""
+    from deblurcli.modelindex import sha256_file
+
+    records = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != KEY_FILE:
+            stat = path.stat()
+            records[path.name] = [stat.st_size, stat.st_mtime_ns, sha256_file(path)]
+    return records
+
+
+def intact(folder: Path) -> bool:
+    """Whether export folder ``folder`` holds the files its ``key.json`` recorded, unchanged: a
+    file of the recorded size and time is taken as it is (as ``make`` and ``rsync`` do); one
+    with another time (a copy, an edit) must have the recorded SHA-256."""
+    from deblurcli.modelindex import sha256_file
+
+    try:
+        records = json.loads((folder / KEY_FILE).read_text())[FILES_KEY]
+        names = {path.name for path in folder.iterdir() if path.name != KEY_FILE}
+        if set(records) != names:
+            return False
+        for name, (size, mtime_ns, digest) in records.items():
+            stat = (folder / name).stat()
+            if stat.st_size != size or (stat.st_mtime_ns != mtime_ns
+                                        and sha256_file(folder / name) != digest):
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def _runtime_version() -> str:
@@ -194,10 +228,11 @@ def export(model, folder: Path, parts: dict | None = None) -> None:
                               custom_opsets={DOMAIN: 1})
         if [path.name for path in tmp.iterdir()] == [MODEL_FILE]:  # one file: under 2 GB
             _optimize(tmp / MODEL_FILE)
-        if parts is not None:
-            (tmp / KEY_FILE).write_text(json.dumps(parts, sort_keys=True) + "\n")
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
+        if parts is not None:  # with the files' digests, checked by each run that opens them
+            record = {**parts, FILES_KEY: _file_records(tmp)}
+            (tmp / KEY_FILE).write_text(json.dumps(record, sort_keys=True) + "\n")
         shutil.rmtree(folder, ignore_errors=True)  # an unreadable earlier export
         try:
             os.replace(tmp, folder)
@@ -253,13 +288,14 @@ def cached(folder: Path, *, gamma: float, lora: Path | None = None,
 
     The folder's files are checked against ``checksums.sha256`` first (WeightsError), as the
     PyTorch path checks them: the key holds that list, not the files, so a damaged weight file
-    would otherwise run on unnoticed under its old export."""
+    would otherwise run on unnoticed under its old export. An export whose files changed since
+    it was written (:func:`intact`) counts as none: it is made again."""
     from deblurcli.modelindex import verify_checksums
 
-    path = cache_dir(folder, model_key(folder, gamma=gamma, lora=lora)) / MODEL_FILE
-    if not path.is_file():
-        return None
     verify_checksums(folder)
+    path = cache_dir(folder, model_key(folder, gamma=gamma, lora=lora)) / MODEL_FILE
+    if not path.is_file() or not intact(path.parent):
+        return None
     try:
         return OnnxModel(path, threads)
     except Exception:  # noqa: BLE001 - ORT's error kinds; an unreadable export is redone
@@ -304,16 +340,36 @@ def load(folder: Path, *, gamma: float, lora: Path | None, threads: int, load_mo
     return model
 
 
+def _abandoned(name: str) -> bool:
+    """Whether ``name`` is the temporary folder of an export (``.KEY.tmp-PID``) whose process
+    no longer runs (killed mid-export: ``kill -9``, a power cut)."""
+    head, sep, pid = name.rpartition(".tmp-")
+    if not sep or not head.startswith(".") or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: it runs
+        return False
+    return False
+
+
 def prune(cache: Path, *, beside: bool, checksums: str) -> list[Path]:
     """Remove the exports in ``cache`` that no run of this installation can use again: those
     of other deblurcli, ONNX Runtime or export versions (and older ones, without ``key.json``);
     in a model's own ``.onnx`` folder (``beside``) also those of earlier contents of the folder
-    (other ``checksums``). Exports of other γ values stay. Returns the folders removed."""
+    (other ``checksums``), and the temporary folders of exports whose process was killed.
+    Exports of other γ values stay. Returns the folders removed."""
     import shutil
 
     current = _runtime_parts()
     removed = []
     for entry in cache.iterdir() if cache.is_dir() else ():
+        if entry.name.startswith(".") and entry.is_dir() and _abandoned(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)  # the export of a process that was killed
+            removed.append(entry)
+            continue
         if entry.name.startswith(".") or not entry.is_dir():
             continue  # another process's export in progress, or a note
         try:

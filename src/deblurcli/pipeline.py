@@ -33,6 +33,22 @@ class NonFiniteOutputError(DeblurcliError):
     """The model returned NaN or infinite values (typically fp16 overflow in the VAE)."""
 
 
+def _non_finite_advice(model: ModelFn, dtype) -> str:
+    """What to say when ``model`` (its input cast to ``dtype``) returns NaN/inf: half-precision
+    overflow, the usual cause, only when some of it runs in half precision."""
+    kinds = {str(dtype).rsplit(".", 1)[-1]} if dtype is not None else set()
+    parameters = getattr(model, "parameters", None)
+    if callable(parameters):
+        kinds |= {str(p.dtype).rsplit(".", 1)[-1] for p in parameters()}
+    if "float16" in kinds:
+        return ("the network produced NaN/inf values (half-precision overflow); use --vae-fp32, "
+                "--dtype bf16 or --fp32")
+    if "bfloat16" in kinds:
+        return "the network produced NaN/inf values in bfloat16; use --fp32"
+    return ("the network produced NaN/inf values in float32: the model itself is faulty (its "
+            "weights hold or make NaN/inf)")
+
+
 def default_batch_size(device: torch.device | str) -> int:
     """Tiles per network call when the user gives none: 1 on the CPU (single tiles measured 1.19x
     faster than batches of 4 there, docs/performance.md), 4 on accelerators."""
@@ -90,7 +106,7 @@ class DeblurPipeline:
         device: where input tensors are sent (the model must already live there): a
             ``torch.device`` or a name as ``--device`` takes it (``"auto"``, ``"cuda:1"``, ...).
         dtype: dtype of the input tensors (the dtype of the model's first layer, i.e. of the VAE;
-            default float32).
+            default float32): a ``torch.dtype`` or its name (``"fp16"``, ``"bf16"``, ...).
         tile: tile side in pixels (rounded up to a multiple of 8); 0 = the whole image at once.
         overlap: pixels shared by neighbouring tiles (the blending band).
         batch_size: tiles per model call.
@@ -125,10 +141,10 @@ class DeblurPipeline:
             return
         import torch
 
-        from deblurcli.device import torch_device
+        from deblurcli.device import torch_device, torch_dtype
 
         self.device = torch_device(device)
-        self.dtype = dtype if dtype is not None else torch.float32
+        self.dtype = torch_dtype(dtype) if dtype is not None else torch.float32
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def plan(self, height: int, width: int) -> TilePlan:
@@ -174,9 +190,7 @@ class DeblurPipeline:
             batch -= 1.0
             result = self._run_arrays(batch) if self.takes_arrays else self._run_tensors(batch)
             if not np.isfinite(result).all():
-                raise NonFiniteOutputError(
-                    "the network produced NaN/inf values (half-precision overflow); "
-                    "use --vae-fp32, --dtype bf16 or --fp32")
+                raise NonFiniteOutputError(_non_finite_advice(self.model, self.dtype))
             # 4. blend into the accumulators
             for t, tile_out in zip(group, result, strict=True):
                 win = t.window()

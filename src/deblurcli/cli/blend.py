@@ -94,18 +94,40 @@ def _fuse(lora_real: Path | None, lora_synthetic: Path | None, gamma: float, out
     stdout_console().print(f"wrote fused model folder {output} (gamma={gamma:g})", highlight=False)
 
 
+def _folder_adapters(weights: Path) -> tuple[Path, Path]:
+    """The real and synthetic adapter files of model folder ``weights``, checked as a run
+    checks them (its checksums; one line for a training run or a fused folder), or of a folder
+    that holds just the two files."""
+    from deblurcli.errors import WeightsError
+    from deblurcli.modelindex import INDEX_FILE, RECORD_KEY, read_model_index, verify_checksums
+    from deblurcli.modelfolder import lora_file
+
+    alone = weights / lora_file("real"), weights / lora_file("synthetic")
+    if not (weights / INDEX_FILE).is_file() and all(path.is_file() for path in alone):
+        return alone
+    record = read_model_index(weights)[RECORD_KEY]
+    if record.get("fused_gamma") is not None:
+        raise WeightsError(f"{weights} has its adapters fused already "
+                           f"(gamma={float(record['fused_gamma']):g}); blend an unfused folder")
+    adapters = record.get("adapters") or {}
+    missing = [name for name in ("real", "synthetic") if name not in adapters]
+    if missing:
+        raise WeightsError(f"{weights} has no {missing[0]} adapter to blend")
+    verify_checksums(weights)
+    return weights / adapters["real"], weights / adapters["synthetic"]
+
+
 def _blend_files(lora_real: Path | None, lora_synthetic: Path | None, gamma: float,
                  output: Path, weights: Path | None, fp16: bool, force: bool) -> None:
     if lora_real is None and weights is not None:
-        from deblurcli.modelfolder import lora_file, read_model_index
-
-        lora_real, lora_synthetic = weights / lora_file("real"), weights / lora_file("synthetic")
-        if not lora_real.is_file():  # a training run, ...: one line on what the folder is
-            read_model_index(weights)
+        lora_real, lora_synthetic = _folder_adapters(weights)
     elif lora_real is None or lora_synthetic is None:
         raise typer.BadParameter("give two adapter files (LORA_REAL LORA_SYNTH) or --weights DIR")
     elif weights is not None:
         raise typer.BadParameter("give either adapter files or --weights DIR, not both")
+    elif _same_file(lora_real, lora_synthetic):
+        raise typer.BadParameter(f"{lora_real} is given as both adapters; give the real one, "
+                                 "then the synthetic one")
     if output.is_dir():
         raise typer.BadParameter(f"{output} is a folder; give a .safetensors file name "
                                  "(or use --fuse to write a model folder)", param_hint="--output")

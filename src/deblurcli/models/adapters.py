@@ -452,9 +452,12 @@ def blend_adapter_files(real_path: str | Path, synthetic_path: str | Path,
     """
     parts = []
     for path in (real_path, synthetic_path):
-        spec, state, _ = read_lora_file(path)
+        spec, state, metadata = read_lora_file(path)
         if spec is None:
             raise WeightsError(f"{Path(path).name} records no plain LoRA config to blend with")
+        if BLEND_METADATA_KEY in metadata:  # its γ would be lost: the result runs at another
+            raise WeightsError(f"{Path(path).name} is already a blend (of deblurcli blend); "
+                               "blend the model folder's own two adapters")
         parts.append((spec, state))
     (real_spec, real), (synth_spec, synth) = parts
     spec, state = blend_adapter_states(real, real_spec, synth, synth_spec, gamma)

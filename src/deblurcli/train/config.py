@@ -194,6 +194,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise DeblurcliError(f"{path}: the config must be a table of settings")
     flat: dict[str, Any] = {}
     for key, value in raw.items():
+        if key == "frozen_digests" and "kind" in raw:
+            continue  # a run's config.json: a record of its sources, not a table of settings
         if isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 flat[str(sub_key).replace("-", "_")] = sub_value
