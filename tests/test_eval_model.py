@@ -111,12 +111,14 @@ def test_an_interrupted_sweep_reports_the_images_every_row_scored(tiny_model_fol
     out = tmp_path / "report"
     res = CliRunner().invoke(app, [
         "eval", "--blur", str(tmp_path / "blur"), "--sharp", str(tmp_path / "sharp"),
-        "--weights", str(tiny_model_folder), "--gamma", "1,0.5", "--metrics", "psnr",
+        "--weights", str(tiny_model_folder), "--gamma", "1,0.5,0.3", "--metrics", "psnr",
         "--device", "cpu", "--dtype", "fp32", "--tile", "0", "--out", str(out), "-q"])
     assert res.exit_code == 130, res.output
-    assert "first 2 of 3 image(s)" in res.stderr and res.stderr.rstrip().endswith("interrupted")
+    assert "first 2 of 3 image(s), which each of them scored; not reached: gamma=0.3" in \
+        " ".join(res.stderr.split()) and res.stderr.rstrip().endswith("interrupted")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["meta"]["interrupted"] is True and summary["meta"]["n_planned"] == 3
+    assert summary["meta"]["rows_not_reached"] == ["gamma=0.3"]
     assert summary["meta"]["n_images"] == 2
     with open(out / "per_image.csv", newline="") as f:
         lines = list(csv.DictReader(f))
@@ -142,3 +144,25 @@ def test_an_interrupt_before_any_score_leaves_no_report(tmp_path, monkeypatch):
         "--metrics", "psnr", "--device", "cpu", "--out", str(tmp_path / "report"), "-q"])
     assert res.exit_code == 130 and res.stdout == "", res.output
     assert not (tmp_path / "report").exists()
+
+
+def test_an_interrupt_while_the_model_loads_reports_nothing(tiny_model_folder, tmp_path,
+                                                            monkeypatch):
+    """The baseline row was done: a report of it alone replaced an earlier full one."""
+    from deblurcli import modelfolder
+
+    img = data.astronaut().astype(np.float32) / 255
+    sharp = img[100:140, 200:240]
+    write_image(tmp_path / "sharp" / "p.png", sharp)
+    write_image(tmp_path / "blur" / "p.png", (sharp + np.roll(sharp, 2, axis=1)) / 2)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(modelfolder, "ready_model", ctrl_c)
+    out = tmp_path / "report"
+    res = CliRunner().invoke(app, [
+        "eval", "--blur", str(tmp_path / "blur"), "--sharp", str(tmp_path / "sharp"),
+        "--weights", str(tiny_model_folder), "--gamma", "1,0.5", "--metrics", "psnr",
+        "--device", "cpu", "--dtype", "fp32", "--tile", "0", "--out", str(out), "-q"])
+    assert res.exit_code == 130 and res.stdout == "" and not out.exists(), res.output

@@ -4,6 +4,7 @@ and one clear line where it cannot run."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -412,16 +413,18 @@ def test_a_changed_export_is_made_again(tiny_model_folder, tmp_path):
     # an export killed half-way leaves its temporary folder: the next export removes it
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    abandoned = export.parent.parent / f".{export.parent.name}.tmp-{dead}"
-    running = export.parent.parent / f".{export.parent.name}.tmp-{os.getppid()}"
-    abandoned.mkdir()
-    running.mkdir()
+    host = onnx_backend._host()
+    abandoned = export.parent.parent / f".{export.parent.name}.tmp-{host}-{dead}"
+    running = export.parent.parent / f".{export.parent.name}.tmp-{host}-{os.getppid()}"
+    elsewhere = export.parent.parent / f".{export.parent.name}.tmp-other.host-{dead}"
+    for folder in (abandoned, running, elsewhere):  # another machine's may run on a shared cache
+        folder.mkdir()
     result = deblur(source, tmp_path / "b", "-w", tiny_model_folder, "--backend", "onnx")
     assert result.exit_code == 0 and "exporting" in result.output, result.output
     assert onnx_backend.intact(export.parent)
     assert np.array_equal(read_image(tmp_path / "a" / "photo.png").pixels,
                           read_image(tmp_path / "b" / "photo.png").pixels)
-    assert not abandoned.exists() and running.is_dir()
+    assert not abandoned.exists() and running.is_dir() and elsewhere.is_dir()
 
 
 def test_a_copied_export_with_the_same_contents_is_used(tiny_model_folder, tmp_path):
@@ -433,6 +436,20 @@ def test_a_copied_export_with_the_same_contents_is_used(tiny_model_folder, tmp_p
         os.utime(path)
     result = deblur(source, tmp_path / "b", "-w", copy, "--backend", "onnx")
     assert result.exit_code == 0 and "exporting" not in result.output, result.output
+    (export,) = (copy / ".onnx").glob("*/model.onnx")  # hashed once: its new time recorded
+    record = json.loads((export.parent / "key.json").read_text())["files"]["model.onnx"]
+    assert record[1] == export.stat().st_mtime_ns
+
+
+def test_an_export_from_before_the_file_records_is_kept(tiny_model_folder, tmp_path):
+    source = photo(tmp_path)
+    assert deblur(source, tmp_path / "a", "-w", tiny_model_folder, "--backend", "onnx").exit_code == 0
+    (key,) = (tiny_model_folder / ".onnx").glob("*/key.json")
+    parts = json.loads(key.read_text())
+    key.write_text(json.dumps({k: v for k, v in parts.items() if k != "files"}))
+    result = deblur(source, tmp_path / "b", "-w", tiny_model_folder, "--backend", "onnx")
+    assert result.exit_code == 0 and "exporting" not in result.output, result.output
+    assert json.loads(key.read_text())["files"] == parts["files"]
 
 
 def test_a_folder_without_its_checksums_is_not_an_export_failure(tiny_model_folder, tmp_path):
@@ -441,3 +458,25 @@ def test_a_folder_without_its_checksums_is_not_an_export_failure(tiny_model_fold
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1] == \
         f"error: missing file checksums.sha256 in {tiny_model_folder}"
+
+
+def test_a_run_without_a_usable_export_hashes_the_folder_once(tiny_model_folder, tmp_path,
+                                                               monkeypatch):
+    """The weights were hashed three times (two cache lookups and the load) when no export
+    could be used, as after a failed export with --backend auto."""
+    from deblurcli import modelindex
+
+    key = onnx_backend.model_key(tiny_model_folder, gamma=0.7, lora=None)
+    where = onnx_backend.cache_dir(tiny_model_folder, key)
+    where.parent.mkdir(parents=True)
+    where.with_name(f"{where.name}.failed").write_text("RuntimeError: no\n")
+    real, hashed = modelindex.sha256_file, []
+
+    def counting(path):
+        hashed.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(modelindex, "sha256_file", counting)
+    result = deblur(photo(tmp_path), tmp_path / "o", "-w", tiny_model_folder, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert hashed.count("diffusion_pytorch_model.safetensors") == 3  # evae, unet, prompt: once

@@ -855,3 +855,20 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_states_aside(pairs: Path,
     assert model_step(kept / "model") == 4 and (kept / "validation" / "step-000000004.png").is_file()
     assert resolve_resume("latest", run).name == "step-000000003"
     assert model_step(run / "model") == 3
+
+
+def test_a_nan_at_validation_is_logged_not_fatal(tmp_path: Path) -> None:
+    """The sheet of a NaN output stopped the run (write_image refuses NaN), losing every step
+    since the last checkpoint."""
+    from types import SimpleNamespace
+
+    from deblurcli.train.engine import _validate
+
+    blur = torch.zeros(3, 16, 16)
+    broken = blur.clone()[None]
+    broken[0, 0, 3, 4] = float("nan")
+    stage = SimpleNamespace(trained=[], predict=lambda b, s: broken)
+    scores = _validate(stage, [{"blur": blur, "sharp": blur}], tmp_path, 7, torch.device("cpu"),
+                       lambda: torch.autocast("cpu", enabled=False))
+    assert math.isnan(scores["val_psnr"])
+    assert (tmp_path / "validation" / "step-000000007.png").is_file()

@@ -58,9 +58,12 @@ def key_parts(folder: Path, *, gamma: float, lora: Path | None) -> dict:
     """What an export of model folder ``folder`` at ``gamma`` (or with the blend file ``lora``)
     depends on: the folder's checksums, γ or the blend file, and the versions that export and
     optimise it. Stored beside each export as ``key.json``."""
+    from deblurcli.errors import WeightsError
     from deblurcli.modelindex import CHECKSUM_FILE, RECORD_KEY, read_model_index, sha256_file
 
     record = read_model_index(folder)[RECORD_KEY]
+    if not (folder / CHECKSUM_FILE).is_file():  # what verify_checksums says, before any export
+        raise WeightsError(f"missing file {CHECKSUM_FILE} in {folder}")
     parts: dict = {"checksums": sha256_file(folder / CHECKSUM_FILE), **_runtime_parts()}
     if lora is not None:
         parts["lora"] = sha256_file(lora)
@@ -102,21 +105,38 @@ def _file_records(folder: Path) -> dict[str, list]:
 def intact(folder: Path) -> bool:
     """Whether export folder ``folder`` holds the files its ``key.json`` recorded, unchanged: a
     file of the recorded size and time is taken as it is (as ``make`` and ``rsync`` do); one
-    with another time (a copy, an edit) must have the recorded SHA-256."""
+    with another time (a copy, an edit) must have the recorded SHA-256, and its new time is
+    then recorded (where the folder is writable), so that it is hashed once. An export from
+    before these records gets them now, as it is."""
+    from deblurcli.images import atomic_write_bytes
     from deblurcli.modelindex import sha256_file
 
     try:
-        records = json.loads((folder / KEY_FILE).read_text())[FILES_KEY]
+        parts = json.loads((folder / KEY_FILE).read_text())
+        records = parts.get(FILES_KEY)
         names = {path.name for path in folder.iterdir() if path.name != KEY_FILE}
+        changed = records is None
+        if records is None:
+            records = _file_records(folder)
         if set(records) != names:
             return False
-        for name, (size, mtime_ns, digest) in records.items():
+        for name, (size, mtime_ns, digest) in list(records.items()):
             stat = (folder / name).stat()
-            if stat.st_size != size or (stat.st_mtime_ns != mtime_ns
-                                        and sha256_file(folder / name) != digest):
+            if stat.st_size != size:
                 return False
-    except (OSError, ValueError, KeyError, TypeError):
+            if stat.st_mtime_ns != mtime_ns:
+                if sha256_file(folder / name) != digest:
+                    return False
+                records[name] = [size, stat.st_mtime_ns, digest]
+                changed = True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+    if changed:
+        try:
+            atomic_write_bytes(folder / KEY_FILE, (json.dumps(
+                {**parts, FILES_KEY: records}, sort_keys=True) + "\n").encode())
+        except OSError:  # a read-only cache: hashed again next time
+            pass
     return True
 
 
@@ -216,7 +236,7 @@ def export(model, folder: Path, parts: dict | None = None) -> None:
     sample = torch.zeros(1, 3, 72, 72)
     axes = {0: "batch", 2: "height", 3: "width"}
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    tmp = folder.with_name(f".{folder.name}.tmp-{_host()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -292,10 +312,10 @@ def cached(folder: Path, *, gamma: float, lora: Path | None = None,
     it was written (:func:`intact`) counts as none: it is made again."""
     from deblurcli.modelindex import verify_checksums
 
-    verify_checksums(folder)
     path = cache_dir(folder, model_key(folder, gamma=gamma, lora=lora)) / MODEL_FILE
     if not path.is_file() or not intact(path.parent):
         return None
+    verify_checksums(folder)
     try:
         return OnnxModel(path, threads)
     except Exception:  # noqa: BLE001 - ORT's error kinds; an unreadable export is redone
@@ -340,11 +360,21 @@ def load(folder: Path, *, gamma: float, lora: Path | None, threads: int, load_mo
     return model
 
 
+def _host() -> str:
+    """This machine's name as it goes into an export's temporary folder name."""
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
 def _abandoned(name: str) -> bool:
-    """Whether ``name`` is the temporary folder of an export (``.KEY.tmp-PID``) whose process
-    no longer runs (killed mid-export: ``kill -9``, a power cut)."""
-    head, sep, pid = name.rpartition(".tmp-")
-    if not sep or not head.startswith(".") or not pid.isdigit():
+    """Whether ``name`` is the temporary folder of an export of this machine
+    (``.KEY.tmp-HOST-PID``) whose process no longer runs (killed mid-export: ``kill -9``, a
+    power cut). Another machine's (a cache shared over the network) is never taken for one."""
+    head, sep, tail = name.rpartition(".tmp-")
+    host, dash, pid = tail.rpartition("-")
+    if not sep or not head.startswith(".") or not dash or host != _host() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)

@@ -234,8 +234,9 @@ def evaluate(
                                 keep_partial=True)
     con = stdout_console()
     if result.stopped is not None:  # what was scored is reported, then the exit says stopped
+        missed = f"; not reached: {', '.join(result.unreached)}" if result.unreached else ""
         err.print(f"stopped: the rows are compared over the first {result.n_images} of "
-                  f"{result.n_planned} image(s), which each of them scored",
+                  f"{result.n_planned} image(s), which each of them scored{missed}",
                   highlight=False, markup=False)
     con.print(results_table(result))
     if out is not None:

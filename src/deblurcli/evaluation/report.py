@@ -98,8 +98,8 @@ def summary_dict(result: EvalResult, command: str | None = None,
         "device": result.device,
         "aligned": result.aligned,
         "y_channel": result.y_channel,
-        **({"interrupted": True, "n_planned": result.n_planned}
-           if result.stopped is not None else {}),
+        **({"interrupted": True, "n_planned": result.n_planned,
+            "rows_not_reached": result.unreached} if result.stopped is not None else {}),
         "metrics": {n: {"kind": METRICS[n].kind, "lower_better": METRICS[n].lower_better}
                     for n in result.metrics},
         "inf_handling": "means over finite values; <metric>_inf counts infinite scores, "

@@ -122,6 +122,7 @@ class EvalResult:
     # and ``n_planned`` those the evaluation was to score
     stopped: KeyboardInterrupt | None = None
     n_planned: int | None = None
+    unreached: list[str] = field(default_factory=list)  # the rows it stopped before
 
 
 def choose_metrics(requested: Sequence[str] | None, has_reference: bool) -> list[str]:
@@ -365,10 +366,11 @@ def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
     ``config.offline``; a metric that still lacks them is skipped with one ``warn`` line, and
     ``note`` hears of each fetch.
 
-    With ``keep_partial``, a Ctrl-C or SIGTERM (``KeyboardInterrupt``) after the first image
-    was scored returns what was scored (:func:`_partial`), with the interrupt in
-    :attr:`EvalResult.stopped` for the caller to raise once it has reported it; without it, or
-    before any score, the interrupt propagates.
+    With ``keep_partial``, a Ctrl-C or SIGTERM (``KeyboardInterrupt``) after the first image of
+    an asked-for row (``pred``, a γ; ``input`` when it is the only one) was scored returns what
+    was scored (:func:`_partial`), with the interrupt in :attr:`EvalResult.stopped` for the
+    caller to raise once it has reported it; without it, or before such a score (the baseline
+    alone says nothing of the model), the interrupt propagates.
     """
     from deblurcli.device import resolve_device
 
@@ -412,8 +414,16 @@ def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
         if config.model is not None:
             _model_rows(rows, eval_set, metrics, config, device, progress, warn)
     except KeyboardInterrupt as exc:
-        if not keep_partial or not any(row.images for row in rows):
+        baseline_only = pred_files is None and config.model is None
+        asked = [row for row in rows if baseline_only or row.label != "input"]
+        if not keep_partial or not any(row.images for row in asked):
             raise
+        ran = sum(row.gamma is not None for row in rows if row.images)  # γ rows run in order
+        result.unreached = \
+            (["pred"] if pred_files is not None and not any(r.label == "pred" and r.images
+                                                               for r in rows)
+             else []) + \
+            ([f"gamma={g:g}" for g in config.model.gammas[ran:]] if config.model else [])
         _partial(result, exc)
     return result
 

@@ -399,9 +399,10 @@ def _validate(stage: Stage, val: dt.ValidationDataset, output: Path, step: int,
             psnrs.append(psnr(pred, sharp))
             ssims.append(ssim(pred, sharp))
             input_psnrs.append(psnr(blur, sharp))  # the baseline to beat
-            if index < 4:
+            if index < 4:  # NaN (a diverged model) drawn black: the scores say nan
                 row = torch.cat([blur[0], pred[0], sharp[0]], dim=2)
-                rows.append(row.clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+                row = torch.nan_to_num(row, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
+                rows.append(row.permute(1, 2, 0).cpu().numpy())
     for module in stage.trained:
         module.train()
     if rows:
