@@ -216,3 +216,23 @@ def test_training_from_an_inference_export_says_what_it_lacks(run: Path, pairs: 
     result = train(tmp_path / "fused", "c")
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "needs an unfused model folder" in result.stderr
+
+
+def test_a_checkpoint_is_named_in_its_run_or_set_aside_by_a_resume(run: Path,
+                                                                    tmp_path: Path) -> None:
+    """`--checkpoint step-N` was looked for in the working directory; a checkpoint a resume had
+    set aside under RUN/superseded/ could not be exported at all (the suggested command failed)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    result = _export(copy, "-o", tmp_path / "named", "--checkpoint", "step-000000001")
+    assert result.exit_code == 0, result.output
+    aside = copy / "superseded" / "resumed-at-000000001" / "checkpoints"
+    aside.mkdir(parents=True)
+    shutil.move(str(copy / "checkpoints" / "step-000000002"), str(aside))
+    result = _export(copy, "-o", tmp_path / "aside", "--checkpoint", aside / "step-000000002")
+    assert result.exit_code == 0, result.output
+    assert "step-000000002 (step 2)" in result.stdout
+    result = _export(run, "-o", tmp_path / "bad", "--checkpoint", aside / "step-000000002")
+    assert result.exit_code == 1
+    assert f"export it from its own run: deblurcli export {copy.resolve()} --checkpoint " \
+        f"{aside / 'step-000000002'}" in " ".join(result.stderr.split())

@@ -222,3 +222,19 @@ def test_device_clips_leave_out_the_validation_windows(tmp_path) -> None:
                for f in clip]
     assert len(held) == 6 and not held & set(trained)
     assert len(trained) == len(set(trained)) and len(trained) >= 30 - 6 - 2 * 6
+
+
+def test_frames_too_few_for_one_window_are_an_error_not_dropped(photo_and_frame_folders) -> None:
+    """Beside --sharp-photos, a --frames folder that made no window was left out unsaid (a run
+    with no real blur at all); alone, it said the folder held no images."""
+    from deblurcli.errors import DatasetError
+    from deblurcli.train.config import DiffusionTrainConfig
+    from deblurcli.train.engine import build_data
+
+    photos, frames = photo_and_frame_folders
+    for sources in ({"sharp_photos": str(photos), "frames": str(frames)},
+                    {"frames": str(frames)}):
+        config = DiffusionTrainConfig(frames_per_blur=11, crop=16, **sources)
+        with pytest.raises(DatasetError, match="has 11 frames for one blurred image \\(the "
+                                               "longest has 9\\); lower --frames-per-blur"):
+            build_data(config)

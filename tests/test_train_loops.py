@@ -872,3 +872,87 @@ def test_a_nan_at_validation_is_logged_not_fatal(tmp_path: Path) -> None:
                        lambda: torch.autocast("cpu", enabled=False))
     assert math.isnan(scores["val_psnr"])
     assert (tmp_path / "validation" / "step-000000007.png").is_file()
+
+
+def test_resuming_a_checkpoint_continues_the_run_that_holds_it(pairs: Path,
+                                                               tmp_path: Path) -> None:
+    """Without -o, a copied run's checkpoint resumed into the folder its config.json named:
+    the original run's later states were set aside and its model replaced."""
+    import shutil
+
+    from deblurcli.train.checkpoint import model_step
+    from deblurcli.train.config import resolve_config
+
+    original = tmp_path / "original"
+    train_vae(VaeTrainConfig(data=str(pairs), output=str(original), max_steps=2, lr=1e-3,
+                             **{**FAST, "checkpoint_every": 1}))
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    config = resolve_config(VaeTrainConfig, None, {
+        "resume": str(copy / "checkpoints" / "step-000000001"), "max_steps": 3})
+    assert Path(config.output) == copy
+    train_vae(config)
+    assert model_step(original / "model") == 2 and not (original / "superseded").exists()
+    assert model_step(copy / "model") == 3
+    with pytest.raises(DeblurcliError, match="not inside a run folder; give -o RUN"):
+        resolve_config(VaeTrainConfig, None, {
+            "resume": str(copy / "superseded" / "resumed-at-000000001" / "checkpoints" /
+                          "step-000000002")})
+
+
+def test_sigterm_to_a_run_with_data_workers_stops_it_with_a_checkpoint(pairs: Path,
+                                                                       tmp_path: Path) -> None:
+    """`timeout`/Slurm signal the whole process group: the DataLoader workers died of it and
+    torch raised that inside the step; the run ended with exit 1 and no checkpoint."""
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deblurcli", "train-vae", "--data", str(pairs), "--preset", "tiny",
+         "--cpu", "--crop", "32", "--batch-size", "2", "--perceptual", "none", "--workers", "1",
+         "--max-steps", "100000", "--log-every", "1", "-o", str(run), "-q"],
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        log = run / "train_log.csv"
+        if log.is_file() and len(log.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert list((run / "checkpoints").glob("step-*")), err
+
+
+def test_a_second_signal_says_no_checkpoint_was_written(pairs: Path, tmp_path: Path,
+                                                        monkeypatch) -> None:
+    """It said 'checkpoint saved to None' (or named the last periodic one as if just saved)."""
+    from deblurcli.cli.app import app
+
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def interrupt_at(n):
+        def step(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt  # a second Ctrl-C landing mid-step
+            return real_step(self, *args, **kwargs)
+        return step
+
+    args = ["train-vae", "--data", str(pairs), "--preset", "tiny", "--cpu", "--crop", "32",
+            "--batch-size", "2", "--perceptual", "none", "--max-steps", "5",
+            "--checkpoint-every", "1", "-q"]
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_at(1))
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a")])
+    assert result.exit_code == 130
+    assert "interrupted at once after step 0 (a second signal), before any checkpoint: nothing " \
+        "to resume" in " ".join(result.stderr.split())
+    calls.clear()
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_at(3))
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b")])
+    assert result.exit_code == 130
+    last = tmp_path / "b" / "checkpoints" / "step-000000002"
+    assert f"interrupted at once after step 2 (a second signal), without a checkpoint; the last " \
+        f"one is {last}; continue with: --resume latest -o {tmp_path / 'b'}" in \
+        " ".join(result.stderr.split())

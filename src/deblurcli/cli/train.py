@@ -167,9 +167,17 @@ def _run(kind: str, values: dict[str, Any], random_evae: bool = False) -> None:
     losses = " ".join(f"{k}={v:.4g}" for k, v in result.last_losses.items())
     val = " ".join(f"{k}={v:.4g}" for k, v in result.validation.items())
     if result.interrupted:
-        err.print(f"{'terminated' if result.terminated else 'interrupted'} at step "
-                  f"{result.step}; checkpoint saved to {result.checkpoint}; "
-                  f"continue with: --resume latest -o {result.output}", highlight=False)
+        how = "terminated" if result.terminated else "interrupted"
+        if not result.torn:
+            err.print(f"{how} at step {result.step}; checkpoint saved to {result.checkpoint}; "
+                      f"continue with: --resume latest -o {result.output}", highlight=False)
+        elif result.checkpoint is not None:
+            err.print(f"{how} at once after step {result.step} (a second signal), without a "
+                      f"checkpoint; the last one is {result.checkpoint}; continue with: "
+                      f"--resume latest -o {result.output}", highlight=False)
+        else:
+            err.print(f"{how} at once after step {result.step} (a second signal), before any "
+                      "checkpoint: nothing to resume", highlight=False)
         raise typer.Exit(stopped)
     done = result.step - result.start_step
     since = f" (resumed at {result.start_step})" if result.start_step else ""

@@ -391,4 +391,22 @@ def resolve_config(cls: type[C], config_file: str | None = None,
                                  f"{flag} out, or start a new run with --init")
     merged.update(given)
     merged["resume"] = str(path)
+    if "output" not in given:  # the run that holds the checkpoint, not where it was first written
+        merged["output"] = str(_run_of(path))
     return cls(**merged)
+
+
+def _run_of(checkpoint: Path) -> Path:
+    """The run folder that holds ``checkpoint`` (``RUN/checkpoints/step-N``); a checkpoint
+    elsewhere (set aside under ``superseded/``, copied out) names none: -o must say where.
+
+    Raises:
+        DeblurcliError: ``checkpoint`` lies in no run folder.
+    """
+    from deblurcli.train.checkpoint import CHECKPOINT_DIR
+
+    run = checkpoint.parent.parent
+    if checkpoint.parent.name == CHECKPOINT_DIR and (run / "config.json").is_file():
+        return run
+    raise DeblurcliError(f"--resume {checkpoint}: it is not inside a run folder; give -o RUN, "
+                         "the folder the resumed run writes to")

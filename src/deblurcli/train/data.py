@@ -185,10 +185,16 @@ def frame_items(folder: str | Path, frames_per_blur: int = 7) -> list[FramesItem
     clips = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir() and not any(
         part.startswith(".") for part in p.relative_to(folder).parts))
     items: list[FramesItem] = []
+    longest = 0
     for clip in clips:
         frames = _images(clip, recursive=False)
+        longest = max(longest, len(frames))
         for start in range(0, len(frames) - frames_per_blur + 1, frames_per_blur):
             items.append(FramesItem(tuple(frames[start:start + frames_per_blur])))
+    if not items and longest:  # beside another source it would have been dropped unsaid
+        raise DatasetError(f"no clip in the frame folder {folder} has {frames_per_blur} frames "
+                           f"for one blurred image (the longest has {longest}); lower "
+                           "--frames-per-blur")
     return items
 
 

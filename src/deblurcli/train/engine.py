@@ -195,7 +195,17 @@ def batch_stream(data: DataBundle, config: CommonConfig, *, rank: int, world: in
                                     start_batch=start_batch)
     return iter(torch.utils.data.DataLoader(data.train, batch_sampler=sampler,
                                             num_workers=config.workers,
-                                            persistent_workers=config.workers > 0))
+                                            persistent_workers=config.workers > 0,
+                                            worker_init_fn=_outlive_sigterm
+                                            if config.workers > 0 else None))
+
+
+def _outlive_sigterm(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM: a job's SIGTERM to the whole process group (Slurm,
+    systemd, ``timeout``) killed it, and torch's SIGCHLD handler then raised its death in the
+    middle of the main process's step, which ended without a checkpoint. The main process stops
+    after the step and shuts its workers down (they also end when it dies)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -309,6 +319,7 @@ class TrainResult:
     checkpoint: Path | None
     interrupted: bool = False
     terminated: bool = False  # interrupted by SIGTERM (kill, a scheduler), not Ctrl-C
+    torn: bool = False  # stopped at once by a second signal: no checkpoint written at the stop
     out_of_time: bool = False
     last_losses: dict[str, float] = field(default_factory=dict)
     validation: dict[str, float] = field(default_factory=dict)
@@ -633,7 +644,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
         accelerator.wait_for_everyone()
     return TrainResult(step=step, output=output, model_folder=model_folder, checkpoint=last_ckpt,
                        interrupted=interrupted, out_of_time=out_of_time,
-                       terminated=interrupted and flag.signum == signal.SIGTERM,
+                       terminated=interrupted and flag.signum == signal.SIGTERM, torn=torn,
                        last_losses=losses, validation=validation,
                        seconds=time.perf_counter() - began, main_process=main,
                        start_step=start)

@@ -81,15 +81,22 @@ def choose_state(run: str | Path, checkpoint: str | None = None) -> RunState:
             have = ", ".join(str(step) for step, _ in found) or "none"
             raise DeblurcliError(f"no checkpoint of step {checkpoint} in {run} (steps: {have})")
         path = Path(checkpoint)
+        if not (path / "state.json").is_file() and \
+                (ckpt.checkpoint_root(run) / checkpoint / "state.json").is_file():
+            path = ckpt.checkpoint_root(run) / checkpoint  # a name: RUN/checkpoints/step-N
         if not (path / "state.json").is_file():
             raise DeblurcliError(f"--checkpoint {checkpoint}: not 'latest', a step number or a "
                                  "checkpoint folder")
         folder = path.resolve().parent
-        if folder.name == ckpt.CHECKPOINT_DIR and folder != ckpt.checkpoint_root(run).resolve():
-            owner = folder.parent  # another run's checkpoint
+        own = [ckpt.checkpoint_root(run).resolve(), (run / ckpt.SUPERSEDED_DIR).resolve()]
+        if folder.name == ckpt.CHECKPOINT_DIR and not any(
+                folder == root or root in folder.parents for root in own):
+            owner = folder.parent  # another run's checkpoint (or one it set aside)
+            if owner.parent.name == ckpt.SUPERSEDED_DIR:
+                owner = owner.parent.parent
             raise DeblurcliError(f"--checkpoint {checkpoint} is not a checkpoint of {run} (the "
                                  "model folder would name the wrong run); export it from its "
-                                 f"own run: deblurcli export {owner} --checkpoint {path.name}")
+                                 f"own run: deblurcli export {owner} --checkpoint {path}")
         return RunState(path, -1, True)
     model = run / "model"
     newest = found[-1] if found else None
