@@ -956,3 +956,32 @@ def test_a_second_signal_says_no_checkpoint_was_written(pairs: Path, tmp_path: P
     assert f"interrupted at once after step 2 (a second signal), without a checkpoint; the last " \
         f"one is {last}; continue with: --resume latest -o {tmp_path / 'b'}" in \
         " ".join(result.stderr.split())
+
+
+def test_an_unreadable_training_image_keeps_the_steps_done(pairs: Path, tmp_path: Path) -> None:
+    """A file damaged past its header (checked before the first step) stopped the run with
+    every step since the last checkpoint lost, and, from a data worker, with torch's whole
+    worker traceback as the error line."""
+    import shutil
+
+    from deblurcli.cli.app import app
+
+    data = tmp_path / "pairs"
+    shutil.copytree(pairs, data)
+    damaged = data / "blur" / "p1.png"
+    intact = damaged.read_bytes()
+    damaged.write_bytes(intact[:300])  # the header still reads
+    run = tmp_path / "run"
+    args = ["train-vae", "--data", str(data), "--preset", "tiny", "--cpu", "--crop", "32",
+            "--batch-size", "1", "--perceptual", "none", "--workers", "1",
+            "--checkpoint-every", "1000", "-o", str(run), "-q"]
+    result = CliRunner().invoke(app, [*args, "--max-steps", "200"])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line, line
+    assert line.startswith(f"error: cannot read {damaged}: corrupt or unsupported PNG")
+    assert line.endswith(f"step(s) are saved: fix it, then continue with --resume latest -o {run}")
+    damaged.write_bytes(intact)
+    resumed = CliRunner().invoke(app, ["train-vae", "--resume", "latest", "-o", str(run),
+                                       "--max-steps", "200", "-q"])
+    assert resumed.exit_code == 0, resumed.output

@@ -200,12 +200,28 @@ def batch_stream(data: DataBundle, config: CommonConfig, *, rank: int, world: in
                                             if config.workers > 0 else None))
 
 
+def _original_message(exc: BaseException) -> str:
+    """``exc``'s message; for one a DataLoader worker raised (torch passes on the worker's
+    traceback as the message), the original one, from its last line."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and name.replace(".", "").replace("_", "").isalnum() else last
+
+
+def _quit_on_sigterm(signum, frame) -> None:
+    os._exit(0)
+
+
 def _outlive_sigterm(worker_id: int) -> None:
-    """A DataLoader worker ignores SIGTERM: a job's SIGTERM to the whole process group (Slurm,
-    systemd, ``timeout``) killed it, and torch's SIGCHLD handler then raised its death in the
-    middle of the main process's step, which ended without a checkpoint. The main process stops
-    after the step and shuts its workers down (they also end when it dies)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A DataLoader worker ends quietly (status 0) on SIGTERM: a job's SIGTERM to the whole
+    process group (Slurm, systemd, ``timeout``) killed it, and torch's SIGCHLD handler raised
+    that death (a signal) in the middle of the main process's step, which ended without a
+    checkpoint. A worker gone with status 0 raises nothing there; the next batch then fails,
+    and the main process, which has the signal too, stops with a checkpoint."""
+    signal.signal(signal.SIGTERM, _quit_on_sigterm)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -569,10 +585,19 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
             while step < target and not flag.hit:
                 try:
                     batch = next(batches)
-                except Exception:  # noqa: BLE001
-                    if not flag.hit:
-                        raise
-                    break  # a signal to the process group ended the data workers too
+                except Exception as exc:  # noqa: BLE001
+                    if flag.hit:
+                        break  # a signal to the process group ended the data workers too
+                    # between steps the state is whole: keep the steps done (one process only:
+                    # the others would wait for it at the checkpoint's barrier)
+                    saved = ""
+                    if step > start and accelerator.num_processes == 1:
+                        last_ckpt = save(step)
+                        saved = (f"; the run's {step} step(s) are saved: fix it, then continue "
+                                 f"with --resume latest -o {output}")
+                    if isinstance(exc, DeblurcliError):
+                        raise type(exc)(_original_message(exc) + saved) from None
+                    raise
                 batch = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v)
                          for k, v in batch.items()}
                 lr = next(iter(stage.optimizers.values())).param_groups[0]["lr"]  # this update's
