@@ -71,3 +71,21 @@ def test_a_run_that_fails_on_its_settings_leaves_no_output_folder(pairs, tmp_pat
     (mine / "notes.txt").write_text("mine")
     assert CliRunner().invoke(app, [command, *data, "-o", str(mine)]).exit_code == 1
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_settings_that_would_be_silently_ignored_are_refused(tmp_path) -> None:
+    from deblurcli.errors import DeblurcliError
+    from deblurcli.train.config import VaeTrainConfig, read_config_file, validate_common
+
+    twice = tmp_path / "twice.toml"
+    twice.write_text("max-steps = 3\nmax_steps = 5\n")
+    with pytest.raises(DeblurcliError, match="the setting max-steps is given twice"):
+        read_config_file(twice)
+    tables = tmp_path / "tables.toml"
+    tables.write_text("[train]\ncrop = 32\n[data]\ncrop = 64\n")
+    with pytest.raises(DeblurcliError, match="the setting crop is given twice"):
+        read_config_file(tables)
+    for settings, words in (({"val_data": "v", "val_count": 5}, "--val-data or --val-count"),
+                            ({"weight_decay": -1.0}, "weight_decay must be >= 0")):
+        with pytest.raises(DeblurcliError, match=f"invalid setting: .*{words}"):
+            validate_common(VaeTrainConfig(**settings))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -193,14 +194,21 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise DeblurcliError(f"{path}: the config must be a table of settings")
     flat: dict[str, Any] = {}
+
+    def put(key: Any, value: Any) -> None:
+        name = str(key).replace("-", "_")
+        if name in flat:  # max-steps and max_steps, or a key in two tables: which one wins?
+            raise DeblurcliError(f"{path}: the setting {name.replace('_', '-')} is given twice")
+        flat[name] = value
+
     for key, value in raw.items():
         if key == "frozen_digests" and "kind" in raw:
             continue  # a run's config.json: a record of its sources, not a table of settings
         if isinstance(value, dict):
             for sub_key, sub_value in value.items():
-                flat[str(sub_key).replace("-", "_")] = sub_value
+                put(sub_key, sub_value)
         else:
-            flat[str(key).replace("-", "_")] = value
+            put(key, value)
     return flat
 
 
@@ -314,6 +322,10 @@ def validate_common(config: CommonConfig) -> None:
         raise bad(f"real_fraction must be in [0, 1] (got {config.real_fraction})")
     if config.time_budget < 0:
         raise bad(f"time_budget must be >= 0 seconds (got {config.time_budget})")
+    if not (config.weight_decay >= 0 and math.isfinite(config.weight_decay)):
+        raise bad(f"weight_decay must be >= 0 (got {config.weight_decay})")
+    if config.val_data and config.val_count:  # one validation set: the count would be ignored
+        raise bad("give --val-data or --val-count, not both")
 
 
 #: Settings that name local files or folders (``base_model`` may also be a hub id).

@@ -306,7 +306,8 @@ def validate_items(items: Sequence[Item], problems: Sequence[str] = (), *, min_s
             found.append(f"size mismatch: {detail} ({item_paths(item)[0].parent})")
         elif min(sizes[0]) < min_size:
             h, w = sizes[0]
-            found.append(f"{item_paths(item)[0]} is {w}x{h}, smaller than the {min_size}px crop")
+            found.append(f"{item_paths(item)[0]} is {w}x{h}, under the {min_size} px an image "
+                         "needs at least")
     if found:
         shown = "; ".join(found[:MAX_LISTED])
         more = f" (+{len(found) - MAX_LISTED} more)" if len(found) > MAX_LISTED else ""
