@@ -150,6 +150,12 @@ def test_what_shapes_the_model_cannot_change_on_resume(tmp_path: Path) -> None:
     with pytest.raises(DeblurcliError, match="\\(it was not given, the checkpoint's model"):
         cfg.resolve_config(cfg.DiffusionTrainConfig, None,
                            {"resume": str(step), "output": str(tmp_path), "lora_rank": 8})
+    # a run from --init: its advice was "start a new run with --init", which refuses the rank too
+    (step / "config.json").write_text(json.dumps({**saved, "lora_rank": None, "init": "m"}))
+    with pytest.raises(DeblurcliError, match="its adapters come from --init m; leave --lora-rank "
+                                             "out$"):
+        cfg.resolve_config(cfg.DiffusionTrainConfig, None,
+                           {"resume": str(step), "output": str(tmp_path), "lora_rank": 8})
 
 
 def test_checkpoint_files_and_folder_are_flushed_to_disk(tmp_path: Path, monkeypatch) -> None:

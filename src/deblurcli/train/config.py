@@ -398,6 +398,9 @@ def resolve_config(cls: type[C], config_file: str | None = None,
         if key in given and key in merged and given[key] != merged[key]:
             flag = key.replace("_", "-")
             was = "not given" if merged[key] is None else repr(merged[key])
+            if key == "lora_rank" and merged.get("init"):  # --init brings its adapters' rank
+                raise DeblurcliError("--lora-rank cannot change when a run resumes: its adapters "
+                                     f"come from --init {merged['init']}; leave --lora-rank out")
             raise DeblurcliError(f"--{flag} cannot change when a run resumes (it was {was}, the "
                                  "checkpoint's model is built that way); leave --"
                                  f"{flag} out, or start a new run with --init")
