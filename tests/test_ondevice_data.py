@@ -131,6 +131,37 @@ def test_step_budget_plans_the_steps_that_fit(monkeypatch) -> None:
     assert planned == 3 + int((100 - 18 - 5) / 6)
 
 
+def test_step_budget_plans_again_when_the_steps_change_speed(monkeypatch) -> None:
+    from deblurcli.train import engine
+
+    clock = [0.0]
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
+    budget = engine.StepBudget(100.0, start_step=0, skip=2, calibrate=10, reserve=0.05)
+    plans, step = {}, 0
+    while clock[0] < 60.0:  # 0.5 s a step, then 1 s a step from 20 s on (crops that grew)
+        step += 1
+        clock[0] += 0.5 if clock[0] < 20.0 else 1.0
+        plans[step] = budget.plan(step)
+    given = {s: v for s, v in plans.items() if v is not None}
+    first, *later = given.items()
+    assert first == (12, 12 + int((100 - 6 - 5) / 0.5))
+    # at 25 s the steps since the first plan (0.5 s, then 1 s) move the end earlier; at 50 s
+    # the 1 s steps alone give the end the clock allows
+    assert [s for s, _ in later] == [45, 70]
+    assert later[0][1] < first[1]
+    assert later[1][1] == 70 + int(100 - 50 - 5)
+
+    steady = engine.StepBudget(100.0, start_step=0, skip=2, calibrate=10)
+    clock[0], steady.began, steady.deadline = 0.0, 0.0, 100.0
+    given = []
+    for step in range(1, 190):  # the same speed throughout: planned once
+        clock[0] += 0.5
+        if steady.plan(step) is not None:
+            given.append(step)
+    assert given == [12]
+    assert steady.planned == 12 + int((100 - 6 - 5) / 0.5)
+
+
 @pytest.fixture(scope="module")
 def photo_and_frame_folders(tmp_path_factory):
     from deblurcli.images import write_image

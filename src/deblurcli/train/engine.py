@@ -485,16 +485,22 @@ class StepBudget:
 
     The first ``skip`` steps (start-up, kernel autotuning) are not timed; once ``calibrate``
     steps are timed and a twentieth of the budget has passed (or a tenth, however few steps),
-    :meth:`plan` returns the step at which the run should end, keeping ``reserve`` of the
-    budget for checkpoints and the model folder.
+    :meth:`plan` gives the step at which the run should end, keeping ``reserve`` of the budget
+    for checkpoints and the model folder. The plan is made again when each of ``replan_at``
+    (fractions of the budget) has passed, from the speed of the steps since the last plan:
+    steps that got slower (crops that grow, a busier machine) move the end earlier, faster ones
+    later, so that a schedule retargeted to the plan ends near the budget. A new plan that
+    moves the end by less than ``tolerance`` of the steps left is not given.
     """
 
     def __init__(self, seconds: float, start_step: int, *, skip: int = 2, calibrate: int = 10,
-                 reserve: float = 0.05) -> None:
+                 reserve: float = 0.05, replan_at: tuple[float, ...] = (0.25, 0.5, 0.75),
+                 tolerance: float = 0.02) -> None:
         self.began = time.perf_counter()
         self.deadline = self.began + seconds
         self.seconds = seconds
         self.skip, self.calibrate, self.reserve = skip, calibrate, reserve
+        self.replan_at, self.tolerance = sorted(replan_at), tolerance
         self.start_step = start_step
         self.mark: tuple[int, float] | None = None
         self.planned: int | None = None
@@ -503,26 +509,39 @@ class StepBudget:
         """The time is up."""
         return time.perf_counter() >= self.deadline
 
+    def _end(self, step: int, now: float) -> int:
+        mark_step, mark_time = self.mark
+        per_step = (now - mark_time) / max(step - mark_step, 1)
+        left = self.deadline - now - self.reserve * self.seconds
+        return step + max(0, int(left / per_step))
+
     def plan(self, step: int) -> int | None:
-        """The planned last step, once (``None`` before it is known and after it was given)."""
+        """The planned last step when it is first known or changes, else ``None``."""
         now = time.perf_counter()
         if self.mark is None:
             if step - self.start_step >= self.skip:
                 self.mark = (step, now)
             return None
-        if self.planned is not None:
-            return None
-        mark_step, mark_time = self.mark
-        timed = step - mark_step
+        timed = step - self.mark[0]
         elapsed = now - self.began
-        ready = (timed >= self.calibrate and elapsed >= 0.05 * self.seconds) or \
-            (timed >= 1 and elapsed >= 0.1 * self.seconds)
-        if not ready:
+        if self.planned is None:
+            ready = (timed >= self.calibrate and elapsed >= 0.05 * self.seconds) or \
+                (timed >= 1 and elapsed >= 0.1 * self.seconds)
+            if not ready:
+                return None
+            self.planned = self._end(step, now)
+            self.mark = (step, now)
+            return self.planned
+        if not self.replan_at or elapsed < self.replan_at[0] * self.seconds or timed < 1:
             return None
-        per_step = (now - mark_time) / max(timed, 1)
-        left = self.deadline - now - self.reserve * self.seconds
-        self.planned = step + max(0, int(left / per_step))
-        return self.planned
+        while self.replan_at and elapsed >= self.replan_at[0] * self.seconds:
+            self.replan_at.pop(0)
+        end = self._end(step, now)
+        self.mark = (step, now)
+        if abs(end - self.planned) <= self.tolerance * max(self.planned - step, 0):
+            return None
+        self.planned = end
+        return end
 
 
 def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, output: Path,
@@ -609,10 +628,9 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                     continue
                 step += 1
                 if budget is not None:
-                    wanted = target
-                    planned = budget.plan(step)
-                    if planned is not None:
-                        wanted = min(wanted, max(planned, step))
+                    budget.plan(step)
+                    wanted = target if budget.planned is None else \
+                        min(config.max_steps, max(budget.planned, step))
                     if budget.expired():
                         wanted = step
                     if accelerator.num_processes > 1:
@@ -622,7 +640,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                         wanted = -int(accelerator.reduce(agreed, reduction="max").item())
                     if wanted <= step < target:  # no time for another step
                         target, out_of_time = step, True
-                    elif wanted < target:
+                    elif wanted != target:
                         target = wanted
                         for name, scheduler in stage.schedulers.items():
                             retarget_lr(scheduler, target - stage.schedule_starts.get(name, 0))
