@@ -118,6 +118,18 @@ def test_help_promises_no_built_in_model():
     assert "-g " not in deblur_help and "--gamma" in deblur_help
 
 
+def test_help_shows_flags_without_a_value_type():
+    """A flag takes no value: recent Typer prints ``<bool>`` beside each, as if it did."""
+    for args in (["--help"], *([name, "--help"] for name in
+                               ("deblur", "eval", "blend", "synth", "train-vae",
+                                "train-diffusion", "export"))):
+        result = runner.invoke(app, args, terminal_width=200)
+        assert result.exit_code == 0, args
+        assert "<bool>" not in result.stdout, args
+        assert "--help" in result.stdout and "-h" in result.stdout
+    assert "<int>" in runner.invoke(app, ["deblur", "--help"], terminal_width=200).stdout
+
+
 def test_help_keeps_every_bracketed_word():
     """Rich reads "[video]" as a style tag and drops it; help texts escape it ("\\[video]")."""
     import re

@@ -77,6 +77,26 @@ def _is_usage_error(exc: BaseException) -> bool:
     return "UsageError" in names and "NoArgsIsHelpError" not in names
 
 
+def _no_flag_types(command: Any) -> None:
+    """Flags show no ``<bool>`` in ``--help`` (recent Typer prints one, as if they took a
+    value): an empty metavar for each, here and in every sub-command."""
+    for param in getattr(command, "params", ()):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    get_help_option = getattr(command, "get_help_option", None)
+    if get_help_option is not None and not hasattr(get_help_option, "no_type"):
+        def help_option(ctx: Any) -> Any:  # made when help is shown: --help, -h
+            option = get_help_option(ctx)
+            if option is not None and option.metavar is None:
+                option.metavar = ""
+            return option
+
+        help_option.no_type = True  # type: ignore[attr-defined]
+        command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        _no_flag_types(sub)
+
+
 class DeblurcliGroup(TyperGroup):
     """Turns exceptions from sub-commands into one clear line on stderr and an exit status."""
 
@@ -84,6 +104,7 @@ class DeblurcliGroup(TyperGroup):
         return list(self.commands)
 
     def make_context(self, info_name: Any, args: Any, parent: Any = None, **extra: Any) -> Any:
+        _no_flag_types(self)
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except KeyboardInterrupt as exc:  # while the options are read
