@@ -236,3 +236,33 @@ def test_a_checkpoint_is_named_in_its_run_or_set_aside_by_a_resume(run: Path,
     assert result.exit_code == 1
     assert f"export it from its own run: deblurcli export {copy.resolve()} --checkpoint " \
         f"{aside / 'step-000000002'}" in " ".join(result.stderr.split())
+
+
+def test_a_checkpoint_pruned_while_it_is_read_gives_way_to_the_newer_one(
+        run: Path, tmp_path: Path, monkeypatch) -> None:
+    """A run still training with --keep-checkpoints 1 saves step 2, then removes step 1, which
+    export may be reading at that moment."""
+    from deblurcli.train import export
+
+    running = tmp_path / "running"
+    shutil.copytree(run, running, ignore=shutil.ignore_patterns("model", "step-000000002"))
+    real = export.checkpoint_model
+
+    def pruned_meanwhile(path):
+        if (running / "checkpoints" / "step-000000001").is_dir():  # the run goes on
+            shutil.copytree(run / "checkpoints" / "step-000000002",
+                            running / "checkpoints" / "step-000000002")
+            shutil.rmtree(running / "checkpoints" / "step-000000001")
+        return real(path)
+
+    monkeypatch.setattr(export, "checkpoint_model", pruned_meanwhile)
+    state = export.export_run(running, tmp_path / "latest", keep_training_state=True)
+    assert state.step == 2
+    assert _same(_states(tmp_path / "latest"), _states(run / "model"))  # step 2's weights
+
+    shutil.rmtree(running)  # a step named on the command line is not swapped for another
+    shutil.copytree(run, running, ignore=shutil.ignore_patterns("model", "step-000000002"))
+    result = _export(running, "-o", tmp_path / "named", "--checkpoint", "1")
+    assert result.exit_code == 1
+    assert "was removed while export read it" in result.stderr, result.output
+    assert not (tmp_path / "named").exists()

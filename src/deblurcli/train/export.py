@@ -151,25 +151,51 @@ def export_run(run: str | Path, out: str | Path, *, checkpoint: str | None = Non
     latent and GAN terms. ``storage_dtype`` defaults to float16 for inference (half the size; the
     model loads in any dtype) and to float32 with ``keep_training_state`` (training continues
     from the exact weights). ``out`` appears whole or not at all; an existing non-empty ``out``
-    is replaced only with ``force``. Returns the state that was exported.
+    is replaced only with ``force``. A state that a run still training removes while it is
+    read (a pruned checkpoint, a replaced ``RUN/model``) is chosen again, unless ``checkpoint``
+    named it. Returns the state that was exported.
 
     Raises:
         DeblurcliError: see :func:`choose_state` and :func:`checkpoint_model`; ``out`` exists,
             or is, holds or lies inside a folder the export reads (:func:`_check_apart`).
     """
+    run, out = Path(run), Path(out)
+    if storage_dtype is None:
+        storage_dtype = torch.float32 if keep_training_state else torch.float16
+    for attempt in range(_ATTEMPTS):
+        state = choose_state(run, checkpoint)
+        try:
+            return _export_state(run, out, state, storage_dtype=storage_dtype,
+                                 keep_training_state=keep_training_state, force=force)
+        except (DeblurcliError, OSError):
+            if _still_there(state):
+                raise  # the state itself is bad, not gone
+            if checkpoint not in (None, "latest") or attempt == _ATTEMPTS - 1:
+                raise DeblurcliError(
+                    f"{state.path} was removed while export read it (a run still training "
+                    "keeps only its newest --keep-checkpoints and replaces RUN/model when it "
+                    "ends); export another state, or 'latest'") from None
+    raise AssertionError("unreachable")
+
+
+_ATTEMPTS = 3  # a run that is still training may remove the state being read: choose again
+
+
+def _still_there(state: RunState) -> bool:
+    return (state.path / ("state.json" if state.is_checkpoint else "model_index.json")).is_file()
+
+
+def _export_state(run: Path, out: Path, state: RunState, *, storage_dtype: torch.dtype,
+                  keep_training_state: bool, force: bool) -> RunState:
     from deblurcli.images import atomic_folder
     from deblurcli.modelfolder import export_model_folder, save_model_folder
 
-    run, out = Path(run), Path(out)
-    state = choose_state(run, checkpoint)
     _check_apart(out, [("the run", run), ("the exported state", state.path),
                        *(_rebuilt_from(state.path) if state.is_checkpoint else [])])
     if out.exists() and not out.is_dir():
         raise DeblurcliError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DeblurcliError(f"{out} exists and is not empty; pass --force to replace it")
-    if storage_dtype is None:
-        storage_dtype = torch.float32 if keep_training_state else torch.float16
     with atomic_folder(out, replace=True) as tmp:
         if not state.is_checkpoint:
             export_model_folder(state.path, tmp, storage_dtype=storage_dtype,
