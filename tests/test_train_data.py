@@ -144,6 +144,54 @@ def test_a_folder_of_pairs_is_no_folder_of_sharp_photos(pairs: Path) -> None:
     assert dt.discover(sharp_photos=str(pairs / "sharp"))[0]  # its sharp half is fine
 
 
+def test_pairs_deeper_down_are_no_sharp_photos_nor_frames(tmp_path: Path) -> None:
+    """Only the top of a folder was looked at: a data folder holding a synth output or a GoPro
+    tree one level further down was trained on whole, its blurred images as sharp ones, and
+    --frames averaged GoPro's already blurred frames."""
+    for seq in ("GOPR0001", "GOPR0002"):
+        for i in range(3):
+            _pair(tmp_path / "data" / "gopro" / "train" / seq, f"{i:06d}.png", i)
+    write_image(tmp_path / "data" / "photos" / "a.png", _img(9))
+    with pytest.raises(DatasetError, match="holds blurred images .*GOPR0001/blur"):
+        dt.discover(sharp_photos=str(tmp_path / "data"))
+    for frames in (tmp_path / "data", tmp_path / "data" / "gopro"):
+        with pytest.raises(DatasetError, match="--frames .* holds pairs of blurred and sharp"):
+            dt.discover(frames=str(frames), frames_per_blur=3)
+        with pytest.raises(DatasetError, match="holds pairs"):
+            dt.frame_clips(frames)
+    assert len(dt.discover(sharp_photos=str(tmp_path / "data" / "photos"))[0]) == 1
+
+
+def test_validation_holds_out_every_pair_made_from_its_photo(tmp_path: Path) -> None:
+    """synth makes several pairs of one photo (overlapping crops, --per-crop kernels of one
+    crop): holding out one of them left its twins, the same sharp pixels, in training."""
+    import json
+
+    from deblurcli.synth.blur import BlurParams
+    from deblurcli.synth.build import SynthConfig, run_synth
+
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        write_image(tmp_path / "src" / f"{name}.png", _img(seed, 48, 48))
+    run_synth(SynthConfig(out=tmp_path / "out", src=tmp_path / "src", crop=32, stride=16,
+                          per_crop=2, seed=0, blur=BlurParams(max_kernel=9), workers=1))
+    sources = {json.loads(line)["name"]: json.loads(line)["source"]
+               for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()}
+    for items, _ in (dt.discover(data=str(tmp_path / "out")),
+                     dt.discover(blur=str(tmp_path / "out" / "blur"),
+                                 sharp=str(tmp_path / "out" / "sharp"))):
+        assert len(items) == 3 * 4 * 2
+        train, val = dt.split_validation(items, 2, seed=0)
+        held = {sources[item.blur.stem] for item in val}
+        assert len(val) == 2 and len(held) == 2
+        assert not held & {sources[item.blur.stem] for item in train}
+        assert len(train) == 8  # the third photo's pairs
+        with pytest.raises(DatasetError, match="every one of the 3 photo"):
+            dt.split_validation(items, 3, seed=0)
+    plain = [dt.PairItem(Path(f"{i}.png"), Path(f"{i}.png")) for i in range(5)]
+    train, val = dt.split_validation(plain, 2, seed=0)  # pairs of their own: one each
+    assert len(train) == 3 and len(val) == 2
+
+
 def test_a_missing_validation_set_names_its_flag(pairs: Path, tmp_path: Path) -> None:
     """"dataset nope does not exist" did not say which of the run's paths it was."""
     from deblurcli.train import engine

@@ -32,10 +32,12 @@ MAX_LISTED = 5
 
 @dataclass(frozen=True)
 class PairItem:
-    """A stored blurry/sharp pair."""
+    """A stored blurry/sharp pair; ``group`` names the photo it was made from when several pairs
+    share one (``synth`` output), so that validation holds them out together."""
 
     blur: Path
     sharp: Path
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,37 @@ def realblur_pairs(list_file: str | Path, root: str | Path | None = None) \
 def synth_pairs(out: str | Path) -> tuple[list[PairItem], list[str]]:
     """Pairs of a ``deblurcli synth`` output folder (``OUT/blur`` + ``OUT/sharp``)."""
     out = Path(out)
-    return pair_folders(out / "blur", out / "sharp")
+    pairs, problems = pair_folders(out / "blur", out / "sharp")
+    return with_sources(pairs, out), problems
+
+
+def with_sources(pairs: list[PairItem], out: Path) -> list[PairItem]:
+    """``pairs`` from the ``synth`` output ``out`` with the photo each was made from as its
+    group (from ``OUT/manifest.jsonl``; unchanged without one): the crops of one photo, and
+    its other kernels of one crop, share pixels."""
+    import json
+
+    manifest = out / "manifest.jsonl"
+    if not manifest.is_file():
+        return pairs
+    sources: dict[str, str] = {}
+    for line in manifest.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("name"), str):
+            sources[record["name"]] = str(record.get("source"))
+    return [PairItem(p.blur, p.sharp, sources.get(p.blur.stem)) for p in pairs]
+
+
+def _paired_folder(folder: Path) -> Path | None:
+    """A ``blur`` folder with a ``sharp`` beside it anywhere below ``folder`` (pairs), or None."""
+    for blur in sorted(folder.rglob("blur")):
+        if blur.is_dir() and (blur.parent / "sharp").is_dir() and not any(
+                part.startswith(".") for part in blur.relative_to(folder).parts):
+            return blur
+    return None
 
 
 def sharp_photo_items(folder: str | Path) -> list[SharpItem]:
@@ -169,7 +201,20 @@ def sharp_photo_items(folder: str | Path) -> list[SharpItem]:
         raise DatasetError(f"--sharp-photos {folder} holds pairs of blurred and sharp images "
                            f"(a {layout} layout): give them as --data {folder}, or a folder of "
                            "sharp photos only")
+    paired = _paired_folder(folder)
+    if paired is not None:
+        raise DatasetError(f"--sharp-photos {folder} holds blurred images ({paired}, beside "
+                           f"{paired.parent / 'sharp'}), which would be trained on as sharp "
+                           "ones: give a folder of sharp photos only")
     return [SharpItem(p) for p in _images(folder)]
+
+
+def _refuse_pairs_as_frames(folder: Path) -> None:
+    paired = _paired_folder(folder)
+    if paired is not None:
+        raise DatasetError(f"--frames {folder} holds pairs of blurred and sharp images "
+                           f"({paired}): frames are consecutive sharp video frames; give "
+                           "pairs with --data")
 
 
 def frame_items(folder: str | Path, frames_per_blur: int = 7) -> list[FramesItem]:
@@ -182,6 +227,7 @@ def frame_items(folder: str | Path, frames_per_blur: int = 7) -> list[FramesItem
         raise DatasetError(f"the frame folder {folder} does not exist")
     if frames_per_blur < 1 or frames_per_blur % 2 == 0:
         raise DatasetError(f"frames per blurred image must be odd (got {frames_per_blur})")
+    _refuse_pairs_as_frames(folder)
     clips = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir() and not any(
         part.startswith(".") for part in p.relative_to(folder).parts))
     items: list[FramesItem] = []
@@ -245,6 +291,8 @@ def discover(*, data: str | None = None, layout: str = "auto", split: str = "tra
         if not (blur and sharp):
             raise DatasetError("--blur and --sharp must be given together")
         items, problems = pair_folders(blur, sharp)
+        if Path(blur).resolve().parent == Path(sharp).resolve().parent:  # synth's OUT/{blur,sharp}
+            items = with_sources(items, Path(blur).resolve().parent)
     elif sharp_photos:
         items = list(sharp_photo_items(sharp_photos))
     elif data:
@@ -268,6 +316,7 @@ def frame_clips(folder: str | Path) -> list[list[Path]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"the frame folder {folder} does not exist")
+    _refuse_pairs_as_frames(folder)
     clips = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir() and not any(
         part.startswith(".") for part in p.relative_to(folder).parts))
     return [frames for frames in (_images(c, recursive=False) for c in clips) if frames]
@@ -317,21 +366,33 @@ def validate_items(items: Sequence[Item], problems: Sequence[str] = (), *, min_s
 def split_validation(items: Sequence[Item], count: int, seed: int) -> tuple[list[Item], list[Item]]:
     """Hold out ``count`` items (seeded choice).
 
+    Pairs of one group (made from one photo: see :class:`PairItem`) are held out together: one
+    of them validates and the others leave training, which would otherwise have seen the
+    validation pixels.
+
     Raises:
         DatasetError: ``count`` leaves no item to train on (``--val-count`` at least the number
-            of items).
+            of items, or of photos the pairs were made from).
     """
     items = list(items)
     if count <= 0:
         return items, []
-    if count >= len(items):
-        raise DatasetError(f"--val-count {count} holds out every one of the {len(items)} "
-                           f"training pair(s); hold out at most {len(items) - 1}, or give "
-                           "--val-data")
-    order = np.random.default_rng([seed, 7]).permutation(len(items))
-    held = {int(i) for i in order[:count]}
-    train = [it for i, it in enumerate(items) if i not in held]
-    val = [items[i] for i in sorted(held)]
+    keys = [getattr(item, "group", None) or i for i, item in enumerate(items)]
+    groups = list(dict.fromkeys(keys))
+    if count >= len(groups):
+        what = f"{len(items)} training pair(s)" if len(groups) == len(items) else \
+            f"{len(groups)} photo(s) the {len(items)} training pairs were made from (the " \
+            "pairs of one photo are held out together)"
+        raise DatasetError(f"--val-count {count} holds out every one of the {what}; hold out at "
+                           f"most {len(groups) - 1}, or give --val-data")
+    order = np.random.default_rng([seed, 7]).permutation(len(groups))
+    held = {groups[int(i)] for i in order[:count]}
+    train = [it for it, key in zip(items, keys, strict=True) if key not in held]
+    val, seen = [], set()
+    for item, key in zip(items, keys, strict=True):
+        if key in held and key not in seen:
+            seen.add(key)
+            val.append(item)
     return train, val
 
 
