@@ -194,6 +194,8 @@ def test_average_is_in_linear_light():
     blurred, sharp = average_frames([black, white, white])
     np.testing.assert_allclose(blurred, linear_to_srgb(np.full((2, 2, 3), 2 / 3)), atol=1e-6)
     np.testing.assert_array_equal(sharp, white)
+    with pytest.raises(ValueError, match="odd number of frames"):  # no middle frame
+        average_frames([black, white, white, white])
 
 
 def test_frame_windows():

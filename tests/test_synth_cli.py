@@ -199,6 +199,28 @@ def test_frames_mode(tmp_path):
         assert not (out / "kernels").exists()
     res2 = _synth(*args, "--out", str(tmp_path / "out2"), "--crop", "32", "--workers", "2")
     assert res2.exit_code == 0 and _tree(out) == _tree(tmp_path / "out2")
+    res = _synth(*args, "--out", str(tmp_path / "o3"), "--seed", "-1")
+    assert res.exit_code == 2 and "--seed" in res.stderr
+
+
+def test_frames_numbered_without_zeros_are_taken_in_number_order(tmp_path):
+    """ffmpeg's f%d.png names sort f1, f10, f11, f2 by name: windows mixed far-apart frames."""
+    from deblurcli.train import data as dt
+
+    base = data.astronaut()[:40, :56] / 255.0
+    for i in range(1, 15):
+        write_image(tmp_path / "frames" / f"frame{i}.png", np.roll(base, i, axis=1))
+    out = tmp_path / "out"
+    res = _synth("--frames", str(tmp_path / "frames"), "--n-min", "7", "--n-max", "7",
+                 "--out", str(out))
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["frames"] for r in recs] == [[f"frame{i}.png" for i in range(1, 8)],
+                                          [f"frame{i}.png" for i in range(8, 15)]]
+    windows = dt.frame_items(tmp_path / "frames", 7)
+    assert [[p.name for p in w.frames] for w in windows] == [r["frames"] for r in recs]
+    assert [p.name for p in dt.frame_clips(tmp_path / "frames")[0]][8:10] == \
+        ["frame9.png", "frame10.png"]
 
 
 def test_output_inside_source_is_not_used_as_input(photos):

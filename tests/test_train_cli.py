@@ -86,6 +86,7 @@ def test_settings_that_would_be_silently_ignored_are_refused(tmp_path) -> None:
     with pytest.raises(DeblurcliError, match="the setting crop is given twice"):
         read_config_file(tables)
     for settings, words in (({"val_data": "v", "val_count": 5}, "--val-data or --val-count"),
-                            ({"weight_decay": -1.0}, "weight_decay must be >= 0")):
+                            ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
+                            ({"seed": -1}, "seed must be >= 0")):
         with pytest.raises(DeblurcliError, match=f"invalid setting: .*{words}"):
             validate_common(VaeTrainConfig(**settings))

@@ -30,7 +30,7 @@ import struct
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -1065,6 +1065,16 @@ def _is_dir(path: Path) -> bool:
         return path.is_dir()
     except OSError:
         return False
+
+
+def in_frame_order(paths: Iterable[Path]) -> list[Path]:
+    """Frame files in the order of the numbers in their names (``f2.png`` before ``f10.png``,
+    as numbered by ``ffmpeg -i clip.mp4 f%d.png``); zero-padded names keep their name order."""
+    def key(path: Path) -> list:
+        return [(0, int(part), part) if part.isdigit() else (1, 0, part)
+                for part in re.split(r"(\d+)", path.name) if part]
+
+    return sorted(paths, key=key)
 
 
 def list_images(

@@ -144,7 +144,7 @@ WarmupSteps = Annotated[Optional[int], _o("--warmup-steps", min=0,
     help="Linear LR warm-up steps.")]
 LrSchedule = Annotated[Optional[str], _o("--lr-schedule",
     help="LR after the warm-up: constant or cosine (decays to 0 at --max-steps).")]
-Seed = Annotated[Optional[int], _o("--seed",
+Seed = Annotated[Optional[int], _o("--seed", min=0,
     help="Seed of data order, crops, augmentation and initial weights.")]
 GradAccum = Annotated[Optional[int], _o("--grad-accum", min=1,
     help="Micro-batches accumulated per optimiser step.")]

@@ -70,7 +70,7 @@ def synth(
         ),
     ] = 1,
     seed: Annotated[
-        int, typer.Option("--seed", help="Run seed; every sample's randomness derives from it.")
+        int, typer.Option("--seed", min=0, help="Run seed; every sample's randomness derives from it.")
     ] = 0,
     workers: Annotated[
         int,

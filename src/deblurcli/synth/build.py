@@ -34,6 +34,7 @@ from deblurcli.images import (
     IMAGE_SUFFIXES,
     atomic_write_bytes,
     image_size,
+    in_frame_order,
     list_images,
     read_image,
     scan_folder,
@@ -481,7 +482,8 @@ def _sequences(root: Path, warn: WarnFn, out: Path) -> list[tuple[str, list[Path
                    for p in listing.others]
         for p, why in sorted(skipped + listing.problems):
             warn(f"skipping {p}: {why}")
-        frames = [p for p, _ in listing.images if p.suffix.lower() in IMAGE_SUFFIXES]
+        frames = in_frame_order(p for p, _ in listing.images
+                                if p.suffix.lower() in IMAGE_SUFFIXES)
         if frames:
             seqs.append((d.relative_to(root).as_posix(), frames))
         seqs.extend((p.relative_to(root).as_posix(), p) for p, _ in listing.images
@@ -609,6 +611,8 @@ def run_synth(
     warn = warn or (lambda _msg: None)
     started = time.perf_counter()
     result = SynthResult(out=cfg.out, mode=cfg.mode)
+    if cfg.seed < 0:
+        raise DatasetError(f"--seed must be >= 0 (got {cfg.seed})")
     if cfg.mode == "images":
         if cfg.src is None:
             raise DatasetError(

@@ -65,9 +65,15 @@ def frame_windows(
 
 
 def average_frames(frames: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Average sRGB frames in linear light; returns ``(blurred, sharp_middle_frame)`` (float32)."""
+    """Average sRGB frames in linear light; returns ``(blurred, sharp_middle_frame)`` (float32).
+
+    An odd number of frames: an even one has no middle frame, and either of its two middle
+    ones would sit half a frame's motion away from the blur."""
     if len(frames) == 0:
         raise ValueError("no frames to average")
+    if len(frames) % 2 == 0:
+        raise ValueError(f"an odd number of frames has a middle one to be the target, not "
+                         f"{len(frames)}")
     shape = frames[0].shape
     acc = np.zeros(shape, dtype=np.float64)
     for f in frames:

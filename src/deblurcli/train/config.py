@@ -320,6 +320,8 @@ def validate_common(config: CommonConfig) -> None:
         raise bad("layout must be auto, gopro, realblur, synth or folders")
     if not 0.0 <= config.real_fraction <= 1.0:
         raise bad(f"real_fraction must be in [0, 1] (got {config.real_fraction})")
+    if config.seed < 0:
+        raise bad(f"seed must be >= 0 (got {config.seed})")
     if config.time_budget < 0:
         raise bad(f"time_budget must be >= 0 seconds (got {config.time_budget})")
     if not (config.weight_decay >= 0 and math.isfinite(config.weight_decay)):

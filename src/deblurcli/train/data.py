@@ -58,6 +58,12 @@ Item = PairItem | SharpItem | FramesItem
 
 
 # ----------------------------------------------------------------------------- discovery
+def in_frame_order(paths: list[Path]) -> list[Path]:
+    from deblurcli.images import in_frame_order
+
+    return in_frame_order(paths)
+
+
 def _images(folder: Path, recursive: bool = True) -> list[Path]:
     from deblurcli.images import list_images
 
@@ -220,7 +226,8 @@ def _refuse_pairs_as_frames(folder: Path) -> None:
 def frame_items(folder: str | Path, frames_per_blur: int = 7) -> list[FramesItem]:
     """Non-overlapping windows of ``frames_per_blur`` consecutive frames.
 
-    ``folder`` holds frames directly or one sub-folder of frames per clip (sorted by name).
+    ``folder`` holds frames directly or one sub-folder of frames per clip (in the order of the
+    numbers in their names).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -233,7 +240,7 @@ def frame_items(folder: str | Path, frames_per_blur: int = 7) -> list[FramesItem
     items: list[FramesItem] = []
     longest = 0
     for clip in clips:
-        frames = _images(clip, recursive=False)
+        frames = in_frame_order(_images(clip, recursive=False))
         longest = max(longest, len(frames))
         for start in range(0, len(frames) - frames_per_blur + 1, frames_per_blur):
             items.append(FramesItem(tuple(frames[start:start + frames_per_blur])))
@@ -319,7 +326,8 @@ def frame_clips(folder: str | Path) -> list[list[Path]]:
     _refuse_pairs_as_frames(folder)
     clips = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir() and not any(
         part.startswith(".") for part in p.relative_to(folder).parts))
-    return [frames for frames in (_images(c, recursive=False) for c in clips) if frames]
+    return [frames for frames in (in_frame_order(_images(c, recursive=False)) for c in clips)
+            if frames]
 
 
 def item_paths(item: Item) -> tuple[Path, ...]:
