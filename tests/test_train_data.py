@@ -55,6 +55,20 @@ def test_synth_layout_and_folder_pairs(tmp_path: Path) -> None:
     assert items2 == items
 
 
+def test_two_images_of_one_name_are_no_pairs(tmp_path: Path) -> None:
+    """b/d.png and b/d.jpg both paired with s/d.png, and s/c.jpg was left out, unsaid."""
+    for rel, seed in (("blur/z/d.png", 1), ("blur/z/d.jpg", 2), ("sharp/z/d.png", 3),
+                      ("blur/y/c.png", 4), ("sharp/y/c.png", 5), ("sharp/y/c.jpg", 6),
+                      ("blur/x/e.jpg", 7), ("sharp/x/e.png", 8)):
+        write_image(tmp_path / rel, _img(seed))
+    pairs, problems = dt.pair_folders(tmp_path / "blur", tmp_path / "sharp")
+    assert sorted((p.blur.name, p.sharp.name) for p in pairs) == \
+        [("c.png", "c.png"), ("d.png", "d.png"), ("e.jpg", "e.png")]  # the same name first
+    assert len(problems) == 2
+    assert "d.jpg: its sharp partner" in problems[0] and "already the partner of" in problems[0]
+    assert "c.jpg: unused" in problems[1]
+
+
 def test_validation_lists_first_five_offenders(tmp_path: Path) -> None:
     for i in range(7):
         write_image(tmp_path / "blur" / f"x{i}.png", _img(i))

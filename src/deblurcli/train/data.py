@@ -94,19 +94,34 @@ def pair_folders(blur_dir: str | Path, sharp_dir: str | Path) -> tuple[list[Pair
             raise DatasetError(f"the {flag} folder {folder} does not exist")
     pairs: list[PairItem] = []
     problems: list[str] = []
-    matched: set[Path] = set()
-    for blur in _images(blur_dir):
+    matched: dict[Path, Path] = {}
+    blurs = _images(blur_dir)
+    exact = {blur for blur in blurs if (sharp_dir / blur.relative_to(blur_dir)).is_file()}
+    for blur in blurs:
+        if blur in exact:  # same name: never taken by another suffix of its stem
+            matched[(sharp_dir / blur.relative_to(blur_dir)).resolve()] = blur
+    for blur in blurs:
         rel = blur.relative_to(blur_dir)
         sharp = _partner(sharp_dir, rel)
         if sharp is None:
             problems.append(f"{blur}: no sharp partner in {sharp_dir}")
             continue
-        matched.add(sharp.resolve())
+        if blur not in exact and sharp.resolve() in matched:  # a.png and a.jpg for one a.png
+            problems.append(f"{blur}: its sharp partner {sharp} is already the partner of "
+                            f"{matched[sharp.resolve()]} (two images of one name)")
+            continue
+        matched[sharp.resolve()] = blur
         pairs.append(PairItem(blur, sharp))
     for sharp in _images(sharp_dir):
         rel = sharp.relative_to(sharp_dir)
-        if sharp.resolve() not in matched and _partner(blur_dir, rel) is None:
+        if sharp.resolve() in matched:
+            continue
+        partner = _partner(blur_dir, rel)
+        if partner is None:
             problems.append(f"{sharp}: no blurry partner in {blur_dir}")
+        else:
+            problems.append(f"{sharp}: unused, its blurry partner {partner} pairs with another "
+                            "image of its name")
     return pairs, problems
 
 
