@@ -240,6 +240,23 @@ def test_out_of_memory_is_a_per_file_failure_with_advice(folder, tmp_path, error
     assert summary.count("failed") == 3 and "lower --tile" in summary.failed[0].error
 
 
+def test_a_file_its_format_cannot_hold_fails_alone(tmp_path):
+    """WebP's encoder refuses sides over 16383 px with a ValueError, which ended the batch."""
+    from PIL import Image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (16400, 8)).save(src / "a_wide.png")
+    Image.new("RGB", (20, 12)).save(src / "b.png")
+    options = BatchOptions(ext="webp")
+    summary = run_jobs(plan_jobs(src, tmp_path / "out", options), lambda px, progress=None: px,
+                       options)
+    assert [r.status for r in summary.results] == ["failed", "done"]
+    assert "a_wide.webp: WEBP cannot hold this 16400x8 image" in summary.failed[0].error
+    assert "choose another --ext" in summary.failed[0].error
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.webp"]
+
+
 def test_programming_errors_are_not_swallowed(folder, tmp_path):
     def buggy(pixels, progress=None):
         raise KeyError("bug")

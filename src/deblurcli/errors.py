@@ -14,6 +14,10 @@ class ImageReadError(DeblurcliError):
     """An image file is missing, unreadable or of an unsupported kind."""
 
 
+class ImageWriteError(DeblurcliError):
+    """An image cannot be written in the format asked for (e.g. larger than the format holds)."""
+
+
 class WeightsError(DeblurcliError):
     """Model weights are missing, corrupt or do not match their configuration."""
 

@@ -38,7 +38,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from deblurcli._version import __version__
-from deblurcli.errors import DeblurcliError, ImageReadError
+from deblurcli.errors import DeblurcliError, ImageReadError, ImageWriteError
 from deblurcli.imagemeta import ImageMetadata, exif_orientation
 
 PathLike = str | os.PathLike
@@ -872,12 +872,30 @@ def encode_image(
     grey_written = channels == 1 and fmt != "webp" or channels == 2 and fmt in ("png", "tiff")
     metadata = imagemeta.for_output(metadata, width=arr.shape[1], height=arr.shape[0],
                                     grayscale=grey_written) if fmt != "bmp" else None
+    try:
+        return _encode_array(fmt, arr, alpha=alpha is not None, metadata=metadata,
+                             quality=quality, compress_level=compress_level)
+    except DeblurcliError:
+        raise
+    except (ValueError, RuntimeError, OSError, struct.error) as exc:
+        # what the encoder refuses: a size past the format's limit (WebP 16383 px, JPEG 65500)
+        name = "HEIC" if fmt == "heif" else fmt.upper()
+        raise ImageWriteError(f"{name} cannot hold this {arr.shape[1]}x{arr.shape[0]} image "
+                              f"({' '.join(str(exc).split()) or type(exc).__name__}); choose "
+                              "another --ext") from None
 
+
+def _encode_array(fmt: str, arr: np.ndarray, *, alpha: bool, metadata: ImageMetadata | None,
+                  quality: int, compress_level: int) -> bytes:
+    """The bytes of ``arr`` (quantised, ``(H, W)`` or ``(H, W, C)``) as a ``fmt`` file."""
+    from deblurcli import imagemeta
+
+    channels = 1 if arr.ndim == 2 else arr.shape[2]
     if fmt == "tiff":
         import tifffile
 
         buf = io.BytesIO()
-        kwargs = {"extrasamples": ["unassalpha"]} if alpha is not None else {}
+        kwargs = {"extrasamples": ["unassalpha"]} if alpha else {}
         if metadata is not None and metadata.icc:
             kwargs["iccprofile"] = metadata.icc
         if metadata is not None and metadata.dpi:
@@ -887,7 +905,7 @@ def encode_image(
                          software=f"deblurcli {__version__}",
                          extratags=imagemeta.tiff_tags(metadata), **kwargs)
         return imagemeta.add_tiff_directories(buf.getvalue(), metadata)
-    if fmt == "png" and bit_depth == 16:
+    if fmt == "png" and arr.dtype == np.uint16:
         if channels == 2:  # grey + alpha: OpenCV cannot write it
             return imagemeta.add_to_png(_png16_grey_alpha(arr), metadata)
         return imagemeta.add_to_png(_png16_bytes(arr), metadata)
@@ -967,7 +985,11 @@ def write_image(path: PathLike, pixels: np.ndarray, *, like: ImageData | None = 
             f"cannot write {path}: unknown image suffix {path.suffix!r} "
             f"(use one of {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-    atomic_write_bytes(path, encode_image(fmt, pixels, **options), before_replace=before_replace)
+    try:
+        data = encode_image(fmt, pixels, **options)
+    except ImageWriteError as exc:
+        raise ImageWriteError(f"cannot write {path}: {exc}") from None
+    atomic_write_bytes(path, data, before_replace=before_replace)
 
 
 # --------------------------------------------------------------------------------------------
