@@ -277,11 +277,14 @@ def test_synth_frames_from_a_video_file_equal_those_from_its_frames(tmp_path):
     as PNG files (a folder of the same name); in a folder, a video is one more sequence."""
     import json
 
+    from deblurcli.video import _exact
+
     clip = make_clip(tmp_path / "src" / "clip.mp4", frames=20, audio=False)
-    with av.open(str(clip)) as c:
+    with av.open(str(clip)) as c:  # decoded as the tool decodes them
         for i, f in enumerate(c.decode(video=0)):
             write_image(tmp_path / "clip" / f"{i:04d}.png",
-                        f.to_ndarray(format="rgb24").astype(np.float32) / 255.0)
+                        f.to_ndarray(format="rgb24", interpolation=_exact(av))
+                        .astype(np.float32) / 255.0)
     args = ["--n-min", "5", "--n-max", "7", "--frame-step", "8", "--crop", "32"]
 
     def synth(frames, out):
@@ -658,3 +661,45 @@ def test_mpeg4_follows_crf_instead_of_a_200_kbps_default(tmp_path):
     x264 = tmp_path / "x264.mkv"
     deblur_video(clip, x264, lambda x, p: x, crf=18)
     assert psnr(tmp_path / "mpeg4-18.mkv") > psnr(x264) - 1.5
+
+
+def _solid_clip(path: Path, rgb, *, matrix: int, levels: int) -> Path:
+    """Three 32x16 frames of one colour, converted and tagged with ``matrix`` and ``levels``
+    (FFmpeg's AVColorSpace and AVColorRange), the swscale flags the tool converts with."""
+    from deblurcli.video import _exact
+
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=24, options={"crf": "0"})
+        v.width, v.height, v.pix_fmt = 32, 16, "yuv420p"
+        v.codec_context.colorspace, v.codec_context.color_range = matrix, levels
+        for i in range(3):
+            f = av.VideoFrame.from_ndarray(np.tile(np.uint8(rgb), (16, 32, 1)), format="rgb24")
+            f = f.reformat(format="yuv420p", dst_colorspace=matrix, dst_color_range=levels,
+                           interpolation=_exact(av))
+            f.pts = i
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+    return path
+
+
+@pytest.mark.parametrize("codec,suffix", [("libx264", ".mp4"), ("mjpeg", ".mp4"),
+                                          ("libx264rgb", ".mkv"), ("libvpx", ".webm"),
+                                          ("mpeg4", ".avi"), ("ffv1", ".avi")])
+def test_colours_come_back_as_they_went_in_whatever_the_codec(tmp_path, codec, suffix):
+    """A BT.709 clip came back shifted where the output cannot record BT.709 (MJPEG, VP8,
+    MPEG-4 Part 2 or FFV1 in AVI: read as BT.601), red (199, 39, 90) as (154, 0, 0) from an RGB
+    encoder given YUV tags, and every pass made the colours 2 levels darker."""
+    from deblurcli.video import _exact, has_encoder
+
+    if not has_encoder(codec):
+        pytest.skip(f"this PyAV build has no {codec} encoder")
+    red = (199, 39, 90)
+    source = _solid_clip(tmp_path / "bt709.mp4", red, matrix=1, levels=1)
+    out = tmp_path / f"out{suffix}"
+    deblur_video(source, out, lambda x, progress: x, codec=codec,
+                 crf=4 if codec == "libvpx" else 0)
+    with av.open(str(out)) as c:
+        frames = list(c.decode(video=0))
+    assert len(frames) == 3
+    got = frames[-1].to_ndarray(format="rgb24", interpolation=_exact(av)).reshape(-1, 3)
+    assert np.abs(got.mean(axis=0) - red).max() <= 1.5, got.mean(axis=0)

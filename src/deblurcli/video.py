@@ -12,7 +12,8 @@ frames are in memory, whatever the length of the video. What is kept:
   ratio;
 * **rotation**: the input's display matrix (phones store portrait video as rotated landscape) is
   written to the output stream, and the frames are processed as stored;
-* **colour tags** (matrix, range, primaries, transfer) and the colour matrix used to convert;
+* **colours**: the colour tags (matrix, range, primaries, transfer) and the matrix frames are
+  converted with, but where readers of the output will take BT.601 (:func:`written_colour`);
 * **audio**: every audio stream is copied packet for packet (remuxed, not re-encoded);
 * **tags** of the container (title, creation time, ...) and of the streams (language, ...).
 
@@ -755,8 +756,13 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
         vout.codec_context.time_base = info.time_base
         if ctx_in.sample_aspect_ratio:
             vout.codec_context.sample_aspect_ratio = ctx_in.sample_aspect_ratio
+        colour = written_colour(codec_name, muxer, pix_fmt)
         for name in ("colorspace", "color_range", "color_primaries", "color_trc"):
             value = getattr(ctx_in, name, None)
+            if name in ("colorspace", "color_range"):
+                if colour is None:  # RGB frames: no matrix (a YUV one would be applied)
+                    continue
+                value = colour[name == "color_range"] or value
             if value:
                 setattr(vout.codec_context, name, value)
         if info.display_matrix is not None or info.rotation:
@@ -822,15 +828,15 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
                     raise ImageReadError(f"cannot read {source}: the frame size changes from "
                                          f"{info.width}x{info.height} to {frame.width}x"
                                          f"{frame.height} at frame {number} (not supported)")
-                rgb = frame.to_ndarray(format="rgb24")
+                rgb = frame.to_ndarray(format="rgb24", interpolation=_exact(av))
                 result = deblur(rgb.astype(np.float32) / 255.0, progress)
                 quantised = np.clip(np.rint(result * 255.0), 0, 255).astype(np.uint8)
                 new = av.VideoFrame.from_ndarray(quantised, format="rgb24")
-                if frame.colorspace:
-                    new.colorspace = frame.colorspace
-                if frame.color_range:
-                    new.color_range = frame.color_range
-                new = new.reformat(format=pix_fmt)
+                if colour is not None:  # the matrix and range the output's readers will use
+                    matrix, levels = colour
+                    new.colorspace = matrix or frame.colorspace
+                    new.color_range = levels or frame.color_range
+                new = new.reformat(format=pix_fmt, interpolation=_exact(av))
                 new.pts, new.time_base = pts - shift, info.time_base
                 out.mux(_encoded(av, vout, new, source, pix_fmt, first=done == 0))
                 done += 1
@@ -883,6 +889,37 @@ def _pixel_format(codec_name: str, width: int, height: int) -> Optional[str]:
     if codec_name == "mjpeg":
         wanted = tuple(name.replace("yuv", "yuvj") for name in wanted[:3])
     return next((name for name in wanted if name in formats or not formats), None)
+
+
+# FFmpeg's colour spaces and ranges (AVColorSpace, AVColorRange) named here
+_BT601, _MPEG_RANGE, _JPEG_RANGE = 5, 1, 2
+_RGB_FORMATS = frozenset({"gbrp", "bgr0", "rgb24", "bgr24", "rgba", "bgra"})
+# encoders whose bitstream records the colour matrix and range, wherever they are stored
+_TAGGED_BITSTREAMS = frozenset({"libx264", "libx265", "libvpx-vp9", "libsvtav1"})
+
+
+def written_colour(codec_name: str, muxer: str, pix_fmt: str) -> Optional[tuple[int, int]]:
+    """``(matrix, range)`` that readers of the output will convert its frames with (0: the
+    input's, which the output then records), or ``None`` for RGB frames (no matrix).
+
+    Some outputs cannot record the input's matrix: readers take MJPEG as BT.601 full range and
+    VP8 as BT.601, and an AVI file stores no colour tags, so that MPEG-4 Part 2 or FFV1 in it
+    are read as BT.601 too. Converting BT.709 frames with their own matrix there shifted their
+    colours; they are converted with the one they will be read with instead."""
+    if pix_fmt in _RGB_FORMATS:
+        return None
+    if codec_name == "mjpeg":
+        return _BT601, _JPEG_RANGE
+    if codec_name == "libvpx" or muxer == "avi" and codec_name not in _TAGGED_BITSTREAMS:
+        return _BT601, _MPEG_RANGE
+    return 0, 0
+
+
+def _exact(av: Any) -> Any:
+    """swscale flags for RGB <-> YUV without a bias: its default rounding and chroma handling
+    made every pass darker (a solid (199, 39, 90) came back as (197, 37, 88))."""
+    flags = av.video.reformatter.Interpolation
+    return flags.BILINEAR | flags.ACCURATE_RND | flags.FULL_CHR_H_INT | flags.FULL_CHR_H_INP
 
 
 def _encoded(av: Any, stream: Any, frame: Any, source: Path, pix_fmt: str,
@@ -961,4 +998,5 @@ def iter_frames(path: Path) -> Iterator[tuple[int, np.ndarray]]:
     with _video_stream(path) as (container, stream):
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
-            yield index, frame.to_ndarray(format="rgb24").astype(np.float32) / 255.0
+            rgb = frame.to_ndarray(format="rgb24", interpolation=_exact(import_av()))
+            yield index, rgb.astype(np.float32) / 255.0
