@@ -213,6 +213,11 @@ def test_bad_video_options_exit_2(tmp_path):
     assert bad_codec.exit_code == 2 and "no-such-codec" in bad_codec.output
     bad_crf = run(clip, tmp_path / "out", "--crf", "70")
     assert bad_crf.exit_code == 2 and "--crf" in bad_crf.output
+    from deblurcli.video import has_encoder
+
+    if has_encoder("libvpx"):  # VP8 refused a crf under 4 at its first frame, video after video
+        vp8 = run(clip, tmp_path / "out", "--codec", "libvpx", "--crf", "3")
+        assert vp8.exit_code == 2 and "4..63 for libvpx" in vp8.output, vp8.output
     audio = run(clip, tmp_path / "out", "--codec", "aac")  # an encoder, but not of video
     assert audio.exit_code == 2 and "no video encoder 'aac'" in audio.output
     # --codec auto: --crf is checked against the encoder auto picks, before the model loads
@@ -703,3 +708,29 @@ def test_colours_come_back_as_they_went_in_whatever_the_codec(tmp_path, codec, s
     assert len(frames) == 3
     got = frames[-1].to_ndarray(format="rgb24", interpolation=_exact(av)).reshape(-1, 3)
     assert np.abs(got.mean(axis=0) - red).max() <= 1.5, got.mean(axis=0)
+
+
+def test_the_video_with_the_largest_frames_is_deblurred_not_a_cover_before_it(tmp_path):
+    """A Matroska file whose first video stream is a one-frame 32x32 picture came out as a
+    one-frame 32x32 video, the film itself dropped."""
+    path = tmp_path / "cover.mkv"
+    with av.open(str(path), "w") as c:
+        cover = c.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 32, 32, "yuvj420p"
+        film = c.add_stream("libx264", rate=FPS)
+        film.width, film.height, film.pix_fmt = W, H, "yuv420p"
+        picture = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+        picture = picture.reformat(format="yuvj420p")
+        picture.pts = 0
+        c.mux(cover.encode(picture))
+        c.mux(cover.encode())
+        for i in range(N):
+            f = av.VideoFrame.from_ndarray(np.full((H, W, 3), 20 * i, np.uint8), format="rgb24")
+            f.pts = i
+            c.mux(film.encode(f))
+        c.mux(film.encode())
+    info = probe_video(path)
+    assert (info.width, info.height) == (W, H)
+    assert deblur_video(path, tmp_path / "out.mkv", lambda x, progress: x) == N
+    got = streams(tmp_path / "out.mkv")
+    assert got["size"] == (W, H) and len(got["pts"]) == N

@@ -70,6 +70,7 @@ _AUTO_WEBM = ("libvpx-vp9", "libsvtav1", "libvpx")
 _CRF_CODECS = {"libx264": {}, "libx264rgb": {}, "libx265": {"x265-params": "log-level=error"},
                "libvpx-vp9": {"b": "0"}, "libvpx": {"b": "0"}, "libsvtav1": {}}
 _CRF_MAX = {"libvpx-vp9": 63, "libvpx": 63, "libsvtav1": 63}
+_CRF_MIN = {"libvpx": 4}  # VP8 refuses a lower one (as "Invalid argument", frame after frame)
 # encoders without a rate factor that take a fixed quantiser instead (FFmpeg's default for them
 # is a 200 kb/s bit rate, far below --crf 18's quality)
 _QSCALE_CODECS = ("mpeg4", "mjpeg")
@@ -159,14 +160,15 @@ def available_codecs() -> list[str]:
 
 
 def check_crf(codec: str, crf: int) -> None:
-    """``crf`` must be in 0..51 (x264/x265) or 0..63 (VP9, VP8, AV1); raises ``ValueError``.
+    """``crf`` must be in 0..51 (x264/x265), 0..63 (VP9, AV1) or 4..63 (VP8); raises
+    ``ValueError``.
     Encoders without a constant rate factor pass any value: MPEG-4 Part 2 and MJPEG take it as
     a quantiser (:func:`quantiser`), lossless ones (ffv1) ignore it."""
     if codec not in _CRF_CODECS:
         return
-    top = _CRF_MAX.get(codec, 51)
-    if not 0 <= crf <= top:
-        raise ValueError(f"--crf must be in 0..{top} for {codec}, got {crf}")
+    low, top = _CRF_MIN.get(codec, 0), _CRF_MAX.get(codec, 51)
+    if not low <= crf <= top:
+        raise ValueError(f"--crf must be in {low}..{top} for {codec}, got {crf}")
 
 
 @dataclass(frozen=True)
@@ -207,9 +209,21 @@ def _display_matrix(frame: Any) -> Optional[tuple[int, ...]]:
     return tuple(int(v) for v in values[:9]) if values.size >= 9 else None
 
 
+def main_video(container: Any) -> Any:
+    """The video stream that is deblurred: the largest frames (then the most of them), as
+    FFmpeg's command picks, leaving out a cover picture (an attached picture is a video stream
+    of one frame, and may come first)."""
+    from av.stream import Disposition
+
+    streams = list(container.streams.video)
+    moving = [s for s in streams if not s.disposition & Disposition.attached_pic] or streams
+    return max(moving, key=lambda s: ((s.codec_context.width or 0) * (s.codec_context.height or 0),
+                                      int(s.frames or 0), -streams.index(s)))
+
+
 @contextlib.contextmanager
 def _video_stream(path: Path) -> Iterator[tuple[Any, Any]]:
-    """``(container, first video stream)`` of a regular file opened for reading; FFmpeg's errors
+    """``(container, main video stream)`` of a regular file opened for reading; FFmpeg's errors
     (raised here or in the caller's block) become one-line :class:`ImageReadError`."""
     av = import_av()
     try:
@@ -221,7 +235,7 @@ def _video_stream(path: Path) -> Iterator[tuple[Any, Any]]:
                                      "(give it its own suffix)")
             if not container.streams.video:
                 raise ImageReadError(f"cannot read {path}: no video stream")
-            yield container, container.streams.video[0]
+            yield container, main_video(container)
     except av.error.FFmpegError as exc:
         raise ImageReadError(f"cannot read {path}: {_one_line(exc)}") from None
 
@@ -544,7 +558,7 @@ def _join(av: Any, source: Path, parts: list[Segment], tmp: Path, muxer: str,
         # opaque: the template's codec is a decoder (dav1d for AV1); the display matrix comes too
         vout = out.add_stream_from_template(template, opaque=True)
         vout.time_base = template.time_base
-        vin = inp.streams.video[0]
+        vin = main_video(inp)
         vout.codec_context.framerate = vin.average_rate or vin.guessed_rate or Fraction(30)
         audio = {a: out.add_stream_from_template(a) for a in inp.streams.audio}
         _copy_tags(inp, out, vout, audio)
@@ -577,7 +591,7 @@ def _copy_tags(inp: Any, out: Any, vout: Any, audio: dict) -> None:
     and audio streams (language, title, handler) onto the output, as FFmpeg's command copies
     them; the muxer writes those its container has a place for."""
     out.metadata.update(_tags(inp.metadata))
-    vout.metadata.update(_tags(inp.streams.video[0].metadata))
+    vout.metadata.update(_tags(main_video(inp).metadata))
     for source, stream in audio.items():
         stream.metadata.update(_tags(source.metadata))
 
@@ -733,7 +747,7 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
         total = None if total is None else max(0, total - span.start)
     with open_regular(source) as fh, av.open(fh, "r") as inp, \
             av.open(str(tmp), "w", format=muxer) as out:
-        vin = inp.streams.video[0]
+        vin = main_video(inp)
         vin.thread_type = "AUTO"
         ctx_in = vin.codec_context
         pix_fmt = pixel_format(codec_name, info.width, info.height)
@@ -987,7 +1001,7 @@ def count_frames(path: Path) -> int:
 
 
 def iter_frames(path: Path) -> Iterator[tuple[int, np.ndarray]]:
-    """Decode ``path``'s first video stream: ``(index, float32 (H, W, 3) RGB in [0, 1])`` for
+    """Decode ``path``'s main video stream (:func:`main_video`): ``(index, float32 (H, W, 3) RGB in [0, 1])`` for
     each frame in presentation order, one at a time (as stored: the display rotation is not
     applied).
 

@@ -99,7 +99,7 @@ def deblur(
         "ICC colour profile, EXIF with date, camera and GPS, XMP, print resolution).")] = False,
     crf: Annotated[int, typer.Option(
         "--crf", help="Video quality: constant rate factor, lower is better (0-51 for "
-        "x264/x265, 0-63 for VP9/AV1; MPEG-4 and MJPEG take crf/6 as their quantiser).")] = 18,
+        "x264/x265, 0-63 for VP9/AV1, 4-63 for VP8; MPEG-4 and MJPEG take crf/6 as their quantiser).")] = 18,
     codec: Annotated[str, typer.Option(
         "--codec", help="Video encoder: auto (libx264 if PyAV has it; VP9 for .webm) or an "
         "FFmpeg encoder name such as libx265, libvpx-vp9, mpeg4.")] = "auto",
