@@ -1001,9 +1001,9 @@ def count_frames(path: Path) -> int:
 
 
 def iter_frames(path: Path) -> Iterator[tuple[int, np.ndarray]]:
-    """Decode ``path``'s main video stream (:func:`main_video`): ``(index, float32 (H, W, 3) RGB in [0, 1])`` for
-    each frame in presentation order, one at a time (as stored: the display rotation is not
-    applied).
+    """Decode ``path``'s main video stream (:func:`main_video`): ``(index, float32 (H, W, 3)
+    RGB in [0, 1])`` for each frame in presentation order, one at a time (as stored: the
+    display rotation is not applied).
 
     Raises:
         ImageReadError: the file cannot be read or a packet cannot be decoded.
