@@ -541,6 +541,20 @@ def test_container_and_stream_tags_are_kept(tmp_path, suffix):
             assert tags["creation_time"].startswith("2024-05-06T07:08:09"), path
             assert "OldMuxer" not in str(tags), path
             assert c.streams.audio[0].metadata.get("language") == "fra", path
+    # --strip-metadata: none of them (a phone video's location among them)
+    stripped, parts = tmp_path / "stripped" / tagged.name, tmp_path / "sparts" / tagged.name
+    deblur_video(tagged, stripped, lambda x, p: x, tags=False)
+    join_segments(tagged, [deblur_segment(tagged, parts, lambda x, p: x, i, span)
+                           for i, span in enumerate(plan_spans(tagged, 2))], parts, tags=False)
+    options = BatchOptions(metadata=False)  # what deblur --strip-metadata runs
+    assert run_jobs(plan_jobs(tagged, tmp_path / "cli", options), lambda x, progress=None: x,
+                    options).count("done") == 1
+    for path in (stripped, parts, tmp_path / "cli" / tagged.name):
+        with av.open(str(path)) as c:
+            tags = {k.lower(): v for k, v in c.metadata.items()}
+            assert "title" not in tags and "Holiday" not in str(tags), path
+            assert not str(tags.get("creation_time", "")).startswith("2024"), path
+            assert c.streams.audio[0].metadata.get("language") != "fra", path
 
 
 @pytest.mark.parametrize("suffix", [".mkv", ".mp4", ".avi"])

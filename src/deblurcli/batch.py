@@ -82,7 +82,8 @@ class BatchOptions:
         codec: video encoder (``auto``: libx264 where PyAV has it, see :mod:`deblurcli.video`).
         crf: video constant rate factor.
         metadata: write each photo's ICC profile, EXIF and XMP into its output
-            (:mod:`deblurcli.imagemeta`).
+            (:mod:`deblurcli.imagemeta`), and each video's tags (title, creation time,
+            location, ...).
     """
 
     suffix: str = ""
@@ -543,13 +544,14 @@ def process_file(job: Job, deblur: DeblurFn, options: BatchOptions,
     """Read ``job.source``, deblur it and write ``job.target`` keeping alpha, grey and bit depth
     (16 bits only where the output format stores them: PNG, TIFF) and, unless
     ``options.metadata`` is off, the ICC profile, EXIF, XMP and DPI; a video is deblurred frame by
-    frame (:func:`deblurcli.video.deblur_video`). Returns the video frames written (0 for an
+    frame (:func:`deblurcli.video.deblur_video`), with its tags unless ``options.metadata`` is
+    off. Returns the video frames written (0 for an
     image)."""
     record = ledger_hook(job)
     if is_video(job.source):
         return deblur_video(job.source, job.target, deblur, codec=options.codec, crf=options.crf,
                             max_pixels=options.max_pixels, progress=progress,
-                            before_replace=record)
+                            before_replace=record, tags=options.metadata)
     image = read_image(job.source, max_pixels=options.max_pixels)
     result = deblur(image.pixels, progress)
     stripped = {} if options.metadata else {"metadata": None}

@@ -176,7 +176,8 @@ def deblur_video_split(group: ProcessGroup, job: Job, deblur: DeblurFn, options:
             else:
                 try:
                     frames = join_segments(job.source, [seg for _, seg, _ in outcomes],
-                                           job.target, before_replace=ledger_hook(job))
+                                           job.target, before_replace=ledger_hook(job),
+                                           tags=options.metadata)
                     result = FileResult(job, "done", time.perf_counter() - start, frames=frames)
                     counter.report(frames, frames)
                 except Exception as exc:  # noqa: BLE001 - failure_reason tells a file's failure

@@ -355,9 +355,11 @@ def _one_line(exc: BaseException) -> str:
 def deblur_video(source: Path, target: Path, deblur: DeblurFn, *, codec: str = "auto",
                  crf: int = DEFAULT_CRF, max_pixels: int = DEFAULT_MAX_PIXELS,
                  progress: Optional[ProgressFn] = None,
-                 before_replace: Optional[Callable[[Path], None]] = None) -> int:
+                 before_replace: Optional[Callable[[Path], None]] = None,
+                 tags: bool = True) -> int:
     """Deblur every frame of the video ``source`` into ``target`` (same container); returns the
-    number of frames written. See the module docstring for what is kept.
+    number of frames written. See the module docstring for what is kept; ``tags=False`` leaves
+    out the tags of the container and its streams (title, creation time, location, ...).
 
     Emits ``"frames"`` progress events (done / the count the container declares, or None); the
     ``deblur`` function gets ``progress`` too (its ``"tiles"`` events).
@@ -372,7 +374,7 @@ def deblur_video(source: Path, target: Path, deblur: DeblurFn, *, codec: str = "
 
     def write(tmp: Path) -> None:
         written[0] = _transcode(av, source, tmp, muxer, codec_name, crf, info, deblur,
-                                progress)[0]
+                                progress, tags=tags)[0]
         if written[0] == 0:
             raise ImageReadError(f"cannot read {source}: no video frame could be decoded")
 
@@ -518,7 +520,8 @@ def deblur_segment(source: Path, target: Path, deblur: DeblurFn, index: int, spa
 
 
 def join_segments(source: Path, segments: list[Segment], target: Path, *,
-                  before_replace: Optional[Callable[[Path], None]] = None) -> int:
+                  before_replace: Optional[Callable[[Path], None]] = None,
+                  tags: bool = True) -> int:
     """Join the segment files of ``target`` in frame order into ``target`` (written atomically):
     their packets are copied (no re-encoding) with each segment's timestamps moved back by its
     ``shift`` and the decoding timestamps kept increasing across the joins, and the audio
@@ -539,7 +542,7 @@ def join_segments(source: Path, segments: list[Segment], target: Path, *,
                                  "processes must write to one shared OUTPUT folder)")
 
     def write(tmp: Path) -> None:
-        _join(av, source, parts, tmp, _MUXER[target.suffix.lower()], target)
+        _join(av, source, parts, tmp, _MUXER[target.suffix.lower()], target, tags)
 
     try:
         atomic_write(target, write, before_replace=before_replace)
@@ -549,7 +552,7 @@ def join_segments(source: Path, segments: list[Segment], target: Path, *,
 
 
 def _join(av: Any, source: Path, parts: list[Segment], tmp: Path, muxer: str,
-          target: Path) -> None:
+          target: Path, tags: bool = True) -> None:
     with contextlib.ExitStack() as stack:
         first = stack.enter_context(av.open(str(parts[0].path), "r"))
         inp = stack.enter_context(av.open(stack.enter_context(open_regular(source)), "r"))
@@ -561,7 +564,8 @@ def _join(av: Any, source: Path, parts: list[Segment], tmp: Path, muxer: str,
         vin = main_video(inp)
         vout.codec_context.framerate = vin.average_rate or vin.guessed_rate or Fraction(30)
         audio = {a: out.add_stream_from_template(a) for a in inp.streams.audio}
-        _copy_tags(inp, out, vout, audio)
+        if tags:
+            _copy_tags(inp, out, vout, audio)
         video = _segment_packets(av, parts, template, vout, target)
         sound = (p for p in inp.demux(*audio) if p.dts is not None) if audio else iter(())
         # interleaved by decoding time, as a muxer expects
@@ -725,16 +729,18 @@ def _quiet_encoder(codec_name: str) -> Iterator[None]:
 
 def _transcode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: int,
                info: VideoInfo, deblur: DeblurFn, progress: Optional[ProgressFn],
-               span: Optional[FrameSpan] = None, seek: bool = False) -> tuple[int, int, int]:
+               span: Optional[FrameSpan] = None, seek: bool = False,
+               tags: bool = True) -> tuple[int, int, int]:
     """:func:`_encode` with the encoder's own log kept to errors."""
     with _quiet_encoder(codec_name):
         return _encode(av, source, tmp, muxer, codec_name, crf, info, deblur, progress, span,
-                       seek)
+                       seek, tags)
 
 
 def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: int,
             info: VideoInfo, deblur: DeblurFn, progress: Optional[ProgressFn],
-            span: Optional[FrameSpan] = None, seek: bool = False) -> tuple[int, int, int]:
+            span: Optional[FrameSpan] = None, seek: bool = False,
+            tags: bool = True) -> tuple[int, int, int]:
     """Deblur the frames of ``span`` (all of them, with the audio, when None) into ``tmp``;
     returns ``(frames written, shift, origin)``: the time-base ticks taken off their timestamps
     so that the first written frame has the video's first timestamp, ``origin`` (``shift`` is 0
@@ -788,7 +794,7 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
         # a part of the video (span) carries no audio: join_segments copies it from the source
         audio = {} if span is not None else \
             {a: out.add_stream_from_template(a) for a in inp.streams.audio}
-        if span is None:
+        if span is None and tags:
             _copy_tags(inp, out, vout, audio)
         seeked = seek and span is not None and span.lo is not None
         if seeked:

@@ -95,8 +95,9 @@ def deblur(
     quality: Annotated[int, typer.Option(
         "--quality", min=1, max=100, help="JPEG/WebP/AVIF/HEIC quality.")] = 95,
     strip_metadata: Annotated[bool, typer.Option(
-        "--strip-metadata", help="Write photos without the input's metadata (kept by default: "
-        "ICC colour profile, EXIF with date, camera and GPS, XMP, print resolution).")] = False,
+        "--strip-metadata", help="Write outputs without the input's metadata (kept by "
+        "default: a photo's ICC colour profile, EXIF with date, camera and GPS, XMP, print "
+        "resolution; a video's tags: title, creation time, location, ...).")] = False,
     crf: Annotated[int, typer.Option(
         "--crf", help="Video quality: constant rate factor, lower is better (0-51 for "
         "x264/x265, 0-63 for VP9/AV1, 4-63 for VP8; MPEG-4 and MJPEG take crf/6 as their quantiser).")] = 18,
