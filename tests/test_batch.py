@@ -388,3 +388,25 @@ def test_a_folder_that_seems_empty_says_where_its_photos_are(tmp_path):
     with pytest.raises(ImageReadError, match="2 hidden file\\(s\\) or folder\\(s\\) \\(names "
                                              "starting with a dot\\) are passed over"):
         plan_jobs(tmp_path / "hid", tmp_path / "o", BatchOptions(recursive=True))
+
+
+def test_a_folder_at_the_target_fails_before_the_deblurring(tmp_path):
+    """It failed only when the output was written, after the whole photo (or video) had been
+    deblurred; a dry run said it would be written."""
+    src = tmp_path / "in"
+    _img(src / "a.png")
+    _img(src / "b.png")
+    (tmp_path / "out" / "a.png").mkdir(parents=True)
+    calls = []
+
+    def counting(pixels, progress=None):
+        calls.append(1)
+        return pixels
+
+    for overwrite in (False, True):  # b.png: written, then written again
+        options = BatchOptions(overwrite=overwrite)
+        summary = run_jobs(plan_jobs(src, tmp_path / "out", options), counting, options)
+        assert [r.status for r in summary.results] == ["failed", "done"]
+        assert "out/a.png is a folder: move it away" in summary.failed[0].error
+    assert len(calls) == 2  # b.png, twice; never a.png
+    assert (tmp_path / "out" / "a.png").is_dir()

@@ -105,7 +105,8 @@ class Job:
     Attributes:
         source: the input entry (a file, or a folder that could not be listed).
         target: the output file.
-        problem: why the source cannot be read, found while planning ("" when it can): such a
+        problem: why the source cannot be read or its target written (a folder there), found
+            while planning ("" when nothing stands in the way): such a
             job is reported as failed without touching anything.
         ledger: where to record the output once written (outputs inside the input tree), or None.
     """
@@ -502,12 +503,23 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
             raise DeblurcliError(f"{seen[key]} and {path} would both be written to {target}; "
                                  f"{advice}")
         seen[key] = path
-        jobs.append((rel, Job(path, target, ledger=ledger_path if inside else None)))
+        in_the_way = f"{target} is a folder: move it away, or choose another OUTPUT folder or " \
+            "a --suffix" if _is_folder(target) else ""  # found now, not after the deblurring
+        jobs.append((rel, Job(path, target, ledger=ledger_path if inside else None,
+                              problem=in_the_way)))
     for path, rel, reason in problems:
         name = output_name(rel, options.suffix, options.ext) if rel.suffix else rel.name
         jobs.append((rel, Job(path, out_dir / rel.parent / name, problem=reason)))
     jobs.sort(key=lambda item: item[0].as_posix())
     return shard_items([job for _, job in jobs], options.shard)
+
+
+def _is_folder(path: Path) -> bool:
+    """A real folder (not a link to one) at ``path``."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def check_output_folder(folder: Path) -> None:

@@ -90,10 +90,11 @@ def deblur(
     suffix: Annotated[str, typer.Option(
         "--suffix", help="Added to output file names (photo.jpg -> photo{suffix}.jpg).")] = "",
     ext: Annotated[str, typer.Option(
-        "--ext", help="Output format: auto (same as input) | png | jpg (jpeg) | webp | "
-        "tif (tiff) | avif | heic (heif).")] = "auto",
+        "--ext", help="Photo output format: auto (same as input) | png | jpg (jpeg) | webp | "
+        "tif (tiff) | avif | heic (heif). Videos keep their container (see --codec).")] = "auto",
     quality: Annotated[int, typer.Option(
-        "--quality", min=1, max=100, help="JPEG/WebP/AVIF/HEIC quality.")] = 95,
+        "--quality", min=1, max=100, help="JPEG/WebP/AVIF/HEIC photo quality (videos: "
+        "--crf).")] = 95,
     strip_metadata: Annotated[bool, typer.Option(
         "--strip-metadata", help="Write outputs without the input's metadata (kept by "
         "default: a photo's ICC colour profile, EXIF with date, camera and GPS, XMP, print "
