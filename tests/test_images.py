@@ -491,7 +491,7 @@ def test_a_16_bit_lzw_tiff_stays_16_bit(tmp_path, monkeypatch):
         raise ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
 
     monkeypatch.setattr(tifffile.TiffPage, "asarray", no_codec)
-    with pytest.raises(ImageReadError, match="16-bit samples are compressed with LZW"):
+    with pytest.raises(ImageReadError, match="16-bit samples, compressed with LZW, could not be"):
         read_image(tmp_path / "lzw.tif")
 
 
@@ -578,3 +578,44 @@ def test_float_samples_outside_0_1_or_nan_are_refused_not_clipped(tmp_path):
         read_image(tmp_path / "holed.tif")
     tifffile.imwrite(tmp_path / "over.tif", (rng.random((8, 8, 3)) * 1.2).astype(np.float32))
     assert read_image(tmp_path / "over.tif").pixels.max() == 1.0
+
+
+def test_tiff_samples_of_any_depth_sign_and_photometric_read_as_they_look(tmp_path):
+    """12- and 4-bit samples came out nearly black (unscaled in 16- and 8-bit integers), a 1-bit
+    or float MINISWHITE page was not inverted, 16-bit CMYK came out 8-bit, signed samples
+    were clipped and a truncated uncompressed file blamed a missing codec."""
+    import tifffile
+
+    from deblurcli.errors import ImageReadError
+
+    def written(name, arr, **kwargs):
+        tifffile.imwrite(tmp_path / name, arr, **kwargs)
+        return read_image(tmp_path / name)
+
+    twelve = written("g12.tif", np.array([[4095, 2048]], np.uint16), bitspersample=12)
+    assert twelve.bit_depth == 16
+    np.testing.assert_allclose(twelve.pixels[0, :, 0], [1.0, 2048 / 4095], atol=1e-4)
+    four = written("g4.tif", np.array([[15, 5]], np.uint8), bitspersample=4)
+    assert four.bit_depth == 8
+    np.testing.assert_allclose(four.pixels[0, :, 0], [1.0, 5 / 15], atol=1e-6)
+    ink = np.zeros((2, 2), bool)
+    ink[0] = True  # MINISWHITE: set bits are black
+    bw = written("bw.tif", ink, photometric="miniswhite")
+    np.testing.assert_array_equal(bw.pixels[:, 0, 0], [0.0, 1.0])
+    grey = written("f.tif", np.full((2, 2), 0.2, np.float32), photometric="miniswhite")
+    assert grey.pixels[0, 0, 0] == pytest.approx(0.8)
+    cmyk = np.zeros((2, 2, 4), np.uint16)
+    cmyk[..., 0] = 65535  # full cyan
+    cmyk[1, :, 3] = 32768  # half black
+    separated = written("cmyk16.tif", cmyk, photometric="separated")
+    assert separated.bit_depth == 16
+    np.testing.assert_allclose(separated.pixels[0, 0], [0, 1, 1], atol=1e-4)
+    np.testing.assert_allclose(separated.pixels[1, 0], [0, 0.5, 0.5], atol=1e-4)
+    signed = written("s16.tif", np.full((2, 2), 16384, np.int16))
+    assert signed.pixels[0, 0, 0] == pytest.approx(16384 / 32767)
+    with pytest.raises(ImageReadError, match="signed and hold negative values"):
+        written("neg.tif", np.full((2, 2), -5, np.int16))
+    tifffile.imwrite(tmp_path / "whole.tif", np.full((8, 8), 1000, np.uint16))
+    (tmp_path / "cut.tif").write_bytes((tmp_path / "whole.tif").read_bytes()[:-40])
+    with pytest.raises(ImageReadError, match="pixel data is damaged or cut short"):
+        read_image(tmp_path / "cut.tif")

@@ -649,18 +649,16 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
                                  f"bytes, more than the limit of {max_file_bytes(max_pixels):,} "
                                  "(raise --max-pixels if the file is trusted)")
         photometric = int(page.photometric)
+        bits = int(page.bitspersample)
         arr = None
-        if photometric in (0, 1, 2):  # grey or RGB; CMYK, palette, YCbCr, Lab: Pillow below
+        # grey or RGB, and CMYK of more than 8 bits (which Pillow would read as 8); palette,
+        # YCbCr, Lab and 8-bit CMYK: Pillow below
+        if photometric in (0, 1, 2) or photometric == 5 and bits > 8:
             try:
                 arr = page.asarray()
             except Exception as exc:  # noqa: BLE001 - a codec tifffile lacks: Pillow, if 8-bit
-                if int(page.bitspersample) > 8:  # Pillow would read it as 8 bits, silently
-                    raise ImageReadError(
-                        f"cannot read {path}: its {page.bitspersample}-bit samples are "
-                        f"compressed with {getattr(page.compression, 'name', page.compression)}, "
-                        "which tifffile cannot decode "
-                        f"here ({' '.join(str(exc).split())[:120]}; is imagecodecs installed?)"
-                    ) from None
+                if bits > 8 or photometric == 5:  # Pillow would read it as 8 bits, silently
+                    raise ImageReadError(_tiff_failure(path, page, exc)) from None
                 arr = None
         tag = page.tags.get(274)
         orientation = int(tag.value) if tag is not None else 1
@@ -684,14 +682,51 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
         arr = np.moveaxis(arr, 0, -1)  # (samples, height, width) -> (height, width, samples)
     if arr.ndim == 3 and arr.shape[2] > 4:
         raise ValueError(f"unsupported TIFF with {arr.shape[2]} channels")
-    if photometric == 0 and np.issubdtype(arr.dtype, np.integer):  # MINISWHITE: invert
-        arr = np.iinfo(arr.dtype).max - arr
+    arr = _tiff_samples(arr, bits, path)
+    if photometric == 0:  # MINISWHITE: 0 is white
+        arr = ~arr if arr.dtype == np.bool_ else 1.0 - arr if arr.dtype.kind == "f" else \
+            np.iinfo(arr.dtype).max - arr
+    if photometric == 5:  # CMYK(+alpha) as Pillow turns 8-bit CMYK into RGB, without a profile
+        cmyk = arr.astype(np.float32) / np.float32(np.iinfo(arr.dtype).max)
+        ink = 1.0 - cmyk[..., 3:4]
+        rgb = (1.0 - cmyk[..., :3]) * ink
+        arr = np.concatenate([rgb, cmyk[..., 4:]], axis=2) if cmyk.shape[2] > 4 else rgb
+        arr = np.rint(arr * 65535.0).astype(np.uint16)
     image = _finish(arr, "tiff", orientation, metadata=_tiff_metadata(fh, max_pixels, plain))
     if associated and image.alpha is not None:  # as every other file: colour not premultiplied
         alpha = image.alpha[..., None]
         image.pixels = np.where(alpha > 0, np.clip(image.pixels / np.maximum(alpha, 1e-12),
                                                    0.0, 1.0), 0.0).astype(np.float32)
     return image
+
+
+def _tiff_failure(path: Path, page: Any, exc: BaseException) -> str:
+    """Why tifffile could not decode a page: a codec it lacks, or data cut short or damaged."""
+    compression = getattr(page.compression, "name", page.compression)
+    reason = " ".join(str(exc).split())[:120]
+    if int(page.compression) == 1:  # not compressed: nothing to decode, the bytes are missing
+        return f"cannot read {path}: its pixel data is damaged or cut short ({reason})"
+    return (f"cannot read {path}: its {page.bitspersample}-bit samples, compressed with "
+            f"{compression}, could not be decoded ({reason}): the file is damaged, or the "
+            "codec missing (is imagecodecs installed?)")
+
+
+def _tiff_samples(arr: np.ndarray, bits: int, path: Path) -> np.ndarray:
+    """TIFF samples as :func:`_to_unit_float` takes them: unsigned ones of 2..15 bits (tifffile
+    unpacks 4- or 12-bit samples into 8- or 16-bit integers unscaled) stretched to the full
+    8- or 16-bit range; signed ones of non-negative values read as a fraction of their type's
+    maximum (negative ones have no place in 0..1)."""
+    if arr.dtype.kind == "u" and 1 < bits < 16 and bits != 8:
+        top = np.float64(2 ** bits - 1)
+        target = np.uint8 if bits < 8 else np.uint16
+        return np.rint(np.minimum(arr, top) * (np.iinfo(target).max / top)).astype(target)
+    if arr.dtype.kind == "i":
+        if arr.size and int(arr.min()) < 0:
+            raise ImageReadError(f"cannot read {path}: its samples are signed and hold negative "
+                                 "values, which have no place in 0..1 (save it with unsigned "
+                                 "samples)")
+        return (arr.astype(np.float64) / np.iinfo(arr.dtype).max).astype(np.float32)
+    return arr
 
 
 def read_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageData:
