@@ -619,3 +619,16 @@ def test_tiff_samples_of_any_depth_sign_and_photometric_read_as_they_look(tmp_pa
     (tmp_path / "cut.tif").write_bytes((tmp_path / "whole.tif").read_bytes()[:-40])
     with pytest.raises(ImageReadError, match="pixel data is damaged or cut short"):
         read_image(tmp_path / "cut.tif")
+
+
+def test_a_name_near_the_file_system_limit_can_be_written(tmp_path):
+    """The temporary name, 15 bytes longer than the file's, passed the 255 bytes allowed."""
+    from deblurcli.images import atomic_folder
+
+    for name in ("a" * 248 + ".png", "é" * 123 + ".png"):  # 252 and 250 bytes
+        write_image(tmp_path / name, np.zeros((2, 2, 3), np.float32))
+        assert read_image(tmp_path / name).pixels.shape == (2, 2, 3)
+    with atomic_folder(tmp_path / ("d" * 250)) as folder:
+        (folder / "x").write_text("x")
+    assert (tmp_path / ("d" * 250) / "x").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

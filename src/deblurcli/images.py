@@ -104,6 +104,14 @@ class ImageData:
 # atomic writes
 
 
+def _temp_prefix(path: Path) -> str:
+    """``.NAME.`` for the temporary file beside ``path``, ``NAME`` cut to 240 bytes so that the
+    15 more of the temporary name (its dots, 8 random characters, ``.part``) still fit the
+    255 that file systems allow, for a name near that limit."""
+    name = path.name.encode("utf-8", "surrogateescape")[:240].decode("utf-8", "ignore")
+    return f".{name}."
+
+
 def atomic_write(path: PathLike, write: Callable[[Path], None], *,
                  before_replace: Callable[[Path], None] | None = None) -> None:
     """Create ``path`` atomically and durably: ``write(tmp)`` fills a temporary file in the same
@@ -119,7 +127,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], *,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".part")
     os.close(fd)
     try:
         write(Path(tmp))
@@ -151,7 +159,7 @@ def atomic_folder(path: PathLike, *, replace: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".part"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
