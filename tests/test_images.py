@@ -632,3 +632,20 @@ def test_a_name_near_the_file_system_limit_can_be_written(tmp_path):
         (folder / "x").write_text("x")
     assert (tmp_path / ("d" * 250) / "x").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_lossless_webp_is_written_back_lossless(tmp_path):
+    """--ext auto wrote a lossless WebP as a lossy one (quality 95): graphics lost detail."""
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "lossless.webp", lossless=True)
+    Image.fromarray(noise).save(tmp_path / "lossy.webp", quality=80)
+    for name, lossless in (("lossless.webp", True), ("lossy.webp", False)):
+        image = read_image(tmp_path / name)
+        assert image.lossless is lossless
+        write_image(tmp_path / "out" / name, image.pixels, like=image)
+        data = (tmp_path / "out" / name).read_bytes()
+        assert (b"VP8L" in data[12:40]) is lossless
+    back = read_image(tmp_path / "out" / "lossless.webp").pixels
+    assert np.array_equal(np.rint(back * 255).astype(np.uint8), noise)

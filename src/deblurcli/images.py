@@ -90,6 +90,7 @@ class ImageData:
         format: ``"png" | "jpeg" | "tiff" | "webp" | "bmp"``.
         metadata: the file's ICC profile, EXIF and XMP (:mod:`deblurcli.imagemeta`), or
             ``None`` when it has none.
+        lossless: the file is a lossless WebP (written back as one).
     """
 
     pixels: np.ndarray
@@ -98,6 +99,7 @@ class ImageData:
     bit_depth: int
     format: str
     metadata: ImageMetadata | None = None
+    lossless: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,7 +583,20 @@ def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageDat
         arr = np.asarray(im.convert("RGBA"))
     else:  # RGB, CMYK, YCbCr, LAB, HSV, ...
         arr = np.asarray(im.convert("RGB"))
-    return _finish(arr, fmt, orientation, metadata=metadata)
+    image = _finish(arr, fmt, orientation, metadata=metadata)
+    image.lossless = fmt == "webp" and _webp_lossless(data)
+    return image
+
+
+def _webp_lossless(data: bytes) -> bool:
+    """Whether a WebP file's image is stored lossless (a ``VP8L`` chunk, not ``VP8 ``)."""
+    at = 12  # after RIFF, its size and WEBP
+    while at + 8 <= len(data):
+        kind, size = data[at:at + 4], struct.unpack("<I", data[at + 4:at + 8])[0]
+        if kind in (b"VP8L", b"VP8 "):
+            return kind == b"VP8L"
+        at += 8 + size + (size & 1)
+    return False
 
 
 def _pillow_metadata(im, data: bytes, fmt: str) -> ImageMetadata | None:
@@ -864,6 +879,7 @@ def encode_image(
     quality: int = 95,
     compress_level: int = 6,
     metadata: ImageMetadata | None = None,
+    lossless: bool = False,
 ) -> bytes:
     """Encode pixels as the bytes of an image file of format ``fmt`` (``"png"``, ``"jpeg"``,
     ``"tiff"``, ``"webp"``, ``"bmp"``, ``"avif"`` or ``"heif"``).
@@ -877,6 +893,7 @@ def encode_image(
         compress_level: zlib level (0-9) for 8-bit PNG; 1 is ~3x faster than 6 and ~20% larger.
         metadata: ICC profile, EXIF and XMP to write where the format holds them, made true of
             these pixels first (:func:`deblurcli.imagemeta.for_output`).
+        lossless: a lossless WebP (other formats: no effect).
     """
     from deblurcli import imagemeta
 
@@ -917,7 +934,8 @@ def encode_image(
                                     grayscale=grey_written) if fmt != "bmp" else None
     try:
         return _encode_array(fmt, arr, alpha=alpha is not None, metadata=metadata,
-                             quality=quality, compress_level=compress_level)
+                             quality=quality, compress_level=compress_level,
+                             lossless=lossless)
     except DeblurcliError:
         raise
     except (ValueError, RuntimeError, OSError, struct.error) as exc:
@@ -929,7 +947,7 @@ def encode_image(
 
 
 def _encode_array(fmt: str, arr: np.ndarray, *, alpha: bool, metadata: ImageMetadata | None,
-                  quality: int, compress_level: int) -> bytes:
+                  quality: int, compress_level: int, lossless: bool = False) -> bytes:
     """The bytes of ``arr`` (quantised, ``(H, W)`` or ``(H, W, C)``) as a ``fmt`` file."""
     from deblurcli import imagemeta
 
@@ -962,7 +980,8 @@ def _encode_array(fmt: str, arr: np.ndarray, *, alpha: bool, metadata: ImageMeta
     if im.mode != mode:  # pragma: no cover - Pillow infers the mode from the array shape
         raise ValueError(f"unexpected Pillow mode {im.mode} for {mode}")
     options = {"png": {"compress_level": int(compress_level)}, "jpeg": {"quality": int(quality)},
-               "webp": {"quality": int(quality)}, "bmp": {}, "avif": {"quality": int(quality)},
+               "webp": {"quality": int(quality), **({"lossless": True} if lossless else {})},
+               "bmp": {}, "avif": {"quality": int(quality)},
                "heif": {"quality": int(quality)}}.get(fmt)
     if options is None:
         raise ValueError(f"unknown image format {fmt!r}")
@@ -1020,7 +1039,8 @@ def write_image(path: PathLike, pixels: np.ndarray, *, like: ImageData | None = 
     """
     if like is not None:
         options = {"alpha": like.alpha, "grayscale": like.grayscale,
-                   "bit_depth": like.bit_depth, "metadata": like.metadata, **options}
+                   "bit_depth": like.bit_depth, "metadata": like.metadata,
+                   "lossless": like.lossless, **options}
     path = Path(path)
     fmt = _FORMAT_BY_SUFFIX.get(path.suffix.lower())
     if fmt is None:
