@@ -649,3 +649,34 @@ def test_a_lossless_webp_is_written_back_lossless(tmp_path):
         assert (b"VP8L" in data[12:40]) is lossless
     back = read_image(tmp_path / "out" / "lossless.webp").pixels
     assert np.array_equal(np.rint(back * 255).astype(np.uint8), noise)
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_a_pngs_gamma_and_chromaticities_are_kept(tmp_path, bit_depth):
+    """A PNG that says how to show its values with gAMA and cHRM (no profile) was written
+    without them: viewers then took a linear image for sRGB."""
+    import struct
+    import zlib
+
+    from deblurcli.imagemeta import png_chunks
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + \
+            struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    write_image(tmp_path / "plain.png", np.full((4, 4, 3), 0.5, np.float32), bit_depth=bit_depth)
+    data = (tmp_path / "plain.png").read_bytes()
+    gama = struct.pack(">I", 100000)  # gamma 1.0: linear values
+    chrm = struct.pack(">8I", 31270, 32900, 64000, 33000, 30000, 60000, 15000, 6000)
+    ihdr_end = 8 + 12 + struct.unpack(">I", data[8:12])[0]
+    (tmp_path / "linear.png").write_bytes(data[:ihdr_end] + chunk(b"gAMA", gama) +
+                                          chunk(b"cHRM", chrm) + data[ihdr_end:])
+    image = read_image(tmp_path / "linear.png")
+    write_image(tmp_path / "out.png", image.pixels, like=image)
+    with open(tmp_path / "out.png", "rb") as fh:
+        chunks = png_chunks(fh, (b"gAMA", b"cHRM"))
+    assert chunks == {b"gAMA": [gama], b"cHRM": [chrm]}
+    assert read_image(tmp_path / "out.png").bit_depth == bit_depth
+    write_image(tmp_path / "bare.png", image.pixels, like=image, metadata=None)
+    with open(tmp_path / "bare.png", "rb") as fh:
+        assert png_chunks(fh, (b"gAMA", b"cHRM")) == {}

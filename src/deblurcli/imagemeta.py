@@ -19,7 +19,8 @@ format     read                                 written
 JPEG       ICC, EXIF, XMP (Pillow)              ICC; EXIF and XMP when each fits one segment
 WebP       ICC, EXIF, XMP (Pillow)              ICC, EXIF, XMP
 AVIF/HEIC  ICC, EXIF, XMP (Pillow/pillow-heif)  ICC, EXIF, XMP
-PNG        iCCP, eXIf; XMP from iTXt/tEXt/zTXt  iCCP, eXIf, iTXt ``XML:com.adobe.xmp``
+PNG        iCCP, eXIf; XMP from iTXt/tEXt/zTXt; iCCP, eXIf, iTXt ``XML:com.adobe.xmp``;
+           gAMA, cHRM, sRGB, cICP               gAMA, cHRM, sRGB, cICP as they were
 TIFF       ICC, XMP, EXIF (its own tags; no     ICC, XMP, EXIF (maker notes dropped)
            maker notes)
 BMP        nothing                              nothing
@@ -81,15 +82,19 @@ class ImageMetadata:
         xmp: the XMP packet (UTF-8 XML).
         dpi: the print resolution ``(x, y)`` in pixels per inch: JPEG's JFIF density, PNG's
             pHYs, a TIFF's resolution tags.
+        png_colour: a PNG's colour chunks besides its profile (``gAMA``, ``cHRM``, ``sRGB``,
+            ``cICP``), whole, in file order: they say how to show its values, and a PNG output
+            gets them back (other formats have no place for them).
     """
 
     icc: bytes | None = None
     exif: bytes | None = None
     xmp: bytes | None = None
     dpi: tuple[float, float] | None = None
+    png_colour: tuple[bytes, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.icc or self.exif or self.xmp or self.dpi)
+        return bool(self.icc or self.exif or self.xmp or self.dpi or self.png_colour)
 
     def turned(self) -> ImageMetadata:
         """The metadata of the photo turned by a quarter: the resolution's x and y swapped (the
@@ -213,7 +218,8 @@ def _exif_block(values: dict, types: dict, directories: dict[int, tuple[dict, di
     return bytes(block)
 
 
-_PNG_METADATA = (b"iCCP", b"eXIf", b"iTXt", b"tEXt", b"zTXt", b"pHYs")
+_PNG_COLOUR = (b"gAMA", b"cHRM", b"sRGB", b"cICP")
+_PNG_METADATA = (b"iCCP", b"eXIf", b"iTXt", b"tEXt", b"zTXt", b"pHYs", *_PNG_COLOUR)
 
 
 def png_chunks(fh: BinaryIO, kinds: tuple[bytes, ...] = _PNG_METADATA) -> dict[bytes,
@@ -268,7 +274,9 @@ def from_png(source: bytes | BinaryIO) -> ImageMetadata:
     for body in chunks.get(b"pHYs", [])[:1]:  # pixels per unit x, y; unit 1: the metre
         if len(body) == 9 and body[8] == 1:
             dpi = _dpi(v * 0.0254 for v in struct.unpack(">II", body[:8]))
-    return ImageMetadata(icc=icc or None, exif=exif, xmp=_png_xmp(chunks), dpi=dpi)
+    colour = tuple(_chunk(kind, body) for kind in _PNG_COLOUR for body in chunks.get(kind, [])[:1])
+    return ImageMetadata(icc=icc or None, exif=exif, xmp=_png_xmp(chunks), dpi=dpi,
+                         png_colour=colour)
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,7 +433,7 @@ def for_output(meta: ImageMetadata | None, *, width: int, height: int,
         b"GRAY" if grayscale else b"RGB ") else None
     exif = _patched_exif(meta.exif, width, height) if meta.exif else None
     xmp = _upright_xmp(meta.xmp) if meta.xmp else None
-    out = ImageMetadata(icc=icc, exif=exif, xmp=xmp, dpi=meta.dpi)
+    out = ImageMetadata(icc=icc, exif=exif, xmp=xmp, dpi=meta.dpi, png_colour=meta.png_colour)
     return out if out else None
 
 
@@ -470,11 +478,20 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
         struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
 
+def add_png_colour(png: bytes, meta: ImageMetadata | None) -> bytes:
+    """``png`` with ``meta``'s PNG colour chunks (``gAMA``, ``cHRM``, ``sRGB``, ``cICP``) right
+    after IHDR, before the pixel data as they must be."""
+    if not meta or not meta.png_colour:
+        return png
+    ihdr_end = 8 + 12 + struct.unpack(">I", png[8:12])[0]
+    return png[:ihdr_end] + b"".join(meta.png_colour) + png[ihdr_end:]
+
+
 def add_to_png(png: bytes, meta: ImageMetadata | None) -> bytes:
     """``png`` (bytes of a PNG written without metadata) with ``meta``'s chunks after IHDR."""
     if not meta:
         return png
-    extra = b""
+    extra = b"".join(meta.png_colour)
     if meta.icc:
         extra += _chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(meta.icc))
     if meta.exif:

@@ -970,6 +970,15 @@ def _encode_array(fmt: str, arr: np.ndarray, *, alpha: bool, metadata: ImageMeta
         if channels == 2:  # grey + alpha: OpenCV cannot write it
             return imagemeta.add_to_png(_png16_grey_alpha(arr), metadata)
         return imagemeta.add_to_png(_png16_bytes(arr), metadata)
+    if fmt == "png":
+        return imagemeta.add_png_colour(_pillow_bytes(fmt, arr, channels, metadata, quality,
+                                                      compress_level, lossless), metadata)
+    return _pillow_bytes(fmt, arr, channels, metadata, quality, compress_level, lossless)
+
+
+def _pillow_bytes(fmt: str, arr: np.ndarray, channels: int, metadata: ImageMetadata | None,
+                  quality: int, compress_level: int, lossless: bool) -> bytes:
+    from deblurcli import imagemeta
 
     from PIL import Image
 
