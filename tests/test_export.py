@@ -266,3 +266,35 @@ def test_a_checkpoint_pruned_while_it_is_read_gives_way_to_the_newer_one(
     assert result.exit_code == 1
     assert "was removed while export read it" in result.stderr, result.output
     assert not (tmp_path / "named").exists()
+
+
+def test_a_model_replaced_while_it_is_read_is_read_again_and_a_damaged_one_says_so(
+        run: Path, tmp_path: Path, monkeypatch) -> None:
+    from deblurcli import modelfolder
+    from deblurcli.errors import WeightsError
+    from deblurcli.train import export
+
+    running = tmp_path / "running"
+    shutil.copytree(run, running)
+    real = modelfolder.export_model_folder
+    calls = []
+
+    def replaced_meanwhile(src, *args, **kwargs):  # the run ends: RUN/model is put anew
+        calls.append(src)
+        if len(calls) == 1:
+            fresh = running / ".model.new"
+            shutil.copytree(running / "model", fresh)
+            shutil.rmtree(running / "model")
+            fresh.rename(running / "model")
+            raise FileNotFoundError(2, "No such file or directory", str(src / "unet"))
+        return real(src, *args, **kwargs)
+
+    monkeypatch.setattr(modelfolder, "export_model_folder", replaced_meanwhile)
+    state = export.export_run(running, tmp_path / "out")
+    assert len(calls) == 2 and not state.is_checkpoint and (tmp_path / "out").is_dir()
+
+    monkeypatch.setattr(modelfolder, "export_model_folder", real)
+    (running / "model" / "model_index.json").unlink()  # damaged, not replaced: its own error
+    (running / "checkpoints").rename(tmp_path / "aside")
+    with pytest.raises(WeightsError, match="missing model_index.json"):
+        export.export_run(running, tmp_path / "out2")

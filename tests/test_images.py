@@ -613,6 +613,11 @@ def test_tiff_samples_of_any_depth_sign_and_photometric_read_as_they_look(tmp_pa
     np.testing.assert_allclose(separated.pixels[1, 0], [0, 0.5, 0.5], atol=1e-4)
     signed = written("s16.tif", np.full((2, 2), 16384, np.int16))
     assert signed.pixels[0, 0, 0] == pytest.approx(16384 / 32767)
+    from PIL import Image  # Pillow saves 16-bit grey (mode "I") as signed 32-bit samples
+
+    Image.fromarray(np.array([[0, 60000]], np.int32), "I").save(tmp_path / "mode_i.tif")
+    np.testing.assert_allclose(read_image(tmp_path / "mode_i.tif").pixels[0, :, 0],
+                               [0.0, 60000 / 65535], atol=1e-6)
     with pytest.raises(ImageReadError, match="signed and hold negative values"):
         written("neg.tif", np.full((2, 2), -5, np.int16))
     tifffile.imwrite(tmp_path / "whole.tif", np.full((8, 8), 1000, np.uint16))
@@ -625,6 +630,14 @@ def test_a_name_near_the_file_system_limit_can_be_written(tmp_path):
     """The temporary name, 15 bytes longer than the file's, passed the 255 bytes allowed."""
     from deblurcli.images import atomic_folder
 
+    from pathlib import Path
+
+    from deblurcli.images import in_frame_order
+    from deblurcli.video import segment_path
+
+    assert len(segment_path(tmp_path / ("v" * 240 + ".mp4"), 3).name.encode()) <= 255
+    assert [p.name for p in in_frame_order([Path("f1²3.png"), Path("f10.png"), Path("f2.png")])] \
+        == ["f1²3.png", "f2.png", "f10.png"]  # a digit that is no decimal one: a letter
     for name in ("a" * 248 + ".png", "é" * 123 + ".png"):  # 252 and 250 bytes
         write_image(tmp_path / name, np.zeros((2, 2, 3), np.float32))
         assert read_image(tmp_path / name).pixels.shape == (2, 2, 3)

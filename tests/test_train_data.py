@@ -201,6 +201,13 @@ def test_validation_holds_out_every_pair_made_from_its_photo(tmp_path: Path) -> 
         assert len(train) == 8  # the third photo's pairs
         with pytest.raises(DatasetError, match="every one of the 3 photo"):
             dt.split_validation(items, 3, seed=0)
+    for i in range(21):  # frame windows of one clip: apart, each its own frames
+        write_image(tmp_path / "frames" / f"{i:03d}.png", _img(i, 24, 24))
+    run_synth(SynthConfig(out=tmp_path / "fw", frames=tmp_path / "frames", crop=None,
+                          frame_range=(7, 7), seed=0, workers=1))
+    windows, _ = dt.discover(data=str(tmp_path / "fw"))
+    assert len(windows) == 3 and {w.group for w in windows} == {None}
+    assert len(dt.split_validation(windows, 1, seed=0)[0]) == 2
     plain = [dt.PairItem(Path(f"{i}.png"), Path(f"{i}.png")) for i in range(5)]
     train, val = dt.split_validation(plain, 2, seed=0)  # pairs of their own: one each
     assert len(train) == 3 and len(val) == 2

@@ -106,12 +106,16 @@ class ImageData:
 # atomic writes
 
 
+def cut_name(name: str, room: int) -> str:
+    """``name`` cut to ``room`` bytes (UTF-8, never within a character): a hidden name made
+    from it, with ``255 - room`` bytes more, still fits the 255 that file systems allow."""
+    return name.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+
+
 def _temp_prefix(path: Path) -> str:
-    """``.NAME.`` for the temporary file beside ``path``, ``NAME`` cut to 240 bytes so that the
-    15 more of the temporary name (its dots, 8 random characters, ``.part``) still fit the
-    255 that file systems allow, for a name near that limit."""
-    name = path.name.encode("utf-8", "surrogateescape")[:240].decode("utf-8", "ignore")
-    return f".{name}."
+    """``.NAME.`` for the temporary file beside ``path``: 15 bytes more make the temporary
+    name (its dots, 8 random characters, ``.part``)."""
+    return f".{cut_name(path.name, 240)}."
 
 
 def atomic_write(path: PathLike, write: Callable[[Path], None], *,
@@ -738,7 +742,8 @@ def _tiff_samples(arr: np.ndarray, bits: int, path: Path) -> np.ndarray:
     """TIFF samples as :func:`_to_unit_float` takes them: unsigned ones of 2..15 bits (tifffile
     unpacks 4- or 12-bit samples into 8- or 16-bit integers unscaled) stretched to the full
     8- or 16-bit range; signed ones of non-negative values read as a fraction of their type's
-    maximum (negative ones have no place in 0..1)."""
+    maximum (8 and 16 bits; wider ones, such as Pillow's 16-bit grey saved as 32-bit, as
+    :func:`_to_unit_float` reads integers), negative ones having no place in 0..1."""
     if arr.dtype.kind == "u" and 1 < bits < 16 and bits != 8:
         top = np.float64(2 ** bits - 1)
         target = np.uint8 if bits < 8 else np.uint16
@@ -748,6 +753,8 @@ def _tiff_samples(arr: np.ndarray, bits: int, path: Path) -> np.ndarray:
             raise ImageReadError(f"cannot read {path}: its samples are signed and hold negative "
                                  "values, which have no place in 0..1 (save it with unsigned "
                                  "samples)")
+        if arr.dtype.itemsize >= 4:  # Pillow's mode "I" (16-bit values): _to_unit_float's rule
+            return arr
         return (arr.astype(np.float64) / np.iinfo(arr.dtype).max).astype(np.float32)
     return arr
 
@@ -1165,7 +1172,7 @@ def in_frame_order(paths: Iterable[Path]) -> list[Path]:
     """Frame files in the order of the numbers in their names (``f2.png`` before ``f10.png``,
     as numbered by ``ffmpeg -i clip.mp4 f%d.png``); zero-padded names keep their name order."""
     def key(path: Path) -> list:
-        return [(0, int(part), part) if part.isdigit() else (1, 0, part)
+        return [(0, int(part), part) if part.isdecimal() else (1, 0, part)
                 for part in re.split(r"(\d+)", path.name) if part]
 
     return sorted(paths, key=key)

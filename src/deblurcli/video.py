@@ -49,7 +49,7 @@ from typing import Any, Optional
 import numpy as np
 
 from deblurcli.errors import DeblurcliError, ImageReadError
-from deblurcli.images import DEFAULT_MAX_PIXELS, atomic_write, open_regular
+from deblurcli.images import DEFAULT_MAX_PIXELS, atomic_write, cut_name, open_regular
 from deblurcli.progress import ProgressFn, report
 
 VIDEO_SUFFIXES: frozenset[str] = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi"})
@@ -479,7 +479,7 @@ class Segment:
 def segment_path(target: Path, index: int) -> Path:
     """The hidden temporary file that holds part ``index`` of the video ``target``."""
     target = Path(target)
-    return target.with_name(f".{target.name}.segment{index:04d}.part")
+    return target.with_name(f".{cut_name(target.name, 237)}.segment{index:04d}.part")
 
 
 def deblur_segment(source: Path, target: Path, deblur: DeblurFn, index: int, span: FrameSpan, *,

@@ -183,7 +183,8 @@ def synth_pairs(out: str | Path) -> tuple[list[PairItem], list[str]]:
 def with_sources(pairs: list[PairItem], out: Path) -> list[PairItem]:
     """``pairs`` from the ``synth`` output ``out`` with the photo each was made from as its
     group (from ``OUT/manifest.jsonl``; unchanged without one): the crops of one photo, and
-    its other kernels of one crop, share pixels."""
+    its other kernels of one crop, share pixels. Pairs of frame windows stay apart (each
+    window its own frames)."""
     import json
 
     manifest = out / "manifest.jsonl"
@@ -195,7 +196,8 @@ def with_sources(pairs: list[PairItem], out: Path) -> list[PairItem]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("name"), str):
+        if isinstance(record, dict) and isinstance(record.get("name"), str) and \
+                record.get("mode", "images") == "images":  # frame windows: neighbours, apart
             sources[record["name"]] = str(record.get("source"))
     return [PairItem(p.blur, p.sharp, sources.get(p.blur.stem)) for p in pairs]
 

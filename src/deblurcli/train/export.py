@@ -10,6 +10,7 @@ from, with the settings the checkpoint saved (the preset and seed, ``--init``, `
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -164,12 +165,13 @@ def export_run(run: str | Path, out: str | Path, *, checkpoint: str | None = Non
         storage_dtype = torch.float32 if keep_training_state else torch.float16
     for attempt in range(_ATTEMPTS):
         state = choose_state(run, checkpoint)
+        chosen = _identity(state.path)
         try:
             return _export_state(run, out, state, storage_dtype=storage_dtype,
                                  keep_training_state=keep_training_state, force=force)
         except (DeblurcliError, OSError):
-            if _still_there(state):
-                raise  # the state itself is bad, not gone
+            if chosen is None or _identity(state.path) == chosen:
+                raise  # the state itself is bad, not gone or replaced
             if checkpoint not in (None, "latest") or attempt == _ATTEMPTS - 1:
                 raise DeblurcliError(
                     f"{state.path} was removed while export read it (a run still training "
@@ -181,8 +183,14 @@ def export_run(run: str | Path, out: str | Path, *, checkpoint: str | None = Non
 _ATTEMPTS = 3  # a run that is still training may remove the state being read: choose again
 
 
-def _still_there(state: RunState) -> bool:
-    return (state.path / ("state.json" if state.is_checkpoint else "model_index.json")).is_file()
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The folder at ``path`` (device, inode), or None when there is none: a folder removed, or
+    replaced by another of its name (``RUN/model`` at a run's end), is told from the one read."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _export_state(run: Path, out: Path, state: RunState, *, storage_dtype: torch.dtype,
