@@ -748,3 +748,24 @@ def test_the_video_with_the_largest_frames_is_deblurred_not_a_cover_before_it(tm
     assert deblur_video(path, tmp_path / "out.mkv", lambda x, progress: x) == N
     got = streams(tmp_path / "out.mkv")
     assert got["size"] == (W, H) and len(got["pts"]) == N
+
+
+def test_damaged_video_data_is_located_and_mkv_progress_has_a_total(tmp_path):
+    """A damaged packet failed the video as 'Invalid data found when processing input', with no
+    word of where; a Matroska file's progress had no total (its container declares no count)."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=40, audio=False, x264={"g": "10"})
+    with av.open(str(clip)) as c:
+        positions = [p.pos for p in c.demux(video=0) if p.size]
+    data = bytearray(clip.read_bytes())
+    data[positions[25]] ^= 0xFF  # the length of packet 25's first unit: nonsense
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match=r"damaged video data at 1\.0[0-9] s, after 2[0-9] "
+                                             r"decoded frame\(s\)"):
+        deblur_video(damaged, tmp_path / "out" / "damaged.mp4", lambda x, p: x)
+    mkv = make_clip(tmp_path / "clip.mkv", frames=20, audio=False)
+    events = []
+    assert deblur_video(mkv, tmp_path / "out" / "clip.mkv", lambda x, p: x,
+                        progress=events.append) == 20
+    frames = [(e.done, e.total) for e in events if e.stage == "frames"]
+    assert frames[0] == (0, 20) and frames[-1] == (20, 20)

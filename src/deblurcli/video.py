@@ -747,8 +747,12 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
     for the whole video). ``seek``: jump to the keyframe before a span given by timestamps;
     raises :class:`_SeekMissed` unless decoding then starts on a key frame at or before the span
     and delivers every frame of it."""
-    total = info.frames or None
+    # Matroska and WebM declare no frame count: the duration times the rate tells about how
+    # many (the bar then ends at the count decoded)
+    estimated = not info.frames and bool(info.duration and info.rate)
+    total = info.frames or (round(info.duration * info.rate) if estimated else None)
     if span is not None:
+        estimated = False
         total = (span.stop if span.stop is not None else (info.frames or None))
         total = None if total is None else max(0, total - span.start)
     with open_regular(source) as fh, av.open(fh, "r") as inp, \
@@ -821,7 +825,14 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
                 # the frame's place (a dropped one's is skipped); packets before the first key
                 # frame decode to nothing, so they take none
                 slots.append(packet.dts)
-            for frame in packet.decode():
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as exc:  # say where: a long video is worth looking at
+                at = "" if packet.pts is None or not packet.time_base else \
+                    f" at {float(packet.pts * packet.time_base):.2f} s"
+                raise ImageReadError(f"cannot read {source}: damaged video data{at}, after "
+                                     f"{index} decoded frame(s) ({_one_line(exc)})") from None
+            for frame in frames:
                 if seeked and index == 0 and not (frame.key_frame and frame.pts is not None
                                                   and frame.pts <= span.lo):
                     raise _SeekMissed()  # e.g. intra refresh: no clean start at that keyframe
@@ -865,6 +876,8 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
                 continue
             break  # past the span
         out.mux(_encoded(av, vout, None, source, pix_fmt))
+        if estimated and done != total:
+            report(progress, "frames", done, done)
     if seeked and done != span.frames:  # a frame of the span was not decoded after the seek
         raise _SeekMissed()
     return done, shift, origin or 0
