@@ -693,3 +693,40 @@ def test_a_pngs_gamma_and_chromaticities_are_kept(tmp_path, bit_depth):
     write_image(tmp_path / "bare.png", image.pixels, like=image, metadata=None)
     with open(tmp_path / "bare.png", "rb") as fh:
         assert png_chunks(fh, (b"gAMA", b"cHRM")) == {}
+
+
+def test_the_colour_under_transparency_is_filled_from_the_visible_pixels(tmp_path):
+    """Black (or leftover) colour under alpha 0 was handed to the network beside the visible
+    edge, which would draw it in as a dark fringe."""
+    from deblurcli.batch import BatchOptions, plan_jobs, run_jobs
+    from deblurcli.images import fill_transparent
+
+    yy, xx = np.mgrid[0:40, 0:50]
+    disk = (yy - 20) ** 2 + (xx - 25) ** 2 < 12 ** 2
+    pixels = np.zeros((40, 50, 3), np.float32)
+    pixels[disk] = (0.9, 0.6, 0.3)
+    alpha = disk.astype(np.float32)
+    filled = fill_transparent(pixels, alpha)
+    np.testing.assert_array_equal(filled[disk], pixels[disk])  # the visible pixels as they were
+    ring = ~disk & ((yy - 20) ** 2 + (xx - 25) ** 2 < 15 ** 2)  # just outside the edge
+    np.testing.assert_allclose(filled[ring], np.broadcast_to((0.9, 0.6, 0.3), filled[ring].shape),
+                               atol=1e-5)
+    assert np.isfinite(filled).all()
+    assert fill_transparent(pixels, None) is pixels
+    assert fill_transparent(pixels, np.ones((40, 50), np.float32)) is pixels
+    line = fill_transparent(np.zeros((1, 7, 3), np.float32) + [[[0], [0], [1], [0], [0], [0],
+                                                                [0]]],
+                            np.array([[0, 0, 1, 0, 0, 0, 0]], np.float32))
+    np.testing.assert_allclose(line, 1.0)
+
+    write_image(tmp_path / "in" / "cutout.png", pixels, alpha=alpha)
+    seen = []
+
+    def looks(pixels, progress=None):
+        seen.append(pixels)
+        return pixels
+
+    run_jobs(plan_jobs(tmp_path / "in", tmp_path / "out", BatchOptions()), looks, BatchOptions())
+    assert seen[0][ring].min() > 0.25  # what the network is given beside the edge
+    out = read_image(tmp_path / "out" / "cutout.png")
+    np.testing.assert_array_equal(out.alpha, read_image(tmp_path / "in" / "cutout.png").alpha)

@@ -39,6 +39,7 @@ from deblurcli.errors import DeblurcliError, ImageReadError
 from deblurcli.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
+    fill_transparent,
     not_regular_reason,
     open_regular,
     read_image,
@@ -565,7 +566,7 @@ def process_file(job: Job, deblur: DeblurFn, options: BatchOptions,
                             max_pixels=options.max_pixels, progress=progress,
                             before_replace=record, tags=options.metadata)
     image = read_image(job.source, max_pixels=options.max_pixels)
-    result = deblur(image.pixels, progress)
+    result = deblur(fill_transparent(image.pixels, image.alpha), progress)
     stripped = {} if options.metadata else {"metadata": None}
     write_image(job.target, result, like=image, quality=options.quality, before_replace=record,
                 **stripped)  # (formats without 16 bits get 8: encode_image)
