@@ -221,3 +221,32 @@ def test_a_missing_validation_set_names_its_flag(pairs: Path, tmp_path: Path) ->
     config = DiffusionTrainConfig(data=str(pairs), val_data=str(tmp_path / "nope"), cpu=True)
     with pytest.raises(dt.DatasetError, match="^--val-data: dataset .*nope does not exist"):
         engine.build_data(config, world=1)
+
+
+def test_a_sharp_photo_is_blurred_only_around_its_crop(tmp_path: Path, monkeypatch) -> None:
+    """The whole photo was blurred for each crop (0.90 s a 256 px crop of a 2000x1500 photo,
+    0.18 s now); the window blurred alone must equal that window of the blurred photo."""
+    import skimage.data
+
+    from deblurcli.synth import blur as sb
+
+    photo = skimage.data.astronaut()[:200, :240].astype(np.float32) / 255
+    write_image(tmp_path / "p.png", photo)
+    kernel = np.zeros((9, 9), np.float32)
+    kernel[4, 1:8] = 1 / 7  # a horizontal streak
+    monkeypatch.setattr(sb, "sample_kernel", lambda rng, params: (kernel, {}))
+    monkeypatch.setattr(sb, "degrade", lambda pixels, rng, noise: (pixels, {}))
+    whole = sb.blur_image(dt._read(tmp_path / "p.png"), kernel)
+    rng = np.random.default_rng(5)
+    blur, sharp = dt.blurred_crop(dt.SharpItem(tmp_path / "p.png"), rng, 64)
+    again = np.random.default_rng(5)
+    top, left = int(again.integers(0, 200 - 64 + 1)), int(again.integers(0, 240 - 64 + 1))
+    np.testing.assert_allclose(sharp, dt._read(tmp_path / "p.png")[top:top + 64, left:left + 64])
+    np.testing.assert_allclose(blur, whole[top:top + 64, left:left + 64], atol=1e-5)
+    val = dt.ValidationDataset([dt.SharpItem(tmp_path / "p.png")], size=96, seed=0)[0]
+    np.testing.assert_allclose((val["sharp"].numpy().transpose(1, 2, 0) + 1) / 2,
+                               dt.center_crop(dt._read(tmp_path / "p.png"), 96), atol=1e-6)
+    np.testing.assert_allclose((val["blur"].numpy().transpose(1, 2, 0) + 1) / 2,
+                               dt.center_crop(whole, 96), atol=1e-5)
+    small = dt.PairedDataset([dt.SharpItem(tmp_path / "p.png")], crop=256, seed=0)[3]
+    assert small["blur"].shape == small["sharp"].shape == (3, 256, 256)  # padded up to a crop

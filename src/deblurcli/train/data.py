@@ -495,6 +495,32 @@ def load_item(item: Item, rng: np.random.Generator,
     return blur, sharp
 
 
+def blurred_crop(item: SharpItem, rng: np.random.Generator, side: int, *, centre: bool = False,
+                 blur_params=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(blurry, sharp)`` of a ``side`` x ``side`` window of a sharp photo (reflect-padded to
+    at least ``side``): a random window (drawn from ``rng``), or with ``centre`` the window of
+    :func:`center_crop` (``side`` at most the photo's, rounded down to a multiple of 8). Only
+    the window and the kernel's margin around it are blurred (a kernel drawn from ``rng``, then
+    noise), not the whole photo: a 256 px crop of a 12 MP photo costs what the crop costs."""
+    from deblurcli.synth.blur import BlurParams, blur_region, degrade, sample_kernel
+
+    params = blur_params or BlurParams()
+    sharp = _read(item.sharp)
+    if centre:
+        side = max(8, min(side, *sharp.shape[:2]) // 8 * 8)
+    sharp = _pad_to(sharp, side)
+    h, w = sharp.shape[:2]
+    if centre:
+        top, left = (h - side) // 2, (w - side) // 2
+    else:
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    kernel, _ = sample_kernel(rng, params)
+    blurred = blur_region(sharp, (left, top, side, side), kernel)
+    blurred, _ = degrade(blurred, rng, params.noise)
+    return blurred.astype(np.float32), np.ascontiguousarray(sharp[top:top + side,
+                                                                  left:left + side])
+
+
 # ----------------------------------------------------------------------------- datasets
 @dataclass(frozen=True)
 class CropSchedule:
@@ -548,7 +574,10 @@ class PairedDataset(Dataset):
         item = self.items[self.index_at(position)]
         rng = np.random.default_rng([self.seed, 2, position])
         crop = self.schedule.size_at(position) if self.schedule is not None else self.crop
-        blur, sharp = load_item(item, rng, self.blur_params)
+        if isinstance(item, SharpItem):  # the crop first, then its blur: not the whole photo's
+            blur, sharp = blurred_crop(item, rng, crop, blur_params=self.blur_params)
+        else:
+            blur, sharp = load_item(item, rng, self.blur_params)
         blur, sharp = augment_pair(blur, sharp, rng, crop, flip_rotate=self.augment)
         return {"blur": to_tensor(blur), "sharp": to_tensor(sharp), "position": position}
 
@@ -567,7 +596,12 @@ class ValidationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, 3, index])
-        blur, sharp = load_item(self.items[index], rng, self.blur_params)
+        item = self.items[index]
+        if isinstance(item, SharpItem):
+            blur, sharp = blurred_crop(item, rng, self.size, centre=True,
+                                       blur_params=self.blur_params)
+            return {"blur": to_tensor(blur), "sharp": to_tensor(sharp), "index": index}
+        blur, sharp = load_item(item, rng, self.blur_params)
         return {"blur": to_tensor(center_crop(blur, self.size)),
                 "sharp": to_tensor(center_crop(sharp, self.size)), "index": index}
 
