@@ -63,3 +63,22 @@ def test_pipeline_components_and_round_trip(tiny_osdd, tmp_path):
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     pipe.set_gamma(0.5)
     torch.testing.assert_close(again(x), pipe(x), atol=2e-2, rtol=0)
+
+
+@torch.no_grad()
+def test_a_pipeline_made_of_its_components_keeps_the_adapters(reference, tmp_path):
+    """OSDDPipeline(**pipe.components) saw no adapters: no γ to set, and save_pretrained wrote
+    the UNet without its LoRA files (the reloaded model 0.45 off)."""
+    pipe = reference_pipeline(reference)
+    again = OSDDPipeline(**pipe.components)
+    for name, spec in pipe.model.lora_specs.items():  # (peft keeps the targets as a set)
+        got = again.model.lora_specs[name]
+        assert (got.rank, got.alpha, set(got.target_modules)) == \
+            (spec.rank, spec.alpha, set(spec.target_modules))
+    again.set_gamma(0.3)
+    torch.testing.assert_close(again(reference["input"]), reference["output.live_0.3"],
+                               atol=1e-5, rtol=0)
+    again.save_pretrained(tmp_path / "m")
+    loaded = OSDDPipeline.from_pretrained(tmp_path / "m", gamma=0.3)
+    torch.testing.assert_close(loaded(reference["input"]), reference["output.live_0.3"],
+                               atol=1e-5, rtol=0)

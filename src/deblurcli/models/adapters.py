@@ -112,6 +112,24 @@ def adapter_names(unet: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def specs_in(unet: nn.Module) -> dict[str, LoraSpec]:
+    """The :class:`LoraSpec` of each adapter inside ``unet``, read from its peft configs."""
+    configs = getattr(unet, "peft_config", None) or {}
+    specs = {}
+    for name in adapter_names(unet):
+        config = configs.get(name)
+        if config is None:
+            raise WeightsError(f"the UNet's adapter {name!r} has no peft config")
+        targets = config.target_modules
+        specs[name] = LoraSpec(
+            rank=int(config.r), alpha=float(config.lora_alpha),
+            target_modules=tuple(sorted(targets)) if not isinstance(targets, str)
+            else (targets,),
+            rank_pattern=dict(config.rank_pattern or {}),
+            alpha_pattern=dict(config.alpha_pattern or {}))
+    return specs
+
+
 def add_adapter(unet: nn.Module, name: str, spec: LoraSpec) -> None:
     """Add one LoRA adapter called ``name`` (B = 0, so it changes nothing until trained/loaded).
 

@@ -38,9 +38,14 @@ class OSDDPipeline(DiffusionPipeline):
     """Blurry image -> eVAE E1 -> one UNet step at the fixed timestep -> eVAE decoder."""
 
     def __init__(self, evae: EVAE, unet, prompt: OneStepPrompt) -> None:
+        """The pipeline of these modules (``OSDDPipeline(**pipe.components)`` too). The
+        adapters inside ``unet`` come along; their γ is unknown here until :meth:`set_gamma`
+        (which :meth:`from_pretrained` and :meth:`from_model` do not need)."""
+        from deblurcli.models.adapters import specs_in
+
         super().__init__()
         self.register_modules(evae=evae, unet=unet, prompt=prompt)
-        self._model = OSDDModel(evae, OneStepDenoiser(unet, prompt), {})
+        self._model = OSDDModel(evae, OneStepDenoiser(unet, prompt), specs_in(unet))
 
     @classmethod
     def from_model(cls, model: OSDDModel) -> OSDDPipeline:
