@@ -91,3 +91,35 @@ def test_bad_folders_are_one_line_errors(tmp_path):
     (tmp_path / "broken" / "unet" / "config.json").write_text("{not json")
     with pytest.raises(WeightsError, match="cannot load the UNet"):
         load_part(UNet2DConditionModel, tmp_path / "broken", "unet", "UNet")
+
+
+def test_a_base_model_predicting_v_or_on_another_schedule_is_refused(tmp_path, hub_cache):
+    """An SD 2.x 768 model predicts v: its UNet's output was taken for the noise ε."""
+    import json
+
+    from deblurcli.models.onestep import SD_BETA_END, SD_BETA_START, SD_TRAIN_TIMESTEPS
+    from deblurcli.models.pretrained import check_noise_schedule
+
+    def sd_folder(root: Path, **scheduler) -> Path:
+        (root / "scheduler").mkdir(parents=True)
+        (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+            "_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+            "prediction_type": "epsilon", **scheduler}))
+        (root / "unet").mkdir()
+        return root
+
+    def check(source):
+        check_noise_schedule(source, beta_start=SD_BETA_START, beta_end=SD_BETA_END,
+                             steps=SD_TRAIN_TIMESTEPS)
+
+    check(sd_folder(tmp_path / "eps"))  # SD 1.x / 2.x-base: fine, as is its unet/ folder
+    check(tmp_path / "eps" / "unet")
+    check(tmp_path / "eps-less")  # nothing to read: nothing refused
+    with pytest.raises(WeightsError, match="predicts 'v_prediction'.*stable-diffusion-2-1-base"):
+        check(sd_folder(tmp_path / "v", prediction_type="v_prediction") / "unet")
+    with pytest.raises(WeightsError, match="another noise schedule \\(linear"):
+        check(sd_folder(tmp_path / "lin", beta_schedule="linear"))
+    sd_folder(_cache_repo(hub_cache, "acme/sd-768"), prediction_type="v_prediction")
+    with pytest.raises(WeightsError, match="acme/sd-768 predicts 'v_prediction'"):
+        check("acme/sd-768")

@@ -237,6 +237,11 @@ def osdd_from_base_model(base_model: str | Path, *, lora: dict | None = None,
     eVAE skips start as exact no-ops; ``lora`` (name -> LoraSpec) adapters are added (B = 0).
     Raises :class:`WeightsError` when the folder does not hold a loadable SD model.
     """
+    from deblurcli.models.onestep import SD_BETA_END, SD_BETA_START, SD_TRAIN_TIMESTEPS
+    from deblurcli.models.pretrained import check_noise_schedule
+
+    check_noise_schedule(base_model, beta_start=SD_BETA_START, beta_end=SD_BETA_END,
+                         steps=SD_TRAIN_TIMESTEPS)
     unet = load_base_unet(base_model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -55,6 +55,58 @@ def load_part(cls: type, source: str | Path, subfolder: str, what: str) -> nn.Mo
             raise first from None
 
 
+def scheduler_config(source: str | Path) -> dict | None:
+    """The ``scheduler/scheduler_config.json`` of an SD folder or cached hub id (beside the
+    ``unet/`` folder given as the source too), or None where there is none to read."""
+    import json
+
+    path = Path(source)
+    if path.exists():
+        for folder in (path, path.parent):
+            candidate = folder / "scheduler" / "scheduler_config.json"
+            if candidate.is_file():
+                try:
+                    return json.loads(candidate.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    return None
+        return None
+    if not looks_like_hub_id(str(source)):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        found = hf_hub_download(str(source), "scheduler/scheduler_config.json",
+                                local_files_only=True)
+        return json.loads(Path(found).read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - not cached, or not a full SD repository: nothing to check
+        return None
+
+
+def check_noise_schedule(source: str | Path, *, beta_start: float, beta_end: float,
+                         steps: int) -> None:
+    """Refuse a base model whose UNet was not trained to predict the noise ε under Stable
+    Diffusion's scaled-linear schedule, which the one-step formula assumes (WeightsError): an
+    SD 2.x 768 model predicts v, and its UNet's output would be taken for ε."""
+    config = scheduler_config(source)
+    if config is None:
+        return
+    kind = config.get("prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise WeightsError(f"{source} predicts {kind!r} (its scheduler config), not the noise "
+                           "ε that the one-step step (z_l − √(1−ᾱ_t)·ε̂)/√ᾱ_t takes; use an "
+                           "ε-prediction model such as stabilityai/stable-diffusion-2-1-base")
+    schedule = (config.get("beta_schedule", "scaled_linear"),
+                float(config.get("beta_start", beta_start)),
+                float(config.get("beta_end", beta_end)),
+                int(config.get("num_train_timesteps", steps)))
+    if schedule[0] != "scaled_linear" or abs(schedule[1] - beta_start) > 1e-9 or \
+            abs(schedule[2] - beta_end) > 1e-9 or schedule[3] != steps:
+        raise WeightsError(f"{source} was trained with another noise schedule ({schedule[0]}, "
+                           f"betas {schedule[1]:g}..{schedule[2]:g}, {schedule[3]} steps) than "
+                           f"Stable Diffusion's scaled_linear {beta_start:g}..{beta_end:g} in "
+                           f"{steps} steps, whose ᾱ_t the one-step step uses")
+
+
 def hf_download_command(repo_id: str, *filenames: str) -> str:
     """The command that fetches ``repo_id`` (or some of its files) into the Hugging Face cache,
     spelt for the installed huggingface_hub: ``hf download`` (0.34 and later; the old
