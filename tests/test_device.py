@@ -149,3 +149,13 @@ def test_library_callers_may_name_the_dtype(tiny_model_folder):
         torch_dtype("int8")
     model = load_model_folder(tiny_model_folder, dtype="bf16", vae_dtype="fp32")
     assert model.unet.dtype == torch.bfloat16 and model.evae.dtype == torch.float32
+
+
+def test_the_vae_runs_in_fp32_under_an_fp16_unet_unless_told_otherwise():
+    """fp16, what --dtype auto gives a T4 or MPS, overflows Stable Diffusion's VAE into black
+    or speckled images; only --vae-fp32 kept it in fp32."""
+    assert dev.vae_dtype_for(torch.float16) == torch.float32
+    assert dev.vae_dtype_for(torch.float16, False) is None  # --no-vae-fp32
+    assert dev.vae_dtype_for(torch.bfloat16) is None  # fp32's range already
+    assert dev.vae_dtype_for(torch.bfloat16, True) == torch.float32  # --vae-fp32
+    assert dev.vae_dtype_for(torch.float32, True) is None

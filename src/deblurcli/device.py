@@ -155,6 +155,22 @@ def _bf16_supported(device: torch.device) -> bool:
         return False
 
 
+def vae_dtype_for(dtype: torch.dtype, vae_fp32: Optional[bool] = None) -> Optional[torch.dtype]:
+    """The eVAE's dtype under a UNet of ``dtype`` (``None``: the UNet's own).
+
+    ``vae_fp32`` True (``--vae-fp32``): float32; False (``--no-vae-fp32``): the UNet's. Unset:
+    float32 under a float16 UNet, as diffusers upcasts Stable Diffusion's VAE
+    (``force_upcast``): its activations overflow fp16 into black or speckled images. That is
+    what ``--dtype auto`` gives older CUDA GPUs without bf16 (a T4) and Apple MPS; bf16 has
+    fp32's range and keeps one dtype.
+    """
+    import torch
+
+    if vae_fp32 is None:
+        vae_fp32 = dtype == torch.float16
+    return torch.float32 if vae_fp32 and dtype != torch.float32 else None
+
+
 def resolve_dtype(name: str, device: torch.device, warn: Optional[WarnFn] = None) -> torch.dtype:
     """Turn a ``--dtype`` value into a ``torch.dtype`` suited to ``device``.
 

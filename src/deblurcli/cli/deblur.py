@@ -75,8 +75,9 @@ def deblur(
         "--dtype", help="auto | fp32 | fp16 | bf16 (auto: bf16/fp16 on GPU, fp32 on CPU).")]
     = "auto",
     fp32: Annotated[bool, typer.Option("--fp32", help="Same as --dtype fp32.")] = False,
-    vae_fp32: Annotated[bool, typer.Option(
-        "--vae-fp32", help="Run the VAE in fp32 while the UNet uses half precision.")] = False,
+    vae_fp32: Annotated[Optional[bool], typer.Option(
+        "--vae-fp32/--no-vae-fp32", help="Run the VAE in fp32 while the UNet uses half "
+        "precision (default: under fp16, which the VAE can overflow; not under bf16).")] = None,
     threads: Annotated[int, typer.Option(
         "--threads", min=0, help="CPU threads (0 = $OMP_NUM_THREADS if set, else all usable "
         "cores).")] = 0,
@@ -220,7 +221,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
          fuse: bool, tile: int, overlap: int,
          lora: Optional[Path] = None,
          batch_size: Optional[int],
-         device_name: str, dtype_name: str, vae_fp32: bool, threads: int,
+         device_name: str, dtype_name: str, vae_fp32: Optional[bool], threads: int,
          compile_model: bool = False, color_fix: float = 0.0, backend: str = "auto",
          quiet: bool = False) -> None:
     from rich.markup import escape
@@ -269,14 +270,12 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
         (runner, fixed), backend_name, device, dtype, vae_dtype = cached, "onnx", "cpu", None, None
         dtype_text = "float32"
     else:
-        import torch
-
-        from deblurcli.device import resolve_device, resolve_dtype, set_cpu_threads
+        from deblurcli.device import resolve_device, resolve_dtype, set_cpu_threads, vae_dtype_for
 
         device = (group.device if group is not None and device_name in ("auto", "cuda")
                   else resolve_device(device_name))
         dtype = resolve_dtype(dtype_name, device, warn=lambda m: warn(err, escape(m)))
-        vae_dtype = torch.float32 if vae_fp32 else None
+        vae_dtype = vae_dtype_for(dtype, vae_fp32)
         dtype_text = str(dtype).replace("torch.", "")
         if device.type == "cpu" or threads:
             # 0: every core this process may use (sched_getaffinity), shared among launched
@@ -305,7 +304,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
         what = f"{len(videos)} video(s) split by frames among {group.count} processes" + \
             (f" and {what}" if jobs else "")
     err.print(f"deblurring {what}{share} on {device} ({dtype_text}"
-              f"{', VAE float32' if vae_fp32 else ''}"
+              f"{', VAE float32' if vae_dtype is not None else ''}"
               f"{', ONNX Runtime' if backend_name == 'onnx' else ''}), {gamma_text}, "
               f"tile={tile or 'whole image'}"
               f"{f', colour fix sigma={color_fix:g}' if color_fix else ''}", highlight=False)

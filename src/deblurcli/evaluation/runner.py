@@ -270,7 +270,7 @@ def _score_files(rows: list[RowResult], label: str, eval_set: EvalSet, sources: 
                 max_shift=config.max_shift)
 
 
-def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None):
+def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None, vae_dtype=None):
     """Yield ``(gamma, model, load_seconds)`` for each γ, reading the folder from disk once.
 
     The folder is loaded unfused in float32 on the CPU; each γ fuses a copy in float32 and then
@@ -300,7 +300,8 @@ def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None):
         start = time.perf_counter()
         last = index == len(gammas) - 1
         model = base if last else copy.deepcopy(base)  # the last γ may consume the base model
-        ready_model(model, gamma=gamma, fuse=True, device=device, dtype=dtype)
+        ready_model(model, gamma=gamma, fuse=True, device=device, dtype=dtype,
+                    vae_dtype=vae_dtype)
         seconds = time.perf_counter() - start + (base_seconds if index == 0 else 0.0)
         yield gamma, model, seconds
         del model
@@ -311,15 +312,17 @@ def _model_rows(rows: list[RowResult], eval_set: EvalSet, metrics: Sequence[Metr
                 warn: WarnFn | None) -> None:
     """Run the model at each γ and score its outputs, a row each appended to ``rows``. An
     interrupt finishes the row at work with the images scored so far and is raised again."""
-    from deblurcli.device import resolve_dtype
+    from deblurcli.device import resolve_dtype, vae_dtype_for
     from deblurcli.pipeline import DeblurPipeline, default_batch_size, prepare_model
 
     mc = config.model
     assert mc is not None
     dtype = resolve_dtype(mc.dtype, device, warn=warn)
-    for gamma, model, load_seconds in _model_for_gammas(mc, device, dtype, warn):
+    vae_dtype = vae_dtype_for(dtype)  # as deblur's default: fp32 under an fp16 UNet
+    for gamma, model, load_seconds in _model_for_gammas(mc, device, dtype, warn, vae_dtype):
         label = f"gamma={gamma:g}"
-        pipe = DeblurPipeline(prepare_model(model), device=device, dtype=dtype, tile=mc.tile,
+        pipe = DeblurPipeline(prepare_model(model), device=device, dtype=vae_dtype or dtype,
+                              tile=mc.tile,
                               overlap=mc.overlap,
                               batch_size=mc.batch_size or default_batch_size(device),
                               color_fix=mc.color_fix)
