@@ -65,3 +65,31 @@ def test_the_package_says_it_is_typed():
     import deblurcli
 
     assert (Path(deblurcli.__file__).parent / "py.typed").is_file()
+
+
+def test_a_built_wheel_carries_the_whole_shipped_model_folder(tmp_path):
+    """package-data "weights/*" took the files at the folder's top only: a wheel would have
+    shipped model_index.json without unet/, evae/ and prompt/."""
+    import shutil
+    import zipfile
+
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns(
+        "__pycache__", "*.egg-info", "weights"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tree / name)
+    weights = tree / "src" / "deblurcli" / "weights"
+    files = ["model_index.json", "checksums.sha256", "lora_real.safetensors",
+             "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "evae/config.json", "prompt/config.json", "training/discriminator.safetensors"]
+    for rel in files:
+        (weights / rel).parent.mkdir(parents=True, exist_ok=True)
+        (weights / rel).write_text(rel)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                           "--no-build-isolation", str(tree), "-w", str(tmp_path / "dist")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with zipfile.ZipFile(next((tmp_path / "dist").glob("deblurcli-*.whl"))) as wheel:
+        packed = {n.removeprefix("deblurcli/weights/") for n in wheel.namelist()
+                  if n.startswith("deblurcli/weights/")}
+    assert packed == set(files)
