@@ -41,12 +41,14 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +56,9 @@ sys.path.insert(0, str(ROOT / "src"))  # runs from a source checkout without ins
 
 MIB = 1 << 20
 HELD_OUT = "kodak24"
-WHEELS = ("diffusers", "importlib_metadata", "stlpips_pytorch")
+WHEELS = ("diffusers", "stlpips_pytorch")
+# the versions tested with this recipe (their dependencies are on the GPU machine's image)
+WHEEL_PINS = ("diffusers==0.42.1", "stlpips-pytorch==0.0.2")
 
 # Stage settings of the GPU recipe. The compact preset keeps the shipped model fast on a CPU.
 # Budgets are shares of the time left after the preflight; the rest goes to export,
@@ -71,10 +75,10 @@ RECIPE = {
                    adapter="real", perceptual="none", lambda1=0.0, lambda2=0.0),
     "lora_s": dict(batch_size=32, lr=5e-4, warmup_steps=20, lr_schedule="cosine",
                    adapter="synthetic", perceptual="stlpips", lambda1=0.2, lambda2=0.005),
-    "shares": {"vae": 0.17, "base": 0.50, "lora_r": 0.10, "lora_s": 0.10},
+    "shares": {"vae": 0.17, "base": 0.55, "lora_r": 0.10, "lora_s": 0.10},
     # continuing a model (pack --init): no eVAE stage, its time goes to the base UNet, and every
     # stage's peak rate is scaled (a guess: no continued run has been measured yet)
-    "continue_shares": {"vae": 0.0, "base": 0.67, "lora_r": 0.10, "lora_s": 0.10},
+    "continue_shares": {"vae": 0.0, "base": 0.72, "lora_r": 0.10, "lora_s": 0.10},
     "continue_lr_scale": 0.5,
 }
 
@@ -195,9 +199,11 @@ def pack(args: argparse.Namespace) -> None:
     report["wheel_bytes"] = sum(p.stat().st_size for p in (out / "wheels").iterdir())
     missing = [n for n in WHEELS if not any(w.name.lower().startswith(n.lower() + "-")
                                             for w in wheels)]
-    if missing:
-        print(f"warning: no wheel for {', '.join(missing)} in {args.wheels}: the run fails on a "
-              "machine without them", file=sys.stderr)
+    if missing and not args.allow_missing_wheels:
+        raise SystemExit(f"no wheel for {', '.join(missing)} in {args.wheels}: the run would "
+                         "fail on the GPU machine, which lacks them (pip download --no-deps "
+                         "--only-binary=:all: --python-version 3.12 " + " ".join(WHEEL_PINS) +
+                         "); --allow-missing-wheels for a rehearsal where they are installed")
     used += report["wheel_bytes"]
 
     if args.init:
@@ -351,6 +357,9 @@ def _train(kind: str, config, log: Log, stage: str) -> Path:
     started = time.monotonic()
     result = (train_vae if kind == "vae" else train_diffusion)(config)
     seconds = time.monotonic() - started
+    if result.interrupted:  # a signal (the command's time limit): stop, keep what OUT holds
+        log.record(stage, steps=result.step, status="stopped by a signal")
+        raise SystemExit(f"stage {stage} was stopped by a signal")
     rate = (result.step - result.start_step) * config.batch_size / max(result.seconds, 1e-9)
     log.record(stage, steps=result.step, seconds=round(seconds, 1),
                train_seconds=round(result.seconds, 1), crops_per_s=round(rate, 1),
@@ -359,6 +368,9 @@ def _train(kind: str, config, log: Log, stage: str) -> Path:
              f"{' [budget reached]' if result.out_of_time else ''}")
     if result.model_folder is None:
         raise RuntimeError(f"stage {stage} wrote no model")
+    bad = {k: v for k, v in result.last_losses.items() if not math.isfinite(float(v))}
+    if bad:  # diverged: its model is no better than the last stage's
+        raise RuntimeError(f"stage {stage} diverged: {bad}")
     return result.model_folder
 
 
@@ -406,13 +418,24 @@ def _export_and_split(src: Path, out: Path, part_bytes: int, work: Path) -> dict
         for path in sorted(p for p in model.rglob("*") if p.is_file()):
             tar.add(path, arcname=f"model/{path.relative_to(model).as_posix()}")
     blob = buf.getvalue()
-    for old in out.glob("model.tar.*"):
-        old.unlink()
     parts = [blob[i:i + part_bytes] for i in range(0, len(blob), part_bytes)]
-    for number, part in enumerate(parts):
-        (out / f"model.tar.{number:02d}").write_bytes(part)
     digest = hashlib.sha256(blob).hexdigest()
-    (out / "model.sha256").write_text(f"{digest}  model.tar\n", encoding="utf-8")
+    # an earlier stage's export is replaced part by part (each rename whole), the checksum last:
+    # a run cut short in between leaves a set that rejoin refuses, never a mixed model it takes
+    staging = out / ".model-next"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    for number, part in enumerate(parts):
+        (staging / f"model.tar.{number:02d}").write_bytes(part)
+    (staging / "model.sha256").write_text(f"{digest}  model.tar\n", encoding="utf-8")
+    for number in range(len(parts)):
+        os.replace(staging / f"model.tar.{number:02d}", out / f"model.tar.{number:02d}")
+    for old in out.glob("model.tar.*"):
+        if int(old.name.rsplit(".", 1)[1]) >= len(parts):
+            old.unlink()
+    os.replace(staging / "model.sha256", out / "model.sha256")
+    staging.rmdir()
     return {"folder": str(model), "bytes": len(blob), "parts": len(parts), "sha256": digest}
 
 
@@ -479,7 +502,10 @@ def _benchmark(out: Path, seconds: float, log: Log) -> None:
         done = subprocess.run(command, capture_output=True, text=True, timeout=seconds, env=env)
         text = done.stdout + done.stderr
     except subprocess.TimeoutExpired as exc:
-        text = f"{exc.stdout or ''}{exc.stderr or ''}\n(stopped after {seconds:.0f} s)"
+        def text_of(data) -> str:  # bytes here, even with text=True
+            return data.decode("utf-8", "replace") if isinstance(data, bytes) else (data or "")
+
+        text = f"{text_of(exc.stdout)}{text_of(exc.stderr)}\n(stopped after {seconds:.0f} s)"
     (out / "bench.txt").write_text(str(text), encoding="utf-8")
     log.line("speed benchmark written to bench.txt")
 
@@ -496,6 +522,7 @@ def run(args: argparse.Namespace) -> None:
     deadline = log.began + args.budget
     log.results["settings"] = {k: str(v) for k, v in vars(args).items()}
     log.line(f"run: budget {args.budget:g} s, device {args.device}, pack {args.pack}")
+    log.line(f"pack checked: {_check_pack(args.pack)} files as packed")
     _install_wheels(args.pack, log)
     import torch
 
@@ -539,32 +566,81 @@ def run(args: argparse.Namespace) -> None:
     for name, seconds in (args.stage_budget or []):
         budgets[name] = seconds
     log.record("budgets", **{k: round(v, 1) for k, v in budgets.items()})
+    # each stage that fails (an error, a diverged loss) is logged and the run goes on from the
+    # last good model; every full model is exported into OUT as soon as it exists, so that a
+    # run cut short (the command's time limit, a signal) still returns the best model so far
     if args.init is None:
-        vae = _train("vae", _stage_config("vae", args, work, "vae", budgets["vae"],
-                                          preset=args.preset), log, "vae")
+        vae = _guarded(log, "vae", lambda: _train("vae", _stage_config(
+            "vae", args, work, "vae", budgets["vae"], preset=args.preset), log, "vae"))
+        if vae is None:
+            raise SystemExit("the eVAE stage failed: no model (see run.log)")
         start = dict(preset=args.preset, evae=str(vae))
-    base = _train("diffusion", _stage_config("diffusion", args, work, "base", budgets["base"],
-                                             gan_start=args.gan_start, **start), log, "base")
-    lora_r = _train("diffusion", _stage_config("diffusion", args, work, "lora_r",
-                                               budgets["lora_r"], init=str(base),
-                                               sharp_photos=None), log, "lora_r")
-    lora_s = _train("diffusion", _stage_config("diffusion", args, work, "lora_s",
-                                               budgets["lora_s"], init=str(lora_r),
-                                               frames=None), log, "lora_s")
-
-    # 6. export, split: the model is safe in OUT from here on
-    exported = _export_and_split(lora_s, out, part_bytes, work)
-    log.record("export", **exported, status="ok")
-    log.line(f"model exported: {exported['bytes'] / MIB:.1f} MiB in {exported['parts']} part(s)")
+    model = _guarded(log, "base", lambda: _train("diffusion", _stage_config(
+        "diffusion", args, work, "base", budgets["base"], gan_start=args.gan_start, **start),
+        log, "base"))
+    if model is None:
+        raise SystemExit("the base stage failed: no model (see run.log)")
+    exported = _export(model, "base", out, part_bytes, work, log)
+    for name, extra in (("lora_r", dict(sharp_photos=None)), ("lora_s", dict(frames=None))):
+        trained = _guarded(log, name, lambda name=name, extra=extra, model=model: _train(
+            "diffusion", _stage_config("diffusion", args, work, name, budgets[name],
+                                       init=str(model), **extra), log, name))
+        if trained is not None:
+            model = trained
+            exported = _export(model, name, out, part_bytes, work, log) or exported
+    if exported is None:
+        raise SystemExit("no model could be exported (see run.log)")
 
     # 7. evaluation, 8. speed benchmark
     eval_seconds = max(10.0, min(args.eval_seconds, deadline - time.monotonic()))
-    scores = _evaluate(Path(exported["folder"]), args.pack, work, args.device, eval_seconds)
-    log.record("evaluation", **scores, status="ok")
-    log.line("evaluation: " + json.dumps(scores))
+    scores = _guarded(log, "evaluation", lambda: _evaluate(
+        Path(exported["folder"]), args.pack, work, args.device, eval_seconds))
+    if scores is not None:
+        log.record("evaluation", **scores, status="ok")
+        log.line("evaluation: " + json.dumps(scores))
     if args.device != "cpu" and not args.no_bench:
-        _benchmark(out, deadline - time.monotonic() - 5, log)
+        _guarded(log, "benchmark", lambda: _benchmark(
+            out, min(args.bench_seconds, deadline - time.monotonic() - 5), log))
     log.line(f"done in {log.elapsed():.1f} s")
+
+
+def _guarded(log: Log, stage: str, work):
+    """``work()``, or None when it raises: the error and its traceback go to run.log and
+    ``results.json`` (a signal or Ctrl-C is not caught: what OUT holds by then comes back)."""
+    try:
+        return work()
+    except Exception as exc:  # noqa: BLE001 - any failure of one stage
+        log.record(stage, status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        log.line(f"{stage} FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        return None
+
+
+def _export(model: Path, stage: str, out: Path, part_bytes: int, work: Path,
+            log: Log) -> dict | None:
+    """Export the model of ``stage`` into OUT (replacing an earlier stage's), or None when
+    that fails (logged)."""
+    started = time.monotonic()
+    exported = _guarded(log, "export", lambda: _export_and_split(model, out, part_bytes, work))
+    if exported is not None:
+        log.record("export", **exported, model_of=stage,
+                   seconds=round(time.monotonic() - started, 1),
+                   status="ok")
+        log.line(f"{stage} model exported: {exported['bytes'] / MIB:.1f} MiB in "
+                 f"{exported['parts']} part(s), {time.monotonic() - started:.1f} s")
+    return exported
+
+
+def _check_pack(pack_dir: Path) -> int:
+    """The pack as ``pack`` wrote it (every file's SHA-256 in its manifest); its file count.
+    A transfer that lost or cut a file stops the run here, not half-way through a stage."""
+    manifest = json.loads((pack_dir / "manifest.json").read_text(encoding="utf-8"))
+    bad = [rel for rel, digest in manifest.get("sha256", {}).items()
+           if not (pack_dir / rel).is_file()
+           or hashlib.sha256((pack_dir / rel).read_bytes()).hexdigest() != digest]
+    if bad:
+        raise SystemExit(f"the pack differs from its manifest in {len(bad)} file(s), e.g. "
+                         f"{', '.join(bad[:3])}: copy it again")
+    return len(manifest.get("sha256", {}))
 
 
 def _init_folder(pack_dir: Path) -> Path | None:
@@ -622,8 +698,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--out", default=str(ROOT / ".gpu-pack"))
     p.add_argument("--wheels", default=str(ROOT / ".whl"),
-                   help="folder of wheels to carry (diffusers, importlib_metadata, "
-                        "stlpips-pytorch for Python 3.12)")
+                   help="folder of wheels to carry (diffusers, stlpips-pytorch for Python "
+                        "3.12: " + " ".join(WHEEL_PINS) + ")")
+    p.add_argument("--allow-missing-wheels", action="store_true",
+                   help="pack without them (a rehearsal on a machine that has the packages)")
     p.add_argument("--max-pack-mib", type=float, default=62.0,
                    help="limit for the pack plus the git-tracked working tree")
     p.add_argument("--frames-share", type=float, default=0.3,
@@ -646,7 +724,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                                   "deblurcli-gpu-run"))
-    r.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
+    r.add_argument("--budget", type=float, default=530.0, help="seconds for the whole run")
     r.add_argument("--stage-budget", type=_stage_budget, action="append",
                    help="STAGE=SECONDS, overriding a stage's share (vae, base, lora_r, lora_s)")
     r.add_argument("--reserve", type=float, default=70.0,
@@ -664,6 +742,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="batches timed to measure the data path after the preflight")
     r.add_argument("--part-mib", type=float, default=15.0)
     r.add_argument("--no-bench", action="store_true")
+    r.add_argument("--bench-seconds", type=float, default=60.0,
+                   help="at most this long for the speed benchmark (what time is left otherwise)")
     r.set_defaults(func=run)
 
     j = sub.add_parser("rejoin", help="reassemble and verify the model folder")
