@@ -20,9 +20,11 @@ their real motion blur) until each group fits its share of ``--max-pack-mib``.
 The preflight runs two real steps of every kind of stage, the export and the split, so anything
 but the GPU itself fails within a minute; then the data path's crops per second are measured.
 Training data is made on the device (``--device-data``). A stage that reaches its budget
-checkpoints and hands its model to the next, so a complete model always comes back. ``OUT``
-receives ``run.log`` and ``results.json`` as the stages finish, then ``model.tar.NN`` parts
-(each under ``--part-mib``) with ``model.sha256``.
+checkpoints and hands its model to the next. Every full model (after the base stage, then after
+each adapter) is exported into ``OUT`` at once, replacing the one before, and a stage that fails
+is logged and skipped, so a run cut short or partly failed still returns its best model. ``OUT``
+receives ``run.log`` and ``results.json`` as the stages finish, ``model.tar.NN`` parts (each
+under ``--part-mib``) with ``model.sha256``, and ``bench.txt``.
 
 ``pack --init MODEL_DIR`` makes a later window continue a model (one exported with its
 training state, as the recipe exports it; the shipped ``src/deblurcli/weights`` is one) instead
