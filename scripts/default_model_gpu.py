@@ -668,6 +668,8 @@ def rejoin(args: argparse.Namespace) -> None:
     if not parts:
         raise SystemExit(f"no model.tar.NN parts in {src}")
     blob = b"".join(p.read_bytes() for p in parts)
+    if not (src / "model.sha256").is_file():
+        raise SystemExit(f"no model.sha256 in {src}: the parts cannot be checked")
     want = (src / "model.sha256").read_text(encoding="utf-8").split()[0]
     if hashlib.sha256(blob).hexdigest() != want:
         raise SystemExit(f"the {len(parts)} part(s) in {src} do not match model.sha256")
