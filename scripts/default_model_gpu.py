@@ -23,8 +23,8 @@ Training data is made on the device (``--device-data``). A stage that reaches it
 checkpoints and hands its model to the next. Every full model (after the base stage, then after
 each adapter) is exported into ``OUT`` at once, replacing the one before, and a stage that fails
 is logged and skipped, so a run cut short or partly failed still returns its best model. ``OUT``
-receives ``run.log`` and ``results.json`` as the stages finish, ``model.tar.NN`` parts (each
-under ``--part-mib``) with ``model.sha256``, and ``bench.txt``.
+receives ``run.log`` and ``results.json`` as the stages finish, ``model-STAGE.tar.NN`` parts (each
+under ``--part-mib``) with ``model-STAGE.sha256``, and ``bench.txt``.
 
 ``pack --init MODEL_DIR`` makes a later window continue a model (one exported with its
 training state, as the recipe exports it; the shipped ``src/deblurcli/weights`` is one) instead
@@ -359,7 +359,8 @@ def _train(kind: str, config, log: Log, stage: str) -> Path:
     started = time.monotonic()
     result = (train_vae if kind == "vae" else train_diffusion)(config)
     seconds = time.monotonic() - started
-    if result.interrupted:  # a signal (the command's time limit): stop, keep what OUT holds
+    if result.interrupted:  # Ctrl-C: stop, keep what OUT holds (a SIGTERM, once the stage
+        # has saved, ends the process itself, as it would have without the handler)
         log.record(stage, steps=result.step, status="stopped by a signal")
         raise SystemExit(f"stage {stage} was stopped by a signal")
     rate = (result.step - result.start_step) * config.batch_size / max(result.seconds, 1e-9)
@@ -404,16 +405,23 @@ def _measure_data_path(args, work: Path, log: Log, batches: int) -> None:
              f"{config.crop}^2, {config.workers} kernel workers)")
 
 
-def _export_and_split(src: Path, out: Path, part_bytes: int, work: Path) -> dict:
-    """Export ``src`` (fp16, E2 kept) to ``work/default-model``, tar it and split it into
-    ``out/model.tar.NN`` parts with ``out/model.sha256``."""
+#: the stages whose models are exported, in order: rejoin takes the latest complete one
+EXPORTED_STAGES = ("preflight", "base", "lora_r", "lora_s")
+
+
+def _export_and_split(src: Path, out: Path, part_bytes: int, work: Path,
+                      stage: str = "lora_s") -> dict:
+    """Export ``src`` (fp16, E2 kept) to ``work/export-STAGE``, tar it and split it into
+    ``out/model-STAGE.tar.NN`` parts with ``out/model-STAGE.sha256`` (written last), then remove
+    the earlier stages' parts and checksums: at every moment OUT holds one complete model at
+    least (two, 6 files, for a moment), and a set cut short has no checksum file to pass."""
     from deblurcli.modelfolder import export_model_folder, verify_checksums
 
-    model = work / "default-model"
+    model = work / f"export-{stage}"
     if model.exists():
         shutil.rmtree(model)
     export_model_folder(src, model, include_sharp_encoder=True,
-                        extra={"recipe": "scripts/default_model_gpu.py"})
+                        extra={"recipe": "scripts/default_model_gpu.py", "stage": stage})
     verify_checksums(model)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -422,23 +430,23 @@ def _export_and_split(src: Path, out: Path, part_bytes: int, work: Path) -> dict
     blob = buf.getvalue()
     parts = [blob[i:i + part_bytes] for i in range(0, len(blob), part_bytes)]
     digest = hashlib.sha256(blob).hexdigest()
-    # an earlier stage's export is replaced part by part (each rename whole), the checksum last:
-    # a run cut short in between leaves a set that rejoin refuses, never a mixed model it takes
-    staging = out / ".model-next"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    for number, part in enumerate(parts):
-        (staging / f"model.tar.{number:02d}").write_bytes(part)
-    (staging / "model.sha256").write_text(f"{digest}  model.tar\n", encoding="utf-8")
-    for number in range(len(parts)):
-        os.replace(staging / f"model.tar.{number:02d}", out / f"model.tar.{number:02d}")
-    for old in out.glob("model.tar.*"):
-        if int(old.name.rsplit(".", 1)[1]) >= len(parts):
+    prefix = f"model-{stage}"
+    try:
+        for number, part in enumerate(parts):
+            (out / f"{prefix}.tar.{number:02d}").write_bytes(part)
+        checksum = out / f".{prefix}.sha256.part"
+        checksum.write_text(f"{digest}  {prefix}.tar\n", encoding="utf-8")
+        os.replace(checksum, out / f"{prefix}.sha256")
+    except BaseException:
+        for leftover in out.glob(f"{prefix}.tar.*"):  # an incomplete set: not worth a file
+            leftover.unlink()
+        (out / f".{prefix}.sha256.part").unlink(missing_ok=True)
+        raise
+    for old in out.glob("model-*"):  # the earlier stages' sets, now that this one is whole
+        if not old.name.startswith(prefix + "."):
             old.unlink()
-    os.replace(staging / "model.sha256", out / "model.sha256")
-    staging.rmdir()
-    return {"folder": str(model), "bytes": len(blob), "parts": len(parts), "sha256": digest}
+    return {"folder": str(model), "bytes": len(blob), "parts": len(parts), "sha256": digest,
+            "files": f"{prefix}.tar.NN, {prefix}.sha256"}
 
 
 def _evaluate(model_dir: Path, pack_dir: Path, work: Path, device: str, seconds: float) -> dict:
@@ -555,7 +563,7 @@ def run(args: argparse.Namespace) -> None:
     lora = _train("diffusion", _stage_config("diffusion", args, pre, "lora_r", 0,
                                              init=str(base), sharp_photos=None, **tiny),
                   log, "preflight_lora")
-    _export_and_split(lora, work / "preflight", part_bytes, pre)
+    _export_and_split(lora, work / "preflight", part_bytes, pre, "preflight")
     log.record("preflight", seconds=round(log.elapsed() - t0, 1), status="ok")
     log.line(f"preflight passed in {log.elapsed() - t0:.1f} s")
     _measure_data_path(args, work, log, batches=args.data_batches)
@@ -620,10 +628,12 @@ def _guarded(log: Log, stage: str, work):
 def _export(model: Path, stage: str, out: Path, part_bytes: int, work: Path,
             log: Log) -> dict | None:
     """Export the model of ``stage`` into OUT (replacing an earlier stage's), or None when
-    that fails (logged)."""
+    that fails (logged as ``export_STAGE``; ``export`` keeps describing what OUT holds)."""
     started = time.monotonic()
-    exported = _guarded(log, "export", lambda: _export_and_split(model, out, part_bytes, work))
+    exported = _guarded(log, f"export_{stage}",
+                        lambda: _export_and_split(model, out, part_bytes, work, stage))
     if exported is not None:
+        log.results["stages"].pop("export", None)  # a record of this model only
         log.record("export", **exported, model_of=stage,
                    seconds=round(time.monotonic() - started, 1),
                    status="ok")
@@ -664,15 +674,26 @@ def rejoin(args: argparse.Namespace) -> None:
     from deblurcli.modelfolder import verify_checksums
 
     src, dest = Path(args.results), Path(args.output)
-    parts = sorted(src.glob("model.tar.[0-9][0-9]"))
-    if not parts:
-        raise SystemExit(f"no model.tar.NN parts in {src}")
-    blob = b"".join(p.read_bytes() for p in parts)
-    if not (src / "model.sha256").is_file():
-        raise SystemExit(f"no model.sha256 in {src}: the parts cannot be checked")
-    want = (src / "model.sha256").read_text(encoding="utf-8").split()[0]
-    if hashlib.sha256(blob).hexdigest() != want:
-        raise SystemExit(f"the {len(parts)} part(s) in {src} do not match model.sha256")
+    blob, parts, stage, skipped = None, [], None, []
+    for stage in reversed(EXPORTED_STAGES):  # the latest stage's complete set
+        parts = sorted(src.glob(f"model-{stage}.tar.[0-9][0-9]"))
+        checksum = src / f"model-{stage}.sha256"
+        if not parts and not checksum.exists():
+            continue
+        data = b"".join(p.read_bytes() for p in parts)
+        if parts and checksum.is_file() and \
+                hashlib.sha256(data).hexdigest() == checksum.read_text(encoding="utf-8").split()[0]:
+            blob = data
+            break
+        skipped.append(f"model-{stage}: {len(parts)} part(s) "
+                       + ("that do not match its checksum" if checksum.is_file()
+                          else "without a checksum (cut short)"))
+    if blob is None:
+        raise SystemExit(f"no complete model in {src}"
+                         + (f" ({'; '.join(skipped)})" if skipped else
+                            " (no model-STAGE.tar.NN parts with their model-STAGE.sha256)"))
+    if skipped:
+        print(f"skipped {'; '.join(skipped)}", file=sys.stderr)
     if dest.exists() and not args.force:
         raise SystemExit(f"{dest} exists (use --force to replace it)")
     with atomic_folder(dest, replace=True) as tmp, tarfile.open(fileobj=io.BytesIO(blob)) as tar:
@@ -684,7 +705,8 @@ def rejoin(args: argparse.Namespace) -> None:
             member.name = member.name.removeprefix("model/")
         tar.extractall(tmp, members=members, filter="data")
         verify_checksums(tmp)
-    print(f"model folder {dest}: {len(parts)} part(s), checksums verified")
+    print(f"model folder {dest}: the {stage} stage's model, {len(parts)} part(s), checksums "
+          "verified")
 
 
 # ----------------------------------------------------------------------------- cli
@@ -751,7 +773,8 @@ def main(argv: list[str] | None = None) -> None:
     r.set_defaults(func=run)
 
     j = sub.add_parser("rejoin", help="reassemble and verify the model folder")
-    j.add_argument("results", help="the run's OUT folder (model.tar.NN + model.sha256)")
+    j.add_argument("results", help="the run's OUT folder (model-STAGE.tar.NN + "
+                   "model-STAGE.sha256: the latest complete stage's is taken)")
     j.add_argument("-o", "--output", required=True)
     j.add_argument("--force", action="store_true")
     j.set_defaults(func=rejoin)

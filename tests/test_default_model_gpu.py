@@ -121,20 +121,32 @@ def _rehearse(pack: Path, out: Path, work: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def _rehearse_with_lora_s_diverging(pack: Path, out: Path, work: Path) -> None:
-    """The run in this process, its last stage made to fail as a diverged one does."""
+def _rehearse_with_failures(pack: Path, out: Path, work: Path) -> None:
+    """The run in this process, its lora_r stage made to fail as a diverged one does and the
+    export of lora_s (trained from the base model then) made to fail as a full disk does."""
     import runpy
+
+    import os
 
     script = runpy.run_path(str(SCRIPT))["main"].__globals__  # what its functions look up
     train = script["_train"]
 
     def diverging(kind, config, log, stage):
         folder = train(kind, config, log, stage)
-        if stage == "lora_s":
-            raise RuntimeError("stage lora_s diverged: {'loss': nan}")
+        if stage == "lora_r":
+            raise RuntimeError("stage lora_r diverged: {'loss': nan}")
         return folder
 
-    script["_train"] = diverging
+    class DiskFullAtLoraS:  # the os module, but the lora_s checksum finds the disk full
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def replace(self, src, dst):
+            if "model-lora_s" in str(dst):
+                raise OSError(28, "No space left on device")
+            return os.replace(src, dst)
+
+    script["_train"], script["os"] = diverging, DiskFullAtLoraS()
     script["main"](["run", "--pack", str(pack), "--out", str(out), "--work", str(work),
                     *REHEARSAL])
 
@@ -163,14 +175,19 @@ def test_the_gpu_recipe_rehearsed_on_the_cpu(pack: Path, data: Path, tmp_path: P
                       str(tmp_path / "wx"), *REHEARSAL)
     photo.write_bytes(whole)
     assert damaged.returncode != 0 and "differs from its manifest in 1 file" in damaged.stderr
-    _rehearse_with_lora_s_diverging(pack, out, tmp_path / "w")
+    _rehearse_with_failures(pack, out, tmp_path / "w")
     results = json.loads((out / "results.json").read_text())["stages"]
-    for stage in ("preflight", "data_path", "vae", "base", "lora_r", "export", "evaluation"):
+    for stage in ("preflight", "data_path", "vae", "base", "lora_s", "export", "evaluation"):
         assert results[stage]["status"] == "ok", stage
-    # the failed last stage is logged; the model of the one before it is exported and scored
-    assert results["lora_s"]["status"] == "failed" and "diverged" in results["lora_s"]["error"]
-    assert results["export"]["model_of"] == "lora_r"
-    assert "lora_s FAILED" in (out / "run.log").read_text()
+    # failures are logged; the base model, the last one exported whole, came back and is the
+    # one scored
+    assert results["lora_r"]["status"] == "failed" and "diverged" in results["lora_r"]["error"]
+    assert results["export_lora_s"]["status"] == "failed"
+    assert "No space left" in results["export_lora_s"]["error"]
+    assert results["export"]["model_of"] == "base" and "error" not in results["export"]
+    assert results["export"]["folder"].endswith("export-base")
+    log = (out / "run.log").read_text()
+    assert "lora_r FAILED" in log and "export_lora_s FAILED" in log
     # a stage with no time left still trains one step and hands its model on
     assert results["lora_r"]["steps"] == 1 and results["lora_r"]["out_of_time"]
     for name in ("synthetic_kodak24", "gopro_avg"):
@@ -178,8 +195,11 @@ def test_the_gpu_recipe_rehearsed_on_the_cpu(pack: Path, data: Path, tmp_path: P
         assert scores["images"] >= 1
         for key in ("input", "gamma_1", "gamma_0.7"):
             assert np.isfinite(scores[f"{key}_psnr"]) and 0 < scores[f"{key}_ssim"] <= 1
-    parts = sorted(out.glob("model.tar.*"))
+    parts = sorted(out.glob("model-base.tar.*"))
     assert len(parts) == results["export"]["parts"] > 1
+    # the cut-short lora_s set was removed; nothing else is left beside the base model's
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [p.name for p in parts] + ["model-base.sha256", "results.json", "run.log"])
     assert all(p.stat().st_size <= 0.25 * MIB for p in parts)
     assert (out / "run.log").read_text().count("\n") >= 8
 
@@ -197,8 +217,13 @@ def test_the_gpu_recipe_rehearsed_on_the_cpu(pack: Path, data: Path, tmp_path: P
     assert DeblurPipeline(model, tile=0, batch_size=1)(image).shape == image.shape
     with pytest.raises(SystemExit, match="exists"):
         _rejoin(str(out), "-o", str(model_dir))
+    # a later stage's set cut short (no checksum yet) is passed over for the complete one
+    (out / "model-lora_s.tar.00").write_bytes(b"half")
+    _rejoin(str(out), "-o", str(tmp_path / "again"))
+    assert load_model_folder(tmp_path / "again", gamma=0.7) is not None
     parts[0].write_bytes(parts[0].read_bytes()[:-1] + b"x")
-    with pytest.raises(SystemExit, match="model.sha256"):
+    with pytest.raises(SystemExit, match="no complete model .*model-base: [0-9]+ part\\(s\\) that "
+                                         "do not match its checksum"):
         _rejoin(str(out), "-o", str(tmp_path / "other"))
     assert not (tmp_path / "other").exists()
 
