@@ -718,6 +718,12 @@ def test_the_colour_under_transparency_is_filled_from_the_visible_pixels(tmp_pat
                                                                 [0]]],
                             np.array([[0, 0, 1, 0, 0, 0, 0]], np.float32))
     np.testing.assert_allclose(line, 1.0)
+    strip = np.zeros((1, 40, 3), np.float32)  # a 1-pixel strip: red, hidden, blue
+    strip[0, :10], strip[0, 30:] = (1, 0, 0), (0, 0, 1)
+    seen = np.zeros((1, 40), np.float32)
+    seen[0, :10] = seen[0, 30:] = 1
+    strip = fill_transparent(strip, seen)  # (the mean, purple, was taken beside the red)
+    assert strip[0, 10, 0] > 0.9 and strip[0, 29, 2] > 0.9
 
     write_image(tmp_path / "in" / "cutout.png", pixels, alpha=alpha)
     seen = []

@@ -118,8 +118,10 @@ def fill_transparent(pixels: np.ndarray, alpha: np.ndarray | None) -> np.ndarray
     pixel has a visible neighbour, then back up), the visible ones untouched.
 
     The colour under transparency is often black or left over from editing; a network that
-    looks at neighbours would draw it into the visible edges as a dark fringe. A new array;
-    ``pixels`` itself when nothing is transparent, or everything is."""
+    looks at neighbours would draw it into the visible edges as a dark fringe. A new float32
+    array (2.6 times the image in memory at the peak, 0.33 s for 3 MP on one core: the
+    full-size level is never stored); ``pixels`` itself when nothing is transparent, or
+    everything is."""
     import cv2
 
     if alpha is None:
@@ -127,26 +129,32 @@ def fill_transparent(pixels: np.ndarray, alpha: np.ndarray | None) -> np.ndarray
     visible = alpha > 0
     if visible.all() or not visible.any():
         return pixels
+
+    def half(image: np.ndarray) -> np.ndarray:  # a side of 1 stays 1
+        h, w = image.shape[:2]
+        return cv2.resize(image, ((w + 1) // 2, (h + 1) // 2), interpolation=cv2.INTER_AREA)
+
     weight = visible.astype(np.float32)
-    colour = pixels * weight[..., None]
-    levels = [(colour, weight)]
-    while min(weight.shape) > 1 and not (weight > 0).all():
-        size = ((weight.shape[1] + 1) // 2, (weight.shape[0] + 1) // 2)
-        colour = cv2.resize(colour, size, interpolation=cv2.INTER_AREA)
-        weight = cv2.resize(weight, size, interpolation=cv2.INTER_AREA)
-        levels.append((colour, weight))
+    levels = [(half(np.multiply(pixels, weight[..., None], dtype=np.float32)), half(weight))]
+    while max(levels[-1][1].shape) > 1 and not (levels[-1][1] > 0).all():
+        levels.append((half(levels[-1][0]), half(levels[-1][1])))
     filled = None
-    for colour, weight in reversed(levels):
-        known = weight > 0
-        mean = colour / np.maximum(weight, 1e-12)[..., None]
-        if filled is None:
-            filled = np.where(known[..., None], mean, mean[known].mean(axis=0) if known.any()
-                              else 0.0)
-        else:
-            up = cv2.resize(filled, (weight.shape[1], weight.shape[0]),
-                            interpolation=cv2.INTER_LINEAR)
-            filled = np.where(known[..., None], mean, up.reshape(mean.shape))
-    return np.where(visible[..., None], pixels, filled).astype(np.float32)
+    while levels:
+        colour, level_weight = levels.pop()
+        known = level_weight > 0
+        colour /= np.maximum(level_weight, 1e-12)[..., None]  # (in place: the level is done)
+        if filled is not None:
+            up = cv2.resize(filled, (known.shape[1], known.shape[0]),
+                            interpolation=cv2.INTER_LINEAR).reshape(colour.shape)
+            colour[~known] = up[~known]
+        elif not known.all():  # nothing visible nearby even at the top: the mean colour
+            colour[~known] = colour[known].mean(axis=0)
+        filled = colour
+    out = cv2.resize(filled, (visible.shape[1], visible.shape[0]),
+                     interpolation=cv2.INTER_LINEAR).reshape(pixels.shape).astype(np.float32,
+                                                                                   copy=False)
+    out[visible] = pixels[visible]
+    return out
 
 
 def _temp_prefix(path: Path) -> str:
