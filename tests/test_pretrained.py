@@ -120,6 +120,10 @@ def test_a_base_model_predicting_v_or_on_another_schedule_is_refused(tmp_path, h
         check(sd_folder(tmp_path / "v", prediction_type="v_prediction") / "unet")
     with pytest.raises(WeightsError, match="another noise schedule \\(linear"):
         check(sd_folder(tmp_path / "lin", beta_schedule="linear"))
+    with pytest.raises(WeightsError, match="another noise schedule \\(zero-SNR rescaled"):
+        check(sd_folder(tmp_path / "zsnr", rescale_betas_zero_snr=True))
+    with pytest.raises(WeightsError, match="does not say its noise schedule"):
+        check(sd_folder(tmp_path / "null", beta_start=None))
     sd_folder(_cache_repo(hub_cache, "acme/sd-768"), prediction_type="v_prediction")
     with pytest.raises(WeightsError, match="acme/sd-768 predicts 'v_prediction'"):
         check("acme/sd-768")

@@ -95,10 +95,17 @@ def check_noise_schedule(source: str | Path, *, beta_start: float, beta_end: flo
         raise WeightsError(f"{source} predicts {kind!r} (its scheduler config), not the noise "
                            "ε that the one-step step (z_l − √(1−ᾱ_t)·ε̂)/√ᾱ_t takes; use an "
                            "ε-prediction model such as stabilityai/stable-diffusion-2-1-base")
-    schedule = (config.get("beta_schedule", "scaled_linear"),
-                float(config.get("beta_start", beta_start)),
-                float(config.get("beta_end", beta_end)),
-                int(config.get("num_train_timesteps", steps)))
+    try:
+        schedule = (config.get("beta_schedule", "scaled_linear"),
+                    float(config.get("beta_start", beta_start)),
+                    float(config.get("beta_end", beta_end)),
+                    int(config.get("num_train_timesteps", steps)))
+    except (TypeError, ValueError):
+        raise WeightsError(f"{source}: its scheduler config does not say its noise schedule "
+                           "(beta_start, beta_end, num_train_timesteps)") from None
+    if config.get("trained_betas") or config.get("rescale_betas_zero_snr"):
+        schedule = ("custom betas" if config.get("trained_betas") else "zero-SNR rescaled",
+                    *schedule[1:])
     if schedule[0] != "scaled_linear" or abs(schedule[1] - beta_start) > 1e-9 or \
             abs(schedule[2] - beta_end) > 1e-9 or schedule[3] != steps:
         raise WeightsError(f"{source} was trained with another noise schedule ({schedule[0]}, "
