@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,6 +53,8 @@ def test_gamma_sweep_writes_json_and_plot(tiny_model_folder, tmp_path):
         assert np.isfinite(row["psnr"]) and 0 <= row["ssim"] <= 1
         assert row["model_seconds_per_image"] > 0 and row["peak_rss_mb"] > 0
         assert row["n_images"] == 2
+        assert row["precision"] == "float32"  # (an fp16 UNet's row says "float16, eVAE float32")
+    assert "precision" not in summary["input"]
     assert summary["gamma=1"]["psnr"] != summary["gamma=0.5"]["psnr"]
     assert summary["meta"]["args"]["gamma"] == "1,0.5"
     assert (out / "gamma_sweep.png").read_bytes()[:4] == b"\x89PNG"
@@ -166,3 +169,23 @@ def test_an_interrupt_while_the_model_loads_reports_nothing(tiny_model_folder, t
         "--weights", str(tiny_model_folder), "--gamma", "1,0.5", "--metrics", "psnr",
         "--device", "cpu", "--dtype", "fp32", "--tile", "0", "--out", str(out), "-q"])
     assert res.exit_code == 130 and res.stdout == "" and not out.exists(), res.output
+
+
+def test_an_fp16_unets_rows_say_the_evae_ran_in_fp32(monkeypatch) -> None:
+    """fp16 results were not comparable with earlier ones: their eVAE's precision changed and
+    the report did not say; --no-vae-fp32 keeps it in fp16."""
+    import torch
+
+    from deblurcli.evaluation import runner
+
+    seen = []
+    monkeypatch.setattr(runner, "_model_for_gammas",
+                        lambda mc, device, dtype, warn, vae_dtype=None: seen.append(vae_dtype)
+                        or iter(()))
+    monkeypatch.setattr("deblurcli.device.resolve_dtype", lambda name, device, warn=None:
+                        torch.float16)
+    for flag, want in ((None, torch.float32), (False, None), (True, torch.float32)):
+        mc = runner.ModelConfig(weights=Path("m"), gammas=(1.0,), vae_fp32=flag)
+        runner._model_rows([], None, [], runner.EvalConfig(model=mc), torch.device("cpu"), None,
+                           None)
+        assert seen[-1] == want

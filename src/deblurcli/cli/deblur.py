@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from deblurcli.cli.options import (BatchSize, ColorFix, Tile, TileOverlap, check_color_fix,
-                                   check_device, check_tiling, dtype_option)
+from deblurcli.cli.options import (BatchSize, ColorFix, Tile, TileOverlap, VaeFp32,
+                                   check_color_fix, check_device, check_tiling, dtype_option)
 from deblurcli.images import DEFAULT_MAX_PIXELS
 from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE
 
@@ -75,9 +75,7 @@ def deblur(
         "--dtype", help="auto | fp32 | fp16 | bf16 (auto: bf16/fp16 on GPU, fp32 on CPU).")]
     = "auto",
     fp32: Annotated[bool, typer.Option("--fp32", help="Same as --dtype fp32.")] = False,
-    vae_fp32: Annotated[Optional[bool], typer.Option(
-        "--vae-fp32/--no-vae-fp32", help="Run the VAE in fp32 while the UNet uses half "
-        "precision (default: under fp16, which the VAE can overflow; not under bf16).")] = None,
+    vae_fp32: VaeFp32 = None,
     threads: Annotated[int, typer.Option(
         "--threads", min=0, help="CPU threads (0 = $OMP_NUM_THREADS if set, else all usable "
         "cores).")] = 0,

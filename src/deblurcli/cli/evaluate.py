@@ -165,6 +165,7 @@ def evaluate(
         "--limit", min=1, help="Evaluate only the first N images (in key order).")] = None,
     device: opt.Device = "auto",
     dtype: opt.Dtype = "auto",
+    vae_fp32: opt.VaeFp32 = None,
     tile: opt.Tile = DEFAULT_TILE,
     tile_overlap: opt.TileOverlap = DEFAULT_OVERLAP,
     color_fix: opt.ColorFix = 0.0,
@@ -221,8 +222,8 @@ def evaluate(
     model = None
     if weights is not None:
         model = ModelConfig(weights=weights, gammas=parse_gammas(gamma or DEFAULT_GAMMA), dtype=dtype,
-                            tile=tile, overlap=tile_overlap, batch_size=batch_size,
-                            color_fix=color_fix)
+                            vae_fp32=vae_fp32, tile=tile, overlap=tile_overlap,
+                            batch_size=batch_size, color_fix=color_fix)
     config = EvalConfig(metrics=names, device=device, y_channel=y_channel, align=align,
                         max_shift=max_shift, metric_weights=metric_weights,
                         offline=offline, pred=pred, model=model,

@@ -37,6 +37,9 @@ ColorFix = Annotated[float, typer.Option(
     "--color-fix", metavar="SIGMA", help="Take the output's lowest frequencies (Gaussian SIGMA "
     "px, e.g. 2) from the input, against colour/brightness drift; 0 = off.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+VaeFp32 = Annotated[Optional[bool], typer.Option(
+    "--vae-fp32/--no-vae-fp32", help="Run the VAE in fp32 while the UNet uses half precision "
+    "(default: under fp16, which the VAE can overflow; not under bf16).")]
 
 
 def check_tiling(tile: int, overlap: int) -> None:

@@ -88,6 +88,7 @@ def summary_dict(result: EvalResult, command: str | None = None,
             model_seconds_per_image=_num(row.model_seconds_per_image),
             score_seconds_per_image=_num(row.score_seconds_per_image),
             load_seconds=_num(row.load_seconds),
+            **({"precision": row.precision} if row.precision else {}),
             peak_rss_mb=_num(row.peak_rss_mb),
             cuda_peak_mb=_num(row.cuda_peak_mb),
         )

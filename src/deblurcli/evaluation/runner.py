@@ -54,6 +54,7 @@ class ModelConfig:
     weights: Path
     gammas: tuple[float, ...]
     dtype: str = "auto"
+    vae_fp32: bool | None = None  # None: fp32 under an fp16 UNet (device.vae_dtype_for)
     tile: int = DEFAULT_TILE
     overlap: int = DEFAULT_OVERLAP
     batch_size: int | None = None  # None: pipeline.default_batch_size(device), as in deblur
@@ -102,6 +103,7 @@ class RowResult:
     model_seconds_per_image: float | None = None
     score_seconds_per_image: float | None = None
     load_seconds: float | None = None
+    precision: str | None = None  # the model's rows: "bfloat16", "float16, eVAE float32", ...
     peak_rss_mb: float | None = None
     cuda_peak_mb: float | None = None
 
@@ -318,7 +320,9 @@ def _model_rows(rows: list[RowResult], eval_set: EvalSet, metrics: Sequence[Metr
     mc = config.model
     assert mc is not None
     dtype = resolve_dtype(mc.dtype, device, warn=warn)
-    vae_dtype = vae_dtype_for(dtype)  # as deblur's default: fp32 under an fp16 UNet
+    vae_dtype = vae_dtype_for(dtype, mc.vae_fp32)  # as deblur's: fp32 under an fp16 UNet
+    precision = str(dtype).removeprefix("torch.") + \
+        (f", eVAE {str(vae_dtype).removeprefix('torch.')}" if vae_dtype is not None else "")
     for gamma, model, load_seconds in _model_for_gammas(mc, device, dtype, warn, vae_dtype):
         label = f"gamma={gamma:g}"
         pipe = DeblurPipeline(prepare_model(model), device=device, dtype=vae_dtype or dtype,
@@ -326,7 +330,7 @@ def _model_rows(rows: list[RowResult], eval_set: EvalSet, metrics: Sequence[Metr
                               overlap=mc.overlap,
                               batch_size=mc.batch_size or default_batch_size(device),
                               color_fix=mc.color_fix)
-        row = RowResult(label=label, gamma=gamma, load_seconds=load_seconds)
+        row = RowResult(label=label, gamma=gamma, load_seconds=load_seconds, precision=precision)
         rows.append(row)
         failures: dict[str, list[tuple[str, str]]] = {}
         _reset_cuda_peak(device)
