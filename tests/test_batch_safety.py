@@ -356,3 +356,18 @@ def test_a_write_only_folder_still_counts_the_write_as_done(tmp_path, monkeypatc
     monkeypatch.setattr(images.os, "open", no_read)
     write_image(tmp_path / "a.png", np.zeros((4, 4, 3), np.float32))
     assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_an_output_name_past_255_bytes_fails_at_planning(tmp_path):
+    """--suffix made a 250-byte name 262 bytes: the photo was deblurred, then not written,
+    and a dry run said 'write'."""
+    from deblurcli.batch import BatchOptions, plan_jobs, run_jobs
+    from deblurcli.images import write_image
+
+    name = "a" * 246 + ".png"
+    write_image(tmp_path / "in" / name, np.zeros((4, 4, 3), np.float32))
+    options = BatchOptions(suffix="_sharpened_x")
+    jobs = plan_jobs(tmp_path / "in", tmp_path / "out", options)
+    assert "more than the 255 a file system allows" in jobs[0].problem
+    summary = run_jobs(jobs, lambda px, progress=None: pytest.fail("deblurred"), options)
+    assert summary.count("failed") == 1

@@ -127,7 +127,8 @@ def test_the_start_line_counts_what_is_left_to_do(tiny_model_folder, tmp_path):
     (src / "gone.png").symlink_to(tmp_path / "nowhere.png")
     write_image(src / "d.png", np.zeros((16, 16, 3), np.float32))
     result = run(src, out, "--weights", tiny_model_folder)
-    assert "deblurring 1 file(s) (3 already done, 1 unreadable)" in result.stderr, result.stderr
+    assert "deblurring 1 file(s) (3 already done, 1 failing, see below)" in result.stderr, \
+        result.stderr
 
 
 def test_an_empty_shard_says_so(photos, tmp_path):

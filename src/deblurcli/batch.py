@@ -506,6 +506,9 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
         seen[key] = path
         in_the_way = f"{target} is a folder: move it away, or choose another OUTPUT folder or " \
             "a --suffix" if _is_folder(target) else ""  # found now, not after the deblurring
+        if len(os.fsencode(target.name)) > 255:  # file systems take 255 bytes a name
+            in_the_way = f"{target.name[:40]}…: the output name is {len(os.fsencode(target.name))}" \
+                " bytes, more than the 255 a file system allows; shorten the --suffix or the name"
         jobs.append((rel, Job(path, target, ledger=ledger_path if inside else None,
                               problem=in_the_way)))
     for path, rel, reason in problems:

@@ -296,7 +296,8 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
     share = f" (process {group.index + 1}/{group.count})" if group is not None else ""
     unreadable = sum(bool(job.problem) for job in jobs)  # fail at once, each with its reason
     done = sum(not needs_processing(job, options) for job in jobs) - unreadable  # outputs exist
-    aside = [f"{done} already done"] * bool(done) + [f"{unreadable} unreadable"] * bool(unreadable)
+    aside = [f"{done} already done"] * bool(done) + \
+        [f"{unreadable} failing, see below"] * bool(unreadable)  # unreadable, or in the way
     what = f"{len(jobs) - done - unreadable} file(s)" + (f" ({', '.join(aside)})" if aside else "")
     if videos:
         what = f"{len(videos)} video(s) split by frames among {group.count} processes" + \
@@ -410,6 +411,9 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
         if backend != "torch" else "not asked for"
     if backend == "onnx" and reason is not None:
         raise DeblurcliError(f"--backend onnx cannot run here: {reason}")
+    if backend == "auto" and reason is not None and device.type == "cpu" and \
+            onnx_backend.available() and (group is None or group.is_main):
+        note(f"running with PyTorch, not ONNX Runtime: {reason}")  # why the faster one is not
 
     def torch_model(run_dtype=dtype, run_vae_dtype=vae_dtype, warn=warn):
         if (fuse or lora is not None) and running_as_command():
