@@ -91,8 +91,9 @@ def test_default_metrics_offline_run_what_they_can_and_say_what_was_skipped(
         folders, empty_torch_home, monkeypatch, how):
     called = []
     monkeypatch.setattr(fetch, "fetch_file", lambda item: called.append(item))
+    report = folders.parent / f"report-{how}"
     args = ["--blur", str(folders / "blur"), "--sharp", str(folders / "sharp"),
-            "--pred", str(folders / "pred"), "--device", "cpu", "-q"]
+            "--pred", str(folders / "pred"), "--device", "cpu", "-q", "-o", str(report)]
     if how == "flag":
         args.append("--offline")
     else:
@@ -107,6 +108,13 @@ def test_default_metrics_offline_run_what_they_can_and_say_what_was_skipped(
         (line,) = _one_line_each(res.stderr, f"metric {name} skipped")
         assert file in line and "(offline)" in line
         assert f"deblurcli eval --fetch-metrics {name}" in line
+    # summary.json says so too: a script reading it saw only psnr and ssim, asked for or not
+    import json
+
+    meta = json.loads((report / "summary.json").read_text())["meta"]
+    assert set(meta["metrics"]) == {"psnr", "ssim"}
+    assert set(meta["skipped_metrics"]) == {"lpips", "dists"}
+    assert "(offline)" in meta["skipped_metrics"]["lpips"]
 
 
 def test_online_fetches_once_and_a_failed_fetch_skips_the_metric(folders, empty_torch_home,

@@ -399,14 +399,16 @@ def fetch_missing(spec: MetricSpec, check: WeightCheck, fetcher, weights_dir: Pa
 
 def create_metrics(names: Sequence[str], *, device, y_channel: bool = False,
                    weights_dir: Path | None = None, fetcher=None,
-                   warn: WarnFn | None = None, note: WarnFn | None = None) -> list[Metric]:
+                   warn: WarnFn | None = None, note: WarnFn | None = None,
+                   skipped_reasons: dict[str, str] | None = None) -> list[Metric]:
     """Create the named metrics once, after checking (and, with a ``fetcher``, fetching) all
     their weight files.
 
     ``fetcher`` (:func:`deblurcli.evaluation.fetch.fetch_file`, or ``None`` offline) is called
     once per missing file. A metric whose files are still missing is skipped and ``warn`` gets
-    one line naming the files and the command that fetches them; ``note`` hears of each fetch.
-    Raises :class:`DeblurcliError` when no metric is left.
+    one line naming the files and the command that fetches them (and ``skipped_reasons``, when
+    given, the metric's name and why); ``note`` hears of each fetch. Raises
+    :class:`DeblurcliError` when no metric is left.
     """
     specs = [METRICS[n] for n in names]
     import_pyiqa()  # every metric goes through pyiqa: say how to install it before anything
@@ -423,6 +425,8 @@ def create_metrics(names: Sequence[str], *, device, y_channel: bool = False,
         if reason is None:
             files = ", ".join(m.split(" (", 1)[0] for m in check.missing)
             reason = f"{files} not in the cache{' (offline)' if fetcher is None else ''}"
+        if skipped_reasons is not None:
+            skipped_reasons[spec.name] = reason
         if warn is not None:
             warn(f"metric {spec.name} skipped: {reason}; fetch with: {fetch_command([spec.name])}")
     if not kept:

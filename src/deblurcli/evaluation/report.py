@@ -103,6 +103,7 @@ def summary_dict(result: EvalResult, command: str | None = None,
             "rows_not_reached": result.unreached} if result.stopped is not None else {}),
         "metrics": {n: {"kind": METRICS[n].kind, "lower_better": METRICS[n].lower_better}
                     for n in result.metrics},
+        **({"skipped_metrics": dict(result.skipped_metrics)} if result.skipped_metrics else {}),
         "inf_handling": "means over finite values; <metric>_inf counts infinite scores, "
                         "<metric>_n the images scored",
         "versions": _versions(),

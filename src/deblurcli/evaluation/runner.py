@@ -125,6 +125,7 @@ class EvalResult:
     stopped: KeyboardInterrupt | None = None
     n_planned: int | None = None
     unreached: list[str] = field(default_factory=list)  # the rows it stopped before
+    skipped_metrics: dict[str, str] = field(default_factory=dict)  # asked for, not run: why
 
 
 def choose_metrics(requested: Sequence[str] | None, has_reference: bool) -> list[str]:
@@ -403,14 +404,16 @@ def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
         read_model_index(resolve_model(config.model.weights, offline=config.offline))
     from deblurcli.evaluation import fetch
 
+    skipped: dict[str, str] = {}
     metrics = create_metrics(names, device=device, y_channel=config.y_channel,
                              weights_dir=config.metric_weights,
                              fetcher=None if config.offline else fetch.fetch_file,
-                             warn=warn, note=note)
+                             warn=warn, note=note, skipped_reasons=skipped)
     rows: list[RowResult] = []
     result = EvalResult(dataset=eval_set.name, n_images=len(eval_set.pairs),
                         metrics=[m.name for m in metrics], device=str(device), rows=rows,
-                        aligned=config.align, y_channel=config.y_channel)
+                        aligned=config.align, y_channel=config.y_channel,
+                        skipped_metrics=skipped)
     try:
         if config.include_input or (pred_files is None and config.model is None):
             _score_files(rows, "input", eval_set, [p.blur for p in eval_set.pairs], metrics,
