@@ -251,3 +251,14 @@ def test_an_output_named_like_a_photo_is_said_to_be_a_folder(photos, tmp_path):
     assert "will be a folder" not in run(photos / "rgb.png", tmp_path / "out", "-n").stderr
     odd = run(photos / "rgb.png", tmp_path / "x[/].png", "-n")  # Rich markup in the name
     assert odd.exit_code == 0 and "x[/].png will be a folder" in odd.stderr, odd.output
+
+
+def test_ext_jpg_warns_once_that_transparency_is_lost(photos, tiny_model_folder, tmp_path):
+    """rgba16.png came out as an RGB JPEG, its transparent areas opaque, without a word."""
+    result = run(photos, tmp_path / "o", "--weights", tiny_model_folder, "--ext", "jpg",
+                 "--tile", "0", "-q")
+    text = " ".join(result.stderr.split())
+    assert text.count("JPEG cannot store transparency") == 1
+    assert (tmp_path / "o" / "rgba16.jpg").is_file()
+    again = run(photos, tmp_path / "o2", "--weights", tiny_model_folder, "--tile", "0", "-q")
+    assert "transparency" not in again.stderr  # --ext auto keeps each format (and its alpha)

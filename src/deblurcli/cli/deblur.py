@@ -307,6 +307,11 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
               f"{', ONNX Runtime' if backend_name == 'onnx' else ''}), {gamma_text}, "
               f"tile={tile or 'whole image'}"
               f"{f', colour fix sigma={color_fix:g}' if color_fix else ''}", highlight=False)
+    if options.ext.lower() in ("jpg", "jpeg") and any(
+            job.source.suffix.lower() in _ALPHA_SUFFIXES and needs_processing(job, options)
+            for job in jobs):  # once, before the files: JPEG has no alpha channel
+        warn(err, "--ext jpg: JPEG cannot store transparency; photos with an alpha channel "
+                  "lose it (their transparent areas show the colour under them)")
 
     def on_result(result) -> None:
         if result.status == "failed":
@@ -385,6 +390,10 @@ def _cached_onnx_runner(weights: Optional[Path], *, group, backend: str, device_
     if fixed is not None and gamma_ignored(fixed, gamma):
         warn(gamma_ignored(fixed, gamma))
     return model, fixed
+
+
+#: the formats that can hold an alpha channel (a --ext jpg run warns before such inputs)
+_ALPHA_SUFFIXES = frozenset({".png", ".webp", ".tif", ".tiff", ".avif", ".heic", ".heif"})
 
 
 def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma: float,
