@@ -324,3 +324,12 @@ def test_out_that_is_a_file_or_a_full_disk_is_one_line_naming_the_path(photos, t
     assert res.stderr.strip().splitlines()[-1] == \
         f"error: cannot write {out / 'sharp' / 'astro_c000_k0.png'}: No space left on device"
     assert not out.exists()  # the kernel file of the unfinished pair went with the folder
+
+
+def test_quiet_like_every_other_command(photos, tmp_path):
+    """synth -q was 'No such option', where deblur, eval and training take it."""
+    res = _synth("--src", str(photos), "--out", str(tmp_path / "q"), "--crop", "32", "-q")
+    assert res.exit_code == 0, res.output
+    assert "pairs/s" not in res.stderr  # the progress line a run without -q prints
+    loud = _synth("--src", str(photos), "--out", str(tmp_path / "loud"), "--crop", "32")
+    assert "pairs/s" in loud.stderr

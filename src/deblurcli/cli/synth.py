@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from deblurcli.cli.options import Quiet
+
 HELP = """Make synthetic blurred/sharp training pairs.
 
 Images mode (--src) blurs crops of sharp photos with random
@@ -127,6 +129,7 @@ def synth(
             help="Probability of JPEG re-compression of a blurred image (images mode).",
         ),
     ] = 0.0,
+    quiet: Quiet = False,
 ) -> None:
     """Make synthetic blurred/sharp training pairs."""
     if (src is None) == (frames is None):
@@ -172,7 +175,8 @@ def synth(
             frame_range=(n_min, n_max),
             frame_step=frame_step,
         )
-    with rich_progress(err, labels={"pairs": "pairs"}, unit="pairs") as progress:
+    with rich_progress(err, labels={"pairs": "pairs"}, unit="pairs",
+                       enabled=not quiet) as progress:
         result = run_synth(cfg, progress=progress, warn=lambda msg: warn(err, msg))
 
     con = stdout_console()
