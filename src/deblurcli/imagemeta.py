@@ -478,15 +478,6 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
         struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
 
-def add_png_colour(png: bytes, meta: ImageMetadata | None) -> bytes:
-    """``png`` with ``meta``'s PNG colour chunks (``gAMA``, ``cHRM``, ``sRGB``, ``cICP``) right
-    after IHDR, before the pixel data as they must be."""
-    if not meta or not meta.png_colour:
-        return png
-    ihdr_end = 8 + 12 + struct.unpack(">I", png[8:12])[0]
-    return png[:ihdr_end] + b"".join(meta.png_colour) + png[ihdr_end:]
-
-
 def add_to_png(png: bytes, meta: ImageMetadata | None) -> bytes:
     """``png`` (bytes of a PNG written without metadata) with ``meta``'s chunks after IHDR."""
     if not meta:

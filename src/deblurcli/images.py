@@ -1022,9 +1022,10 @@ def _encode_array(fmt: str, arr: np.ndarray, *, alpha: bool, metadata: ImageMeta
         if channels == 2:  # grey + alpha: OpenCV cannot write it
             return imagemeta.add_to_png(_png16_grey_alpha(arr), metadata)
         return imagemeta.add_to_png(_png16_bytes(arr), metadata)
-    if fmt == "png":
-        return imagemeta.add_png_colour(_pillow_bytes(fmt, arr, channels, metadata, quality,
-                                                      compress_level, lossless), metadata)
+    if fmt == "png" and metadata is not None and metadata.png_colour:  # Pillow wrote the rest
+        return imagemeta.add_to_png(_pillow_bytes(fmt, arr, channels, metadata, quality,
+                                                  compress_level, lossless),
+                                    ImageMetadata(png_colour=metadata.png_colour))
     return _pillow_bytes(fmt, arr, channels, metadata, quality, compress_level, lossless)
 
 
