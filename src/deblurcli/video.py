@@ -781,6 +781,7 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
         if ctx_in.sample_aspect_ratio:
             vout.codec_context.sample_aspect_ratio = ctx_in.sample_aspect_ratio
         colour = written_colour(codec_name, muxer, pix_fmt)
+        exact = _exact(av)
         for name in ("colorspace", "color_range", "color_primaries", "color_trc"):
             value = getattr(ctx_in, name, None)
             if name in ("colorspace", "color_range"):
@@ -859,7 +860,7 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
                     raise ImageReadError(f"cannot read {source}: the frame size changes from "
                                          f"{info.width}x{info.height} to {frame.width}x"
                                          f"{frame.height} at frame {number} (not supported)")
-                rgb = frame.to_ndarray(format="rgb24", interpolation=_exact(av))
+                rgb = frame.to_ndarray(format="rgb24", interpolation=exact)
                 result = deblur(rgb.astype(np.float32) / 255.0, progress)
                 quantised = np.clip(np.rint(result * 255.0), 0, 255).astype(np.uint8)
                 new = av.VideoFrame.from_ndarray(quantised, format="rgb24")
@@ -867,7 +868,7 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
                     matrix, levels = colour
                     new.colorspace = matrix or frame.colorspace
                     new.color_range = levels or frame.color_range
-                new = new.reformat(format=pix_fmt, interpolation=_exact(av))
+                new = new.reformat(format=pix_fmt, interpolation=exact)
                 new.pts, new.time_base = pts - shift, info.time_base
                 out.mux(_encoded(av, vout, new, source, pix_fmt, first=done == 0))
                 done += 1
@@ -1030,6 +1031,7 @@ def iter_frames(path: Path) -> Iterator[tuple[int, np.ndarray]]:
     path = Path(path)
     with _video_stream(path) as (container, stream):
         stream.thread_type = "AUTO"
+        exact = _exact(import_av())
         for index, frame in enumerate(container.decode(stream)):
-            rgb = frame.to_ndarray(format="rgb24", interpolation=_exact(import_av()))
+            rgb = frame.to_ndarray(format="rgb24", interpolation=exact)
             yield index, rgb.astype(np.float32) / 255.0

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from deblurcli.errors import DatasetError
+from deblurcli.images import in_frame_order
 
 MAX_LISTED = 5
 
@@ -58,12 +59,6 @@ Item = PairItem | SharpItem | FramesItem
 
 
 # ----------------------------------------------------------------------------- discovery
-def in_frame_order(paths: list[Path]) -> list[Path]:
-    from deblurcli.images import in_frame_order
-
-    return in_frame_order(paths)
-
-
 def _images(folder: Path, recursive: bool = True) -> list[Path]:
     from deblurcli.images import list_images
 
@@ -232,12 +227,17 @@ def sharp_photo_items(folder: str | Path) -> list[SharpItem]:
     return [SharpItem(p) for p in _images(folder)]
 
 
-def _refuse_pairs_as_frames(folder: Path) -> None:
-    paired = _paired_folder(folder)
+def _clip_folders(folder: Path) -> list[Path]:
+    """``folder`` and every folder below it (not hidden ones), sorted: where clips' frames may
+    be. A ``blur`` folder beside a ``sharp`` one among them is refused (pairs, not frames)."""
+    clips = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))
+    paired = next((p for p in clips if p.name == "blur" and (p.parent / "sharp").is_dir()), None)
     if paired is not None:
         raise DatasetError(f"--frames {folder} holds pairs of blurred and sharp images "
                            f"({paired}): frames are consecutive sharp video frames; give "
                            "pairs with --data")
+    return clips
 
 
 def frame_items(folder: str | Path, frames_per_blur: int = 7) -> list[FramesItem]:
@@ -251,9 +251,7 @@ def frame_items(folder: str | Path, frames_per_blur: int = 7) -> list[FramesItem
         raise DatasetError(f"the frame folder {folder} does not exist")
     if frames_per_blur < 1 or frames_per_blur % 2 == 0:
         raise DatasetError(f"frames per blurred image must be odd (got {frames_per_blur})")
-    _refuse_pairs_as_frames(folder)
-    clips = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir() and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts))
+    clips = _clip_folders(folder)
     items: list[FramesItem] = []
     longest = 0
     for clip in clips:
@@ -340,9 +338,7 @@ def frame_clips(folder: str | Path) -> list[list[Path]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"the frame folder {folder} does not exist")
-    _refuse_pairs_as_frames(folder)
-    clips = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir() and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts))
+    clips = _clip_folders(folder)
     return [frames for frames in (in_frame_order(_images(c, recursive=False)) for c in clips)
             if frames]
 
