@@ -601,7 +601,7 @@ def run(args: argparse.Namespace) -> None:
     if exported is None:
         raise SystemExit("no model could be exported (see run.log)")
 
-    # 7. evaluation, 8. speed benchmark
+    # evaluation of the model that came back, then the speed benchmark
     eval_seconds = max(10.0, min(args.eval_seconds, deadline - time.monotonic()))
     scores = _guarded(log, "evaluation", lambda: _evaluate(
         Path(exported["folder"]), args.pack, work, args.device, eval_seconds))
