@@ -118,11 +118,12 @@ def test_help_promises_no_built_in_model():
     assert "-g " not in deblur_help and "--gamma" in deblur_help
 
 
+COMMANDS = ("deblur", "eval", "blend", "synth", "train-vae", "train-diffusion", "export")
+
+
 def test_help_shows_flags_without_a_value_type():
     """A flag takes no value: recent Typer prints ``<bool>`` beside each, as if it did."""
-    for args in (["--help"], *([name, "--help"] for name in
-                               ("deblur", "eval", "blend", "synth", "train-vae",
-                                "train-diffusion", "export"))):
+    for args in (["--help"], *([name, "--help"] for name in COMMANDS)):
         result = runner.invoke(app, args, terminal_width=200)
         assert result.exit_code == 0, args
         assert "<bool>" not in result.stdout, args
@@ -131,20 +132,36 @@ def test_help_shows_flags_without_a_value_type():
 
 
 def test_help_keeps_every_bracketed_word():
-    """Rich reads "[video]" as a style tag and drops it; help texts escape it ("\\[video]")."""
-    import re
-
-    import typer.main
-
-    command = typer.main.get_command(app)
-    tag = re.compile(r"(?<!\\)\[[A-Za-z/#@][^\]]*\]")
-    for name, sub in command.commands.items():
-        texts = [sub.help or ""] + [p.help or "" for p in sub.params]
-        assert not [t for text in texts for t in tag.findall(text)], name
+    """Help is click's plain text: "[video]" shows as written, with no Rich escape."""
     for name, words in (("deblur", ["'deblurcli[video]'"]), ("synth", ["'deblurcli[video]'"]),
                         ("eval", ["'deblurcli[eval]'"])):
         text = "".join(runner.invoke(app, [name, "--help"], terminal_width=200).stdout.split())
-        assert all(word in text for word in words), name
+        assert all(word in text for word in words) and "\\[" not in text, name
+
+
+def test_help_reads_well_at_80_columns():
+    """A terminal's usual 80 columns: no line longer, every flag's names on one line with their
+    help beside them (Rich's option table squeezed the help into a 20-column strip), each
+    command's summary whole in the command list, and defaults as ``[default: 7]``."""
+    import re
+
+    for args in (["--help"], *([name, "--help"] for name in COMMANDS)):
+        result = runner.invoke(app, args, terminal_width=80, env={"COLUMNS": "80"})
+        assert result.exit_code == 0, args
+        lines = result.stdout.splitlines()
+        assert max(map(len, lines)) <= 80, [line for line in lines if len(line) > 80]
+        assert "[default: (" not in result.stdout, args
+        assert "│" not in result.stdout
+        if "Commands:" in result.stdout:
+            assert "..." not in result.stdout.split("Commands:")[1]
+    text = runner.invoke(app, ["deblur", "--help"], terminal_width=80,
+                         env={"COLUMNS": "80"}).stdout
+    assert re.search(r"^  --vae-fp32 / --no-vae-fp32 +Run the VAE in fp32", text, re.M), text
+    assert re.search(r"^  --gamma <float> +Dual-adapter blend", text, re.M), text
+    assert "[default: 0.7]" in " ".join(text.split())
+    text = runner.invoke(app, ["train-diffusion", "--help"], terminal_width=80,
+                         env={"COLUMNS": "80"}).stdout
+    assert "[default: 7; x>=1]" in " ".join(text.split())
 
 
 def _error_app() -> typer.Typer:

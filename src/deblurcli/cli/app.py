@@ -77,12 +77,16 @@ def _is_usage_error(exc: BaseException) -> bool:
     return "UsageError" in names and "NoArgsIsHelpError" not in names
 
 
-def _no_flag_types(command: Any) -> None:
-    """Flags show no ``<bool>`` in ``--help`` (recent Typer prints one, as if they took a
-    value): an empty metavar for each, here and in every sub-command."""
+def _tidy_help(command: Any) -> None:
+    """What ``--help`` shows of each flag, here and in every sub-command: no ``<bool>`` after a
+    flag (recent Typer prints one, as if it took a value), and a default given as text (the
+    training flags show their config's default) as ``[default: 7]``, not click's ``(7)``."""
     for param in getattr(command, "params", ()):
         if getattr(param, "is_flag", False) and param.metavar is None:
             param.metavar = ""
+        if isinstance(getattr(param, "show_default", None), str) and \
+                hasattr(param, "_get_default_string"):
+            param._get_default_string = (lambda text: lambda **_: text)(param.show_default)
     get_help_option = getattr(command, "get_help_option", None)
     if get_help_option is not None and not hasattr(get_help_option, "no_type"):
         def help_option(ctx: Any) -> Any:  # made when help is shown: --help, -h
@@ -94,7 +98,7 @@ def _no_flag_types(command: Any) -> None:
         help_option.no_type = True  # type: ignore[attr-defined]
         command.get_help_option = help_option
     for sub in getattr(command, "commands", {}).values():
-        _no_flag_types(sub)
+        _tidy_help(sub)
 
 
 class DeblurcliGroup(TyperGroup):
@@ -104,7 +108,7 @@ class DeblurcliGroup(TyperGroup):
         return list(self.commands)
 
     def make_context(self, info_name: Any, args: Any, parent: Any = None, **extra: Any) -> Any:
-        _no_flag_types(self)
+        _tidy_help(self)
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except KeyboardInterrupt as exc:  # while the options are read
@@ -160,7 +164,7 @@ folder made by train-diffusion (see docs/training.md).
 Examples:
   deblurcli deblur photo.jpg out/ --weights MODEL_DIR       # deblur one photo
   deblurcli deblur photos/ out/ --weights MODEL_DIR --gamma 1.0
-  deblurcli synth --src photos/ --out pairs/   # make blurred/sharp training pairs
+  deblurcli synth --src photos/ --out pairs/    # blurred/sharp training pairs
   deblurcli eval --blur pairs/blur --sharp pairs/sharp --pred out/
 \b
 Set DEBLURCLI_DEBUG=1 to see full tracebacks.
@@ -181,6 +185,7 @@ def build_app() -> typer.Typer:
         help=HELP,
         no_args_is_help=True,
         add_completion=False,
+        rich_markup_mode=None,  # click's plain help: reads well at 80 columns and in a pipe
         pretty_exceptions_enable=debug_enabled(),
         context_settings={"help_option_names": ["-h", "--help"]},
     )

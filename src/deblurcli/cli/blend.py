@@ -21,7 +21,8 @@ An existing output is replaced only with --force; an input never is.
 
 \b
 Examples:
-  deblurcli blend lora_real.safetensors lora_synthetic.safetensors --gamma 0.7 -o blend.safetensors
+  deblurcli blend lora_real.safetensors lora_synthetic.safetensors \\
+      --gamma 0.7 -o blend.safetensors
   deblurcli blend --weights model/ --gamma 0.7 -o blend.safetensors
   deblurcli blend --fuse --weights model/ --gamma 0.7 -o model-g0.7/
 """
@@ -30,7 +31,8 @@ Examples:
 def register(app: typer.Typer) -> None:
     """Add the ``blend`` command to ``app``."""
 
-    @app.command("blend", help=HELP, no_args_is_help=True)
+    @app.command("blend", help=HELP, no_args_is_help=True,
+                 short_help="Blend the two LoRA adapters with weight GAMMA.")
     def blend(
         gamma: Annotated[float, typer.Option(
             "--gamma", "-g", help="Weight of the real adapter, in [0, 1].")],

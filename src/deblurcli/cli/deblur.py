@@ -21,7 +21,7 @@ HELP = """Remove motion blur from a photo, a video or a folder of both.
 INPUT is an image or video file or a folder; OUTPUT is always a folder
 (created if missing). Outputs keep the input's relative path, name, alpha,
 grey-ness and 16-bit depth (PNG/TIFF). Videos (.mp4 .mov .mkv .webm .avi
-.m4v; needs pip install 'deblurcli\\[video]') are deblurred frame by frame
+.m4v; needs pip install 'deblurcli[video]') are deblurred frame by frame
 and keep their container, frame timing, size, rotation and audio (copied).
 Existing outputs are skipped unless --overwrite; inputs are never
 overwritten. Large frames are processed in overlapping, smoothly blended
@@ -36,7 +36,7 @@ Examples:
   deblurcli deblur photos/ out/ --weights MODEL_DIR --gamma 1.0 --recursive
   deblurcli deblur clip.mp4 out/ --weights MODEL_DIR --crf 18
   deblurcli deblur photos/ out/ --weights MODEL_DIR --tile 768 --dtype fp16
-  deblurcli deblur photos/ out/ --weights MODEL_DIR --device cuda:1 --shard 1/2
+  deblurcli deblur photos/ out/ -w MODEL_DIR --device cuda:1 --shard 1/2
 """
 
 # --ext spellings accepted besides batch.EXT_CHOICES, and the format each one means
@@ -599,4 +599,5 @@ def _report(out, summary, total: int, output: Path) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the ``deblur`` command to ``app``."""
-    app.command("deblur", help=HELP)(deblur)
+    app.command("deblur", help=HELP,
+                short_help="Remove motion blur from photos, videos, folders.")(deblur)

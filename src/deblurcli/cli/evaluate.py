@@ -24,19 +24,20 @@ at each --gamma). Metric weights are read from --metric-weights DIR or pyiqa's c
 ($TORCH_HOME/hub/pyiqa, .../checkpoints, .../clip); a missing file is fetched once into that
 cache and checked by SHA-256, unless --offline or HF_HUB_OFFLINE=1: then the metrics without
 their weights are skipped, one line each, and the others run. PSNR of identical images is inf:
-means are over finite values, with the inf count shown. Needs pip install 'deblurcli\\[eval]';
+means are over finite values, with the inf count shown. Needs pip install 'deblurcli[eval]';
 pyiqa is licensed PolyForm-Noncommercial. See docs/evaluation.md.
 
 \b
 Examples:
   deblurcli eval --list-metrics
-  deblurcli eval --fetch-metrics lpips,dists                 # fetch weights now, then exit
-  deblurcli eval --dataset gopro --root GOPRO_Large --pred results/gopro --out eval/gopro
-  deblurcli eval --dataset realblur-j --root RealBlur --pred results/rbj --align
-  deblurcli eval --dataset gopro --root GOPRO_Large --weights model/ --gamma 1,0.9,0.8,0.7,0.6 \\
-      --out eval/sweep --device cuda
+  deblurcli eval --fetch-metrics lpips,dists    # fetch their weights, exit
+  deblurcli eval --dataset gopro --root GOPRO_Large --pred results/gopro \\
+      --out eval/gopro
+  deblurcli eval --dataset realblur-j --root RealBlur --pred rbj/ --align
+  deblurcli eval --dataset gopro --root GOPRO_Large --weights model/ \\
+      --gamma 1,0.9,0.8,0.7,0.6 --out eval/sweep --device cuda
   deblurcli eval --blur pairs/blur --sharp pairs/sharp --metrics psnr,ssim
-  deblurcli eval --blur photos/ --metrics niqe,musiq          # no reference
+  deblurcli eval --blur photos/ --metrics niqe,musiq     # no reference
 """
 
 
@@ -251,4 +252,5 @@ def evaluate(
 
 def register(app: typer.Typer) -> None:
     """Add the ``eval`` command to the root app."""
-    app.command("eval", help=HELP, no_args_is_help=True)(evaluate)
+    app.command("eval", help=HELP, no_args_is_help=True,
+                short_help="Score results: PSNR, SSIM, LPIPS, DISTS, NIQE, MUSIQ.")(evaluate)

@@ -61,4 +61,5 @@ def export(
 
 def register(app: typer.Typer) -> None:
     """Add the ``export`` command to ``app``."""
-    app.command("export", help=HELP, no_args_is_help=True)(export)
+    app.command("export", help=HELP, no_args_is_help=True,
+                short_help="Write a model folder from a training run.")(export)

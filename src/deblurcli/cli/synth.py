@@ -15,7 +15,7 @@ Images mode (--src) blurs crops of sharp photos with random
 camera-shake kernels (Boracchi & Foi); frames mode (--frames) averages
 consecutive video frames in linear light (GoPro-style): a folder of
 frames, a folder of sequence folders and/or video files, or one
-high-frame-rate video file (videos need pip install 'deblurcli\\[video]').
+high-frame-rate video file (videos need pip install 'deblurcli[video]').
 Output:
 OUT/blur/NAME.png, OUT/sharp/NAME.png, OUT/kernels/NAME.npy (images
 mode) and OUT/manifest.jsonl. The same arguments give byte-identical

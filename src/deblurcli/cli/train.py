@@ -270,5 +270,7 @@ def train_diffusion(
 
 def register(app: typer.Typer) -> None:
     """Add ``train-vae`` and ``train-diffusion`` to the root app."""
-    app.command("train-vae", help=VAE_HELP)(train_vae)
-    app.command("train-diffusion", help=DIFFUSION_HELP)(train_diffusion)
+    app.command("train-vae", help=VAE_HELP,
+                short_help="Stage 1: train the eVAE.")(train_vae)
+    app.command("train-diffusion", help=DIFFUSION_HELP,
+                short_help="Stage 2: train the one-step UNet and its adapters.")(train_diffusion)
