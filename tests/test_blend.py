@@ -88,7 +88,7 @@ def test_an_input_adapter_is_never_the_output(tiny_model_folder, tmp_path):
                  [str(real), str(synth), "-o", str(synth), "--force"],
                  [str(real), str(synth), "-o", str(link), "--force"]):
         result = runner.invoke(app, ["blend", "--gamma", "0.5", *args])
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == 1, result.output
         assert "one of the adapters being blended" in result.output
     assert {p: p.read_bytes() for p in (real, synth)} == before
 
@@ -98,7 +98,7 @@ def test_an_existing_output_is_replaced_only_with_force(tiny_model_folder, tmp_p
     out.write_bytes(b"mine")
     args = ["blend", "--weights", str(tiny_model_folder), "--gamma", "0.5", "-o", str(out)]
     result = runner.invoke(app, args)
-    assert result.exit_code == 2 and "--force" in result.output
+    assert result.exit_code == 1 and "--force" in result.output  # as export: not a usage error
     assert out.read_bytes() == b"mine"
     assert runner.invoke(app, [*args, "--force"]).exit_code == 0
     assert ad.read_lora_file(out)[0].rank == 4  # the blend, not my file
@@ -106,11 +106,14 @@ def test_an_existing_output_is_replaced_only_with_force(tiny_model_folder, tmp_p
     args = ["blend", "--fuse", "--weights", str(tiny_model_folder), "--gamma", "0.5"]
     assert runner.invoke(app, [*args, "-o", str(fused)]).exit_code == 0
     result = runner.invoke(app, [*args, "-o", str(fused)])
-    assert result.exit_code == 2 and "--force" in result.output
+    assert result.exit_code == 1 and "--force" in result.output
     assert runner.invoke(app, [*args, "-o", str(fused), "--force"]).exit_code == 0
+    result = runner.invoke(app, ["blend", "--weights", str(tiny_model_folder), "--gamma", "0.5",
+                                 "-o", str(fused)])  # a folder where a file is asked for
+    assert result.exit_code == 1 and "is a folder" in result.output, result.output
     for inside in (tiny_model_folder / "g0.5", tiny_model_folder.parent):
         result = runner.invoke(app, [*args, "-o", str(inside), "--force"])
-        assert result.exit_code == 2 and "outside" in result.output, result.output
+        assert result.exit_code == 1 and "outside" in result.output, result.output
 
 
 def test_blend_from_a_folder_checks_it_as_a_run_does(tiny_model_folder, tmp_path):

@@ -93,6 +93,7 @@ def test_unknown_command_is_usage_error():
     (["deblur", "a.png", "out", "--gamma", "2"], ["--gamma", "[0, 1]", "deblurcli deblur --help"]),
     (["deblur", "a.png", "out", "--tile", "abc"], ["--tile", "integer"]),
     (["deblur", "a.png", "out", "-g", "0"], ["No such option: -g"]),  # Real-ESRGAN's GPU id
+    (["blend", "-w", "m", "-o", "b.safetensors", "-g", "0.5"], ["No such option: -g"]),
     (["deblur", "a.png"], ["Missing argument 'OUTPUT'"]),
     (["eval", "--blur", "b", "--metrics", "psnr,foo"], ["--metrics", "foo"]),
     (["synth", "--src", "p", "--out", "o", "--workers", "x"], ["--workers"]),

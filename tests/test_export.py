@@ -211,7 +211,7 @@ def test_training_from_an_inference_export_says_what_it_lacks(run: Path, pairs: 
     assert result.exit_code == 0 and "warning" not in result.stderr, result.output
     # a fused folder holds no adapters to train: that one line, without the note first
     fused = CliRunner().invoke(app, ["blend", "--fuse", "-w", str(tmp_path / "inference"),
-                                     "-g", "0.5", "-o", str(tmp_path / "fused")])
+                                     "--gamma", "0.5", "-o", str(tmp_path / "fused")])
     assert fused.exit_code == 0, fused.output
     result = train(tmp_path / "fused", "c")
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr

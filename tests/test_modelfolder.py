@@ -353,7 +353,7 @@ def test_a_training_run_given_as_a_model_folder_names_its_model(tiny_model_folde
     write_image(tmp_path / "photo.png", np.zeros((8, 8, 3), np.float32))
     words = f"{run} is a training run, not a model folder: its model is {run / 'model'}"
     for args in (["deblur", str(tmp_path / "photo.png"), str(tmp_path / "o"), "-w", str(run)],
-                 ["blend", "-w", str(run), "-g", "0.5", "-o", str(tmp_path / "b.safetensors")]):
+                 ["blend", "-w", str(run), "--gamma", "0.5", "-o", str(tmp_path / "b.safetensors")]):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 1 and words in " ".join(result.output.split()), args
     with pytest.raises(WeightsError, match="is a training run"):
@@ -363,6 +363,6 @@ def test_a_training_run_given_as_a_model_folder_names_its_model(tiny_model_folde
     adapters.mkdir()
     for name in ("lora_real.safetensors", "lora_synthetic.safetensors"):
         shutil.copyfile(tiny_model_folder / name, adapters / name)
-    result = CliRunner().invoke(app, ["blend", "-w", str(adapters), "-g", "0.5", "-o",
+    result = CliRunner().invoke(app, ["blend", "-w", str(adapters), "--gamma", "0.5", "-o",
                                       str(tmp_path / "b.safetensors")])
     assert result.exit_code == 0, result.output

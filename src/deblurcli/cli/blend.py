@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from deblurcli.errors import DeblurcliError
+
 HELP = """Blend the 'real' and 'synthetic' LoRA adapters with weight GAMMA, exactly.
 
 The result equals running the model with --gamma G; every adapted layer computes
@@ -35,7 +37,7 @@ def register(app: typer.Typer) -> None:
                  short_help="Blend the two LoRA adapters with weight GAMMA.")
     def blend(
         gamma: Annotated[float, typer.Option(
-            "--gamma", "-g", help="Weight of the real adapter, in [0, 1].")],
+            "--gamma", help="Weight of the real adapter, in [0, 1].")],
         output: Annotated[Path, typer.Option(
             "--output", "-o", help="Output adapter file, or output model folder with --fuse.")],
         lora_real: Annotated[Path | None, typer.Argument(
@@ -78,7 +80,7 @@ def _fuse(lora_real: Path | None, lora_synthetic: Path | None, gamma: float, out
     if lora_real is not None or lora_synthetic is not None:
         raise typer.BadParameter("--fuse takes a model folder (--weights DIR), not adapter files")
     if output.exists() and not output.is_dir():
-        raise typer.BadParameter(f"{output} exists and is not a folder", param_hint="--output")
+        raise DeblurcliError(f"{output} exists and is not a folder")
 
     import torch
 
@@ -87,11 +89,9 @@ def _fuse(lora_real: Path | None, lora_synthetic: Path | None, gamma: float, out
 
     src = weights if weights is not None else default_weights_dir()
     if _is_within(output, src) or _is_within(src, output):
-        raise typer.BadParameter(f"the output folder must be outside {src} (and not hold it)",
-                                 param_hint="--output")
+        raise DeblurcliError(f"the output folder must be outside {src} (and not hold it)")
     if output.is_dir() and any(output.iterdir()) and not force:
-        raise typer.BadParameter(f"{output} already exists (add --force to replace it)",
-                                 param_hint="--output")
+        raise DeblurcliError(f"{output} exists and is not empty; pass --force to replace it")
     fuse_model_folder(src, output, gamma, storage_dtype=torch.float16 if fp16 else None)
     stdout_console().print(f"wrote fused model folder {output} (gamma={gamma:g})", highlight=False)
 
@@ -131,15 +131,14 @@ def _blend_files(lora_real: Path | None, lora_synthetic: Path | None, gamma: flo
         raise typer.BadParameter(f"{lora_real} is given as both adapters; give the real one, "
                                  "then the synthetic one")
     if output.is_dir():
-        raise typer.BadParameter(f"{output} is a folder; give a .safetensors file name "
-                                 "(or use --fuse to write a model folder)", param_hint="--output")
+        raise DeblurcliError(f"{output} is a folder; give a .safetensors file name "
+                             "(or use --fuse to write a model folder)")
     if output.exists():
         if any(_same_file(output, src) for src in (lora_real, lora_synthetic)):
-            raise typer.BadParameter(f"{output} is one of the adapters being blended; "
-                                     "give another file name", param_hint="--output")
+            raise DeblurcliError(f"{output} is one of the adapters being blended; "
+                                 "give another file name")
         if not force:
-            raise typer.BadParameter(f"{output} already exists (add --force to replace it)",
-                                     param_hint="--output")
+            raise DeblurcliError(f"{output} exists; pass --force to replace it")
 
     from deblurcli.cli.console import stdout_console
     from deblurcli.models.adapters import blend_adapter_files
