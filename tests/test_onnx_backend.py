@@ -492,3 +492,31 @@ def test_auto_says_why_it_runs_pytorch_where_onnx_runtime_is_installed(tiny_mode
     plain = deblur(photo(tmp_path), tmp_path / "o2", "-w", tiny_model_folder, "--backend",
                    "torch")
     assert "not ONNX Runtime" not in plain.output  # asked for: nothing to explain
+
+
+def test_a_cache_folder_keeps_the_exports_used_last(tiny_model_folder, tmp_path):
+    """One export per γ tried: a γ sweep must not fill the disk with full-size networks."""
+    import json
+    import shutil
+
+    source = photo(tmp_path)
+    assert deblur(source, tmp_path / "a", "-w", tiny_model_folder, "--gamma", "0.1").exit_code == 0
+    cache = tiny_model_folder / ".onnx"
+    (first,) = [p for p in cache.iterdir() if p.is_dir()]
+    parts = json.loads((first / "key.json").read_text())
+    older = []
+    for i in range(5):  # other γ values' exports, used at times 1000 .. 5000
+        copy = shutil.copytree(first, cache / f"g{i}")
+        (copy / "key.json").write_text(json.dumps({**parts, "gamma": 0.2 + i / 10}))
+        os.utime(copy, ns=((i + 1) * 10**12,) * 2)
+        older.append(copy)
+    os.utime(first, ns=(10**9, 10**9))  # used first of all...
+    again = deblur(source, tmp_path / "b", "-w", tiny_model_folder, "--gamma", "0.1")
+    assert again.exit_code == 0 and "exporting" not in again.output
+    assert first.stat().st_mtime_ns > 10**15  # ...and now again: marked as used
+    made = deblur(source, tmp_path / "c", "-w", tiny_model_folder, "--gamma", "0.9")
+    assert made.exit_code == 0 and "exporting" in made.output
+    left = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert len(left) == onnx_backend.KEEP_EXPORTS == 4
+    assert first.name in left and "g4" in left and "g3" in left  # used last, and the new one
+    assert not {"g0", "g1", "g2"} & set(left)

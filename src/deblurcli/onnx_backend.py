@@ -28,6 +28,7 @@ from deblurcli._version import __version__
 BACKENDS = ("auto", "torch", "onnx")
 OPSET = 17
 MAX_TILE = 512
+KEEP_EXPORTS = 4  # in one cache folder, the most recently used: one per γ tried, bounded
 INSTALL_HINT = "pip install 'deblurcli[onnx]'"
 
 
@@ -317,9 +318,20 @@ def cached(folder: Path, *, gamma: float, lora: Path | None = None,
         return None
     verify_checksums(folder)
     try:
-        return OnnxModel(path, threads)
+        model = OnnxModel(path, threads)
     except Exception:  # noqa: BLE001 - ORT's error kinds; an unreadable export is redone
         return None
+    _mark_used(path.parent)
+    return model
+
+
+def _mark_used(export: Path) -> None:
+    """Give export folder ``export`` the time of now: :func:`prune` keeps the exports used
+    last (a read-only cache keeps its times)."""
+    try:
+        os.utime(export)
+    except OSError:
+        pass
 
 
 class ExportFailedBefore(RuntimeError):
@@ -356,7 +368,9 @@ def load(folder: Path, *, gamma: float, lora: Path | None, threads: int, load_mo
         atomic_write_bytes(failed, (reason + "\n").encode())
         raise
     failed.unlink(missing_ok=True)
-    prune(where.parent, beside=where.parent == folder / ".onnx", checksums=parts["checksums"])
+    _mark_used(where)
+    prune(where.parent, beside=where.parent == folder / ".onnx", checksums=parts["checksums"],
+          current=where)
     return model
 
 
@@ -385,16 +399,18 @@ def _abandoned(name: str) -> bool:
     return False
 
 
-def prune(cache: Path, *, beside: bool, checksums: str) -> list[Path]:
+def prune(cache: Path, *, beside: bool, checksums: str, current: Path | None = None) -> list[Path]:
     """Remove the exports in ``cache`` that no run of this installation can use again: those
     of other deblurcli, ONNX Runtime or export versions (and older ones, without ``key.json``);
     in a model's own ``.onnx`` folder (``beside``) also those of earlier contents of the folder
     (other ``checksums``), and the temporary folders of exports whose process was killed.
-    Exports of other γ values stay. Returns the folders removed."""
+    Exports of other γ values (or other models, in the user's cache) stay, up to the
+    :data:`KEEP_EXPORTS` used last; ``current``, the export just made, always stays. Returns the
+    folders removed."""
     import shutil
 
-    current = _runtime_parts()
-    removed = []
+    current_parts = _runtime_parts()
+    removed, usable = [], []
     for entry in cache.iterdir() if cache.is_dir() else ():
         if entry.name.startswith(".") and entry.is_dir() and _abandoned(entry.name):
             shutil.rmtree(entry, ignore_errors=True)  # the export of a process that was killed
@@ -404,11 +420,24 @@ def prune(cache: Path, *, beside: bool, checksums: str) -> list[Path]:
             continue  # another process's export in progress, or a note
         try:
             parts = json.loads((entry / KEY_FILE).read_text())
-            stale = any(parts.get(k) != v for k, v in current.items()) or \
+            stale = any(parts.get(k) != v for k, v in current_parts.items()) or \
                 (beside and parts.get("checksums") != checksums)
         except (OSError, ValueError, AttributeError):
             stale = (entry / MODEL_FILE).is_file()  # an export from before key.json
         if stale:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
+        elif (entry / MODEL_FILE).is_file() and entry != current:
+            usable.append(entry)
+    room = KEEP_EXPORTS - (current is not None)
+
+    def last_used(entry: Path) -> int:
+        try:
+            return entry.stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    for entry in sorted(usable, key=last_used, reverse=True)[max(room, 0):]:
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
     return removed
