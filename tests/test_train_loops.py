@@ -4,6 +4,7 @@ CLI reports bad data in one line."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -758,6 +759,31 @@ def test_a_time_budget_retargets_every_process_to_the_end_they_agreed_on(
     lrs = _losses(run, "lr")  # agreed after the first step: from the third on, a cosine of 5
     assert lrs[2:] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 5))
                                      for s in (2, 3, 4)])
+
+
+def test_a_resumed_time_boxed_run_plans_from_the_speed_it_measured(pairs: Path,
+                                                                   tmp_path: Path) -> None:
+    """Its checkpoint records the seconds a step took: a resumed run plans its end from them
+    at once, instead of following the --max-steps cosine (a jump back up the rate) until its
+    own count, a twentieth of the budget later. Here the recorded speed gives 5 more steps."""
+    from deblurcli.train.checkpoint import resolve_resume
+    from deblurcli.train.config import resolve_config
+
+    run = tmp_path / "boxed"
+    train_vae(VaeTrainConfig(data=str(pairs), output=str(run), max_steps=3, lr=1e-3,
+                             lr_schedule="cosine", **{**FAST, "checkpoint_every": 1}))
+    state_file = resolve_resume("latest", run) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["extra"] = {"seconds_per_step": 190.0}  # 0.95 x 1000 s / 190 s = 5 steps
+    state_file.write_text(json.dumps(state))
+    result = train_vae(resolve_config(VaeTrainConfig, None, {
+        "resume": "latest", "output": str(run), "max_steps": 12, "time_budget": 1000.0}))
+    assert result.step == 8 and not result.out_of_time
+    lrs = _losses(run, "lr")  # from the second resumed update on, the cosine ending at step 8
+    assert lrs[4:8] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 8))
+                                      for s in (4, 5, 6, 7)])
+    saved = json.loads((resolve_resume("latest", run) / "state.json").read_text())
+    assert saved["extra"]["seconds_per_step"] == 190.0  # not counted yet: the guess goes on
 
 
 def test_optimiser_settings_given_on_resume_win_over_the_checkpoints(pairs: Path,

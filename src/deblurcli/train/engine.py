@@ -491,11 +491,14 @@ class StepBudget:
     steps that got slower (crops that grow, a busier machine) move the end earlier, faster ones
     later, so that a schedule retargeted to the plan ends near the budget. A new plan that
     moves the end by less than ``tolerance`` of the steps left is not given.
+
+    ``per_step`` (seconds, e.g. the speed a resumed run measured before) gives a first plan at
+    once; the first count replaces it. :attr:`per_step` is the speed of the latest count.
     """
 
     def __init__(self, seconds: float, start_step: int, *, skip: int = 2, calibrate: int = 10,
                  reserve: float = 0.05, replan_at: tuple[float, ...] = (0.25, 0.5, 0.75),
-                 tolerance: float = 0.02) -> None:
+                 tolerance: float = 0.02, per_step: float | None = None) -> None:
         self.began = time.perf_counter()
         self.deadline = self.began + seconds
         self.seconds = seconds
@@ -504,6 +507,11 @@ class StepBudget:
         self.start_step = start_step
         self.mark: tuple[int, float] | None = None
         self.planned: int | None = None
+        self.counted = False
+        self.per_step: float | None = None
+        if per_step is not None and per_step > 0:
+            self.per_step = per_step
+            self.planned = start_step + max(0, int((1 - reserve) * seconds / per_step))
 
     def expired(self) -> bool:
         """The time is up."""
@@ -512,6 +520,7 @@ class StepBudget:
     def _end(self, step: int, now: float) -> int:
         mark_step, mark_time = self.mark
         per_step = (now - mark_time) / max(step - mark_step, 1)
+        self.per_step = per_step
         left = self.deadline - now - self.reserve * self.seconds
         return step + max(0, int(left / per_step))
 
@@ -524,11 +533,12 @@ class StepBudget:
             return None
         timed = step - self.mark[0]
         elapsed = now - self.began
-        if self.planned is None:
+        if not self.counted:
             ready = (timed >= self.calibrate and elapsed >= 0.05 * self.seconds) or \
                 (timed >= 1 and elapsed >= 0.1 * self.seconds)
             if not ready:
                 return None
+            self.counted = True
             self.planned = self._end(step, now)
             self.mark = (step, now)
             return self.planned
@@ -579,13 +589,23 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                 weights={n: ckpt.trainable_state(accelerator.unwrap_model(m))
                          for n, m in stage.modules.items()},
                 optimizers=stage.optimizers, schedulers=stage.schedulers, config=resolved,
+                extra={"seconds_per_step": budget.per_step}
+                if budget is not None and budget.per_step else None,
                 keep=config.keep_checkpoints)
         accelerator.wait_for_everyone()
         return path
 
     step = start
     target = config.max_steps
-    budget = StepBudget(config.time_budget, start) if config.time_budget > 0 else None
+    budget = None
+    if config.time_budget > 0:  # a resumed run plans from the speed its checkpoint recorded
+        per_step = (state.extra.get("seconds_per_step") if state is not None else None)
+        budget = StepBudget(config.time_budget, start,
+                            per_step=per_step if isinstance(per_step, (int, float)) else None)
+        if budget.planned is not None:
+            target = min(config.max_steps, max(budget.planned, start + 1))
+            for name, scheduler in stage.schedulers.items():
+                retarget_lr(scheduler, target - stage.schedule_starts.get(name, 0))
     out_of_time = False
     losses: dict[str, float] = {}
     sums: dict[str, float] = {}
