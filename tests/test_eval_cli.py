@@ -265,6 +265,10 @@ def test_out_that_is_a_file_or_a_full_disk_is_one_line_naming_the_path(folders, 
     assert res.exit_code == 1 and taken.read_text() == "mine"
     assert res.stderr.strip() == f"error: --out must be a folder, but {taken} is a file"
     assert "psnr" not in res.stdout  # refused before scoring
+    res = _eval(*args, "--out", str(taken / "report"))  # below a file: found before scoring too
+    assert res.exit_code == 1 and "psnr" not in res.stdout
+    assert res.stderr.strip() == \
+        f"error: cannot write {taken / 'report'}: {taken} is a file, not a folder"
 
     def full(path, data, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -309,3 +313,26 @@ def test_an_alignment_that_stops_at_max_shift_is_said(folders):
     wide = _eval("--blur", str(shifted / "blur"), "--sharp", str(shifted / "sharp"),
                  "--metrics", "psnr", "--align", "--max-shift", "16", "--device", "cpu", "-q")
     assert "--max-shift" not in wide.stderr
+
+
+def test_a_pair_of_two_sizes_or_an_unreadable_image_is_found_before_scoring(folders,
+                                                                            monkeypatch):
+    """The last pair's prediction is cropped: the error came after scoring everything else."""
+    from deblurcli.evaluation import runner as eval_runner
+
+    scored = []
+    real_score = eval_runner.score_image
+    monkeypatch.setattr(eval_runner, "score_image",
+                        lambda *a, **k: scored.append(1) or real_score(*a, **k))
+    write_image(folders / "pred" / "c.png", np.zeros((40, 40, 3), np.float32))
+    args = ["--blur", str(folders / "blur"), "--sharp", str(folders / "sharp"), "--metrics",
+            "psnr", "--device", "cpu", "-q"]
+    res = _eval(*args, "--pred", str(folders / "pred"))
+    assert res.exit_code == 1 and scored == []
+    assert res.stderr.strip() == ("error: c: the images of this pair differ in size (its "
+                                  "blurry image 48x40, its ground truth 48x40, its prediction "
+                                  "40x40)")
+    (folders / "sharp" / "b.png").write_bytes(b"not a picture")
+    res = _eval(*args)
+    assert res.exit_code == 1 and scored == [] and "b.png" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

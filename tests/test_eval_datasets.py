@@ -214,7 +214,8 @@ def test_no_reference_set_rejects_full_reference_metrics(tmp_path):
 def test_size_mismatch_is_reported(tmp_path):
     write_image(tmp_path / "blur" / "a.png", _crop(0, 16, 16))
     write_image(tmp_path / "sharp" / "a.png", _crop(0, 16, 24))
-    with pytest.raises(DatasetError, match="a: the image scored is 16x16 but its ground truth is 24x16"):
+    with pytest.raises(DatasetError, match=r"a: the images of this pair differ in size \(its "
+                       r"blurry image 16x16, its ground truth 24x16\)"):
         run_evaluation(folder_set(tmp_path / "blur", tmp_path / "sharp"), _config())
 
 

@@ -200,6 +200,11 @@ def test_alignment_recovers_a_translation_and_gain():
     assert np.allclose(same.pred, ref, atol=1e-6)
     flat = np.full((20, 20, 3), 0.5, np.float32)
     assert (align_to_reference(flat, flat, 3).dy, align_to_reference(flat, flat, 3).dx) == (0, 0)
+    # a flat prediction of a detailed image: the rounding left in its variance found a shift
+    flat = np.full((40, 40, 3), 0.5, np.float32)
+    detailed = img[:40, :40]
+    al = align_to_reference(flat, detailed, 8)
+    assert (al.dy, al.dx) == (0, 0) and al.pred.shape == detailed.shape
 
 
 def test_hub_dir_override_is_scoped(tmp_path, empty_torch_home, monkeypatch):

@@ -189,3 +189,51 @@ def test_an_fp16_unets_rows_say_the_evae_ran_in_fp32(monkeypatch) -> None:
         runner._model_rows([], None, [], runner.EvalConfig(model=mc), torch.device("cpu"), None,
                            None)
         assert seen[-1] == want
+
+
+def test_a_sweep_of_a_fused_model_is_refused_before_the_input_is_scored(tiny_model_folder,
+                                                                         tmp_path, monkeypatch):
+    from deblurcli.evaluation import runner
+    from deblurcli.modelfolder import fuse_model_folder
+
+    fused = tmp_path / "fused"
+    fuse_model_folder(tiny_model_folder, fused, gamma=0.3)
+    for i in range(2):
+        write_image(tmp_path / "blur" / f"p{i}.png", np.full((16, 16, 3), 0.5, np.float32))
+        write_image(tmp_path / "sharp" / f"p{i}.png", np.full((16, 16, 3), 0.4, np.float32))
+    scored = []
+    monkeypatch.setattr(runner, "score_image", lambda *a, **k: scored.append(1))
+    res = CliRunner().invoke(app, [
+        "eval", "--blur", str(tmp_path / "blur"), "--sharp", str(tmp_path / "sharp"),
+        "-w", str(fused), "--gamma", "1,0.5", "--metrics", "psnr", "--device", "cpu", "-q"])
+    assert res.exit_code == 1 and "a gamma sweep needs an unfused model folder" in res.output
+    assert scored == []
+
+
+def test_model_rows_score_what_deblur_writes(tiny_model_folder, tmp_path):
+    """A grey photo: deblur writes a grey file (8-bit), and its row scores that, not the
+    model's float RGB; the same for a JPEG (re-encoded at deblur's quality)."""
+    from deblurcli.images import read_image
+
+    rng = np.random.default_rng(0)
+    grey = rng.random((24, 32, 1), dtype=np.float32).repeat(3, axis=2)
+    write_image(tmp_path / "set" / "blur" / "g.png", grey, grayscale=True)
+    write_image(tmp_path / "set" / "sharp" / "g.png", np.roll(grey, 1, axis=1), grayscale=True)
+    photo = rng.random((24, 32, 3), dtype=np.float32)
+    write_image(tmp_path / "set" / "blur" / "c.jpg", photo)
+    write_image(tmp_path / "set" / "sharp" / "c.jpg", np.roll(photo, 1, axis=0))
+    common = ["--metrics", "psnr,ssim", "--device", "cpu", "--dtype", "fp32", "-q"]
+    ran = CliRunner().invoke(app, ["deblur", str(tmp_path / "set" / "blur"),
+                                   str(tmp_path / "pred"), "-w", str(tiny_model_folder),
+                                   "--gamma", "1", "--backend", "torch", "-q"])
+    assert ran.exit_code == 0, ran.output
+    assert read_image(tmp_path / "pred" / "g.png").grayscale
+    sets = ["--blur", str(tmp_path / "set" / "blur"), "--sharp", str(tmp_path / "set" / "sharp")]
+    for args, out in ((["--pred", str(tmp_path / "pred")], "scored"),
+                      (["-w", str(tiny_model_folder), "--gamma", "1"], "model")):
+        res = CliRunner().invoke(app, ["eval", *sets, *args, *common, "--out", str(tmp_path / out)])
+        assert res.exit_code == 0, res.output
+    scored = json.loads((tmp_path / "scored" / "summary.json").read_text())["pred"]
+    model = json.loads((tmp_path / "model" / "summary.json").read_text())["gamma=1"]
+    for name in ("psnr", "ssim"):
+        assert model[name] == scored[name], name

@@ -163,7 +163,8 @@ def evaluate(
     include_input: Annotated[bool, typer.Option(
         "--input/--no-input", help="Also score the blurry input (the baseline row).")] = True,
     limit: Annotated[Optional[int], typer.Option(
-        "--limit", min=1, help="Evaluate only the first N images (in key order).")] = None,
+        "--limit", min=1,
+        help="Evaluate only the first N images (in key order; RealBlur: list order).")] = None,
     device: opt.Device = "auto",
     dtype: opt.Dtype = "auto",
     vae_fp32: opt.VaeFp32 = None,

@@ -40,6 +40,9 @@ class Alignment:
     radius: int = 0  # the search's bound: max_shift, less for a small image
 
 
+FLAT = 1e-9  # a variance under this share of the mean square: an overlap without detail
+
+
 def _grey(img: np.ndarray) -> np.ndarray:
     return img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
 
@@ -91,10 +94,11 @@ def align_to_reference(pred: np.ndarray, ref: np.ndarray, max_shift: int = 10) -
         n = (ry1 - ry0) * (rx1 - rx0)
         cross = float(full[dy + h - 1, dx + w - 1])
         sa, sb = _box(ia, ry0, ry1, rx0, rx1), _box(ib, py0, py1, px0, px1)
-        va = _box(ia2, ry0, ry1, rx0, rx1) - sa * sa / n
-        vb = _box(ib2, py0, py1, px0, px1) - sb * sb / n
-        denom = np.sqrt(max(va, 0.0) * max(vb, 0.0))
-        ncc = (cross - sa * sb / n) / denom if denom > 1e-12 else -np.inf
+        qa, qb = _box(ia2, ry0, ry1, rx0, rx1), _box(ib2, py0, py1, px0, px1)
+        va, vb = qa - sa * sa / n, qb - sb * sb / n
+        # a flat overlap has no shift to find; its variance is the rounding left of qa - sa²/n
+        flat = va <= FLAT * qa or vb <= FLAT * qb
+        ncc = -np.inf if flat else (cross - sa * sb / n) / np.sqrt(va * vb)
         if ncc > best[0] + 1e-12:
             best = (ncc, dy, dx)
     ncc, dy, dx = best

@@ -192,9 +192,20 @@ def plot_sweep(path: Path, result: EvalResult) -> bool:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Refuse an ``out_dir`` that is an existing file (before the evaluation, not after it)."""
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+    """Refuse an ``out_dir`` that cannot be written (before the evaluation, not after it): an
+    existing file, a path below a file, or below a folder that this user cannot write in."""
+    import os
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
         raise DeblurcliError(f"--out must be a folder, but {out_dir} is a file")
+    there = Path(os.path.abspath(out_dir))
+    while not there.exists() and there != there.parent:  # the nearest part that exists
+        there = there.parent
+    if not there.is_dir():
+        raise DeblurcliError(f"cannot write {out_dir}: {there} is a file, not a folder")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise DeblurcliError(f"cannot write {out_dir}: no permission to write in {there}")
 
 
 def write_outputs(out_dir: Path, result: EvalResult, command: str | None = None,

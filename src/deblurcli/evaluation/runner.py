@@ -44,6 +44,8 @@ from deblurcli.evaluation.metrics import (
 from deblurcli.progress import ProgressFn, report
 from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE
 
+DEBLUR_QUALITY = 95  # deblur's --quality default: the model rows are scored as it writes them
+
 WarnFn = Callable[[str], None]
 
 
@@ -291,10 +293,7 @@ def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None, vae_d
     gammas = mc.gammas
     if base.fused_gamma is not None or not base.has_dual_adapters:
         fixed = base.fused_gamma
-        if len(gammas) > 1:
-            state = "none" if fixed is None else f"fused at gamma={fixed:g}"
-            raise WeightsError(f"{mc.weights} has no live real/synthetic adapters ({state}); "
-                               "a gamma sweep needs an unfused model folder")
+        check_sweep(mc.weights, gammas, fixed, dual=False)
         note = gamma_ignored(fixed, gammas[0]) if fixed is not None else None
         if note and warn is not None:
             warn(note)
@@ -310,12 +309,40 @@ def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None, vae_d
         del model
 
 
+def check_sweep(weights, gammas: Sequence[float], fused_gamma: float | None, *,
+                dual: bool) -> None:
+    """Refuse a sweep of several γ over a model without two live adapters to blend."""
+    if len(gammas) > 1 and (fused_gamma is not None or not dual):
+        state = "none" if fused_gamma is None else f"fused at gamma={fused_gamma:g}"
+        raise WeightsError(f"{weights} has no live real/synthetic adapters ({state}); "
+                           "a gamma sweep needs an unfused model folder")
+
+
+def as_deblur_writes(output: np.ndarray, image) -> np.ndarray:
+    """``output``, the model's result for ``image`` (:class:`~deblurcli.images.ImageData`), as
+    ``deblurcli deblur`` writes it and a scorer reads it back: in the input's format (the same
+    JPEG/WebP/AVIF/HEIC quality), grey for a grey input, at its bit depth where the format
+    keeps it."""
+    import tempfile
+
+    from deblurcli.images import encode_image, read_image
+
+    data = encode_image(image.format, np.clip(output, 0.0, 1.0), grayscale=image.grayscale,
+                        bit_depth=image.bit_depth, quality=DEBLUR_QUALITY,
+                        lossless=image.lossless)
+    with tempfile.TemporaryDirectory(prefix="deblurcli-eval-") as folder:
+        path = Path(folder) / "output"
+        path.write_bytes(data)
+        return read_image(path).pixels
+
+
 def _model_rows(rows: list[RowResult], eval_set: EvalSet, metrics: Sequence[Metric],
                 config: EvalConfig, device, progress: ProgressFn | None,
                 warn: WarnFn | None) -> None:
     """Run the model at each γ and score its outputs, a row each appended to ``rows``. An
     interrupt finishes the row at work with the images scored so far and is raised again."""
     from deblurcli.device import resolve_dtype, vae_dtype_for
+    from deblurcli.images import fill_transparent, read_image
     from deblurcli.pipeline import DeblurPipeline, default_batch_size, prepare_model
 
     mc = config.model
@@ -340,15 +367,17 @@ def _model_rows(rows: list[RowResult], eval_set: EvalSet, metrics: Sequence[Metr
         scoring = 0.0
         try:
             for i, pair in enumerate(eval_set.pairs):
-                blurry = _read(pair.blur)
+                image = read_image(pair.blur)
+                blurry = fill_transparent(image.pixels, image.alpha)  # as deblur does
                 _sync(device)
                 t0 = time.perf_counter()
                 output = pipe(blurry)
                 _sync(device)
                 model_seconds = time.perf_counter() - t0
+                output = as_deblur_writes(np.asarray(output, dtype=np.float32), image)
                 ref = _read(pair.sharp) if pair.sharp is not None else None
                 t1 = time.perf_counter()
-                score = score_image(metrics, np.asarray(output, dtype=np.float32), ref,
+                score = score_image(metrics, output, ref,
                                     align=config.align, max_shift=config.max_shift,
                                     key=pair.key, failures=failures)
                 scoring += time.perf_counter() - t1
@@ -362,6 +391,24 @@ def _model_rows(rows: list[RowResult], eval_set: EvalSet, metrics: Sequence[Metr
         _finish_row(row, [m.name for m in metrics], scoring, device, failures, warn,
                     max_shift=config.max_shift)
         del pipe, model
+
+
+def check_sizes(eval_set: EvalSet, pred_files: Sequence[Path] | None = None, *,
+                blurry: bool = True) -> None:
+    """Refuse a pair whose images to be scored (the ``blurry`` ones, as they are or through the
+    model; ``pred_files``) differ in size from its ground truth, or cannot be read, from the
+    files' headers: found at the start, not after an hour of scoring."""
+    from deblurcli.images import image_size
+
+    for i, pair in enumerate(eval_set.pairs):
+        sizes = {"blurry image": image_size(pair.blur)} if blurry else {}
+        if pair.sharp is not None:
+            sizes["ground truth"] = image_size(pair.sharp)
+        if pred_files is not None:
+            sizes["prediction"] = image_size(pred_files[i])
+        if len(set(sizes.values())) > 1:
+            said = ", ".join(f"its {name} {w}x{h}" for name, (h, w) in sizes.items())
+            raise DatasetError(f"{pair.key}: the images of this pair differ in size ({said})")
 
 
 def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
@@ -400,8 +447,15 @@ def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
             if warn is not None and config.limit is None else None)
     if config.model is not None:  # fail on a bad model folder before scoring anything
         from deblurcli.modelfolder import read_model_index, resolve_model
+        from deblurcli.modelindex import RECORD_KEY
 
-        read_model_index(resolve_model(config.model.weights, offline=config.offline))
+        record = read_model_index(resolve_model(config.model.weights,
+                                                offline=config.offline))[RECORD_KEY]
+        check_sweep(config.model.weights, config.model.gammas, record.get("fused_gamma"),
+                    dual=all(name in (record.get("adapters") or {})
+                             for name in ("real", "synthetic")))
+    scores_blurry = config.include_input or config.model is not None or pred_files is None
+    check_sizes(eval_set, pred_files, blurry=scores_blurry)  # before any slow work
     from deblurcli.evaluation import fetch
 
     skipped: dict[str, str] = {}
