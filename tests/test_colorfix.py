@@ -5,14 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deblurcli.colorfix import color_fix, gaussian_kernel1d, lowpass
+from deblurcli.colorfix import axis_kernel, color_fix, gaussian_kernel1d, lowpass
 
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((h, w, 3), dtype=np.float32)
 
 
-@pytest.mark.parametrize("shape,sigma", [((31, 47), 2.0), ((12, 9), 4.0), ((64, 40), 0.7)])
+@pytest.mark.parametrize("shape,sigma", [((31, 47), 2.0), ((12, 9), 4.0), ((64, 40), 0.7),
+                                         # kernels wider than the image: folded onto it
+                                         ((7, 13), 3.0), ((7, 13), 13.0), ((1, 5), 3.0),
+                                         ((20, 3), 2.9), ((5, 9), 9.0)])
 def test_lowpass_equals_scipy_gaussian_filter(shape, sigma):
     ndimage = pytest.importorskip("scipy.ndimage")
     image = _image(*shape)
@@ -21,6 +24,17 @@ def test_lowpass_equals_scipy_gaussian_filter(shape, sigma):
     got = lowpass(image, sigma)
     assert got.dtype == np.float32 and got.shape == image.shape
     np.testing.assert_allclose(got, expected, atol=2e-6)
+
+
+def test_a_sigma_far_wider_than_the_image_costs_no_more_than_its_mean():
+    """--color-fix 200 took 25 s on a 7x13 photo (the kernel and padding grew with sigma), and
+    1e9 ran out of memory."""
+    image = _image(7, 13)
+    for sigma in (200.0, 1e9):
+        got = lowpass(image, sigma)
+        np.testing.assert_allclose(got, np.broadcast_to(image.mean(axis=(0, 1)), image.shape),
+                                   atol=1e-6)
+    assert len(axis_kernel(1e9, 13)) == 27 and len(axis_kernel(2.0, 13)) == 17
 
 
 def test_kernel_is_normalised_and_symmetric():
