@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -736,3 +738,38 @@ def test_the_colour_under_transparency_is_filled_from_the_visible_pixels(tmp_pat
     assert seen[0][ring].min() > 0.25  # what the network is given beside the edge
     out = read_image(tmp_path / "out" / "cutout.png")
     np.testing.assert_array_equal(out.alpha, read_image(tmp_path / "in" / "cutout.png").alpha)
+
+
+def test_an_image_of_several_frames_or_pages_is_refused(tmp_path):
+    """An animated PNG/WebP or a multi-page TIFF was read as its first image alone, its other
+    frames dropped without a word; a TIFF's reduced-size preview is no page of its own."""
+    import tifffile
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)) for _ in range(3)]
+    for name in ("a.png", "a.webp"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+        with pytest.raises(ImageReadError, match="an animated (PNG|WebP) of 3 frames; only still"):
+            read_image(tmp_path / name)
+    frames[0].save(tmp_path / "still.webp")
+    assert read_image(tmp_path / "still.webp").pixels.shape == (16, 16, 3)
+    deep = (rng.random((16, 16, 3)) * 65535).astype(np.uint16)
+    with tifffile.TiffWriter(tmp_path / "pages.tif") as tif:
+        tif.write(deep)
+        tif.write(deep)
+    with pytest.raises(ImageReadError, match="a TIFF of 2 pages; only single-page files"):
+        read_image(tmp_path / "pages.tif")
+    with tifffile.TiffWriter(tmp_path / "preview.tif") as tif:
+        tif.write(deep)
+        tif.write(deep[::2, ::2], subfiletype=1)
+    assert read_image(tmp_path / "preview.tif").bit_depth == 16
+    apng16 = tmp_path / "deep.png"  # the 16-bit PNG reader (OpenCV) too
+    Image.fromarray(deep[..., 0]).save(apng16)
+    data = apng16.read_bytes()
+    ihdr_end = 8 + 8 + 13 + 4
+    actl = b"acTL" + struct.pack(">II", 2, 0)
+    chunk = struct.pack(">I", 8) + actl + struct.pack(">I", zlib.crc32(actl))
+    apng16.write_bytes(data[:ihdr_end] + chunk + data[ihdr_end:])
+    with pytest.raises(ImageReadError, match="an animated PNG of 2 frames"):
+        read_image(apng16)

@@ -601,6 +601,9 @@ def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageDat
             raise ImageReadError(f"cannot read {path}: more pixels than the limit of "
                                  f"{max_pixels:,} (raise it with --max-pixels)") from None
         _check_pixels(path, *im.size, max_pixels)  # header only: nothing decoded yet
+        if fmt in ("webp", "avif"):
+            _refuse_frames(path, "AVIF" if fmt == "avif" else "WebP",
+                           int(getattr(im, "n_frames", 1)))
         # a TIFF's metadata before load(), which turns it upright and lets go of its file
         turned = fmt == "tiff" and im.tag_v2.get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
         metadata = _pillow_metadata(im, data, fmt) if fmt == "tiff" else None
@@ -710,6 +713,9 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
 
     with tifffile.TiffFile(fh, name=path.name) as tif:
         page = tif.pages[0]
+        # pages of full resolution (not the reduced-resolution previews SubfileType 1 marks)
+        _refuse_frames(path, "TIFF", sum(not int(getattr(p, "subfiletype", 0)) & 1
+                                         for p in tif.pages), unit="pages")
         _check_pixels(path, page.imagewidth, page.imagelength, max_pixels,
                       getattr(page, "imagedepth", 1))
         # the pixel count says nothing of samples per pixel or their size: check the array's
@@ -837,6 +843,8 @@ def read_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
                 _check_pixels(path, *_png_size(head), max_pixels)
             fh.seek(0)
             data = fh.read(size + 1)
+            if fmt == "png":
+                _refuse_frames(path, "PNG", _apng_frames(data))
             if fmt == "png" and len(data) > 25 and data[24] == 16:
                 return _read_png16(data)
             return _read_pillow(data, fmt, path, max_pixels)
@@ -848,6 +856,25 @@ def read_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
             raise ImageReadError(
                 f"cannot read {path}: corrupt or unsupported {fmt.upper()} ({_reason(exc, fmt)})"
             ) from None
+
+
+def _apng_frames(data: bytes) -> int:
+    """The frames of an animated PNG (its ``acTL`` chunk), 1 for a still one."""
+    from deblurcli.imagemeta import png_chunks
+
+    control = png_chunks(io.BytesIO(data), (b"acTL",)).get(b"acTL", [b""])[0]
+    return struct.unpack(">I", control[:4])[0] if len(control) >= 4 else 1
+
+
+def _refuse_frames(path: Path, kind: str, frames: int, unit: str = "frames") -> None:
+    """One line for a file of several images (an animation, pages): deblurring the first
+    alone would drop the others without a word."""
+    if frames > 1:
+        what = (f"a {kind} of {frames} pages; only single-page files are read (save each "
+                "page as its own file)" if unit == "pages" else
+                f"an animated {kind} of {frames} frames; only still images are read (make it "
+                "a video to deblur every frame)")
+        raise ImageReadError(f"cannot read {path}: {what}")
 
 
 def _reason(exc: BaseException, fmt: str | None = None) -> str:
