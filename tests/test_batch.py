@@ -410,3 +410,34 @@ def test_a_folder_at_the_target_fails_before_the_deblurring(tmp_path):
         assert "out/a.png is a folder: move it away" in summary.failed[0].error
     assert len(calls) == 2  # b.png, twice; never a.png
     assert (tmp_path / "out" / "a.png").is_dir()
+
+
+
+def test_a_file_where_an_output_folder_goes_fails_before_the_deblurring(tmp_path):
+    """``out/sub`` a file (or a broken link) where sub/y.png's output folder goes: it failed
+    after the deblurring with "File exists", a file that did not exist."""
+    src = tmp_path / "in"
+    for rel in ("sub/y.png", "sub/deeper/z.png", "other/w.png", "x.png", "fine/v.png"):
+        _img(src / rel)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").write_text("mine")
+    (out / "other").symlink_to(tmp_path / "nowhere")
+    (out / "fine").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    calls = []
+
+    def counting(pixels, progress=None):
+        calls.append(1)
+        return pixels
+
+    options = BatchOptions(recursive=True)
+    summary = run_jobs(plan_jobs(src, out, options), counting, options)
+    assert {r.job.source.relative_to(src).as_posix(): r.status for r in summary.results} == {
+        "fine/v.png": "done", "other/w.png": "failed", "sub/deeper/z.png": "failed",
+        "sub/y.png": "failed", "x.png": "done"}
+    assert len(calls) == 2
+    errors = sorted(r.error for r in summary.failed)
+    assert errors[0].startswith(f"{out / 'other'} is not a folder, but outputs go into it")
+    assert all(e.startswith(f"{out / 'sub'} is not a folder") for e in errors[1:])
+    assert (out / "sub").read_text() == "mine"

@@ -484,6 +484,7 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
     unreadable = {_path_key(p): p for p, _, _ in problems}
     jobs: list[tuple[Path, Job]] = []
     seen: dict[str, Path] = {}
+    folders_seen: dict[Path, Path | None] = {}
     for path, rel, info, target in planned:
         if _identity(info) in earlier:
             continue  # the output of another input, written by an earlier run
@@ -506,6 +507,10 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
         seen[key] = path
         in_the_way = f"{target} is a folder: move it away, or choose another OUTPUT folder or " \
             "a --suffix" if _is_folder(target) else ""  # found now, not after the deblurring
+        blocked = _file_for_folder(target.parent, out_dir, folders_seen)
+        if blocked is not None:
+            in_the_way = f"{blocked} is not a folder, but outputs go into it: move it away, " \
+                "or choose another OUTPUT folder"
         if len(os.fsencode(target.name)) > 255:  # file systems take 255 bytes a name
             in_the_way = f"{target.name[:40]}…: the output name is {len(os.fsencode(target.name))}" \
                 " bytes, more than the 255 a file system allows; shorten the --suffix or the name"
@@ -553,6 +558,24 @@ def check_output_folder(folder: Path) -> None:
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def _file_for_folder(folder: Path, out_dir: Path,
+                     known: dict[Path, Path | None]) -> Path | None:
+    """The first of ``folder`` and its parents below ``out_dir`` that exists as something other
+    than a folder (a file there would fail the output only after its deblurring, as "File
+    exists"), or None; ``known`` keeps the answers per folder."""
+    if folder == out_dir or out_dir not in folder.parents:
+        return None
+    if folder not in known:
+        above = _file_for_folder(folder.parent, out_dir, known)
+        if above is None:
+            info = _stat_or_none(folder)  # a link to a folder is a folder; a broken one is not
+            if info is None and os.path.lexists(folder) or \
+                    info is not None and not stat.S_ISDIR(info.st_mode):
+                above = folder
+        known[folder] = above
+    return known[folder]
 
 
 def process_file(job: Job, deblur: DeblurFn, options: BatchOptions,
