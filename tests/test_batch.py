@@ -19,8 +19,8 @@ from deblurcli.batch import (
     run_jobs,
     shard_items,
 )
-from deblurcli.errors import DeblurcliError, ImageReadError
-from deblurcli.images import read_image, write_image
+from deblurcli.errors import DeblurcliError, ImageReadError, ImageWriteError
+from deblurcli.images import encode_image, read_image, write_image
 
 
 def invert(pixels, progress=None):
@@ -240,21 +240,37 @@ def test_out_of_memory_is_a_per_file_failure_with_advice(folder, tmp_path, error
     assert summary.count("failed") == 3 and "lower --tile" in summary.failed[0].error
 
 
-def test_a_file_its_format_cannot_hold_fails_alone(tmp_path):
-    """WebP's encoder refuses sides over 16383 px with a ValueError, which ended the batch."""
+def test_a_file_its_format_cannot_hold_fails_alone(tmp_path, capfd):
+    """WebP's encoder refuses sides over 16383 px with a ValueError, which ended the batch; now
+    such a photo fails alone, before its deblurring (JPEG's 65500 px too, without libjpeg's
+    own line on stderr)."""
     from PIL import Image
 
     src = tmp_path / "in"
     src.mkdir()
     Image.new("RGB", (16400, 8)).save(src / "a_wide.png")
     Image.new("RGB", (20, 12)).save(src / "b.png")
-    options = BatchOptions(ext="webp")
-    summary = run_jobs(plan_jobs(src, tmp_path / "out", options), lambda px, progress=None: px,
-                       options)
-    assert [r.status for r in summary.results] == ["failed", "done"]
-    assert "a_wide.webp: WEBP cannot hold this 16400x8 image" in summary.failed[0].error
-    assert "choose another --ext" in summary.failed[0].error
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.webp"]
+    Image.new("RGB", (8, 65600)).save(src / "c_tall.png")
+    for ext, failing in (("webp", ["a_wide", "c_tall"]), ("jpg", ["c_tall"])):
+        deblurred: list[tuple] = []
+
+        def deblur(pixels, progress=None, seen=deblurred):
+            seen.append(pixels.shape)
+            return pixels
+
+        options = BatchOptions(ext=ext)
+        summary = run_jobs(plan_jobs(src, tmp_path / ext, options), deblur, options)
+        assert [r.job.source.stem for r in summary.failed] == failing
+        assert len(deblurred) == 3 - len(failing)  # those that fail were not deblurred
+        error = summary.failed[0].error
+        assert "at most" in error and "choose another --ext" in error
+    assert "a_wide.webp: WebP holds at most 16383 px a side, not this 16400x8 image" in \
+        run_jobs(plan_jobs(src, tmp_path / "w2", BatchOptions(ext="webp")),
+                 lambda px, progress=None: px, BatchOptions(ext="webp")).failed[0].error
+    assert sorted(p.name for p in (tmp_path / "webp").iterdir()) == ["b.webp"]
+    assert "65500" not in capfd.readouterr().err  # libjpeg's "Maximum supported image ..."
+    with pytest.raises(ImageWriteError, match="JPEG holds at most 65500 px a side"):
+        encode_image("jpeg", np.zeros((65501, 2, 3), np.float32))
 
 
 def test_programming_errors_are_not_swallowed(folder, tmp_path):

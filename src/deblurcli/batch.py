@@ -35,15 +35,17 @@ from typing import Optional
 
 import numpy as np
 
-from deblurcli.errors import DeblurcliError, ImageReadError
+from deblurcli.errors import DeblurcliError, ImageReadError, ImageWriteError
 from deblurcli.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
     fill_transparent,
+    format_of,
     not_regular_reason,
     open_regular,
     read_image,
     scan_folder,
+    side_limit_problem,
     stat_problem,
     write_image,
 )
@@ -592,6 +594,10 @@ def process_file(job: Job, deblur: DeblurFn, options: BatchOptions,
                             max_pixels=options.max_pixels, progress=progress,
                             before_replace=record, tags=options.metadata)
     image = read_image(job.source, max_pixels=options.max_pixels)
+    height, width = image.pixels.shape[:2]
+    too_large = side_limit_problem(format_of(job.target) or "", width, height)
+    if too_large:  # before the deblurring, whose output could not be written
+        raise ImageWriteError(f"cannot write {job.target}: {too_large}")
     result = deblur(fill_transparent(image.pixels, image.alpha), progress)
     stripped = {} if options.metadata else {"metadata": None}
     write_image(job.target, result, like=image, quality=options.quality, before_replace=record,

@@ -1003,6 +1003,9 @@ def encode_image(
         if alpha.shape != pixels.shape[:2]:
             raise ValueError(f"alpha shape {alpha.shape} does not match pixels {pixels.shape[:2]}")
         planes.append(alpha[..., None])
+    too_large = side_limit_problem(fmt, pixels.shape[1], pixels.shape[0])
+    if too_large:
+        raise ImageWriteError(too_large)
     arr = _quantise(np.concatenate(planes, axis=2), bit_depth)
     channels = arr.shape[2]
     if channels == 1:
@@ -1113,6 +1116,26 @@ def _png16_grey_alpha(arr: np.ndarray) -> bytes:
         + chunk(b"IDAT", zlib.compress(raw, 6))
         + chunk(b"IEND", b"")
     )
+
+
+MAX_SIDE = {"jpeg": 65500, "webp": 16383}  # the widest and tallest image each format holds
+
+
+def side_limit_problem(fmt: str, width: int, height: int) -> str | None:
+    """Why format ``fmt`` cannot hold a ``width`` x ``height`` image (a side past its limit),
+    or None. Checked before the encoder, which would say it with a line of its own on stderr
+    (libjpeg), and before a deblurring whose output could not be written."""
+    limit = MAX_SIDE.get(fmt)
+    if limit is None or max(width, height) <= limit:
+        return None
+    name = "JPEG" if fmt == "jpeg" else "WebP"
+    return f"{name} holds at most {limit} px a side, not this {width}x{height} image; choose " \
+        "another --ext"
+
+
+def format_of(path: PathLike) -> str | None:
+    """The format a path's suffix picks for writing (``"png"``, ``"jpeg"``, ...), or None."""
+    return _FORMAT_BY_SUFFIX.get(Path(path).suffix.lower())
 
 
 def write_image(path: PathLike, pixels: np.ndarray, *, like: ImageData | None = None,
