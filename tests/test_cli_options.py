@@ -44,8 +44,9 @@ def test_deblur_eval_and_library_share_the_tile_defaults():
     assert (DEFAULT_TILE, DEFAULT_OVERLAP) == (448, 32)
     command = typer.main.get_command(app)
     for name in ("deblur", "eval"):
-        params = {p.name: p.default for p in command.commands[name].params}
-        assert (params["tile"], params["tile_overlap"]) == (DEFAULT_TILE, DEFAULT_OVERLAP), name
+        params = {p.name: p for p in command.commands[name].params}
+        assert params["tile"].default == DEFAULT_TILE, name
+        assert params["tile_overlap"].show_default == str(DEFAULT_OVERLAP), name
     signature = inspect.signature(DeblurPipeline.__init__).parameters
     assert (signature["tile"].default, signature["overlap"].default) == (DEFAULT_TILE,
                                                                          DEFAULT_OVERLAP)
@@ -108,3 +109,14 @@ def test_both_training_commands_reject_the_same_values(tmp_path, flags, hint):
                                           str(tmp_path / "o"), *flags])
         assert result.exit_code == 2 and hint in result.output, (name, result.output)
         assert not (tmp_path / "o").exists()
+
+
+def test_a_small_tile_alone_lowers_the_default_overlap():
+    """``--tile 32`` alone exited 2 over the default --tile-overlap 32, a flag not given."""
+    from deblurcli.cli.options import check_tiling
+
+    assert [check_tiling(tile, None) for tile in (0, 8, 16, 32, 40, 448)] == \
+        [32, 0, 8, 24, 32, 32]
+    assert check_tiling(32, 8) == 8
+    with pytest.raises(Exception, match="at most --tile minus 8"):
+        check_tiling(32, 32)  # given: checked as given

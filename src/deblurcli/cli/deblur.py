@@ -12,7 +12,7 @@ import typer
 from deblurcli.cli.options import (BatchSize, ColorFix, Tile, TileOverlap, VaeFp32,
                                    check_color_fix, check_device, check_tiling, dtype_option)
 from deblurcli.images import DEFAULT_MAX_PIXELS
-from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE
+from deblurcli.tiles import DEFAULT_TILE
 
 DEFAULT_GAMMA = 0.7  # the paper's γ between fidelity (1) and perceptual detail (0)
 
@@ -66,7 +66,7 @@ def deblur(
     no_fuse: Annotated[bool, typer.Option(
         "--no-fuse", help="Keep the LoRA adapters unfused (slower; for debugging).")] = False,
     tile: Tile = DEFAULT_TILE,
-    tile_overlap: TileOverlap = DEFAULT_OVERLAP,
+    tile_overlap: TileOverlap = None,
     batch_size: BatchSize = None,
     device: Annotated[str, typer.Option(
         "--device", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU).")]
@@ -133,7 +133,7 @@ def deblur(
         raise typer.BadParameter(f"use one of {', '.join(BACKENDS)}; got {backend!r}",
                                  param_hint="--backend")
     check_color_fix(color_fix)
-    check_tiling(tile, tile_overlap)
+    tile_overlap = check_tiling(tile, tile_overlap)
     _check_video_options(codec, crf)
     from deblurcli.batch import EXT_CHOICES
 

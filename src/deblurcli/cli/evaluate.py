@@ -11,7 +11,7 @@ import typer
 
 from deblurcli.cli import options as opt
 from deblurcli.cli.options import check_color_fix, check_device, check_tiling, dtype_option
-from deblurcli.tiles import DEFAULT_OVERLAP, DEFAULT_TILE
+from deblurcli.tiles import DEFAULT_TILE
 
 DEFAULT_GAMMA = "0.7"
 
@@ -169,7 +169,7 @@ def evaluate(
     dtype: opt.Dtype = "auto",
     vae_fp32: opt.VaeFp32 = None,
     tile: opt.Tile = DEFAULT_TILE,
-    tile_overlap: opt.TileOverlap = DEFAULT_OVERLAP,
+    tile_overlap: opt.TileOverlap = None,
     color_fix: opt.ColorFix = 0.0,
     batch_size: opt.BatchSize = None,
     out: Annotated[Optional[Path], typer.Option(
@@ -207,7 +207,7 @@ def evaluate(
                                  param_hint="--gamma")
     if pred is not None and weights is not None:
         raise typer.BadParameter("give either --pred or --weights, not both", param_hint="--pred")
-    check_tiling(tile, tile_overlap)
+    tile_overlap = check_tiling(tile, tile_overlap)
     check_color_fix(color_fix)
 
     from deblurcli.cli.console import rich_progress, stderr_console, stdout_console, warn

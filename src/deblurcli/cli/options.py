@@ -17,6 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from deblurcli.tiles import DEFAULT_OVERLAP
 from deblurcli.train import config as cfg
 
 # ----------------------------------------------------------------------------- run options
@@ -28,8 +29,10 @@ Dtype = Annotated[str, typer.Option(
 Tile = Annotated[int, typer.Option(
     "--tile", help="Largest tile side in pixels (multiple of 8; tiles shrink to cover the "
         "image evenly; 0 = whole image at once).")]
-TileOverlap = Annotated[int, typer.Option(
-    "--tile-overlap", help="Pixels shared by neighbouring tiles (at most --tile minus 8).")]
+TileOverlap = Annotated[Optional[int], typer.Option(
+    "--tile-overlap", show_default=str(DEFAULT_OVERLAP),
+    help="Pixels shared by neighbouring tiles (at most --tile minus 8, to which the default "
+    "is lowered for a small --tile).")]
 BatchSize = Annotated[Optional[int], typer.Option(
     "--batch-size", "-b", min=1, help="Tiles per network call (default: 1 on the CPU, where "
     "single tiles run faster, 4 on a GPU).")]
@@ -42,14 +45,19 @@ VaeFp32 = Annotated[Optional[bool], typer.Option(
     "(default: under fp16, which the VAE can overflow; not under bf16).")]
 
 
-def check_tiling(tile: int, overlap: int) -> None:
-    """``--tile``: 0 (whole image) or a positive multiple of 8; ``--tile-overlap``: 0 .. tile - 8."""
+def check_tiling(tile: int, overlap: int | None) -> int:
+    """``--tile``: 0 (whole image) or a positive multiple of 8; ``--tile-overlap``: 0 .. tile - 8,
+    by default :data:`~deblurcli.tiles.DEFAULT_OVERLAP` or less for a small tile. Returns the
+    overlap."""
     if tile < 0 or tile % 8:
         raise typer.BadParameter(f"must be 0 or a positive multiple of 8, got {tile}",
                                  param_hint="--tile")
+    if overlap is None:  # --tile 32 alone: no error about a flag that was not given
+        return min(DEFAULT_OVERLAP, tile - 8) if tile else DEFAULT_OVERLAP
     if overlap < 0 or (tile and overlap > tile - 8):
         raise typer.BadParameter(f"must be >= 0 and at most --tile minus 8 ({max(tile - 8, 0)} "
                                  f"for --tile {tile}), got {overlap}", param_hint="--tile-overlap")
+    return overlap
 
 
 def check_device(device: str) -> None:
