@@ -237,3 +237,38 @@ def test_model_rows_score_what_deblur_writes(tiny_model_folder, tmp_path):
     model = json.loads((tmp_path / "model" / "summary.json").read_text())["gamma=1"]
     for name in ("psnr", "ssim"):
         assert model[name] == scored[name], name
+
+
+def test_an_image_that_cannot_be_read_partway_keeps_what_was_scored(tiny_model_folder, tmp_path,
+                                                                     monkeypatch):
+    """A file whose header reads but whose pixels do not (a truncated photo) stopped the run
+    at that image with nothing written: an hour of scoring lost."""
+    from deblurcli.errors import ImageReadError
+
+    img = data.astronaut().astype(np.float32) / 255
+    for i in range(3):
+        sharp = img[100 + 40 * i: 140 + 40 * i, 200:240]
+        write_image(tmp_path / "sharp" / f"p{i}.png", sharp)
+        write_image(tmp_path / "blur" / f"p{i}.png", (sharp + np.roll(sharp, 2, axis=1)) / 2)
+    from deblurcli import images
+
+    real_read, reads = images.read_image, []
+
+    def truncated(path, **kwargs):  # read whole as the input row's, then not: the model's
+        reads.append(Path(path))
+        if reads.count(tmp_path / "blur" / "p2.png") == 2:
+            raise ImageReadError(f"cannot read {path}: corrupt or unsupported PNG (truncated)")
+        return real_read(path, **kwargs)
+
+    monkeypatch.setattr(images, "read_image", truncated)
+    out = tmp_path / "report"
+    res = CliRunner().invoke(app, [
+        "eval", "--blur", str(tmp_path / "blur"), "--sharp", str(tmp_path / "sharp"),
+        "--weights", str(tiny_model_folder), "--gamma", "1", "--metrics", "psnr",
+        "--device", "cpu", "--dtype", "fp32", "--tile", "0", "--out", str(out), "-q"])
+    assert res.exit_code == 1, res.output
+    assert res.stderr.rstrip().splitlines()[-1].startswith("error: cannot read")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["n_images"] == 2 and summary["meta"]["n_planned"] == 3
+    assert "truncated" in summary["meta"]["error"] and "interrupted" not in summary["meta"]
+    assert summary["gamma=1"]["n_images"] == 2 and "stopped by an error" in res.stdout

@@ -46,6 +46,13 @@ def format_score(row: RowResult, name: str) -> str:
     return text + (f" ({s.n_scored} of {s.n})" if s.n_scored < s.n else "")
 
 
+def _stop_record(result: EvalResult) -> dict:
+    """How a stopped evaluation ended: interrupted, or the error that stopped it."""
+    how = {"interrupted": True} if isinstance(result.stopped, KeyboardInterrupt) else \
+        {"error": " ".join(str(result.stopped).split())}
+    return {**how, "n_planned": result.n_planned, "rows_not_reached": result.unreached}
+
+
 def results_table(result: EvalResult):
     """A Rich table: one row per input / pred / γ, one column per metric (with ↑/↓)."""
     from rich.table import Table
@@ -53,7 +60,8 @@ def results_table(result: EvalResult):
     title = f"{result.dataset}: {result.n_images} image(s)"
     if result.stopped is not None:
         title = (f"{result.dataset}: the first {result.n_images} of {result.n_planned} image(s), "
-                 "interrupted")
+                 + ("interrupted" if isinstance(result.stopped, KeyboardInterrupt)
+                    else "stopped by an error"))
     if result.aligned:
         title += ", aligned"
     if result.y_channel:
@@ -99,8 +107,7 @@ def summary_dict(result: EvalResult, command: str | None = None,
         "device": result.device,
         "aligned": result.aligned,
         "y_channel": result.y_channel,
-        **({"interrupted": True, "n_planned": result.n_planned,
-            "rows_not_reached": result.unreached} if result.stopped is not None else {}),
+        **(_stop_record(result) if result.stopped is not None else {}),
         "metrics": {n: {"kind": METRICS[n].kind, "lower_better": METRICS[n].lower_better}
                     for n in result.metrics},
         **({"skipped_metrics": dict(result.skipped_metrics)} if result.skipped_metrics else {}),

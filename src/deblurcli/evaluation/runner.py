@@ -12,7 +12,8 @@ Rows of a result:
 Timing (model seconds per image, synchronised on CUDA) and memory (peak process RSS, peak CUDA
 memory allocated per row) are recorded with the scores.
 
-An evaluation stopped by Ctrl-C (or SIGTERM) can keep what it scored (``keep_partial``): the rows
+An evaluation stopped by Ctrl-C (or SIGTERM), or by an image it cannot read partway through,
+can keep what it scored (``keep_partial``): the rows
 are compared over the first images that every row with any score reached, so that their means
 are of the same images; a row's later scores are kept aside (:attr:`RowResult.unmatched`).
 """
@@ -121,10 +122,10 @@ class EvalResult:
     rows: list[RowResult]
     aligned: bool = False
     y_channel: bool = False
-    # set when Ctrl-C or SIGTERM stopped it (``keep_partial``): the interrupt, to be raised
-    # again once the partial result is reported; ``n_images`` then counts the images compared
-    # and ``n_planned`` those the evaluation was to score
-    stopped: KeyboardInterrupt | None = None
+    # set when Ctrl-C, SIGTERM or an error (an unreadable image) stopped it (``keep_partial``):
+    # the interrupt or error, to be raised again once the partial result is reported;
+    # ``n_images`` then counts the images compared and ``n_planned`` those it was to score
+    stopped: KeyboardInterrupt | DeblurcliError | None = None
     n_planned: int | None = None
     unreached: list[str] = field(default_factory=list)  # the rows it stopped before
     skipped_metrics: dict[str, str] = field(default_factory=dict)  # asked for, not run: why
@@ -267,7 +268,7 @@ def _score_files(rows: list[RowResult], label: str, eval_set: EvalSet, sources: 
                                           failures=failures))
             elapsed += time.perf_counter() - start
             report(progress, label, i + 1, total)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, DeblurcliError):  # (an image that cannot be read, say)
         _finish_row(row, [m.name for m in metrics], elapsed, device, failures, warn,
                     max_shift=config.max_shift)
         raise
@@ -384,7 +385,7 @@ def _model_rows(rows: list[RowResult], eval_set: EvalSet, metrics: Sequence[Metr
                 score.model_seconds = model_seconds
                 row.images.append(score)
                 report(progress, label, i + 1, total)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, DeblurcliError):
             _finish_row(row, [m.name for m in metrics], scoring, device, failures, warn,
                         max_shift=config.max_shift)
             raise
@@ -421,11 +422,12 @@ def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
     ``config.offline``; a metric that still lacks them is skipped with one ``warn`` line, and
     ``note`` hears of each fetch.
 
-    With ``keep_partial``, a Ctrl-C or SIGTERM (``KeyboardInterrupt``) after the first image of
-    an asked-for row (``pred``, a γ; ``input`` when it is the only one) was scored returns what
-    was scored (:func:`_partial`), with the interrupt in :attr:`EvalResult.stopped` for the
-    caller to raise once it has reported it; without it, or before such a score (the baseline
-    alone says nothing of the model), the interrupt propagates.
+    With ``keep_partial``, a Ctrl-C or SIGTERM (``KeyboardInterrupt``) or a
+    :class:`~deblurcli.errors.DeblurcliError` (an image that cannot be read, found partway)
+    after the first image of an asked-for row (``pred``, a γ; ``input`` when it is the only one)
+    was scored returns what was scored (:func:`_partial`), with the interrupt or error in
+    :attr:`EvalResult.stopped` for the caller to raise once it has reported it; without it, or
+    before such a score (the baseline alone says nothing of the model), it propagates.
     """
     from deblurcli.device import resolve_device
 
@@ -477,7 +479,7 @@ def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
                          warn)
         if config.model is not None:
             _model_rows(rows, eval_set, metrics, config, device, progress, warn)
-    except KeyboardInterrupt as exc:
+    except (KeyboardInterrupt, DeblurcliError) as exc:
         baseline_only = pred_files is None and config.model is None
         asked = [row for row in rows if baseline_only or row.label != "input"]
         if not keep_partial or not any(row.images for row in asked):
@@ -492,7 +494,7 @@ def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
     return result
 
 
-def _partial(result: EvalResult, stopped: KeyboardInterrupt) -> None:
+def _partial(result: EvalResult, stopped: KeyboardInterrupt | DeblurcliError) -> None:
     """Make ``result`` the report of an evaluation that ``stopped`` interrupted.
 
     Rows without a score are dropped; the others are compared over the first ``k`` images,
