@@ -750,20 +750,25 @@ def test_an_image_of_several_frames_or_pages_is_refused(tmp_path):
     frames = [Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)) for _ in range(3)]
     for name in ("a.png", "a.webp"):
         frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
-        with pytest.raises(ImageReadError, match="an animated (PNG|WebP) of 3 frames; only still"):
-            read_image(tmp_path / name)
+        for read in (read_image, image_size):  # the header check says it first
+            with pytest.raises(ImageReadError, match="an animated (PNG|WebP) of 3 frames; only"):
+                read(tmp_path / name)
     frames[0].save(tmp_path / "still.webp")
     assert read_image(tmp_path / "still.webp").pixels.shape == (16, 16, 3)
     deep = (rng.random((16, 16, 3)) * 65535).astype(np.uint16)
     with tifffile.TiffWriter(tmp_path / "pages.tif") as tif:
         tif.write(deep)
         tif.write(deep)
-    with pytest.raises(ImageReadError, match="a TIFF of 2 pages; only single-page files"):
-        read_image(tmp_path / "pages.tif")
+    for read in (read_image, image_size):
+        with pytest.raises(ImageReadError, match="a TIFF of 2 pages; only single-page files"):
+            read(tmp_path / "pages.tif")
     with tifffile.TiffWriter(tmp_path / "preview.tif") as tif:
         tif.write(deep)
-        tif.write(deep[::2, ::2], subfiletype=1)
+        tif.write(deep[::2, ::2], subfiletype=1)  # a reduced-resolution preview
+        tif.write(np.zeros((16, 16), np.uint8),  # a transparency mask (as GDAL writes one)
+                  extratags=[(254, "I", 1, 4, True)])
     assert read_image(tmp_path / "preview.tif").bit_depth == 16
+    assert image_size(tmp_path / "preview.tif") == (16, 16)
     apng16 = tmp_path / "deep.png"  # the 16-bit PNG reader (OpenCV) too
     Image.fromarray(deep[..., 0]).save(apng16)
     data = apng16.read_bytes()

@@ -602,8 +602,7 @@ def _read_pillow(data: bytes, fmt: str, path: Path, max_pixels: int) -> ImageDat
                                  f"{max_pixels:,} (raise it with --max-pixels)") from None
         _check_pixels(path, *im.size, max_pixels)  # header only: nothing decoded yet
         if fmt in ("webp", "avif"):
-            _refuse_frames(path, "AVIF" if fmt == "avif" else "WebP",
-                           int(getattr(im, "n_frames", 1)))
+            _refuse_frames(path, _FRAME_KINDS[fmt], int(getattr(im, "n_frames", 1)))
         # a TIFF's metadata before load(), which turns it upright and lets go of its file
         turned = fmt == "tiff" and im.tag_v2.get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
         metadata = _pillow_metadata(im, data, fmt) if fmt == "tiff" else None
@@ -713,9 +712,7 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int) -> ImageData:
 
     with tifffile.TiffFile(fh, name=path.name) as tif:
         page = tif.pages[0]
-        # pages of full resolution (not the reduced-resolution previews SubfileType 1 marks)
-        _refuse_frames(path, "TIFF", sum(not int(getattr(p, "subfiletype", 0)) & 1
-                                         for p in tif.pages), unit="pages")
+        _refuse_frames(path, "TIFF", _tiff_pages(tif), unit="pages")
         _check_pixels(path, page.imagewidth, page.imagelength, max_pixels,
                       getattr(page, "imagedepth", 1))
         # the pixel count says nothing of samples per pixel or their size: check the array's
@@ -858,6 +855,15 @@ def read_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
             ) from None
 
 
+_FRAME_KINDS = {"png": "PNG", "webp": "WebP", "avif": "AVIF"}
+
+
+def _tiff_pages(tif) -> int:
+    """A TIFF's pages of its own (not a reduced-resolution preview or a transparency mask:
+    NewSubfileType bits 1 and 4)."""
+    return sum(not int(getattr(page, "subfiletype", 0)) & 5 for page in tif.pages)
+
+
 def _apng_frames(data: bytes) -> int:
     """The frames of an animated PNG (its ``acTL`` chunk), 1 for a still one."""
     from deblurcli.imagemeta import png_chunks
@@ -908,6 +914,7 @@ def image_size(path: PathLike) -> tuple[int, int]:
 
                 with tifffile.TiffFile(fh, name=path.name) as tif:
                     page = tif.pages[0]
+                    _refuse_frames(path, "TIFF", _tiff_pages(tif), unit="pages")
                     h, w = int(page.imagelength), int(page.imagewidth)
                     tag = page.tags.get(274)
                     orientation = int(tag.value) if tag is not None else 1
@@ -916,6 +923,8 @@ def image_size(path: PathLike) -> tuple[int, int]:
 
                 with Image.open(fh, formats=_pillow_formats(fmt)) as im:
                     w, h = im.size
+                    if fmt in ("png", "webp", "avif"):  # what read_image refuses, said first
+                        _refuse_frames(path, _FRAME_KINDS[fmt], int(getattr(im, "n_frames", 1)))
                     orientation = (_png_orientation(fh) if fmt == "png"
                                    else _pillow_orientation(im, fmt))
     except ImageReadError:
