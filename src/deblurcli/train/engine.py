@@ -120,9 +120,14 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = 0,
 
 def retarget_lr(scheduler, max_steps: int) -> None:
     """Make a :func:`lr_scheduler` end at ``max_steps`` instead (a time-boxed run that found
-    it has time for fewer steps); the next ``scheduler.step()`` applies it."""
+    it has time for fewer or more steps), from the next update on: its rate is set now."""
     scheduler.lr_lambdas = [functools.partial(f.func, **{**f.keywords, "max_steps": max_steps})
                             for f in scheduler.lr_lambdas]
+    rates = [base * f(scheduler.last_epoch)
+             for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates
 
 
 # ----------------------------------------------------------------------------- data
@@ -493,7 +498,9 @@ class StepBudget:
     moves the end by less than ``tolerance`` of the steps left is not given.
 
     ``per_step`` (seconds, e.g. the speed a resumed run measured before) gives a first plan at
-    once; the first count replaces it. :attr:`per_step` is the speed of the latest count.
+    once; the first count replaces it, and is made early when the run reaches that first plan
+    before its time (steps faster than the guess), so that a guess never ends a run.
+    :attr:`per_step` is the speed of the latest count.
     """
 
     def __init__(self, seconds: float, start_step: int, *, skip: int = 2, calibrate: int = 10,
@@ -509,9 +516,11 @@ class StepBudget:
         self.planned: int | None = None
         self.counted = False
         self.per_step: float | None = None
-        if per_step is not None and per_step > 0:
+        if per_step is not None and math.isfinite(per_step) and per_step > 0:
             self.per_step = per_step
-            self.planned = start_step + max(0, int((1 - reserve) * seconds / per_step))
+            steps = min((1 - reserve) * seconds / per_step, 1e12)
+            # beyond the untimed steps, so that reaching it leaves a step to count
+            self.planned = start_step + max(skip + 1, int(steps))
 
     def expired(self) -> bool:
         """The time is up."""
@@ -535,7 +544,8 @@ class StepBudget:
         elapsed = now - self.began
         if not self.counted:
             ready = (timed >= self.calibrate and elapsed >= 0.05 * self.seconds) or \
-                (timed >= 1 and elapsed >= 0.1 * self.seconds)
+                (timed >= 1 and elapsed >= 0.1 * self.seconds) or \
+                (timed >= 1 and self.planned is not None and step >= self.planned)  # a guess
             if not ready:
                 return None
             self.counted = True
@@ -601,7 +611,8 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
     if config.time_budget > 0:  # a resumed run plans from the speed its checkpoint recorded
         per_step = (state.extra.get("seconds_per_step") if state is not None else None)
         budget = StepBudget(config.time_budget, start,
-                            per_step=per_step if isinstance(per_step, (int, float)) else None)
+                            per_step=per_step if isinstance(per_step, (int, float))
+                            and not isinstance(per_step, bool) else None)
         if budget.planned is not None:
             target = min(config.max_steps, max(budget.planned, start + 1))
             for name, scheduler in stage.schedulers.items():
