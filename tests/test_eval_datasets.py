@@ -10,7 +10,7 @@ import pytest
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from deblurcli.errors import DatasetError
+from deblurcli.errors import DatasetError, ImageReadError
 from deblurcli.evaluation.datasets import (
     build_set,
     folder_set,
@@ -217,6 +217,18 @@ def test_size_mismatch_is_reported(tmp_path):
     with pytest.raises(DatasetError, match=r"a: the images of this pair differ in size \(its "
                        r"blurry image 16x16, its ground truth 24x16\)"):
         run_evaluation(folder_set(tmp_path / "blur", tmp_path / "sharp"), _config())
+
+
+def test_without_ground_truth_a_prediction_may_have_its_own_size(tmp_path):
+    """No-reference metrics score each image alone: a 2x upscaled output, say, is fine."""
+    from deblurcli.evaluation.runner import check_sizes
+
+    write_image(tmp_path / "blur" / "a.png", _crop(0, 16, 16))
+    write_image(tmp_path / "pred" / "a.png", _crop(0, 32, 24))
+    check_sizes(folder_set(tmp_path / "blur"), [tmp_path / "pred" / "a.png"])
+    (tmp_path / "pred" / "a.png").write_bytes(b"not an image")  # still read, header and all
+    with pytest.raises(ImageReadError, match="a.png"):
+        check_sizes(folder_set(tmp_path / "blur"), [tmp_path / "pred" / "a.png"])
 
 
 def test_a_metric_that_cannot_score_an_image_leaves_the_others(tmp_path, monkeypatch):

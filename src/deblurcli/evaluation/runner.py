@@ -407,7 +407,8 @@ def check_sizes(eval_set: EvalSet, pred_files: Sequence[Path] | None = None, *,
             sizes["ground truth"] = image_size(pair.sharp)
         if pred_files is not None:
             sizes["prediction"] = image_size(pred_files[i])
-        if len(set(sizes.values())) > 1:
+        # without a ground truth each image is scored alone (no-reference metrics): any size
+        if pair.sharp is not None and len(set(sizes.values())) > 1:
             said = ", ".join(f"its {name} {w}x{h}" for name, (h, w) in sizes.items())
             raise DatasetError(f"{pair.key}: the images of this pair differ in size ({said})")
 
