@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -29,6 +30,7 @@ BACKENDS = ("auto", "torch", "onnx")
 OPSET = 17
 MAX_TILE = 512
 KEEP_EXPORTS = 4  # in one cache folder, the most recently used: one per γ tried, bounded
+KEEP_RECENT_S = 600  # an export used this recently stays whatever the count: a run may be opening it
 INSTALL_HINT = "pip install 'deblurcli[onnx]'"
 
 
@@ -316,13 +318,12 @@ def cached(folder: Path, *, gamma: float, lora: Path | None = None,
     path = cache_dir(folder, model_key(folder, gamma=gamma, lora=lora)) / MODEL_FILE
     if not path.is_file() or not intact(path.parent):
         return None
+    _mark_used(path.parent)  # before it is opened: another run's prune now leaves it
     verify_checksums(folder)
     try:
-        model = OnnxModel(path, threads)
+        return OnnxModel(path, threads)
     except Exception:  # noqa: BLE001 - ORT's error kinds; an unreadable export is redone
         return None
-    _mark_used(path.parent)
-    return model
 
 
 def _mark_used(export: Path) -> None:
@@ -360,6 +361,7 @@ def load(folder: Path, *, gamma: float, lora: Path | None, threads: int, load_mo
         note(f"exporting the model for ONNX Runtime (once; cached in {where})")
     try:
         export(torch_model, where, parts)
+        _mark_used(where)
         model = OnnxModel(where / MODEL_FILE, threads)
     except Exception as exc:
         from deblurcli.images import atomic_write_bytes
@@ -368,7 +370,6 @@ def load(folder: Path, *, gamma: float, lora: Path | None, threads: int, load_mo
         atomic_write_bytes(failed, (reason + "\n").encode())
         raise
     failed.unlink(missing_ok=True)
-    _mark_used(where)
     prune(where.parent, beside=where.parent == folder / ".onnx", checksums=parts["checksums"],
           current=where)
     return model
@@ -405,8 +406,9 @@ def prune(cache: Path, *, beside: bool, checksums: str, current: Path | None = N
     in a model's own ``.onnx`` folder (``beside``) also those of earlier contents of the folder
     (other ``checksums``), and the temporary folders of exports whose process was killed.
     Exports of other γ values (or other models, in the user's cache) stay, up to the
-    :data:`KEEP_EXPORTS` used last; ``current``, the export just made, always stays. Returns the
-    folders removed."""
+    :data:`KEEP_EXPORTS` used last, and so do those used in the last :data:`KEEP_RECENT_S`
+    seconds (another run may be opening one) and ``current``, the export just made. Returns
+    the folders removed."""
     import shutil
 
     current_parts = _runtime_parts()
@@ -437,7 +439,10 @@ def prune(cache: Path, *, beside: bool, checksums: str, current: Path | None = N
         except OSError:
             return 0
 
+    recent = time.time_ns() - KEEP_RECENT_S * 10**9
     for entry in sorted(usable, key=last_used, reverse=True)[max(room, 0):]:
+        if last_used(entry) >= recent:
+            continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     return removed
