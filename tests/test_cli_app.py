@@ -291,3 +291,12 @@ def test_a_signal_while_the_commands_are_imported_is_one_word(monkeypatch, capsy
         cli.main(["--version"])
     assert stop.value.code == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_command_without_its_arguments_shows_its_help_on_stdout():
+    """Recent click prints it on stderr: ``deblurcli eval | less`` showed nothing."""
+    for args in ([], ["eval"], ["blend"], ["synth"], ["export"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, args
+        assert result.stdout.startswith("Usage: deblurcli") and result.stderr == "", args
+        assert "Options:" in result.stdout

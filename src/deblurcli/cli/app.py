@@ -101,6 +101,14 @@ def _tidy_help(command: Any) -> None:
         _tidy_help(sub)
 
 
+def _help_on_stdout(exc: BaseException) -> None:
+    """A command run without its arguments shows its help: on stdout, where ``--help`` puts it
+    (``deblurcli eval | less``), not on stderr as recent click does; exit status 2."""
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        typer.echo(exc.format_message())  # type: ignore[attr-defined]
+        raise typer.Exit(2) from None
+
+
 class DeblurcliGroup(TyperGroup):
     """Turns exceptions from sub-commands into one clear line on stderr and an exit status."""
 
@@ -114,6 +122,7 @@ class DeblurcliGroup(TyperGroup):
         except KeyboardInterrupt as exc:  # while the options are read
             _stopped(exc)
         except Exception as exc:
+            _help_on_stdout(exc)
             if _is_usage_error(exc) and not debug_enabled():
                 typer.echo(_usage_error_line(exc), err=True)
                 raise typer.Exit(2) from None
@@ -125,6 +134,7 @@ class DeblurcliGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except _passthrough_exceptions() as exc:
+            _help_on_stdout(exc)
             if _is_usage_error(exc) and not debug_enabled():
                 typer.echo(_usage_error_line(exc), err=True)
                 raise typer.Exit(2) from None
