@@ -272,3 +272,29 @@ def test_an_image_that_cannot_be_read_partway_keeps_what_was_scored(tiny_model_f
     assert summary["meta"]["n_images"] == 2 and summary["meta"]["n_planned"] == 3
     assert "truncated" in summary["meta"]["error"] and "interrupted" not in summary["meta"]
     assert summary["gamma=1"]["n_images"] == 2 and "stopped by an error" in res.stdout
+
+
+def test_what_a_model_row_scores_is_what_deblur_writes_and_reads_back(tmp_path):
+    """For every kind of input: grey, 16-bit, alpha (WebP rewrites the colour under clear
+    pixels), lossy and lossless formats, values past [0, 1]; the format from the suffix."""
+    from deblurcli.evaluation.runner import as_deblur_writes
+    from deblurcli.images import read_image
+
+    rng = np.random.default_rng(0)
+    output = rng.random((20, 30, 3), dtype=np.float32) * 1.2 - 0.1
+    alpha = rng.random((20, 30), dtype=np.float32)
+    cases = [("a.png", {}), ("b.png", {"bit_depth": 16}), ("c.png", {"grayscale": True}),
+             ("d.png", {"grayscale": True, "bit_depth": 16, "alpha": alpha}),
+             ("e.tif", {"bit_depth": 16}), ("f.bmp", {}), ("g.webp", {"alpha": alpha}),
+             ("h.webp", {"lossless": True, "alpha": alpha}), ("i.jpg", {"grayscale": True})]
+    for name, options in cases:
+        write_image(tmp_path / name, rng.random((20, 30, 3), dtype=np.float32), **options)
+        image = read_image(tmp_path / name)
+        write_image(tmp_path / f"out-{name}", output, like=image)  # as deblur does
+        written = read_image(tmp_path / f"out-{name}").pixels
+        assert np.array_equal(as_deblur_writes(output, image, tmp_path / name), written), name
+    (tmp_path / "a.png").rename(tmp_path / "png-named.jpg")  # deblur goes by the suffix
+    image = read_image(tmp_path / "png-named.jpg")
+    write_image(tmp_path / "out.jpg", output, like=image)
+    assert np.array_equal(as_deblur_writes(output, image, tmp_path / "png-named.jpg"),
+                          read_image(tmp_path / "out.jpg").pixels)

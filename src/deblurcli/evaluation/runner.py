@@ -319,22 +319,29 @@ def check_sweep(weights, gammas: Sequence[float], fused_gamma: float | None, *,
                            "a gamma sweep needs an unfused model folder")
 
 
-def as_deblur_writes(output: np.ndarray, image) -> np.ndarray:
-    """``output``, the model's result for ``image`` (:class:`~deblurcli.images.ImageData`), as
-    ``deblurcli deblur`` writes it and a scorer reads it back: in the input's format (the same
-    JPEG/WebP/AVIF/HEIC quality), grey for a grey input, at its bit depth where the format
-    keeps it."""
+def as_deblur_writes(output: np.ndarray, image, path: Path) -> np.ndarray:
+    """``output``, the model's result for ``image`` (:class:`~deblurcli.images.ImageData`, read
+    from ``path``), as ``deblurcli deblur`` writes it and a scorer reads it back: in the format
+    the file's suffix names (deblur's ``--ext auto``) at deblur's default quality, grey for a
+    grey input, at its bit depth where the format keeps it, with its alpha. A lossless format
+    gives the quantised pixels without a round trip through an encoder (the same values)."""
     import tempfile
 
-    from deblurcli.images import encode_image, read_image
+    from deblurcli.images import encode_image, format_of, read_image
 
-    data = encode_image(image.format, np.clip(output, 0.0, 1.0), grayscale=image.grayscale,
+    fmt = format_of(path) or image.format
+    if fmt in ("png", "tiff", "bmp"):  # as encode_image: the grey mean first, then the clip
+        top = 65535.0 if image.bit_depth == 16 and fmt != "bmp" else 255.0
+        if image.grayscale:
+            output = np.repeat(output.mean(axis=2, keepdims=True), 3, axis=2)
+        return (np.rint(np.clip(output, 0.0, 1.0) * top) / top).astype(np.float32)
+    data = encode_image(fmt, output, alpha=image.alpha, grayscale=image.grayscale,
                         bit_depth=image.bit_depth, quality=DEBLUR_QUALITY,
                         lossless=image.lossless)
     with tempfile.TemporaryDirectory(prefix="deblurcli-eval-") as folder:
-        path = Path(folder) / "output"
-        path.write_bytes(data)
-        return read_image(path).pixels
+        written = Path(folder) / "output"
+        written.write_bytes(data)
+        return read_image(written).pixels
 
 
 def _model_rows(rows: list[RowResult], eval_set: EvalSet, metrics: Sequence[Metric],
@@ -375,7 +382,7 @@ def _model_rows(rows: list[RowResult], eval_set: EvalSet, metrics: Sequence[Metr
                 output = pipe(blurry)
                 _sync(device)
                 model_seconds = time.perf_counter() - t0
-                output = as_deblur_writes(np.asarray(output, dtype=np.float32), image)
+                output = as_deblur_writes(np.asarray(output, dtype=np.float32), image, pair.blur)
                 ref = _read(pair.sharp) if pair.sharp is not None else None
                 t1 = time.perf_counter()
                 score = score_image(metrics, output, ref,
