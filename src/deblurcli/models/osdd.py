@@ -44,7 +44,7 @@ class OSDDConfig:
 
 def tiny_osdd_config(*, use_skips: bool = True, sharp_encoder: bool = True, lora_rank: int = 2,
                      with_adapters: bool = True) -> OSDDConfig:
-    """A tiny OSDD configuration (≈0.5 M parameters) for tests and benchmarks on CPU.
+    """A tiny OSDD configuration (≈0.34 M parameters) for tests and benchmarks on CPU.
 
     Same structure as SD 2.1 (4-level VAE, latent factor 8, cross-attention UNet with linear
     projections), with few channels.
