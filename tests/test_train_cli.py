@@ -90,3 +90,60 @@ def test_settings_that_would_be_silently_ignored_are_refused(tmp_path) -> None:
                             ({"seed": -1}, "seed must be >= 0")):
         with pytest.raises(DeblurcliError, match=f"invalid setting: .*{words}"):
             validate_common(VaeTrainConfig(**settings))
+
+
+def test_flags_a_run_makes_of_no_effect_are_said(pairs, tmp_path):
+    """They were accepted without a word: --real-fraction without --frames, --adapter with
+    --full, GAN settings with --lambda2 0, --progressive-steps without --progressive."""
+    result = _train(pairs, tmp_path / "run", "--random-evae", "--max-steps", "1",
+                    "--real-fraction", "0.9", "--adapter", "real", "--gan-start", "5",
+                    "--progressive-steps", "5")
+    assert result.exit_code == 0, result.stderr
+    for words in ("--real-fraction has no effect without --frames",
+                  "--adapter has no effect with --full",
+                  "--gan-start has no effect with --lambda2 0",
+                  "--progressive-steps has no effect without --progressive"):
+        assert f"warning: {words}" in result.stderr, words
+    quiet = _train(pairs, tmp_path / "plain", "--random-evae", "--max-steps", "1")
+    assert "warning" not in quiet.stderr
+
+
+def test_config_given_twice_is_refused(pairs, tmp_path):
+    """The last file alone counted: the settings of the first were dropped without a word."""
+    for name in ("a.toml", "b.toml"):
+        (tmp_path / name).write_text("max-steps = 1\n")
+    result = _train(pairs, tmp_path / "run", "--random-evae", "--config",
+                    str(tmp_path / "a.toml"), "--config", str(tmp_path / "b.toml"))
+    assert result.exit_code == 2 and "give one file, not 2" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_past_max_steps_is_refused(pairs, tmp_path):
+    """It trained 0 steps, wrote the model again and recorded the lower --max-steps."""
+    out = tmp_path / "run"
+    assert _train(pairs, out, "--random-evae", "--max-steps", "3").exit_code == 0
+    before = (out / "config.json").read_text()
+    result = CliRunner().invoke(app, ["train-diffusion", "--resume", "latest", "-o", str(out),
+                                      "--max-steps", "2", "-q"])
+    assert result.exit_code == 1
+    assert "the run is at step 3, past --max-steps 2" in result.stderr
+    assert (out / "config.json").read_text() == before
+
+
+def test_a_perceptual_fallback_is_said_and_recorded(pairs, tmp_path, monkeypatch):
+    """--perceptual dists without its weights trained with the fallback silently, and the run
+    recorded dists."""
+    import json
+
+    from deblurcli.train import losses
+
+    real = losses.perceptual_available
+    monkeypatch.setattr(losses, "perceptual_available",
+                        lambda name: (False, ["its weights"]) if name == "dists" else real(name))
+    out = tmp_path / "run"
+    result = _train(pairs, out, "--random-evae", "--max-steps", "1", "--perceptual", "dists",
+                    "--perceptual-fallback", "none")
+    assert result.exit_code == 0, result.stderr
+    assert "weights of --perceptual dists are missing: training with --perceptual-fallback " \
+        "none" in " ".join(result.stderr.split())
+    assert json.loads((out / "config.json").read_text())["perceptual"] == "none"

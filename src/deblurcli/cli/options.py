@@ -107,8 +107,8 @@ def training_option(*decls: str, help: str, config: type = cfg.CommonConfig, **k
 
 
 _o = training_option
-ConfigFile = Annotated[Optional[str], _o("--config",
-    help="TOML / YAML / JSON file of settings (flags override it).")]
+ConfigFile = Annotated[Optional[list[str]], _o("--config", metavar="FILE",
+    help="TOML / YAML / JSON file of settings (flags override it; one file).")]
 Data = Annotated[Optional[str], _o("--data",
     help="Dataset: a GoPro root, a synth output folder or a RealBlur list file.")]
 Layout = Annotated[Optional[str], _o("--layout",

@@ -92,6 +92,38 @@ def _refuse_random_evae(config, random_evae: bool) -> None:
         raise DeblurcliError(RANDOM_EVAE.format(preset=config.preset))
 
 
+def unused_settings(config: Any, given: dict[str, Any]) -> list[str]:
+    """One line for each flag given (``given``: the flags' values, None when not given) that
+    the run ``config`` makes of no effect, and for a perceptual back-end replaced by the
+    fallback because its weights are missing."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    def asked(*names: str) -> list[str]:
+        return [flag(name) for name in names if given.get(name) is not None]
+
+    notes = []
+    if not config.frames:
+        for name in asked("real_fraction", "frames_per_blur"):
+            notes.append(f"{name} has no effect without --frames")
+    if getattr(config, "full", False) and asked("adapter"):
+        notes.append("--adapter has no effect with --full (the whole UNet trains; the "
+                     "model's adapters stay as they were)")
+    if getattr(config, "lambda2", None) == 0:
+        for name in asked("disc_lr", "gan_start"):
+            notes.append(f"{name} has no effect with --lambda2 0 (no GAN term)")
+    if not getattr(config, "progressive", True):
+        for name in asked("progressive_steps", "progressive_sizes"):
+            notes.append(f"{name} has no effect without --progressive")
+    if config.perceptual_fallback:
+        from deblurcli.train.losses import perceptual_available
+
+        if not perceptual_available(config.perceptual)[0]:
+            notes.append(f"the weights of --perceptual {config.perceptual} are missing: "
+                         f"training with --perceptual-fallback {config.perceptual_fallback}")
+    return notes
+
+
 def _with_validation_lines(progress, console):
     """Show each validation as a line (``val_psnr`` next to the blurry input's own PSNR, the
     baseline to beat); pass every other event to ``progress``."""
@@ -123,7 +155,11 @@ def _run(kind: str, values: dict[str, Any], random_evae: bool = False) -> None:
 
     from deblurcli.cli.console import rich_progress, stderr_console, stdout_console, warn
 
-    config_file, quiet = values.pop("config"), values.pop("quiet")
+    config_files, quiet = values.pop("config") or [None], values.pop("quiet")
+    if len(config_files) > 1:  # the last one alone would count, the others dropped unsaid
+        raise typer.BadParameter(f"give one file, not {len(config_files)}: put the settings of "
+                                 "all in one", param_hint="--config")
+    config_file = config_files[0]
     _check(values)
     if kind == "vae":
         from deblurcli.train.vae import train_vae as train
@@ -136,6 +172,9 @@ def _run(kind: str, values: dict[str, Any], random_evae: bool = False) -> None:
         _refuse_random_evae(config, random_evae)
     err = stderr_console()
     main_rank = os.environ.get("RANK", "0") == "0"  # set by accelerate launch / torchrun
+    if main_rank:
+        for note in unused_settings(config, values):
+            warn(err, escape(note))
     if config.resume and main_rank:
         from deblurcli.train.checkpoint import superseded_note
 

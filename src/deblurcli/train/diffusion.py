@@ -28,6 +28,8 @@ adapters and the latent discriminator; when one adapter trains, the other one co
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -231,6 +233,8 @@ def train_diffusion(config: DiffusionTrainConfig,
         model.evae.enable_gradient_checkpointing()
     perceptual = build_perceptual(config.perceptual, fallback=config.perceptual_fallback,
                                   device=accelerator.device)
+    if perceptual.name != config.perceptual:  # the fallback: the run records what it trains with
+        config = dataclasses.replace(config, perceptual=perceptual.name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
         disc = LatentDiscriminator(DiscriminatorConfig(

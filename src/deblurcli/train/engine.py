@@ -579,6 +579,10 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
     """
     validate_common(config)
     start = state.step if state is not None else 0
+    if start > config.max_steps:  # it would write its model again and record the lower number
+        raise DeblurcliError(f"the run is at step {start}, past --max-steps {config.max_steps}: "
+                             "give a larger --max-steps to train on (export takes the model "
+                             "as it is)")
     if state is not None:
         restore(stage, state, accelerator.unwrap_model)
     main = accelerator.is_main_process

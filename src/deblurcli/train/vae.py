@@ -27,6 +27,8 @@ The output folder (``OUTPUT/model``) holds the eVAE in diffusers format (``confi
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -191,6 +193,8 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
         evae.enable_gradient_checkpointing()
     perceptual = build_perceptual(config.perceptual, fallback=config.perceptual_fallback,
                                   device=accelerator.device)
+    if perceptual.name != config.perceptual:  # the fallback: the run records what it trains with
+        config = dataclasses.replace(config, perceptual=perceptual.name)
     if config.latent_weight > 0 and config.mode == "no-skips":
         raise DeblurcliError("--latent-weight trains E1, which --no-skips does not use")
     if config.blurry_decode_weight > 0 and config.mode == "no-skips":
