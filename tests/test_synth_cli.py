@@ -333,3 +333,18 @@ def test_quiet_like_every_other_command(photos, tmp_path):
     assert "pairs/s" not in res.stderr  # the progress line a run without -q prints
     loud = _synth("--src", str(photos), "--out", str(tmp_path / "loud"), "--crop", "32")
     assert "pairs/s" in loud.stderr
+
+
+def test_an_interrupted_synth_says_what_is_kept_and_how_to_go_on(photos, tmp_path, monkeypatch):
+    from deblurcli.synth import build
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "run_synth", stopped)
+    result = runner.invoke(app, ["synth", "--src", str(photos), "--out", str(tmp_path / "o"),
+                                 "-q"])
+    assert result.exit_code == 130
+    lines = result.stderr.strip().splitlines()
+    assert "finished so far are kept" in lines[0] and "the same command goes on" in lines[0]
+    assert lines[-1] == "interrupted"

@@ -175,9 +175,14 @@ def synth(
             frame_range=(n_min, n_max),
             frame_step=frame_step,
         )
-    with rich_progress(err, labels={"pairs": "pairs"}, unit="pairs",
-                       enabled=not quiet) as progress:
-        result = run_synth(cfg, progress=progress, warn=lambda msg: warn(err, msg))
+    try:
+        with rich_progress(err, labels={"pairs": "pairs"}, unit="pairs",
+                           enabled=not quiet) as progress:
+            result = run_synth(cfg, progress=progress, warn=lambda msg: warn(err, msg))
+    except KeyboardInterrupt:  # then "interrupted" (or "terminated") and exit 130 (143)
+        err.print(f"the pairs of every source finished so far are kept in {out}; the same "
+                  "command goes on from there", highlight=False, markup=False)
+        raise
 
     con = stdout_console()
     missing = result.planned - result.written - result.already_done
