@@ -15,6 +15,15 @@ from deblurcli.evaluation.runner import ModelConfig, _model_for_gammas
 from deblurcli.images import write_image
 
 
+def _pairs(folder: Path, count: int) -> None:
+    """``count`` 40x40 crops of a photo in ``folder/sharp``, blurred by 2 px in ``folder/blur``."""
+    img = data.astronaut().astype(np.float32) / 255
+    for i in range(count):
+        sharp = img[100 + 40 * i: 140 + 40 * i, 200:240]
+        write_image(folder / "sharp" / f"p{i}.png", sharp)
+        write_image(folder / "blur" / f"p{i}.png", (sharp + np.roll(sharp, 2, axis=1)) / 2)
+
+
 def test_each_gamma_equals_a_fresh_fused_load(tiny_model_folder):
     from deblurcli.modelfolder import load_model_folder
 
@@ -34,11 +43,7 @@ def test_each_gamma_equals_a_fresh_fused_load(tiny_model_folder):
 
 
 def test_gamma_sweep_writes_json_and_plot(tiny_model_folder, tmp_path):
-    img = data.astronaut().astype(np.float32) / 255
-    for i in range(2):
-        sharp = img[100 + 40 * i: 140 + 40 * i, 200:240]
-        write_image(tmp_path / "sharp" / f"p{i}.png", sharp)
-        write_image(tmp_path / "blur" / f"p{i}.png", (sharp + np.roll(sharp, 2, axis=1)) / 2)
+    _pairs(tmp_path, 2)
     out = tmp_path / "report"
     res = CliRunner().invoke(app, [
         "eval", "--blur", str(tmp_path / "blur"), "--sharp", str(tmp_path / "sharp"),
@@ -97,11 +102,7 @@ def test_an_interrupted_sweep_reports_the_images_every_row_scored(tiny_model_fol
 
     from deblurcli.pipeline import DeblurPipeline
 
-    img = data.astronaut().astype(np.float32) / 255
-    for i in range(3):
-        sharp = img[100 + 40 * i: 140 + 40 * i, 200:240]
-        write_image(tmp_path / "sharp" / f"p{i}.png", sharp)
-        write_image(tmp_path / "blur" / f"p{i}.png", (sharp + np.roll(sharp, 2, axis=1)) / 2)
+    _pairs(tmp_path, 3)
     real_call, calls = DeblurPipeline.__call__, []
 
     def ctrl_c_at_the_sixth(self, *args, **kwargs):  # γ=1 runs 3 images, γ=0.5 2 of them
@@ -245,11 +246,7 @@ def test_an_image_that_cannot_be_read_partway_keeps_what_was_scored(tiny_model_f
     at that image with nothing written: an hour of scoring lost."""
     from deblurcli.errors import ImageReadError
 
-    img = data.astronaut().astype(np.float32) / 255
-    for i in range(3):
-        sharp = img[100 + 40 * i: 140 + 40 * i, 200:240]
-        write_image(tmp_path / "sharp" / f"p{i}.png", sharp)
-        write_image(tmp_path / "blur" / f"p{i}.png", (sharp + np.roll(sharp, 2, axis=1)) / 2)
+    _pairs(tmp_path, 3)
     from deblurcli import images
 
     real_read, reads = images.read_image, []

@@ -37,6 +37,14 @@ def deblur(*args):
     return runner.invoke(app, ["deblur", *map(str, args)])
 
 
+def _export_copy(export: Path, name: str, **key) -> Path:
+    """A copy of export folder ``export`` beside it, its ``key.json`` changed by ``key``."""
+    copy = shutil.copytree(export, export.parent / name)
+    parts = json.loads((export / "key.json").read_text())
+    (copy / "key.json").write_text(json.dumps({**parts, **key}))
+    return copy
+
+
 def test_outputs_match_pytorch_within_1e3(tiny_model_folder, tmp_path):
     model = load_model_folder(tiny_model_folder, gamma=0.3)
     onnx_backend.export(model, tmp_path / "exports" / "m")
@@ -328,19 +336,14 @@ def test_a_failed_optimisation_keeps_the_raw_export(tiny_model_folder, tmp_path,
 
 
 def test_an_export_prunes_the_exports_no_run_can_use(tiny_model_folder, tmp_path):
-    import json
-    import shutil
-
     source = photo(tmp_path)
     assert deblur(source, tmp_path / "a", "-w", tiny_model_folder, "--gamma", "0.3").exit_code == 0
     cache = tiny_model_folder / ".onnx"
     (kept,) = [p for p in cache.iterdir() if p.is_dir()]
     parts = json.loads((kept / "key.json").read_text())
     assert parts["gamma"] == 0.3 and parts["onnxruntime"] and parts["attention"] == "mha"
-    old_version = shutil.copytree(kept, cache / "old-version")
-    (old_version / "key.json").write_text(json.dumps({**parts, "deblurcli": "0.0.1"}))
-    old_contents = shutil.copytree(kept, cache / "old-contents")
-    (old_contents / "key.json").write_text(json.dumps({**parts, "checksums": "0" * 64}))
+    _export_copy(kept, "old-version", deblurcli="0.0.1")
+    _export_copy(kept, "old-contents", checksums="0" * 64)
     no_record = shutil.copytree(kept, cache / "no-record")
     (no_record / "key.json").unlink()
     assert deblur(source, tmp_path / "b", "-w", tiny_model_folder, "--gamma", "0.9").exit_code == 0
@@ -497,9 +500,6 @@ def test_auto_says_why_it_runs_pytorch_where_onnx_runtime_is_installed(tiny_mode
 
 def test_a_cache_folder_keeps_the_exports_used_last(tiny_model_folder, tmp_path):
     """One export per γ tried: a γ sweep must not fill the disk with full-size networks."""
-    import json
-    import shutil
-
     source = photo(tmp_path)
     assert deblur(source, tmp_path / "a", "-w", tiny_model_folder, "--gamma", "0.1").exit_code == 0
     cache = tiny_model_folder / ".onnx"
@@ -507,8 +507,7 @@ def test_a_cache_folder_keeps_the_exports_used_last(tiny_model_folder, tmp_path)
     parts = json.loads((first / "key.json").read_text())
     older = []
     for i in range(5):  # other γ values' exports, used at times 1000 .. 5000
-        copy = shutil.copytree(first, cache / f"g{i}")
-        (copy / "key.json").write_text(json.dumps({**parts, "gamma": 0.2 + i / 10}))
+        copy = _export_copy(first, f"g{i}", gamma=0.2 + i / 10)
         os.utime(copy, ns=((i + 1) * 10**12,) * 2)
         older.append(copy)
     os.utime(first, ns=(10**9, 10**9))  # used first of all...
@@ -525,8 +524,7 @@ def test_a_cache_folder_keeps_the_exports_used_last(tiny_model_folder, tmp_path)
     for minutes, name in enumerate(("g3", "g4"), start=1):
         moment = time.time_ns() - minutes * 60 * 10**9
         os.utime(cache / name, ns=(moment, moment))
-    made_now = shutil.copytree(first, cache / "g5")  # as an export of γ 0.5 would
-    (made_now / "key.json").write_text(json.dumps({**parts, "gamma": 0.5}))
+    made_now = _export_copy(first, "g5", gamma=0.5)  # as an export of γ 0.5 would
     assert onnx_backend.prune(cache, beside=True, checksums=parts["checksums"],
                               current=made_now) == []
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 5  # 4 + the one made now

@@ -940,6 +940,30 @@ def image_size(path: PathLike) -> tuple[int, int]:
 # writing
 
 
+def _stored_depth(fmt: str, bit_depth: int) -> int:
+    """The bits per sample a ``fmt`` file is written with: 16 only in PNG and TIFF."""
+    return bit_depth if fmt in ("png", "tiff") else 8
+
+
+def _stored_colour(pixels: np.ndarray, grayscale: bool) -> np.ndarray:
+    """The colour planes written of float ``(H, W, 1 or 3)`` pixels: one (the mean of three)
+    for a grey file, else three."""
+    if grayscale and pixels.shape[2] == 3:
+        return pixels.mean(axis=2, keepdims=True)
+    return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 and not grayscale else pixels
+
+
+def as_stored(fmt: str, pixels: np.ndarray, *, grayscale: bool = False,
+              bit_depth: int = 8) -> np.ndarray:
+    """The float32 ``(H, W, 3)`` RGB that reading back a file of lossless format ``fmt``
+    (``"png"``, ``"tiff"``, ``"bmp"``) written by :func:`encode_image` with these options
+    gives: its samples quantised, without encoding them."""
+    depth = _stored_depth(fmt, bit_depth)
+    colour = _quantise(_stored_colour(np.asarray(pixels, dtype=np.float32), grayscale), depth)
+    colour = colour.astype(np.float32) / (65535.0 if depth == 16 else 255.0)
+    return np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
+
+
 def _quantise(x: np.ndarray, bit_depth: int) -> np.ndarray:
     top = 65535.0 if bit_depth == 16 else 255.0
     q = np.rint(np.clip(np.nan_to_num(x, nan=0.0), 0.0, 1.0) * top)
@@ -999,14 +1023,10 @@ def encode_image(
         raise ValueError(f"pixels must have shape (H, W, 3) or (H, W), got {pixels.shape}")
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
-    if fmt not in ("png", "tiff"):
-        bit_depth = 8
+    bit_depth = _stored_depth(fmt, bit_depth)
     if fmt == "jpeg":
         alpha = None
-    colour = pixels.mean(axis=2, keepdims=True) if (grayscale and pixels.shape[2] == 3) else pixels
-    if pixels.shape[2] == 1 and not grayscale:
-        colour = np.repeat(pixels, 3, axis=2)
-    planes = [colour]
+    planes = [_stored_colour(pixels, grayscale)]
     if alpha is not None:
         alpha = np.asarray(alpha, dtype=np.float32)
         if alpha.shape != pixels.shape[:2]:

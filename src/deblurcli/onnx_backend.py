@@ -432,17 +432,18 @@ def prune(cache: Path, *, beside: bool, checksums: str, current: Path | None = N
         elif (entry / MODEL_FILE).is_file() and entry != current:
             usable.append(entry)
     room = KEEP_EXPORTS - (current is not None)
-
-    def last_used(entry: Path) -> int:
-        try:
-            return entry.stat().st_mtime_ns
-        except OSError:
-            return 0
-
     recent = time.time_ns() - KEEP_RECENT_S * 10**9
-    for entry in sorted(usable, key=last_used, reverse=True)[max(room, 0):]:
-        if last_used(entry) >= recent:
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
+    by_use = sorted(((_last_used(entry), entry) for entry in usable), reverse=True)
+    for used, entry in by_use[max(room, 0):]:
+        if used < recent:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
     return removed
+
+
+def _last_used(export: Path) -> int:
+    """When export folder ``export`` was last used (:func:`_mark_used`), in ns; 0 if unknown."""
+    try:
+        return export.stat().st_mtime_ns
+    except OSError:
+        return 0

@@ -327,14 +327,11 @@ def as_deblur_writes(output: np.ndarray, image, path: Path) -> np.ndarray:
     gives the quantised pixels without a round trip through an encoder (the same values)."""
     import tempfile
 
-    from deblurcli.images import encode_image, format_of, read_image
+    from deblurcli.images import as_stored, encode_image, format_of, read_image
 
     fmt = format_of(path) or image.format
-    if fmt in ("png", "tiff", "bmp"):  # as encode_image: the grey mean first, then the clip
-        top = 65535.0 if image.bit_depth == 16 and fmt != "bmp" else 255.0
-        if image.grayscale:
-            output = np.repeat(output.mean(axis=2, keepdims=True), 3, axis=2)
-        return (np.rint(np.clip(output, 0.0, 1.0) * top) / top).astype(np.float32)
+    if fmt in ("png", "tiff", "bmp"):
+        return as_stored(fmt, output, grayscale=image.grayscale, bit_depth=image.bit_depth)
     data = encode_image(fmt, output, alpha=image.alpha, grayscale=image.grayscale,
                         bit_depth=image.bit_depth, quality=DEBLUR_QUALITY,
                         lossless=image.lossless)
