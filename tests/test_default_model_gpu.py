@@ -110,7 +110,7 @@ def test_pack_fits_the_limit_and_holds_out_kodak24(pack: Path) -> None:
 
 
 REHEARSAL = ("--device", "cpu", "--preset", "tiny", "--crop", "32", "--batch-size", "2",
-             "--workers", "0", "--budget", "30", "--reserve", "6", "--eval-seconds", "8",
+             "--workers", "0", "--budget", "12", "--reserve", "2", "--eval-seconds", "8",
              "--stage-budget", "lora_r=0", "--gan-start", "0", "--part-mib", "0.25",
              "--data-batches", "2")
 
