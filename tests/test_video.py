@@ -516,14 +516,16 @@ def test_each_encoder_gets_a_pixel_format_it_takes(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("suffix", [".mov", ".mkv"])
 def test_container_and_stream_tags_are_kept(tmp_path, suffix):
-    """Creation time and title (phone videos) and each audio track's language were lost; the
-    tags the muxer writes itself are its own, not the input's."""
+    """Creation time and title (phone videos) and each audio track's language were lost, and
+    a phone's reverse-DNS tags (make, model, location) from a QuickTime file; the tags the
+    muxer writes itself are its own, not the input's."""
     clip = make_clip(tmp_path / f"clip{suffix}", frames=6)
     tagged = tmp_path / f"tagged{suffix}"
-    with av.open(str(clip)) as inp, av.open(str(tagged), "w") as out:
+    phone = {"movflags": "use_metadata_tags"} if suffix == ".mov" else {}  # as phones write
+    with av.open(str(clip)) as inp, av.open(str(tagged), "w", options=phone) as out:
         streams_out = [out.add_stream_from_template(s) for s in inp.streams]
         out.metadata.update({"title": "Holiday", "creation_time": "2024-05-06T07:08:09.000000Z",
-                             "encoder": "OldMuxer 1.0"})
+                             "encoder": "OldMuxer 1.0", "com.apple.quicktime.make": "Apple"})
         streams_out[1].metadata["language"] = "fra"
         for packet in inp.demux():
             if packet.size:  # not the demuxer's final empty packets
@@ -538,6 +540,7 @@ def test_container_and_stream_tags_are_kept(tmp_path, suffix):
         with av.open(str(path)) as c:
             tags = {k.lower(): v for k, v in c.metadata.items()}
             assert tags["title"] == "Holiday", path
+            assert tags["com.apple.quicktime.make"] == "Apple", path  # QuickTime: mdta only
             assert tags["creation_time"].startswith("2024-05-06T07:08:09"), path
             assert "OldMuxer" not in str(tags), path
             assert c.streams.audio[0].metadata.get("language") == "fra", path
@@ -769,3 +772,53 @@ def test_damaged_video_data_is_located_and_mkv_progress_has_a_total(tmp_path):
                         progress=events.append) == 20
     frames = [(e.done, e.total) for e in events if e.stage == "frames"]
     assert frames[0] == (0, 20) and frames[-1] == (20, 20)
+
+
+def _durations(path: Path) -> tuple[float, list]:
+    """FFmpeg's duration of a video file and its video packets' (pts, duration)."""
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        return c.duration / 1e6, sorted((p.pts, p.duration) for p in c.demux(stream) if p.size)
+
+
+def test_a_variable_rate_mp4_keeps_each_frame_duration_and_its_length(tmp_path):
+    """The encoder's packets carried no duration, and B-frames' decoding times (an MP4 times
+    samples by them) were those of other frames: a phone's uneven frames came out with a
+    shorter video track (FFmpeg: 0.44 s for 0.84 s) and a last frame of a guessed length."""
+    clip = make_clip(tmp_path / "vfr.mp4", vfr=True, audio=False, x264={"bf": "0"})
+    whole, parts = tmp_path / "whole" / clip.name, tmp_path / "parts" / clip.name
+    assert deblur_video(clip, whole, lambda x, p: x) == N
+    join_segments(clip, [deblur_segment(clip, parts, lambda x, p: x, i, span)
+                         for i, span in enumerate(plan_spans(clip, 2))], parts)
+    source = _durations(clip)
+    assert len(source[1]) == N and len({d for _, d in source[1]}) > 1  # uneven
+    assert _durations(whole) == source and _durations(parts) == source
+
+
+def test_audio_its_container_cannot_hold_fails_that_video_alone(tmp_path):
+    """A Matroska file named .webm with AAC audio (WebM takes Opus and Vorbis): PyAV's
+    ValueError stopped the whole batch; it fails that video with what would hold it."""
+    folder = tmp_path / "in"
+    make_clip(folder / "mislabelled.mkv", frames=3).rename(folder / "mislabelled.webm")
+    make_clip(folder / "fine.mp4", frames=3)
+    options = BatchOptions()
+    summary = run_jobs(plan_jobs(folder, tmp_path / "out", options), lambda x, progress=None: x,
+                       options)
+    failed = [r for r in summary.results if r.status == "failed"]
+    assert [r.job.source.name for r in failed] == ["mislabelled.webm"]
+    assert "its aac audio cannot be copied into a .webm file; rename it to" in failed[0].error
+    assert ".mkv" in failed[0].error and ".avi" not in failed[0].error
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fine.mp4"]
+
+
+def test_parts_of_a_video_whose_name_has_a_colon_are_joined(tmp_path, monkeypatch):
+    """FFmpeg read the relative segment name ``.a:b.mp4.segment0000.part`` as a URL of the
+    protocol ``.a``: "Protocol not found" with OUTPUT ``.``."""
+    clip = make_clip(tmp_path / "a:b.mp4", frames=4, audio=False)
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    target = Path("a:b.mp4")
+    segments = [deblur_segment(clip, target, lambda x, p: x, i, span)
+                for i, span in enumerate(plan_spans(clip, 2))]
+    assert join_segments(clip, segments, target) == 4
+    assert len(streams(target.resolve())["pts"]) == 4

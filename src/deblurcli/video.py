@@ -184,6 +184,8 @@ class VideoInfo:
         rotation: counter-clockwise display rotation in degrees (0 when none).
         display_matrix: the nine integers of FFmpeg's display matrix, or None.
         audio_streams: number of audio streams.
+        steady: whether the frames are evenly spaced, as far as the header tells (the average
+            rate is the stream's base rate; a phone's variable-rate video has them differ).
     """
 
     width: int
@@ -195,6 +197,7 @@ class VideoInfo:
     rotation: int
     display_matrix: Optional[tuple[int, ...]]
     audio_streams: int
+    steady: bool = True
 
 
 def _display_matrix(frame: Any) -> Optional[tuple[int, ...]]:
@@ -262,7 +265,9 @@ def probe_video(path: Path) -> VideoInfo:
                          duration=duration,
                          rotation=int(getattr(first, "rotation", 0) or 0),
                          display_matrix=_display_matrix(first),
-                         audio_streams=len(container.streams.audio))
+                         audio_streams=len(container.streams.audio),
+                         steady=not (stream.average_rate and stream.base_rate)
+                         or stream.average_rate == stream.base_rate)
 
 
 #: top-level boxes of MP4 and QuickTime files: a box of another type after them is bytes a tool
@@ -340,6 +345,12 @@ def check_whole(path: Path) -> None:
         raise ImageReadError(f"cannot read {path}: the file ends at {size:,} bytes of the "
                              f"{stated:,} its container states (truncated: an interrupted copy "
                              "or download?)")
+
+
+def _local(path: Path) -> str:
+    """``path`` as FFmpeg must be given a file: absolute, as it reads a relative name with a
+    colon (``.a:b.mp4.segment0000.part``, ``res:1/x.mp4``) as a URL of some protocol."""
+    return os.path.abspath(path)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -554,9 +565,10 @@ def join_segments(source: Path, segments: list[Segment], target: Path, *,
 def _join(av: Any, source: Path, parts: list[Segment], tmp: Path, muxer: str,
           target: Path, tags: bool = True) -> None:
     with contextlib.ExitStack() as stack:
-        first = stack.enter_context(av.open(str(parts[0].path), "r"))
+        first = stack.enter_context(av.open(_local(parts[0].path), "r"))
         inp = stack.enter_context(av.open(stack.enter_context(open_regular(source)), "r"))
-        out = stack.enter_context(av.open(str(tmp), "w", format=muxer))
+        out = stack.enter_context(av.open(_local(tmp), "w", format=muxer,
+                                          options=_muxer_options(muxer, inp, tags)))
         template = first.streams.video[0]
         # opaque: the template's codec is a decoder (dav1d for AV1); the display matrix comes too
         vout = out.add_stream_from_template(template, opaque=True)
@@ -600,6 +612,16 @@ def _copy_tags(inp: Any, out: Any, vout: Any, audio: dict) -> None:
         stream.metadata.update(_tags(source.metadata))
 
 
+def _muxer_options(muxer: str, inp: Any, tags: bool) -> dict[str, str]:
+    """The output's muxer options: MP4 and QuickTime files keep the input's reverse-DNS tags
+    (a phone's ``com.apple.quicktime.make``, ``.location.ISO6709``, ...) only in ``mdta``
+    boxes, written only when asked for (and only then: iTunes-style boxes are what other
+    readers of MP4 titles look for)."""
+    if tags and muxer in ("mp4", "mov") and any("." in key for key in _tags(inp.metadata)):
+        return {"movflags": "use_metadata_tags"}
+    return {}
+
+
 def _stream_params(stream: Any) -> tuple:
     """What must be equal for the packets of two streams to be joined into one."""
     ctx = stream.codec_context
@@ -613,7 +635,7 @@ def _segment_packets(av: Any, parts: list[Segment], template: Any, vout: Any,
     params = _stream_params(template)
     last: Optional[int] = None  # the last decoding timestamp handed out
     for part in parts:
-        with av.open(str(part.path), "r") as seg:
+        with av.open(_local(part.path), "r") as seg:
             stream = seg.streams.video[0]
             if _stream_params(stream) != params:
                 raise DeblurcliError(f"cannot join the parts of {target}: they were encoded with "
@@ -710,7 +732,37 @@ def _prepare(source: Path, target: Path, codec: str, crf: int,
                              f"{pixels:,} pixels, more than the limit of {max_pixels:,} (raise "
                              "it with --max-pixels if the file is trusted)")
     pixel_format(codec_name, info.width, info.height, target.suffix)  # none: it fails here
+    check_audio(source, target)
     return av, muxer, codec_name, info
+
+
+def _holds_audio(av: Any, muxer: str, streams: list) -> bool:
+    """Whether a ``muxer`` file can take copies of the audio ``streams``."""
+    with av.open(io.BytesIO(), "w", format=muxer) as container:
+        try:
+            for stream in streams:
+                container.add_stream_from_template(stream)
+        except ValueError:  # PyAV: "'webm' format does not support 'aac' codec"
+            return False
+    return True
+
+
+def check_audio(source: Path, target: Path) -> None:
+    """Raise :class:`DeblurcliError` when ``target``'s container cannot hold copies of
+    ``source``'s audio streams (AAC in a Matroska file named ``.webm``, A-law in a QuickTime
+    file named ``.mp4``); the message names the suffixes whose containers can."""
+    av = import_av()
+    source, target = Path(source), Path(target)
+    with open_regular(source) as fh, av.open(fh, "r") as inp:
+        streams = list(inp.streams.audio)
+        if not streams or _holds_audio(av, _MUXER[target.suffix.lower()], streams):
+            return
+        codecs = ", ".join(sorted({s.codec_context.name for s in streams}))
+        fits = sorted(suffix for suffix, muxer in _MUXER.items()
+                      if muxer != "avi" and _holds_audio(av, muxer, streams))
+        hint = f"; rename it to {' or '.join(fits)}" if fits else ""
+        raise DeblurcliError(f"cannot deblur {source}: its {codecs} audio cannot be copied into "
+                             f"a {target.suffix.lower()} file{hint}")
 
 
 @contextlib.contextmanager
@@ -756,7 +808,8 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
         total = (span.stop if span.stop is not None else (info.frames or None))
         total = None if total is None else max(0, total - span.start)
     with open_regular(source) as fh, av.open(fh, "r") as inp, \
-            av.open(str(tmp), "w", format=muxer) as out:
+            av.open(_local(tmp), "w", format=muxer,
+                    options=_muxer_options(muxer, inp, tags and span is None)) as out:
         vin = main_video(inp)
         vin.thread_type = "AUTO"
         ctx_in = vin.codec_context
@@ -767,10 +820,14 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
         elif codec_name in _QSCALE_CODECS:
             q = str(quantiser(crf))
             options = {"flags": "+qscale", "qmin": q, "qmax": q}
-        if muxer == "avi" or codec_name == "libx265" and total is not None and total < 3:
+        if muxer == "avi" or muxer in ("mp4", "mov") and not info.steady or \
+                codec_name == "libx265" and total is not None and total < 3:
             # AVI stores no presentation times: frames reordered for B-frames come out in
-            # decoding order, their times shifted. x265 with B-frames gives the first packet of
-            # a 1- or 2-frame stream a garbage decoding time now and then (1 run in 4 to 8)
+            # decoding order, their times shifted. MP4 and QuickTime time each frame by its
+            # decoding time: with B-frames, those of uneven frames (decoding times are the
+            # presentation times in order, shifted) made the track shorter than the video.
+            # x265 with B-frames gives the first packet of a 1- or 2-frame stream a garbage
+            # decoding time now and then (1 run in 4 to 8)
             options["bf"] = "0"
             if codec_name == "libx265":
                 options["x265-params"] += ":bframes=0"
@@ -814,6 +871,7 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
         by_index = _timed_by_index(inp)
         slots: collections.deque[int] = collections.deque()  # see _timed_by_index
         keyed = False
+        durations: dict[int, int] = {}  # pts -> duration of the frames handed to the encoder
         for packet in inp.demux(vin, *audio):
             if packet.stream.type == "audio":
                 if packet.dts is None:  # the demuxer's final empty packet
@@ -870,13 +928,16 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
                     new.color_range = levels or frame.color_range
                 new = new.reformat(format=pix_fmt, interpolation=exact)
                 new.pts, new.time_base = pts - shift, info.time_base
-                out.mux(_encoded(av, vout, new, source, pix_fmt, first=done == 0))
+                if frame.duration:
+                    durations[new.pts] = frame.duration
+                out.mux(_timed(_encoded(av, vout, new, source, pix_fmt, first=done == 0),
+                               durations))
                 done += 1
                 report(progress, "frames", done, total)
             else:
                 continue
             break  # past the span
-        out.mux(_encoded(av, vout, None, source, pix_fmt))
+        out.mux(_timed(_encoded(av, vout, None, source, pix_fmt), durations))
         if estimated and done != total:
             report(progress, "frames", done, done)
     if seeked and done != span.frames:  # a frame of the span was not decoded after the seek
@@ -970,6 +1031,17 @@ def _encoded(av: Any, stream: Any, frame: Any, source: Path, pix_fmt: str,
         advice = "; pick another --codec" if first else ""
         raise DeblurcliError(f"cannot deblur {source}: {what} ({_one_line(exc)}){advice}") \
             from None
+
+
+def _timed(packets: list, durations: dict[int, int]) -> list:
+    """The encoder's ``packets``, each with the duration of the input frame it holds (the
+    encoder leaves it 0, and an MP4 or QuickTime muxer then guesses the last frame's: a
+    variable-rate video came out longer or shorter)."""
+    for packet in packets:
+        duration = durations.pop(packet.pts, None)
+        if duration:
+            packet.duration = duration
+    return packets
 
 
 def _where(span: Optional[FrameSpan], index: int, pts: int) -> int:
