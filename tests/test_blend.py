@@ -114,6 +114,13 @@ def test_an_existing_output_is_replaced_only_with_force(tiny_model_folder, tmp_p
     for inside in (tiny_model_folder / "g0.5", tiny_model_folder.parent):
         result = runner.invoke(app, [*args, "-o", str(inside), "--force"])
         assert result.exit_code == 1 and "outside" in result.output, result.output
+    # a blend file written over a file of the model it is made from made that model unusable
+    before = {p: p.read_bytes() for p in tiny_model_folder.rglob("*") if p.is_file()}
+    for inside in ("checksums.sha256", "unet/config.json", "new.safetensors"):
+        result = runner.invoke(app, ["blend", "--weights", str(tiny_model_folder), "--gamma",
+                                     "0.5", "-o", str(tiny_model_folder / inside), "--force"])
+        assert result.exit_code == 1 and "outside the model folder" in result.output, inside
+    assert {p: p.read_bytes() for p in tiny_model_folder.rglob("*") if p.is_file()} == before
 
 
 def test_blend_from_a_folder_checks_it_as_a_run_does(tiny_model_folder, tmp_path):

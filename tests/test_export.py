@@ -106,6 +106,13 @@ def test_export_never_overwrites_by_surprise_nor_leaves_half_a_folder(run: Path,
     result = _export(run, "-o", out)
     assert result.exit_code == 1 and "--force" in result.stderr
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # --force replaced (deleted) any folder: it replaces a model folder, never a user's own
+    result = _export(run, "-o", out, "--force")
+    assert result.exit_code == 1 and "not a deblurcli model folder" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    out = tmp_path / "model"
+    assert _export(run, "-o", out).exit_code == 0
+    (out / "notes.txt").write_text("of the earlier export: replaced with it")
     assert _export(run, "-o", out, "--force").exit_code == 0
     assert not (out / "notes.txt").exists() and load_model_folder(out) is not None
 
@@ -116,7 +123,7 @@ def test_export_never_overwrites_by_surprise_nor_leaves_half_a_folder(run: Path,
     monkeypatch.setattr("deblurcli.modelfolder.save_model_folder", crash)
     result = _export(run, "-o", tmp_path / "new", "--checkpoint", "latest")
     assert result.exit_code == 1 and "disk full" in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no half-written folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # none half-written
     assert _export(run, "-o", run.parent, "--force").exit_code == 1  # never over the run
 
 

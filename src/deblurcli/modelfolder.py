@@ -99,7 +99,7 @@ def _is_model_folder(folder: Path) -> bool:
         return (folder / "config.json").is_file() and (folder / "evae.safetensors").is_file()
 
 
-def _check_replaceable(folder: Path) -> None:
+def check_replaceable(folder: Path) -> None:
     """WeightsError unless ``folder`` is absent, empty or a model folder deblurcli wrote."""
     if folder.exists() and not folder.is_dir():
         raise WeightsError(f"{folder} exists and is not a folder")
@@ -110,7 +110,7 @@ def _check_replaceable(folder: Path) -> None:
 
 def _replace_folder(tmp: Path, folder: Path) -> None:
     """Move the finished ``tmp`` to ``folder``; a previous model folder there is replaced."""
-    _check_replaceable(folder)
+    check_replaceable(folder)
     if folder.is_dir() and any(folder.iterdir()):
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
@@ -141,7 +141,7 @@ def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None 
             ``train-diffusion --init`` continues its GAN term instead of restarting it.
     """
     folder = Path(folder).resolve()
-    _check_replaceable(folder)  # before any work: a user's own folder is never touched
+    check_replaceable(folder)  # before any work: a user's own folder is never touched
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -133,6 +133,8 @@ def _blend_files(lora_real: Path | None, lora_synthetic: Path | None, gamma: flo
     if output.is_dir():
         raise DeblurcliError(f"{output} is a folder; give a .safetensors file name "
                              "(or use --fuse to write a model folder)")
+    if weights is not None and _is_within(output, weights):
+        raise DeblurcliError(f"the output must be outside the model folder {weights}")
     if output.exists():
         if any(_same_file(output, src) for src in (lora_real, lora_synthetic)):
             raise DeblurcliError(f"{output} is one of the adapters being blended; "

@@ -16,8 +16,8 @@ HELP = (
     "changed there since the run started are refused.\n\n"
     "The folder is for inference (no sharp encoder E2, no discriminator; float16) unless "
     "--keep-training-state keeps both, in float32, for train-diffusion --init to continue. "
-    "MODEL appears whole or not at all; an existing non-empty MODEL is replaced only with "
-    "--force. MODEL may not be, hold or lie inside RUN (nor the checkpoint, or the model a "
+    "MODEL appears whole or not at all; an existing model folder MODEL is replaced only with "
+    "--force (any other non-empty folder never is). MODEL may not be, hold or lie inside RUN (nor the checkpoint, or the model a "
     "checkpoint is rebuilt from).\n\n"
     "\b\n"
     "Examples:\n"
@@ -44,7 +44,7 @@ def export(
         "--keep-training-state",
         help="Keep E2 and the latent discriminator (for train-diffusion --init).")] = False,
     force: Annotated[bool, typer.Option(
-        "--force", help="Replace an existing non-empty output folder.")] = False,
+        "--force", help="Replace an existing model folder at MODEL.")] = False,
 ) -> None:
     import torch
 

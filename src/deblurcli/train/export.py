@@ -196,7 +196,7 @@ def _identity(path: Path) -> tuple[int, int] | None:
 def _export_state(run: Path, out: Path, state: RunState, *, storage_dtype: torch.dtype,
                   keep_training_state: bool, force: bool) -> RunState:
     from deblurcli.images import atomic_folder
-    from deblurcli.modelfolder import export_model_folder, save_model_folder
+    from deblurcli.modelfolder import check_replaceable, export_model_folder, save_model_folder
 
     _check_apart(out, [("the run", run), ("the exported state", state.path),
                        *(_rebuilt_from(state.path) if state.is_checkpoint else [])])
@@ -204,6 +204,7 @@ def _export_state(run: Path, out: Path, state: RunState, *, storage_dtype: torch
         raise DeblurcliError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DeblurcliError(f"{out} exists and is not empty; pass --force to replace it")
+    check_replaceable(out)  # --force replaces a model folder, never a user's own folder
     with atomic_folder(out, replace=True) as tmp:
         if not state.is_checkpoint:
             export_model_folder(state.path, tmp, storage_dtype=storage_dtype,
