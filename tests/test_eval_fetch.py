@@ -45,11 +45,17 @@ def _hub_etag(monkeypatch, etag: str) -> None:
 
 
 def test_offline_is_the_flag_or_hf_hub_offline(monkeypatch):
+    """One rule for eval and for a model's hub id, huggingface_hub's: deblur read "False" and
+    "no" as offline."""
+    from deblurcli.modelindex import offline_requested
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    assert not fetch.offline_requested(False) and fetch.offline_requested(True)
-    for value, offline in (("1", True), ("true", True), ("0", False), ("", False)):
+    assert not offline_requested(False) and offline_requested(True)
+    for value, offline in (("1", True), ("true", True), ("ON", True), ("Yes", True),
+                           ("0", False), ("", False), ("False", False), ("no", False),
+                           ("off", False)):
         monkeypatch.setenv("HF_HUB_OFFLINE", value)
-        assert fetch.offline_requested(False) is offline
+        assert offline_requested(False) is offline, value
 
 
 def test_torchvision_backbones_are_checked_against_the_hash_in_their_name(real_fetch,

@@ -366,3 +366,114 @@ def test_a_training_run_given_as_a_model_folder_names_its_model(tiny_model_folde
     result = CliRunner().invoke(app, ["blend", "-w", str(adapters), "--gamma", "0.5", "-o",
                                       str(tmp_path / "b.safetensors")])
     assert result.exit_code == 0, result.output
+
+
+def _relist(folder: Path) -> None:
+    """Checksums of every file of ``folder`` again (as a model that was changed on purpose)."""
+    from deblurcli.modelindex import sha256_file
+
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_file() and p.name != CHECKSUM_FILE)
+    (folder / CHECKSUM_FILE).write_text(
+        "".join(f"{sha256_file(folder / n)}  {n}\n" for n in names))
+
+
+def test_an_unlisted_weights_index_is_refused(tiny_model_folder):
+    """diffusers prefers a sharded index over the weights file: one copied in, pointing at an
+    unlisted shard, ran in place of the checked weights."""
+    from safetensors.torch import load_file, save_file
+
+    unet = tiny_model_folder / "unet"
+    tensors = {k: v * 0 for k, v in load_file(unet / "diffusion_pytorch_model.safetensors").items()}
+    save_file(tensors, unet / "other-00001-of-00001.safetensors")
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "other-00001-of-00001.safetensors" for k in tensors}}))
+    with pytest.raises(WeightsError, match="does not list unet/diffusion_pytorch_model"
+                                           r"\.safetensors\.index\.json"):
+        load_model_folder(tiny_model_folder)
+    (unet / "notes.txt").write_text("a file diffusers never reads may lie there")
+    (unet / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    (unet / "other-00001-of-00001.safetensors").unlink()
+    assert load_model_folder(tiny_model_folder) is not None
+
+
+@pytest.mark.parametrize("component", ["unet", "prompt"])
+def test_a_weights_file_lacking_a_tensor_is_one_line_naming_it(tiny_model_folder, component,
+                                                               capsys):
+    """diffusers warned "You should probably TRAIN", left the tensor unset, and the run failed
+    later blaming the ONNX export."""
+    from safetensors.torch import load_file, save_file
+
+    path = tiny_model_folder / component / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file(tensors, path)
+    _relist(tiny_model_folder)
+    with pytest.raises(WeightsError, match=f"{component}/diffusion_pytorch_model.safetensors "
+                                           f".* lacks tensor.*{dropped}"):
+        load_model_folder(tiny_model_folder)
+    captured = capsys.readouterr()
+    assert "TRAIN" not in captured.out + captured.err
+
+
+def test_checksum_files_as_sha256sum_writes_them_in_either_mode(tiny_model_folder):
+    """``sha256sum -b`` writes "HASH *NAME": refused as malformed; a file that is not text gave
+    a UnicodeDecodeError naming no file."""
+    path = tiny_model_folder / CHECKSUM_FILE
+    text = path.read_text()
+    path.write_text(text.replace("  ", " *"))
+    assert load_model_folder(tiny_model_folder) is not None
+    path.write_bytes(b"\xff\xfe x\n")
+    with pytest.raises(WeightsError, match="checksums.sha256 in .* is not a text file"):
+        load_model_folder(tiny_model_folder)
+    path.write_text(text.replace("  ", " ", 1))
+    with pytest.raises(WeightsError, match="malformed at line 1"):
+        load_model_folder(tiny_model_folder)
+
+
+def test_a_file_given_as_the_model_folder_says_so(tiny_model_folder):
+    with pytest.raises(WeightsError, match="is a file, not a model folder .*--lora"):
+        load_model_folder(tiny_model_folder / "lora_real.safetensors")
+
+
+def test_a_cut_short_hub_fetch_is_fetched_again_or_said(tiny_model_folder, tmp_path,
+                                                       monkeypatch):
+    """A first download cut short left a snapshot without its weights: it was read as the
+    model ("missing file ..."), never fetched again, with no fetch command given."""
+    import shutil
+
+    import huggingface_hub
+
+    from deblurcli.modelindex import resolve_model
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someone--osdd"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(tiny_model_folder, snapshot)
+    (snapshot / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="lacks unet/diffusion_pytorch_model.safetensors in "
+                                           "the Hugging Face cache .*offline.*download"):
+        resolve_model("someone/osdd")
+    fetched = []
+
+    def download(repo_id, **kwargs):  # the network: restores the file
+        fetched.append(kwargs)
+        if not kwargs.get("local_files_only"):
+            shutil.copy(tiny_model_folder / "unet" / "diffusion_pytorch_model.safetensors",
+                        snapshot / "unet" / "diffusion_pytorch_model.safetensors")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert resolve_model("someone/osdd") == snapshot
+    assert [bool(k.get("local_files_only")) for k in fetched] == [True, False]
+    fetched.clear()
+    assert resolve_model("someone/osdd") == snapshot and len(fetched) == 1  # whole: no fetch

@@ -528,3 +528,28 @@ def test_a_cache_folder_keeps_the_exports_used_last(tiny_model_folder, tmp_path)
     assert onnx_backend.prune(cache, beside=True, checksums=parts["checksums"],
                               current=made_now) == []
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 5  # 4 + the one made now
+
+
+def test_the_hub_cache_is_where_huggingface_hub_puts_it():
+    """The older HUGGINGFACE_HUB_CACHE was not read: the ONNX export was written into the Hugging
+    Face cache it names. Checked against huggingface_hub's own reading, in one process."""
+    import subprocess
+    import sys
+
+    script = """
+import importlib, os, sys
+import huggingface_hub.constants as hc
+from deblurcli.onnx_backend import _hub_cache
+cases = [{}, {"HF_HOME": "/h"}, {"HUGGINGFACE_HUB_CACHE": "/legacy"},
+         {"HUGGINGFACE_HUB_CACHE": "/legacy", "HF_HUB_CACHE": "/new"},
+         {"HF_HOME": "~/hf"}, {"XDG_CACHE_HOME": "/x"}, {"HF_HUB_CACHE": "$HOME/c"}]
+for case in cases:
+    for name in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
+        os.environ.pop(name, None)
+    os.environ.update(case)
+    importlib.reload(hc)
+    if str(_hub_cache()) != hc.HF_HUB_CACHE:
+        sys.exit(f"{case}: {_hub_cache()} != {hc.HF_HUB_CACHE}")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

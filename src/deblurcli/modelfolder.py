@@ -193,12 +193,33 @@ def _write_folder(tmp: Path, model: OSDDModel, *, extra, storage_dtype, include_
 
 # ----------------------------------------------------------------------------- loading
 def _load_component(cls: type, folder: Path, name: str) -> nn.Module:
+    """One component, its weights file holding exactly the tensors of its settings (diffusers
+    only warns about missing ones and leaves them unset, which failed later as anything)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its missing-weights advice: "You should TRAIN"
     try:
-        return cls.from_pretrained(str(folder), subfolder=name, local_files_only=True,
-                                   use_safetensors=True, torch_dtype=torch.float32)
+        module = cls.from_pretrained(str(folder), subfolder=name, local_files_only=True,
+                                     use_safetensors=True, torch_dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         reason = " ".join(str(exc).split())[:200]
         raise WeightsError(f"cannot load {name}/ of {folder}: {reason}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    path = folder / name / WEIGHTS_FILE
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as stored:
+            keys = set(stored.keys())
+        expected = set(module.state_dict())
+        for what, names in (("lacks", expected - keys), ("has unknown", keys - expected)):
+            if names:
+                raise WeightsError(f"{name}/{WEIGHTS_FILE} in {folder} {what} tensor(s) for "
+                                   f"its config.json: {', '.join(sorted(names)[:3])}"
+                                   f"{', ...' if len(names) > 3 else ''}")
+    return module
 
 
 def load_components(folder: PathLike, *, verify: bool = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,13 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def offline_requested(flag: bool = False) -> bool:
+    """True with ``--offline`` (``flag``) or when ``HF_HUB_OFFLINE`` is set to a true value as
+    huggingface_hub reads it (1, true, yes, on, in any case)."""
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return flag or env in ("1", "true", "yes", "on")
+
+
 def resolve_model(source: PathLike, *, offline: bool = False) -> Path:
     """The local folder of ``source``: a folder, or a Hugging Face hub id (read from the local
     cache; fetched once -- model files only -- unless ``offline`` or ``HF_HUB_OFFLINE=1``)."""
@@ -66,14 +74,19 @@ def resolve_model(source: PathLike, *, offline: bool = False) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    offline = offline or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false")
+    offline = offline_requested(offline)
     try:
-        return Path(snapshot_download(str(source), local_files_only=True))
+        cached = Path(snapshot_download(str(source), local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
-        if offline:
-            raise WeightsError(f"{source} is not in the Hugging Face cache and the run is "
-                               f"offline; fetch it once with "
-                               f"`{hf_download_command(str(source))}`") from None
+        cached, missing = None, "is not in the Hugging Face cache"
+    else:
+        lacking = _lacking(cached)  # a first fetch that was cut short
+        if lacking is None:
+            return cached
+        missing = f"lacks {lacking} in the Hugging Face cache"
+    if offline:
+        raise WeightsError(f"{source} {missing} and the run is offline; fetch it once with "
+                           f"`{hf_download_command(str(source))}`")
     try:
         return Path(snapshot_download(str(source), allow_patterns=[
             "*.json", "*.safetensors", CHECKSUM_FILE, "*.md"]))
@@ -82,11 +95,23 @@ def resolve_model(source: PathLike, *, offline: bool = False) -> Path:
                            ) from None
 
 
+def _lacking(folder: Path) -> str | None:
+    """The first file a fetched model folder lacks (its checksums, a file they list), or None."""
+    try:
+        names = [name for _, name in _checksum_lines(folder)]
+    except WeightsError:
+        return CHECKSUM_FILE
+    return next((name for name in names if not (folder / name).is_file()), None)
+
+
 def read_model_index(folder: PathLike) -> dict[str, Any]:
     """``model_index.json`` of a model folder with its record, checked (WeightsError)."""
     folder = Path(folder)
     if folder.resolve() == default_weights_dir() and not (folder / INDEX_FILE).is_file():
         raise WeightsError(NO_DEFAULT_MODEL)
+    if folder.is_file():
+        hint = " (an adapter file goes to --lora)" if folder.suffix == ".safetensors" else ""
+        raise WeightsError(f"{folder} is a file, not a model folder{hint}")
     if not folder.is_dir():
         raise WeightsError(f"model folder not found: {folder}")
     path = folder / INDEX_FILE
@@ -121,35 +146,59 @@ def read_model_index(folder: PathLike) -> dict[str, Any]:
 def verify_checksums(folder: PathLike) -> list[str]:
     """Check every file listed in ``checksums.sha256``; return the listed names (WeightsError)."""
     folder = Path(folder)
-    path = folder / CHECKSUM_FILE
-    if not path.is_file():
-        raise WeightsError(f"missing file {CHECKSUM_FILE} in {folder}")
     names = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        digest, sep, name = line.partition("  ")
-        name = name.strip().lstrip("*")
-        parts = name.split("/")
-        if not sep or len(digest) != 64 or not name or name.startswith("/") or \
-                any(part in ("", ".", "..") for part in parts):
-            raise WeightsError(f"{CHECKSUM_FILE} in {folder} is malformed at line {number}")
+    for digest, name in _checksum_lines(folder):
         if not (folder / name).is_file():
             raise WeightsError(f"missing file {name} in {folder}")
-        if sha256_file(folder / name) != digest.lower():
+        if sha256_file(folder / name) != digest:
             raise WeightsError(f"{name} in {folder} is corrupt (sha256 checksum mismatch)")
         names.append(name)
-    # every file a run reads (the ONNX export's cache key holds this list, not the files)
+    # every file a run reads (the ONNX export's cache key holds this list, not the files), and
+    # every other one diffusers could read in their place (a sharded weights index, a .bin)
     required = []
     if (folder / INDEX_FILE).is_file():
         adapters = read_model_index(folder)[RECORD_KEY].get("adapters") or {}
         required = [INDEX_FILE, *(f"{c}/{f}" for c in COMPONENTS for f in (CONFIG_FILE,
                                                                            WEIGHTS_FILE)),
                     *(str(file) for file in adapters.values())]
+        required += sorted(
+            path.relative_to(folder).as_posix() for c in COMPONENTS
+            for path in (folder / c).rglob("*") if path.suffix in _READ_SUFFIXES
+            and path.is_file() and path.relative_to(folder).as_posix() not in required)
     unlisted = [name for name in required if name not in names]
     if unlisted:
         raise WeightsError(f"{CHECKSUM_FILE} in {folder} does not list {unlisted[0]}")
     return names
+
+
+#: files in a component folder that diffusers may load weights or settings from
+_READ_SUFFIXES = frozenset({".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack",
+                            ".h5", ".gguf"})
+#: a line of ``sha256sum`` (text mode: two spaces; binary mode, ``-b``: a space and a star)
+_CHECKSUM_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")
+
+
+def _checksum_lines(folder: Path) -> list[tuple[str, str]]:
+    """``(sha256, name)`` of each line of ``folder``'s ``checksums.sha256`` (WeightsError)."""
+    path = folder / CHECKSUM_FILE
+    if not path.is_file():
+        raise WeightsError(f"missing file {CHECKSUM_FILE} in {folder}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise WeightsError(f"{CHECKSUM_FILE} in {folder} is not a text file of checksums") \
+            from None
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        found = _CHECKSUM_LINE.fullmatch(line.rstrip("\r"))
+        name = found.group(2).strip() if found else ""
+        if not name or name.startswith("/") or \
+                any(part in ("", ".", "..") for part in name.split("/")):
+            raise WeightsError(f"{CHECKSUM_FILE} in {folder} is malformed at line {number}")
+        lines.append((found.group(1).lower(), name))
+    return lines
 
 
 def fixed_gamma(folder: PathLike, lora: PathLike | None = None) -> float | None:

@@ -187,12 +187,17 @@ def _onnxruntime():
 
 
 def _hub_cache() -> Path:
-    """The Hugging Face hub cache folder (``HF_HUB_CACHE``, ``HF_HOME/hub`` or the default)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME")
-                                             or Path.home() / ".cache") / "huggingface"
-    return Path(home) / "hub"
+    """The Hugging Face hub cache folder as huggingface_hub finds it (``HF_HUB_CACHE``, the
+    older ``HUGGINGFACE_HUB_CACHE``, ``HF_HOME/hub`` or the default; ``~`` and ``$VAR``
+    expanded), without importing it."""
+    def expand(value: str) -> str:
+        return os.path.expandvars(os.path.expanduser(value))
+
+    home = expand(os.environ.get("HF_HOME", os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")),
+        "huggingface")))
+    legacy = os.environ.get("HUGGINGFACE_HUB_CACHE", os.path.join(home, "hub"))
+    return Path(expand(os.environ.get("HF_HUB_CACHE", legacy)))
 
 
 def cache_dir(folder: Path, key: str) -> Path:

@@ -181,7 +181,7 @@ def evaluate(
     from deblurcli.evaluation.datasets import DATASET_CHOICES
     from deblurcli.evaluation.metrics import parse_metric_names
 
-    from deblurcli.evaluation.fetch import offline_requested
+    from deblurcli.modelindex import offline_requested
 
     offline = offline_requested(offline)
     if list_metrics:

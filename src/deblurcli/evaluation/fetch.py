@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
 import socket
 from collections.abc import Iterator
@@ -43,12 +42,6 @@ TIMEOUT_S = 60.0  # per network read: a blocked network fails instead of hanging
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME_HASH = re.compile(r"-([0-9a-f]{8,64})\.")  # torch hub: NAME-<sha256 prefix>.EXT
-
-
-def offline_requested(flag: bool = False) -> bool:
-    """True with ``--offline`` or when ``HF_HUB_OFFLINE`` is set to a true value."""
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
-    return flag or env in ("1", "true", "yes", "on")
 
 
 def name_hash(name: str) -> str | None:
