@@ -39,6 +39,13 @@ def test_deblur_with_a_blend_file_equals_deblur_at_its_gamma(tiny_model_folder, 
     for result in (with_file, at_gamma, other):
         assert result.exit_code == 0, result.output
     assert "gamma=0.3 (fused)" in " ".join(with_file.stderr.split())
+    # a --gamma the blend overrides: said of the blend, not of the (unfused) folder
+    for backend in ("torch", "onnx"):
+        asked = cli("deblur", photo, tmp_path / f"d-{backend}", "--weights", tiny_model_folder,
+                    "--lora", blend, "--gamma", "0.9", "--tile", "32", "--backend", backend)
+        assert asked.exit_code == 0, asked.output
+        said = " ".join(asked.stderr.split())
+        assert "the blend blend.safetensors holds gamma=0.3; gamma=0.9 is ignored" in said, said
     a, b, c = (read_image(tmp_path / d / "photo.png").pixels for d in "abc")
     np.testing.assert_allclose(a, b, atol=2 / 255)
     assert np.abs(a - c).max() > 4 / 255  # the file's gamma, not the default, was used

@@ -297,7 +297,7 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
         if merged is not None:  # the blend is in the UNet's weights; no peft imported
             model = OSDDModel(evae, denoiser, {}, fused_gamma=merged)
             return ready_model(model, gamma=gamma, fuse=fuse, device=device, dtype=dtype,
-                               vae_dtype=vae_dtype, warn=warn)
+                               vae_dtype=vae_dtype, warn=warn, lora=lora)
     specs = {name: _check_adapter(unet, folder, file) for name, file in adapters.items()}
     for name, file in adapters.items():  # checked first: a UNet with LoRA layers hides its targets
         _load_adapter(unet, folder, file, name)
@@ -305,7 +305,7 @@ def load_model_folder(folder: PathLike, *, device: str | torch.device = "cpu",
     if lora is not None:
         model.fuse_adapter_file(lora)
     return ready_model(model, gamma=gamma, fuse=fuse, device=device, dtype=dtype,
-                       vae_dtype=vae_dtype, warn=warn)
+                       vae_dtype=vae_dtype, warn=warn, lora=lora)
 
 
 def _check_adapter(unet: nn.Module, folder: Path, file: str) -> ad.LoraSpec:
@@ -364,7 +364,8 @@ def _merge_without_peft(folder: Path, unet: nn.Module, adapters: Mapping[str, st
 def ready_model(model: OSDDModel, *, gamma: float, fuse: bool = True,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 vae_dtype: torch.dtype | None = None,
-                warn: Callable[[str], None] | None = None) -> OSDDModel:
+                warn: Callable[[str], None] | None = None,
+                lora: PathLike | None = None) -> OSDDModel:
     """Put a model as loaded (float32, on the CPU) into its run state, in place.
 
     Sets the γ-blend (or fuses it into the UNet, in float32, before any cast to half precision),
@@ -374,7 +375,7 @@ def ready_model(model: OSDDModel, *, gamma: float, fuse: bool = True,
     """
     if model.fused_gamma is not None:
         model.gamma = model.fused_gamma
-        note = gamma_ignored(model.fused_gamma, gamma)
+        note = gamma_ignored(model.fused_gamma, gamma, lora)
         if warn is not None and note:
             warn(note)
     elif model.has_dual_adapters:

@@ -216,8 +216,11 @@ def fixed_gamma(folder: PathLike, lora: PathLike | None = None) -> float | None:
     return None if fused is None else float(fused)
 
 
-def gamma_ignored(fixed: float, gamma: float) -> str | None:
-    """The note for a requested ``gamma`` that a fused model (at ``fixed``) ignores, or None."""
+def gamma_ignored(fixed: float, gamma: float, lora: PathLike | None = None) -> str | None:
+    """The note for a requested ``gamma`` that a fused model (at ``fixed``) ignores, or None;
+    ``lora``: the blend file that holds ``fixed`` (the folder's adapters are not fused)."""
     if abs(float(gamma) - fixed) <= 1e-9:
         return None
-    return f"this model's adapters are fused at gamma={fixed:g}; gamma={float(gamma):g} is ignored"
+    held = f"the blend {Path(lora).name} holds" if lora is not None else \
+        "this model's adapters are fused at"
+    return f"{held} gamma={fixed:g}; gamma={float(gamma):g} is ignored"

@@ -435,8 +435,8 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
 
     if reason is None:
         fixed = fixed_gamma(folder, lora)  # a bad folder or blend file fails here, as with torch
-        if fixed is not None and gamma_ignored(fixed, gamma):
-            warn(gamma_ignored(fixed, gamma))
+        if fixed is not None and gamma_ignored(fixed, gamma, lora):
+            warn(gamma_ignored(fixed, gamma, lora))
         def load_onnx():
             return onnx_backend.load(folder, gamma=gamma, lora=lora,
                                      threads=torch.get_num_threads(),
