@@ -229,6 +229,13 @@ def test_output_inside_source_is_not_used_as_input(photos):
     assert _synth(*args).exit_code == 0
     res = _synth(*args)
     assert res.exit_code == 0 and "wrote 0 pairs" in res.stdout and "8 planned" in res.stdout
+    # the output's own files were each a "skipping" line (one per kernel: thousands)
+    assert [line for line in res.stderr.splitlines() if "skipping" in line] == \
+        [line for line in res.stderr.splitlines() if "readme.txt" in line]
+    # a photo of the user's inside the output folder is left out, and said to be
+    write_image(out / "mine.png", np.zeros((48, 48, 3), np.float32))
+    res = _synth(*args)
+    assert res.exit_code == 0 and "leaving out 1 image(s) inside --out" in res.stderr
 
 
 def test_sources_whose_names_collide_get_distinct_outputs(tmp_path):
@@ -342,9 +349,74 @@ def test_an_interrupted_synth_says_what_is_kept_and_how_to_go_on(photos, tmp_pat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(build, "run_synth", stopped)
-    result = runner.invoke(app, ["synth", "--src", str(photos), "--out", str(tmp_path / "o"),
-                                 "-q"])
+    args = ["synth", "--src", str(photos), "--out", str(tmp_path / "o"), "-q"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 130
     lines = result.stderr.strip().splitlines()
-    assert "finished so far are kept" in lines[0] and "the same command goes on" in lines[0]
+    assert "nothing is kept" in lines[0] and "starts again" in lines[0]  # (it said "kept")
     assert lines[-1] == "interrupted"
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "manifest.jsonl").write_text("")
+    lines = runner.invoke(app, args).stderr.strip().splitlines()
+    assert "finished so far are kept" in lines[0] and "the same command goes on" in lines[0]
+
+
+def _fresh(photos: Path, tmp_path: Path, name: str, *more: str) -> dict[str, bytes]:
+    out = tmp_path / name
+    assert _synth("--src", str(photos), "--out", str(out), "--crop", "48", "--stride", "32",
+                  *more).exit_code == 0
+    return _tree(out)
+
+
+def test_a_file_name_that_is_not_utf8_is_a_source_like_any_other(photos, tmp_path):
+    """``caf\\xe9.png`` (Latin-1 bytes) stopped the whole run with a UnicodeEncodeError."""
+    import os
+
+    (photos / "sub" / "coffee.jpg").rename(os.fsdecode(bytes(photos / "sub") + b"/caf\xe9.jpg"))
+    tree = _fresh(photos, tmp_path, "o")
+    assert any(name.startswith("blur/sub__caf") for name in tree)
+    assert _fresh(photos, tmp_path, "o") == tree  # resumed: nothing made again
+
+
+def test_a_resume_after_a_source_name_changed_holds_what_a_fresh_run_does(photos, tmp_path):
+    """Adding coffee.png beside coffee.jpg renames the latter's pairs: the old ones stayed, twice
+    the pairs of one photo in the folders training reads."""
+    out = tmp_path / "o"
+    _fresh(photos, tmp_path, "o")
+    write_image(photos / "sub" / "coffee.png", data.coffee()[48:96, :48] / 255.0)
+    assert _fresh(photos, tmp_path, "o") == _fresh(photos, tmp_path, "fresh")
+    assert not [p for p in (out / "blur").iterdir() if p.name.startswith("sub__coffee_c")]
+
+
+def test_an_interrupted_run_leaves_no_part_of_an_unrecorded_pair(photos, tmp_path, monkeypatch):
+    """Interrupted before its first pair was recorded, in a folder that existed: the written
+    files of that pair stayed (the settings went), so a run with other settings then mixed
+    them into blur/ and sharp/, which training reads. A killed run's temporary files stay too."""
+    from deblurcli.synth import build
+
+    real = build.run_image_task
+
+    def stopped_after_writing(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    out = tmp_path / "o"
+    out.mkdir()
+    monkeypatch.setattr(build, "run_image_task", stopped_after_writing)
+    args = ("--per-crop", "2", "--workers", "1")
+    assert _synth("--src", str(photos), "--out", str(out), "--crop", "48", *args).exit_code == 130
+    assert not [p for p in out.rglob("*") if p.is_file()]
+    monkeypatch.setattr(build, "run_image_task", real)
+    (out / "blur").mkdir(exist_ok=True)
+    (out / "blur" / ".astro_c000_k0.png.x1y2z3w4.part").write_bytes(b"half")
+    assert _fresh(photos, tmp_path, "o") == _fresh(photos, tmp_path, "fresh")
+
+
+def test_a_bare_name_with_a_slash_after_it_is_looked_up_in_deblurcli_data(tmp_path,
+                                                                          monkeypatch):
+    from deblurcli.synth.build import resolve_source
+
+    (tmp_path / "data" / "DF2K").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    env = {"DEBLURCLI_DATA": str(tmp_path / "data")}
+    assert resolve_source("DF2K/", env=env) == tmp_path / "data" / "DF2K"

@@ -180,8 +180,11 @@ def synth(
                            enabled=not quiet) as progress:
             result = run_synth(cfg, progress=progress, warn=lambda msg: warn(err, msg))
     except KeyboardInterrupt:  # then "interrupted" (or "terminated") and exit 130 (143)
+        kept = (Path(out) / "manifest.jsonl").is_file()  # removed when no pair was made
         err.print(f"the pairs of every source finished so far are kept in {out}; the same "
-                  "command goes on from there", highlight=False, markup=False)
+                  "command goes on from there" if kept else
+                  f"no pair was finished, so nothing is kept in {out}; the same command starts "
+                  "again", highlight=False, markup=False)
         raise
 
     con = stdout_console()

@@ -141,6 +141,12 @@ class SynthResult:
 # seeds, names, crop plans
 
 
+def _bytes(text: str) -> bytes:
+    """``text`` in UTF-8, a file name's bytes that are not UTF-8 as they were (``os.fsencode``
+    on POSIX): a name such as ``caf\\xe9.png`` stopped the whole run."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def sample_seed(seed: int, *keys: object) -> int:
     """A 63-bit seed for one sample, derived from the run seed and stable keys.
 
@@ -148,7 +154,7 @@ def sample_seed(seed: int, *keys: object) -> int:
     as the spawn key of a ``numpy.random.SeedSequence`` with entropy ``seed``.
     """
     digest = hashlib.blake2b(
-        "\x1f".join(str(k) for k in keys).encode("utf-8"), digest_size=16
+        _bytes("\x1f".join(str(k) for k in keys)), digest_size=16
     ).digest()
     words = tuple(int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4))
     state = np.random.SeedSequence(entropy=int(seed), spawn_key=words).generate_state(1, np.uint64)
@@ -183,7 +189,7 @@ def _unique_stems(stems: dict[str, str]) -> dict[str, str]:
     for stem in stems.values():
         counts[stem] = counts.get(stem, 0) + 1
     return {
-        rel: stem if counts[stem] == 1 else f"{stem}_{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+        rel: stem if counts[stem] == 1 else f"{stem}_{hashlib.sha1(_bytes(rel)).hexdigest()[:8]}"
         for rel, stem in stems.items()
     }
 
@@ -225,11 +231,12 @@ def resolve_source(arg: str, *, env: dict | None = None, videos: bool = False) -
         what = "a folder of frames or a video file" if videos else "a folder of images"
         raise DatasetError(f"{arg} is a file, not {what}")
     looked = [str(Path.cwd() / arg)]
-    bare = "/" not in arg and os.sep not in arg
+    name = arg.rstrip("/" + os.sep)  # "DF2K/" is the bare name DF2K too
+    bare = bool(name) and "/" not in name and os.sep not in name
     if bare:
         data = env.get("DEBLURCLI_DATA")
         if data:
-            cand = Path(data).expanduser() / arg
+            cand = Path(data).expanduser() / name
             if cand.is_dir():
                 return cand
             looked.append(str(cand))
@@ -416,9 +423,22 @@ def _window_pair(out: Path, spec: dict, frames: list[np.ndarray], crop: int | No
 
 
 def _plan_images(cfg: SynthConfig, src: Path, warn: WarnFn, result: SynthResult) -> list[dict]:
-    paths = list_images(src, recursive=True, on_skip=lambda p, why: warn(f"skipping {p}: {why}"))
     out_abs = Path(cfg.out).resolve()
-    paths = [p for p in paths if not p.resolve().is_relative_to(out_abs)]  # --out inside --src
+
+    def in_out(path: Path) -> bool:  # --out inside --src: its files are not sources
+        return path.resolve().is_relative_to(out_abs)
+
+    skipped: list[tuple[Path, str]] = []
+    paths = list_images(src, recursive=True, on_skip=lambda p, why: skipped.append((p, why)))
+    for path, why in skipped:
+        if not in_out(path):
+            warn(f"skipping {path}: {why}")
+    theirs = [p for p in paths if in_out(p) and not any(
+        p.resolve().is_relative_to(out_abs / sub) for sub in ("blur", "sharp"))]
+    if theirs:
+        warn(f"leaving out {len(theirs)} image(s) inside --out {cfg.out} (e.g. {theirs[0]}): "
+             "the output folder is not read as a source")
+    paths = [p for p in paths if not in_out(p)]
     if not paths:
         raise DatasetError(
             f"no images found in {src} (looked recursively for {', '.join(sorted(IMAGE_SUFFIXES))})"
@@ -625,6 +645,8 @@ def run_synth(
     else:
         _check_out(cfg)
         specs = _plan_frames(cfg, Path(cfg.frames), warn)
+    planned_names = {s["name"] for s in specs}
+    planned_sources = {s["source"] for s in specs}
     if cfg.limit is not None:
         specs = specs[: max(0, int(cfg.limit))]
     result.planned = len(specs)
@@ -638,8 +660,11 @@ def run_synth(
             cfg.out.mkdir(parents=True, exist_ok=True)
         with writing(settings):
             _check_settings(cfg)
+        _remove_temporary(cfg.out)  # of a run killed while it wrote
         for rec in _read_manifest(manifest):
-            if _files_exist(cfg.out, rec):
+            if rec["source"] in planned_sources and rec["name"] not in planned_names:
+                _remove_pair(cfg.out, rec["name"])  # its source's name changed: made again
+            elif _files_exist(cfg.out, rec):
                 done[rec["name"]] = rec
         todo = [s for s in specs if s["name"] not in done]
         result.already_done = len(specs) - len(todo)
@@ -696,10 +721,12 @@ def run_synth(
                             fut.cancel()
                         raise
     except BaseException:  # a failed write, Ctrl-C: as below when not one pair exists
+        _remove_unfinished(cfg.out, specs, done)
         if not done:
             _remove_new(new_files, new_folders)
         raise
     if not done:  # not one pair, now or before: no output, and leave none of it behind
+        _remove_unfinished(cfg.out, specs, done)
         _remove_new(new_files, new_folders)
         source = cfg.src if cfg.mode == "images" else cfg.frames
         why = f": {result.unreadable[0]}" if result.unreadable else ""
@@ -709,6 +736,32 @@ def run_synth(
         _write_manifest(manifest, done.values())
     result.seconds = time.perf_counter() - started
     return result
+
+
+_PAIR_FILES = (("blur", ".png"), ("sharp", ".png"), ("kernels", ".npy"))
+
+
+def _remove_pair(out: Path, name: str) -> None:
+    """The files of the pair ``name`` (those that exist)."""
+    for sub, suffix in _PAIR_FILES:
+        (out / sub / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+def _remove_unfinished(out: Path, specs: list[dict], done: dict[str, dict]) -> None:
+    """The parts of pairs this job planned but did not record (a pair's blurred image written,
+    its sharp one not): training reads the folders, not the manifest, and would take them."""
+    for spec in specs:
+        if spec["name"] not in done:
+            _remove_pair(out, spec["name"])
+
+
+def _remove_temporary(out: Path) -> None:
+    """Temporary files (``.NAME.*.part``) a killed run left in the pair folders."""
+    for sub, _ in _PAIR_FILES:
+        folder = out / sub
+        if folder.is_dir() and not folder.is_symlink():
+            for path in folder.glob(".*.part"):
+                path.unlink(missing_ok=True)
 
 
 def _missing_folders(folder: Path) -> list[Path]:
