@@ -420,3 +420,21 @@ def test_a_bare_name_with_a_slash_after_it_is_looked_up_in_deblurcli_data(tmp_pa
     monkeypatch.chdir(tmp_path)
     env = {"DEBLURCLI_DATA": str(tmp_path / "data")}
     assert resolve_source("DF2K/", env=env) == tmp_path / "data" / "DF2K"
+
+
+def test_unreadable_videos_are_said_as_such_and_listed(tmp_path):
+    """It warned "skipping cannot read ...", left them out of the summary, and with no video
+    readable said only that no sequence was long enough."""
+    pytest.importorskip("av")
+    frames = tmp_path / "frames"
+    (frames / "a").mkdir(parents=True)
+    (frames / "a" / "bad.mp4").write_bytes(b"garbage")
+    res = _synth("--frames", str(frames), "--out", str(tmp_path / "o"))
+    assert res.exit_code == 1 and "skipping cannot" not in res.stderr
+    assert "1 unreadable: cannot read" in " ".join(res.stderr.split())
+    base = data.astronaut()[:40, :56] / 255.0
+    for i in range(9):
+        write_image(frames / "seq" / f"{i:04d}.png", np.roll(base, shift=i, axis=1))
+    res = _synth("--frames", str(frames), "--out", str(tmp_path / "o"), "--crop", "32")
+    assert res.exit_code == 0, res.output
+    assert "skipped 1 unreadable input(s)" in res.stdout and "bad.mp4" in res.stdout

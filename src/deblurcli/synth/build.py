@@ -519,7 +519,7 @@ def _stem(rel: str, source: list[Path] | Path, root: Path) -> str:
     return rel.replace("/", "__")
 
 
-def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
+def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn, result: SynthResult) -> list[dict]:
     seqs = _sequences(root, warn, Path(cfg.out))
     if not seqs:
         raise DatasetError(
@@ -535,7 +535,8 @@ def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
             try:
                 count = count_frames(frames)
             except ImageReadError as exc:
-                warn(f"skipping {exc}")
+                warn(str(exc))
+                result.unreadable.append(str(exc))
                 continue
         else:
             count = len(frames)
@@ -571,7 +572,9 @@ def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn) -> list[dict]:
                 }
             )
     if not specs:
-        raise DatasetError(f"no sequence in {root} has at least {lo} frames")
+        unreadable = f" ({len(result.unreadable)} unreadable: {result.unreadable[0]})" \
+            if result.unreadable else ""
+        raise DatasetError(f"no sequence in {root} has at least {lo} frames{unreadable}")
     return specs
 
 
@@ -644,7 +647,7 @@ def run_synth(
         specs = _plan_images(cfg, Path(cfg.src), warn, result)
     else:
         _check_out(cfg)
-        specs = _plan_frames(cfg, Path(cfg.frames), warn)
+        specs = _plan_frames(cfg, Path(cfg.frames), warn, result)
     planned_names = {s["name"] for s in specs}
     planned_sources = {s["source"] for s in specs}
     if cfg.limit is not None:
