@@ -438,3 +438,25 @@ def test_unreadable_videos_are_said_as_such_and_listed(tmp_path):
     res = _synth("--frames", str(frames), "--out", str(tmp_path / "o"), "--crop", "32")
     assert res.exit_code == 0, res.output
     assert "skipped 1 unreadable input(s)" in res.stdout and "bad.mp4" in res.stdout
+
+
+def test_limit_in_frames_mode_takes_the_first_pairs_of_the_manifest(tmp_path):
+    """A folder's videos were planned before its sub-folders of frames, the manifest sorts by
+    path: --limit 1 made zz.mp4's first pair where a full run's manifest starts with aa's."""
+    av = pytest.importorskip("av")
+    base = (data.astronaut()[:40, :56]).astype(np.uint8)
+    frames = tmp_path / "frames"
+    for i in range(9):
+        write_image(frames / "aa" / f"{i:04d}.png", np.roll(base, shift=i, axis=1) / 255.0)
+    with av.open(str(frames / "zz.mp4"), "w") as c:
+        v = c.add_stream("mpeg4", rate=24)
+        v.width, v.height, v.pix_fmt = 56, 40, "yuv420p"
+        for i in range(9):
+            c.mux(v.encode(av.VideoFrame.from_ndarray(np.roll(base, i, axis=1), format="rgb24")))
+        c.mux(v.encode())
+    args = ("--frames", str(frames), "--crop", "32", "--n-max", "9")
+    assert _synth(*args, "--out", str(tmp_path / "full")).exit_code == 0
+    assert _synth(*args, "--out", str(tmp_path / "one"), "--limit", "1").exit_code == 0
+    full = (tmp_path / "full" / "manifest.jsonl").read_text().splitlines()
+    assert len(full) > 1 and (tmp_path / "one" / "manifest.jsonl").read_text().splitlines() == \
+        full[:1]

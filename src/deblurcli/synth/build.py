@@ -575,6 +575,9 @@ def _plan_frames(cfg: SynthConfig, root: Path, warn: WarnFn, result: SynthResult
         unreadable = f" ({len(result.unreadable)} unreadable: {result.unreadable[0]})" \
             if result.unreadable else ""
         raise DatasetError(f"no sequence in {root} has at least {lo} frames{unreadable}")
+    # in manifest order (a folder's videos were planned before its sub-folders): --limit M
+    # takes the first M samples of a full run's manifest
+    specs.sort(key=lambda spec: (Path(spec["source"]).parts, spec["window"]))
     return specs
 
 
