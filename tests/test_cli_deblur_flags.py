@@ -77,3 +77,42 @@ def test_minus_zero_gamma_is_zero(photo, tiny_model_folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert "gamma=0," in " ".join(result.stderr.split())
     assert [str(g) for g in parse_gammas("-0,0")] == ["0.0"]
+
+
+def test_a_model_with_one_adapter_runs_it_whole_and_says_gamma_is_ignored(photo, tmp_path,
+                                                                           tiny_model_folder):
+    """A folder with only its real adapter ran it at full strength whatever --gamma said,
+    while the run reported --gamma's value: it runs as γ = 1 and says so."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from deblurcli.images import read_image
+    from deblurcli.modelindex import sha256_file
+
+    folder = tiny_model_folder
+    real = load_file(folder / "lora_real.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(v.shape, generator=gen) * 0.3 if "lora_B" in k else v
+               for k, v in real.items()}, folder / "lora_real.safetensors")
+    (folder / "lora_synthetic.safetensors").unlink()
+    index = json.loads((folder / "model_index.json").read_text())
+    del index["_deblurcli"]["adapters"]["synthetic"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_file() and p.name != "checksums.sha256")
+    (folder / "checksums.sha256").write_text(
+        "".join(f"{sha256_file(folder / n)}  {n}\n" for n in names))
+    outputs = []
+    for backend, gamma in (("torch", "0.2"), ("torch", "1")):
+        out = tmp_path / f"out-{backend}-{gamma}"
+        result = run(photo, out, "--weights", folder, "--gamma", gamma, "--tile", "32",
+                     "--backend", backend)
+        assert result.exit_code == 0, result.output
+        said = " ".join(result.stderr.split())
+        assert "gamma=1 (real adapter only)" in said, said
+        ignored = "this model has only its real adapter (it runs as gamma=1); gamma=0.2 is ignored"
+        assert (ignored in said) == (gamma == "0.2"), said
+        outputs.append(read_image(out / "photo.png").pixels)
+    assert np.abs(outputs[0] - outputs[1]).max() == 0

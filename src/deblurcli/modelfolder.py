@@ -36,8 +36,9 @@ from deblurcli.errors import WeightsError
 from deblurcli.images import atomic_save_safetensors, atomic_write_bytes, fsync_folder
 from deblurcli.modelindex import (  # noqa: F401 - the folder's record, re-exported here
     CHECKSUM_FILE, COMPONENTS, DISCRIMINATOR_FILE, FORMAT_VERSION, INDEX_FILE, NO_DEFAULT_MODEL,
-    PIPELINE_CLASS, RECORD_KEY, WEIGHTS_FILE, PathLike, default_weights_dir, fixed_gamma,
-    gamma_ignored, read_model_index, resolve_model, sha256_file, verify_checksums)
+    ONE_ADAPTER_GAMMA, PIPELINE_CLASS, RECORD_KEY, WEIGHTS_FILE, PathLike, default_weights_dir,
+    fixed_gamma, gamma_ignored, held_gamma, read_model_index, resolve_model, sha256_file,
+    verify_checksums)
 from deblurcli.models import adapters as ad
 
 if TYPE_CHECKING:
@@ -361,6 +362,17 @@ def _merge_without_peft(folder: Path, unet: nn.Module, adapters: Mapping[str, st
     return g
 
 
+def model_held_gamma(model: OSDDModel, lora: PathLike | None = None
+                     ) -> tuple[float, str] | None:
+    """:func:`held_gamma` of a loaded model (``lora``: the blend file fused into it)."""
+    if model.fused_gamma is not None:
+        return model.fused_gamma, "fused" if lora is None else f"blend {Path(lora).name}"
+    if len(model.lora_specs) == 1 and next(iter(model.lora_specs)) in ONE_ADAPTER_GAMMA:
+        only = next(iter(model.lora_specs))  # it runs whole: the γ of that adapter alone
+        return ONE_ADAPTER_GAMMA[only], f"{only} adapter only"
+    return None
+
+
 def ready_model(model: OSDDModel, *, gamma: float, fuse: bool = True,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 vae_dtype: torch.dtype | None = None,
@@ -373,9 +385,10 @@ def ready_model(model: OSDDModel, *, gamma: float, fuse: bool = True,
     A model whose adapters were fused when saved keeps that γ (``warn`` says so if ``gamma``
     differs). ``load_model_folder`` ends with this; ``deblurcli eval`` calls it once per γ.
     """
-    if model.fused_gamma is not None:
-        model.gamma = model.fused_gamma
-        note = gamma_ignored(model.fused_gamma, gamma, lora)
+    held = model_held_gamma(model, lora)
+    if held is not None:
+        model.gamma = held[0]
+        note = gamma_ignored(held, gamma)
         if warn is not None and note:
             warn(note)
     elif model.has_dual_adapters:

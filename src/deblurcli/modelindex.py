@@ -201,10 +201,17 @@ def _checksum_lines(folder: Path) -> list[tuple[str, str]]:
     return lines
 
 
-def fixed_gamma(folder: PathLike, lora: PathLike | None = None) -> float | None:
-    """The γ a run of ``folder`` holds whatever ``--gamma`` says: the folder's fused γ, or that
-    recorded in the blend file ``lora``; ``None`` when γ is free."""
-    fused = read_model_index(folder)[RECORD_KEY].get("fused_gamma")
+#: the γ a model with one adapter runs as (W + Δ·x: γ = 1 is the real adapter alone)
+ONE_ADAPTER_GAMMA = {"real": 1.0, "synthetic": 0.0}
+
+
+def held_gamma(folder: PathLike, lora: PathLike | None = None) -> tuple[float, str] | None:
+    """``(γ, what holds it)`` for a run of ``folder`` whose γ is fixed whatever ``--gamma``
+    says, or ``None`` when γ is free: the folder's fused γ (``"fused"``), that recorded in the
+    blend file ``lora`` (``"blend NAME"``), or that of a folder with one adapter, which runs
+    whole (1 for ``"real adapter only"``, 0 for ``"synthetic adapter only"``)."""
+    record = read_model_index(folder)[RECORD_KEY]
+    fused = record.get("fused_gamma")
     if lora is not None:
         if fused is not None:  # as OSDDModel.fuse_adapter_file says it
             raise WeightsError(f"this model's adapters are already fused (gamma={fused:g}); an "
@@ -212,15 +219,31 @@ def fixed_gamma(folder: PathLike, lora: PathLike | None = None) -> float | None:
         from deblurcli.models import adapters as ad
 
         _, _, metadata = ad.read_lora_file(lora)
-        return ad.blend_gamma(metadata, lora)
-    return None if fused is None else float(fused)
+        return ad.blend_gamma(metadata, lora), f"blend {Path(lora).name}"
+    if fused is not None:
+        return float(fused), "fused"
+    adapters = list(record.get("adapters") or {})
+    if len(adapters) == 1 and adapters[0] in ONE_ADAPTER_GAMMA:
+        return ONE_ADAPTER_GAMMA[adapters[0]], f"{adapters[0]} adapter only"
+    return None
 
 
-def gamma_ignored(fixed: float, gamma: float, lora: PathLike | None = None) -> str | None:
-    """The note for a requested ``gamma`` that a fused model (at ``fixed``) ignores, or None;
-    ``lora``: the blend file that holds ``fixed`` (the folder's adapters are not fused)."""
+def fixed_gamma(folder: PathLike, lora: PathLike | None = None) -> float | None:
+    """The γ of :func:`held_gamma`, or ``None`` when γ is free."""
+    held = held_gamma(folder, lora)
+    return None if held is None else held[0]
+
+
+def gamma_ignored(held: tuple[float, str], gamma: float) -> str | None:
+    """The note for a requested ``gamma`` that a run ignores, its γ being ``held`` (see
+    :func:`held_gamma`), or None when they are equal."""
+    fixed, how = held
     if abs(float(gamma) - fixed) <= 1e-9:
         return None
-    held = f"the blend {Path(lora).name} holds" if lora is not None else \
-        "this model's adapters are fused at"
-    return f"{held} gamma={fixed:g}; gamma={float(gamma):g} is ignored"
+    if how.startswith("blend "):
+        said = f"the {how} holds gamma={fixed:g}"
+    elif how == "fused":
+        said = f"this model's adapters are fused at gamma={fixed:g}"
+    else:  # one adapter
+        said = f"this model has only its {how.split()[0]} adapter (it runs as gamma={fixed:g})"
+    return f"{said}; gamma={float(gamma):g} is ignored"

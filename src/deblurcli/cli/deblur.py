@@ -265,7 +265,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
         threads=threads or cpu_threads_share(group) or default_cpu_threads(),
         warn=lambda m: warn(err, escape(m)))
     if cached is not None:  # no torch in this process
-        (runner, fixed), backend_name, device, dtype, vae_dtype = cached, "onnx", "cpu", None, None
+        (runner, held), backend_name, device, dtype, vae_dtype = cached, "onnx", "cpu", None, None
         dtype_text = "float32"
     else:
         from deblurcli.device import resolve_device, resolve_dtype, set_cpu_threads, vae_dtype_for
@@ -280,13 +280,14 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
             # processes
             set_cpu_threads(threads or cpu_threads_share(group))
         folder = resolve_model(weights if weights is not None else default_weights_dir())
-        runner, fixed, backend_name = _load_runner(
+        runner, held, backend_name = _load_runner(
             folder, backend=backend, device=device, dtype=dtype, vae_dtype=vae_dtype,
             gamma=gamma, fuse=fuse, lora=lora, tile=tile, compile_model=compile_model,
             group=group, warn=lambda m: warn(err, escape(m)),
             note=lambda m: err.print(m, highlight=False, markup=False))
     # a fused model keeps its own γ (a note said so if --gamma differs): report that one
-    gamma_text = f"gamma={fixed:g} (fused)" if fixed is not None else f"gamma={gamma:g}"
+    gamma_text = f"gamma={gamma:g}" if held is None else \
+        f"gamma={held[0]:g} ({'fused' if held[1] == 'fused' or held[1].startswith('blend') else held[1]})"
     pipeline = DeblurPipeline(runner, device=device, dtype=vae_dtype or dtype, tile=tile,
                               overlap=overlap, channels_last=backend_name == "torch",
                               batch_size=batch_size or default_batch_size(device),
@@ -364,15 +365,14 @@ def _unasked_gamma(weights: Optional[Path], lora: Optional[Path]) -> float:
 def _cached_onnx_runner(weights: Optional[Path], *, group, backend: str, device_name: str,
                         dtype_name: str, gamma: float, fuse: bool, lora: Optional[Path],
                         tile: int, compile_model: bool, threads: int, warn):
-    """``(model, fixed γ or None)`` when this run can take an already exported ONNX model
+    """``(model, held γ (see held_gamma) or None)`` when this run can take an already exported ONNX model
     without importing torch (2 s of a one-photo run): one process, surely the CPU
     (:func:`deblurcli.device.surely_cpu`), float32, fused adapters of the folder itself and an
     export in the cache. None otherwise: :func:`_load_runner` then decides with torch.
     """
     from deblurcli import onnx_backend
     from deblurcli.device import surely_cpu
-    from deblurcli.modelindex import default_weights_dir, fixed_gamma, gamma_ignored, \
-        resolve_model
+    from deblurcli.modelindex import default_weights_dir, gamma_ignored, held_gamma, resolve_model
 
     if group is not None or backend == "torch" or lora is not None or \
             dtype_name.strip().lower() not in ("auto", "fp32") or not surely_cpu(device_name) or \
@@ -386,10 +386,10 @@ def _cached_onnx_runner(weights: Optional[Path], *, group, backend: str, device_
         return None
     if model is None:
         return None
-    fixed = fixed_gamma(folder)
-    if fixed is not None and gamma_ignored(fixed, gamma):
-        warn(gamma_ignored(fixed, gamma))
-    return model, fixed
+    held = held_gamma(folder)
+    if held is not None and gamma_ignored(held, gamma):
+        warn(gamma_ignored(held, gamma))
+    return model, held
 
 
 #: the formats that can hold an alpha channel (a --ext jpg run warns before such inputs)
@@ -399,7 +399,7 @@ _ALPHA_SUFFIXES = frozenset({".png", ".webp", ".tif", ".tiff", ".avif", ".heic",
 def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma: float,
                  fuse: bool, lora: Optional[Path], tile: int, compile_model: bool, warn, note,
                  group=None):
-    """``(model callable, fixed γ or None, "torch" | "onnx")`` for this run.
+    """``(model callable, held γ (see held_gamma) or None, "torch" | "onnx")`` for this run.
 
     ``--backend auto`` takes ONNX Runtime where it can run (docs/performance.md), else torch;
     an explicit ``onnx`` that cannot run is an error of one line. Under a launcher (``group``)
@@ -411,7 +411,7 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
     from deblurcli import onnx_backend
     from deblurcli.cli.app import running_as_command
     from deblurcli.errors import DeblurcliError
-    from deblurcli.modelfolder import fixed_gamma, gamma_ignored, load_model_folder
+    from deblurcli.modelfolder import gamma_ignored, held_gamma, load_model_folder
     from deblurcli.pipeline import prepare_model
 
     fp32 = dtype == torch.float32 and vae_dtype in (None, torch.float32)
@@ -434,9 +434,9 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
                                  vae_dtype=run_vae_dtype, lora=lora, warn=warn)
 
     if reason is None:
-        fixed = fixed_gamma(folder, lora)  # a bad folder or blend file fails here, as with torch
-        if fixed is not None and gamma_ignored(fixed, gamma, lora):
-            warn(gamma_ignored(fixed, gamma, lora))
+        held = held_gamma(folder, lora)  # a bad folder or blend file fails here, as with torch
+        if held is not None and gamma_ignored(held, gamma):
+            warn(gamma_ignored(held, gamma))
         def load_onnx():
             return onnx_backend.load(folder, gamma=gamma, lora=lora,
                                      threads=torch.get_num_threads(),
@@ -456,7 +456,7 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
             else:
                 group.wait()
                 runner = load_onnx()
-            return runner, fixed, "onnx"
+            return runner, held, "onnx"
         except DeblurcliError:
             raise
         except Exception as exc:  # noqa: BLE001 - the exporter's and ONNX Runtime's many kinds
@@ -467,10 +467,10 @@ def _load_runner(folder: Path, *, backend: str, device, dtype, vae_dtype, gamma:
                 raise DeblurcliError(f"--backend onnx: {why}") from None
             note(f"{why}; running with PyTorch")
             model = torch_model(warn=None)  # the γ note, if any, is out already
-            return prepare_model(model, channels_last=True, compile=compile_model), fixed, "torch"
+            return prepare_model(model, channels_last=True, compile=compile_model), held, "torch"
     model = torch_model()
     return prepare_model(model, channels_last=True, compile=compile_model), \
-        fixed_gamma(folder, lora), "torch"
+        held_gamma(folder, lora), "torch"
 
 
 def _process_group(device_name: str):

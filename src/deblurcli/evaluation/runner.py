@@ -285,7 +285,8 @@ def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None, vae_d
     """
     import torch
 
-    from deblurcli.modelfolder import gamma_ignored, load_model_folder, ready_model
+    from deblurcli.modelfolder import gamma_ignored, load_model_folder, model_held_gamma, \
+        ready_model
 
     start = time.perf_counter()
     base = load_model_folder(mc.weights, device="cpu", dtype=torch.float32, gamma=mc.gammas[0],
@@ -293,12 +294,12 @@ def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None, vae_d
     base_seconds = time.perf_counter() - start
     gammas = mc.gammas
     if base.fused_gamma is not None or not base.has_dual_adapters:
-        fixed = base.fused_gamma
-        check_sweep(mc.weights, gammas, fixed, dual=False)
-        note = gamma_ignored(fixed, gammas[0]) if fixed is not None else None
+        held = model_held_gamma(base)  # fused, or one adapter: the γ it runs as
+        check_sweep(mc.weights, gammas, base.fused_gamma, dual=False)
+        note = gamma_ignored(held, gammas[0]) if held is not None else None
         if note and warn is not None:
             warn(note)
-        gammas = (fixed if fixed is not None else gammas[0],)
+        gammas = (held[0] if held is not None else gammas[0],)
     for index, gamma in enumerate(gammas):
         start = time.perf_counter()
         last = index == len(gammas) - 1
