@@ -553,3 +553,27 @@ for case in cases:
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_an_export_finished_first_by_another_process_is_kept(tmp_path, monkeypatch):
+    """The later of two processes exporting the same model removed the first one's finished
+    export (which that process, or a third, may have been opening) to put its own copy there."""
+    import torch
+
+    written = []
+
+    def fake_export(module, args, path, **kwargs):  # the exporter, without the minutes
+        written.append(path)
+        Path(path).write_bytes(f"export {len(written)}".encode())
+
+    monkeypatch.setattr(torch.onnx, "export", fake_export)
+    where = tmp_path / ".onnx" / "KEY"
+    onnx_backend.export(torch.nn.Identity(), where, {"checksums": "x"})
+    first = (where / "model.onnx").stat().st_ino
+    onnx_backend.export(torch.nn.Identity(), where, {"checksums": "x"})  # the later process
+    assert len(written) == 2 and (where / "model.onnx").read_bytes() == b"export 1"
+    assert (where / "model.onnx").stat().st_ino == first
+    assert [p.name for p in where.parent.iterdir()] == ["KEY"]  # its copy is not left behind
+    (where / "model.onnx").write_bytes(b"damaged")  # not as recorded: replaced
+    onnx_backend.export(torch.nn.Identity(), where, {"checksums": "x"})
+    assert (where / "model.onnx").read_bytes() == b"export 3"

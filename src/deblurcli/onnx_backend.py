@@ -261,6 +261,9 @@ def export(model, folder: Path, parts: dict | None = None) -> None:
         if parts is not None:  # with the files' digests, checked by each run that opens them
             record = {**parts, FILES_KEY: _file_records(tmp)}
             (tmp / KEY_FILE).write_text(json.dumps(record, sort_keys=True) + "\n")
+        if parts is not None and folder.is_dir() and intact(folder):
+            return  # another process finished the same export first: keep that one (it may
+            # be opening it), not remove it for this copy
         shutil.rmtree(folder, ignore_errors=True)  # an unreadable earlier export
         try:
             os.replace(tmp, folder)
