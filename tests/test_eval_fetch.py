@@ -50,12 +50,16 @@ def test_offline_is_the_flag_or_hf_hub_offline(monkeypatch):
     from deblurcli.modelindex import offline_requested
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     assert not offline_requested(False) and offline_requested(True)
     for value, offline in (("1", True), ("true", True), ("ON", True), ("Yes", True),
                            ("0", False), ("", False), ("False", False), ("no", False),
                            ("off", False)):
         monkeypatch.setenv("HF_HUB_OFFLINE", value)
         assert offline_requested(False) is offline, value
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")  # huggingface_hub reads it too
+    assert offline_requested(False)
 
 
 def test_torchvision_backbones_are_checked_against_the_hash_in_their_name(real_fetch,

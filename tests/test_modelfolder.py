@@ -391,9 +391,25 @@ def test_an_unlisted_weights_index_is_refused(tiny_model_folder):
     with pytest.raises(WeightsError, match="does not list unet/diffusion_pytorch_model"
                                            r"\.safetensors\.index\.json"):
         load_model_folder(tiny_model_folder)
-    (unet / "notes.txt").write_text("a file diffusers never reads may lie there")
+    _relist(tiny_model_folder)  # listed, its shard must be too, and is then what runs
+    listed = (tiny_model_folder / CHECKSUM_FILE).read_text()
+    (tiny_model_folder / CHECKSUM_FILE).write_text("".join(
+        line + "\n" for line in listed.splitlines() if "other-00001" not in line))
+    with pytest.raises(WeightsError, match="does not list unet/other-00001-of-00001"):
+        load_model_folder(tiny_model_folder)
     (unet / "diffusion_pytorch_model.safetensors.index.json").unlink()
     (unet / "other-00001-of-00001.safetensors").unlink()
+    # files diffusers never reads may lie there: a .bin beside the safetensors (use_safetensors),
+    # a Jupyter checkpoint, macOS's AppleDouble files
+    (unet / "diffusion_pytorch_model.bin").write_bytes(b"junk")
+    (unet / ".ipynb_checkpoints").mkdir()
+    (unet / ".ipynb_checkpoints" / "config-checkpoint.json").write_text("{}")
+    (unet / "._diffusion_pytorch_model.safetensors").write_bytes(b"\0\5\26\7")
+    _relist(tiny_model_folder)
+    for junk in ("diffusion_pytorch_model.bin", "._diffusion_pytorch_model.safetensors"):
+        listed = (tiny_model_folder / CHECKSUM_FILE).read_text()
+        (tiny_model_folder / CHECKSUM_FILE).write_text("".join(
+            line + "\n" for line in listed.splitlines() if not line.endswith(junk)))
     assert load_model_folder(tiny_model_folder) is not None
 
 
@@ -410,8 +426,7 @@ def test_a_weights_file_lacking_a_tensor_is_one_line_naming_it(tiny_model_folder
     del tensors[dropped]
     save_file(tensors, path)
     _relist(tiny_model_folder)
-    with pytest.raises(WeightsError, match=f"{component}/diffusion_pytorch_model.safetensors "
-                                           f".* lacks tensor.*{dropped}"):
+    with pytest.raises(WeightsError, match=f"{component}/ of .* lacks 1 tensor.*{dropped}"):
         load_model_folder(tiny_model_folder)
     captured = capsys.readouterr()
     assert "TRAIN" not in captured.out + captured.err
@@ -477,3 +492,47 @@ def test_a_cut_short_hub_fetch_is_fetched_again_or_said(tiny_model_folder, tmp_p
     assert [bool(k.get("local_files_only")) for k in fetched] == [True, False]
     fetched.clear()
     assert resolve_model("someone/osdd") == snapshot and len(fetched) == 1  # whole: no fetch
+
+
+def test_weights_of_an_older_diffusers_layout_load_as_diffusers_renames_them(tiny_model_folder):
+    """diffusers renames a VAE's old attention names (query, key, value, proj_attn) on load: a
+    check of the file's names against the model's refused such folders."""
+    from safetensors.torch import load_file, save_file
+
+    path = tiny_model_folder / "evae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for key, value in tensors.items():
+        for new, former in old.items():
+            if ".attentions.0." in key and f".{new}." in key:
+                key = key.replace(f".{new}.", f".{former}.")
+        renamed[key] = value
+    assert renamed.keys() != tensors.keys()
+    save_file(renamed, path)
+    _relist(tiny_model_folder)
+    loaded = load_model_folder(tiny_model_folder, gamma=0.7)
+    state = loaded.evae.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in tensors.items() if k in state)
+
+
+def test_a_malformed_checksum_file_in_the_hub_cache_is_reported_not_fetched(tiny_model_folder,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants as hc
+
+    from deblurcli.modelindex import resolve_model
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--osdd"
+    shutil.copytree(tiny_model_folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit / CHECKSUM_FILE).write_text("not a checksum\n")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = resolve_model("someone/osdd")  # not "lacks checksums.sha256 ... fetch it"
+    with pytest.raises(WeightsError, match="malformed at line 1"):
+        load_model_folder(folder)

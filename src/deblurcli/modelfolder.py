@@ -194,8 +194,8 @@ def _write_folder(tmp: Path, model: OSDDModel, *, extra, storage_dtype, include_
 
 # ----------------------------------------------------------------------------- loading
 def _load_component(cls: type, folder: Path, name: str) -> nn.Module:
-    """One component, its weights file holding exactly the tensors of its settings (diffusers
-    only warns about missing ones and leaves them unset, which failed later as anything)."""
+    """One component, refused when its weights file lacks a tensor of its settings (diffusers
+    only warns and leaves it unset, which failed later as anything)."""
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()
@@ -208,18 +208,14 @@ def _load_component(cls: type, folder: Path, name: str) -> nn.Module:
         raise WeightsError(f"cannot load {name}/ of {folder}: {reason}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    path = folder / name / WEIGHTS_FILE
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as stored:
-            keys = set(stored.keys())
-        expected = set(module.state_dict())
-        for what, names in (("lacks", expected - keys), ("has unknown", keys - expected)):
-            if names:
-                raise WeightsError(f"{name}/{WEIGHTS_FILE} in {folder} {what} tensor(s) for "
-                                   f"its config.json: {', '.join(sorted(names)[:3])}"
-                                   f"{', ...' if len(names) > 3 else ''}")
+    # diffusers only warns about tensors its file lacks and leaves them unset (on the meta
+    # device), after renaming those of older layouts: those left are missing
+    missing = [key for key, value in [*module.named_parameters(), *module.named_buffers()]
+               if value.is_meta]
+    if missing:
+        raise WeightsError(f"{name}/ of {folder} lacks {len(missing)} tensor(s) its "
+                           f"config.json needs: {', '.join(missing[:3])}"
+                           f"{', ...' if len(missing) > 3 else ''}")
     return module
 
 

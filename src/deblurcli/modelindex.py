@@ -54,10 +54,11 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
 
 
 def offline_requested(flag: bool = False) -> bool:
-    """True with ``--offline`` (``flag``) or when ``HF_HUB_OFFLINE`` is set to a true value as
-    huggingface_hub reads it (1, true, yes, on, in any case)."""
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
-    return flag or env in ("1", "true", "yes", "on")
+    """True with ``--offline`` (``flag``) or when ``HF_HUB_OFFLINE`` (else
+    ``TRANSFORMERS_OFFLINE``) is set to a true value as huggingface_hub reads it (1, true, yes,
+    on, in any case)."""
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return flag or env.upper() in ("1", "TRUE", "YES", "ON")
 
 
 def resolve_model(source: PathLike, *, offline: bool = False) -> Path:
@@ -96,11 +97,14 @@ def resolve_model(source: PathLike, *, offline: bool = False) -> Path:
 
 
 def _lacking(folder: Path) -> str | None:
-    """The first file a fetched model folder lacks (its checksums, a file they list), or None."""
+    """The first file a fetched model folder lacks (its checksums, a file they list), or None
+    (a checksum file that cannot be read is the loader's to report: fetching does not mend it)."""
+    if not (folder / CHECKSUM_FILE).is_file():
+        return CHECKSUM_FILE
     try:
         names = [name for _, name in _checksum_lines(folder)]
     except WeightsError:
-        return CHECKSUM_FILE
+        return None
     return next((name for name in names if not (folder / name).is_file()), None)
 
 
@@ -161,19 +165,26 @@ def verify_checksums(folder: PathLike) -> list[str]:
         required = [INDEX_FILE, *(f"{c}/{f}" for c in COMPONENTS for f in (CONFIG_FILE,
                                                                            WEIGHTS_FILE)),
                     *(str(file) for file in adapters.values())]
-        required += sorted(
-            path.relative_to(folder).as_posix() for c in COMPONENTS
-            for path in (folder / c).rglob("*") if path.suffix in _READ_SUFFIXES
-            and path.is_file() and path.relative_to(folder).as_posix() not in required)
+        for c in COMPONENTS:  # diffusers prefers a sharded index to the weights file
+            for index in sorted((folder / c).glob("*.safetensors.index.json")):
+                required.append(f"{c}/{index.name}")
+                required += sorted({f"{c}/{shard}" for shard in _shards(index)})
     unlisted = [name for name in required if name not in names]
     if unlisted:
         raise WeightsError(f"{CHECKSUM_FILE} in {folder} does not list {unlisted[0]}")
     return names
 
 
-#: files in a component folder that diffusers may load weights or settings from
-_READ_SUFFIXES = frozenset({".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack",
-                            ".h5", ".gguf"})
+def _shards(index: Path) -> list[str]:
+    """The shard files a sharded weights index names (none when it cannot be read: then it is
+    the index itself that must be listed, and is checked)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+        return [str(name) for name in weight_map.values()]
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return []
+
+
 #: a line of ``sha256sum`` (text mode: two spaces; binary mode, ``-b``: a space and a star)
 _CHECKSUM_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")
 
