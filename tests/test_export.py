@@ -103,15 +103,17 @@ def test_export_never_overwrites_by_surprise_nor_leaves_half_a_folder(run: Path,
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    result = _export(run, "-o", out)
-    assert result.exit_code == 1 and "--force" in result.stderr
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    # --force replaced (deleted) any folder: it replaces a model folder, never a user's own
-    result = _export(run, "-o", out, "--force")
-    assert result.exit_code == 1 and "not a deblurcli model folder" in result.stderr
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # --force replaced (deleted) any folder: it replaces a model folder, never a user's own,
+    # and is not suggested for one
+    for force in ([], ["--force"]):
+        result = _export(run, "-o", out, *force)
+        assert result.exit_code == 1 and "not a deblurcli model folder" in result.stderr
+        assert "--force" not in result.stderr
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
     out = tmp_path / "model"
     assert _export(run, "-o", out).exit_code == 0
+    result = _export(run, "-o", out)
+    assert result.exit_code == 1 and "--force" in result.stderr
     (out / "notes.txt").write_text("of the earlier export: replaced with it")
     assert _export(run, "-o", out, "--force").exit_code == 0
     assert not (out / "notes.txt").exists() and load_model_folder(out) is not None

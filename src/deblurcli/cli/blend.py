@@ -133,8 +133,9 @@ def _blend_files(lora_real: Path | None, lora_synthetic: Path | None, gamma: flo
     if output.is_dir():
         raise DeblurcliError(f"{output} is a folder; give a .safetensors file name "
                              "(or use --fuse to write a model folder)")
-    if weights is not None and _is_within(output, weights):
-        raise DeblurcliError(f"the output must be outside the model folder {weights}")
+    if weights is not None and output.exists() and _is_within(output, weights):
+        raise DeblurcliError(f"{output} is a file of {weights}, which is blended; give another "
+                             "file name")
     if output.exists():
         if any(_same_file(output, src) for src in (lora_real, lora_synthetic)):
             raise DeblurcliError(f"{output} is one of the adapters being blended; "

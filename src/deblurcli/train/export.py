@@ -202,9 +202,9 @@ def _export_state(run: Path, out: Path, state: RunState, *, storage_dtype: torch
                        *(_rebuilt_from(state.path) if state.is_checkpoint else [])])
     if out.exists() and not out.is_dir():
         raise DeblurcliError(f"{out} exists and is not a folder")
+    check_replaceable(out)  # --force replaces a model folder, never a user's own folder
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DeblurcliError(f"{out} exists and is not empty; pass --force to replace it")
-    check_replaceable(out)  # --force replaces a model folder, never a user's own folder
     with atomic_folder(out, replace=True) as tmp:
         if not state.is_checkpoint:
             export_model_folder(state.path, tmp, storage_dtype=storage_dtype,
