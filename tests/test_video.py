@@ -50,7 +50,7 @@ def _keep_torch_threads():
 
 def make_clip(path: Path, *, frames: int = N, width: int = W, height: int = H, fps: int = FPS,
               audio: bool = True, rotate: int = 0, vfr: bool = False,
-              x264: Optional[dict] = None) -> Path:
+              x264: Optional[dict] = None, audio_codec: str = "aac") -> Path:
     """An H.264 clip of moving colour ramps; ``vfr``: millisecond timestamps with uneven gaps;
     ``audio``: a 440 Hz mono AAC track as long as the video; ``x264``: encoder options."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,7 @@ def make_clip(path: Path, *, frames: int = N, width: int = W, height: int = H, f
             v.set_display_rotation(rotate)
         if vfr:
             v.codec_context.time_base = Fraction(1, 1000)
-        a = c.add_stream("aac", rate=SR, layout="mono") if audio else None
+        a = c.add_stream(audio_codec, rate=SR, layout="mono") if audio else None
         yy, xx = np.mgrid[0:height, 0:width]
         for i in range(frames):
             img = np.stack([(xx * 3 + i * 8) % 256, (yy * 4 + i * 5) % 256,
@@ -809,6 +809,12 @@ def test_audio_its_container_cannot_hold_fails_that_video_alone(tmp_path):
     assert "its aac audio cannot be copied into a .webm file; rename it to" in failed[0].error
     assert ".mkv" in failed[0].error and ".avi" not in failed[0].error
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fine.mp4"]
+    # refused only when the header is written: Opus in QuickTime
+    make_clip(folder / "opus.mkv", frames=3, audio_codec="libopus").rename(folder / "opus.mov")
+    summary = run_jobs(plan_jobs(folder / "opus.mov", tmp_path / "out", options),
+                       lambda x, progress=None: x, options)
+    assert "its opus audio cannot be copied into a .mov file" in summary.results[0].error
+    assert ".mov" not in summary.results[0].error.split("rename it to")[1]
 
 
 def test_parts_of_a_video_whose_name_has_a_colon_are_joined(tmp_path, monkeypatch):

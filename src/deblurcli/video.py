@@ -737,13 +737,15 @@ def _prepare(source: Path, target: Path, codec: str, crf: int,
 
 
 def _holds_audio(av: Any, muxer: str, streams: list) -> bool:
-    """Whether a ``muxer`` file can take copies of the audio ``streams``."""
-    with av.open(io.BytesIO(), "w", format=muxer) as container:
-        try:
+    """Whether a ``muxer`` file can take copies of the audio ``streams`` (its header written
+    in memory: some refusals come only then, such as Opus in QuickTime)."""
+    try:
+        with av.open(io.BytesIO(), "w", format=muxer) as container:
             for stream in streams:
                 container.add_stream_from_template(stream)
-        except ValueError:  # PyAV: "'webm' format does not support 'aac' codec"
-            return False
+            container.start_encoding()
+    except (ValueError, av.error.FFmpegError):  # "'webm' format does not support 'aac' codec"
+        return False
     return True
 
 
