@@ -460,3 +460,25 @@ def test_limit_in_frames_mode_takes_the_first_pairs_of_the_manifest(tmp_path):
     full = (tmp_path / "full" / "manifest.jsonl").read_text().splitlines()
     assert len(full) > 1 and (tmp_path / "one" / "manifest.jsonl").read_text().splitlines() == \
         full[:1]
+
+
+def test_a_refused_or_interrupted_resume_keeps_the_pairs_made_before(photos, tmp_path,
+                                                                     monkeypatch):
+    """The clean-up of unrecorded pairs ran when a resume was refused (other settings) or
+    stopped while it read the manifest, with nothing recorded yet in this run: it deleted
+    every pair of the folder."""
+    from deblurcli.synth import build
+
+    made = _fresh(photos, tmp_path, "o")
+    out = str(tmp_path / "o")
+    res = _synth("--src", str(photos), "--out", out, "--crop", "48", "--stride", "32",
+                 "--seed", "1")
+    assert res.exit_code == 1 and "different synth settings" in res.stderr
+    assert _tree(tmp_path / "o") == made
+
+    def stopped(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "_read_manifest", stopped)
+    res = _synth("--src", str(photos), "--out", out, "--crop", "48", "--stride", "32")
+    assert res.exit_code == 130 and _tree(tmp_path / "o") == made
