@@ -84,6 +84,31 @@ def test_plan_jobs_folder_recursive_and_shards(folder, tmp_path):
     assert not {j.source for j in halves[0]} & {j.source for j in halves[1]}
 
 
+def test_a_file_keeps_its_shard_when_files_are_added_or_removed(tmp_path):
+    """--shard took every n-th file of the listing: a file added between the runs of 0/2 and
+    1/2 moved the rest to the other shard, so some were done twice and some never."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = [f"{c}.png" for c in "acegikmoqs"]
+    for name in names:
+        (folder / name).write_bytes(b"")
+
+    def shards(count):
+        return [{j.source.name for j in plan_jobs(folder, tmp_path / "o",
+                                                  BatchOptions(shard=(i, count)))}
+                for i in range(count)]
+
+    before = shards(3)
+    assert set().union(*before) == set(names) and sum(map(len, before)) == len(names)
+    assert all(before)  # spread: no shard of 10 files is empty
+    for added in "bdfhjlnprt":
+        (folder / f"{added}.png").write_bytes(b"")
+    (folder / "a.png").unlink()
+    after = shards(3)
+    assert sum(map(len, after)) == len(names) - 1 + 10
+    assert all(b - {"a.png"} <= a for b, a in zip(before, after, strict=True))
+
+
 def test_plan_jobs_single_file_and_missing_inputs(folder, tmp_path):
     jobs = plan_jobs(folder / "b.png", tmp_path / "o", BatchOptions(suffix="_s"))
     assert jobs == [Job(folder / "b.png", tmp_path / "o" / "b_s.png")]

@@ -200,3 +200,43 @@ def test_two_processes_split_one_video_by_frames(tiny_model_folder, tmp_path):
     assert b["audio"]["packets"] == a["audio"]["packets"]
     assert b["audio"]["seconds"] == pytest.approx(12 / 24, abs=0.07)
     assert all(np.array_equal(x, y) for x, y in zip(a["rgb"], b["rgb"], strict=True))
+
+
+class _LateProcess:
+    """The second of two launched processes, as ``deblur`` sees its process group."""
+
+    index, count, is_main = 1, 2, False
+
+    def __init__(self) -> None:
+        self.waits = 0
+
+    def wait(self) -> None:
+        self.waits += 1
+
+
+def test_a_process_waits_for_all_to_plan_and_leaves_reports_to_the_main_one(tmp_path,
+                                                                            monkeypatch):
+    """A process that planned after the others had written every output ended at once, while
+    they waited for it in the final gather (forever); one that found only unreadable entries
+    printed the error line again; --dry-run printed the whole plan once per process."""
+    from typer.testing import CliRunner
+
+    from deblurcli.cli import deblur as cli_deblur
+    from deblurcli.cli.app import app
+
+    late = _LateProcess()
+    monkeypatch.setattr(cli_deblur, "_process_group", lambda device: late)
+    (tmp_path / "in").mkdir()
+    write_image(tmp_path / "in" / "a.png", np.zeros((8, 8, 3), np.float32))
+    write_image(tmp_path / "out" / "a.png", np.zeros((8, 8, 3), np.float32))
+    args = ["deblur", str(tmp_path / "in"), str(tmp_path / "out"), "-w", str(tmp_path / "none")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and late.waits == 1
+    (tmp_path / "in" / "b.png").symlink_to(tmp_path / "gone.png")  # unreadable
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and late.waits == 2
+    assert result.output == ""  # the main process reports it
+    result = CliRunner().invoke(app, [*args, "--dry-run"], env={"RANK": "1"})
+    assert result.exit_code == 1 and result.output == ""
+    result = CliRunner().invoke(app, [*args, "--dry-run"], env={"RANK": "0"})
+    assert result.exit_code == 1 and "dry run: would process 0, skip 1, fail 1" in result.output

@@ -23,6 +23,7 @@ ledger does not vouch for is an input like any other and is never replaced.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -188,6 +189,14 @@ def parse_shard(spec: str) -> tuple[int, int]:
         raise ValueError(f"invalid shard {spec!r}: use i/n with n >= 1 and i in 0..n-1 "
                          "(e.g. 0/2 and 1/2 split a folder in two)")
     return index, count
+
+
+def shard_of(rel: str, count: int) -> int:
+    """The shard (0..count-1) of the file at relative path ``rel`` for ``--shard i/count``: from
+    a hash of the path alone, so that each file stays in its shard whatever files are added or
+    removed between the runs of the shards (an index into the listing moved them all)."""
+    digest = hashlib.blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % count
 
 
 def shard_items(items: list, shard: Optional[tuple[int, int]]) -> list:
@@ -522,7 +531,10 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
         name = output_name(rel, options.suffix, options.ext) if rel.suffix else rel.name
         jobs.append((rel, Job(path, out_dir / rel.parent / name, problem=reason)))
     jobs.sort(key=lambda item: item[0].as_posix())
-    return shard_items([job for _, job in jobs], options.shard)
+    if options.shard is None:
+        return [job for _, job in jobs]
+    index, count = options.shard
+    return [job for rel, job in jobs if shard_of(rel.as_posix(), count) == index]
 
 
 def _is_folder(path: Path) -> bool:

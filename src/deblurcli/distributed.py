@@ -134,7 +134,8 @@ def split_jobs(jobs: list[Job], options: BatchOptions,
     if group is None:
         return [], list(jobs)
     videos = [job for job in jobs if is_video(job.source) and needs_processing(job, options)]
-    rest = [job for job in jobs if job not in set(videos)]
+    split = set(videos)
+    rest = [job for job in jobs if job not in split]
     return videos, shard_items(rest, (group.index, group.count))
 
 

@@ -452,9 +452,11 @@ def plan_spans(path: Path, parts: int) -> list[FrameSpan]:
     packets' timestamps, read without decoding).
 
     Raises:
-        ImageReadError: the file cannot be read, has no video stream or no video packet.
+        ImageReadError: the file cannot be read, is truncated (:func:`check_whole`), has no video
+            stream or no video packet.
     """
     path = Path(path)
+    check_whole(path)  # as one process says it, before its packets fail to be read
     with _video_stream(path) as (container, stream):
         timestamps = [packet.pts for packet in container.demux(stream)
                       if packet.size and not packet.is_discard]

@@ -109,8 +109,9 @@ def deblur(
     recursive: Annotated[bool, typer.Option(
         "--recursive", "-r", help="Include sub-folders and mirror them in OUTPUT.")] = False,
     shard: Annotated[Optional[str], typer.Option(
-        "--shard", help="Process only part i/n of the sorted file list (0-based: 0/2 and 1/2 "
-        "split a folder between two GPUs or machines).")] = None,
+        "--shard", help="Process only part i/n of the files (0-based: 0/2 and 1/2 split a "
+        "folder between two GPUs or machines; a file's part comes from its path, so added "
+        "files do not move the others).")] = None,
     max_pixels: Annotated[int, typer.Option(
         "--max-pixels", metavar="N", min=1, help="Largest input image (width x height) to decode; "
         "larger files fail with a message (a guard against decompression bombs).")]
@@ -193,6 +194,8 @@ def _dry_run(input_path: Path, output: Path, options) -> None:
     from deblurcli.cli.console import stderr_console, stdout_console, warn
 
     err, out = stderr_console(), stdout_console()
+    if os.environ.get("RANK", "0") != "0":  # under a launcher: one plan, the first process's
+        err, out = _quiet_console(), _quiet_console()
     jobs = plan_jobs(input_path, output, options,
                      on_unread=lambda paths: warn(err, unread_line(paths)))
     _check_auto_codec_crf(jobs, options)
@@ -240,6 +243,9 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
     # input problems surface before model loading
     jobs = plan_jobs(input_path, output, options, on_unread=unread)
     _check_auto_codec_crf(jobs, options)
+    if group is not None:  # every process has planned before any writes: one plan for all
+        group.wait()  # (one that planned late saw the others' outputs and ended, or split
+        # the rest differently, while they waited for it)
     if not jobs:  # a shard of a short list
         where = f"shard {options.shard[0]}/{options.shard[1]}" if options.shard else "it"
         out.print(f"processed 0, skipped 0, failed 0: {where} holds no file of {input_path}",
@@ -247,6 +253,8 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
         return
     if not any(needs_processing(job, options) for job in jobs):
         if any(job.problem for job in jobs):  # unreadable entries to report; no model needed
+            if group is not None and not group.is_main:
+                raise typer.Exit(1)  # the main process reports them, once
             return _report(out, run_jobs(jobs, _no_model, options), len(jobs), output)
         out.print(f"processed 0, skipped {len(jobs)}, failed 0: every output already exists in "
                   f"{output} (use --overwrite to redo them)", highlight=False, markup=False)
@@ -308,7 +316,7 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
               f"{', ONNX Runtime' if backend_name == 'onnx' else ''}), {gamma_text}, "
               f"tile={tile or 'whole image'}"
               f"{f', colour fix sigma={color_fix:g}' if color_fix else ''}", highlight=False)
-    if options.ext.lower() in ("jpg", "jpeg") and any(
+    if (group is None or group.is_main) and options.ext.lower() in ("jpg", "jpeg") and any(
             job.source.suffix.lower() in _ALPHA_SUFFIXES and needs_processing(job, options)
             for job in jobs):  # once, before the files: JPEG has no alpha channel
         warn(err, "--ext jpg: JPEG cannot store transparency; photos with an alpha channel "
