@@ -250,3 +250,39 @@ def test_a_sharp_photo_is_blurred_only_around_its_crop(tmp_path: Path, monkeypat
                                dt.center_crop(whole, 96), atol=1e-5)
     small = dt.PairedDataset([dt.SharpItem(tmp_path / "p.png")], crop=256, seed=0)[3]
     assert small["blur"].shape == small["sharp"].shape == (3, 256, 256)  # padded up to a crop
+
+
+def test_what_training_cannot_read_in_its_folders_is_said(tmp_path: Path) -> None:
+    """Links to folders (not followed) and broken links were left out of --sharp-photos and of
+    pairs without a word; a --frames folder with no frame image beside --data was dropped;
+    x.png pairs with x.PNG as y.PNG with y.png; a file that is no list file was a
+    UnicodeDecodeError."""
+    photos = tmp_path / "photos"
+    write_image(photos / "real" / "p0.png", _img(0))
+    write_image(tmp_path / "elsewhere" / "p1.png", _img(1))
+    (photos / "linked").symlink_to(tmp_path / "elsewhere")
+    (photos / "real" / "broken.png").symlink_to(tmp_path / "gone.png")
+    items, problems = dt.discover(sharp_photos=str(photos))
+    assert len(items) == 1
+    assert any("linked: a link to a folder, not followed" in p for p in problems), problems
+    assert any("broken.png" in p for p in problems), problems
+    with pytest.raises(DatasetError, match="2 problem"):
+        dt.validate_items(items, problems)
+
+    _pair(tmp_path / "pairs", "a.png", 0)
+    (tmp_path / "clips" / "c1").mkdir(parents=True)
+    (tmp_path / "clips" / "c1" / "clip.mp4").write_bytes(b"")
+    with pytest.raises(DatasetError, match="holds no frame images .*synth --frames"):
+        dt.discover(data=str(tmp_path / "pairs"), frames=str(tmp_path / "clips"))
+
+    case = tmp_path / "case"
+    write_image(case / "b" / "x.png", _img(2))
+    write_image(case / "s" / "x.PNG", _img(3))
+    write_image(case / "b" / "y.PNG", _img(4))
+    write_image(case / "s" / "y.png", _img(5))
+    items, problems = dt.pair_folders(case / "b", case / "s")
+    assert not problems and sorted((i.blur.name, i.sharp.name) for i in items) == \
+        [("x.png", "x.PNG"), ("y.PNG", "y.png")]
+
+    with pytest.raises(DatasetError, match="is not a RealBlur list file"):
+        dt.discover(data=str(tmp_path / "pairs" / "blur" / "a.png"))

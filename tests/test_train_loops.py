@@ -1015,3 +1015,26 @@ def test_an_unreadable_training_image_keeps_the_steps_done(pairs: Path, tmp_path
     resumed = CliRunner().invoke(app, ["train-vae", "--resume", "latest", "-o", str(run),
                                        "--max-steps", "200", "-q"])
     assert resumed.exit_code == 0, resumed.output
+
+
+def test_an_unreadable_validation_image_keeps_the_steps_done(pairs: Path, tmp_path: Path) -> None:
+    """Validation runs before the checkpoint of its step: a damaged --val-data image lost
+    every step since the last checkpoint, the final model too."""
+    import shutil
+
+    from deblurcli.cli.app import app
+
+    val = tmp_path / "val"
+    shutil.copytree(pairs, val)
+    damaged = val / "sharp" / "p1.png"
+    damaged.write_bytes(damaged.read_bytes()[:300])  # the header still reads
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "train-vae", "--data", str(pairs), "--val-data", str(val), "--preset", "tiny", "--cpu",
+        "--crop", "32", "--batch-size", "1", "--perceptual", "none", "--workers", "0",
+        "--validate-every", "2", "--checkpoint-every", "1000", "--max-steps", "2", "-o",
+        str(run), "-q"])
+    assert result.exit_code == 1
+    line = " ".join(result.stderr.split())
+    assert f"cannot read {damaged}" in line and "2 step(s) are saved" in line, line
+    assert (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())

@@ -17,6 +17,7 @@ therefore reproduces the exact data an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,14 +60,35 @@ Item = PairItem | SharpItem | FramesItem
 
 
 # ----------------------------------------------------------------------------- discovery
-def _images(folder: Path, recursive: bool = True) -> list[Path]:
-    from deblurcli.images import list_images
+def _images(folder: Path, recursive: bool = True,
+            problems: list[str] | None = None) -> list[Path]:
+    """The image files in ``folder`` (and below it); with ``problems``, what cannot be read
+    there is added to it: broken links, unlistable folders, and links to folders, which are not
+    followed (a training set that silently lost those photos would train on less than asked)."""
+    from deblurcli.images import scan_folder
 
-    return list_images(folder, recursive=recursive)
+    listing = scan_folder(folder, recursive=recursive)
+    if problems is not None:
+        said = {path for path, _ in listing.problems}
+        problems.extend(f"{path}: {why}" for path, why in listing.problems)
+        for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+            if path in said or any(part.startswith(".") for part in
+                                   path.relative_to(folder).parts):
+                continue
+            try:
+                linked_folder = path.is_symlink() and path.is_dir()
+            except OSError:
+                linked_folder = False
+            if linked_folder:
+                problems.append(f"{path}: a link to a folder, not followed (give the folder "
+                                "itself, or copy it in)")
+    return [path for path, _ in listing.images]
 
 
-def _partner(folder: Path, rel: Path) -> Path | None:
-    """``folder/rel`` or, failing that, a file with the same stem and another image suffix."""
+def _partner(folder: Path, rel: Path, listings: dict[Path, list[str]] | None = None
+             ) -> Path | None:
+    """``folder/rel`` or, failing that, a file with the same stem and another image suffix
+    (``listings``: the folders' names, listed once for many look-ups)."""
     from deblurcli.images import IMAGE_SUFFIXES
 
     exact = folder / rel
@@ -78,6 +100,17 @@ def _partner(folder: Path, rel: Path) -> Path | None:
             candidate = parent / (rel.stem + suffix)
             if candidate.is_file():
                 return candidate
+        listings = {} if listings is None else listings
+        if parent not in listings:  # a suffix in another case (x.PNG for x.png)
+            try:
+                listings[parent] = sorted(os.listdir(parent))
+            except OSError:
+                listings[parent] = []
+        for name in listings[parent]:
+            stem, dot, suffix = name.rpartition(".")
+            if dot and stem == rel.stem and f".{suffix.lower()}" in IMAGE_SUFFIXES and \
+                    (parent / name).is_file():
+                return parent / name
     return None
 
 
@@ -90,14 +123,15 @@ def pair_folders(blur_dir: str | Path, sharp_dir: str | Path) -> tuple[list[Pair
     pairs: list[PairItem] = []
     problems: list[str] = []
     matched: dict[Path, Path] = {}
-    blurs = _images(blur_dir)
+    listings: dict[Path, list[str]] = {}
+    blurs = _images(blur_dir, problems=problems)
     exact = {blur for blur in blurs if (sharp_dir / blur.relative_to(blur_dir)).is_file()}
     for blur in blurs:
         if blur in exact:  # same name: never taken by another suffix of its stem
             matched[(sharp_dir / blur.relative_to(blur_dir)).resolve()] = blur
     for blur in blurs:
         rel = blur.relative_to(blur_dir)
-        sharp = _partner(sharp_dir, rel)
+        sharp = _partner(sharp_dir, rel, listings)
         if sharp is None:
             problems.append(f"{blur}: no sharp partner in {sharp_dir}")
             continue
@@ -107,11 +141,11 @@ def pair_folders(blur_dir: str | Path, sharp_dir: str | Path) -> tuple[list[Pair
             continue
         matched[sharp.resolve()] = blur
         pairs.append(PairItem(blur, sharp))
-    for sharp in _images(sharp_dir):
+    for sharp in _images(sharp_dir, problems=problems):
         rel = sharp.relative_to(sharp_dir)
         if sharp.resolve() in matched:
             continue
-        partner = _partner(blur_dir, rel)
+        partner = _partner(blur_dir, rel, listings)
         if partner is None:
             problems.append(f"{sharp}: no blurry partner in {blur_dir}")
         else:
@@ -152,7 +186,13 @@ def realblur_pairs(list_file: str | Path, root: str | Path | None = None) \
     base = Path(root) if root is not None else list_file.parent
     pairs: list[PairItem] = []
     problems: list[str] = []
-    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{list_file} is not a RealBlur list file (text lines of 'gt blur' "
+                           "paths); --data takes that, a GoPro folder or a folder with blur/ "
+                           "and sharp/") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
@@ -206,8 +246,9 @@ def _paired_folder(folder: Path) -> Path | None:
     return None
 
 
-def sharp_photo_items(folder: str | Path) -> list[SharpItem]:
-    """Every image below ``folder``, to be blurred on the fly."""
+def sharp_photo_items(folder: str | Path) -> tuple[list[SharpItem], list[str]]:
+    """Every image below ``folder``, to be blurred on the fly; returns ``(items, problems)``
+    (entries that cannot be read, links to folders)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"the sharp-photo folder {folder} does not exist")
@@ -224,7 +265,8 @@ def sharp_photo_items(folder: str | Path) -> list[SharpItem]:
         raise DatasetError(f"--sharp-photos {folder} holds blurred images ({paired}, beside "
                            f"{paired.parent / 'sharp'}), which would be trained on as sharp "
                            "ones: give a folder of sharp photos only")
-    return [SharpItem(p) for p in _images(folder)]
+    problems: list[str] = []
+    return [SharpItem(p) for p in _images(folder, problems=problems)], problems
 
 
 def _clip_folders(folder: Path) -> list[Path]:
@@ -263,6 +305,10 @@ def frame_items(folder: str | Path, frames_per_blur: int = 7) -> list[FramesItem
         raise DatasetError(f"no clip in the frame folder {folder} has {frames_per_blur} frames "
                            f"for one blurred image (the longest has {longest}); lower "
                            "--frames-per-blur")
+    if not items:
+        raise DatasetError(f"the frame folder {folder} holds no frame images (training reads "
+                           "frames as image files; make pairs of video files with deblurcli "
+                           "synth --frames)")
     return items
 
 
@@ -316,7 +362,7 @@ def discover(*, data: str | None = None, layout: str = "auto", split: str = "tra
         if Path(blur).resolve().parent == Path(sharp).resolve().parent:  # synth's OUT/{blur,sharp}
             items = with_sources(items, Path(blur).resolve().parent)
     elif sharp_photos:
-        items = list(sharp_photo_items(sharp_photos))
+        items, problems = sharp_photo_items(sharp_photos)
     elif data:
         kind = detect_layout(data, split) if layout == "auto" else layout
         if kind == "gopro":

@@ -686,8 +686,16 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                     log.log(step, {**losses, "lr": lr})
                 if data.val is not None and (step % config.validate_every == 0 or final):
                     if main:
-                        validation = _validate(stage, data.val, output, step,
-                                               accelerator.device, accelerator.autocast)
+                        try:
+                            validation = _validate(stage, data.val, output, step,
+                                                   accelerator.device, accelerator.autocast)
+                        except DeblurcliError as exc:  # a damaged validation image
+                            saved = ""
+                            if accelerator.num_processes == 1:  # as for a training image
+                                last_ckpt = save(step)
+                                saved = (f"; the run's {step} step(s) are saved: fix it, then "
+                                         f"continue with --resume latest -o {output}")
+                            raise type(exc)(_original_message(exc) + saved) from None
                         log.log(step, validation)
                         report(progress, "validation", step, None, **validation)
                     accelerator.wait_for_everyone()
