@@ -234,9 +234,31 @@ def test_a_process_waits_for_all_to_plan_and_leaves_reports_to_the_main_one(tmp_
     assert result.exit_code == 0 and late.waits == 1
     (tmp_path / "in" / "b.png").symlink_to(tmp_path / "gone.png")  # unreadable
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1 and late.waits == 2
+    assert result.exit_code == 1 and late.waits == 3  # and it waits for the main one to report
     assert result.output == ""  # the main process reports it
     result = CliRunner().invoke(app, [*args, "--dry-run"], env={"RANK": "1"})
     assert result.exit_code == 1 and result.output == ""
     result = CliRunner().invoke(app, [*args, "--dry-run"], env={"RANK": "0"})
     assert result.exit_code == 1 and "dry run: would process 0, skip 1, fail 1" in result.output
+
+
+def test_what_is_left_to_do_is_decided_before_any_process_writes(tmp_path, monkeypatch):
+    """Deciding after the barrier, a process that got there late found the output the main
+    process had just written, ended at once, and left it waiting in the final gather."""
+    from typer.testing import CliRunner
+
+    from deblurcli.cli import deblur as cli_deblur
+    from deblurcli.cli.app import app
+
+    class MainWritesMeanwhile(_LateProcess):
+        def wait(self) -> None:
+            super().wait()
+            if self.waits == 1:  # while this one was descheduled at the barrier
+                write_image(tmp_path / "out" / "a.png", np.zeros((8, 8, 3), np.float32))
+
+    monkeypatch.setattr(cli_deblur, "_process_group", lambda device: MainWritesMeanwhile())
+    write_image(tmp_path / "in" / "a.png", np.zeros((8, 8, 3), np.float32))
+    result = CliRunner().invoke(app, ["deblur", str(tmp_path / "in"), str(tmp_path / "out"),
+                                      "-w", str(tmp_path / "none")])
+    assert "already exists" not in result.output  # it went on (to its device, faked here)
+    assert result.exit_code == 1

@@ -86,7 +86,7 @@ def test_a_fused_model_warns_only_when_it_runs(tiny_model_folder, tmp_path):
     fused = tmp_path / "fused"
     fuse_model_folder(tiny_model_folder, fused, gamma=0.3)
     notes: list[str] = []
-    with pytest.raises(WeightsError, match="a gamma sweep needs an unfused model folder"):
+    with pytest.raises(WeightsError, match="they are fused at gamma=0.3.*a gamma sweep needs"):
         list(_model_for_gammas(ModelConfig(weights=fused, gammas=(1.0, 0.7)),
                                torch.device("cpu"), torch.float32, notes.append))
     assert notes == []
@@ -94,6 +94,10 @@ def test_a_fused_model_warns_only_when_it_runs(tiny_model_folder, tmp_path):
                                  torch.device("cpu"), torch.float32, notes.append))
     assert [gamma for gamma, _, _ in ran] == [0.3]
     assert notes == ["this model's adapters are fused at gamma=0.3; gamma=1 is ignored"]
+    notes.clear()  # no --gamma given: nothing asked for is ignored
+    ran = list(_model_for_gammas(ModelConfig(weights=fused, gammas=(0.7,), gamma_given=False),
+                                 torch.device("cpu"), torch.float32, notes.append))
+    assert [gamma for gamma, _, _ in ran] == [0.3] and notes == []
 
 
 def test_an_interrupted_sweep_reports_the_images_every_row_scored(tiny_model_folder, tmp_path,
@@ -207,7 +211,7 @@ def test_a_sweep_of_a_fused_model_is_refused_before_the_input_is_scored(tiny_mod
     res = CliRunner().invoke(app, [
         "eval", "--blur", str(tmp_path / "blur"), "--sharp", str(tmp_path / "sharp"),
         "-w", str(fused), "--gamma", "1,0.5", "--metrics", "psnr", "--device", "cpu", "-q"])
-    assert res.exit_code == 1 and "a gamma sweep needs an unfused model folder" in res.output
+    assert res.exit_code == 1 and "a gamma sweep needs a model folder with both, unfused" in res.output
     assert scored == []
 
 

@@ -405,8 +405,10 @@ def test_an_unlisted_weights_index_is_refused(tiny_model_folder):
     (unet / ".ipynb_checkpoints").mkdir()
     (unet / ".ipynb_checkpoints" / "config-checkpoint.json").write_text("{}")
     (unet / "._diffusion_pytorch_model.safetensors").write_bytes(b"\0\5\26\7")
+    (unet / "._diffusion_pytorch_model.safetensors.index.json").write_bytes(b"\0\5\26\7")
     _relist(tiny_model_folder)
-    for junk in ("diffusion_pytorch_model.bin", "._diffusion_pytorch_model.safetensors"):
+    for junk in ("diffusion_pytorch_model.bin", "._diffusion_pytorch_model.safetensors",
+                 "._diffusion_pytorch_model.safetensors.index.json"):
         listed = (tiny_model_folder / CHECKSUM_FILE).read_text()
         (tiny_model_folder / CHECKSUM_FILE).write_text("".join(
             line + "\n" for line in listed.splitlines() if not line.endswith(junk)))
@@ -423,13 +425,18 @@ def test_a_weights_file_lacking_a_tensor_is_one_line_naming_it(tiny_model_folder
     path = tiny_model_folder / component / "diffusion_pytorch_model.safetensors"
     tensors = load_file(path)
     dropped = sorted(tensors)[0]
-    del tensors[dropped]
+    kept = tensors.pop(dropped)
     save_file(tensors, path)
     _relist(tiny_model_folder)
     with pytest.raises(WeightsError, match=f"{component}/ of .* lacks 1 tensor.*{dropped}"):
         load_model_folder(tiny_model_folder)
     captured = capsys.readouterr()
     assert "TRAIN" not in captured.out + captured.err
+    save_file({**tensors, dropped: kept, "extra.weight": torch.zeros(2)}, path)
+    _relist(tiny_model_folder)  # a tensor its config has no place for: another network's
+    with pytest.raises(WeightsError, match=f"{component}/ of .* has 1 tensor.*no place for: "
+                                           "extra.weight"):
+        load_model_folder(tiny_model_folder)
 
 
 def test_checksum_files_as_sha256sum_writes_them_in_either_mode(tiny_model_folder):

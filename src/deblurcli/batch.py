@@ -4,9 +4,9 @@
   outputs (same relative path under the output folder, ``--suffix`` added to the stem, ``--ext``
   applied), refuses the whole run if any output would replace an input (compared by file
   identity, on the complete list) or collide with another output, and only then applies the
-  ``--shard i/n`` split to the sorted list. Entries that cannot be read (symlink loops, broken
-  links, named pipes, devices, folders that cannot be listed) become jobs that fail with their
-  reason instead of stopping the plan.
+  ``--shard i/n`` split (:func:`shard_of`: by a hash of each relative path). Entries that cannot
+  be read (symlink loops, broken links, named pipes, devices, folders that cannot be listed)
+  become jobs that fail with their reason instead of stopping the plan.
 * :func:`run_jobs` reads each image, runs a ``deblur`` function on its pixels and writes the
   result with the input's alpha, grey-ness and bit depth; existing outputs are skipped unless
   ``overwrite``. A failing file (unreadable image, out of memory) is recorded and the batch goes on.
@@ -79,8 +79,8 @@ class BatchOptions:
         ext: output format: ``auto`` (the input's suffix), ``png``, ``jpg``, ``webp``, ``tif``.
         overwrite: replace existing outputs (never inputs).
         recursive: descend into sub-folders of an input folder and mirror them in the output.
-        shard: ``(index, count)``, 0-based: keep files ``index, index+count, ...`` of the
-            sorted list.
+        shard: ``(index, count)``, 0-based: keep the files whose :func:`shard_of` is
+            ``index``.
         quality: JPEG/WebP quality.
         max_pixels: largest input image (width x height) that is decoded; larger ones fail.
         codec: video encoder (``auto``: libx264 where PyAV has it, see :mod:`deblurcli.video`).

@@ -1,10 +1,11 @@
 """Many processes, one ``deblur`` run: ``accelerate launch -m deblurcli deblur IN OUT``.
 
-Under a launcher (``accelerate launch``, ``torchrun``: the ``WORLD_SIZE`` environment variable is
-above 1) every process plans the same complete job list (so the input guard sees every input),
-takes every ``count``-th job starting at its own ``index`` (the same interleaved split as
-``--shard``), and at the end the results of all processes are gathered, so that one summary lists
-the failures of every process. Without a launcher nothing here imports accelerate.
+Under a launcher (``accelerate launch``, ``torchrun``: the ``WORLD_SIZE`` environment variable
+is above 1) every process plans the same complete job list (so the input guard sees every
+input), takes every ``count``-th job starting at its own ``index`` (an interleaved split of the
+one list all of them planned, after waiting for each other), and at the end the results of all
+processes are gathered, so that one summary lists the failures of every process. Without a
+launcher nothing here imports accelerate.
 
 Videos are split by frames instead (:func:`deblur_video_split`): every process deblurs its own
 contiguous span of each video into a segment file, and the main process joins the segments.

@@ -194,28 +194,30 @@ def _write_folder(tmp: Path, model: OSDDModel, *, extra, storage_dtype, include_
 
 # ----------------------------------------------------------------------------- loading
 def _load_component(cls: type, folder: Path, name: str) -> nn.Module:
-    """One component, refused when its weights file lacks a tensor of its settings (diffusers
-    only warns and leaves it unset, which failed later as anything)."""
+    """One component, refused when its weights file lacks a tensor of its settings or holds one
+    they do not have (diffusers only warns, and leaves a missing one unset, which failed later
+    as anything; an extra one meant a config.json of another network)."""
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its missing-weights advice: "You should TRAIN"
     try:
-        module = cls.from_pretrained(str(folder), subfolder=name, local_files_only=True,
-                                     use_safetensors=True, torch_dtype=torch.float32)
+        module, info = cls.from_pretrained(str(folder), subfolder=name, local_files_only=True,
+                                           use_safetensors=True, torch_dtype=torch.float32,
+                                           output_loading_info=True)
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         reason = " ".join(str(exc).split())[:200]
         raise WeightsError(f"cannot load {name}/ of {folder}: {reason}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    # diffusers only warns about tensors its file lacks and leaves them unset (on the meta
-    # device), after renaming those of older layouts: those left are missing
-    missing = [key for key, value in [*module.named_parameters(), *module.named_buffers()]
-               if value.is_meta]
-    if missing:
-        raise WeightsError(f"{name}/ of {folder} lacks {len(missing)} tensor(s) its "
-                           f"config.json needs: {', '.join(missing[:3])}"
-                           f"{', ...' if len(missing) > 3 else ''}")
+    # (the names as diffusers takes them: those of older layouts renamed)
+    for what, keys in (("lacks", info.get("missing_keys")),
+                       ("has", info.get("unexpected_keys"))):
+        if keys:
+            keys = sorted(keys)
+            raise WeightsError(f"{name}/ of {folder} {what} {len(keys)} tensor(s) its "
+                               f"config.json {'needs' if what == 'lacks' else 'has no place for'}"
+                               f": {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
     return module
 
 

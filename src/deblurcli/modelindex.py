@@ -166,7 +166,8 @@ def verify_checksums(folder: PathLike) -> list[str]:
                                                                            WEIGHTS_FILE)),
                     *(str(file) for file in adapters.values())]
         for c in COMPONENTS:  # diffusers prefers a sharded index to the weights file
-            for index in sorted((folder / c).glob("*.safetensors.index.json")):
+            index = folder / c / f"{WEIGHTS_FILE}.index.json"
+            if index.is_file():
                 required.append(f"{c}/{index.name}")
                 required += sorted({f"{c}/{shard}" for shard in _shards(index)})
     unlisted = [name for name in required if name not in names]

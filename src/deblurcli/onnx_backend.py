@@ -70,8 +70,8 @@ def key_parts(folder: Path, *, gamma: float, lora: Path | None) -> dict:
     parts: dict = {"checksums": sha256_file(folder / CHECKSUM_FILE), **_runtime_parts()}
     if lora is not None:
         parts["lora"] = sha256_file(lora)
-    elif record.get("fused_gamma") is None:
-        parts["gamma"] = round(float(gamma), 9) + 0.0  # -0 keys as 0
+    elif record.get("fused_gamma") is None and len(record.get("adapters") or {}) != 1:
+        parts["gamma"] = round(float(gamma), 9) + 0.0  # -0 keys as 0 (one adapter runs whole)
     return parts
 
 

@@ -738,14 +738,25 @@ def _prepare(source: Path, target: Path, codec: str, crf: int,
     return av, muxer, codec_name, info
 
 
-def _holds_audio(av: Any, muxer: str, streams: list) -> bool:
-    """Whether a ``muxer`` file can take copies of the audio ``streams`` (its header written
-    in memory: some refusals come only then, such as Opus in QuickTime)."""
+def _holds_audio(av: Any, muxer: str, source: Path) -> bool:
+    """Whether a ``muxer`` file can take copies of ``source``'s audio streams: a file in
+    memory gets them, its header and a packet of each (some refusals come only then: Opus in
+    QuickTime at the header, PCM in MP4 at its first packet)."""
     try:
-        with av.open(io.BytesIO(), "w", format=muxer) as container:
-            for stream in streams:
-                container.add_stream_from_template(stream)
-            container.start_encoding()
+        with open_regular(source) as fh, av.open(fh, "r") as inp, \
+                av.open(io.BytesIO(), "w", format=muxer) as out:
+            copies = {stream: out.add_stream_from_template(stream) for stream in inp.streams.audio}
+            out.start_encoding()
+            for number, packet in enumerate(inp.demux(*copies)):
+                if number > 5000:  # an audio stream without packets: not the whole file
+                    break
+                if packet.dts is None or packet.stream not in copies:
+                    continue
+                stream = packet.stream
+                packet.stream = copies.pop(stream)
+                out.mux(packet)
+                if not copies:
+                    break
     except (ValueError, av.error.FFmpegError):  # "'webm' format does not support 'aac' codec"
         return False
     return True
@@ -758,15 +769,14 @@ def check_audio(source: Path, target: Path) -> None:
     av = import_av()
     source, target = Path(source), Path(target)
     with open_regular(source) as fh, av.open(fh, "r") as inp:
-        streams = list(inp.streams.audio)
-        if not streams or _holds_audio(av, _MUXER[target.suffix.lower()], streams):
-            return
-        codecs = ", ".join(sorted({s.codec_context.name for s in streams}))
-        fits = sorted(suffix for suffix, muxer in _MUXER.items()
-                      if muxer != "avi" and _holds_audio(av, muxer, streams))
-        hint = f"; rename it to {' or '.join(fits)}" if fits else ""
-        raise DeblurcliError(f"cannot deblur {source}: its {codecs} audio cannot be copied into "
-                             f"a {target.suffix.lower()} file{hint}")
+        codecs = ", ".join(sorted({s.codec_context.name for s in inp.streams.audio}))
+    if not codecs or _holds_audio(av, _MUXER[target.suffix.lower()], source):
+        return
+    fits = sorted(suffix for suffix, muxer in _MUXER.items()
+                  if muxer != "avi" and _holds_audio(av, muxer, source))
+    hint = f"; rename it to {' or '.join(fits)}" if fits else ""
+    raise DeblurcliError(f"cannot deblur {source}: its {codecs} audio cannot be copied into a "
+                         f"{target.suffix.lower()} file{hint}")
 
 
 @contextlib.contextmanager

@@ -243,19 +243,26 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
     # input problems surface before model loading
     jobs = plan_jobs(input_path, output, options, on_unread=unread)
     _check_auto_codec_crf(jobs, options)
-    if group is not None:  # every process has planned before any writes: one plan for all
-        group.wait()  # (one that planned late saw the others' outputs and ended, or split
-        # the rest differently, while they waited for it)
+    # what is left to do, decided by every process before any of them writes (one that
+    # decided late saw the others' outputs and ended, while they waited for it forever)
+    pending = any(needs_processing(job, options) for job in jobs)
+    if group is not None:
+        group.wait()
     if not jobs:  # a shard of a short list
         where = f"shard {options.shard[0]}/{options.shard[1]}" if options.shard else "it"
         out.print(f"processed 0, skipped 0, failed 0: {where} holds no file of {input_path}",
                   highlight=False, markup=False)
         return
-    if not any(needs_processing(job, options) for job in jobs):
+    if not pending:
         if any(job.problem for job in jobs):  # unreadable entries to report; no model needed
             if group is not None and not group.is_main:
-                raise typer.Exit(1)  # the main process reports them, once
-            return _report(out, run_jobs(jobs, _no_model, options), len(jobs), output)
+                group.wait()  # exit after the main process reported (a launcher stops the rest)
+                raise typer.Exit(1)  # it reports them, once
+            try:
+                return _report(out, run_jobs(jobs, _no_model, options), len(jobs), output)
+            finally:
+                if group is not None:
+                    group.wait()
         out.print(f"processed 0, skipped {len(jobs)}, failed 0: every output already exists in "
                   f"{output} (use --overwrite to redo them)", highlight=False, markup=False)
         return

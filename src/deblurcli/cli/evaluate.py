@@ -225,7 +225,8 @@ def evaluate(
     if weights is not None:
         model = ModelConfig(weights=weights, gammas=parse_gammas(gamma or DEFAULT_GAMMA), dtype=dtype,
                             vae_fp32=vae_fp32, tile=tile, overlap=tile_overlap,
-                            batch_size=batch_size, color_fix=color_fix)
+                            batch_size=batch_size, color_fix=color_fix,
+                            gamma_given=gamma is not None)
     config = EvalConfig(metrics=names, device=device, y_channel=y_channel, align=align,
                         max_shift=max_shift, metric_weights=metric_weights,
                         offline=offline, pred=pred, model=model,

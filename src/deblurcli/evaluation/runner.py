@@ -62,6 +62,7 @@ class ModelConfig:
     overlap: int = DEFAULT_OVERLAP
     batch_size: int | None = None  # None: pipeline.default_batch_size(device), as in deblur
     color_fix: float = 0.0  # Gaussian sigma (px) of deblur --color-fix; 0 = off
+    gamma_given: bool = True  # False: the default γ, that a fixed-γ model runs without a note
 
 
 @dataclass(frozen=True)
@@ -295,8 +296,9 @@ def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None, vae_d
     gammas = mc.gammas
     if base.fused_gamma is not None or not base.has_dual_adapters:
         held = model_held_gamma(base)  # fused, or one adapter: the γ it runs as
-        check_sweep(mc.weights, gammas, base.fused_gamma, dual=False)
-        note = gamma_ignored(held, gammas[0]) if held is not None else None
+        check_sweep(mc.weights, gammas, base.fused_gamma, dual=False,
+                    adapters=tuple(base.lora_specs))
+        note = gamma_ignored(held, gammas[0]) if held is not None and mc.gamma_given else None
         if note and warn is not None:
             warn(note)
         gammas = (held[0] if held is not None else gammas[0],)
@@ -312,12 +314,13 @@ def _model_for_gammas(mc: ModelConfig, device, dtype, warn: WarnFn | None, vae_d
 
 
 def check_sweep(weights, gammas: Sequence[float], fused_gamma: float | None, *,
-                dual: bool) -> None:
+                dual: bool, adapters: Sequence[str] = ()) -> None:
     """Refuse a sweep of several γ over a model without two live adapters to blend."""
     if len(gammas) > 1 and (fused_gamma is not None or not dual):
-        state = "none" if fused_gamma is None else f"fused at gamma={fused_gamma:g}"
-        raise WeightsError(f"{weights} has no live real/synthetic adapters ({state}); "
-                           "a gamma sweep needs an unfused model folder")
+        state = f"they are fused at gamma={fused_gamma:g}" if fused_gamma is not None else \
+            f"it has only its {adapters[0]} adapter" if len(adapters) == 1 else "it has none"
+        raise WeightsError(f"{weights} has no real and synthetic adapters to blend ({state}); "
+                           "a gamma sweep needs a model folder with both, unfused")
 
 
 def as_deblur_writes(output: np.ndarray, image, path: Path) -> np.ndarray:
@@ -461,7 +464,8 @@ def run_evaluation(eval_set: EvalSet, config: EvalConfig, *,
                                                 offline=config.offline))[RECORD_KEY]
         check_sweep(config.model.weights, config.model.gammas, record.get("fused_gamma"),
                     dual=all(name in (record.get("adapters") or {})
-                             for name in ("real", "synthetic")))
+                             for name in ("real", "synthetic")),
+                    adapters=tuple(record.get("adapters") or {}))
     scores_blurry = config.include_input or config.model is not None or pred_files is None
     check_sizes(eval_set, pred_files, blurry=scores_blurry)  # before any slow work
     from deblurcli.evaluation import fetch
