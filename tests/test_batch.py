@@ -84,6 +84,15 @@ def test_plan_jobs_folder_recursive_and_shards(folder, tmp_path):
     assert not {j.source for j in halves[0]} & {j.source for j in halves[1]}
 
 
+def test_a_name_has_one_shard_whatever_its_unicode_form_or_bytes():
+    from deblurcli.batch import shard_of
+
+    composed, decomposed = "caf\u00e9.png", "cafe\u0301.png"  # Linux/Windows, macOS
+    assert all(shard_of(composed, n) == shard_of(decomposed, n) for n in range(2, 9))
+    assert 0 <= shard_of("caf\udce9.png", 2) < 2  # a Latin-1 byte (os.fsdecode) or a lone
+    # surrogate in a Windows name
+
+
 def test_a_file_keeps_its_shard_when_files_are_added_or_removed(tmp_path):
     """--shard took every n-th file of the listing: a file added between the runs of 0/2 and
     1/2 moved the rest to the other shard, so some were done twice and some never."""

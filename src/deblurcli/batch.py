@@ -194,8 +194,13 @@ def parse_shard(spec: str) -> tuple[int, int]:
 def shard_of(rel: str, count: int) -> int:
     """The shard (0..count-1) of the file at relative path ``rel`` for ``--shard i/count``: from
     a hash of the path alone, so that each file stays in its shard whatever files are added or
-    removed between the runs of the shards (an index into the listing moved them all)."""
-    digest = hashlib.blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    removed between the runs of the shards (an index into the listing moved them all). The
+    path is taken in Unicode's composed form, as Linux and Windows store names and macOS may
+    not (``café`` is one name everywhere); a name's undecodable bytes take part as they are."""
+    import unicodedata
+
+    name = unicodedata.normalize("NFC", rel)
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little") % count
 
 
