@@ -21,8 +21,9 @@ The preflight runs two real steps of every kind of stage, the export and the spl
 but the GPU itself fails within a minute; then the data path's crops per second are measured.
 Training data is made on the device (``--device-data``). A stage that reaches its budget
 checkpoints and hands its model to the next. Every full model (after the base stage, then after
-each adapter) is exported into ``OUT`` at once, replacing the one before, and a stage that fails
-is logged and skipped, so a run cut short or partly failed still returns its best model. ``OUT``
+each adapter) is exported into ``OUT`` at once, replacing the one before, and an adapter stage
+or an export that fails is logged and skipped (a failed eVAE or base stage ends the run), so a run
+cut short or partly failed still returns its best model. ``OUT``
 receives ``run.log`` and ``results.json`` as the stages finish, ``model-STAGE.tar.NN`` parts (each
 under ``--part-mib``) with ``model-STAGE.sha256``, and ``bench.txt``.
 

@@ -9,8 +9,9 @@
   except ``--dtype bf16`` on a CPU with bfloat16 matrix units, which is used as asked (``auto``
   stays float32 on the CPU: see :func:`resolve_dtype`).
   Training is the exception: ``--mixed-precision bf16`` autocasts on CPUs with native bfloat16
-  matrix units (:func:`cpu_has_fast_bf16`: Intel AMX or AVX512-BF16), where it measured 1.48x
-  faster per stage-2 step (docs/training.md, ``benchmarks/bench_train_step.py``).
+  matrix units (:func:`cpu_has_fast_bf16`: Intel AMX or AVX512-BF16); on a Xeon with
+  AVX512-BF16 it measured 1.48x faster per stage-2 step (docs/training.md,
+  ``benchmarks/bench_train_step.py``).
 * :func:`set_cpu_threads` sets torch's intra-op thread count to the cores this process may use.
 * :func:`surely_cpu` tells, without importing torch (2 s), whether a run can only use the CPU:
   the ONNX Runtime back-end then starts without torch.
