@@ -1027,7 +1027,8 @@ def test_an_unreadable_validation_image_keeps_the_steps_done(pairs: Path, tmp_pa
     val = tmp_path / "val"
     shutil.copytree(pairs, val)
     damaged = val / "sharp" / "p1.png"
-    damaged.write_bytes(damaged.read_bytes()[:300])  # the header still reads
+    intact = damaged.read_bytes()
+    damaged.write_bytes(intact[:300])  # the header still reads
     run = tmp_path / "run"
     result = CliRunner().invoke(app, [
         "train-vae", "--data", str(pairs), "--val-data", str(val), "--preset", "tiny", "--cpu",
@@ -1038,3 +1039,13 @@ def test_an_unreadable_validation_image_keeps_the_steps_done(pairs: Path, tmp_pa
     line = " ".join(result.stderr.split())
     assert f"cannot read {damaged}" in line and "2 step(s) are saved" in line, line
     assert (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
+    # resumed at that last step, the model is validated before it is written (it was written
+    # unvalidated, the image mended or not)
+    resume = ["train-vae", "--resume", "latest", "-o", str(run), "--max-steps", "2", "-q"]
+    again = CliRunner().invoke(app, resume)
+    assert again.exit_code == 1 and f"cannot read {damaged}" in again.stderr
+    assert not (run / "model").exists()
+    damaged.write_bytes(intact)
+    again = CliRunner().invoke(app, resume)
+    assert again.exit_code == 0, again.output
+    assert (run / "model").is_dir()

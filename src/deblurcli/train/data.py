@@ -85,10 +85,10 @@ def _images(folder: Path, recursive: bool = True,
     return [path for path, _ in listing.images]
 
 
-def _partner(folder: Path, rel: Path, listings: dict[Path, list[str]] | None = None
+def _partner(folder: Path, rel: Path, listings: dict[Path, dict[str, list[str]]] | None = None
              ) -> Path | None:
     """``folder/rel`` or, failing that, a file with the same stem and another image suffix
-    (``listings``: the folders' names, listed once for many look-ups)."""
+    (``listings``: each folder's names by stem, listed once for many look-ups)."""
     from deblurcli.images import IMAGE_SUFFIXES
 
     exact = folder / rel
@@ -102,14 +102,17 @@ def _partner(folder: Path, rel: Path, listings: dict[Path, list[str]] | None = N
                 return candidate
         listings = {} if listings is None else listings
         if parent not in listings:  # a suffix in another case (x.PNG for x.png)
+            by_stem: dict[str, list[str]] = {}
             try:
-                listings[parent] = sorted(os.listdir(parent))
+                for name in sorted(os.listdir(parent)):
+                    stem, dot, suffix = name.rpartition(".")
+                    if dot and f".{suffix.lower()}" in IMAGE_SUFFIXES:
+                        by_stem.setdefault(stem, []).append(name)
             except OSError:
-                listings[parent] = []
-        for name in listings[parent]:
-            stem, dot, suffix = name.rpartition(".")
-            if dot and stem == rel.stem and f".{suffix.lower()}" in IMAGE_SUFFIXES and \
-                    (parent / name).is_file():
+                pass
+            listings[parent] = by_stem
+        for name in listings[parent].get(rel.stem, []):
+            if (parent / name).is_file():
                 return parent / name
     return None
 
@@ -123,7 +126,7 @@ def pair_folders(blur_dir: str | Path, sharp_dir: str | Path) -> tuple[list[Pair
     pairs: list[PairItem] = []
     problems: list[str] = []
     matched: dict[Path, Path] = {}
-    listings: dict[Path, list[str]] = {}
+    listings: dict[Path, dict[str, list[str]]] = {}
     blurs = _images(blur_dir, problems=problems)
     exact = {blur for blur in blurs if (sharp_dir / blur.relative_to(blur_dir)).is_file()}
     for blur in blurs:

@@ -711,6 +711,15 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
             interrupted = True
             if not torn:  # a torn state would be saved under the previous step's number
                 last_ckpt = save(step)
+    if state is not None and step == start >= target and data.val is not None:
+        # resumed at its last step, whose validation failed (a damaged image, mended since):
+        # the model is validated before it is written, as a run that ends there is
+        if main:
+            validation = _validate(stage, data.val, output, step, accelerator.device,
+                                   accelerator.autocast)
+            log.log(step, validation)
+            report(progress, "validation", step, None, **validation)
+        accelerator.wait_for_everyone()
     log.close()
     if hasattr(batches, "close"):  # a device stream's worker processes end here, not at GC
         try:
