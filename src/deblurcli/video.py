@@ -748,7 +748,7 @@ def _holds_audio(av: Any, muxer: str, source: Path) -> bool:
             copies = {stream: out.add_stream_from_template(stream) for stream in inp.streams.audio}
             out.start_encoding()
             for number, packet in enumerate(inp.demux(*copies)):
-                if number > 5000:  # an audio stream without packets: not the whole file
+                if number > 50_000:  # an audio stream without packets: not the whole file
                     break
                 if packet.dts is None or packet.stream not in copies:
                     continue
