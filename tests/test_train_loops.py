@@ -988,19 +988,26 @@ def test_a_second_signal_says_no_checkpoint_was_written(pairs: Path, tmp_path: P
         " ".join(result.stderr.split())
 
 
+def _damaged_copy(pairs: Path, folder: Path, rel: str) -> tuple[Path, bytes]:
+    """A copy of ``pairs`` in ``folder`` with the file ``rel`` cut short past its header (read
+    at a step, not by the check before the first); returns it and its intact bytes."""
+    import shutil
+
+    shutil.copytree(pairs, folder)
+    damaged = folder / rel
+    intact = damaged.read_bytes()
+    damaged.write_bytes(intact[:300])  # the header still reads
+    return damaged, intact
+
+
 def test_an_unreadable_training_image_keeps_the_steps_done(pairs: Path, tmp_path: Path) -> None:
     """A file damaged past its header (checked before the first step) stopped the run with
     every step since the last checkpoint lost, and, from a data worker, with torch's whole
     worker traceback as the error line."""
-    import shutil
-
     from deblurcli.cli.app import app
 
     data = tmp_path / "pairs"
-    shutil.copytree(pairs, data)
-    damaged = data / "blur" / "p1.png"
-    intact = damaged.read_bytes()
-    damaged.write_bytes(intact[:300])  # the header still reads
+    damaged, intact = _damaged_copy(pairs, data, "blur/p1.png")
     run = tmp_path / "run"
     args = ["train-vae", "--data", str(data), "--preset", "tiny", "--cpu", "--crop", "32",
             "--batch-size", "1", "--perceptual", "none", "--workers", "1",
@@ -1020,15 +1027,10 @@ def test_an_unreadable_training_image_keeps_the_steps_done(pairs: Path, tmp_path
 def test_an_unreadable_validation_image_keeps_the_steps_done(pairs: Path, tmp_path: Path) -> None:
     """Validation runs before the checkpoint of its step: a damaged --val-data image lost
     every step since the last checkpoint, the final model too."""
-    import shutil
-
     from deblurcli.cli.app import app
 
     val = tmp_path / "val"
-    shutil.copytree(pairs, val)
-    damaged = val / "sharp" / "p1.png"
-    intact = damaged.read_bytes()
-    damaged.write_bytes(intact[:300])  # the header still reads
+    damaged, intact = _damaged_copy(pairs, val, "sharp/p1.png")
     run = tmp_path / "run"
     result = CliRunner().invoke(app, [
         "train-vae", "--data", str(pairs), "--val-data", str(val), "--preset", "tiny", "--cpu",
