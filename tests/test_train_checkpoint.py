@@ -156,6 +156,12 @@ def test_what_shapes_the_model_cannot_change_on_resume(tmp_path: Path) -> None:
                                              "out$"):
         cfg.resolve_config(cfg.DiffusionTrainConfig, None,
                            {"resume": str(step), "output": str(tmp_path), "lora_rank": 8})
+    # train-vae has no --init to start a new run with
+    (step / "config.json").write_text(json.dumps(cfg.config_to_dict(cfg.VaeTrainConfig(
+        output=str(tmp_path), preset="tiny"))))
+    with pytest.raises(DeblurcliError, match="start a new run in a new folder$"):
+        cfg.resolve_config(cfg.VaeTrainConfig, None,
+                           {"resume": str(step), "output": str(tmp_path), "preset": "compact"})
 
 
 def test_checkpoint_files_and_folder_are_flushed_to_disk(tmp_path: Path, monkeypatch) -> None:

@@ -1051,3 +1051,6 @@ def test_an_unreadable_validation_image_keeps_the_steps_done(pairs: Path, tmp_pa
     again = CliRunner().invoke(app, resume)
     assert again.exit_code == 0, again.output
     assert (run / "model").is_dir()
+    rows = (run / "train_log.csv").read_text()
+    again = CliRunner().invoke(app, resume)  # finished: not validated (nor logged) once more
+    assert again.exit_code == 0 and (run / "train_log.csv").read_text() == rows

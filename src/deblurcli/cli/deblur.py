@@ -167,8 +167,10 @@ def deblur(
                            recursive=recursive, shard=shard_spec, quality=quality,
                            max_pixels=max_pixels, codec=codec, crf=crf,
                            metadata=not strip_metadata)
-    if lora is not None and not lora.is_file():
-        raise typer.BadParameter(f"no such adapter file: {lora}", param_hint="--lora")
+    if lora is not None and not lora.is_file():  # a bad path: exit 1, as a missing --weights
+        from deblurcli.errors import DeblurcliError
+
+        raise DeblurcliError(f"--lora {lora}: no such adapter file")
     from deblurcli.batch import INPUT_SUFFIXES
 
     if output.suffix.lower() in INPUT_SUFFIXES and not output.exists() and \

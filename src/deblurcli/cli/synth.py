@@ -183,8 +183,9 @@ def synth(
         kept = (Path(out) / "manifest.jsonl").is_file()  # removed when no pair was made
         err.print(f"the pairs of every source finished so far are kept in {out}; the same "
                   "command goes on from there" if kept else
-                  f"no pair was finished, so nothing is kept in {out}; the same command starts "
-                  "again", highlight=False, markup=False)
+                  f"no source (a photo, a video, a frame folder) was finished, so nothing is "
+                  f"kept in {out}; the same command starts again", highlight=False,
+                  markup=False)
         raise
 
     con = stdout_console()

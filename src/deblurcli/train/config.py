@@ -403,9 +403,10 @@ def resolve_config(cls: type[C], config_file: str | None = None,
             if key == "lora_rank" and merged.get("init"):  # --init brings its adapters' rank
                 raise DeblurcliError("--lora-rank cannot change when a run resumes: its adapters "
                                      f"come from --init {merged['init']}; leave --lora-rank out")
+            anew = "with --init" if "init" in merged else "in a new folder"  # (train-vae: no --init)
             raise DeblurcliError(f"--{flag} cannot change when a run resumes (it was {was}, the "
                                  "checkpoint's model is built that way); leave --"
-                                 f"{flag} out, or start a new run with --init")
+                                 f"{flag} out, or start a new run {anew}")
     merged.update(given)
     merged["resume"] = str(path)
     if "output" not in given:  # the run that holds the checkpoint, not where it was first written

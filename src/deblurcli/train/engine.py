@@ -711,9 +711,11 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
             interrupted = True
             if not torn:  # a torn state would be saved under the previous step's number
                 last_ckpt = save(step)
-    if state is not None and step == start >= target and data.val is not None:
+    if state is not None and step == start >= target and data.val is not None and \
+            not (output / "model").is_dir():
         # resumed at its last step, whose validation failed (a damaged image, mended since):
-        # the model is validated before it is written, as a run that ends there is
+        # the model is validated before it is written, as a run that ends there is (a run
+        # that finished, its model written, is not validated again)
         if main:
             validation = _validate(stage, data.val, output, step, accelerator.device,
                                    accelerator.autocast)
