@@ -1210,12 +1210,14 @@ class FolderListing:
             regular file (symlink loop, broken symlink, named pipe, socket, device, link to a
             folder) and of each sub-folder that could not be listed.
         others: files without an image suffix.
+        folder_links: links to folders without an image suffix (not followed, not listed).
         folders: ``(st_dev, st_ino)`` of every folder that was listed.
     """
 
     images: list[tuple[Path, os.stat_result]] = field(default_factory=list)
     problems: list[tuple[Path, str]] = field(default_factory=list)
     others: list[Path] = field(default_factory=list)
+    folder_links: list[Path] = field(default_factory=list)
     folders: set[tuple[int, int]] = field(default_factory=set)
 
 
@@ -1265,7 +1267,9 @@ def scan_folder(folder: PathLike, *, recursive: bool = False,
                     pending.append(path)
                 continue
             if path.suffix.lower() not in suffixes:
-                if not (is_link and _is_dir(path)):  # a link to a folder is no file to report
+                if is_link and _is_dir(path):  # a link to a folder is no file to report
+                    listing.folder_links.append(path)
+                else:
                     listing.others.append(path)
                 continue
             try:
@@ -1283,6 +1287,7 @@ def scan_folder(folder: PathLike, *, recursive: bool = False,
     listing.images.sort(key=lambda item: item[0])
     listing.problems.sort()
     listing.others.sort()
+    listing.folder_links.sort()
     return listing
 
 

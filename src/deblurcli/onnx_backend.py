@@ -62,16 +62,16 @@ def key_parts(folder: Path, *, gamma: float, lora: Path | None) -> dict:
     depends on: the folder's checksums, γ or the blend file, and the versions that export and
     optimise it. Stored beside each export as ``key.json``."""
     from deblurcli.errors import WeightsError
-    from deblurcli.modelindex import CHECKSUM_FILE, RECORD_KEY, read_model_index, sha256_file
+    from deblurcli.modelindex import CHECKSUM_FILE, held_gamma, sha256_file
 
-    record = read_model_index(folder)[RECORD_KEY]
+    held = held_gamma(folder)  # (reads the folder's record: a bad folder fails here)
     if not (folder / CHECKSUM_FILE).is_file():  # what verify_checksums says, before any export
         raise WeightsError(f"missing file {CHECKSUM_FILE} in {folder}")
     parts: dict = {"checksums": sha256_file(folder / CHECKSUM_FILE), **_runtime_parts()}
     if lora is not None:
         parts["lora"] = sha256_file(lora)
-    elif record.get("fused_gamma") is None and len(record.get("adapters") or {}) != 1:
-        parts["gamma"] = round(float(gamma), 9) + 0.0  # -0 keys as 0 (one adapter runs whole)
+    elif held is None:  # a fused or one-adapter model runs at its own γ
+        parts["gamma"] = round(float(gamma), 9) + 0.0  # -0 keys as 0
     return parts
 
 

@@ -303,8 +303,9 @@ def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
             group=group, warn=lambda m: warn(err, escape(m)),
             note=lambda m: err.print(m, highlight=False, markup=False))
     # a fused model keeps its own γ (a note said so if --gamma differs): report that one
+    # (a blend file is fused into the UNet too; a one-adapter model says "real adapter only")
     gamma_text = f"gamma={gamma:g}" if held is None else \
-        f"gamma={held[0]:g} ({'fused' if held[1] == 'fused' or held[1].startswith('blend') else held[1]})"
+        f"gamma={held[0]:g} ({held[1] if held[1].endswith(' only') else 'fused'})"
     pipeline = DeblurPipeline(runner, device=device, dtype=vae_dtype or dtype, tile=tile,
                               overlap=overlap, channels_last=backend_name == "torch",
                               batch_size=batch_size or default_batch_size(device),

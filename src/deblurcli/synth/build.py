@@ -425,20 +425,19 @@ def _window_pair(out: Path, spec: dict, frames: list[np.ndarray], crop: int | No
 def _plan_images(cfg: SynthConfig, src: Path, warn: WarnFn, result: SynthResult) -> list[dict]:
     out_abs = Path(cfg.out).resolve()
 
-    def in_out(path: Path) -> bool:  # --out inside --src: its files are not sources
-        return path.resolve().is_relative_to(out_abs)
-
     skipped: list[tuple[Path, str]] = []
     paths = list_images(src, recursive=True, on_skip=lambda p, why: skipped.append((p, why)))
     for path, why in skipped:
-        if not in_out(path):
+        if not path.resolve().is_relative_to(out_abs):
             warn(f"skipping {path}: {why}")
-    theirs = [p for p in paths if in_out(p) and not any(
-        p.resolve().is_relative_to(out_abs / sub) for sub in ("blur", "sharp"))]
+    inside = {p: p.resolve() for p in paths}  # --out inside --src: its files are not sources
+    inside = {p: where for p, where in inside.items() if where.is_relative_to(out_abs)}
+    theirs = [p for p, where in inside.items() if not any(
+        where.is_relative_to(out_abs / sub) for sub in ("blur", "sharp"))]
     if theirs:
         warn(f"leaving out {len(theirs)} image(s) inside --out {cfg.out} (e.g. {theirs[0]}): "
              "the output folder is not read as a source")
-    paths = [p for p in paths if not in_out(p)]
+    paths = [p for p in paths if p not in inside]
     if not paths:
         raise DatasetError(
             f"no images found in {src} (looked recursively for {', '.join(sorted(IMAGE_SUFFIXES))})"

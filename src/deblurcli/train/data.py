@@ -69,19 +69,9 @@ def _images(folder: Path, recursive: bool = True,
 
     listing = scan_folder(folder, recursive=recursive)
     if problems is not None:
-        said = {path for path, _ in listing.problems}
         problems.extend(f"{path}: {why}" for path, why in listing.problems)
-        for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
-            if path in said or any(part.startswith(".") for part in
-                                   path.relative_to(folder).parts):
-                continue
-            try:
-                linked_folder = path.is_symlink() and path.is_dir()
-            except OSError:
-                linked_folder = False
-            if linked_folder:
-                problems.append(f"{path}: a link to a folder, not followed (give the folder "
-                                "itself, or copy it in)")
+        problems.extend(f"{path}: a link to a folder, not followed (give the folder itself, or "
+                        "copy it in)" for path in listing.folder_links)
     return [path for path, _ in listing.images]
 
 
