@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import math
 import os
 import signal
@@ -349,6 +350,36 @@ class TrainResult:
     start_step: int = 0
 
 
+# what a run writes into its folder before its first checkpoint or log line
+_RUN_START = ("config.json", "tensorboard", "validation", ckpt.SUPERSEDED_DIR)
+
+
+def _check_own_folder(output: Path) -> None:
+    """Refuse an existing folder that is not a run's: a run writes ``config.json``, ``model/``,
+    ``validation/`` ... into it, and would replace a user's files of those names (or fill a model
+    folder given to ``--init``)."""
+    if not output.is_dir() or any((output / name).exists() for name in
+                                  (ckpt.CHECKPOINT_DIR, "model", "train_log.csv")):
+        return
+    foreign = sorted(p.name for p in output.iterdir()
+                     if not p.name.startswith(".") and not _run_start_entry(p))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise DeblurcliError(f"{output} holds files that are not a training run's ({shown}); "
+                             "give a new or empty folder as --output")
+
+
+def _run_start_entry(path: Path) -> bool:
+    if path.name not in _RUN_START:
+        return False
+    if path.name != "config.json":
+        return path.is_dir()
+    try:  # a run's resolved settings, not some other config.json
+        return "max_steps" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False
+
+
 def prepare_output(config: CommonConfig) -> tuple[Path, ckpt.Checkpoint | None]:
     """Check the output folder and load the checkpoint to resume from (if any).
 
@@ -360,6 +391,7 @@ def prepare_output(config: CommonConfig) -> tuple[Path, ckpt.Checkpoint | None]:
         raise DeblurcliError(f"--output must be a folder, but {output} is a file")
     resume_path = ckpt.resolve_resume(config.resume, output)
     state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+    _check_own_folder(output)
     if state is None and ckpt.list_checkpoints(output):
         raise DeblurcliError(f"{output} already holds checkpoints; continue with --resume latest "
                              "or choose another --output")
