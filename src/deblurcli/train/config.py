@@ -351,6 +351,8 @@ def with_absolute_paths(values: Mapping[str, Any]) -> dict[str, Any]:
 
 #: Settings that shape the model or what is trained: a resumed run keeps the checkpoint's.
 FIXED_ON_RESUME = ("preset", "lora_rank", "full", "adapter", "train_encoder", "mode")
+# the two flags of those that are switches: (on, off)
+_SWITCHES = {"full": ("full", "lora"), "train_encoder": ("train-encoder", "frozen-encoder")}
 
 
 # what a run's config.json records besides its settings: how it was started (a new run from
@@ -400,6 +402,10 @@ def resolve_config(cls: type[C], config_file: str | None = None,
         if key in given and key in merged and given[key] != merged[key]:
             flag = key.replace("_", "-")
             was = "not given" if merged[key] is None else repr(merged[key])
+            if key in _SWITCHES and isinstance(given[key], bool):  # as typed: --lora, not --full
+                flag = _SWITCHES[key][not given[key]]
+                was = ("not given" if merged[key] is None
+                       else "--" + _SWITCHES[key][not merged[key]])
             if key == "lora_rank" and merged.get("init"):  # --init brings its adapters' rank
                 raise DeblurcliError("--lora-rank cannot change when a run resumes: its adapters "
                                      f"come from --init {merged['init']}; leave --lora-rank out")
