@@ -159,6 +159,11 @@ def test_export_takes_only_train_diffusion_runs(tmp_path: Path) -> None:
     result = _export(vae, "-o", tmp_path / "m")
     assert result.exit_code == 1 and "train-vae run" in result.stderr
     result = _export(tmp_path / "nowhere", "-o", tmp_path / "m")
+    assert result.exit_code == 1 and "nowhere: no such folder" in result.stderr
+    result = _export(vae / "config.json", "-o", tmp_path / "m")
+    assert result.exit_code == 1 and "config.json is a file" in result.stderr
+    (vae / "config.json").unlink()
+    result = _export(vae, "-o", tmp_path / "m")
     assert result.exit_code == 1 and "not a train-diffusion output folder" in result.stderr
     assert not (tmp_path / "m").exists()
 

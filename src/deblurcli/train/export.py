@@ -45,6 +45,10 @@ class CheckpointModel(NamedTuple):
 
 def _run_kind(run: Path) -> None:
     """Refuse anything but a ``train-diffusion`` output folder (DeblurcliError)."""
+    if not run.exists():
+        raise DeblurcliError(f"{run}: no such folder")
+    if not run.is_dir():
+        raise DeblurcliError(f"{run} is a file; give a train-diffusion output folder")
     try:
         kind = json.loads((run / "config.json").read_text(encoding="utf-8")).get("kind")
     except (OSError, ValueError):
