@@ -156,6 +156,12 @@ def test_what_shapes_the_model_cannot_change_on_resume(tmp_path: Path) -> None:
                                              "out$"):
         cfg.resolve_config(cfg.DiffusionTrainConfig, None,
                            {"resume": str(step), "output": str(tmp_path), "lora_rank": 8})
+    # a switch is named as typed: --lora against a --full run (it said "--full ... was True")
+    (step / "config.json").write_text(json.dumps({**saved, "full": True}))
+    with pytest.raises(DeblurcliError, match="^--lora cannot change when a run resumes \\(it was "
+                                             "--full, .*; leave --lora out"):
+        cfg.resolve_config(cfg.DiffusionTrainConfig, None,
+                           {"resume": str(step), "output": str(tmp_path), "full": False})
     # train-vae has no --init to start a new run with
     (step / "config.json").write_text(json.dumps(cfg.config_to_dict(cfg.VaeTrainConfig(
         output=str(tmp_path), preset="tiny"))))
@@ -188,3 +194,35 @@ def test_checkpoint_files_and_folder_are_flushed_to_disk(tmp_path: Path, monkeyp
     for written in final.iterdir():
         assert any(name.startswith(f".{written.name}.") for name in names), written.name
     assert flushed[-1] == str(final.parent.resolve())
+
+
+def test_a_run_writes_only_into_a_new_empty_or_run_folder(tmp_path: Path) -> None:
+    """A run writes config.json, model/, validation/ ... into --output: a user's folder (or the
+    model folder given to --init) had its config.json replaced and a run mixed in."""
+    from deblurcli.train.engine import prepare_output
+
+    def prepare(folder: Path) -> None:
+        prepare_output(cfg.VaeTrainConfig(data="pairs", output=str(folder)))
+
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"theme": "dark"}')
+    (mine / "notes.txt").write_text("x")
+    with pytest.raises(DeblurcliError, match=r"holds files that are not a training run's "
+                                             r"\(config.json, notes.txt\); give a new or empty"):
+        prepare(mine)
+    assert (mine / "config.json").read_text() == '{"theme": "dark"}'
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    with pytest.raises(DeblurcliError, match=r"\(model_index.json, unet\)"):
+        prepare(model)
+    # a new, an empty (hidden files aside) and a just-started run's folder are fine
+    prepare(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"")
+    prepare(tmp_path / "empty")
+    started = tmp_path / "started"
+    (started / "tensorboard").mkdir(parents=True)
+    (started / "config.json").write_text('{"max_steps": 5}')
+    prepare(started)
