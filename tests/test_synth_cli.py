@@ -482,3 +482,54 @@ def test_a_refused_or_interrupted_resume_keeps_the_pairs_made_before(photos, tmp
     monkeypatch.setattr(build, "_read_manifest", stopped)
     res = _synth("--src", str(photos), "--out", out, "--crop", "48", "--stride", "32")
     assert res.exit_code == 130 and _tree(tmp_path / "o") == made
+
+
+def test_an_interrupted_video_keeps_the_pairs_it_finished(tmp_path, monkeypatch):
+    """A video is one task: interrupted, every pair of it was removed, so a run on one long
+    video started from its first frame however far it had come."""
+    av = pytest.importorskip("av")
+    from deblurcli.synth import build
+
+    base = (data.astronaut()[:40, :56]).astype(np.uint8)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    with av.open(str(frames / "clip.mp4"), "w") as c:
+        v = c.add_stream("mpeg4", rate=24)
+        v.width, v.height, v.pix_fmt = 56, 40, "yuv420p"
+        for i in range(15):
+            c.mux(v.encode(av.VideoFrame.from_ndarray(np.roll(base, i, axis=1), format="rgb24")))
+        c.mux(v.encode())
+    real, calls = build._window_pair, []
+
+    def stopped_at_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(build, "_window_pair", stopped_at_the_third)
+    args = ("--frames", str(frames), "--crop", "32", "--n-min", "3", "--n-max", "3", "-j", "1")
+    out = tmp_path / "o"
+    result = _synth(*args, "--out", str(out))
+    assert result.exit_code == 130 and "finished so far are kept" in result.stderr
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 2
+    assert len(list((out / "blur").iterdir())) == 2 and not list(out.glob(".*"))
+    monkeypatch.setattr(build, "_window_pair", real)
+    calls.clear()
+    resumed = _synth(*args, "--out", str(out))
+    assert resumed.exit_code == 0 and "2 already" in " ".join(resumed.stdout.split())
+    assert _synth(*args, "--out", str(tmp_path / "fresh")).exit_code == 0
+    assert _tree(out) == _tree(tmp_path / "fresh")
+    # killed (no clean-up): the next run takes the pairs its log recorded
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(build, "_window_pair", stopped_at_the_third)
+    monkeypatch.setattr(build, "_keep_partial", lambda *a: None)
+    monkeypatch.setattr(build, "_remove_unfinished", lambda *a: None)
+    monkeypatch.setattr(build, "_remove_new", lambda *a: None)
+    calls.clear()
+    assert _synth(*args, "--out", str(killed)).exit_code == 130
+    assert len(list(killed.glob(".video-*.jsonl"))) == 1
+    monkeypatch.undo()
+    resumed = _synth(*args, "--out", str(killed))
+    assert resumed.exit_code == 0 and "2 already" in " ".join(resumed.stdout.split())
+    assert _tree(killed) == _tree(tmp_path / "fresh")

@@ -181,10 +181,10 @@ def synth(
             result = run_synth(cfg, progress=progress, warn=lambda msg: warn(err, msg))
     except KeyboardInterrupt:  # then "interrupted" (or "terminated") and exit 130 (143)
         kept = (Path(out) / "manifest.jsonl").is_file()  # removed when no pair was made
-        err.print(f"the pairs of every source finished so far are kept in {out}; the same "
-                  "command goes on from there" if kept else
-                  f"no source (a photo, a video, a frame folder) was finished, so nothing is "
-                  f"kept in {out}; the same command starts again", highlight=False,
+        err.print(f"the pairs finished so far are kept in {out}; the same command goes on "
+                  "from there" if kept else
+                  f"no pair was finished, so nothing is kept in {out}; the same command "
+                  "starts again", highlight=False,
                   markup=False)
         raise
 

@@ -267,6 +267,24 @@ def _read_manifest(path: Path) -> list[dict]:
     return records
 
 
+_PARTIAL_GLOB = ".video-*.jsonl"
+
+
+def _partial_log(out: Path, video: str) -> Path:
+    """Where the video task of ``video`` records its pairs as it goes."""
+    return out / f".video-{hashlib.blake2b(_bytes(video), digest_size=8).hexdigest()}.jsonl"
+
+
+def _partial_records(out: Path) -> list[dict]:
+    """The pairs recorded by video tasks that did not finish (a run interrupted or killed)."""
+    return [rec for path in sorted(out.glob(_PARTIAL_GLOB)) for rec in _read_manifest(path)]
+
+
+def _remove_partial(out: Path) -> None:
+    for path in out.glob(_PARTIAL_GLOB):
+        path.unlink(missing_ok=True)
+
+
 def _files_exist(out: Path, rec: dict) -> bool:
     paths = [out / "blur" / f"{rec['name']}.png", out / "sharp" / f"{rec['name']}.png"]
     if rec.get("kernel_file"):
@@ -349,13 +367,19 @@ def run_frames_task(out: str, spec: dict, crop: int | None) -> dict:
     return _window_pair(Path(out), spec, frames, crop)
 
 
-def run_video_task(out: str, path: str, specs: list[dict], crop: int | None) -> dict:
+def run_video_task(out: str, path: str, specs: list[dict], crop: int | None,
+                   log: str | None = None) -> dict:
     """Make every window of one video file, decoding it once from the start and holding only the
-    frames of the windows in progress. Returns like :func:`run_image_task`."""
+    frames of the windows in progress. Returns like :func:`run_image_task`.
+
+    Each pair's record is also appended to ``log`` (made on the first one) once its files are
+    written: a long video interrupted keeps the pairs it finished (:func:`_partial_records`).
+    """
     pending = sorted(specs, key=lambda s: s["frames"][0])
     records: list[dict] = []
     held: dict[int, np.ndarray] = {}
     last = -1
+    log_file = None
     try:
         for index, pixels in iter_frames(Path(path)):
             last = index
@@ -369,10 +393,18 @@ def run_video_task(out: str, path: str, specs: list[dict], crop: int | None) -> 
                 if res["error"]:
                     return {"records": records, "error": res["error"]}
                 records.extend(res["records"])
+                if log is not None:
+                    if log_file is None:
+                        log_file = open(log, "a", encoding="utf-8")  # noqa: SIM115
+                    log_file.writelines(_dumps(rec) + "\n" for rec in res["records"])
+                    log_file.flush()
                 first_needed = pending[0]["frames"][0] if pending else index + 1
                 held = {i: f for i, f in held.items() if i >= first_needed}
     except ImageReadError as exc:
         return {"records": records, "error": str(exc)}
+    finally:
+        if log_file is not None:
+            log_file.close()
     if pending:
         return {"records": records,
                 "error": f"video {path}: only {last + 1} frames could be decoded; "
@@ -668,7 +700,7 @@ def run_synth(
         with writing(settings):
             _check_settings(cfg)
         _remove_temporary(cfg.out)  # of a run killed while it wrote
-        for rec in _read_manifest(manifest):
+        for rec in _read_manifest(manifest) + _partial_records(cfg.out):
             if rec["source"] in planned_sources and rec["name"] not in planned_names:
                 _remove_pair(cfg.out, rec["name"])  # its source's name changed: made again
             elif _files_exist(cfg.out, rec):
@@ -677,6 +709,7 @@ def run_synth(
         result.already_done = len(specs) - len(todo)
         with writing(manifest):  # drop broken lines / duplicates before appending
             _write_manifest(manifest, done.values())
+        _remove_partial(cfg.out)  # (now in the manifest)
 
         if cfg.mode == "images":
             groups: dict[str, list[dict]] = {}
@@ -691,7 +724,9 @@ def run_synth(
                     videos.setdefault(s["video_path"], []).append(s)
                 else:
                     tasks.append((run_frames_task, (str(cfg.out), s, cfg.crop)))
-            tasks += [(run_video_task, (str(cfg.out), path, g, cfg.crop)) for path, g in videos.items()]
+            tasks += [(run_video_task, (str(cfg.out), path, g, cfg.crop,
+                                        str(_partial_log(cfg.out, path))))
+                      for path, g in videos.items()]
 
         report(progress, "pairs", 0, len(todo))
         with writing(manifest):
@@ -730,11 +765,13 @@ def run_synth(
                         raise
     except BaseException:  # a failed write, Ctrl-C: as below when not one pair exists
         if running:
+            _keep_partial(cfg.out, manifest, done)
             _remove_unfinished(cfg.out, todo, done)
         if not done:
             _remove_new(new_files, new_folders)
         raise
     if not done:  # not one pair, now or before: no output, and leave none of it behind
+        _remove_partial(cfg.out)
         _remove_unfinished(cfg.out, todo, done)
         _remove_new(new_files, new_folders)
         source = cfg.src if cfg.mode == "images" else cfg.frames
@@ -743,6 +780,7 @@ def run_synth(
         raise DatasetError(f"no pairs could be made from {source}{why}{more}")
     with writing(manifest):
         _write_manifest(manifest, done.values())
+    _remove_partial(cfg.out)  # (their records are in the manifest)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -754,6 +792,17 @@ def _remove_pair(out: Path, name: str) -> None:
     """The files of the pair ``name`` (those that exist)."""
     for sub, suffix in _PAIR_FILES:
         (out / sub / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+def _keep_partial(out: Path, manifest: Path, done: dict[str, dict]) -> None:
+    """Record the pairs the interrupted video tasks finished (in ``done`` and the manifest)."""
+    found = [rec for rec in _partial_records(out) if rec["name"] not in done
+             and _files_exist(out, rec)]
+    if found:
+        done.update((rec["name"], rec) for rec in found)
+        with writing(manifest):
+            _write_manifest(manifest, done.values())
+    _remove_partial(out)
 
 
 def _remove_unfinished(out: Path, todo: list[dict], done: dict[str, dict]) -> None:
