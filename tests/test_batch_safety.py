@@ -334,6 +334,31 @@ def test_the_output_record_is_never_written_through_a_symlink(tmp_path):
     assert victim.read_text() == "precious\n"
 
 
+def test_a_record_cut_short_by_a_full_disk_fails_its_output_and_loses_no_other(tmp_path,
+                                                                               monkeypatch):
+    """os.write wrote part of the line on a full disk without an error: the output counted as
+    written, and the torn line swallowed the next one, whose output then read as an input
+    ("refusing to write ...: it is an input file") in every later run in place."""
+    import errno
+
+    from deblurcli import batch
+
+    out = tmp_path / "out"
+    out.mkdir()
+    ledger = out / ".deblurcli-outputs.jsonl"
+    first, second = out / "a_s.png", out / "b_s.png"
+    first.write_bytes(b"x")
+    second.write_bytes(b"yy")
+    real = os.write
+    monkeypatch.setattr(batch.os, "write", lambda fd, data: real(fd, data[:12]))
+    with pytest.raises(OSError) as caught:
+        batch.record_output(ledger, first, first)
+    assert caught.value.errno == errno.ENOSPC
+    monkeypatch.setattr(batch.os, "write", real)
+    batch.record_output(ledger, second, second)
+    assert list(batch.read_ledger(ledger)) == ["b_s.png"]
+
+
 def test_an_unsearchable_parent_is_one_clear_error(tmp_path, monkeypatch):
     def refuse(self):
         raise PermissionError(13, "Permission denied", str(self))

@@ -23,6 +23,7 @@ ledger does not vouch for is an input like any other and is never replaced.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -340,10 +341,19 @@ def _ledger_items(path: Path) -> list[dict]:
         try:
             item = json.loads(line)
         except (ValueError, RecursionError):  # torn, foreign, or nested beyond parsing
-            continue
+            item = _after_torn(line)
         if isinstance(item, dict) and isinstance(item.get("path"), str):
             items.append(item)
     return items
+
+
+def _after_torn(line: str) -> object:
+    """The entry appended after a torn one (a line cut short by a full disk), or None."""
+    start = line.rfind('{"path": ', 1)
+    try:
+        return json.loads(line[start:]) if start > 0 else None
+    except (ValueError, RecursionError):
+        return None
 
 
 def _recorded_outputs(items: list[dict]) -> dict[str, tuple[int, int]]:
@@ -388,7 +398,9 @@ def record_output(ledger: Path, target: Path, written: Path,
         reason = not_regular_reason(os.fstat(fd).st_mode)
         if reason:
             raise DeblurcliError(f"cannot record outputs in {ledger}: {reason}")
-        os.write(fd, line.encode("utf-8"))
+        data = line.encode("utf-8")
+        if os.write(fd, data) < len(data):  # a full disk (no error): the output is not kept
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (recording it in {ledger})")
         os.fsync(fd)
     finally:
         os.close(fd)
