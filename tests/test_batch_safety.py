@@ -177,6 +177,15 @@ def _check_refusal(message: str, src: Path, out: Path, options: BatchOptions) ->
         target = Path(clash.group(1))
         assert any(_same_entry(target, p) for p in inputs), f"no input at {target}: {message}"
         return
+    clash = re.match(r"(.+?) would be written to (.+?), the folder that (.+?)'s output goes "
+                     "into; ", message)
+    if clash:
+        first, folder, second = (Path(g) for g in clash.groups())
+        assert first in inputs and second in inputs, message
+        assert _expected_target(src, out, first, options) == _key(folder), message
+        assert _expected_target(src, out, second, options).startswith(_key(folder) + os.sep), \
+            message
+        return
     clash = re.match(r"(.+?) and (.+?) would both be written to (.+?); ", message)
     assert clash, f"unexpected refusal: {message}"
     first, second, target = (Path(g) for g in clash.groups())
@@ -396,3 +405,19 @@ def test_an_output_name_past_255_bytes_fails_at_planning(tmp_path):
     assert "more than the 255 a file system allows" in jobs[0].problem
     summary = run_jobs(jobs, lambda px, progress=None: pytest.fail("deblurred"), options)
     assert summary.count("failed") == 1
+
+
+def test_an_output_where_another_output_needs_a_folder_is_refused_when_planned(tmp_path):
+    """z.jpg and a folder z.png/ with --ext png: planned (and promised by --dry-run) as two
+    writes, the second failed after its deblurring with "File exists"."""
+    src = tmp_path / "in"
+    write_image(src / "z.jpg", np.zeros((4, 5, 3), np.float32))
+    write_image(src / "z.png" / "inner.jpg", np.zeros((4, 5, 3), np.float32))
+    options = BatchOptions(recursive=True, ext="png")
+    with pytest.raises(DeblurcliError) as refused:
+        plan_jobs(src, tmp_path / "out", options)
+    _check_refusal(str(refused.value), src, tmp_path / "out", options)
+    assert str(refused.value).startswith(f"{src / 'z.jpg'} would be written to "
+                                         f"{tmp_path / 'out' / 'z.png'}, the folder that "
+                                         f"{src / 'z.png' / 'inner.jpg'}'s output goes into")
+    assert len(plan_jobs(src, tmp_path / "out", BatchOptions(recursive=True))) == 2

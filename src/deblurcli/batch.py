@@ -544,6 +544,7 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
                 " bytes, more than the 255 a file system allows; shorten the --suffix or the name"
         jobs.append((rel, Job(path, target, ledger=ledger_path if inside else None,
                               problem=in_the_way)))
+    _check_file_folder_clash([job for _, job in jobs], seen, out_dir)
     for path, rel, reason in problems:
         name = output_name(rel, options.suffix, options.ext) if rel.suffix else rel.name
         jobs.append((rel, Job(path, out_dir / rel.parent / name, problem=reason)))
@@ -552,6 +553,23 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
         return [job for _, job in jobs]
     index, count = options.shard
     return [job for rel, job in jobs if shard_of(rel.as_posix(), count) == index]
+
+
+def _check_file_folder_clash(jobs: list[Job], seen: dict[str, Path], out_dir: Path) -> None:
+    """Refuse a run where one output would be written where another's folder goes (``z.jpg``
+    beside a folder ``z.png/`` with ``--ext png``): found now, not as a failure after the
+    deblurring of whichever came second."""
+    for job in jobs:
+        try:
+            folders = job.target.relative_to(out_dir).parents[:-1]  # (without OUTPUT itself)
+        except ValueError:
+            continue
+        for folder in folders:
+            other = seen.get(_path_key(out_dir / folder))
+            if other is not None:
+                raise DeblurcliError(f"{other} would be written to {out_dir / folder}, the "
+                                     f"folder that {job.source}'s output goes into; rename one "
+                                     "of them")
 
 
 def _is_folder(path: Path) -> bool:
