@@ -208,13 +208,27 @@ def test_no_weights_and_no_default_model_exits_1(photos, tmp_path, monkeypatch):
     assert "no default model" in result.output and "--weights" in result.output
 
 
-def test_dry_run_lists_the_plan_and_touches_nothing(photos, tmp_path):
+def test_dry_run_lists_the_plan_and_touches_nothing(photos, tiny_model_folder, tmp_path,
+                                                   monkeypatch):
     """A line per file (written, skipped as existing, failing), a count, the exit status the
-    run would end with; no model is needed and OUTPUT is not created. The input guard still
-    refuses as a run would."""
+    run would end with; no model is loaded and OUTPUT is not created. The input guard and the
+    model named still refuse as a run would."""
+    import deblurcli.modelindex as mi
+
     out = tmp_path / "out"
     (photos / "link.png").symlink_to(tmp_path / "nowhere.png")  # a broken link: it would fail
-    result = run(photos, out, "--dry-run", "--weights", tmp_path / "no-model")
+    for weights in ("--weights", tmp_path / "no-model"), ():  # (it said "would process 4")
+        monkeypatch.setattr(mi, "default_weights_dir", lambda: tmp_path / "packaged-weights")
+        missing = run(photos, out, "--dry-run", *weights)
+        assert missing.exit_code == 1 and "would process" not in missing.output
+        assert "model folder not found" in missing.output or "no default model" in \
+            missing.output, missing.output
+    monkeypatch.undo()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    fetched = run(photos, out, "-n", "-w", "someone/model")  # (the cache only is looked at)
+    assert "the run would fetch someone/model from the Hugging Face hub" in fetched.stderr
+    result = run(photos, out, "--dry-run", "--weights", tiny_model_folder)
     lines = result.output.splitlines()
     assert result.exit_code == 1 and not out.exists()  # a fail line: exit 1, as the run would
     assert f"write  {out / 'rgb.png'}  (from {photos / 'rgb.png'})" in lines
@@ -222,9 +236,9 @@ def test_dry_run_lists_the_plan_and_touches_nothing(photos, tmp_path):
     assert lines[-1] == "dry run: would process 4, skip 0, fail 1; nothing was written"
     write_image(out / "grey.png", np.zeros((4, 4, 3), np.float32))
     (photos / "link.png").unlink()
-    clean = run(photos, out, "-n")
+    clean = run(photos, out, "-n", "-w", tiny_model_folder)
     assert clean.exit_code == 0, clean.output
-    again = run(photos, out, "-n", "-r").output.splitlines()
+    again = run(photos, out, "-n", "-r", "-w", tiny_model_folder).output.splitlines()
     assert f"skip   {out / 'grey.png'}  (exists; --overwrite replaces it)" in again
     assert f"write  {out / 'sub' / 'nested.jpg'}  (from {photos / 'sub' / 'nested.jpg'})" in again
     assert sorted(p.name for p in out.iterdir()) == ["grey.png"]
@@ -244,12 +258,13 @@ def test_quiet_leaves_out_the_progress_lines_only(photos, tiny_model_folder, tmp
     assert "processed 1" in quiet.stdout and "deblurring 1 file(s)" in quiet.stderr
 
 
-def test_an_output_named_like_a_photo_is_said_to_be_a_folder(photos, tmp_path):
+def test_an_output_named_like_a_photo_is_said_to_be_a_folder(photos, tiny_model_folder,
+                                                             tmp_path):
     """`deblur photo.jpg sharp.jpg` made a folder sharp.jpg/ without a word."""
     result = run(photos / "rgb.png", tmp_path / "sharp.png", "-n")
     assert "sharp.png will be a folder (OUTPUT always is one)" in " ".join(result.stderr.split())
     assert "will be a folder" not in run(photos / "rgb.png", tmp_path / "out", "-n").stderr
-    odd = run(photos / "rgb.png", tmp_path / "x[/].png", "-n")  # Rich markup in the name
+    odd = run(photos / "rgb.png", tmp_path / "x[/].png", "-n", "-w", tiny_model_folder)  # markup
     assert odd.exit_code == 0 and "x[/].png will be a folder" in odd.stderr, odd.output
 
 

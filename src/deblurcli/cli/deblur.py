@@ -182,16 +182,17 @@ def deblur(
         warn(stderr_console(), escape(f"{output} will be a folder (OUTPUT always is one); the "
                                       "outputs keep their inputs' names inside it"))
     if dry_run:
-        return _dry_run(input_path, output, options)
+        return _dry_run(input_path, output, options, weights)
     _run(input_path, output, options, gamma=gamma, weights=weights, lora=lora,
          fuse=not no_fuse, tile=tile, overlap=tile_overlap, batch_size=batch_size,
          device_name=device, dtype_name=dtype_name, vae_fp32=vae_fp32, threads=threads,
          compile_model=compile_model, color_fix=color_fix, backend=backend, quiet=quiet)
 
 
-def _dry_run(input_path: Path, output: Path, options) -> None:
+def _dry_run(input_path: Path, output: Path, options, weights: Optional[Path] = None) -> None:
     """``--dry-run``: the plan of a run, a line per file on stdout, checked as a run checks it
-    (the input guard, the codecs), then a count; nothing is loaded or written."""
+    (the input guard, the codecs, the model named), then a count; nothing is loaded or
+    written."""
     from deblurcli.batch import check_output_folder, needs_processing, plan_jobs
     from deblurcli.cli.console import stderr_console, stdout_console, warn
 
@@ -203,6 +204,9 @@ def _dry_run(input_path: Path, output: Path, options) -> None:
     _check_auto_codec_crf(jobs, options)
     if any(needs_processing(job, options) for job in jobs):
         check_output_folder(output)  # a read-only OUTPUT would stop the run: it stops this too
+        fetch = _check_model_named(weights)  # as would a missing or foreign model folder
+        if fetch:
+            warn(err, fetch)
     counts = {"write": 0, "skip": 0, "fail": 0}
     for job in jobs:
         if job.problem:
@@ -217,6 +221,28 @@ def _dry_run(input_path: Path, output: Path, options) -> None:
               f"{counts['fail']}; nothing was written", highlight=False, markup=False)
     if counts["fail"]:
         raise typer.Exit(1)  # as the run would end
+
+
+def _check_model_named(weights: Optional[Path]) -> Optional[str]:
+    """For ``--dry-run``: that the model a run would load is there and a deblurcli model
+    (its index read, nothing loaded; WeightsError as the run would stop), or, for a hub id
+    not in the local cache, a note that the run would fetch it."""
+    from deblurcli.errors import WeightsError
+    from deblurcli.modelindex import (default_weights_dir, offline_requested, read_model_index,
+                                      resolve_model)
+    from deblurcli.models.pretrained import looks_like_hub_id
+
+    source = weights if weights is not None else default_weights_dir()
+    try:
+        folder = resolve_model(source, offline=True)
+    except WeightsError:
+        path = Path(source)
+        if weights is None or path.exists() or path.parent.is_dir() or \
+                not looks_like_hub_id(str(weights)) or offline_requested():
+            raise
+        return f"the run would fetch {weights} from the Hugging Face hub"
+    read_model_index(folder)
+    return None
 
 
 def _run(input_path: Path, output: Path, options, *, gamma: Optional[float],
