@@ -68,6 +68,27 @@ def test_16bit_png_keeps_low_bits(tmp_path):
     )
 
 
+def test_a_16bit_png_is_read_as_tolerantly_and_said_wrong_as_an_8bit_one(tmp_path, capfd):
+    """OpenCV refused a 16-bit PNG lacking only its closing chunk (Pillow reads the 8-bit one),
+    said "OpenCV could not decode the PNG" for a truncated one, and it and libpng printed
+    lines of their own among deblurcli's."""
+    pixels = np.random.default_rng(0).random((40, 48, 3), dtype=np.float32)
+    for depth in (8, 16):
+        write_image(tmp_path / f"a{depth}.png", pixels, bit_depth=depth)
+        whole = (tmp_path / f"a{depth}.png").read_bytes()
+        assert whole.endswith(b"IEND\xaeB`\x82")
+        (tmp_path / "open.png").write_bytes(whole[:-12])
+        assert read_image(tmp_path / "open.png").pixels.shape == (40, 48, 3)
+        (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])
+        with pytest.raises(ImageReadError, match=r"corrupt or unsupported PNG \(image file is "
+                                                 r"truncated"):
+            read_image(tmp_path / "cut.png")
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+    np.testing.assert_array_equal(read_image(tmp_path / "a16.png").pixels,
+                                  np.round(pixels * 65535) / 65535)
+
+
 @pytest.mark.parametrize("suffix,fmt", [(".jpg", "jpeg"), (".webp", "webp"), (".bmp", "bmp")])
 def test_other_formats_read_as_8bit_rgb(tmp_path, suffix, fmt):
     pixels = np.linspace(0, 1, 16 * 16 * 3, dtype=np.float32).reshape(16, 16, 3)

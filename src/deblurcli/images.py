@@ -30,6 +30,7 @@ import struct
 import tempfile
 import threading
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -663,6 +664,49 @@ def _pillow_metadata(im, data: bytes, fmt: str) -> ImageMetadata | None:
         return None
 
 
+_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel
+
+
+def _whole_png(data: bytes) -> bytes:
+    """``data`` checked as Pillow checks an 8-bit PNG before OpenCV decodes it: chunks cut
+    short, checksums, a pixel stream that does not inflate to its size (ValueError, in Pillow's
+    words); a file that only lacks its closing chunk gets one, as Pillow reads it."""
+    pos, idat, width, height = 8, [], 0, 0
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I", data[pos:pos + 4])[0], data[pos + 4:pos + 8]
+        if pos + 12 + length > len(data):
+            raise ValueError("image file is truncated")
+        body = data[pos + 8:pos + 8 + length]
+        if zlib.crc32(kind + body) != struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0]:
+            raise ValueError(f"broken PNG file (bad checksum in {kind.decode('latin-1')!r})")
+        if kind == b"IHDR" and length >= 13:
+            width, height = struct.unpack(">II", body[:8])
+            channels, interlaced = _PNG_CHANNELS.get(body[9], 0), body[12]
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    else:
+        if pos != len(data):
+            raise ValueError("image file is truncated")
+        data += _IEND
+    inflate, size = zlib.decompressobj(), 0
+    try:
+        for body in idat:
+            while body:
+                size += len(inflate.decompress(body, 1 << 24))
+                body = inflate.unconsumed_tail
+    except zlib.error:
+        raise ValueError("broken data stream when reading image file") from None
+    if not inflate.eof:
+        raise ValueError("image file is truncated")
+    if width and not interlaced and channels and size != height * (1 + width * channels * 2):
+        raise ValueError("broken data stream when reading image file")
+    return data
+
+
 def _read_png16(data: bytes) -> ImageData:
     """A 16-bit PNG (its IHDR already checked against the pixel limit) through OpenCV."""
     try:
@@ -673,6 +717,7 @@ def _read_png16(data: bytes) -> ImageData:
         ) from exc
 
     colour_type = data[25]
+    data = _whole_png(data)  # (libpng prints its own complaints about the rest to stderr)
     arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise ValueError("OpenCV could not decode the PNG")
