@@ -38,6 +38,7 @@ from typing import Optional
 import numpy as np
 
 from deblurcli.errors import DeblurcliError, ImageReadError, ImageWriteError
+from deblurcli.imagemeta import ImageMetadata
 from deblurcli.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
@@ -646,10 +647,19 @@ def process_file(job: Job, deblur: DeblurFn, options: BatchOptions,
     if too_large:  # before the deblurring, whose output could not be written
         raise ImageWriteError(f"cannot write {job.target}: {too_large}")
     result = deblur(fill_transparent(image.pixels, image.alpha), progress)
-    stripped = {} if options.metadata else {"metadata": None}
+    stripped = {} if options.metadata else {"metadata": _colour_only(image.metadata)}
     write_image(job.target, result, like=image, quality=options.quality, before_replace=record,
                 **stripped)  # (formats without 16 bits get 8: encode_image)
     return 0
+
+
+def _colour_only(metadata: Optional[ImageMetadata]) -> Optional[ImageMetadata]:
+    """What ``--strip-metadata`` keeps of a photo's metadata: how to show its values (the ICC
+    profile, a PNG's colour chunks), as a video keeps its colour tags; without them the colours
+    of a wide-gamut photo shift."""
+    if metadata is None or not (metadata.icc or metadata.png_colour):
+        return None
+    return ImageMetadata(icc=metadata.icc, png_colour=metadata.png_colour)
 
 
 def ledger_hook(job: Job) -> Optional[Callable[[Path], None]]:

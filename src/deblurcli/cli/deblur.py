@@ -96,8 +96,8 @@ def deblur(
         "--crf).")] = 95,
     strip_metadata: Annotated[bool, typer.Option(
         "--strip-metadata", help="Write outputs without the input's metadata (kept by "
-        "default: a photo's ICC colour profile, EXIF with date, camera and GPS, XMP, print "
-        "resolution; a video's tags: title, creation time, location, ...).")] = False,
+        "default: a photo's EXIF with date, camera and GPS, XMP, print resolution; a video's "
+        "tags: title, creation time, location, ...). Colour profiles and tags stay.")] = False,
     crf: Annotated[int, typer.Option(
         "--crf", help="Video quality: constant rate factor, lower is better (0-51 for "
         "x264/x265, 0-63 for VP9/AV1, 4-63 for VP8; MPEG-4 and MJPEG take crf/6 as their quantiser).")] = 18,
