@@ -121,6 +121,24 @@ def test_missing_metrics_are_skipped_one_line_each_and_none_left_is_an_error(emp
         create_metrics(["clipiqa"], device=CPU)
 
 
+def test_a_damaged_weight_file_skips_its_metric_and_says_which_file(empty_torch_home, tmp_path):
+    """A garbage niqe_modelparameters.mat stopped the whole evaluation with "MatReadError: Mat
+    file appears to be truncated", naming neither the metric nor the file."""
+    (tmp_path / "pyiqa").mkdir()
+    damaged = tmp_path / "pyiqa" / "niqe_modelparameters.mat"
+    damaged.write_bytes(b"garbage\n")
+    warnings: list[str] = []
+    reasons: dict[str, str] = {}
+    metrics = create_metrics(["psnr", "niqe"], device=CPU, weights_dir=tmp_path,
+                             warn=warnings.append, skipped_reasons=reasons)
+    assert [m.name for m in metrics] == ["psnr"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"metric niqe skipped: cannot load "
+                                                         f"{damaged} (")
+    assert "--fetch-metrics niqe" in warnings[0] and list(reasons) == ["niqe"]
+    with pytest.raises(DeblurcliError, match="no metric could run \\(niqe skipped\\)"):
+        create_metrics(["niqe"], device=CPU, weights_dir=tmp_path)
+
+
 def test_the_fetcher_is_asked_for_each_missing_file(empty_torch_home):
     asked = []
 

@@ -429,11 +429,26 @@ def create_metrics(names: Sequence[str], *, device, y_channel: bool = False,
             skipped_reasons[spec.name] = reason
         if warn is not None:
             warn(f"metric {spec.name} skipped: {reason}; fetch with: {fetch_command([spec.name])}")
-    if not kept:
+    metrics = []
+    for spec, check in kept:
+        try:
+            metrics.append(create_metric(spec, check, device=device, y_channel=y_channel))
+        except (DeblurcliError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged weight file: pyiqa, torch, scipy
+            files = ", ".join(str(path) for path in check.found.values())
+            text = " ".join(str(exc).split())[:120] or type(exc).__name__
+            reason = f"cannot load {files} ({type(exc).__name__}: {text})"
+            skipped.append(spec.name)
+            if skipped_reasons is not None:
+                skipped_reasons[spec.name] = reason
+            if warn is not None:
+                warn(f"metric {spec.name} skipped: {reason}; delete the damaged file and fetch "
+                     f"it again with: {fetch_command([spec.name])}")
+    if not metrics:
         raise DeblurcliError(f"no metric could run ({', '.join(skipped)} skipped); fetch their "
                              f"weights with: {fetch_command(skipped)}, or give --metric-weights DIR")
-    return [create_metric(spec, check, device=device, y_channel=y_channel)
-            for spec, check in kept]
+    return metrics
 
 
 @dataclass(frozen=True)
