@@ -65,6 +65,23 @@ def test_without_a_terminal_a_plain_line_every_ten_seconds_and_at_the_end(monkey
     assert "tile/s" in middle
 
 
+def test_a_finished_stage_keeps_its_own_rate_and_time_in_plain_lines(monkeypatch):
+    """eval's input row, done in 0.5 s, read "2.01 s/img ... elapsed 0:00:16" in the last line
+    of a log: its clock ran on through the model rows after it."""
+    clock = _Clock()
+    monkeypatch.setattr(console_module.time, "monotonic", clock)
+    buf = io.StringIO()
+    with rich_progress(Console(file=buf, width=120), unit="img") as progress:
+        for i in range(9):
+            progress(ProgressEvent("input", i, 8))
+            clock.now += 0.0625 if i < 8 else 0
+        for i in range(9):
+            progress(ProgressEvent("gamma 1", i, 8))
+            clock.now += 2.0
+    last = buf.getvalue().splitlines()[-1]
+    assert "input 8/8 (100%) 16.00 img/s eta 0:00:00 elapsed 0:00:00" in last, last
+
+
 def test_disabled_progress_prints_nothing():
     buf = io.StringIO()
     with rich_progress(Console(file=buf), enabled=False) as progress:

@@ -83,14 +83,17 @@ class _Stage:
     def __init__(self, now: float, done: int) -> None:
         self.start, self.start_done = now, done
         self.done, self.total, self.info = done, None, ""
+        self.ended: Optional[float] = None  # when it reached its total
 
     def update(self, now: float, done: int, total: Optional[int], info: str) -> None:
         if done < self.done:  # a stage that restarts (e.g. the tiles of the next image)
             self.start, self.start_done = now, done
         self.done, self.total, self.info = done, total, info
+        self.ended = now if total is not None and done >= total else None
 
     def line(self, label: str, unit: str, now: float) -> str:
-        elapsed = now - self.start
+        # a finished stage keeps its own time and rate, not those of the stages after it
+        elapsed = (self.ended if self.ended is not None else now) - self.start
         speed = (self.done - self.start_done) / elapsed if elapsed > 0 else None
         count = f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
         parts = [label, count]
