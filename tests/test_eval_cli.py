@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from deblurcli.cli.app import app
 from deblurcli.evaluation import fetch
 from deblurcli.evaluation.metrics import Summary
-from deblurcli.evaluation.report import plot_sweep, summary_dict, write_outputs
+from deblurcli.errors import DeblurcliError
+from deblurcli.evaluation.report import summary_dict, sweep_png, write_outputs
 from deblurcli.evaluation.runner import EvalResult, ImageScore, RowResult
 from deblurcli.images import write_image
 
@@ -221,12 +222,19 @@ def test_sweep_plot_and_summary_keys(tmp_path):
     summary = summary_dict(result)
     assert summary["gamma=0.7"]["psnr"] == 29.0 and summary["gamma=0.7"]["gamma"] == 0.7
     assert summary["input"]["lpips"] == 0.3
-    assert not plot_sweep(tmp_path / "none.png", EvalResult("x", 1, ["psnr"], "cpu",
-                                                            [_row("gamma=1", 1.0, 30, 0.1)]))
+    assert sweep_png(EvalResult("x", 1, ["psnr"], "cpu", [_row("gamma=1", 1.0, 30, 0.1)])) \
+        is None
     # a later run without a sweep into the same folder leaves no figure of the earlier one
     write_outputs(tmp_path, EvalResult("gopro", 1, ["psnr"], "cpu", [_row("input", None, 25.0,
                                                                         0.3)]))
     assert not png.exists()
+    # a set is written whole or not at all: a new CSV stayed beside an old (or no) summary
+    (tmp_path / "summary.json").unlink()
+    (tmp_path / "summary.json").mkdir()
+    before = (tmp_path / "per_image.csv").read_bytes()
+    with pytest.raises(DeblurcliError, match="summary.json: it is not a file"):
+        write_outputs(tmp_path, result)
+    assert (tmp_path / "per_image.csv").read_bytes() == before and not png.exists()
 
 
 def test_the_summary_says_what_each_mean_covers(folders):
@@ -278,6 +286,24 @@ def test_out_that_is_a_file_or_a_full_disk_is_one_line_naming_the_path(folders, 
     assert res.exit_code == 1
     assert res.stderr.strip() == \
         f"error: cannot write {folders / 'report' / 'per_image.csv'}: No space left on device"
+
+
+def test_out_never_replaces_an_image_being_scored(folders):
+    """--out at the input folder replaced (or, without a sweep, deleted) a photo of it named
+    gamma_sweep.png."""
+    blur = folders / "blur"
+    one = next(p for p in blur.iterdir() if p.suffix == ".png")
+    for kind in ("blur", "sharp"):
+        (folders / kind / one.name).rename(folders / kind / "gamma_sweep.png")
+    before = (blur / "gamma_sweep.png").read_bytes()
+    res = _eval("--blur", str(blur), "--sharp", str(folders / "sharp"), "--metrics", "psnr",
+                "--device", "cpu", "-q", "--out", str(blur))
+    assert res.exit_code == 1 and "psnr" not in res.stdout
+    assert res.stderr.strip() == (f"error: --out {blur}: the report's gamma_sweep.png would "
+                                  f"replace {blur / 'gamma_sweep.png'}, an image being scored; "
+                                  "choose another --out folder")
+    assert (blur / "gamma_sweep.png").read_bytes() == before
+    assert not (blur / "summary.json").exists()
 
 
 def test_weights_has_the_same_short_flag_in_every_command():

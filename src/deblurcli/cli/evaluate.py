@@ -212,7 +212,8 @@ def evaluate(
 
     from deblurcli.cli.console import rich_progress, stderr_console, stdout_console, warn
     from deblurcli.evaluation.datasets import build_set
-    from deblurcli.evaluation.report import check_out_dir, results_table, write_outputs
+    from deblurcli.evaluation.report import (check_not_inputs, check_out_dir, results_table,
+                                             write_outputs)
     from deblurcli.evaluation.runner import EvalConfig, ModelConfig, run_evaluation
 
     from rich.markup import escape
@@ -221,6 +222,8 @@ def evaluate(
         check_out_dir(out)
     err = stderr_console()
     eval_set = build_set(dataset.lower() if dataset else None, root, blur, sharp)
+    if out is not None:
+        check_not_inputs(out, _scored_files(eval_set, pred))
     model = None
     if weights is not None:
         model = ModelConfig(weights=weights, gammas=parse_gammas(gamma or DEFAULT_GAMMA), dtype=dtype,
@@ -250,6 +253,21 @@ def evaluate(
             con.print(f"wrote {path}", highlight=False, markup=False)
     if result.stopped is not None:
         raise result.stopped
+
+
+def _scored_files(eval_set, pred: Optional[Path]) -> list[Path]:
+    """The image files an evaluation reads (those of ``--pred`` it can match)."""
+    from deblurcli.errors import DeblurcliError
+    from deblurcli.evaluation.datasets import match_predictions
+
+    files = [path for pair in eval_set.pairs for path in (pair.blur, pair.sharp)
+             if path is not None]
+    if pred is not None:
+        try:
+            files += match_predictions(eval_set, pred)
+        except DeblurcliError:  # (the evaluation says what is wrong with them)
+            pass
+    return files
 
 
 def register(app: typer.Typer) -> None:

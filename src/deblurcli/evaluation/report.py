@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -136,13 +137,7 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as indented JSON, atomically."""
-    with writing(path):
-        atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
-
-
-def write_csv(path: Path, result: EvalResult) -> None:
+def csv_bytes(result: EvalResult) -> bytes:
     """One line per (row, image): scores, model seconds and the alignment shift (of an
     interrupted evaluation, every image scored, also those out of the summary)."""
     buf = io.StringIO()
@@ -157,22 +152,20 @@ def write_csv(path: Path, result: EvalResult) -> None:
                 "" if im.model_seconds is None else f"{im.model_seconds:.4f}",
                 "" if im.shift is None else im.shift[0], "" if im.shift is None else im.shift[1],
             ])
-    with writing(path):
-        atomic_write_bytes(path, buf.getvalue().encode())
+    return buf.getvalue().encode()
 
 
-def plot_sweep(path: Path, result: EvalResult) -> bool:
-    """Plot every metric against γ (one panel each; the input as a dashed line).
-
-    Returns ``False`` (writes nothing) when fewer than two γ rows exist. Uses the Agg canvas
-    directly, so no global matplotlib backend is touched.
+def sweep_png(result: EvalResult) -> bytes | None:
+    """A PNG plot of every metric against γ (one panel each; the input as a dashed line), or
+    ``None`` when fewer than two γ rows exist. Uses the Agg canvas directly, so no global
+    matplotlib backend is touched.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     sweep = sorted((r for r in result.rows if r.gamma is not None), key=lambda r: r.gamma)
     if len(sweep) < 2:
-        return False
+        return None
     baseline = next((r for r in result.rows if r.label == "input"), None)
     n = len(result.metrics)
     cols = min(n, 4)
@@ -193,9 +186,7 @@ def plot_sweep(path: Path, result: EvalResult) -> bool:
     fig.suptitle(f"{result.dataset}: metrics vs γ")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
-    with writing(path):
-        atomic_write_bytes(path, buf.getvalue())
-    return True
+    return buf.getvalue()
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -215,6 +206,22 @@ def check_out_dir(out_dir: Path) -> None:
         raise DeblurcliError(f"cannot write {out_dir}: no permission to write in {there}")
 
 
+def check_not_inputs(out_dir: Path, inputs: Iterable[Path]) -> None:
+    """Refuse an ``out_dir`` where a report file would replace one of the images scored (an
+    input named ``gamma_sweep.png`` in the folder given as ``--out``)."""
+    import os
+
+    def key(path: Path) -> str:
+        return os.path.normcase(os.path.realpath(path))
+
+    reports = {key(Path(out_dir) / name): name for name in (CSV_NAME, JSON_NAME, PLOT_NAME)}
+    for path in inputs:
+        name = reports.get(key(path))
+        if name is not None:
+            raise DeblurcliError(f"--out {out_dir}: the report's {name} would replace {path}, "
+                                 "an image being scored; choose another --out folder")
+
+
 def write_outputs(out_dir: Path, result: EvalResult, command: str | None = None,
                   args: dict | None = None) -> list[Path]:
     """Write the CSV, JSON and (for a γ sweep) the plot into ``out_dir``; return the paths.
@@ -224,14 +231,26 @@ def write_outputs(out_dir: Path, result: EvalResult, command: str | None = None,
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
+    plot = sweep_png(result)
+    files = {out_dir / CSV_NAME: csv_bytes(result), **({out_dir / PLOT_NAME: plot} if plot else {}),
+             out_dir / JSON_NAME: (json.dumps(summary_dict(result, command, args), indent=2,
+                                               default=str) + "\n").encode()}
+    for path in files:  # found before any is written: a set is written whole or not at all
+        if path.is_dir() or (path.exists() and not path.is_file()):
+            raise DeblurcliError(f"cannot write {path}: it is not a file; move it away")
     with writing(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / CSV_NAME, out_dir / JSON_NAME]
-    write_csv(written[0], result)
-    write_json(written[1], summary_dict(result, command, args))
-    if plot_sweep(out_dir / PLOT_NAME, result):
-        written.append(out_dir / PLOT_NAME)
-    else:  # an earlier sweep's figure would sit beside these results as if it were theirs
+    written: list[Path] = []
+    try:
+        for path, data in files.items():  # the summary last
+            with writing(path):
+                atomic_write_bytes(path, data)
+            written.append(path)
+    except BaseException:  # (a full disk): not a new CSV beside an old summary
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    if plot is None:  # an earlier sweep's figure would sit beside these results as if it were theirs
         with writing(out_dir / PLOT_NAME):
             (out_dir / PLOT_NAME).unlink(missing_ok=True)
-    return written
+    return [out_dir / CSV_NAME, out_dir / JSON_NAME, *([out_dir / PLOT_NAME] if plot else [])]
