@@ -169,6 +169,21 @@ def test_folder_pairs_by_relative_path_not_order(tmp_path):
         folder_set(blur, sharp)
 
 
+def test_names_in_either_unicode_form_pair_and_a_file_is_not_a_folder(tmp_path):
+    """café.png from macOS (decomposed) against café.png (composed): "no sharp counterpart:
+    café ... no blurry counterpart: café", the two names printed alike. --blur FILE said the
+    folder "does not exist"."""
+    import unicodedata
+
+    blur, sharp = tmp_path / "blur", tmp_path / "sharp"
+    write_image(blur / (unicodedata.normalize("NFD", "café") + ".png"), _crop(0))
+    write_image(sharp / (unicodedata.normalize("NFC", "café") + ".png"), _crop(0))
+    (pair,) = folder_set(blur, sharp).pairs
+    assert pair.key == unicodedata.normalize("NFC", "café") and pair.blur.parent == blur
+    with pytest.raises(DatasetError, match=r"blur folder .*\.png is a file; give the folder"):
+        folder_set(pair.blur, sharp)
+
+
 def test_unmatched_listing_is_capped(tmp_path):
     blur, sharp = tmp_path / "blur", tmp_path / "sharp"
     img = _crop(0, 16, 16)

@@ -17,6 +17,7 @@ Layouts (official):
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -64,14 +65,18 @@ def _listing(items: Sequence[str]) -> str:
 
 
 def _stem_key(path: Path, base: Path) -> str:
-    """Relative posix path of ``path`` under ``base`` without the suffix."""
+    """Relative posix path of ``path`` under ``base`` without the suffix, in Unicode's composed
+    form (NFC): a name copied from macOS (decomposed, NFD) pairs with its twin."""
     rel = PurePosixPath(path.relative_to(base).as_posix())
-    return str(rel.with_suffix(""))
+    return unicodedata.normalize("NFC", str(rel.with_suffix("")))
 
 
 def index_folder(folder: Path, what: str) -> dict[str, Path]:
     """Map relative path without suffix -> image file, recursively; duplicates are an error."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DatasetError(f"{what} folder {folder} is a file; give the folder that holds the "
+                           "images")
     if not folder.is_dir():
         raise DatasetError(f"{what} folder {folder} does not exist")
     index: dict[str, Path] = {}
