@@ -17,6 +17,7 @@ from deblurcli.cli.app import app
 from deblurcli.evaluation import fetch
 from deblurcli.evaluation.metrics import Summary
 from deblurcli.errors import DeblurcliError
+from deblurcli.evaluation import report
 from deblurcli.evaluation.report import summary_dict, sweep_png, write_outputs
 from deblurcli.evaluation.runner import EvalResult, ImageScore, RowResult
 from deblurcli.images import write_image
@@ -212,7 +213,7 @@ def _row(label: str, gamma, psnr: float, lpips: float) -> RowResult:
     return row
 
 
-def test_sweep_plot_and_summary_keys(tmp_path):
+def test_sweep_plot_and_summary_keys(tmp_path, monkeypatch):
     result = EvalResult("gopro", 1, ["psnr", "lpips"], "cpu",
                         [_row("input", None, 25.0, 0.3), _row("gamma=1", 1.0, 30.0, 0.12),
                          _row("gamma=0.7", 0.7, 29.0, 0.10)])
@@ -235,6 +236,23 @@ def test_sweep_plot_and_summary_keys(tmp_path):
     with pytest.raises(DeblurcliError, match="summary.json: it is not a file"):
         write_outputs(tmp_path, result)
     assert (tmp_path / "per_image.csv").read_bytes() == before and not png.exists()
+    # a full disk at the last file: the earlier set stays whole (it lost its CSV and plot)
+    (tmp_path / "summary.json").rmdir()
+    write_outputs(tmp_path, result)
+    earlier = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = report.atomic_write_bytes
+
+    def full_at_the_plot(path, data, **kwargs):
+        if Path(path).name == "gamma_sweep.png":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data, **kwargs)
+
+    monkeypatch.setattr(report, "atomic_write_bytes", full_at_the_plot)
+    changed = EvalResult("gopro", 1, ["psnr", "lpips"], "cpu", [_row("input", None, 20.0, 0.4),
+                         _row("gamma=1", 1.0, 21.0, 0.3), _row("gamma=0.7", 0.7, 22.0, 0.2)])
+    with pytest.raises(DeblurcliError, match="gamma_sweep.png: No space left on device"):
+        write_outputs(tmp_path, changed)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == earlier
 
 
 def test_the_summary_says_what_each_mean_covers(folders):
@@ -285,7 +303,7 @@ def test_out_that_is_a_file_or_a_full_disk_is_one_line_naming_the_path(folders, 
     res = _eval(*args, "--out", str(folders / "report"))
     assert res.exit_code == 1
     assert res.stderr.strip() == \
-        f"error: cannot write {folders / 'report' / 'per_image.csv'}: No space left on device"
+        f"error: cannot write {folders / 'report' / 'summary.json'}: No space left on device"
 
 
 def test_out_never_replaces_an_image_being_scored(folders):

@@ -139,6 +139,28 @@ def test_a_damaged_weight_file_skips_its_metric_and_says_which_file(empty_torch_
         create_metrics(["niqe"], device=CPU, weights_dir=tmp_path)
 
 
+def test_a_metric_that_fails_to_build_for_want_of_memory_is_not_blamed_on_its_file(
+        empty_torch_home, tmp_path, monkeypatch):
+    """A GPU out of memory while a metric was built said "delete the damaged file"."""
+    import pyiqa
+
+    (tmp_path / "pyiqa").mkdir()
+    (tmp_path / "pyiqa" / "niqe_modelparameters.mat").write_bytes(b"fine, say")
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    def busy(*args, **kwargs):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(pyiqa, "create_metric", busy)
+    warnings: list[str] = []
+    for names in (["niqe"], ["psnr"]):  # (psnr has no file to blame)
+        with pytest.raises(OutOfMemoryError):
+            create_metrics(names, device=CPU, weights_dir=tmp_path, warn=warnings.append)
+    assert warnings == []
+
+
 def test_the_fetcher_is_asked_for_each_missing_file(empty_torch_home):
     asked = []
 

@@ -433,9 +433,10 @@ def create_metrics(names: Sequence[str], *, device, y_channel: bool = False,
     for spec, check in kept:
         try:
             metrics.append(create_metric(spec, check, device=device, y_channel=y_channel))
-        except (DeblurcliError, MemoryError):
-            raise
         except Exception as exc:  # noqa: BLE001 - a damaged weight file: pyiqa, torch, scipy
+            if isinstance(exc, (DeblurcliError, MemoryError)) or not check.found or \
+                    type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc):
+                raise  # (not the file's fault)
             files = ", ".join(str(path) for path in check.found.values())
             text = " ".join(str(exc).split())[:120] or type(exc).__name__
             reason = f"cannot load {files} ({type(exc).__name__}: {text})"

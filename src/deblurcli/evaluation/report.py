@@ -222,6 +222,16 @@ def check_not_inputs(out_dir: Path, inputs: Iterable[Path]) -> None:
                                  "an image being scored; choose another --out folder")
 
 
+def _write_together(files: list[tuple[Path, bytes]]) -> None:
+    """Write every file to a temporary one before any takes its name (the first last): a
+    failure (a full disk) leaves the earlier set as it was, not a new CSV beside an old
+    summary."""
+    (path, data), rest = files[0], files[1:]
+    with writing(path):
+        atomic_write_bytes(path, data, before_replace=(lambda _: _write_together(rest))
+                           if rest else None)
+
+
 def write_outputs(out_dir: Path, result: EvalResult, command: str | None = None,
                   args: dict | None = None) -> list[Path]:
     """Write the CSV, JSON and (for a γ sweep) the plot into ``out_dir``; return the paths.
@@ -232,24 +242,16 @@ def write_outputs(out_dir: Path, result: EvalResult, command: str | None = None,
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     plot = sweep_png(result)
-    files = {out_dir / CSV_NAME: csv_bytes(result), **({out_dir / PLOT_NAME: plot} if plot else {}),
-             out_dir / JSON_NAME: (json.dumps(summary_dict(result, command, args), indent=2,
-                                               default=str) + "\n").encode()}
-    for path in files:  # found before any is written: a set is written whole or not at all
+    files = [(out_dir / JSON_NAME, (json.dumps(summary_dict(result, command, args), indent=2,
+                                               default=str) + "\n").encode()),
+             (out_dir / CSV_NAME, csv_bytes(result)),
+             *([(out_dir / PLOT_NAME, plot)] if plot else [])]
+    for path, _ in files:
         if path.is_dir() or (path.exists() and not path.is_file()):
             raise DeblurcliError(f"cannot write {path}: it is not a file; move it away")
     with writing(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    try:
-        for path, data in files.items():  # the summary last
-            with writing(path):
-                atomic_write_bytes(path, data)
-            written.append(path)
-    except BaseException:  # (a full disk): not a new CSV beside an old summary
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+    _write_together(files)
     if plot is None:  # an earlier sweep's figure would sit beside these results as if it were theirs
         with writing(out_dir / PLOT_NAME):
             (out_dir / PLOT_NAME).unlink(missing_ok=True)
