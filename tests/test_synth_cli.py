@@ -520,6 +520,16 @@ def test_an_interrupted_video_keeps_the_pairs_it_finished(tmp_path, monkeypatch)
     assert resumed.exit_code == 0 and "2 already" in " ".join(resumed.stdout.split())
     assert _synth(*args, "--out", str(tmp_path / "fresh")).exit_code == 0
     assert _tree(out) == _tree(tmp_path / "fresh")
+    # recording them fails too (a full disk): the files of every unrecorded pair still go
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(build, "_window_pair", stopped_at_the_third)
+    monkeypatch.setattr(build, "_keep_partial", full)
+    calls.clear()
+    assert _synth(*args, "--out", str(tmp_path / "full")).exit_code != 0
+    assert not [p for p in (tmp_path / "full").rglob("*.png")]
+    monkeypatch.undo()
     # killed (no clean-up): the next run takes the pairs its log recorded
     killed = tmp_path / "killed"
     monkeypatch.setattr(build, "_window_pair", stopped_at_the_third)

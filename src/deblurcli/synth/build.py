@@ -765,8 +765,10 @@ def run_synth(
                         raise
     except BaseException:  # a failed write, Ctrl-C: as below when not one pair exists
         if running:
-            _keep_partial(cfg.out, manifest, done)
-            _remove_unfinished(cfg.out, todo, done)
+            try:
+                _keep_partial(cfg.out, manifest, done)
+            finally:  # (on a full disk, recording them fails too: their files go then)
+                _remove_unfinished(cfg.out, todo, done)
         if not done:
             _remove_new(new_files, new_folders)
         raise
