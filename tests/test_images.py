@@ -83,6 +83,10 @@ def test_a_16bit_png_is_read_as_tolerantly_and_said_wrong_as_an_8bit_one(tmp_pat
         with pytest.raises(ImageReadError, match=r"corrupt or unsupported PNG \(image file is "
                                                  r"truncated"):
             read_image(tmp_path / "cut.png")
+        # an optional chunk with a bad checksum after the pixels: read as libpng and Pillow do
+        text = struct.pack(">I", 4) + b"tEXtab\x00c" + b"\x00\x00\x00\x00"
+        (tmp_path / "text.png").write_bytes(whole[:-12] + text + whole[-12:])
+        assert read_image(tmp_path / "text.png").pixels.shape == (40, 48, 3)
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == ""
     np.testing.assert_array_equal(read_image(tmp_path / "a16.png").pixels,

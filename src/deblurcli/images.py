@@ -670,16 +670,21 @@ _PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel
 
 def _whole_png(data: bytes) -> bytes:
     """``data`` checked as Pillow checks an 8-bit PNG before OpenCV decodes it: chunks cut
-    short, checksums, a pixel stream that does not inflate to its size (ValueError, in Pillow's
-    words); a file that only lacks its closing chunk gets one, as Pillow reads it."""
-    pos, idat, width, height = 8, [], 0, 0
+    short, the checksums of those the image needs, a pixel stream that does not inflate to its
+    size (ValueError, in Pillow's words); a file that only lacks its closing chunk gets one, as
+    Pillow reads it, and an optional chunk whose checksum is bad is left out (libpng would
+    print a warning)."""
+    pos, idat, width, height, dropped = 8, [], 0, 0, []
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I", data[pos:pos + 4])[0], data[pos + 4:pos + 8]
         if pos + 12 + length > len(data):
             raise ValueError("image file is truncated")
         body = data[pos + 8:pos + 8 + length]
-        if zlib.crc32(kind + body) != struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0]:
-            raise ValueError(f"broken PNG file (bad checksum in {kind.decode('latin-1')!r})")
+        if zlib.crc32(kind + body) != struct.unpack(">I", data[pos + 8 + length:
+                                                               pos + 12 + length])[0]:
+            if not kind[0] & 0x20:  # a critical chunk
+                raise ValueError(f"broken PNG file (bad checksum in {kind.decode('latin-1')!r})")
+            dropped.append((pos, pos + 12 + length))  # as libpng does, without its warning
         if kind == b"IHDR" and length >= 13:
             width, height = struct.unpack(">II", body[:8])
             channels, interlaced = _PNG_CHANNELS.get(body[9], 0), body[12]
@@ -692,6 +697,8 @@ def _whole_png(data: bytes) -> bytes:
         if pos != len(data):
             raise ValueError("image file is truncated")
         data += _IEND
+    for start, end in reversed(dropped):
+        data = data[:start] + data[end:]
     inflate, size = zlib.decompressobj(), 0
     try:
         for body in idat:
@@ -702,8 +709,8 @@ def _whole_png(data: bytes) -> bytes:
         raise ValueError("broken data stream when reading image file") from None
     if not inflate.eof:
         raise ValueError("image file is truncated")
-    if width and not interlaced and channels and size != height * (1 + width * channels * 2):
-        raise ValueError("broken data stream when reading image file")
+    if width and not interlaced and channels and size < height * (1 + width * channels * 2):
+        raise ValueError("image file is truncated")  # (data beyond the image is left unread)
     return data
 
 
