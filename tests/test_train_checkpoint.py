@@ -206,12 +206,12 @@ def test_a_run_writes_only_into_a_new_empty_or_run_folder(tmp_path: Path) -> Non
 
     mine = tmp_path / "project"
     mine.mkdir()
-    (mine / "config.json").write_text('{"theme": "dark"}')
+    (mine / "config.json").write_text('{"theme": "dark", "max_steps": 9}')  # (a --config file)
     (mine / "notes.txt").write_text("x")
     with pytest.raises(DeblurcliError, match=r"holds files that are not a training run's "
                                              r"\(config.json, notes.txt\); give a new or empty"):
         prepare(mine)
-    assert (mine / "config.json").read_text() == '{"theme": "dark"}'
+    assert (mine / "config.json").read_text() == '{"theme": "dark", "max_steps": 9}'
     model = tmp_path / "model"
     (model / "unet").mkdir(parents=True)
     (model / "model_index.json").write_text("{}")
@@ -224,5 +224,7 @@ def test_a_run_writes_only_into_a_new_empty_or_run_folder(tmp_path: Path) -> Non
     prepare(tmp_path / "empty")
     started = tmp_path / "started"
     (started / "tensorboard").mkdir(parents=True)
-    (started / "config.json").write_text('{"max_steps": 5}')
+    (started / "config.json").write_text('{"kind": "VaeTrainConfig", "max_steps": 5}')
     prepare(started)
+    (tmp_path / "volume" / "lost+found").mkdir(parents=True)  # a fresh file system's root
+    prepare(tmp_path / "volume")

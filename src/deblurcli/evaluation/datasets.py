@@ -87,8 +87,8 @@ def index_folder(folder: Path, what: str) -> dict[str, Path]:
             clashes.append(f"{index[key].name}/{path.name}")
         index[key] = path
     if clashes:
-        raise DatasetError(f"{what} folder {folder} has files that differ only in suffix: "
-                           f"{_listing(clashes)}")
+        raise DatasetError(f"{what} folder {folder} has files whose names differ only in "
+                           f"suffix (or Unicode form): {_listing(clashes)}")
     return index
 
 

@@ -352,6 +352,7 @@ class TrainResult:
 
 # what a run writes into its folder before its first checkpoint or log line
 _RUN_START = ("config.json", "tensorboard", "validation", ckpt.SUPERSEDED_DIR)
+_RUN_KINDS = ("VaeTrainConfig", "DiffusionTrainConfig")
 
 
 def _check_own_folder(output: Path) -> None:
@@ -361,8 +362,8 @@ def _check_own_folder(output: Path) -> None:
     if not output.is_dir() or any((output / name).exists() for name in
                                   (ckpt.CHECKPOINT_DIR, "model", "train_log.csv")):
         return
-    foreign = sorted(p.name for p in output.iterdir()
-                     if not p.name.startswith(".") and not _run_start_entry(p))
+    foreign = sorted(p.name for p in output.iterdir() if not p.name.startswith(".")
+                     and p.name != "lost+found" and not _run_start_entry(p))
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise DeblurcliError(f"{output} holds files that are not a training run's ({shown}); "
@@ -374,9 +375,9 @@ def _run_start_entry(path: Path) -> bool:
         return False
     if path.name != "config.json":
         return path.is_dir()
-    try:  # a run's resolved settings, not some other config.json
-        return "max_steps" in json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+    try:  # a run's resolved settings (with the kind every run records), not a settings file
+        return json.loads(path.read_text(encoding="utf-8")).get("kind") in _RUN_KINDS
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return False
 
 
