@@ -195,7 +195,11 @@ def test_a_checkpoint_is_never_rebuilt_around_a_changed_init_folder(run: Path, p
     # with the same weights, even with the child's own trained adapter, passes
     shutil.rmtree(base)
     shutil.copytree(run / "model", base)
-    assert _export(child, "-o", base, "--keep-training-state", "--force").exit_code == 0
+    refused = _export(child, "-o", base, "--keep-training-state", "--force")  # its own --init
+    assert refused.exit_code == 1 and "is the run's --init" in refused.stderr, refused.output
+    assert _export(child, "-o", tmp_path / "x", "--keep-training-state").exit_code == 0
+    shutil.rmtree(base)
+    shutil.copytree(tmp_path / "x", base)
     assert _export(child, "-o", tmp_path / "c", "--checkpoint", "1").exit_code == 0
 
 

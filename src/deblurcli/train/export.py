@@ -202,7 +202,8 @@ def _export_state(run: Path, out: Path, state: RunState, *, storage_dtype: torch
     from deblurcli.images import atomic_folder
     from deblurcli.modelfolder import check_replaceable, export_model_folder, save_model_folder
 
-    _check_apart(out, [("the run", run), ("the exported state", state.path),
+    # (the run's --init, even for its model/: replaced, its checkpoints could not be rebuilt)
+    _check_apart(out, [("the run", run), ("the exported state", state.path), *_rebuilt_from(run),
                        *(_rebuilt_from(state.path) if state.is_checkpoint else [])])
     if out.exists() and not out.is_dir():
         raise DeblurcliError(f"{out} exists and is not a folder")
@@ -247,5 +248,5 @@ def _check_apart(out: Path, sources: list[tuple[str, Path]]) -> None:
         if target == folder or target.is_relative_to(folder) or folder.is_relative_to(target):
             how = "is" if target == folder else "is inside" if target.is_relative_to(folder) \
                 else "holds"
-            raise DeblurcliError(f"-o {out} {how} {what} ({source}), which export reads; write "
-                                 "the model elsewhere")
+            raise DeblurcliError(f"-o {out} {how} {what} ({source}), which the run's model "
+                                 "comes from; write the model elsewhere")
