@@ -100,8 +100,20 @@ def test_an_existing_output_is_replaced_only_with_force(tiny_model_folder, tmp_p
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and "--force" in result.output  # as export: not a usage error
     assert out.read_bytes() == b"mine"
-    assert runner.invoke(app, [*args, "--force"]).exit_code == 0
-    assert ad.read_lora_file(out)[0].rank == 4  # the blend, not my file
+    # --force replaces a blend only: it turned a photo, a model's adapter, a checkpoint's
+    # weights into a blend file
+    other = tmp_path / "other" / "lora_real.safetensors"
+    other.parent.mkdir()
+    other.write_bytes((tiny_model_folder / "lora_real.safetensors").read_bytes())
+    for taken in (out, other):
+        result = runner.invoke(app, [*args[:-1], str(taken), "--force"])
+        assert result.exit_code == 1 and "is not a blend file" in result.output, result.output
+    assert out.read_bytes() == b"mine"
+    out.unlink()
+    assert runner.invoke(app, args).exit_code == 0
+    assert runner.invoke(app, [*args[:4], "0.7", *args[5:], "--force"]).exit_code == 0
+    spec, _, metadata = ad.read_lora_file(out)
+    assert spec.rank == 4 and '"gamma": 0.7' in metadata[ad.BLEND_METADATA_KEY]  # the new one
     fused = tmp_path / "fused"
     args = ["blend", "--fuse", "--weights", str(tiny_model_folder), "--gamma", "0.5"]
     assert runner.invoke(app, [*args, "-o", str(fused)]).exit_code == 0

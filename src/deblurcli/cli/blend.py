@@ -119,6 +119,20 @@ def _folder_adapters(weights: Path) -> tuple[Path, Path]:
     return weights / adapters["real"], weights / adapters["synthetic"]
 
 
+def _is_blend_file(path: Path) -> bool:
+    """Whether ``path`` is an adapter file written by ``blend`` (its header read, nothing
+    else)."""
+    from safetensors import safe_open
+
+    from deblurcli.models.adapters import BLEND_METADATA_KEY
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return BLEND_METADATA_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a safetensors file at all
+        return False
+
+
 def _blend_files(lora_real: Path | None, lora_synthetic: Path | None, gamma: float,
                  output: Path, weights: Path | None, fp16: bool, force: bool) -> None:
     if lora_real is None and weights is not None:
@@ -142,6 +156,9 @@ def _blend_files(lora_real: Path | None, lora_synthetic: Path | None, gamma: flo
                                  "give another file name")
         if not force:
             raise DeblurcliError(f"{output} exists; pass --force to replace it")
+        if not _is_blend_file(output):  # a model's adapter, a checkpoint, a photo: never
+            raise DeblurcliError(f"{output} exists and is not a blend file (of deblurcli "
+                                 "blend), which is all --force replaces; give another file name")
 
     from deblurcli.cli.console import stdout_console
     from deblurcli.models.adapters import blend_adapter_files
