@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import random
 from pathlib import Path
@@ -228,3 +229,21 @@ def test_a_run_writes_only_into_a_new_empty_or_run_folder(tmp_path: Path) -> Non
     prepare(started)
     (tmp_path / "volume" / "lost+found").mkdir(parents=True)  # a fresh file system's root
     prepare(tmp_path / "volume")
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"lr": math.inf}, "lr must be a finite number"),   # it trained to NaN and ended with exit 0
+    ({"lr": math.nan}, "lr must be a finite number"),   # torch's "Invalid learning rate: nan"
+    ({"lambda1": math.inf}, "lambda1 must be a finite number"),
+    ({"disc_lr": math.inf}, "disc_lr must be a finite number"),
+    ({"max_grad_norm": math.nan}, "max_grad_norm must be a finite number"),  # clipping was off
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
+    ({"lambda2": -0.5}, "lambda2 must be >= 0"),
+    ({"disc_lr": 0.0}, "disc_lr must be > 0"),
+])
+def test_settings_a_run_cannot_train_with_are_refused(values, message) -> None:
+    from deblurcli.train.config import validate_common
+
+    with pytest.raises(DeblurcliError, match=f"invalid setting: {message}"):
+        validate_common(cfg.DiffusionTrainConfig(data="pairs", output="run", **values))
+    validate_common(cfg.DiffusionTrainConfig(data="pairs", output="run", max_grad_norm=0.0))

@@ -326,6 +326,16 @@ def validate_common(config: CommonConfig) -> None:
         raise bad(f"time_budget must be >= 0 seconds (got {config.time_budget})")
     if not (config.weight_decay >= 0 and math.isfinite(config.weight_decay)):
         raise bad(f"weight_decay must be >= 0 (got {config.weight_decay})")
+    for item in dataclasses.fields(config):  # (lr = inf trained to NaN and ended with exit 0)
+        value = getattr(config, item.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad(f"{item.name} must be a finite number (got {value})")
+    for name in ("lambda1", "lambda2", "latent_weight", "max_grad_norm", "blurry_decode_weight"):
+        value = getattr(config, name, None)
+        if value is not None and value < 0:
+            raise bad(f"{name} must be >= 0 (got {value})")
+    if getattr(config, "disc_lr", None) is not None and config.disc_lr <= 0:
+        raise bad(f"disc_lr must be > 0 (got {config.disc_lr})")
     if config.val_data and config.val_count:  # one validation set: the count would be ignored
         raise bad("give --val-data or --val-count, not both")
 
