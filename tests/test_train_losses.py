@@ -66,3 +66,24 @@ def test_stlpips_offline_with_packaged_weights() -> None:
     loss.backward()
     assert pred.grad is not None and pred.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in metric.net.parameters())
+
+
+def test_crops_too_small_for_the_perceptual_loss_are_refused_before_the_run(tmp_path) -> None:
+    """--crop 16 (its help allows 8) stopped at the first step with torch's "Padding size
+    should be less than the corresponding input dimension", leaving a run folder behind; empty
+    or negative progressive sizes stopped with an IndexError or a numpy error."""
+    from deblurcli.errors import DeblurcliError
+    from deblurcli.train.config import DiffusionTrainConfig
+    from deblurcli.train.diffusion import train_diffusion
+
+    metric = losses.build_perceptual("stlpips")
+    with pytest.raises(DeblurcliError, match="crops of 16x16 pixels are too small for "
+                                             "--perceptual stlpips; give a larger --crop"):
+        losses.check_perceptual_size(metric, 16)
+    losses.check_perceptual_size(metric, 24)
+    losses.check_perceptual_size(losses.build_perceptual("none"), 8)
+    for sizes in ([], [-8], [0], [64, 12]):
+        with pytest.raises(DeblurcliError, match="progressive sizes must be positive multiples"):
+            train_diffusion(DiffusionTrainConfig(data=str(tmp_path), output=str(tmp_path / "r"),
+                                                 progressive=True, progressive_sizes=sizes))
+    assert not (tmp_path / "r").exists()

@@ -41,7 +41,8 @@ from deblurcli.errors import DeblurcliError
 from deblurcli.progress import ProgressFn
 from deblurcli.train import engine, sources
 from deblurcli.train.config import DiffusionTrainConfig, validate_common, with_absolute_paths
-from deblurcli.train.losses import build_perceptual, discriminator_loss, edge_aware, generator_loss
+from deblurcli.train.losses import (build_perceptual, check_perceptual_size, discriminator_loss,
+                                    edge_aware, generator_loss)
 
 from deblurcli.train.config import ADAPTER_CHOICES  # re-exported
 
@@ -210,8 +211,10 @@ def train_diffusion(config: DiffusionTrainConfig,
         raise DeblurcliError(f"unknown adapter {config.adapter!r}; choose real or synthetic")
     if config.train_encoder and not config.full:
         raise DeblurcliError("--train-encoder needs --full (a LoRA run keeps the eVAE frozen)")
-    if config.progressive and any(s % 8 for s in config.progressive_sizes):
-        raise DeblurcliError("progressive sizes must be multiples of 8")
+    if config.progressive and (not config.progressive_sizes or any(
+            not isinstance(s, int) or s < 8 or s % 8 for s in config.progressive_sizes)):
+        raise DeblurcliError("progressive sizes must be positive multiples of 8 (got "
+                             f"{config.progressive_sizes})")
     if config.init and config.lora_rank is not None and not config.resume:
         # (a run resumed or exported from before this check keeps its recorded, unused rank)
         raise DeblurcliError(f"--lora-rank sets the rank of new adapters; --init {config.init} "
@@ -235,6 +238,8 @@ def train_diffusion(config: DiffusionTrainConfig,
                                   device=accelerator.device)
     if perceptual.name != config.perceptual:  # the fallback: the run records what it trains with
         config = dataclasses.replace(config, perceptual=perceptual.name)
+    if config.lambda1 > 0:
+        check_perceptual_size(perceptual, min(progressive[0]) if progressive else config.crop)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
         disc = LatentDiscriminator(DiscriminatorConfig(

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deblurcli.errors import WeightsError
+from deblurcli.errors import DeblurcliError, WeightsError
 from deblurcli.train.config import PERCEPTUAL_CHOICES
 
 _SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
@@ -97,6 +97,22 @@ def edge_aware(metric: PerceptualLoss, pred: torch.Tensor, target: torch.Tensor)
     if metric.name == "none":
         return pred.new_zeros(())
     return metric(pred, target) + metric(sobel_magnitude(pred), sobel_magnitude(target))
+
+
+def check_perceptual_size(metric: PerceptualLoss, size: int) -> None:
+    """A :class:`DeblurcliError` when ``metric`` cannot score crops of ``size`` pixels (ST-LPIPS
+    needs 24): said before the run, not as a RuntimeError at its first step."""
+    if metric.name == "none":
+        return
+    device = next((p.device for p in metric.parameters()), torch.device("cpu"))
+    probe = torch.zeros(1, 3, size, size, device=device)
+    try:
+        with torch.no_grad():
+            edge_aware(metric, probe, probe)
+    except RuntimeError:
+        raise DeblurcliError(f"crops of {size}x{size} pixels are too small for --perceptual "
+                             f"{metric.name}; give a larger --crop (and progressive sizes) or "
+                             "--perceptual none") from None
 
 
 def _missing_weights_message(name: str, missing: Sequence[str]) -> str:

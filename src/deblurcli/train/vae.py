@@ -41,7 +41,7 @@ from deblurcli.progress import ProgressFn
 from deblurcli.train import engine
 from deblurcli.train.config import (PIXEL_LOSS_CHOICES, VAE_MODES, VaeTrainConfig,
                                     validate_common)
-from deblurcli.train.losses import build_perceptual
+from deblurcli.train.losses import build_perceptual, check_perceptual_size
 
 
 def evae_presets() -> dict[str, dict]:
@@ -195,6 +195,7 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
                                   device=accelerator.device)
     if perceptual.name != config.perceptual:  # the fallback: the run records what it trains with
         config = dataclasses.replace(config, perceptual=perceptual.name)
+    check_perceptual_size(perceptual, config.crop)
     if config.latent_weight > 0 and config.mode == "no-skips":
         raise DeblurcliError("--latent-weight trains E1, which --no-skips does not use")
     if config.blurry_decode_weight > 0 and config.mode == "no-skips":
