@@ -1054,3 +1054,22 @@ def test_an_unreadable_validation_image_keeps_the_steps_done(pairs: Path, tmp_pa
     rows = (run / "train_log.csv").read_text()
     again = CliRunner().invoke(app, resume)  # finished: not validated (nor logged) once more
     assert again.exit_code == 0 and (run / "train_log.csv").read_text() == rows
+
+
+def test_a_diverged_run_stops_before_saving_and_says_where_to_go_on(pairs: Path,
+                                                                    tmp_path: Path) -> None:
+    """--lr 1e30: loss=nan from the second step on, yet the run wrote its checkpoints and a
+    model of NaN (pruning the good checkpoints) and ended with exit 0."""
+    from deblurcli.errors import DeblurcliError
+
+    run = tmp_path / "run"
+    config = VaeTrainConfig(data=str(pairs), output=str(run), max_steps=6, lr=1e30,
+                            **{**FAST, "checkpoint_every": 1})
+    with pytest.raises(DeblurcliError, match=r"the run diverged at step \d+ \(loss=(nan|inf)\); "
+                                             r"nothing of this step is saved: resume from its "
+                                             r"last checkpoint \(step-\d+\)") as stopped:
+        train_vae(config)
+    step = int(str(stopped.value).split("step ")[1].split(" ")[0])
+    kept = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").iterdir())
+    assert kept and kept[-1] == step - 1 and f"step-{step - 1:09d}" in str(stopped.value)
+    assert not (run / "model").exists()

@@ -405,6 +405,28 @@ def prepare_output(config: CommonConfig) -> tuple[Path, ckpt.Checkpoint | None]:
     return output, state
 
 
+def _stop_if_diverged(losses: dict[str, float], step: int, accelerator, log: RunLog, lr: float,
+                      last_ckpt: Path | None, output: Path) -> None:
+    """Stop a run whose loss is no longer a number (in any process), before its weights are
+    saved: it ended with exit 0 and a model that draws NaN, its good checkpoints pruned."""
+    bad = next((f"{name}={value}" for name, value in losses.items()
+                if not math.isfinite(value)), None)
+    if accelerator.num_processes > 1:
+        flag = torch.tensor(float(bad is not None), device=accelerator.device)
+        if accelerator.reduce(flag, reduction="sum").item() > 0 and bad is None:
+            bad = "a loss of another process"
+    if bad is None:
+        return
+    log.log(step, {**losses, "lr": lr})
+    log.close()
+    again = (f"resume from its last checkpoint ({last_ckpt.name}), or an earlier one, with a "
+             f"lower --lr: "
+             f"--resume latest -o {output} --lr ..." if last_ckpt is not None else
+             f"start it again with a lower --lr, in a new -o folder (or delete {output})")
+    raise DeblurcliError(f"the run diverged at step {step} ({bad}); nothing of this step is "
+                         f"saved: {again}")
+
+
 def _set_base_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
     """Give a restored warm-up scheduler new base rates (its position is kept)."""
     scheduler.base_lrs = list(base_lrs)
@@ -715,6 +737,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                 final = step >= target
                 losses = {k: v / count for k, v in sums.items()}
                 sums, count = {}, 0
+                _stop_if_diverged(losses, step, accelerator, log, lr, last_ckpt, output)
                 if step % config.log_every == 0 or final:
                     log.log(step, {**losses, "lr": lr})
                 if data.val is not None and (step % config.validate_every == 0 or final):
