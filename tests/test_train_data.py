@@ -286,3 +286,24 @@ def test_what_training_cannot_read_in_its_folders_is_said(tmp_path: Path) -> Non
 
     with pytest.raises(DatasetError, match="is not a RealBlur list file"):
         dt.discover(data=str(tmp_path / "pairs" / "blur" / "a.png"))
+
+
+def test_a_run_folder_inside_a_data_folder_is_not_read_as_data(tmp_path: Path) -> None:
+    """-o photos/run3: the next run trained on run3's validation sheets as sharp photos, and a
+    resumed run on its own (the data it saw changed under it)."""
+    from deblurcli.train.config import VaeTrainConfig
+    from deblurcli.train.engine import build_data
+
+    photos = tmp_path / "photos"
+    for i in range(3):
+        write_image(photos / f"p{i}.png", _img(i, 64, 64))
+    earlier = photos / "run3"  # another run's folder, below the photos
+    write_image(earlier / "validation" / "step-000000002.png", _img(7, 64, 64))
+    (earlier / "train_log.csv").write_text("step\n")
+    this = photos / "run4"  # this run's own, resumed
+    write_image(this / "validation" / "step-000000001.png", _img(8, 64, 64))
+    write_image(photos / "trips" / "p3.png", _img(3, 64, 64))  # a folder of photos stays
+    config = VaeTrainConfig(sharp_photos=str(photos), output=str(this), val_count=0, crop=32)
+    kept = sorted(item.sharp.relative_to(photos).as_posix()
+                  for item in build_data(config).train.items)
+    assert kept == ["p0.png", "p1.png", "p2.png", "trips/p3.png"]

@@ -141,6 +141,37 @@ class DataBundle:
     val: dt.ValidationDataset | None
 
 
+def _outside_runs(items: list, roots, output: str | Path) -> list:
+    """``items`` without those inside this run's folder or another training run's found below a
+    data folder (``-o photos/run``): its validation sheets were trained on as photos by the
+    next run, and a resumed run saw other data than it started with."""
+    output = Path(os.path.abspath(output))
+    roots = [Path(os.path.abspath(root)) for root in roots if root]
+    runs: dict[Path, bool] = {}
+
+    def is_run(folder: Path) -> bool:
+        if folder not in runs:
+            runs[folder] = (folder / "train_log.csv").is_file() or (
+                (folder / ckpt.CHECKPOINT_DIR).is_dir() and (folder / "config.json").is_file())
+        return runs[folder]
+
+    def inside_a_run(item) -> bool:
+        first = item.frames[0] if isinstance(item, dt.FramesItem) else \
+            item.blur if isinstance(item, dt.PairItem) else item.sharp
+        path = Path(os.path.abspath(first))
+        if path.is_relative_to(output):
+            return True
+        root = next((r for r in roots if path.is_relative_to(r) and path != r), None)
+        folder = path.parent
+        while root is not None and folder != root and folder.is_relative_to(root):
+            if is_run(folder):
+                return True
+            folder = folder.parent
+        return False
+
+    return [item for item in items if not inside_a_run(item)]
+
+
 def build_data(config: CommonConfig, *, world: int = 1,
                progressive: tuple[tuple[int, ...], int] | None = None,
                device: torch.device | None = None) -> DataBundle:
@@ -154,6 +185,8 @@ def build_data(config: CommonConfig, *, world: int = 1,
         data=config.data, layout=config.layout, split=config.split, data_root=config.data_root,
         blur=config.blur, sharp=config.sharp, sharp_photos=config.sharp_photos,
         frames=config.frames, frames_per_blur=config.frames_per_blur)
+    items = _outside_runs(items, (config.data, config.data_root, config.blur, config.sharp,
+                                  config.sharp_photos, config.frames), config.output)
     source = config.data or config.blur or config.sharp_photos or config.frames or "dataset"
     dt.validate_items(items, problems, min_size=8, source=f"dataset {source}")
     real = [it for it in items if isinstance(it, dt.FramesItem)]
