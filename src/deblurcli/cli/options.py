@@ -140,7 +140,8 @@ Augment = Annotated[Optional[bool], _o("--augment/--no-augment",
 ValData = Annotated[Optional[str], _o("--val-data",
     help="Held-out dataset for validation (same forms as --data).")]
 ValCount = Annotated[Optional[int], _o("--val-count", min=0,
-    help="Without --val-data: hold out this many training pairs.")]
+    help="Without --val-data: hold out this many training pairs (of synth output: photos, "
+         "with all their pairs).")]
 ValSize = Annotated[Optional[int], _o("--val-size", min=8,
     help="Centre-crop side of validation images, a multiple of 8.")]
 Workers = Annotated[Optional[int], _o("--workers", min=0, help="Data-loading worker processes.")]
@@ -177,7 +178,8 @@ Perceptual = Annotated[Optional[str], _o("--perceptual",
 PerceptualFallback = Annotated[Optional[str], _o("--perceptual-fallback",
     help="Back-end to use when the --perceptual weights are missing.")]
 Resume = Annotated[Optional[str], _o("--resume",
-    help="'latest' (newest checkpoint in --output) or a checkpoint folder.")]
+    help="'latest' (newest checkpoint in --output), a run folder (its newest checkpoint) or a "
+         "checkpoint folder.")]
 Cpu = Annotated[Optional[bool], _o("--cpu/--no-cpu",
     help="Train on the CPU even when a GPU exists.")]
 BaseModel = Annotated[Optional[str], _o("--base-model",
