@@ -239,11 +239,13 @@ def test_a_run_writes_only_into_a_new_empty_or_run_folder(tmp_path: Path) -> Non
     ({"max_grad_norm": math.nan}, "max_grad_norm must be a finite number"),  # clipping was off
     ({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
     ({"lambda2": -0.5}, "lambda2 must be >= 0"),
+    ({"alpha": -1.0}, "alpha must be >= 0"),  # (train-vae's perceptual weight)
     ({"disc_lr": 0.0}, "disc_lr must be > 0"),
 ])
 def test_settings_a_run_cannot_train_with_are_refused(values, message) -> None:
     from deblurcli.train.config import validate_common
 
     with pytest.raises(DeblurcliError, match=f"invalid setting: {message}"):
-        validate_common(cfg.DiffusionTrainConfig(data="pairs", output="run", **values))
+        kind = cfg.VaeTrainConfig if "alpha" in values else cfg.DiffusionTrainConfig
+        validate_common(kind(data="pairs", output="run", **values))
     validate_common(cfg.DiffusionTrainConfig(data="pairs", output="run", max_grad_norm=0.0))

@@ -1066,10 +1066,20 @@ def test_a_diverged_run_stops_before_saving_and_says_where_to_go_on(pairs: Path,
     config = VaeTrainConfig(data=str(pairs), output=str(run), max_steps=6, lr=1e30,
                             **{**FAST, "checkpoint_every": 1})
     with pytest.raises(DeblurcliError, match=r"the run diverged at step \d+ \(loss=(nan|inf)\); "
-                                             r"nothing of this step is saved: resume from its "
-                                             r"last checkpoint \(step-\d+\)") as stopped:
+                                             r"nothing of this step is saved; ") as stopped:
         train_vae(config)
     step = int(str(stopped.value).split("step ")[1].split(" ")[0])
     kept = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").iterdir())
-    assert kept and kept[-1] == step - 1 and f"step-{step - 1:09d}" in str(stopped.value)
-    assert not (run / "model").exists()
+    assert kept and kept[-1] == step - 1 and not (run / "model").exists()
+    # the newest checkpoint holds the weights that diverged: never the advice (it looped)
+    message = str(stopped.value)
+    if len(kept) > 1:
+        assert f"--resume {run / 'checkpoints' / f'step-{kept[0]:09d}'} --lr" in message
+    assert f"step-{kept[-1]:09d}" not in message and "in a new -o folder" in message
+
+
+def test_a_small_crop_trains_when_the_perceptual_term_is_off(pairs: Path, tmp_path: Path) -> None:
+    """The crop-size check for ST-LPIPS refused --crop 16 --alpha 0, which does not use it."""
+    config = VaeTrainConfig(data=str(pairs), output=str(tmp_path / "r"), max_steps=1,
+                            alpha=0.0, **{**FAST, "crop": 16, "perceptual": "stlpips"})
+    assert train_vae(config).model_folder is not None

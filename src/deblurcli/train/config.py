@@ -330,7 +330,8 @@ def validate_common(config: CommonConfig) -> None:
         value = getattr(config, item.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise bad(f"{item.name} must be a finite number (got {value})")
-    for name in ("lambda1", "lambda2", "latent_weight", "max_grad_norm", "blurry_decode_weight"):
+    for name in ("alpha", "lambda1", "lambda2", "latent_weight", "max_grad_norm",
+                 "blurry_decode_weight"):
         value = getattr(config, name, None)
         if value is not None and value < 0:
             raise bad(f"{name} must be >= 0 (got {value})")

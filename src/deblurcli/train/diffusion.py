@@ -239,7 +239,8 @@ def train_diffusion(config: DiffusionTrainConfig,
     if perceptual.name != config.perceptual:  # the fallback: the run records what it trains with
         config = dataclasses.replace(config, perceptual=perceptual.name)
     if config.lambda1 > 0:
-        check_perceptual_size(perceptual, min(progressive[0]) if progressive else config.crop)
+        check_perceptual_size(perceptual, min(progressive[0]) if progressive else config.crop,
+                              "larger progressive sizes" if progressive else "a larger --crop")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
         disc = LatentDiscriminator(DiscriminatorConfig(

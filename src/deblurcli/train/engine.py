@@ -439,7 +439,7 @@ def prepare_output(config: CommonConfig) -> tuple[Path, ckpt.Checkpoint | None]:
 
 
 def _stop_if_diverged(losses: dict[str, float], step: int, accelerator, log: RunLog, lr: float,
-                      last_ckpt: Path | None, output: Path) -> None:
+                      output: Path) -> None:
     """Stop a run whose loss is no longer a number (in any process), before its weights are
     saved: it ended with exit 0 and a model that draws NaN, its good checkpoints pruned."""
     bad = next((f"{name}={value}" for name, value in losses.items()
@@ -452,12 +452,14 @@ def _stop_if_diverged(losses: dict[str, float], step: int, accelerator, log: Run
         return
     log.log(step, {**losses, "lr": lr})
     log.close()
-    again = (f"resume from its last checkpoint ({last_ckpt.name}), or an earlier one, with a "
-             f"lower --lr: "
-             f"--resume latest -o {output} --lr ..." if last_ckpt is not None else
-             f"start it again with a lower --lr, in a new -o folder (or delete {output})")
+    kept = ckpt.list_checkpoints(output)
+    again = f"start it again with a lower --lr, in a new -o folder (or delete {output})"
+    if len(kept) > 1:  # (the newest holds the weights that gave this loss: it would diverge
+        # again)
+        again = (f"its newest checkpoint holds the weights that led there: resume from an "
+                 f"earlier one with a lower --lr (--resume {kept[0][1]} --lr ...), or {again}")
     raise DeblurcliError(f"the run diverged at step {step} ({bad}); nothing of this step is "
-                         f"saved: {again}")
+                         f"saved; {again}")
 
 
 def _set_base_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
@@ -770,7 +772,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                 final = step >= target
                 losses = {k: v / count for k, v in sums.items()}
                 sums, count = {}, 0
-                _stop_if_diverged(losses, step, accelerator, log, lr, last_ckpt, output)
+                _stop_if_diverged(losses, step, accelerator, log, lr, output)
                 if step % config.log_every == 0 or final:
                     log.log(step, {**losses, "lr": lr})
                 if data.val is not None and (step % config.validate_every == 0 or final):

@@ -248,5 +248,7 @@ def _check_apart(out: Path, sources: list[tuple[str, Path]]) -> None:
         if target == folder or target.is_relative_to(folder) or folder.is_relative_to(target):
             how = "is" if target == folder else "is inside" if target.is_relative_to(folder) \
                 else "holds"
-            raise DeblurcliError(f"-o {out} {how} {what} ({source}), which the run's model "
-                                 "comes from; write the model elsewhere")
+            why = "which export reads" if what in ("the run", "the exported state") else \
+                "which the run's model is rebuilt from"
+            raise DeblurcliError(f"-o {out} {how} {what} ({source}), {why}; write the model "
+                                 "elsewhere")

@@ -99,7 +99,8 @@ def edge_aware(metric: PerceptualLoss, pred: torch.Tensor, target: torch.Tensor)
     return metric(pred, target) + metric(sobel_magnitude(pred), sobel_magnitude(target))
 
 
-def check_perceptual_size(metric: PerceptualLoss, size: int) -> None:
+def check_perceptual_size(metric: PerceptualLoss, size: int,
+                          larger: str = "a larger --crop") -> None:
     """A :class:`DeblurcliError` when ``metric`` cannot score crops of ``size`` pixels (ST-LPIPS
     needs 24): said before the run, not as a RuntimeError at its first step."""
     if metric.name == "none":
@@ -111,8 +112,7 @@ def check_perceptual_size(metric: PerceptualLoss, size: int) -> None:
             edge_aware(metric, probe, probe)
     except RuntimeError:
         raise DeblurcliError(f"crops of {size}x{size} pixels are too small for --perceptual "
-                             f"{metric.name}; give a larger --crop (and progressive sizes) or "
-                             "--perceptual none") from None
+                             f"{metric.name}; give {larger} or --perceptual none") from None
 
 
 def _missing_weights_message(name: str, missing: Sequence[str]) -> str:

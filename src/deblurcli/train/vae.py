@@ -195,7 +195,8 @@ def train_vae(config: VaeTrainConfig, progress: ProgressFn | None = None) -> eng
                                   device=accelerator.device)
     if perceptual.name != config.perceptual:  # the fallback: the run records what it trains with
         config = dataclasses.replace(config, perceptual=perceptual.name)
-    check_perceptual_size(perceptual, config.crop)
+    if config.alpha > 0:  # (the perceptual term's weight)
+        check_perceptual_size(perceptual, config.crop)
     if config.latent_weight > 0 and config.mode == "no-skips":
         raise DeblurcliError("--latent-weight trains E1, which --no-skips does not use")
     if config.blurry_decode_weight > 0 and config.mode == "no-skips":
