@@ -440,6 +440,17 @@ def test_unreadable_videos_are_said_as_such_and_listed(tmp_path):
     assert "skipped 1 unreadable input(s)" in res.stdout and "bad.mp4" in res.stdout
 
 
+def _write_clip(av, path: Path, base: np.ndarray, count: int) -> None:
+    """An MPEG-4 clip of ``count`` frames: ``base`` shifted by one pixel more each frame."""
+    height, width = base.shape[:2]
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("mpeg4", rate=24)
+        v.width, v.height, v.pix_fmt = width, height, "yuv420p"
+        for i in range(count):
+            c.mux(v.encode(av.VideoFrame.from_ndarray(np.roll(base, i, axis=1), format="rgb24")))
+        c.mux(v.encode())
+
+
 def test_limit_in_frames_mode_takes_the_first_pairs_of_the_manifest(tmp_path):
     """A folder's videos were planned before its sub-folders of frames, the manifest sorts by
     path: --limit 1 made zz.mp4's first pair where a full run's manifest starts with aa's."""
@@ -448,12 +459,7 @@ def test_limit_in_frames_mode_takes_the_first_pairs_of_the_manifest(tmp_path):
     frames = tmp_path / "frames"
     for i in range(9):
         write_image(frames / "aa" / f"{i:04d}.png", np.roll(base, shift=i, axis=1) / 255.0)
-    with av.open(str(frames / "zz.mp4"), "w") as c:
-        v = c.add_stream("mpeg4", rate=24)
-        v.width, v.height, v.pix_fmt = 56, 40, "yuv420p"
-        for i in range(9):
-            c.mux(v.encode(av.VideoFrame.from_ndarray(np.roll(base, i, axis=1), format="rgb24")))
-        c.mux(v.encode())
+    _write_clip(av, frames / "zz.mp4", base, 9)
     args = ("--frames", str(frames), "--crop", "32", "--n-max", "9")
     assert _synth(*args, "--out", str(tmp_path / "full")).exit_code == 0
     assert _synth(*args, "--out", str(tmp_path / "one"), "--limit", "1").exit_code == 0
@@ -493,12 +499,7 @@ def test_an_interrupted_video_keeps_the_pairs_it_finished(tmp_path, monkeypatch)
     base = (data.astronaut()[:40, :56]).astype(np.uint8)
     frames = tmp_path / "frames"
     frames.mkdir()
-    with av.open(str(frames / "clip.mp4"), "w") as c:
-        v = c.add_stream("mpeg4", rate=24)
-        v.width, v.height, v.pix_fmt = 56, 40, "yuv420p"
-        for i in range(15):
-            c.mux(v.encode(av.VideoFrame.from_ndarray(np.roll(base, i, axis=1), format="rgb24")))
-        c.mux(v.encode())
+    _write_clip(av, frames / "clip.mp4", base, 15)
     real, calls = build._window_pair, []
 
     def stopped_at_the_third(*args):
