@@ -307,3 +307,7 @@ def test_a_run_folder_inside_a_data_folder_is_not_read_as_data(tmp_path: Path) -
     kept = sorted(item.sharp.relative_to(photos).as_posix()
                   for item in build_data(config).train.items)
     assert kept == ["p0.png", "p1.png", "p2.png", "trips/p3.png"]
+    # photos kept inside the run's own folder are data all the same
+    inside = VaeTrainConfig(sharp_photos=str(photos / "trips"), output=str(photos), val_count=0,
+                            crop=32)
+    assert len(build_data(inside).train.items) == 1

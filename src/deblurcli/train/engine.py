@@ -159,9 +159,9 @@ def _outside_runs(items: list, roots, output: str | Path) -> list:
         first = item.frames[0] if isinstance(item, dt.FramesItem) else \
             item.blur if isinstance(item, dt.PairItem) else item.sharp
         path = Path(os.path.abspath(first))
-        if path.is_relative_to(output):
-            return True
         root = next((r for r in roots if path.is_relative_to(r) and path != r), None)
+        if path.is_relative_to(output) and not (root is not None and root.is_relative_to(output)):
+            return True  # (data kept inside the run's folder is data)
         folder = path.parent
         while root is not None and folder != root and folder.is_relative_to(root):
             if is_run(folder):
