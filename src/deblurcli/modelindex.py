@@ -61,16 +61,26 @@ def offline_requested(flag: bool = False) -> bool:
     return flag or env.upper() in ("1", "TRUE", "YES", "ON")
 
 
+def is_hub_id(source: PathLike) -> bool:
+    """Whether :func:`resolve_model` takes ``source`` for a Hugging Face hub id: no such path,
+    ``owner/name``, and no folder ``owner`` here (``runs/model`` with a ``runs/`` folder is a
+    mistyped path, not a hub id)."""
+    from deblurcli.models.pretrained import looks_like_hub_id
+
+    path = Path(source)
+    return not path.exists() and path.resolve() != default_weights_dir() and \
+        looks_like_hub_id(str(source)) and not path.parent.is_dir()
+
+
 def resolve_model(source: PathLike, *, offline: bool = False) -> Path:
     """The local folder of ``source``: a folder, or a Hugging Face hub id (read from the local
     cache; fetched once -- model files only -- unless ``offline`` or ``HF_HUB_OFFLINE=1``)."""
     path = Path(source)
     if path.exists() or path.resolve() == default_weights_dir():
         return path
-    from deblurcli.models.pretrained import hf_download_command, looks_like_hub_id
+    from deblurcli.models.pretrained import hf_download_command
 
-    if not looks_like_hub_id(str(source)) or path.parent.is_dir():
-        # ("runs/model" with a runs/ folder here is a mistyped path, not a hub id)
+    if not is_hub_id(source):
         raise WeightsError(f"model folder not found: {source}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

@@ -228,17 +228,14 @@ def _check_model_named(weights: Optional[Path]) -> Optional[str]:
     (its index read, nothing loaded; WeightsError as the run would stop), or, for a hub id
     not in the local cache, a note that the run would fetch it."""
     from deblurcli.errors import WeightsError
-    from deblurcli.modelindex import (default_weights_dir, offline_requested, read_model_index,
-                                      resolve_model)
-    from deblurcli.models.pretrained import looks_like_hub_id
+    from deblurcli.modelindex import (default_weights_dir, is_hub_id, offline_requested,
+                                      read_model_index, resolve_model)
 
-    source = weights if weights is not None else default_weights_dir()
     try:
-        folder = resolve_model(source, offline=True)
+        folder = resolve_model(weights if weights is not None else default_weights_dir(),
+                               offline=True)
     except WeightsError:
-        path = Path(source)
-        if weights is None or path.exists() or path.parent.is_dir() or \
-                not looks_like_hub_id(str(weights)) or offline_requested():
+        if weights is None or not is_hub_id(weights) or offline_requested():
             raise
         return f"the run would fetch {weights} from the Hugging Face hub"
     read_model_index(folder)

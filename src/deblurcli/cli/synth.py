@@ -184,8 +184,7 @@ def synth(
         err.print(f"the pairs finished so far are kept in {out}; the same command goes on "
                   "from there" if kept else
                   f"no pair was finished, so nothing is kept in {out}; the same command "
-                  "starts again", highlight=False,
-                  markup=False)
+                  "starts again", highlight=False, markup=False)
         raise
 
     con = stdout_console()

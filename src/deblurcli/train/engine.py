@@ -29,8 +29,8 @@ from deblurcli.images import atomic_folder, atomic_write
 from deblurcli.progress import ProgressFn, report
 from deblurcli.train import checkpoint as ckpt
 from deblurcli.train import data as dt
-from deblurcli.train.config import (CommonConfig, config_to_dict, validate_common,
-                                    with_absolute_paths)
+from deblurcli.train.config import (CommonConfig, DiffusionTrainConfig, VaeTrainConfig,
+                                    config_to_dict, validate_common, with_absolute_paths)
 
 
 # ----------------------------------------------------------------------------- accelerate
@@ -385,7 +385,7 @@ class TrainResult:
 
 # what a run writes into its folder before its first checkpoint or log line
 _RUN_START = ("config.json", "tensorboard", "validation", ckpt.SUPERSEDED_DIR)
-_RUN_KINDS = ("VaeTrainConfig", "DiffusionTrainConfig")
+_RUN_KINDS = (VaeTrainConfig.__name__, DiffusionTrainConfig.__name__)  # config.json's "kind"
 
 
 def _check_own_folder(output: Path) -> None:
@@ -454,8 +454,7 @@ def _stop_if_diverged(losses: dict[str, float], step: int, accelerator, log: Run
     log.close()
     kept = ckpt.list_checkpoints(output)
     again = f"start it again with a lower --lr, in a new -o folder (or delete {output})"
-    if len(kept) > 1:  # (the newest holds the weights that gave this loss: it would diverge
-        # again)
+    if len(kept) > 1:  # (not the newest: its weights gave this loss, and would again)
         again = (f"its newest checkpoint holds the weights that led there: resume from an "
                  f"earlier one with a lower --lr (--resume {kept[0][1]} --lr ...), or {again}")
     raise DeblurcliError(f"the run diverged at step {step} ({bad}); nothing of this step is "
