@@ -116,9 +116,12 @@ REHEARSAL = ("--device", "cpu", "--preset", "tiny", "--crop", "32", "--batch-siz
 
 
 def _rehearse(pack: Path, out: Path, work: Path) -> None:
-    done = _script("run", "--pack", str(pack), "--out", str(out), "--work", str(work),
-                   *REHEARSAL)
-    assert done.returncode == 0, done.stdout + done.stderr
+    """The run in this process (its imports are done once: a subprocess spent ~12 s on them;
+    the script as a process is run by the damaged-pack check)."""
+    import runpy
+
+    runpy.run_path(str(SCRIPT))["main"](["run", "--pack", str(pack), "--out", str(out),
+                                         "--work", str(work), *REHEARSAL])
 
 
 def _rehearse_with_failures(pack: Path, out: Path, work: Path) -> None:

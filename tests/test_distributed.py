@@ -147,16 +147,28 @@ def test_launched_processes_reads_world_size(monkeypatch):
 
 
 @pytest.mark.slow  # two fresh Python processes import torch and load the model: ~20-60 s
-def test_two_processes_deblur_every_file_once_with_one_summary(tiny_model_folder, tmp_path):
+def test_two_processes_deblur_every_file_once_and_split_a_video_by_frames(tiny_model_folder,
+                                                                         tmp_path):
+    """Files are shared out, each deblurred once, with one summary for both processes; the
+    video made by two processes, each deblurring half of its frames, equals the one made by one
+    process: lossless (crf 0), so frame for frame; and timestamps, rate, size, audio. (One
+    launch for both: each costs ~20 s.)"""
+    pytest.importorskip("av")
+    from typer.testing import CliRunner
+
+    from deblurcli.cli.app import app
+    from test_video import make_clip, streams
+
     rng = np.random.default_rng(0)
     src = tmp_path / "in"
     names = [f"p{i}.png" for i in range(5)]
     for name in names:
         write_image(src / name, rng.random((24, 32, 3), dtype=np.float32))
     (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    out = tmp_path / "out"
-    res = _launch(["deblur", src, out, "--weights", tiny_model_folder, "--device", "cpu",
-                   "--threads", "1"], cwd=tmp_path)
+    clip = make_clip(src / "clip.mp4", frames=12, x264={"g": "4"})
+    args = ["--weights", tiny_model_folder, "--device", "cpu", "--threads", "1", "--crf", "0"]
+    out = tmp_path / "two"
+    res = _launch(["deblur", src, out, *args], cwd=tmp_path)
     assert res.returncode == 1, res.stdout + res.stderr  # bad.png failed in one process
     if onnx_backend.available():  # the main process exports, the other opens its export
         assert res.stderr.count("exporting the model for ONNX Runtime") == 1, res.stderr
@@ -164,37 +176,15 @@ def test_two_processes_deblur_every_file_once_with_one_summary(tiny_model_folder
         assert len(list((tiny_model_folder / ".onnx").glob("*/model.onnx"))) == 1
     # one summary for both processes: every file counted once, the failure listed once
     assert re.findall(r"processed \d+, skipped \d+, failed \d+", res.stdout) == \
-        ["processed 5, skipped 0, failed 1"], res.stdout
+        ["processed 6, skipped 0, failed 1"], res.stdout
     assert res.stdout.count("failed: ") == 1 and "bad.png" in res.stdout
     assert "process 1/2" in res.stderr and "process 2/2" in res.stderr
-    assert sorted(p.name for p in out.iterdir()) == names
-
-
-@pytest.mark.slow  # two fresh Python processes import torch and load the model: ~20-60 s
-def test_two_processes_split_one_video_by_frames(tiny_model_folder, tmp_path):
-    """The video made by two processes, each deblurring half of its frames, equals the one made
-    by one process: lossless (crf 0), so frame for frame; and timestamps, rate, size, audio."""
-    pytest.importorskip("av")
-    from typer.testing import CliRunner
-
-    from deblurcli.cli.app import app
-    from test_video import make_clip, streams
-
-    src = tmp_path / "in"
-    clip = make_clip(src / "clip.mp4", frames=12, x264={"g": "4"})
-    write_image(src / "photo.png", np.random.default_rng(0).random((24, 32, 3), dtype=np.float32))
-    args = ["--weights", tiny_model_folder, "--device", "cpu", "--tile", "0", "--threads", "1",
-            "--crf", "0"]
-    one = CliRunner().invoke(app, ["deblur", str(clip), str(tmp_path / "one"), *map(str, args)])
-    assert one.exit_code == 0, one.output
-    res = _launch(["deblur", src, tmp_path / "two", *args], cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert re.findall(r"processed \d+, skipped \d+, failed \d+", res.stdout) == \
-        ["processed 2, skipped 0, failed 0"], res.stdout
     assert "12 video frame(s)" in res.stdout
     assert "1 video(s) split by frames among 2 processes" in res.stderr
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["clip.mp4", "photo.png"]
-    a, b = streams(tmp_path / "one" / "clip.mp4"), streams(tmp_path / "two" / "clip.mp4")
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["clip.mp4"])
+    one = CliRunner().invoke(app, ["deblur", str(clip), str(tmp_path / "one"), *map(str, args)])
+    assert one.exit_code == 0, one.output
+    a, b = streams(tmp_path / "one" / "clip.mp4"), streams(out / "clip.mp4")
     assert len(b["pts"]) == 12 and b["pts"] == a["pts"] == streams(clip)["pts"]
     assert (b["rate"], b["size"]) == (a["rate"], a["size"]) == (24, (64, 48))
     assert b["audio"]["packets"] == a["audio"]["packets"]

@@ -1018,10 +1018,12 @@ def test_an_unreadable_training_image_keeps_the_steps_done(pairs: Path, tmp_path
     assert "\n" not in line and "Traceback" not in line, line
     assert line.startswith(f"error: cannot read {damaged}: corrupt or unsupported PNG")
     assert line.endswith(f"step(s) are saved: fix it, then continue with --resume latest -o {run}")
+    done = int(line.split("the run's ")[1].split(" step(s)")[0])
     damaged.write_bytes(intact)
     resumed = CliRunner().invoke(app, ["train-vae", "--resume", "latest", "-o", str(run),
-                                       "--max-steps", "200", "-q"])
+                                       "--max-steps", str(done + 2), "-q"])
     assert resumed.exit_code == 0, resumed.output
+    assert json.loads((run / "model" / "training.json").read_text())["steps"] == done + 2
 
 
 def test_an_unreadable_validation_image_keeps_the_steps_done(pairs: Path, tmp_path: Path) -> None:
