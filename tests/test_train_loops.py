@@ -564,6 +564,39 @@ def test_a_second_run_in_one_process_may_change_mixed_precision(monkeypatch) -> 
     assert third.mixed_precision == "no"
 
 
+def test_processes_launched_without_a_gpu_train_together_on_the_cpu(monkeypatch) -> None:
+    """`accelerate launch --num_processes 2 -m deblurcli train-vae ...` on a machine without a
+    GPU (and without --cpu): accelerate made each process a run of its own, two runs training
+    on the whole stream and writing the same folder. (Checked for real with two launched
+    processes; here accelerate's answer is stood in for.)"""
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    from deblurcli.train import engine
+
+    made = []
+
+    class Accelerator:
+        def __init__(self, *, cpu, **kwargs) -> None:
+            made.append(cpu)
+            self.cpu = cpu
+            self.num_processes = 2 if cpu and os.environ.get("WORLD_SIZE") == "2" else 1
+            self.device = torch.device("cpu")
+
+    resets = []
+    monkeypatch.setattr(accelerate, "Accelerator", Accelerator)
+    monkeypatch.setattr(AcceleratorState, "_reset_state",
+                        lambda reset_partial_state=False: resets.append(reset_partial_state))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert engine.make_accelerator(DiffusionTrainConfig()).num_processes == 2
+    assert made == [False, True] and resets == [True]
+    made.clear()
+    assert engine.make_accelerator(DiffusionTrainConfig(cpu=True)).num_processes == 2
+    monkeypatch.setenv("WORLD_SIZE", "1")  # started directly: one process, whatever it runs on
+    assert engine.make_accelerator(DiffusionTrainConfig()).num_processes == 1
+    assert made == [True, False]
+
+
 def test_cpu_bf16_training_autocasts_the_forward_pass(pairs: Path, tmp_path: Path,
                                                       monkeypatch) -> None:
     """With bf16 granted on the CPU, the stage-2 forward runs in bfloat16 (UNet convolutions see
@@ -1056,6 +1089,63 @@ def test_an_unreadable_validation_image_keeps_the_steps_done(pairs: Path, tmp_pa
     rows = (run / "train_log.csv").read_text()
     again = CliRunner().invoke(app, resume)  # finished: not validated (nor logged) once more
     assert again.exit_code == 0 and (run / "train_log.csv").read_text() == rows
+
+
+def _as_main_of_two(monkeypatch, other) -> None:
+    """Runs train as the main process of two, the other stood in for by the reductions: to a
+    "sum" it adds ``other(n)`` (``n``: the reduction's number, from 0)."""
+    from deblurcli.train import engine
+
+    real_make, calls = engine.make_accelerator, []
+
+    class MainOfTwo:
+        num_processes = 2
+
+        def __init__(self, accelerator) -> None:
+            self._accelerator = accelerator
+
+        def __getattr__(self, name):
+            return getattr(self._accelerator, name)
+
+        def reduce(self, tensor, reduction):
+            calls.append(reduction)
+            return tensor + other(len(calls) - 1) if reduction == "sum" else tensor
+
+    monkeypatch.setattr(engine, "make_accelerator",
+                        lambda *a, **k: MainOfTwo(real_make(*a, **k)))
+
+
+def test_with_many_processes_a_damaged_validation_image_keeps_the_steps_done(
+        pairs: Path, tmp_path: Path, monkeypatch) -> None:
+    """Under accelerate launch the main process raised at once, without a checkpoint, and the
+    others waited for it at a barrier until the launcher tore them down."""
+    from deblurcli.errors import DeblurcliError
+
+    _as_main_of_two(monkeypatch, lambda n: 0.0)
+    val = tmp_path / "val"
+    damaged, _ = _damaged_copy(pairs, val, "sharp/p1.png")
+    run = tmp_path / "run"
+    config = VaeTrainConfig(data=str(pairs), val_data=str(val), output=str(run), max_steps=2,
+                            **{**FAST, "validate_every": 2})
+    with pytest.raises(DeblurcliError, match=f"cannot read {damaged}.*the run's 2 step"):
+        train_vae(config)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000000002"]
+
+
+def test_with_many_processes_a_batch_another_cannot_load_stops_all_with_the_steps_kept(
+        pairs: Path, tmp_path: Path, monkeypatch) -> None:
+    """A process whose batch failed raised alone; the others went on into the step and waited
+    for it in the gradients' all-reduce. Here the other process fails at the third step
+    (each step reduces three flags: the batches loaded, a finite loss, a signal)."""
+    from deblurcli.errors import DeblurcliError
+
+    _as_main_of_two(monkeypatch, lambda n: float(n == 6))
+    run = tmp_path / "run"
+    config = VaeTrainConfig(data=str(pairs), output=str(run), max_steps=5, **FAST)
+    with pytest.raises(DeblurcliError, match="another process could not load its next batch "
+                                             r"\(its error line says why\); the run's 2 step"):
+        train_vae(config)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000000002"]
 
 
 def test_a_diverged_run_stops_before_saving_and_says_where_to_go_on(pairs: Path,

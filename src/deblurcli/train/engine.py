@@ -47,13 +47,26 @@ def make_accelerator(config: CommonConfig, *, find_unused_parameters: bool = Fal
 
     mixed = effective_mixed_precision(config)
     _forget_other_mixed_precision(mixed)
-    return Accelerator(
-        mixed_precision=mixed,
-        gradient_accumulation_steps=config.grad_accum,
-        cpu=config.cpu,
-        kwargs_handlers=[DistributedDataParallelKwargs(
-            find_unused_parameters=find_unused_parameters)],
-    )
+
+    def accelerator(cpu: bool):
+        return Accelerator(
+            mixed_precision=mixed,
+            gradient_accumulation_steps=config.grad_accum,
+            cpu=cpu,
+            kwargs_handlers=[DistributedDataParallelKwargs(
+                find_unused_parameters=find_unused_parameters)],
+        )
+
+    made = accelerator(config.cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and made.num_processes == 1 and made.device.type == "cpu":
+        # launched as several processes with no GPU: accelerate joins them only when told
+        # the CPU; each trained alone on the whole stream, all writing the same folder
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        made = accelerator(True)
+    return made
 
 
 def _forget_other_mixed_precision(mixed: str) -> None:
@@ -438,16 +451,45 @@ def prepare_output(config: CommonConfig) -> tuple[Path, ckpt.Checkpoint | None]:
     return output, state
 
 
+def _in_any_process(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` holds in any process (each passes its own): processes that would part
+    ways on it (one stops, the others go on to a collective) instead wait for each other
+    until the launcher tears them all down."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor(float(flag), device=accelerator.device)
+    return accelerator.reduce(value, reduction="sum").item() > 0
+
+
+def _validate_on_main(stage: Stage, val: dt.ValidationDataset, output: Path, step: int,
+                      accelerator) -> tuple[dict[str, float], DeblurcliError | None]:
+    """The main process's validation scores, or the error of a damaged validation image
+    (the other processes: no scores, no error)."""
+    if not accelerator.is_main_process:
+        return {}, None
+    try:
+        return _validate(stage, val, output, step, accelerator.device,
+                         accelerator.autocast), None
+    except DeblurcliError as exc:
+        return {}, exc
+
+
+def _validation_error(failed: DeblurcliError | None, saved: str = "") -> DeblurcliError:
+    """The error a failed validation stops every process with (``saved``: what was kept)."""
+    if failed is None:
+        return DeblurcliError("the main process could not read a validation image (its error "
+                              "line names it)" + saved)
+    return type(failed)(_original_message(failed) + saved)
+
+
 def _stop_if_diverged(losses: dict[str, float], step: int, accelerator, log: RunLog, lr: float,
                       output: Path) -> None:
     """Stop a run whose loss is no longer a number (in any process), before its weights are
     saved: it ended with exit 0 and a model that draws NaN, its good checkpoints pruned."""
     bad = next((f"{name}={value}" for name, value in losses.items()
                 if not math.isfinite(value)), None)
-    if accelerator.num_processes > 1:
-        flag = torch.tensor(float(bad is not None), device=accelerator.device)
-        if accelerator.reduce(flag, reduction="sum").item() > 0 and bad is None:
-            bad = "a loss of another process"
+    if _in_any_process(accelerator, bad is not None) and bad is None:
+        bad = "a loss of another process"
     if bad is None:
         return
     log.log(step, {**losses, "lr": lr})
@@ -727,20 +769,24 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
         try:
             while step < target and not flag.hit:
                 try:
-                    batch = next(batches)
+                    batch, failed = next(batches), None
                 except Exception as exc:  # noqa: BLE001
+                    batch, failed = None, exc
+                if _in_any_process(accelerator, failed is not None):  # every process stops
                     if flag.hit:
                         break  # a signal to the process group ended the data workers too
-                    # between steps the state is whole: keep the steps done (one process only:
-                    # the others would wait for it at the checkpoint's barrier)
+                    # between steps the state is whole: keep the steps done
                     saved = ""
-                    if step > start and accelerator.num_processes == 1:
+                    if step > start:
                         last_ckpt = save(step)
                         saved = (f"; the run's {step} step(s) are saved: fix it, then continue "
                                  f"with --resume latest -o {output}")
-                    if isinstance(exc, DeblurcliError):
-                        raise type(exc)(_original_message(exc) + saved) from None
-                    raise
+                    if failed is None:
+                        raise DeblurcliError("another process could not load its next batch "
+                                             "(its error line says why)" + saved)
+                    if isinstance(failed, DeblurcliError):
+                        raise type(failed)(_original_message(failed) + saved) from None
+                    raise failed
                 batch = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v)
                          for k, v in batch.items()}
                 lr = next(iter(stage.optimizers.values())).param_groups[0]["lr"]  # this update's
@@ -775,17 +821,16 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                 if step % config.log_every == 0 or final:
                     log.log(step, {**losses, "lr": lr})
                 if data.val is not None and (step % config.validate_every == 0 or final):
+                    scores, failed = _validate_on_main(stage, data.val, output, step,
+                                                       accelerator)
+                    if _in_any_process(accelerator, failed is not None):
+                        # a damaged validation image: as for a training image
+                        last_ckpt = save(step)
+                        raise _validation_error(
+                            failed, f"; the run's {step} step(s) are saved: fix it, then "
+                                    f"continue with --resume latest -o {output}") from None
                     if main:
-                        try:
-                            validation = _validate(stage, data.val, output, step,
-                                                   accelerator.device, accelerator.autocast)
-                        except DeblurcliError as exc:  # a damaged validation image
-                            saved = ""
-                            if accelerator.num_processes == 1:  # as for a training image
-                                last_ckpt = save(step)
-                                saved = (f"; the run's {step} step(s) are saved: fix it, then "
-                                         f"continue with --resume latest -o {output}")
-                            raise type(exc)(_original_message(exc) + saved) from None
+                        validation = scores
                         log.log(step, validation)
                         report(progress, "validation", step, None, **validation)
                     accelerator.wait_for_everyone()
@@ -806,9 +851,11 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
         # resumed at its last step, whose validation failed (a damaged image, mended since):
         # the model is validated before it is written, as a run that ends there is (a run
         # that finished, its model written, is not validated again)
+        scores, failed = _validate_on_main(stage, data.val, output, step, accelerator)
+        if _in_any_process(accelerator, failed is not None):
+            raise _validation_error(failed) from None
         if main:
-            validation = _validate(stage, data.val, output, step, accelerator.device,
-                                   accelerator.autocast)
+            validation = scores
             log.log(step, validation)
             report(progress, "validation", step, None, **validation)
         accelerator.wait_for_everyone()
