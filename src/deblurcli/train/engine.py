@@ -452,9 +452,9 @@ def prepare_output(config: CommonConfig) -> tuple[Path, ckpt.Checkpoint | None]:
 
 
 def _in_any_process(accelerator, flag: bool) -> bool:
-    """Whether ``flag`` holds in any process (each passes its own): processes that would part
-    ways on it (one stops, the others go on to a collective) instead wait for each other
-    until the launcher tears them all down."""
+    """Whether ``flag`` holds in any process (each passes its own), so that all take the same
+    branch: processes that parted ways (one stopping, the others going on into a collective)
+    waited for each other until the launcher tore them all down."""
     if accelerator.num_processes == 1:
         return flag
     value = torch.tensor(float(flag), device=accelerator.device)
