@@ -56,12 +56,14 @@ def test_training_progress_reaches_a_log(pairs, tmp_path):
 
 
 @pytest.mark.parametrize("command, extra, words", [
-    ("train-diffusion", ["--preset", "huge", "--random-evae"], "unknown model preset 'huge'"),
+    ("train-diffusion", ["--config", "huge.toml", "--random-evae"], "unknown model preset 'huge'"),
     ("train-diffusion", ["--preset", "tiny", "--full", "--evae", "nope"], "no eVAE in nope"),
-    ("train-vae", ["--preset", "huge"], "unknown eVAE preset 'huge'"),
+    ("train-vae", ["--config", "huge.toml"], "unknown eVAE preset 'huge'"),
 ])
 def test_a_run_that_fails_on_its_settings_leaves_no_output_folder(pairs, tmp_path, command,
-                                                                  extra, words):
+                                                                  extra, words, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "huge.toml").write_text('preset = "huge"\n')  # a file's value: not a flag's
     data = ["--blur", str(pairs / "blur"), "--sharp", str(pairs / "sharp"), "--cpu", "-q", *extra]
     result = CliRunner().invoke(app, [command, *data, "-o", str(tmp_path / "new" / "run")])
     assert result.exit_code == 1 and words in result.stderr, result.output
@@ -71,6 +73,19 @@ def test_a_run_that_fails_on_its_settings_leaves_no_output_folder(pairs, tmp_pat
     (mine / "notes.txt").write_text("mine")
     assert CliRunner().invoke(app, [command, *data, "-o", str(mine)]).exit_code == 1
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("command", ["train-vae", "train-diffusion"])
+def test_an_unknown_preset_flag_is_a_usage_error(tmp_path, command) -> None:
+    """It exited 1 (the library's error) where every other unknown choice exits 2."""
+    from deblurcli.models.presets import PRESETS
+    from deblurcli.train.config import PRESET_CHOICES
+
+    assert PRESET_CHOICES == tuple(PRESETS)
+    result = CliRunner().invoke(app, [command, "--preset", "huge", "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert "--preset: 'huge' is not one of compact, sd21, tiny" in result.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_settings_that_would_be_silently_ignored_are_refused(tmp_path) -> None:

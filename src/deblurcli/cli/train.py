@@ -52,6 +52,7 @@ _CHOICES = {
     "pixel_loss": cfg.PIXEL_LOSS_CHOICES,
     "adapter": cfg.ADAPTER_CHOICES,
     "mode": cfg.VAE_MODES,
+    "preset": cfg.PRESET_CHOICES,
 }
 
 

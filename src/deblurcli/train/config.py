@@ -27,6 +27,7 @@ PERCEPTUAL_CHOICES = ("dists", "lpips", "stlpips", "none")
 PIXEL_LOSS_CHOICES = ("l1", "l2")
 ADAPTER_CHOICES = ("real", "synthetic")
 VAE_MODES = ("joint", "freeze-e2", "no-skips")
+PRESET_CHOICES = ("compact", "sd21", "tiny")  # models.presets.PRESETS (which imports torch)
 
 PAPER_PROGRESSIVE_SIZES: tuple[int, ...] = (160, 192, 256, 320, 384, 448, 512)
 PAPER_PROGRESSIVE_STEPS = 10_000
