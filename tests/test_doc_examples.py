@@ -107,3 +107,32 @@ def test_files_the_examples_name_exist(source, command):
     for token in shlex.split(command.replace("'", "")):
         if token.startswith(REPO_DIRS):
             assert (ROOT / token).exists(), f"{source}: {command!r} names {token}, not in the repo"
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
+
+
+@pytest.mark.parametrize("doc, wrote", [("README.md", "photo_sharp.png"),
+                                        ("docs/model.md", "copy")])
+def test_the_first_python_example_runs_as_written(doc, wrote, tiny_model_folder, tmp_path,
+                                                  monkeypatch):
+    """What a library user copies first. model.md's lacked `import torch` and `blurry`
+    (NameError); README's gave the UNet's dtype for the input (rounded to half precision before
+    a float32 eVAE) and skipped the fill under transparent pixels that deblur does."""
+    import shutil
+
+    import numpy as np
+
+    from deblurcli.images import read_image, write_image
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("MODEL_DIR", "model"):
+        shutil.copytree(tiny_model_folder, tmp_path / name)
+    rgba = np.random.default_rng(0).random((40, 56, 4)).astype(np.float32)
+    rgba[:8, :, 3] = 0  # a transparent band
+    write_image(tmp_path / "photo.png", rgba[..., :3], alpha=rgba[..., 3])
+    exec(compile(_python_blocks(ROOT / doc)[0], doc, "exec"), {})
+    assert (tmp_path / wrote).exists()
+    if wrote.endswith(".png"):
+        assert read_image(tmp_path / wrote).alpha is not None

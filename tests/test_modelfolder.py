@@ -254,6 +254,54 @@ def test_saving_replaces_a_model_folder_whole_and_refuses_other_folders(tiny_osd
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "photos", "sd"]
 
 
+def test_the_library_never_writes_a_copy_over_the_folder_it_is_made_from(tiny_model_folder,
+                                                                         tmp_path):
+    """fuse_model_folder(m, m), export_model_folder(m, m) and a blend written over one of its
+    adapters replaced the model (adapters, E2 and training state lost; or a checksum
+    mismatch) without a word; the CLI refused them."""
+    from deblurcli.models.adapters import blend_adapter_files
+
+    before = {p: p.read_bytes() for p in tiny_model_folder.rglob("*") if p.is_file()}
+    for out in (tiny_model_folder, tiny_model_folder / "inside", tmp_path):
+        with pytest.raises(WeightsError, match="the output folder must be outside"):
+            fuse_model_folder(tiny_model_folder, out, 0.7)
+        with pytest.raises(WeightsError, match="the output folder must be outside"):
+            export_model_folder(tiny_model_folder, out)
+    real = tiny_model_folder / "lora_real.safetensors"
+    synthetic = tiny_model_folder / "lora_synthetic.safetensors"
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(synthetic)
+    for out in (real, synthetic, link):
+        with pytest.raises(WeightsError, match="is one of the adapters being blended"):
+            blend_adapter_files(real, synthetic, 0.5, out)
+    assert {p: p.read_bytes() for p in tiny_model_folder.rglob("*") if p.is_file()} == before
+    blend_adapter_files(real, synthetic, 0.5, tmp_path / "blend.safetensors")  # elsewhere: yes
+
+
+def test_threads_saving_one_folder_at_once_leave_a_whole_model(tiny_osdd, tmp_path):
+    """They shared one temporary folder (named by the process): each removed or moved the
+    others' files, and a folder lacking evae/config.json could land in place."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, out = tiny_osdd(seed=0), tmp_path / "m"
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: save_model_folder(out, model), range(4)))
+        load_model_folder(out, gamma=0.5)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing left beside it
+
+
+def test_a_storage_dtype_may_be_named(tiny_osdd, tmp_path):
+    """storage_dtype="fp16" failed with torch's 'Invalid device string: fp16'."""
+    save_model_folder(tmp_path / "m", tiny_osdd(seed=0), storage_dtype="fp16")
+    assert record(tmp_path / "m")["storage_dtype"] == "float16"
+    with pytest.raises(ValueError, match="unknown dtype 'half-ish'"):
+        save_model_folder(tmp_path / "n", tiny_osdd(seed=0), storage_dtype="half-ish")
+    with pytest.raises(ValueError, match="unsupported storage dtype"):
+        save_model_folder(tmp_path / "n", tiny_osdd(seed=0), storage_dtype=torch.int8)
+    assert not (tmp_path / "n").exists()
+
+
 def test_model_folder_files_get_normal_permissions(tiny_model_folder, tmp_path):
     old = os.umask(0o022)
     try:

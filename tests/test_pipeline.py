@@ -118,6 +118,23 @@ def test_input_dtype_is_passed_to_the_model():
     np.testing.assert_allclose(out, _image(16, 16), atol=1e-2)
 
 
+def test_the_input_dtype_defaults_to_the_models_evae_dtype():
+    """It defaulted to float32 whatever the model, so the README's example passed the UNet's
+    dtype, which rounds the input to half precision before a float32 eVAE."""
+    class Model:
+        vae_dtype = torch.bfloat16
+
+        def __call__(self, x):
+            dtypes.append(x.dtype)
+            return x
+
+    dtypes = []
+    DeblurPipeline(Model(), tile=0)(_image(16, 16))
+    DeblurPipeline(Model(), tile=0, dtype="fp32")(_image(16, 16))  # given: it wins
+    DeblurPipeline(lambda x: dtypes.append(x.dtype) or x, tile=0)(_image(16, 16))
+    assert dtypes == [torch.bfloat16, torch.float32, torch.float32]
+
+
 def test_progress_reports_tiles():
     events = []
     pipe = DeblurPipeline(identity, tile=16, overlap=8, batch_size=4)

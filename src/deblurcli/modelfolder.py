@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -109,11 +110,33 @@ def check_replaceable(folder: Path) -> None:
                            "or empty folder")
 
 
+def _private(folder: Path, kind: str) -> Path:
+    """A hidden name beside ``folder`` of this call's own (``kind``: tmp, old): threads of one
+    process that shared one saved into each other's folder, and put a broken one in place."""
+    return folder.with_name(f".{folder.name}.{kind}-{os.getpid()}-{threading.get_ident()}")
+
+
+def check_apart(src: PathLike, out: PathLike) -> None:
+    """WeightsError when folder ``out`` is ``src``, lies inside it or holds it: a copy written
+    there would replace the folder it is made from."""
+    src, out = Path(src).resolve(), Path(out).resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise WeightsError(f"the output folder must be outside {src} (and not hold it)")
+
+
+_REPLACING = threading.Lock()  # threads that save one folder at once: each in turn, last wins
+
+
 def _replace_folder(tmp: Path, folder: Path) -> None:
     """Move the finished ``tmp`` to ``folder``; a previous model folder there is replaced."""
+    with _REPLACING:
+        _replace_folder_now(tmp, folder)
+
+
+def _replace_folder_now(tmp: Path, folder: Path) -> None:
     check_replaceable(folder)
     if folder.is_dir() and any(folder.iterdir()):
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        old = _private(folder, "old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
         os.replace(tmp, folder)
@@ -136,15 +159,20 @@ def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None 
             folder is refused (WeightsError).
         model: the :class:`OSDDModel` (adapters unfused, or fused via :meth:`OSDDModel.fuse`).
         extra: free-form JSON-serialisable info kept in the record (training run, ...).
-        storage_dtype: ``torch.float32`` / ``float16`` / ``bfloat16`` on disk (loads in any dtype).
+        storage_dtype: ``torch.float32`` / ``float16`` / ``bfloat16`` on disk (loads in any
+            dtype), or a name (``fp32``, ``fp16``, ``bf16``).
         include_sharp_encoder: keep E2 (needed to resume training; not needed for inference).
         discriminator: the latent discriminator's weights, kept (float32) so that
             ``train-diffusion --init`` continues its GAN term instead of restarting it.
     """
+    from deblurcli.device import torch_dtype
+
+    storage_dtype = torch_dtype(storage_dtype)
+    _dtype_name(storage_dtype)  # before any work: one the folder can record
     folder = Path(folder).resolve()
     check_replaceable(folder)  # before any work: a user's own folder is never touched
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    tmp = _private(folder, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_folder(tmp, model, extra=extra, storage_dtype=storage_dtype,
@@ -412,6 +440,7 @@ def fuse_model_folder(src: PathLike, out: PathLike, gamma: float, *,
     the sharp encoder E2 (inference only).
     """
     ad.check_gamma(gamma)
+    check_apart(src, out)
     record = read_model_index(src)[RECORD_KEY]
     if record.get("fused_gamma") is not None:
         raise WeightsError(f"{src} is already fused (gamma={record['fused_gamma']:g})")
@@ -436,6 +465,7 @@ def export_model_folder(src: PathLike, out: PathLike, *,
     This is how a trained run becomes a shippable folder such as the packaged ``weights/``.
     ``extra`` entries are merged into the record's ``"extra"``.
     """
+    check_apart(src, out)
     record = read_model_index(src)[RECORD_KEY]
     if record.get("fused_gamma") is not None:
         raise WeightsError(f"{src} is fused; export the unfused training output instead")

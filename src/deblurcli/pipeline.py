@@ -106,7 +106,8 @@ class DeblurPipeline:
         device: where input tensors are sent (the model must already live there): a
             ``torch.device`` or a name as ``--device`` takes it (``"auto"``, ``"cuda:1"``, ...).
         dtype: dtype of the input tensors (the dtype of the model's first layer, i.e. of the VAE;
-            default float32): a ``torch.dtype`` or its name (``"fp16"``, ``"bf16"``, ...).
+            default: the model's ``vae_dtype``, float32 for a model without one): a
+            ``torch.dtype`` or its name (``"fp16"``, ``"bf16"``, ...).
         tile: tile side in pixels (rounded up to a multiple of 8); 0 = the whole image at once.
         overlap: pixels shared by neighbouring tiles (the blending band).
         batch_size: tiles per model call.
@@ -144,7 +145,9 @@ class DeblurPipeline:
         from deblurcli.device import torch_device, torch_dtype
 
         self.device = torch_device(device)
-        self.dtype = torch_dtype(dtype) if dtype is not None else torch.float32
+        if dtype is None:  # a half-precision UNet behind a float32 eVAE takes float32
+            dtype = getattr(model, "vae_dtype", torch.float32)
+        self.dtype = torch_dtype(dtype)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def plan(self, height: int, width: int) -> TilePlan:

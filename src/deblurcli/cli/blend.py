@@ -85,11 +85,10 @@ def _fuse(lora_real: Path | None, lora_synthetic: Path | None, gamma: float, out
     import torch
 
     from deblurcli.cli.console import stdout_console
-    from deblurcli.modelfolder import default_weights_dir, fuse_model_folder
+    from deblurcli.modelfolder import check_apart, default_weights_dir, fuse_model_folder
 
     src = weights if weights is not None else default_weights_dir()
-    if _is_within(output, src) or _is_within(src, output):
-        raise DeblurcliError(f"the output folder must be outside {src} (and not hold it)")
+    check_apart(src, output)  # before the --force question: never a choice
     if output.is_dir() and any(output.iterdir()) and not force:
         raise DeblurcliError(f"{output} exists and is not empty; pass --force to replace it")
     fuse_model_folder(src, output, gamma, storage_dtype=torch.float16 if fp16 else None)
@@ -151,9 +150,9 @@ def _blend_files(lora_real: Path | None, lora_synthetic: Path | None, gamma: flo
         raise DeblurcliError(f"{output} is a file of {weights}, which is blended; give another "
                              "file name")
     if output.exists():
-        if any(_same_file(output, src) for src in (lora_real, lora_synthetic)):
-            raise DeblurcliError(f"{output} is one of the adapters being blended; "
-                                 "give another file name")
+        from deblurcli.models.adapters import check_not_a_source
+
+        check_not_a_source(output, lora_real, lora_synthetic)  # before the --force question
         if not force:
             raise DeblurcliError(f"{output} exists; pass --force to replace it")
         if not _is_blend_file(output):  # a model's adapter, a checkpoint, a photo: never

@@ -20,6 +20,7 @@ adapter files into a UNet without peft, with peft's arithmetic, for a fast start
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -460,14 +461,29 @@ def blend_adapter_states(real: Mapping[str, Tensor], real_spec: LoraSpec,
     return spec, out
 
 
+def check_not_a_source(out_path: str | Path, *sources: str | Path) -> None:
+    """WeightsError when ``out_path`` is one of the adapter files ``sources`` (also through a
+    link): the blend would replace an adapter it is made from."""
+    for source in sources:
+        try:
+            same = os.path.samefile(out_path, source)
+        except OSError:  # one of them is missing: not the same file
+            same = False
+        if same:
+            raise WeightsError(f"{out_path} is one of the adapters being blended; give another "
+                               "file name")
+
+
 def blend_adapter_files(real_path: str | Path, synthetic_path: str | Path,
                         gamma: float, out_path: str | Path, *,
                         fp16: bool = False) -> LoraSpec:
     """Read two adapter files, write their exact gamma-blend to ``out_path``; return its spec.
 
     The output is a diffusers LoRA file stored in the real adapter's dtype (``fp16=True``:
-    float16), with the blend's γ and sources in its metadata.
+    float16), with the blend's γ and sources in its metadata. ``out_path`` is never one of the
+    two files (WeightsError).
     """
+    check_not_a_source(out_path, real_path, synthetic_path)
     parts = []
     for path in (real_path, synthetic_path):
         spec, state, metadata = read_lora_file(path)
