@@ -218,6 +218,8 @@ def test_bad_video_options_exit_2(tmp_path):
     if has_encoder("libvpx"):  # VP8 refused a crf under 4 at its first frame, video after video
         vp8 = run(clip, tmp_path / "out", "--codec", "libvpx", "--crf", "3")
         assert vp8.exit_code == 2 and "4..63 for libvpx" in vp8.output, vp8.output
+    short = run(clip, tmp_path / "out", "--codec", "h264", "--crf", "60")  # libx264's range
+    assert short.exit_code == 2 and "0..51 for libx264" in short.output, short.output
     audio = run(clip, tmp_path / "out", "--codec", "aac")  # an encoder, but not of video
     assert audio.exit_code == 2 and "no video encoder 'aac'" in audio.output
     # --codec auto: --crf is checked against the encoder auto picks, before the model loads
@@ -469,6 +471,44 @@ def test_an_avi_keeps_its_frames_in_order_and_in_their_places(tmp_path):
         assert places(once) == places(twice) == expected, source.name
         blues = [round(float(rgb[..., 2].mean())) for rgb in streams(twice)["rgb"]]
         assert blues == sorted(blues) and len(set(blues)) == len(expected), source.name
+
+
+def test_a_codecs_own_name_gets_its_encoders_settings(tmp_path):
+    """--codec h264 (hevc, vp9, vp8, av1) ran the encoder at its own defaults: --crf ignored
+    and unchecked, x265's and SVT-AV1's logs on stderr, VP8's colour rule passed over."""
+    from deblurcli.video import choose_codec
+
+    assert choose_codec("h264", ".mp4") == "libx264"
+    assert choose_codec("libx264", ".mp4") == "libx264"
+    clip = make_clip(tmp_path / "clip.mp4", frames=6, width=96, height=64, audio=False)
+    sizes = []
+    for crf in (0, 51):
+        out = tmp_path / str(crf) / "clip.mp4"
+        deblur_video(clip, out, lambda x, p: x, codec="h264", crf=crf)
+        sizes.append(out.stat().st_size)
+    assert sizes[0] > 4 * sizes[1], sizes
+
+
+def test_an_avi_gets_an_encoder_ffmpeg_reads_at_each_frames_place(tmp_path):
+    """--codec auto wrote H.264 into a camera's MJPEG AVI: FFmpeg reads it one frame late, so
+    the picture lagged the audio by a frame."""
+    source = tmp_path / "cam.avi"
+    with av.open(str(source), "w") as c:
+        v = c.add_stream("mjpeg", rate=FPS)
+        v.width, v.height, v.pix_fmt = W, H, "yuvj420p"
+        for i in range(6):
+            f = av.VideoFrame.from_ndarray(np.full((H, W, 3), 30 * i, np.uint8), format="rgb24")
+            f.pts, f.time_base = i, Fraction(1, FPS)
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+
+    def times(path):
+        with av.open(str(path)) as c:
+            return c.streams.video[0].codec_context.name, [f.time for f in c.decode(video=0)]
+
+    deblur_video(source, tmp_path / "out" / "cam.avi", lambda x, p: x)
+    codec, seen = times(tmp_path / "out" / "cam.avi")
+    assert codec == "mpeg4" and seen == times(source)[1]
 
 
 def test_a_codec_its_container_cannot_hold_is_refused_before_the_model_loads(tmp_path):
@@ -774,6 +814,25 @@ def test_damaged_video_data_is_located_and_mkv_progress_has_a_total(tmp_path):
                         progress=events.append) == 20
     frames = [(e.done, e.total) for e in events if e.stage == "frames"]
     assert frames[0] == (0, 20) and frames[-1] == (20, 20)
+
+
+def test_a_damaged_packet_fails_the_video_where_it_is_even_the_last(tmp_path):
+    """Decoded with frames in parallel, a damaged packet near the end was dropped without an
+    error: frames lost, the video counted as done (exit 0); one elsewhere was located two
+    frames late."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=40, width=160, height=120, audio=False)
+    with av.open(str(clip)) as c:
+        packets = sorted((p.pos, p.size, float(p.pts * p.time_base))
+                         for p in c.demux(video=0) if p.size)
+    for pos, size, seconds in (packets[-1], packets[-2], packets[3]):
+        data = bytearray(clip.read_bytes())
+        for k in range(pos + 4, pos + size):  # its payload, not its length
+            data[k] ^= 0x5A
+        damaged = tmp_path / "damaged.mp4"
+        damaged.write_bytes(bytes(data))
+        with pytest.raises(ImageReadError, match=rf"damaged video data at {seconds:.2f} s"):
+            deblur_video(damaged, tmp_path / "out" / "damaged.mp4", lambda x, p: x)
+        assert not (tmp_path / "out" / "damaged.mp4").exists()
 
 
 def _durations(path: Path) -> tuple[float, list]:

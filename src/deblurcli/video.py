@@ -65,6 +65,9 @@ _MUXER = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".web
 # codecs tried for --codec auto, best first; WebM holds only VP8/VP9/AV1
 _AUTO_CODECS = ("libx264", "libx265", "libvpx-vp9", "mpeg4")
 _AUTO_WEBM = ("libvpx-vp9", "libsvtav1", "libvpx")
+# AVI stores no timestamps, and FFmpeg reads H.264 there one frame late: MPEG-4 Part 2 (the
+# codec of camera and DivX AVIs) is read at each frame's own place
+_AUTO_AVI = ("mpeg4", "libx264", "libvpx-vp9")
 # encoders that take a constant rate factor, and the extra options each needs for it
 # (x265 prints its settings on stderr unless told to keep to errors; SVT-AV1: see _transcode)
 _CRF_CODECS = {"libx264": {}, "libx264rgb": {}, "libx265": {"x265-params": "log-level=error"},
@@ -74,6 +77,13 @@ _CRF_MIN = {"libvpx": 4}  # VP8 refuses a lower one (as "Invalid argument", fram
 # encoders without a rate factor that take a fixed quantiser instead (FFmpeg's default for them
 # is a 200 kb/s bit rate, far below --crf 18's quality)
 _QSCALE_CODECS = ("mpeg4", "mjpeg")
+
+
+#: decoding threads: within a frame only. With frames decoded in parallel ("AUTO", "FRAME") a
+#: damaged packet near the end was dropped without an error (frames lost, the video counted as
+#: done) and one elsewhere was reported two frames late; the decoder's time is small next to
+#: the model's
+DECODE_THREADS = "SLICE"
 
 
 def quantiser(crf: int) -> int:
@@ -110,9 +120,22 @@ def has_encoder(name: str) -> bool:
         return False
 
 
+def encoder_name(codec: str) -> str:
+    """The encoder FFmpeg writes ``codec`` with: a codec's own name (``h264``, ``hevc``, ``vp9``,
+    ``vp8``, ``av1``) stands for its preferred encoder (``libx264``, ...), whose name the
+    settings here are keyed on (--crf and its range, quiet logs, colour rules); under the short
+    name they were passed over. Any other name is itself."""
+    av = import_av()
+    try:
+        return av.codec.Codec(codec, "w").name
+    except Exception:  # noqa: BLE001 - PyAV raises several types for an unknown codec
+        return codec
+
+
 def choose_codec(codec: str, suffix: str) -> str:
     """The encoder for ``--codec`` (``auto``: libx264 if this PyAV build has it, else the next
-    available of libx265, libvpx-vp9, mpeg4; for ``.webm``: VP9, AV1, VP8).
+    available of libx265, libvpx-vp9, mpeg4; for ``.webm``: VP9, AV1, VP8; for ``.avi``:
+    mpeg4, libx264, VP9); a codec's own name (``h264``) gives its encoder's (:func:`encoder_name`).
 
     Raises:
         DeblurcliError: PyAV is missing, or no such encoder is available.
@@ -121,8 +144,9 @@ def choose_codec(codec: str, suffix: str) -> str:
         if not has_encoder(codec):
             raise DeblurcliError(f"this PyAV build has no video encoder {codec!r}; leave --codec "
                                  "at auto or pick one of: " + ", ".join(available_codecs()))
-        return codec
-    for name in (_AUTO_WEBM if suffix.lower() == ".webm" else _AUTO_CODECS):
+        return encoder_name(codec)
+    auto = {".webm": _AUTO_WEBM, ".avi": _AUTO_AVI}.get(suffix.lower(), _AUTO_CODECS)
+    for name in auto:
         if has_encoder(name):
             return name
     raise DeblurcliError("this PyAV build has no suitable video encoder; use --codec NAME")
@@ -164,6 +188,7 @@ def check_crf(codec: str, crf: int) -> None:
     ``ValueError``.
     Encoders without a constant rate factor pass any value: MPEG-4 Part 2 and MJPEG take it as
     a quantiser (:func:`quantiser`), lossless ones (ffv1) ignore it."""
+    codec = encoder_name(codec)
     if codec not in _CRF_CODECS:
         return
     low, top = _CRF_MIN.get(codec, 0), _CRF_MAX.get(codec, 51)
@@ -825,7 +850,7 @@ def _encode(av: Any, source: Path, tmp: Path, muxer: str, codec_name: str, crf: 
             av.open(_local(tmp), "w", format=muxer,
                     options=_muxer_options(muxer, inp, tags and span is None)) as out:
         vin = main_video(inp)
-        vin.thread_type = "AUTO"
+        vin.thread_type = DECODE_THREADS
         ctx_in = vin.codec_context
         pix_fmt = pixel_format(codec_name, info.width, info.height)
         options = {}
@@ -1116,7 +1141,7 @@ def iter_frames(path: Path) -> Iterator[tuple[int, np.ndarray]]:
     """
     path = Path(path)
     with _video_stream(path) as (container, stream):
-        stream.thread_type = "AUTO"
+        stream.thread_type = DECODE_THREADS
         exact = _exact(import_av())
         for index, frame in enumerate(container.decode(stream)):
             rgb = frame.to_ndarray(format="rgb24", interpolation=exact)
