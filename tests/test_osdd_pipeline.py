@@ -82,3 +82,31 @@ def test_a_pipeline_made_of_its_components_keeps_the_adapters(reference, tmp_pat
     loaded = OSDDPipeline.from_pretrained(tmp_path / "m", gamma=0.3)
     torch.testing.assert_close(loaded(reference["input"]), reference["output.live_0.3"],
                                atol=1e-5, rtol=0)
+
+
+def test_a_numpy_or_an_integer_input_is_refused(tiny_osdd):
+    """A numpy image failed with "'numpy.ndarray' object has no attribute 'to'"; a uint8
+    tensor of 0..255 came back as a uint8 tensor of 0s and 1s, without a word."""
+    import numpy as np
+
+    from deblurcli.models.adapters import check_gamma
+
+    pipe = OSDDPipeline.from_model(tiny_osdd(seed=0))
+    with pytest.raises(TypeError, match="expected a \\(B, 3, H, W\\) tensor in \\[-1, 1\\], got "
+                                        "ndarray"):
+        pipe(np.zeros((1, 3, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="expected float values in \\[-1, 1\\], got torch.uint8"):
+        pipe(torch.full((1, 3, 16, 16), 200, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="gamma must be a number between 0 and 1, got None"):
+        check_gamma(None)
+
+
+def test_from_pretrained_passes_the_loaders_notes_on(tiny_model_folder, tmp_path):
+    """model.md says a fused folder ignores another gamma with a note; from_pretrained had no
+    way to receive it."""
+    from deblurcli.modelfolder import fuse_model_folder
+
+    fuse_model_folder(tiny_model_folder, tmp_path / "fused", 0.25)
+    notes = []
+    OSDDPipeline.from_pretrained(tmp_path / "fused", gamma=0.9, warn=notes.append)
+    assert len(notes) == 1 and "gamma=0.25" in notes[0]

@@ -237,3 +237,13 @@ def test_integer_or_non_finite_input_is_refused_with_what_to_do():
         pipe((_image(8, 8) * 65535).astype(np.uint16))
     with pytest.raises(ValueError, match="got values up to 255 .*divide 8-bit values by 255"):
         pipe(np.full((8, 8, 3), 255.0, np.float32))
+
+
+def test_a_tensor_or_an_empty_image_is_refused_in_the_callers_terms():
+    """A torch tensor failed inside numpy ('Cannot interpret torch.float32 as a data type'); an
+    empty image spoke of a padded size 0x8 the caller never gave."""
+    pipe = DeblurPipeline(identity, tile=16, overlap=8)
+    with pytest.raises(TypeError, match="expected a numpy \\(H, W, 3\\) array, got Tensor"):
+        pipe(torch.rand(8, 8, 3))
+    with pytest.raises(ValueError, match="the image is empty \\(shape \\(0, 5, 3\\)\\)"):
+        pipe(np.zeros((0, 5, 3), np.float32))

@@ -161,8 +161,13 @@ class DeblurPipeline:
         Emits ``"tiles"`` progress events (done/total tiles of this image). Raises
         :class:`NonFiniteOutputError` if the model returns NaN or infinite values.
         """
+        if not isinstance(pixels, np.ndarray):  # a torch tensor: numpy's "Cannot interpret"
+            raise TypeError(f"expected a numpy (H, W, 3) array, got {type(pixels).__name__} "
+                            "(a (B, 3, H, W) tensor in [-1, 1] is OSDDPipeline's input)")
         if pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) array, got shape {pixels.shape}")
+        if not pixels.size:
+            raise ValueError(f"the image is empty (shape {pixels.shape})")
         if not np.issubdtype(pixels.dtype, np.floating):
             raise ValueError(f"expected float values in [0, 1], got {pixels.dtype} ({_SCALES})")
         if not np.isfinite(pixels).all():

@@ -173,7 +173,10 @@ def set_adapter_weights(unet: nn.Module, weights: Mapping[str, float]) -> None:
 
 def check_gamma(gamma: float) -> float:
     """``gamma`` as a float; ValueError unless it is finite and in [0, 1]."""
-    g = float(gamma)
+    try:
+        g = float(gamma)
+    except (TypeError, ValueError):
+        raise ValueError(f"gamma must be a number between 0 and 1, got {gamma!r}") from None
     if not 0.0 <= g <= 1.0:
         raise ValueError(f"gamma must be between 0 and 1, got {gamma}")
     return g

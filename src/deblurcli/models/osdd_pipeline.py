@@ -23,6 +23,7 @@ For images of any size (tiles, padding, 16-bit, colour fix) use
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,18 +59,20 @@ class OSDDPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, gamma: float = 0.7,
                         fuse: bool = False, torch_dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", verify: bool = True,
-                        offline: bool = False) -> OSDDPipeline:
+                        offline: bool = False,
+                        warn: Callable[[str], None] | None = None) -> OSDDPipeline:
         """Load a model folder written by ``save_pretrained`` or ``train-diffusion`` (or a hub
         id: from the local cache, fetched once unless ``offline`` / ``HF_HUB_OFFLINE=1``).
 
         ``gamma`` sets the dual-adapter blend; ``fuse`` merges it into the UNet (faster, and
-        γ is fixed from then on). ``verify`` checks ``checksums.sha256`` first.
+        γ is fixed from then on). ``verify`` checks ``checksums.sha256`` first. ``warn`` gets
+        the loader's notes (a fused folder's own γ taking the place of ``gamma``, ...).
         """
         from deblurcli.modelfolder import load_model_folder
 
         model = load_model_folder(pretrained_model_name_or_path, gamma=gamma, fuse=fuse,
                                   dtype=torch_dtype or torch.float32, device=device,
-                                  verify=verify, offline=offline)
+                                  verify=verify, offline=offline, warn=warn)
         return cls.from_model(model)
 
     def save_pretrained(self, save_directory: str | Path, *,
@@ -103,5 +106,17 @@ class OSDDPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, image: Tensor) -> Tensor:
-        """Deblur ``image`` ``(B, 3, H, W)`` in ``[-1, 1]`` (H, W multiples of 8) in one step."""
+        """Deblur ``image`` ``(B, 3, H, W)`` in ``[-1, 1]`` (H, W multiples of 8) in one step.
+
+        Raises:
+            TypeError: ``image`` is not a tensor (a numpy image is DeblurPipeline's input).
+            ValueError: ``image`` is not of floating point (a uint8 one came back as 0s and 1s).
+        """
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"expected a (B, 3, H, W) tensor in [-1, 1], got "
+                            f"{type(image).__name__} (deblurcli.pipeline.DeblurPipeline takes "
+                            "numpy images of any size)")
+        if not image.is_floating_point():
+            raise ValueError(f"expected float values in [-1, 1], got {image.dtype} (from 8-bit "
+                             "pixels: image / 127.5 - 1)")
         return self._model(image)
