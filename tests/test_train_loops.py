@@ -585,16 +585,22 @@ def test_processes_launched_without_a_gpu_train_together_on_the_cpu(monkeypatch)
 
     resets = []
     monkeypatch.setattr(accelerate, "Accelerator", Accelerator)
+    monkeypatch.setattr(engine, "_forget_other_mixed_precision", lambda mixed: None)
     monkeypatch.setattr(AcceleratorState, "_reset_state",
                         lambda reset_partial_state=False: resets.append(reset_partial_state))
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in (("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(name, value)  # as torchrun sets them
     assert engine.make_accelerator(DiffusionTrainConfig()).num_processes == 2
     assert made == [False, True] and resets == [True]
     made.clear()
     assert engine.make_accelerator(DiffusionTrainConfig(cpu=True)).num_processes == 2
-    monkeypatch.setenv("WORLD_SIZE", "1")  # started directly: one process, whatever it runs on
+    # started directly, a WORLD_SIZE left over in the shell: one process, as before
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.delenv("MASTER_ADDR")
     assert engine.make_accelerator(DiffusionTrainConfig()).num_processes == 1
-    assert made == [True, False]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert engine.make_accelerator(DiffusionTrainConfig()).num_processes == 1
+    assert made == [True, False, False] and resets == [True]
 
 
 def test_cpu_bf16_training_autocasts_the_forward_pass(pairs: Path, tmp_path: Path,

@@ -489,28 +489,6 @@ def test_a_codecs_own_name_gets_its_encoders_settings(tmp_path):
     assert sizes[0] > 4 * sizes[1], sizes
 
 
-def test_an_avi_gets_an_encoder_ffmpeg_reads_at_each_frames_place(tmp_path):
-    """--codec auto wrote H.264 into a camera's MJPEG AVI: FFmpeg reads it one frame late, so
-    the picture lagged the audio by a frame."""
-    source = tmp_path / "cam.avi"
-    with av.open(str(source), "w") as c:
-        v = c.add_stream("mjpeg", rate=FPS)
-        v.width, v.height, v.pix_fmt = W, H, "yuvj420p"
-        for i in range(6):
-            f = av.VideoFrame.from_ndarray(np.full((H, W, 3), 30 * i, np.uint8), format="rgb24")
-            f.pts, f.time_base = i, Fraction(1, FPS)
-            c.mux(v.encode(f))
-        c.mux(v.encode())
-
-    def times(path):
-        with av.open(str(path)) as c:
-            return c.streams.video[0].codec_context.name, [f.time for f in c.decode(video=0)]
-
-    deblur_video(source, tmp_path / "out" / "cam.avi", lambda x, p: x)
-    codec, seen = times(tmp_path / "out" / "cam.avi")
-    assert codec == "mpeg4" and seen == times(source)[1]
-
-
 def test_a_codec_its_container_cannot_hold_is_refused_before_the_model_loads(tmp_path):
     """x264 in WebM stopped a folder run half-way with 'ValueError: 'webm' format does not
     support 'libx264' codec', after the model had loaded and other videos were written."""

@@ -65,9 +65,6 @@ _MUXER = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".web
 # codecs tried for --codec auto, best first; WebM holds only VP8/VP9/AV1
 _AUTO_CODECS = ("libx264", "libx265", "libvpx-vp9", "mpeg4")
 _AUTO_WEBM = ("libvpx-vp9", "libsvtav1", "libvpx")
-# AVI stores no timestamps, and FFmpeg reads H.264 there one frame late: MPEG-4 Part 2 (the
-# codec of camera and DivX AVIs) is read at each frame's own place
-_AUTO_AVI = ("mpeg4", "libx264", "libvpx-vp9")
 # encoders that take a constant rate factor, and the extra options each needs for it
 # (x265 prints its settings on stderr unless told to keep to errors; SVT-AV1: see _transcode)
 _CRF_CODECS = {"libx264": {}, "libx264rgb": {}, "libx265": {"x265-params": "log-level=error"},
@@ -134,8 +131,8 @@ def encoder_name(codec: str) -> str:
 
 def choose_codec(codec: str, suffix: str) -> str:
     """The encoder for ``--codec`` (``auto``: libx264 if this PyAV build has it, else the next
-    available of libx265, libvpx-vp9, mpeg4; for ``.webm``: VP9, AV1, VP8; for ``.avi``:
-    mpeg4, libx264, VP9); a codec's own name (``h264``) gives its encoder's (:func:`encoder_name`).
+    available of libx265, libvpx-vp9, mpeg4; for ``.webm``: VP9, AV1, VP8); a codec's own name
+    (``h264``) gives its encoder's (:func:`encoder_name`).
 
     Raises:
         DeblurcliError: PyAV is missing, or no such encoder is available.
@@ -145,8 +142,7 @@ def choose_codec(codec: str, suffix: str) -> str:
             raise DeblurcliError(f"this PyAV build has no video encoder {codec!r}; leave --codec "
                                  "at auto or pick one of: " + ", ".join(available_codecs()))
         return encoder_name(codec)
-    auto = {".webm": _AUTO_WEBM, ".avi": _AUTO_AVI}.get(suffix.lower(), _AUTO_CODECS)
-    for name in auto:
+    for name in (_AUTO_WEBM if suffix.lower() == ".webm" else _AUTO_CODECS):
         if has_encoder(name):
             return name
     raise DeblurcliError("this PyAV build has no suitable video encoder; use --codec NAME")

@@ -58,8 +58,7 @@ def make_accelerator(config: CommonConfig, *, find_unused_parameters: bool = Fal
         )
 
     made = accelerator(config.cpu)
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if launched > 1 and made.num_processes == 1 and made.device.type == "cpu":
+    if _launched_together() and made.num_processes == 1 and made.device.type == "cpu":
         # launched as several processes with no GPU: accelerate joins them only when told
         # the CPU; each trained alone on the whole stream, all writing the same folder
         from accelerate.state import AcceleratorState
@@ -67,6 +66,17 @@ def make_accelerator(config: CommonConfig, *, find_unused_parameters: bool = Fal
         AcceleratorState._reset_state(reset_partial_state=True)
         made = accelerator(True)
     return made
+
+
+def _launched_together() -> bool:
+    """Whether torchrun (``accelerate launch --multi_gpu``, ``torchrun``) started this process
+    as one of several: its world size, rank and rendezvous address all set (a ``WORLD_SIZE``
+    alone, left over in a shell, is not a launch)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return False
+    return world > 1 and "LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
 def _forget_other_mixed_precision(mixed: str) -> None:
