@@ -271,9 +271,15 @@ def probe_video(path: Path) -> VideoInfo:
         ImageReadError: not a regular file, no video stream, or FFmpeg cannot read it.
     """
     path = Path(path)
+    av = import_av()
     with _video_stream(path) as (container, stream):
         ctx = stream.codec_context
-        first = next(container.decode(stream), None)
+        stream.thread_type = DECODE_THREADS
+        try:
+            first = next(container.decode(stream), None)
+        except av.error.FFmpegError as exc:  # not the container's header: its first frame
+            raise ImageReadError(f"cannot read {path}: damaged video data before its first "
+                                 f"frame ({_one_line(exc)})") from None
         if first is None:
             raise ImageReadError(f"cannot read {path}: no video frame could be decoded")
         rate = stream.average_rate or stream.guessed_rate
