@@ -93,6 +93,30 @@ def test_a_16bit_png_is_read_as_tolerantly_and_said_wrong_as_an_8bit_one(tmp_pat
                                   np.round(pixels * 65535) / 65535)
 
 
+def test_a_16bit_png_with_data_beyond_its_rows_is_read_without_libpngs_warning(tmp_path, capfd):
+    """libpng read it with "libpng warning: IDAT: Too much image data" on stderr, among
+    deblurcli's lines (Pillow reads the 8-bit one without a word)."""
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I",
+                                                                        zlib.crc32(kind + body))
+
+    values = np.random.default_rng(1).integers(0, 65536, (6, 5, 3)).astype(">u2")
+    rows = b"".join(b"\0" + row.tobytes() for row in values) + b"\0" * 100  # 100 bytes beyond
+    stream = zlib.compress(rows)
+    bad_text = struct.pack(">I", 4) + b"tEXtab\x00c" + b"\x00\x00\x00\x00"  # bad checksum
+    (tmp_path / "beyond.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 5, 6, 16, 2, 0, 0, 0))
+        + bad_text + chunk(b"IDAT", stream[:20]) + chunk(b"IDAT", stream[20:]) + bad_text
+        + chunk(b"IEND", b""))
+    image = read_image(tmp_path / "beyond.png")
+    assert image.bit_depth == 16
+    np.testing.assert_array_equal(image.pixels, values.astype(np.float32) / 65535)
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
 @pytest.mark.parametrize("suffix,fmt", [(".jpg", "jpeg"), (".webp", "webp"), (".bmp", "bmp")])
 def test_other_formats_read_as_8bit_rgb(tmp_path, suffix, fmt):
     pixels = np.linspace(0, 1, 16 * 16 * 3, dtype=np.float32).reshape(16, 16, 3)

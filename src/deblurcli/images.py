@@ -674,7 +674,7 @@ def _whole_png(data: bytes) -> bytes:
     size (ValueError, in Pillow's words); a file that only lacks its closing chunk gets one, as
     Pillow reads it, and an optional chunk whose checksum is bad is left out (libpng would
     print a warning)."""
-    pos, idat, width, height, dropped = 8, [], 0, 0, []
+    pos, idat, width, height, dropped, spans = 8, [], 0, 0, [], []
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I", data[pos:pos + 4])[0], data[pos + 4:pos + 8]
         if pos + 12 + length > len(data):
@@ -690,6 +690,7 @@ def _whole_png(data: bytes) -> bytes:
             channels, interlaced = _PNG_CHANNELS.get(body[9], 0), body[12]
         elif kind == b"IDAT":
             idat.append(body)
+            spans.append((pos, pos + 12 + length))
         elif kind == b"IEND":
             break
         pos += 12 + length
@@ -697,8 +698,6 @@ def _whole_png(data: bytes) -> bytes:
         if pos != len(data):
             raise ValueError("image file is truncated")
         data += _IEND
-    for start, end in reversed(dropped):
-        data = data[:start] + data[end:]
     inflate, size = zlib.decompressobj(), 0
     try:
         for body in idat:
@@ -709,9 +708,23 @@ def _whole_png(data: bytes) -> bytes:
         raise ValueError("broken data stream when reading image file") from None
     if not inflate.eof:
         raise ValueError("image file is truncated")
-    if width and not interlaced and channels and size < height * (1 + width * channels * 2):
-        raise ValueError("image file is truncated")  # (data beyond the image is left unread)
+    whole = height * (1 + width * channels * 2)
+    if width and not interlaced and channels and size < whole:
+        raise ValueError("image file is truncated")
+    edits = [(start, end, b"") for start, end in dropped]
+    if width and not interlaced and channels and size > whole:
+        # data beyond the image: Pillow leaves it unread, libpng reads it with a warning on
+        # stderr ("IDAT: Too much image data"); the image's own rows, compressed again
+        pixels = zlib.decompress(b"".join(idat))[:whole]
+        edits += [(spans[0][0], spans[0][1], _png_chunk(b"IDAT", zlib.compress(pixels, 1)))]
+        edits += [(start, end, b"") for start, end in spans[1:]]
+    for start, end, new in sorted(edits, reverse=True):
+        data = data[:start] + new + data[end:]
     return data
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def _read_png16(data: bytes) -> ImageData:
