@@ -421,3 +421,29 @@ def test_an_output_where_another_output_needs_a_folder_is_refused_when_planned(t
                                          f"{tmp_path / 'out' / 'z.png'}, the folder that "
                                          f"{src / 'z.png' / 'inner.jpg'}'s output goes into")
     assert len(plan_jobs(src, tmp_path / "out", BatchOptions(recursive=True))) == 2
+
+
+def test_a_file_of_yours_the_listing_does_not_reach_is_an_input_too(tmp_path):
+    """Under an OUTPUT inside the input's tree every file is an input, as the docs say; but one
+    the listing did not reach (a sub-folder OUTPUT without -r, the folder of a single photo)
+    was replaced with --overwrite (or skipped as if it were an earlier output)."""
+    pixels = np.zeros((8, 8, 3), np.float32)
+    photos = tmp_path / "photos"
+    write_image(photos / "a.png", pixels)
+    write_image(photos / "out" / "a.png", pixels + 0.5)  # the user's own, no run wrote it
+    write_image(photos / "a_s.png", pixels + 0.5)  # the user's own too
+    for source, out, suffix in ((photos, photos / "out", ""), (photos / "a.png", photos / "out", ""),
+                                (photos / "a.png", photos, "_s")):
+        for overwrite in (False, True):
+            with pytest.raises(DeblurcliError, match="it is an input file .*no run is recorded "
+                                                     "writing it"):
+                plan_jobs(source, out, BatchOptions(suffix=suffix, overwrite=overwrite))
+    # recorded outputs of earlier runs are outputs: skipped, or redone with --overwrite
+    (photos / "out" / "a.png").unlink()
+    jobs = plan_jobs(photos, photos / "out", BatchOptions())
+    assert run_jobs(jobs, lambda p, progress=None: p, BatchOptions()).count("done") == 2
+    again = plan_jobs(photos / "a.png", photos / "out", BatchOptions(overwrite=True))
+    assert [job.target for job in again] == [photos / "out" / "a.png"]
+    # an OUTPUT outside the input's tree: existing files there are outputs, as before
+    write_image(tmp_path / "elsewhere" / "a.png", pixels)
+    assert plan_jobs(photos, tmp_path / "elsewhere", BatchOptions(overwrite=True))

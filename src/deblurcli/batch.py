@@ -503,6 +503,7 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
     inputs = {_identity(info): path for path, _, info, _ in planned}
     hits: dict[Path, tuple[Path, os.stat_result]] = {}  # source -> (input at its target, stat)
     earlier: set[Identity] = set()  # earlier outputs of this command, recorded in the ledger
+    unlisted: set[Path] = set()  # inputs whose target is a file of yours the listing left out
     for path, _, _, target in planned:
         found = _stat_or_none(target)
         if found is not None and _identity(found) in inputs:
@@ -510,6 +511,11 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
             hits[path] = (hit, found)
             if hit != path and ledger and _recorded(ledger, target.relative_to(out_dir), found):
                 earlier.add(_identity(found))
+        elif inside and found is not None and stat.S_ISREG(found.st_mode) and \
+                not _recorded(ledger, target.relative_to(out_dir), found):
+            # under an OUTPUT inside the input's tree every file is an input, also one the
+            # listing did not reach (a sub-folder without -r, the folder of a single photo)
+            unlisted.add(path)
     unreadable = {_path_key(p): p for p, _, _ in problems}
     jobs: list[tuple[Path, Job]] = []
     seen: dict[str, Path] = {}
@@ -519,12 +525,15 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
             continue  # the output of another input, written by an earlier run
         hit = hits.get(path)
         key = _path_key(target)
-        if (hit is not None and _identity(hit[1]) not in earlier) or key in unreadable:
-            other = hit[0] if hit is not None else unreadable[key]
+        if (hit is not None and _identity(hit[1]) not in earlier) or key in unreadable or \
+                path in unlisted:
+            other = hit[0] if hit is not None else unreadable.get(key, target)
             what = "" if _path_key(other) == key else f" ({other})"
             if ledger and os.path.normcase(target.relative_to(out_dir).as_posix()) in ledger:
                 what += " (an earlier run wrote it, but it has changed since, so it is taken " \
                     "for a photo of yours)"
+            elif path in unlisted:
+                what += " (no run is recorded writing it, so it is taken for a photo of yours)"
             raise DeblurcliError(f"refusing to write {target}: it is an input file{what}; choose "
                                  "another OUTPUT folder or a --suffix")
         if key in seen:
