@@ -591,3 +591,35 @@ def test_a_malformed_checksum_file_in_the_hub_cache_is_reported_not_fetched(tiny
     folder = resolve_model("someone/osdd")  # not "lacks checksums.sha256 ... fetch it"
     with pytest.raises(WeightsError, match="malformed at line 1"):
         load_model_folder(folder)
+
+
+def test_a_hub_id_that_cannot_be_fetched_says_it_may_be_a_mistyped_folder(tmp_path,
+                                                                         monkeypatch):
+    """`-w ./mdl/typo` reaches the loader as mdl/typo, a hub id: the line was huggingface_hub's
+    message cut off mid-word ("... cannot find the appropriate snapsh")."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from deblurcli.modelindex import resolve_model
+
+    class NotOnTheHub(RepositoryNotFoundError):  # (its own needs an HTTP response)
+        def __init__(self) -> None:
+            Exception.__init__(self, "404 Client Error")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for error, words in (
+            (LocalEntryNotFoundError("An error happened while trying to locate the files " * 9),
+             "mdl/typo is no model folder here, nor in the Hugging Face cache, and the hub "
+             "cannot be reached to fetch it \\(if it is meant to be a model folder, check its "
+             "path\\)$"),
+            (NotOnTheHub(), "mdl/typo is no model folder here, nor a model on the Hugging Face "
+                            "hub \\(if it is meant"),
+            (OSError("word " * 60), "cannot fetch model mdl/typo: (word ){32}…$")):
+
+        def download(repo_id, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+        with pytest.raises(WeightsError, match=words):
+            resolve_model("mdl/typo")

@@ -102,8 +102,24 @@ def resolve_model(source: PathLike, *, offline: bool = False) -> Path:
         return Path(snapshot_download(str(source), allow_patterns=[
             "*.json", "*.safetensors", CHECKSUM_FILE, "*.md"]))
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise WeightsError(f"cannot fetch model {source}: {' '.join(str(exc).split())[:160]}"
-                           ) from None
+        raise WeightsError(_fetch_failed(str(source), exc)) from None
+
+
+def _fetch_failed(source: str, exc: Exception) -> str:
+    """The line for a hub id that could not be fetched: a mistyped folder (``./mdl/typo``
+    reaches here as ``mdl/typo``) must not read as a network fault only."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    folder = "if it is meant to be a model folder, check its path"
+    if isinstance(exc, RepositoryNotFoundError):
+        return f"{source} is no model folder here, nor a model on the Hugging Face hub ({folder})"
+    if isinstance(exc, LocalEntryNotFoundError):  # the hub cannot be reached
+        return (f"{source} is no model folder here, nor in the Hugging Face cache, and the hub "
+                f"cannot be reached to fetch it ({folder})")
+    text = " ".join(str(exc).split())
+    if len(text) > 160:  # at a word, not in the middle of one
+        text = text[:160].rsplit(" ", 1)[0] + " …"
+    return f"cannot fetch model {source}: {text}"
 
 
 def _lacking(folder: Path) -> str | None:
