@@ -447,3 +447,19 @@ def test_a_file_of_yours_the_listing_does_not_reach_is_an_input_too(tmp_path):
     # an OUTPUT outside the input's tree: existing files there are outputs, as before
     write_image(tmp_path / "elsewhere" / "a.png", pixels)
     assert plan_jobs(photos, tmp_path / "elsewhere", BatchOptions(overwrite=True))
+
+
+def test_a_broken_symlink_where_an_output_goes_fails_that_file(tmp_path):
+    """It counted as an existing output: 'skipped 1', exit 0, and no output written."""
+    write_image(tmp_path / "in" / "a.png", np.zeros((8, 8, 3), np.float32))
+    write_image(tmp_path / "in" / "b.png", np.zeros((8, 8, 3), np.float32))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.png").symlink_to(tmp_path / "nowhere.png")
+    for overwrite in (False, True):
+        jobs = plan_jobs(tmp_path / "in", tmp_path / "out", BatchOptions(overwrite=overwrite))
+        assert [job.problem for job in jobs] == [
+            f"{tmp_path / 'out' / 'a.png'} is a broken symlink, not an output: remove it, or "
+            "choose another OUTPUT folder", ""]
+    summary = run_jobs(jobs, lambda p, progress=None: p, BatchOptions())
+    assert [r.status for r in summary.results] == ["failed", "done"]
+    assert (tmp_path / "out" / "a.png").is_symlink()  # the user's link is left as it was

@@ -545,6 +545,9 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
         seen[key] = path
         in_the_way = f"{target} is a folder: move it away, or choose another OUTPUT folder or " \
             "a --suffix" if _is_folder(target) else ""  # found now, not after the deblurring
+        if os.path.islink(target) and not os.path.exists(target):  # skipped as if an output
+            in_the_way = f"{target} is a broken symlink, not an output: remove it, or choose " \
+                "another OUTPUT folder"
         blocked = _file_for_folder(target.parent, out_dir, folders_seen)
         if blocked is not None:
             in_the_way = f"{blocked} is not a folder, but outputs go into it: move it away, " \
