@@ -252,6 +252,9 @@ def test_a_failed_video_is_counted_as_a_video(tiny_model_folder, tmp_path):
     result = run(fake, tmp_path / "out", "--weights", tiny_model_folder)
     assert result.exit_code == 1
     assert "1 of 1 video(s) failed" in result.output and "s/image" not in result.output
+    # the summary named an OUTPUT folder that was never made
+    assert f"failed 1; nothing written ({tmp_path / 'out'} was not created)" in result.stdout
+    assert not (tmp_path / "out").exists()
 
 
 def test_probe_reports_what_the_clip_holds(tmp_path):

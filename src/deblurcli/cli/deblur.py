@@ -626,9 +626,11 @@ def _report(out, summary, total: int, output: Path) -> None:
         if summary.count("done") > videos else []  # photos were deblurred
     if summary.frames:
         rates.append(f"{summary.frames} video frame(s), {summary.seconds_per_frame:.2f} s/frame")
+    where = f"output in {output}" if output.is_dir() else \
+        f"nothing written ({output} was not created)"  # every file failed before its output
     out.print(f"processed {summary.count('done')}, skipped {summary.count('skipped')}, "
               f"failed {summary.count('failed')}; {''.join(r + '; ' for r in rates)}"
-              f"output in {output}", highlight=False, markup=False)
+              f"{where}", highlight=False, markup=False)
     if summary.failed:
         for result in summary.failed:
             out.print(failure_line(result), highlight=False,
