@@ -277,3 +277,25 @@ def test_ext_jpg_warns_once_that_transparency_is_lost(photos, tiny_model_folder,
     assert (tmp_path / "o" / "rgba16.jpg").is_file()
     again = run(photos, tmp_path / "o2", "--weights", tiny_model_folder, "--tile", "0", "-q")
     assert "transparency" not in again.stderr  # --ext auto keeps each format (and its alpha)
+
+
+def test_dry_run_keeps_a_line_per_file_whatever_the_names(tiny_model_folder, tmp_path):
+    """A name holding a line break printed over two lines (and one of bytes that are no UTF-8
+    printed them raw): a script reading the plan line by line misread it."""
+    import os
+
+    folder = tmp_path / "in"
+    write_image(folder / "new\nline.png", np.zeros((8, 8, 3), np.float32))
+    write_image(folder / "plain name.png", np.zeros((8, 8, 3), np.float32))
+    raw = os.fsencode(folder) + b"/caf\xe9.png"
+    with open(raw, "wb") as fh:
+        fh.write((folder / "plain name.png").read_bytes())
+    result = run(folder, tmp_path / "out", "-n", "-w", tiny_model_folder)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("dry run: would process 3")
+    out, odd = tmp_path / "out", "new\nline.png"
+    assert f"write  {str(out / odd)!r}  (from {str(folder / odd)!r})" in lines  # escaped, quoted
+    assert f"write  {out / 'plain name.png'}  (from {folder / 'plain name.png'})" in lines
+    undecodable = os.fsdecode(b"caf\xe9.png")
+    assert f"write  {str(out / undecodable)!r}  (from {str(folder / undecodable)!r})" in lines
