@@ -113,6 +113,23 @@ def test_a_16bit_png_with_data_beyond_its_rows_is_read_without_libpngs_warning(t
     image = read_image(tmp_path / "beyond.png")
     assert image.bit_depth == 16
     np.testing.assert_array_equal(image.pixels, values.astype(np.float32) / 65535)
+    # far beyond: only the rows are inflated to be kept (a 1 MB file of 1x1 pixels and 1 GiB
+    # of data behind them took 2 GB)
+    import tracemalloc
+
+    far = zlib.compress(b"\0" + b"\x12\x34" * 3 + bytes(48 << 20), 9)
+    (tmp_path / "far.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", far) + chunk(b"IEND", b""))
+    tracemalloc.start()
+    assert read_image(tmp_path / "far.png").pixels.shape == (1, 1, 3)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 36 << 20, peak
+    short = chunk(b"IHDR", struct.pack(">IIBBBB", 1, 1, 16, 2, 0, 0))  # 12 bytes, not 13
+    (tmp_path / "short.png").write_bytes(b"\x89PNG\r\n\x1a\n" + short + chunk(b"IEND", b""))
+    with pytest.raises(ImageReadError, match="its IHDR chunk is cut short"):
+        read_image(tmp_path / "short.png")
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == ""
 

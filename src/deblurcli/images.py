@@ -675,6 +675,7 @@ def _whole_png(data: bytes) -> bytes:
     Pillow reads it, and an optional chunk whose checksum is bad is left out (libpng would
     print a warning)."""
     pos, idat, width, height, dropped, spans = 8, [], 0, 0, [], []
+    channels = interlaced = 0  # (an IHDR cut short sets neither)
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I", data[pos:pos + 4])[0], data[pos + 4:pos + 8]
         if pos + 12 + length > len(data):
@@ -685,7 +686,9 @@ def _whole_png(data: bytes) -> bytes:
             if not kind[0] & 0x20:  # a critical chunk
                 raise ValueError(f"broken PNG file (bad checksum in {kind.decode('latin-1')!r})")
             dropped.append((pos, pos + 12 + length))  # as libpng does, without its warning
-        if kind == b"IHDR" and length >= 13:
+        if kind == b"IHDR" and length < 13:  # (OpenCV: an error line of its own on stderr)
+            raise ValueError("broken PNG file (its IHDR chunk is cut short)")
+        if kind == b"IHDR":
             width, height = struct.unpack(">II", body[:8])
             channels, interlaced = _PNG_CHANNELS.get(body[9], 0), body[12]
         elif kind == b"IDAT":
@@ -715,7 +718,7 @@ def _whole_png(data: bytes) -> bytes:
     if width and not interlaced and channels and size > whole:
         # data beyond the image: Pillow leaves it unread, libpng reads it with a warning on
         # stderr ("IDAT: Too much image data"); the image's own rows, compressed again
-        pixels = zlib.decompress(b"".join(idat))[:whole]
+        pixels = zlib.decompressobj().decompress(b"".join(idat), whole)  # no more than that
         edits += [(spans[0][0], spans[0][1], _png_chunk(b"IDAT", zlib.compress(pixels, 1)))]
         edits += [(start, end, b"") for start, end in spans[1:]]
     for start, end, new in sorted(edits, reverse=True):
