@@ -434,16 +434,35 @@ def test_a_file_of_yours_the_listing_does_not_reach_is_an_input_too(tmp_path):
     write_image(photos / "a_s.png", pixels + 0.5)  # the user's own too
     for source, out, suffix in ((photos, photos / "out", ""), (photos / "a.png", photos / "out", ""),
                                 (photos / "a.png", photos, "_s")):
-        for overwrite in (False, True):
-            with pytest.raises(DeblurcliError, match="it is an input file .*no run is recorded "
-                                                     "writing it"):
-                plan_jobs(source, out, BatchOptions(suffix=suffix, overwrite=overwrite))
+        with pytest.raises(DeblurcliError, match="it is an input file .*no run is recorded "
+                                                 "writing it"):
+            plan_jobs(source, out, BatchOptions(suffix=suffix, overwrite=True))
+        # without --overwrite it is skipped as before: nothing is replaced
+        jobs = [job for job in plan_jobs(source, out, BatchOptions(suffix=suffix))
+                if job.target.exists()]
+        assert len(jobs) == 1 and run_jobs(jobs, lambda p, progress=None: p, BatchOptions()) \
+            .count("skipped") == 1
     # recorded outputs of earlier runs are outputs: skipped, or redone with --overwrite
     (photos / "out" / "a.png").unlink()
     jobs = plan_jobs(photos, photos / "out", BatchOptions())
     assert run_jobs(jobs, lambda p, progress=None: p, BatchOptions()).count("done") == 2
     again = plan_jobs(photos / "a.png", photos / "out", BatchOptions(overwrite=True))
     assert [job.target for job in again] == [photos / "out" / "a.png"]
+    # recorded by another process (a --shard run) after this one read the record: its output
+    import deblurcli.batch as batch
+
+    real, calls = batch.read_ledger, []
+
+    def read_before_the_other_wrote(path):
+        calls.append(path)
+        return {} if len(calls) == 1 else real(path)
+
+    batch.read_ledger = read_before_the_other_wrote
+    try:
+        assert plan_jobs(photos / "a.png", photos / "out", BatchOptions(overwrite=True))
+    finally:
+        batch.read_ledger = real
+    assert len(calls) == 2
     # an OUTPUT outside the input's tree: existing files there are outputs, as before
     write_image(tmp_path / "elsewhere" / "a.png", pixels)
     assert plan_jobs(photos, tmp_path / "elsewhere", BatchOptions(overwrite=True))
@@ -455,11 +474,15 @@ def test_a_broken_symlink_where_an_output_goes_fails_that_file(tmp_path):
     write_image(tmp_path / "in" / "b.png", np.zeros((8, 8, 3), np.float32))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "a.png").symlink_to(tmp_path / "nowhere.png")
-    for overwrite in (False, True):
-        jobs = plan_jobs(tmp_path / "in", tmp_path / "out", BatchOptions(overwrite=overwrite))
-        assert [job.problem for job in jobs] == [
-            f"{tmp_path / 'out' / 'a.png'} is a broken symlink, not an output: remove it, or "
-            "choose another OUTPUT folder", ""]
+    jobs = plan_jobs(tmp_path / "in", tmp_path / "out", BatchOptions())
+    assert [job.problem for job in jobs] == [
+        f"{tmp_path / 'out' / 'a.png'} is a broken symlink, not an output: remove it (or "
+        "--overwrite replaces it), or choose another OUTPUT folder", ""]
     summary = run_jobs(jobs, lambda p, progress=None: p, BatchOptions())
     assert [r.status for r in summary.results] == ["failed", "done"]
     assert (tmp_path / "out" / "a.png").is_symlink()  # the user's link is left as it was
+    options = BatchOptions(overwrite=True)  # replaced, as any other link
+    summary = run_jobs(plan_jobs(tmp_path / "in", tmp_path / "out", options),
+                       lambda p, progress=None: p, options)
+    assert [r.status for r in summary.results] == ["done", "done"]
+    assert not (tmp_path / "out" / "a.png").is_symlink()

@@ -281,21 +281,24 @@ def test_ext_jpg_warns_once_that_transparency_is_lost(photos, tiny_model_folder,
 
 def test_dry_run_keeps_a_line_per_file_whatever_the_names(tiny_model_folder, tmp_path):
     """A name holding a line break printed over two lines (and one of bytes that are no UTF-8
-    printed them raw): a script reading the plan line by line misread it."""
+    printed them raw): a script reading the plan line by line misread it. Other names, with
+    Unicode spaces or joiners, print as they are."""
     import os
 
     folder = tmp_path / "in"
-    write_image(folder / "new\nline.png", np.zeros((8, 8, 3), np.float32))
-    write_image(folder / "plain name.png", np.zeros((8, 8, 3), np.float32))
-    raw = os.fsencode(folder) + b"/caf\xe9.png"
-    with open(raw, "wb") as fh:
-        fh.write((folder / "plain name.png").read_bytes())
+    plain = ("Screenshot 10.00.00\u202fAM.png", "famille \U0001F468\u200d\U0001F469.png")
+    for name in ("new\nline.png", *plain):
+        write_image(folder / name, np.zeros((8, 8, 3), np.float32))
+    with open(os.fsencode(folder) + b"/caf\xe9.png", "wb") as fh:
+        fh.write((folder / plain[0]).read_bytes())
+    (folder / "gone\n.png").symlink_to(tmp_path / "nowhere.png")  # a fail line names it twice
     result = run(folder, tmp_path / "out", "-n", "-w", tiny_model_folder)
-    assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert len(lines) == 4 and lines[-1].startswith("dry run: would process 3")
-    out, odd = tmp_path / "out", "new\nline.png"
-    assert f"write  {str(out / odd)!r}  (from {str(folder / odd)!r})" in lines  # escaped, quoted
-    assert f"write  {out / 'plain name.png'}  (from {folder / 'plain name.png'})" in lines
-    undecodable = os.fsdecode(b"caf\xe9.png")
-    assert f"write  {str(out / undecodable)!r}  (from {str(folder / undecodable)!r})" in lines
+    assert result.exit_code == 1 and len(lines) == 6, lines
+    assert lines[-1].startswith("dry run: would process 4, skip 0, fail 1")
+    out = tmp_path / "out"
+    assert f"write  {out}/new\\nline.png  (from {folder}/new\\nline.png)" in lines
+    assert f"write  {out}/caf\\udce9.png  (from {folder}/caf\\udce9.png)" in lines
+    for name in plain:
+        assert f"write  {out / name}  (from {folder / name})" in lines
+    assert any(line.startswith(f"fail   {folder}/gone\\n.png: broken symlink") for line in lines)

@@ -598,7 +598,8 @@ def test_a_hub_id_that_cannot_be_fetched_says_it_may_be_a_mistyped_folder(tmp_pa
     """`-w ./mdl/typo` reaches the loader as mdl/typo, a hub id: the line was huggingface_hub's
     message cut off mid-word ("... cannot find the appropriate snapsh")."""
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     from deblurcli.modelindex import resolve_model
 
@@ -606,15 +607,22 @@ def test_a_hub_id_that_cannot_be_fetched_says_it_may_be_a_mistyped_folder(tmp_pa
         def __init__(self) -> None:
             Exception.__init__(self, "404 Client Error")
 
+    class Gated(GatedRepoError):  # a RepositoryNotFoundError too: its words are kept
+        def __init__(self) -> None:
+            Exception.__init__(self, "Access to model mdl/typo is restricted. You must have "
+                                     "access to it and be authenticated to access it.")
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     for error, words in (
             (LocalEntryNotFoundError("An error happened while trying to locate the files " * 9),
-             "mdl/typo is no model folder here, nor in the Hugging Face cache, and the hub "
-             "cannot be reached to fetch it \\(if it is meant to be a model folder, check its "
-             "path\\)$"),
+             "mdl/typo is no model folder here, nor in the Hugging Face cache, and it cannot be "
+             "fetched from the hub now \\(no network, or the hub did not answer; if it is meant "
+             "to be a model folder, check its path\\)$"),
             (NotOnTheHub(), "mdl/typo is no model folder here, nor a model on the Hugging Face "
-                            "hub \\(if it is meant"),
+                            "hub that this machine may read \\(a private one needs `hf auth "
+                            "login`; if it is meant"),
+            (Gated(), "cannot fetch model mdl/typo: Access to model mdl/typo is restricted"),
             (OSError("word " * 60), "cannot fetch model mdl/typo: (word ){32}…$")):
 
         def download(repo_id, error=error, **kwargs):

@@ -500,6 +500,24 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
         return out_dir / rel.parent / output_name(rel, options.suffix, options.ext)
 
     planned = [(path, rel, info, target_of(rel)) for path, rel, info in files]
+    books = [ledger]
+
+    def vouched(target: Path, found: os.stat_result) -> bool:
+        """Whether a ledger records ``target`` as it is: the one read above, or else as it is
+        now (another process, a --shard run, may have written it since), its name also
+        compared case-blind (a case-insensitive file system, --ext jpg after .JPG)."""
+        rel = target.relative_to(out_dir)
+        wanted = (found.st_size, found.st_mtime_ns)
+        for book in books:
+            if _recorded(book, rel, found) or any(
+                    value == wanted and key.casefold() == rel.as_posix().casefold()
+                    for key, value in book.items()):
+                return True
+        if len(books) == 1:
+            books.append(read_ledger(ledger_path))
+            return vouched(target, found)
+        return False
+
     inputs = {_identity(info): path for path, _, info, _ in planned}
     hits: dict[Path, tuple[Path, os.stat_result]] = {}  # source -> (input at its target, stat)
     earlier: set[Identity] = set()  # earlier outputs of this command, recorded in the ledger
@@ -511,10 +529,11 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
             hits[path] = (hit, found)
             if hit != path and ledger and _recorded(ledger, target.relative_to(out_dir), found):
                 earlier.add(_identity(found))
-        elif inside and found is not None and stat.S_ISREG(found.st_mode) and \
-                not _recorded(ledger, target.relative_to(out_dir), found):
+        elif inside and options.overwrite and found is not None and \
+                stat.S_ISREG(found.st_mode) and not vouched(target, found):
             # under an OUTPUT inside the input's tree every file is an input, also one the
-            # listing did not reach (a sub-folder without -r, the folder of a single photo)
+            # listing did not reach (a sub-folder without -r, the folder of a single photo):
+            # --overwrite would replace it (without, it is skipped: nothing is replaced)
             unlisted.add(path)
     unreadable = {_path_key(p): p for p, _, _ in problems}
     jobs: list[tuple[Path, Job]] = []
@@ -545,9 +564,10 @@ def plan_jobs(source: Path, out_dir: Path, options: BatchOptions,
         seen[key] = path
         in_the_way = f"{target} is a folder: move it away, or choose another OUTPUT folder or " \
             "a --suffix" if _is_folder(target) else ""  # found now, not after the deblurring
-        if os.path.islink(target) and not os.path.exists(target):  # skipped as if an output
-            in_the_way = f"{target} is a broken symlink, not an output: remove it, or choose " \
-                "another OUTPUT folder"
+        if not options.overwrite and os.path.islink(target) and not os.path.exists(target):
+            # it was skipped as if an output (--overwrite replaces it, as any other link)
+            in_the_way = f"{target} is a broken symlink, not an output: remove it (or " \
+                "--overwrite replaces it), or choose another OUTPUT folder"
         blocked = _file_for_folder(target.parent, out_dir, folders_seen)
         if blocked is not None:
             in_the_way = f"{blocked} is not a folder, but outputs go into it: move it away, " \

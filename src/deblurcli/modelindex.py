@@ -108,15 +108,18 @@ def resolve_model(source: PathLike, *, offline: bool = False) -> Path:
 def _fetch_failed(source: str, exc: Exception) -> str:
     """The line for a hub id that could not be fetched: a mistyped folder (``./mdl/typo``
     reaches here as ``mdl/typo``) must not read as a network fault only."""
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     folder = "if it is meant to be a model folder, check its path"
-    if isinstance(exc, RepositoryNotFoundError):
-        return f"{source} is no model folder here, nor a model on the Hugging Face hub ({folder})"
-    if isinstance(exc, LocalEntryNotFoundError):  # the hub cannot be reached
-        return (f"{source} is no model folder here, nor in the Hugging Face cache, and the hub "
-                f"cannot be reached to fetch it ({folder})")
-    text = " ".join(str(exc).split())
+    if isinstance(exc, RepositoryNotFoundError) and not isinstance(exc, GatedRepoError):
+        return (f"{source} is no model folder here, nor a model on the Hugging Face hub that "
+                f"this machine may read (a private one needs `hf auth login`; {folder})")
+    if isinstance(exc, LocalEntryNotFoundError):  # no network, or the hub did not answer
+        return (f"{source} is no model folder here, nor in the Hugging Face cache, and it "
+                f"cannot be fetched from the hub now (no network, or the hub did not answer; "
+                f"{folder})")
+    text = " ".join(str(exc).split())  # a gated model: the hub's words on access
     if len(text) > 160:  # at a word, not in the middle of one
         text = text[:160].rsplit(" ", 1)[0] + " …"
     return f"cannot fetch model {source}: {text}"

@@ -209,27 +209,28 @@ def _dry_run(input_path: Path, output: Path, options, weights: Optional[Path] = 
             warn(err, fetch)
     counts = {"write": 0, "skip": 0, "fail": 0}
     for job in jobs:
-        source, target = _one_line_name(job.source), _one_line_name(job.target)
         if job.problem:
-            kind, line = "fail", f"fail   {source}: {job.problem}"
+            kind, line = "fail", f"fail   {job.source}: {job.problem}"
         elif needs_processing(job, options):
-            kind, line = "write", f"write  {target}  (from {source})"
+            kind, line = "write", f"write  {job.target}  (from {job.source})"
         else:
-            kind, line = "skip", f"skip   {target}  (exists; --overwrite replaces it)"
+            kind, line = "skip", f"skip   {job.target}  (exists; --overwrite replaces it)"
         counts[kind] += 1
-        out.print(line, highlight=False, markup=False, soft_wrap=True)
+        out.print(_one_line(line), highlight=False, markup=False, soft_wrap=True)
     out.print(f"dry run: would process {counts['write']}, skip {counts['skip']}, fail "
               f"{counts['fail']}; nothing was written", highlight=False, markup=False)
     if counts["fail"]:
         raise typer.Exit(1)  # as the run would end
 
 
-def _one_line_name(path: Path) -> str:
-    """``path`` as the dry run prints it, a line per file: a name holding a line break or
-    another control character, or bytes that are no UTF-8, quoted with escapes as a Python
-    string (``'new\\nline.png'``); any other name as it is."""
-    text = str(path)
-    return text if text.isprintable() else repr(text)  # (undecodable bytes are not printable)
+def _one_line(text: str) -> str:
+    """``text`` on one line, as the dry run prints each file: the line breaks and other control
+    characters of a name, and bytes that are no UTF-8, written as escapes (``\\n``,
+    ``\\udce9``); any other character, a space or an emoji's joiner, as it is."""
+    import unicodedata
+
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") else c
+                   for c in text)
 
 
 def _check_model_named(weights: Optional[Path]) -> Optional[str]:
