@@ -130,22 +130,18 @@ _REPLACING = threading.Lock()  # threads that save one folder at once: each in t
 def _replace_folder(tmp: Path, folder: Path) -> None:
     """Move the finished ``tmp`` to ``folder``; a previous model folder there is replaced."""
     with _REPLACING:
-        _replace_folder_now(tmp, folder)
-
-
-def _replace_folder_now(tmp: Path, folder: Path) -> None:
-    check_replaceable(folder)
-    if folder.is_dir() and any(folder.iterdir()):
-        old = _private(folder, "old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if folder.exists():
-            folder.rmdir()
-        os.replace(tmp, folder)
-    fsync_folder(folder.parent)
+        check_replaceable(folder)
+        if folder.is_dir() and any(folder.iterdir()):
+            old = _private(folder, "old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if folder.exists():
+                folder.rmdir()
+            os.replace(tmp, folder)
+        fsync_folder(folder.parent)
 
 
 def save_model_folder(folder: PathLike, model: OSDDModel, *, extra: dict | None = None,

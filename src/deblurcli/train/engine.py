@@ -484,12 +484,24 @@ def _validate_on_main(stage: Stage, val: dt.ValidationDataset, output: Path, ste
         return {}, exc
 
 
-def _validation_error(failed: DeblurcliError | None, saved: str = "") -> DeblurcliError:
-    """The error a failed validation stops every process with (``saved``: what was kept)."""
+def _stopped(failed: BaseException | None, elsewhere: str, saved: str = "") -> BaseException:
+    """The error each process stops with when one of them failed: its own (a user's error
+    with ``saved``, what was kept, added), or ``elsewhere`` where another process failed."""
     if failed is None:
-        return DeblurcliError("the main process could not read a validation image (its error "
-                              "line names it)" + saved)
-    return type(failed)(_original_message(failed) + saved)
+        return DeblurcliError(elsewhere + saved)
+    if isinstance(failed, DeblurcliError):
+        return type(failed)(_original_message(failed) + saved)
+    return failed
+
+
+def _saved(step: int, output: Path) -> str:
+    return (f"; the run's {step} step(s) are saved: fix it, then continue with --resume latest "
+            f"-o {output}")
+
+
+_BATCH_ELSEWHERE = "another process could not load its next batch (its error line says why)"
+_VALIDATION_ELSEWHERE = ("the main process could not read a validation image (its error line "
+                         "names it)")
 
 
 def _stop_if_diverged(losses: dict[str, float], step: int, accelerator, log: RunLog, lr: float,
@@ -789,14 +801,8 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                     saved = ""
                     if step > start:
                         last_ckpt = save(step)
-                        saved = (f"; the run's {step} step(s) are saved: fix it, then continue "
-                                 f"with --resume latest -o {output}")
-                    if failed is None:
-                        raise DeblurcliError("another process could not load its next batch "
-                                             "(its error line says why)" + saved)
-                    if isinstance(failed, DeblurcliError):
-                        raise type(failed)(_original_message(failed) + saved) from None
-                    raise failed
+                        saved = _saved(step, output)
+                    raise _stopped(failed, _BATCH_ELSEWHERE, saved)
                 batch = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v)
                          for k, v in batch.items()}
                 lr = next(iter(stage.optimizers.values())).param_groups[0]["lr"]  # this update's
@@ -836,9 +842,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
                     if _in_any_process(accelerator, failed is not None):
                         # a damaged validation image: as for a training image
                         last_ckpt = save(step)
-                        raise _validation_error(
-                            failed, f"; the run's {step} step(s) are saved: fix it, then "
-                                    f"continue with --resume latest -o {output}") from None
+                        raise _stopped(failed, _VALIDATION_ELSEWHERE, _saved(step, output))
                     if main:
                         validation = scores
                         log.log(step, validation)
@@ -863,7 +867,7 @@ def run(config: CommonConfig, accelerator, stage: Stage, data: DataBundle, outpu
         # that finished, its model written, is not validated again)
         scores, failed = _validate_on_main(stage, data.val, output, step, accelerator)
         if _in_any_process(accelerator, failed is not None):
-            raise _validation_error(failed) from None
+            raise _stopped(failed, _VALIDATION_ELSEWHERE)
         if main:
             validation = scores
             log.log(step, validation)
